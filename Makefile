@@ -1,0 +1,35 @@
+# Two entry points (see README): `make demo` runs the main job, `make test` runs the test suite.
+# Both create or refresh .venv (Python 3.12) when pyproject.toml changes.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.12 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint docs notebooks clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 12), f"numpyro_ebm needs Python >= 3.12, found {sys.version.split()[0]}: install 3.12 (pyenv install 3.12) or set PYTHON=/path/to/python3.12"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	MPLBACKEND=Agg $(BIN)/python -m numpyro_ebm.cli demo $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	MPLBACKEND=Agg $(BIN)/python -m pytest -q
+	$(BIN)/mkdocs build --strict --site-dir site -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
+clean:
+	rm -rf $(VENV) site .pytest_cache

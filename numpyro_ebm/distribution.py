@@ -1,0 +1,194 @@
+"""``EnergyDistribution``: an energy-based model as a NumPyro distribution.
+
+``p(x) = exp(−E(x) − log Z)`` where ``E`` is a callable pytree (an equinox module, or
+``jax.tree_util.Partial(fn, params)``) evaluated on ONE event, and ``log Z`` is given: exact for
+closed-form energies, learned or estimated (see ``numpyro_ebm.logz``) for neural ones. With a
+wrong ``log_z`` the density is still correct up to a constant, which is all that MCMC over the
+distribution's value needs, but not what a likelihood comparison needs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpyro.distributions as dist
+from numpyro.distributions import constraints
+from numpyro.distributions.batch_util import _default_vmap_over, vmap_over
+from numpyro.distributions.util import validate_sample
+
+from numpyro_ebm import samplers as _samplers
+from numpyro_ebm.validation import validate_event_shape
+
+__all__ = ["EnergyDistribution"]
+
+
+def check_energy(energy: Callable, event_shape: tuple[int, ...]) -> None:
+    """Raise a clear error unless ``energy`` maps one event of ``event_shape`` to a real scalar.
+
+    Uses ``jax.eval_shape``: nothing is computed, so it is safe on traced parameters.
+    """
+    if not callable(energy):
+        raise TypeError(f"energy must be callable (one event -> scalar), got {type(energy)}")
+    probe = jax.ShapeDtypeStruct(event_shape, jnp.result_type(float))
+    try:
+        out = jax.eval_shape(energy, probe)
+    except Exception as err:  # surfaced with context: the user's energy failed on one event
+        raise ValueError(
+            f"energy could not be evaluated on ONE event of shape {event_shape}: "
+            f"{type(err).__name__}: {err}. The energy must take a single event (no batch axis); "
+            "check event_shape."
+        ) from err
+    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
+        shape = getattr(out, "shape", type(out).__name__)
+        raise ValueError(
+            f"energy must return a scalar for one event of shape {event_shape}, got {shape}. "
+            "Reduce the output (e.g. sum) or, for a vector-valued network, select one unit."
+        )
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(f"energy must return a floating-point scalar, got dtype {out.dtype}")
+
+
+class EnergyDistribution(dist.Distribution):
+    """Unnormalised density ``p(x) ∝ exp(−E(x))`` as a NumPyro distribution.
+
+    ``log_prob(x) = −energy(x) − log_z``: exact when ``log_z`` is the true log partition
+    function, otherwise correct up to a constant. ``sample`` draws APPROXIMATE samples by running
+    BlackJAX chains (MALA by default, step size tuned during warm-up); configure it with
+    ``sampler``. The distribution has no reparametrised sampler (``has_rsample`` is False).
+
+    Args:
+        energy: callable pytree, ``energy(x) -> scalar`` for one event ``x`` of shape
+            ``event_shape`` (an equinox module or ``jax.tree_util.Partial``). Its array leaves
+            are traced, so a distribution built inside ``jit`` or a NumPyro model compiles once.
+        event_shape: shape of one event, e.g. ``(2,)``.
+        log_z: log partition function, scalar or an array whose shape becomes the
+            distribution's ``batch_shape`` (the same energy with per-batch normalisers).
+        sampler: ``numpyro_ebm.samplers.Sampler`` (or a kernel name) used by ``sample``.
+        validate_args: NumPyro argument/sample validation (as for any NumPyro distribution).
+
+    Shapes:
+        ``log_prob(value)``: value ``sample_shape + batch_shape + event_shape`` (any leading
+        shape broadcasting against ``batch_shape``) → ``sample_shape + batch_shape``.
+        ``sample(key, sample_shape)`` → ``sample_shape + batch_shape + event_shape``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import numpyro_ebm as ebm
+        >>> energy = ebm.energies.GaussianEnergy(jnp.zeros(2))
+        >>> d = ebm.EnergyDistribution(energy, event_shape=(2,), log_z=energy.log_z)
+        >>> float(d.log_prob(jnp.zeros(2)))   # = log N(0; 0, I) = -log(2π)
+        -1.8378...
+        >>> d.sample(jax.random.key(0), (3,)).shape
+        (3, 2)
+    """
+
+    arg_constraints: ClassVar[dict] = {"log_z": constraints.real}
+    reparametrized_params: ClassVar[list] = []
+    pytree_data_fields = ("energy", "log_z")
+    pytree_aux_fields = ("sampler",)
+
+    def __init__(
+        self,
+        energy: Callable,
+        event_shape: tuple[int, ...] | int,
+        log_z=0.0,
+        *,
+        sampler: _samplers.Sampler | str | None = None,
+        validate_args: bool | None = None,
+    ):
+        event_shape = validate_event_shape(event_shape)
+        check_energy(energy, event_shape)
+        self.energy = energy
+        self.log_z = jnp.asarray(log_z, dtype=jnp.result_type(float))
+        self.sampler = _samplers.get_sampler(sampler)
+        super().__init__(
+            batch_shape=jnp.shape(self.log_z),
+            event_shape=event_shape,
+            validate_args=validate_args,
+        )
+
+    @property
+    def support(self):
+        if not self.event_shape:
+            return constraints.real
+        return constraints.independent(constraints.real, len(self.event_shape))
+
+    @property
+    def has_rsample(self) -> bool:
+        return False
+
+    def _flatten_events(self, value: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
+        value = jnp.asarray(value)
+        event_ndim = len(self.event_shape)
+        lead_ndim = value.ndim - event_ndim
+        if lead_ndim < 0 or value.shape[lead_ndim:] != self.event_shape:
+            raise ValueError(
+                f"value of shape {value.shape} does not end with event_shape {self.event_shape}"
+            )
+        lead_shape = value.shape[:lead_ndim]
+        return value.reshape((math.prod(lead_shape), *self.event_shape)), lead_shape
+
+    def energy_of(self, value) -> jax.Array:
+        """``energy(value)`` for any leading shape: ``(*lead, *event_shape) -> lead``."""
+        flat, lead_shape = self._flatten_events(value)
+        return jax.vmap(self.energy)(flat).reshape(lead_shape)
+
+    def unnormalized_log_prob(self, value) -> jax.Array:
+        """``−energy(value)``, without ``log_z``: ``(*lead, *event_shape) -> lead``."""
+        return -self.energy_of(value)
+
+    @validate_sample
+    def log_prob(self, value) -> jax.Array:
+        return self.unnormalized_log_prob(value) - self.log_z
+
+    def sample(self, key, sample_shape=()):
+        """Approximate samples from BlackJAX chains (see ``numpyro_ebm.samplers.Sampler``).
+
+        Runs ``sampler.num_chains`` chains (default: one per draw) from
+        ``Normal(0, init_scale²)``, ``num_warmup`` warm-up steps with dual-averaging step-size
+        tuning, then records every ``thinning``-th step. The samples are exact only in the
+        limit of long warm-up; check them with ``numpyro_ebm.diagnostics`` when it matters.
+        """
+        shape = tuple(sample_shape) + self.batch_shape
+        num_draws = math.prod(shape)
+        if num_draws == 0:
+            return jnp.zeros((*shape, *self.event_shape), self.log_z.dtype)
+        cfg = self.sampler
+        num_chains = cfg.num_chains or num_draws
+        draws_per_chain = -(-num_draws // num_chains)
+        key_init, key_warmup, key_draws = jax.random.split(key, 3)
+        logdensity = _samplers.flat_logdensity(self.energy, self.event_shape)
+        dim = math.prod(self.event_shape)
+        positions = cfg.init_scale * jax.random.normal(
+            key_init, (num_chains, dim), self.log_z.dtype
+        )
+        states = cfg.init_chains(positions, logdensity)
+        states, step_size, _ = _samplers.warmup(key_warmup, cfg, logdensity, states, cfg.num_warmup)
+        _, _, draws = _samplers.run_chains(
+            key_draws,
+            cfg,
+            logdensity,
+            states,
+            step_size,
+            draws_per_chain * cfg.thinning,
+            thinning=cfg.thinning,
+            keep_positions=True,
+        )
+        # draws: (draws_per_chain, num_chains, dim); consecutive outputs come from different chains
+        draws = draws.reshape(-1, dim)[:num_draws]
+        return draws.reshape(*shape, *self.event_shape)
+
+    def __repr__(self) -> str:
+        return (
+            f"EnergyDistribution(energy={type(self.energy).__name__}, "
+            f"batch_shape={self.batch_shape}, event_shape={self.event_shape})"
+        )
+
+
+@vmap_over.register
+def _vmap_over_energy_distribution(d: EnergyDistribution, energy=None, log_z=None):
+    return _default_vmap_over(d, energy=energy, log_z=log_z)

@@ -1,0 +1,378 @@
+"""One small interface over BlackJAX kernels, at temperature 1.
+
+Every sampler here targets ``p(x) ∝ exp(logdensity(x))`` exactly (MALA, HMC, Barker: Metropolis
+corrected) or up to a step-size bias (ULA). There is no temperature knob on purpose: an EBM whose
+negatives come from a colder chain is not the density it reports (see the training guide).
+
+A ``Sampler`` is a frozen, hashable configuration. It knows how to
+
+* build the BlackJAX state of one chain (``sampler.init(position, logdensity_fn)``),
+* take one step of one chain (``sampler.step(key, state, logdensity_fn, step_size)``), where
+  ``logdensity_fn`` is a call-time argument, so energies with traced parameters compile once,
+* say which acceptance rate its step size should be tuned to (``sampler.target_acceptance``).
+
+On top of that, ``run_chains`` runs many chains for a fixed number of steps (``vmap`` over
+chains, ``lax.scan`` over steps) and ``warmup`` tunes one shared step size by dual averaging
+(BlackJAX's ``dual_averaging_adaptation``) on the mean acceptance rate across chains.
+
+Chains always move on flat vectors of size ``prod(event_shape)``: ``flat_logdensity`` wraps an
+energy for one event of any shape, so that HMC's mass matrix and the noise are plain vectors.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from numpyro_ebm import samplers
+    >>> sampler = samplers.mala()
+    >>> logdensity = lambda x: -0.5 * jnp.sum(x**2)
+    >>> states = sampler.init_chains(jnp.zeros((16, 2)), logdensity)
+    >>> states, step_size, info = samplers.warmup(
+    ...     jax.random.key(0), sampler, logdensity, states, num_steps=200)
+    >>> states, trace, _ = samplers.run_chains(
+    ...     jax.random.key(1), sampler, logdensity, states, step_size, num_steps=100)
+    >>> states.position.shape
+    (16, 2)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
+
+import blackjax
+import jax
+import jax.numpy as jnp
+from blackjax.mcmc import diffusions
+
+__all__ = [
+    "KERNELS",
+    "ChainInfo",
+    "Sampler",
+    "barker",
+    "flat_logdensity",
+    "get_sampler",
+    "hmc",
+    "mala",
+    "run_chains",
+    "ula",
+    "warmup",
+]
+
+KERNELS = ("mala", "hmc", "ula", "barker")
+
+# Acceptance rates that are optimal in high dimension for each kernel: MALA 0.574 (Roberts &
+# Rosenthal 1998), HMC 0.65 (Beskos et al. 2013), Barker ~0.4 (Livingstone & Zanella 2022).
+_DEFAULT_TARGET = {"mala": 0.574, "hmc": 0.65, "barker": 0.4, "ula": None}
+
+
+class ChainInfo(NamedTuple):
+    """What one step of one chain reports, the same fields for every kernel.
+
+    Attributes:
+        acceptance_rate: Metropolis acceptance probability of the step (1.0 for ULA).
+        is_divergent: HMC energy-error divergence flag (always False for the other kernels).
+        logdensity: log-density (= −energy) at the chain's position after the step.
+    """
+
+    acceptance_rate: jax.Array
+    is_divergent: jax.Array
+    logdensity: jax.Array
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """How to run BlackJAX chains on an energy (kernel, step size, warm-up, thinning).
+
+    The same object configures the negative phase during training (only ``kernel``,
+    ``step_size``, ``target_acceptance``, ``adapt_step_size`` and ``num_integration_steps``
+    matter there) and ``numpyro_ebm.EnergyDistribution.sample``, which also uses the draw
+    settings ``num_warmup``, ``thinning``, ``num_chains`` and ``init_scale``.
+
+    Attributes:
+        kernel: one of ``"mala"``, ``"hmc"``, ``"ula"``, ``"barker"``.
+        step_size: initial step size ``h`` (BlackJAX convention: the Langevin proposal is
+            ``x + h ∇log p(x) + sqrt(2h) ξ``; for HMC the leapfrog step).
+        target_acceptance: acceptance rate the step size is tuned toward; ``None`` picks the
+            kernel's default (MALA 0.574, HMC 0.65, Barker 0.4). ULA has no acceptance step and
+            keeps its step size fixed.
+        adapt_step_size: tune the step size (dual averaging during warm-up; during training a
+            Robbins-Monro update each step).
+        num_integration_steps: leapfrog steps per HMC transition (fixed, so thousands of vmapped
+            chains stay in lock-step).
+        step_size_jitter: HMC only: each transition uses ``step_size · U(1 − j, 1 + j)``. A fixed
+            trajectory length resonates with the target's scales (acceptance then is not
+            monotone in the step size and tuning fails); jitter breaks it (Neal 2011, §5.4.2.3).
+        num_warmup: warm-up (burn-in) steps before the first draw in ``sample``.
+        thinning: steps between two recorded draws of the same chain in ``sample``.
+        num_chains: chains used by ``sample``; ``None`` runs one chain per requested draw.
+        init_scale: chains in ``sample`` start from ``Normal(0, init_scale²)`` in every coordinate.
+    """
+
+    kernel: str = "mala"
+    step_size: float = 0.05
+    target_acceptance: float | None = None
+    adapt_step_size: bool = True
+    num_integration_steps: int = 5
+    step_size_jitter: float = 0.2
+    num_warmup: int = 1000
+    thinning: int = 1
+    num_chains: int | None = None
+    init_scale: float = 1.0
+    _target: float | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.kernel not in KERNELS:
+            raise ValueError(f"unknown sampler kernel {self.kernel!r}; choose one of {KERNELS}")
+        if not (isinstance(self.step_size, int | float) and self.step_size > 0):
+            raise ValueError(f"step_size must be a positive number, got {self.step_size!r}")
+        target = self.target_acceptance
+        if target is None:
+            target = _DEFAULT_TARGET[self.kernel]
+        elif self.kernel == "ula":
+            raise ValueError("ULA has no accept/reject step: leave target_acceptance=None")
+        elif not 0.0 < target < 1.0:
+            raise ValueError(f"target_acceptance must be in (0, 1), got {target!r}")
+        object.__setattr__(self, "_target", target)
+        for name in ("num_integration_steps", "thinning"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not (isinstance(self.num_warmup, int) and self.num_warmup >= 0):
+            raise ValueError(f"num_warmup must be an integer >= 0, got {self.num_warmup!r}")
+        if self.num_chains is not None and not (
+            isinstance(self.num_chains, int) and self.num_chains >= 1
+        ):
+            raise ValueError(f"num_chains must be None or an integer >= 1, got {self.num_chains}")
+        if not 0.0 <= self.step_size_jitter < 1.0:
+            raise ValueError(f"step_size_jitter must be in [0, 1), got {self.step_size_jitter!r}")
+        if not self.init_scale > 0:
+            raise ValueError(f"init_scale must be positive, got {self.init_scale!r}")
+
+    @property
+    def target(self) -> float | None:
+        """The acceptance rate the step size is tuned toward (None: no tuning possible)."""
+        return self._target
+
+    @property
+    def adapts(self) -> bool:
+        """Whether the step size is tuned (never for ULA)."""
+        return self.adapt_step_size and self._target is not None
+
+    def replace(self, **changes) -> Sampler:
+        """A copy with some fields changed, e.g. ``sampler.replace(num_warmup=200)``."""
+        return replace(self, **changes)
+
+    # -- one chain -------------------------------------------------------------------------
+    def init(self, position: jax.Array, logdensity_fn: Callable) -> Any:
+        """BlackJAX state of one chain at ``position`` (flat vector) under ``logdensity_fn``.
+
+        Always call this again after the energy's parameters change: MALA/HMC/Barker states
+        cache the log-density and its gradient, and a stale cache biases the Metropolis ratio.
+        """
+        if self.kernel == "hmc":
+            return blackjax.hmc.init(position, logdensity_fn)
+        if self.kernel == "barker":
+            return blackjax.barker.init(position, logdensity_fn)
+        return blackjax.mala.init(position, logdensity_fn)  # MALA and ULA share the state
+
+    def step(self, key: jax.Array, state: Any, logdensity_fn: Callable, step_size) -> tuple:
+        """One transition of one chain: ``(new_state, ChainInfo)``."""
+        if self.kernel == "mala":
+            state, info = blackjax.mala.build_kernel()(key, state, logdensity_fn, step_size)
+            divergent = jnp.zeros((), bool)
+        elif self.kernel == "hmc":
+            key, key_jitter = jax.random.split(key)
+            jitter = self.step_size_jitter
+            step_size = step_size * jax.random.uniform(
+                key_jitter, (), minval=1 - jitter, maxval=1 + jitter
+            )
+            inverse_mass = jnp.ones_like(state.position)
+            state, info = blackjax.hmc.build_kernel()(
+                key, state, logdensity_fn, step_size, inverse_mass, self.num_integration_steps
+            )
+            divergent = info.is_divergent
+        elif self.kernel == "barker":
+            state, info = blackjax.barker.build_kernel()(key, state, logdensity_fn, step_size)
+            divergent = jnp.zeros((), bool)
+        else:
+            # ULA is the MALA proposal without the accept/reject step; BlackJAX's overdamped
+            # Langevin integrator is exactly that and keeps (logdensity, grad) cached for reuse.
+            integrator = diffusions.overdamped_langevin(jax.value_and_grad(logdensity_fn))
+            new = integrator(key, state, step_size)
+            state = type(state)(*new)
+            return state, ChainInfo(jnp.ones(()), jnp.zeros((), bool), state.logdensity)
+        return state, ChainInfo(info.acceptance_rate, divergent, state.logdensity)
+
+    # -- many chains -----------------------------------------------------------------------
+    def init_chains(self, positions: jax.Array, logdensity_fn: Callable) -> Any:
+        """Vmapped ``init`` for positions of shape ``(num_chains, dim)``."""
+        return jax.vmap(self.init, in_axes=(0, None))(positions, logdensity_fn)
+
+
+def mala(**kwargs) -> Sampler:
+    """Metropolis-adjusted Langevin (``blackjax.mala``); the default sampler."""
+    return Sampler(kernel="mala", **kwargs)
+
+
+def hmc(num_integration_steps: int = 5, **kwargs) -> Sampler:
+    """Hamiltonian Monte Carlo with a fixed number of leapfrog steps (``blackjax.hmc``)."""
+    kwargs.setdefault("step_size", 0.1)
+    return Sampler(kernel="hmc", num_integration_steps=num_integration_steps, **kwargs)
+
+
+def ula(**kwargs) -> Sampler:
+    """Unadjusted Langevin at temperature 1: ``x + h ∇log p + sqrt(2h) ξ``, no Metropolis step.
+
+    Biased by O(h): prefer ``mala`` when a density is reported. Step size is not tuned.
+    """
+    kwargs.setdefault("step_size", 0.01)
+    return Sampler(kernel="ula", **kwargs)
+
+
+def barker(**kwargs) -> Sampler:
+    """Barker's proposal (``blackjax.barker``): gradient-based, robust to badly tuned steps."""
+    return Sampler(kernel="barker", **kwargs)
+
+
+def get_sampler(sampler: str | Sampler | None) -> Sampler:
+    """Turn ``"mala" | "hmc" | "ula" | "barker"`` or a ``Sampler`` into a ``Sampler``."""
+    if sampler is None:
+        return mala()
+    if isinstance(sampler, Sampler):
+        return sampler
+    if isinstance(sampler, str):
+        factories = {"mala": mala, "hmc": hmc, "ula": ula, "barker": barker}
+        if sampler not in factories:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {KERNELS}")
+        return factories[sampler]()
+    raise TypeError(
+        f"sampler must be a name {KERNELS} or a numpyro_ebm.samplers.Sampler, got {sampler!r}"
+    )
+
+
+def flat_logdensity(energy: Callable, event_shape: tuple[int, ...]) -> Callable:
+    """``z -> -energy(z.reshape(event_shape))`` for flat ``z`` of size ``prod(event_shape)``."""
+
+    def logdensity(z):
+        return -energy(jnp.reshape(z, event_shape))
+
+    return logdensity
+
+
+def event_size(event_shape: tuple[int, ...]) -> int:
+    """Number of scalars in one event."""
+    return math.prod(event_shape)
+
+
+def run_chains(
+    key: jax.Array,
+    sampler: Sampler,
+    logdensity_fn: Callable,
+    states: Any,
+    step_size,
+    num_steps: int,
+    *,
+    thinning: int = 1,
+    keep_positions: bool = False,
+) -> tuple[Any, ChainInfo, jax.Array | None]:
+    """Advance ``num_chains`` chains by ``num_steps`` steps with a fixed step size.
+
+    Args:
+        key: PRNG key, used once.
+        sampler: the kernel configuration.
+        logdensity_fn: log-density of ONE chain's flat position.
+        states: vmapped BlackJAX states (leading axis: chains), e.g. from
+            ``Sampler.init_chains``.
+        step_size: scalar step size shared by all chains.
+        num_steps: number of transitions (static).
+        thinning: record every ``thinning``-th step (static); ``num_steps`` must be a multiple.
+        keep_positions: also return the recorded positions.
+
+    Returns:
+        ``(final_states, trace, positions)``: ``trace`` is a ``ChainInfo`` of arrays of
+        shape ``(num_steps // thinning, num_chains)``; ``positions`` has shape
+        ``(num_steps // thinning, num_chains, dim)``, or is ``None`` without ``keep_positions``.
+    """
+    if num_steps % thinning:
+        raise ValueError(f"num_steps={num_steps} must be a multiple of thinning={thinning}")
+    vstep = _vmapped_step(sampler, logdensity_fn, states)
+
+    def one_step(carry, step_key):
+        return vstep(step_key, carry, step_size)
+
+    def one_record(carry, record_key):
+        carry, infos = jax.lax.scan(one_step, carry, jax.random.split(record_key, thinning))
+        last = jax.tree.map(lambda a: a[-1], infos)
+        return carry, (last, carry.position if keep_positions else None)
+
+    keys = jax.random.split(key, num_steps // thinning)
+    final, (trace, positions) = jax.lax.scan(one_record, states, keys)
+    return final, trace, positions
+
+
+def _vmapped_step(sampler: Sampler, logdensity_fn: Callable, states: Any) -> Callable:
+    """``(key, states, step_size) -> (states, infos)`` stepping every chain with its own key."""
+    num_chains = jax.tree.leaves(states)[0].shape[0]
+    step = jax.vmap(lambda k, s, h: sampler.step(k, s, logdensity_fn, h), in_axes=(0, 0, None))
+    return lambda key, s, h: step(jax.random.split(key, num_chains), s, h)
+
+
+class WarmupInfo(NamedTuple):
+    """Per-step record of ``warmup``: mean acceptance across chains and the step size used."""
+
+    acceptance_rate: jax.Array
+    step_size: jax.Array
+
+
+def warmup(
+    key: jax.Array,
+    sampler: Sampler,
+    logdensity_fn: Callable,
+    states: Any,
+    num_steps: int,
+    step_size=None,
+) -> tuple[Any, jax.Array, WarmupInfo]:
+    """Burn in ``num_chains`` chains while tuning one shared step size.
+
+    The step size follows BlackJAX's dual averaging (Hoffman & Gelman 2014) driven by the mean
+    acceptance rate across chains; the returned step size is its averaged iterate. Kernels that
+    do not adapt (ULA, or ``adapt_step_size=False``) just run ``num_steps`` steps.
+
+    Args:
+        key: PRNG key, used once.
+        sampler: the kernel configuration.
+        logdensity_fn: log-density of one flat position.
+        states: vmapped BlackJAX states, leading axis chains.
+        num_steps: warm-up steps (static).
+        step_size: initial step size (default ``sampler.step_size``).
+
+    Returns:
+        ``(states, step_size, WarmupInfo)``; the info arrays have shape ``(num_steps,)``.
+    """
+    step_size = jnp.asarray(sampler.step_size if step_size is None else step_size, jnp.float32)
+    if num_steps == 0:
+        empty = jnp.zeros((0,), jnp.float32)
+        return states, step_size, WarmupInfo(empty, empty)
+    if not sampler.adapts:
+        states, infos, _ = run_chains(key, sampler, logdensity_fn, states, step_size, num_steps)
+        acc = jnp.mean(infos.acceptance_rate, axis=1)
+        return states, step_size, WarmupInfo(acc, jnp.full_like(acc, step_size))
+
+    da_init, da_update, da_final = blackjax.adaptation.step_size.dual_averaging_adaptation(
+        sampler.target
+    )
+
+    vstep = _vmapped_step(sampler, logdensity_fn, states)
+
+    def one_step(carry, step_key):
+        chain_states, da_state = carry
+        h = jnp.exp(da_state.log_step_size)
+        new, info = vstep(step_key, chain_states, h)
+        # A NaN acceptance (e.g. a proposal into an inf-energy region) counts as a rejection.
+        acc = jnp.mean(jnp.nan_to_num(info.acceptance_rate, nan=0.0))
+        return (new, da_update(da_state, acc)), WarmupInfo(acc, h)
+
+    (states, da_state), infos = jax.lax.scan(
+        one_step, (states, da_init(step_size)), jax.random.split(key, num_steps)
+    )
+    return states, da_final(da_state), infos

@@ -1,0 +1,224 @@
+"""Input validation for training data.
+
+Energy-based models fail late and obscurely on bad data: a single NaN pixel turns every
+gradient into NaN after a few hundred MCMC steps, integer data silently breaks Langevin
+dynamics (which needs a continuous state space), and a wrongly shaped array is broadcast
+against the energy network's input layer in surprising ways. The helpers here check the data
+once, eagerly and on the host, *before* any compute is traced, and raise errors that say what
+is wrong and how to fix it.
+
+They are meant to be called outside ``jax.jit`` (typically at the top of a ``fit`` function);
+passing a tracer raises a ``TypeError``.
+
+Example:
+    >>> import numpy as np
+    >>> from numpyro_ebm.validation import validate_data
+    >>> x = validate_data(np.zeros((100, 2), dtype="float32"), event_shape=(2,))
+    >>> x.shape, x.dtype
+    ((100, 2), dtype('float32'))
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["validate_data", "validate_event_shape"]
+
+_TRACER_MSG = (
+    "{name} is a JAX tracer: validate_data must be called outside jax.jit / jax.vmap / "
+    "jax.grad, on concrete data (call it once before entering the jitted function)."
+)
+
+
+def validate_event_shape(event_shape: int | Sequence[int]) -> tuple[int, ...]:
+    """Normalize an event shape to a tuple of non-negative Python ints.
+
+    Args:
+        event_shape: A single non-negative int (``2`` means ``(2,)``) or a tuple/list of
+            non-negative ints. ``()`` denotes scalar events. NumPy integer scalars are
+            accepted; bools and floats are not.
+
+    Returns:
+        The event shape as a ``tuple`` of Python ``int``.
+
+    Raises:
+        TypeError: If ``event_shape`` is not an int or a tuple/list of ints.
+        ValueError: If any dimension is negative.
+
+    Example:
+        >>> validate_event_shape(2)
+        (2,)
+        >>> validate_event_shape([8, 8])
+        (8, 8)
+    """
+    if isinstance(event_shape, (tuple, list)):
+        dims = list(event_shape)
+    elif _is_int(event_shape):
+        dims = [event_shape]
+    else:
+        raise TypeError(
+            f"event_shape must be an int or a tuple of ints, got {event_shape!r} "
+            f"(type {type(event_shape).__name__}); e.g. event_shape=(2,) for 2-D points."
+        )
+    out = []
+    for d in dims:
+        if not _is_int(d):
+            raise TypeError(
+                f"event_shape must contain only ints, got {event_shape!r} with element {d!r} "
+                f"(type {type(d).__name__}); e.g. event_shape=(2,) for 2-D points."
+            )
+        d = operator.index(d)
+        if d < 0:
+            raise ValueError(
+                f"event_shape must contain non-negative ints, got {event_shape!r}; "
+                "dimension sizes cannot be negative."
+            )
+        out.append(d)
+    return tuple(out)
+
+
+def validate_data(
+    data: Any, event_shape: int | Sequence[int] | None = None, *, name: str = "data"
+) -> jax.Array:
+    """Check that ``data`` is a finite floating-point array of points and return it as JAX.
+
+    ``data`` must have shape ``(*batch_shape, *event_shape)`` with at least one batch
+    dimension, usually ``(num_points, *event_shape)``. All checks run eagerly on concrete
+    values, before any JAX computation is traced.
+
+    Args:
+        data: The data set: a NumPy array, a JAX array or (nested) lists of floats.
+        event_shape: Shape of one data point, e.g. ``(2,)`` for points in the plane or
+            ``(64,)`` for flattened 8x8 images. An int ``d`` means ``(d,)``. If ``None``,
+            any shape ``(num_points, *event_shape)`` with rank >= 2 is accepted and the
+            event shape is ``data.shape[1:]``.
+        name: Name of the argument, used in error messages.
+
+    Returns:
+        ``jnp.asarray(data)``: the same values with the same floating dtype (float16, bfloat16,
+        float32 and float64 are all accepted; float64 becomes float32 unless
+        ``jax_enable_x64`` is on, as for any ``jnp.asarray`` call).
+
+    Raises:
+        TypeError: If ``data`` is (or contains) a JAX tracer, i.e. the function is called
+            inside ``jax.jit`` or another transformation.
+        ValueError: If ``data`` cannot be converted to an array, its dtype is not floating
+            point (ints, bools, complex, objects, strings), its rank is too small, its trailing
+            dimensions differ from ``event_shape``, it holds zero points, or it contains NaN
+            or inf values. The message says what is wrong and how to fix it.
+
+    Example:
+        >>> import numpy as np
+        >>> validate_data(np.ones((3, 2), dtype="float32"), event_shape=2).shape
+        (3, 2)
+        >>> validate_data(np.array([[0.0, np.nan]]), name="x_train")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        ValueError: x_train contains 1 non-finite value (1 NaN, 0 inf) in 1 of 1 points; ...
+    """
+    if isinstance(data, jax.core.Tracer):
+        raise TypeError(_TRACER_MSG.format(name=name))
+    if event_shape is not None:
+        event_shape = validate_event_shape(event_shape)
+
+    # --- conversion -----------------------------------------------------------------------
+    if isinstance(data, jax.Array):
+        arr = data
+    else:
+        try:
+            arr = np.asarray(data)
+        except jax.errors.TracerArrayConversionError as err:
+            raise TypeError(_TRACER_MSG.format(name=name)) from err
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                f"{name} could not be converted to an array ({err}). Pass a NumPy/JAX array "
+                "or rectangular nested lists of floats of shape (num_points, *event_shape)."
+            ) from err
+
+    # --- dtype ----------------------------------------------------------------------------
+    if not jnp.issubdtype(arr.dtype, jnp.floating):
+        raise ValueError(
+            f"{name} must have a floating-point dtype, got dtype {arr.dtype}. Energy-based "
+            "models need continuous data: cast to float32, e.g. data.astype('float32') "
+            "(dequantize discrete data first if it is integer-valued, e.g. pixels)."
+        )
+
+    # --- shape ----------------------------------------------------------------------------
+    shape = tuple(arr.shape)
+    if event_shape is None:
+        if arr.ndim < 2:
+            raise ValueError(
+                f"{name} must have shape (num_points, *event_shape) with rank >= 2, got shape "
+                f"{shape} (rank {arr.ndim}). For scalar or 1-D points reshape it, e.g. "
+                "data.reshape(-1, 1) for a column of scalars, or pass event_shape explicitly."
+            )
+        batch_shape = shape[:1]
+    else:
+        min_rank = 1 + len(event_shape)
+        if arr.ndim < min_rank:
+            raise ValueError(
+                f"{name} must have shape (num_points, *event_shape) = "
+                f"{_layout(event_shape)} with rank >= {min_rank}, got shape {shape} "
+                f"(rank {arr.ndim}). A single point needs a leading batch axis, e.g. data[None]."
+            )
+        if shape[arr.ndim - len(event_shape) :] != event_shape:
+            # Report the per-point shape under the usual (num_points, *event_shape) layout.
+            raise ValueError(
+                f"{name} has the wrong event shape: expected trailing dimensions "
+                f"{event_shape}, got {shape[1:]} (full shape {shape}, expected "
+                f"{_layout(event_shape)}). Reshape the data, e.g. "
+                f"data.reshape{_layout(event_shape).replace('num_points', 'len(data)')}, or "
+                "pass the right event_shape."
+            )
+        batch_shape = shape[: arr.ndim - len(event_shape)]
+    num_points = int(np.prod(batch_shape))
+    if num_points == 0:
+        raise ValueError(
+            f"{name} contains zero points (shape {shape}); pass at least one data point."
+        )
+
+    # --- finiteness -----------------------------------------------------------------------
+    xp = jnp if isinstance(arr, jax.Array) else np
+    finite = xp.isfinite(arr)
+    if not bool(xp.all(finite)):
+        n_nan = int(xp.sum(xp.isnan(arr)))
+        n_bad = int(finite.size - xp.sum(finite))
+        n_inf = n_bad - n_nan
+        event_axes = tuple(range(len(batch_shape), arr.ndim))
+        bad_points = np.asarray(~xp.all(finite, axis=event_axes) if event_axes else ~finite)
+        n_bad_points = int(bad_points.sum())
+        first = np.unravel_index(int(np.argmax(bad_points.ravel())), batch_shape)
+        first_idx: int | tuple[int, ...] = (
+            int(first[0]) if len(first) == 1 else tuple(int(i) for i in first)
+        )
+        raise ValueError(
+            f"{name} contains {n_bad} non-finite value{'s' if n_bad != 1 else ''} "
+            f"({n_nan} NaN, {n_inf} inf) in {n_bad_points} of {num_points} points; first bad "
+            f"row at index {first_idx}. Remove or impute these rows before training, e.g. "
+            "data[np.isfinite(data).all(axis=tuple(range(1, data.ndim)))]."
+        )
+    return jnp.asarray(arr)
+
+
+def _layout(event_shape: tuple[int, ...]) -> str:
+    """``"(num_points, d1, d2)"`` for an event shape ``(d1, d2)``."""
+    if not event_shape:
+        return "(num_points,)"
+    return "(" + ", ".join(["num_points", *map(str, event_shape)]) + ")"
+
+
+def _is_int(x: Any) -> bool:
+    """True for Python/NumPy integers, False for bools and everything else."""
+    if isinstance(x, (bool, np.bool_)):
+        return False
+    try:
+        operator.index(x)
+    except TypeError:
+        return False
+    return True

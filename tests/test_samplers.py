@@ -1,0 +1,121 @@
+"""The sampler layer: every kernel targets exp(logdensity) at temperature 1."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from numpyro_ebm import samplers
+
+
+def standard_normal(x):
+    return -0.5 * jnp.sum(x**2)
+
+
+def run(
+    sampler, key, num_chains=2000, dim=2, num_warmup=300, num_steps=50, logdensity=standard_normal
+):
+    k_init, k_warm, k_run = jax.random.split(key, 3)
+    states = sampler.init_chains(jax.random.normal(k_init, (num_chains, dim)), logdensity)
+    states, step_size, warm = samplers.warmup(k_warm, sampler, logdensity, states, num_warmup)
+    states, trace, _ = samplers.run_chains(k_run, sampler, logdensity, states, step_size, num_steps)
+    return states, step_size, warm, trace
+
+
+@pytest.mark.parametrize("kernel", ["mala", "hmc", "barker"])
+def test_warmup_reaches_target_acceptance(kernel):
+    sampler = samplers.get_sampler(kernel)
+    # unequal scales: on an isotropic Gaussian HMC's acceptance is periodic in the step size
+    scales = jnp.linspace(0.5, 1.5, 10)
+    _, step_size, _, trace = run(
+        sampler,
+        jax.random.key(0),
+        num_chains=256,
+        dim=10,
+        logdensity=lambda x: -0.5 * jnp.sum((x / scales) ** 2),
+    )
+    acceptance = float(jnp.mean(trace.acceptance_rate))
+    # dual averaging's averaged iterate lands close to (usually a little above) the target
+    assert abs(acceptance - sampler.target) < 0.08, (acceptance, float(step_size))
+
+
+@pytest.mark.parametrize("kernel", ["mala", "hmc", "barker"])
+def test_exact_kernels_preserve_the_target_variance(kernel):
+    n = 4000
+    states, *_ = run(samplers.get_sampler(kernel), jax.random.key(1), num_chains=n)
+    x = np.asarray(states.position)
+    # var of a sample variance of n standard normals is 2/n
+    assert np.all(np.abs(x.var(0) - 1.0) < 4.5 * np.sqrt(2 / n))
+    assert np.all(np.abs(x.mean(0)) < 4.5 / np.sqrt(n))
+
+
+def test_ula_has_its_known_step_size_bias():
+    """ULA on N(0, 1) with step h is the AR(1) x' = (1-h)x + sqrt(2h)ξ: var = 1 / (1 - h/2)."""
+    h, n = 0.4, 8000
+    states, *_ = run(
+        samplers.ula(step_size=h), jax.random.key(2), num_chains=n, num_warmup=0, num_steps=100
+    )
+    var = np.asarray(states.position).var(0)
+    expected = 1.0 / (1.0 - h / 2)
+    assert np.all(np.abs(var - expected) < 4.5 * expected * np.sqrt(2 / n))
+    assert np.all(var > 1.0 + 6 * np.sqrt(2 / n))  # and the bias is visible, not noise
+
+
+def test_run_chains_records_thinned_positions():
+    sampler = samplers.mala()
+    states = sampler.init_chains(jnp.zeros((3, 2)), standard_normal)
+    final, trace, positions = samplers.run_chains(
+        jax.random.key(3),
+        sampler,
+        standard_normal,
+        states,
+        0.5,
+        12,
+        thinning=4,
+        keep_positions=True,
+    )
+    assert positions.shape == (3, 3, 2) and trace.acceptance_rate.shape == (3, 3)
+    np.testing.assert_array_equal(positions[-1], final.position)
+    np.testing.assert_allclose(
+        trace.logdensity[-1], jax.vmap(standard_normal)(final.position), rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="multiple of thinning"):
+        samplers.run_chains(
+            jax.random.key(3), sampler, standard_normal, states, 0.5, 10, thinning=4
+        )
+
+
+def test_same_key_same_chain_different_key_different_chain():
+    sampler = samplers.mala()
+    states = sampler.init_chains(jnp.zeros((4, 2)), standard_normal)
+    a, _, _ = samplers.run_chains(jax.random.key(4), sampler, standard_normal, states, 0.3, 5)
+    b, _, _ = samplers.run_chains(jax.random.key(4), sampler, standard_normal, states, 0.3, 5)
+    c, _, _ = samplers.run_chains(jax.random.key(5), sampler, standard_normal, states, 0.3, 5)
+    np.testing.assert_array_equal(a.position, b.position)
+    assert not np.allclose(a.position, c.position)
+    # chains get different noise
+    assert not np.allclose(a.position[0], a.position[1])
+
+
+def test_configuration_errors():
+    with pytest.raises(ValueError, match="unknown sampler kernel"):
+        samplers.Sampler(kernel="gibbs")
+    with pytest.raises(ValueError, match="step_size must be a positive"):
+        samplers.mala(step_size=-1.0)
+    with pytest.raises(ValueError, match="target_acceptance must be in"):
+        samplers.mala(target_acceptance=1.5)
+    with pytest.raises(ValueError, match="ULA has no accept"):
+        samplers.ula(target_acceptance=0.5)
+    with pytest.raises(ValueError, match="thinning must be an integer"):
+        samplers.mala(thinning=0)
+    with pytest.raises(TypeError, match="sampler must be a name"):
+        samplers.get_sampler(3)
+    assert samplers.get_sampler("hmc").target == 0.65
+    assert not samplers.ula().adapts
+    assert samplers.mala().replace(num_warmup=7).num_warmup == 7
+
+
+def test_flat_logdensity_reshapes_events():
+    logdensity = samplers.flat_logdensity(lambda x: jnp.sum(x[0] * x[1]), (2, 3))
+    z = jnp.arange(6.0)
+    assert float(logdensity(z)) == -float(jnp.sum(z[:3] * z[3:]))
