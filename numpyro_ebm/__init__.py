@@ -10,8 +10,31 @@ Example:
     >>> d = ebm.EnergyDistribution(energy, event_shape=(2,), log_z=energy.log_z)
 """
 
-from numpyro_ebm import datasets, energies, samplers, validation
+from numpyro_ebm import (
+    datasets,
+    energies,
+    evaluate,
+    logz,
+    negatives,
+    samplers,
+    train,
+    validation,
+)
 from numpyro_ebm.distribution import EnergyDistribution
+from numpyro_ebm.train import FitResult, TrainingDivergedError, fit
 
-__all__ = ["EnergyDistribution", "datasets", "energies", "samplers", "validation"]
+__all__ = [
+    "EnergyDistribution",
+    "FitResult",
+    "TrainingDivergedError",
+    "datasets",
+    "energies",
+    "evaluate",
+    "fit",
+    "logz",
+    "negatives",
+    "samplers",
+    "train",
+    "validation",
+]
 __version__ = "0.1.0.dev0"

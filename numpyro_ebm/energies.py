@@ -47,14 +47,30 @@ def _flatten_event(x: jax.Array, dim: int) -> jax.Array:
     return jnp.reshape(x, (dim,))
 
 
-def _mlp(dim: int, hidden: Sequence[int], out: int, activation, key) -> eqx.nn.Sequential:
-    sizes = [dim, *hidden]
-    keys = jax.random.split(key, len(sizes))
-    layers = []
-    for i in range(len(hidden)):
-        layers += [eqx.nn.Linear(sizes[i], sizes[i + 1], key=keys[i]), eqx.nn.Lambda(activation)]
-    layers.append(eqx.nn.Linear(sizes[-1], out, key=keys[-1]))
-    return eqx.nn.Sequential(layers)
+class MLP(eqx.Module):
+    """Plain MLP whose activation is a static field, so the module's leaves are all arrays.
+
+    (``eqx.nn.MLP``/``eqx.nn.Lambda`` keep the activation as a leaf, which plain ``jax.jit``
+    rejects; energies here must pass through ``jax.jit``, ``vmap`` and NumPyro unchanged.)
+    """
+
+    layers: tuple[eqx.nn.Linear, ...]
+    activation: Callable = eqx.field(static=True)
+    activate_last: bool = eqx.field(static=True)
+
+    def __init__(self, sizes: Sequence[int], activation: Callable, *, key, activate_last=False):
+        keys = jax.random.split(key, len(sizes) - 1)
+        self.layers = tuple(
+            eqx.nn.Linear(a, b, key=k) for a, b, k in zip(sizes[:-1], sizes[1:], keys, strict=True)
+        )
+        self.activation = activation
+        self.activate_last = activate_last
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self.layers[:-1]:
+            x = self.activation(layer(x))
+        x = self.layers[-1](x)
+        return self.activation(x) if self.activate_last else x
 
 
 class MLPEnergy(eqx.Module):
@@ -77,7 +93,7 @@ class MLPEnergy(eqx.Module):
         ()
     """
 
-    net: eqx.nn.Sequential
+    net: MLP
     confinement: float = eqx.field(static=True)
     dim: int = eqx.field(static=True)
 
@@ -93,7 +109,7 @@ class MLPEnergy(eqx.Module):
         self.dim = _check_dim(dim)
         if confinement < 0:
             raise ValueError(f"confinement must be >= 0, got {confinement}")
-        self.net = _mlp(dim, tuple(hidden), 1, activation, key)
+        self.net = MLP((dim, *hidden, 1), activation, key=key)
         self.confinement = float(confinement)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -124,7 +140,7 @@ class DeepEnergy(eqx.Module):
         True
     """
 
-    features: eqx.nn.Sequential
+    features: MLP
     experts: eqx.nn.Linear
     bias: jax.Array
     sigma: float = eqx.field(static=True)
@@ -146,10 +162,8 @@ class DeepEnergy(eqx.Module):
         if not sigma > 0:
             raise ValueError(f"sigma must be positive, got {sigma}")
         k_features, k_experts = jax.random.split(key)
-        *inner, width = tuple(hidden)
-        feature_net = _mlp(dim, tuple(inner), width, activation, k_features)
-        self.features = eqx.nn.Sequential([*feature_net.layers, eqx.nn.Lambda(activation)])
-        self.experts = eqx.nn.Linear(width, num_experts, key=k_experts)
+        self.features = MLP((dim, *hidden), activation, key=k_features, activate_last=True)
+        self.experts = eqx.nn.Linear(hidden[-1], num_experts, key=k_experts)
         self.bias = jnp.zeros(dim)
         self.sigma = float(sigma)
 

@@ -1,0 +1,106 @@
+"""Held-out log-likelihood and KL divergence to a known density.
+
+For 2-D energies ``log Z`` is computed by quadrature (``logz.grid``), so these numbers are
+exact up to Monte Carlo error on the test points (reported as a standard error).
+
+``KL(data ‖ model) = E_data[log p_data(x) − log p_model(x)]`` is estimated with PAIRED
+differences on the same test points: the per-point difference has far less variance than either
+term, so the standard error is small enough to compare models that differ by 0.01 nats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from numpyro_ebm import logz as _logz
+from numpyro_ebm.validation import validate_data
+
+__all__ = ["KLEstimate", "MeanEstimate", "kl_to_toy", "log_likelihood"]
+
+
+class MeanEstimate(NamedTuple):
+    """A Monte Carlo mean and its standard error."""
+
+    value: float
+    stderr: float
+
+
+class KLEstimate(NamedTuple):
+    """Result of ``kl_to_toy``.
+
+    Attributes:
+        kl: ``KL(data ‖ model)`` in nats, with ``kl_stderr``.
+        test_nll: mean ``−log p_model`` on the test points (nats), with ``test_nll_stderr``.
+        entropy: the toy's exact entropy: the best achievable ``test_nll`` in expectation.
+        log_z: the ``LogZEstimate`` used.
+    """
+
+    kl: float
+    kl_stderr: float
+    test_nll: float
+    test_nll_stderr: float
+    entropy: float
+    log_z: _logz.LogZEstimate
+
+
+def _mean_and_stderr(values: np.ndarray) -> MeanEstimate:
+    values = np.asarray(values, np.float64)
+    return MeanEstimate(float(values.mean()), float(values.std(ddof=1) / np.sqrt(values.size)))
+
+
+def _model_log_prob(energy: Callable, x: jax.Array, log_z: float) -> np.ndarray:
+    energies = np.asarray(jax.jit(jax.vmap(energy))(x), np.float64)
+    return -energies - log_z
+
+
+def log_likelihood(energy: Callable, data, log_z) -> MeanEstimate:
+    """Mean held-out log-likelihood ``mean(−E(x) − log Z)`` with its standard error.
+
+    Args:
+        energy: one event -> scalar.
+        data: ``(num_points, *event_shape)`` test data.
+        log_z: a float or ``LogZEstimate`` (its ``.value`` is used).
+    """
+    data = validate_data(data)
+    value = getattr(log_z, "value", log_z)
+    return _mean_and_stderr(_model_log_prob(energy, data, float(value)))
+
+
+def kl_to_toy(
+    energy: Callable,
+    toy,
+    *,
+    key: jax.Array,
+    num_samples: int = 20_000,
+    num_points: int = 512,
+    bounds=None,
+    padding: float = 0.5,
+) -> KLEstimate:
+    """``KL(toy ‖ model)`` and test NLL with grid-exact ``log Z`` for a 2-D energy.
+
+    Args:
+        energy: one event ``(2,)`` -> scalar.
+        toy: a ``datasets.ToyDensity`` (exact ``sample``, ``log_prob``, ``entropy``).
+        key: PRNG key for the test points (use one not used for training data).
+        num_samples: test points.
+        num_points: grid points per dimension for ``log Z``.
+        bounds: quadrature box; default the toy's bounds widened by ``padding`` of their width
+            on each side (the model may put mass where the data has none).
+        padding: see ``bounds``.
+    """
+    if bounds is None:
+        bounds = np.asarray(toy.bounds, np.float64)
+        width = bounds[:, 1] - bounds[:, 0]
+        bounds = np.stack([bounds[:, 0] - padding * width, bounds[:, 1] + padding * width], 1)
+    log_z = _logz.grid(energy, bounds, num_points)
+    x = toy.sample(key, num_samples)
+    model = _model_log_prob(energy, x, log_z.value)
+    truth = np.asarray(toy.log_prob(jnp.asarray(x)), np.float64)
+    kl = _mean_and_stderr(truth - model)
+    nll = _mean_and_stderr(-model)
+    return KLEstimate(kl.value, kl.stderr, nll.value, nll.stderr, float(toy.entropy()), log_z)

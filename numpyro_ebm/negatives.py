@@ -1,0 +1,84 @@
+"""Where the negative phase's chains start, and what is kept between training steps.
+
+The maximum-likelihood gradient needs samples from the current model. Three standard sources,
+all plain JAX arrays inside the compiled training step:
+
+* ``"persistent"`` (PCD, Tieleman 2008): ``num_chains`` chains carried across parameter
+  updates. With temperature-1 MALA this is stochastic maximum likelihood and gives a
+  convergent density (Nijkamp et al. 2020).
+* ``"replay"`` (Du & Mordatch 2019): a bank of ``buffer_size`` past negatives; each step starts
+  ``num_chains`` chains from random bank entries, a ``reinit_fraction`` of them from the base
+  distribution instead, and writes the results back.
+* ``"short_run"`` (Nijkamp et al. 2019): every step starts fresh chains from the base
+  distribution. Good samples after few steps, but NOT a valid density (the table in
+  ``benchmarks/toy_quality.py`` shows how much worse).
+
+The base distribution is a Gaussian fitted to the training data (mean and covariance); it is
+where persistent chains start, where replay re-initialises, and where short runs start.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["KINDS", "GaussianBase", "chain_starts", "fit_base", "init_bank", "update_bank"]
+
+KINDS = ("persistent", "replay", "short_run")
+
+
+class GaussianBase(NamedTuple):
+    """``N(mean, L Lᵀ)`` over flat events: ``mean (D,)``, ``scale_tril (D, D)``."""
+
+    mean: jax.Array
+    scale_tril: jax.Array
+
+    def sample(self, key: jax.Array, n: int) -> jax.Array:
+        """``(n, D)`` draws."""
+        noise = jax.random.normal(key, (n, self.mean.shape[0]), self.mean.dtype)
+        return self.mean + noise @ self.scale_tril.T
+
+
+def fit_base(flat_data: jax.Array, jitter: float = 1e-3) -> GaussianBase:
+    """Gaussian with the data's mean and covariance (plus ``jitter``·I for a valid Cholesky)."""
+    mean = jnp.mean(flat_data, axis=0)
+    centred = flat_data - mean
+    cov = centred.T @ centred / max(flat_data.shape[0] - 1, 1)
+    cov = cov + jitter * jnp.mean(jnp.diag(cov)) * jnp.eye(cov.shape[0])
+    return GaussianBase(mean, jnp.linalg.cholesky(cov))
+
+
+def init_bank(
+    key: jax.Array, kind: str, base: GaussianBase, num_chains: int, buffer_size: int
+) -> jax.Array:
+    """Initial bank: ``(buffer_size, D)`` for replay, ``(num_chains, D)`` otherwise."""
+    return base.sample(key, buffer_size if kind == "replay" else num_chains)
+
+
+def chain_starts(
+    key: jax.Array,
+    kind: str,
+    bank: jax.Array,
+    base: GaussianBase,
+    num_chains: int,
+    reinit_fraction: float,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Start positions ``(num_chains, D)`` for this step, and the bank rows they came from."""
+    if kind == "persistent":
+        return bank, None
+    k_fresh, k_pick, k_mask = jax.random.split(key, 3)
+    fresh = base.sample(k_fresh, num_chains)
+    if kind == "short_run":
+        return fresh, None
+    rows = jax.random.randint(k_pick, (num_chains,), 0, bank.shape[0])
+    reinit = jax.random.uniform(k_mask, (num_chains, 1)) < reinit_fraction
+    return jnp.where(reinit, fresh, bank[rows]), rows
+
+
+def update_bank(kind: str, bank: jax.Array, finals: jax.Array, rows: jax.Array | None):
+    """Bank after this step: the chains' final positions (written back at ``rows`` for replay)."""
+    if kind == "replay":
+        return bank.at[rows].set(finals)
+    return finals

@@ -1,0 +1,620 @@
+"""Maximum-likelihood training: a pure ``init``/``step`` core and the ``fit`` loop on top.
+
+The gradient of the negative log-likelihood ``L(θ) = E_data[E_θ(x)] + log Z_θ`` is
+
+    ∇L = E_data[∇_θ E_θ(x)] − E_{x~p_θ}[∇_θ E_θ(x)],
+
+and the second expectation is estimated with negatives drawn by BlackJAX chains at temperature 1
+(``numpyro_ebm.samplers``) started as configured in ``numpyro_ebm.negatives``. The negatives
+are ``stop_gradient``-ed: differentiating through the chain is not the likelihood gradient.
+
+Core (BlackJAX style, pure and jittable; states are checkpointable pytrees):
+
+    state = init(key, energy, data, config)
+    state, info = step(key, state, batch, config)
+
+``fit`` runs ``step`` ``steps_per_call`` times per compiled call (``lax.scan``; one host
+round-trip per call, not per step), shows a tqdm progress bar, records the history, guards
+against non-finite steps and checkpoints atomically so that a resumed run continues the same
+trajectory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from numpyro_ebm import negatives as _negatives
+from numpyro_ebm import samplers as _samplers
+from numpyro_ebm.distribution import EnergyDistribution, check_energy
+from numpyro_ebm.validation import validate_data
+
+__all__ = [
+    "FitResult",
+    "StepInfo",
+    "TrainConfig",
+    "TrainState",
+    "TrainingDivergedError",
+    "default_optimizer",
+    "fit",
+    "init",
+    "step",
+    "surrogate_loss",
+]
+
+# Step-size bounds during training: a chain that wanders into a flat or exploding region must not
+# drive the step size to 0 or infinity.
+_LOG_STEP_SIZE_RANGE = (math.log(1e-6), math.log(10.0))
+
+
+def default_optimizer(num_steps: int, learning_rate: float = 2e-3, clip: float = 1.0):
+    """Adam (β₁ = 0.5, as usual for EBMs) with gradient clipping and cosine decay to 10%."""
+    schedule = optax.cosine_decay_schedule(learning_rate, max(num_steps, 1), alpha=0.1)
+    return optax.chain(optax.clip_by_global_norm(clip), optax.adam(schedule, b1=0.5, b2=0.999))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything static about a training run (hashable: it is a ``jit`` static argument).
+
+    Attributes:
+        optimizer: optax transformation for the energy's parameters.
+        sampler: negative-phase kernel (``numpyro_ebm.samplers.Sampler``).
+        negatives: ``"persistent"``, ``"replay"`` or ``"short_run"``.
+        num_chains: chains run per step.
+        num_mcmc_steps: sampler steps per training step.
+        batch_size: data points per step (drawn with replacement).
+        energy_l2: weight ``α`` of ``α (mean E(data)² + mean E(neg)²)``. The likelihood does not
+            change when a constant is added to E; this pins the constant and stops energies
+            drifting. Small enough not to bias the density noticeably.
+        ema_decay: decay of the parameter moving average returned as the trained model
+            (``None``: return the last iterate). PCD parameters oscillate; the average is smoother.
+        buffer_size: replay bank size.
+        reinit_fraction: fraction of replay chains restarted from the base distribution.
+        step_size_gain: Robbins-Monro gain of the per-step update
+            ``log h ← log h + gain · (acceptance − target)``.
+    """
+
+    optimizer: optax.GradientTransformation
+    sampler: _samplers.Sampler = field(default_factory=_samplers.mala)
+    negatives: str = "persistent"
+    num_chains: int = 1024
+    num_mcmc_steps: int = 20
+    batch_size: int = 1024
+    energy_l2: float = 0.01
+    ema_decay: float | None = 0.995
+    buffer_size: int = 10_000
+    reinit_fraction: float = 0.05
+    step_size_gain: float = 0.05
+
+    def __post_init__(self):
+        if self.negatives not in _negatives.KINDS:
+            raise ValueError(
+                f"unknown negatives {self.negatives!r}; choose one of {_negatives.KINDS}"
+            )
+        for name in ("num_chains", "num_mcmc_steps", "batch_size", "buffer_size"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.energy_l2 < 0:
+            raise ValueError(f"energy_l2 must be >= 0, got {self.energy_l2}")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be None or in [0, 1), got {self.ema_decay}")
+        if not 0.0 <= self.reinit_fraction <= 1.0:
+            raise ValueError(f"reinit_fraction must be in [0, 1], got {self.reinit_fraction}")
+
+    def describe(self) -> dict:
+        """JSON-able summary (used to check that a resumed run has the same configuration)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["optimizer"] = "custom" if out["optimizer"] is not None else None
+        out["sampler"] = repr(self.sampler)
+        return out
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training (a pytree; checkpointed as is).
+
+    Attributes:
+        step: number of steps taken (int32 scalar).
+        energy: the energy being trained (its array leaves are the parameters).
+        average_energy: exponential moving average of the parameters (same structure).
+        opt_state: optimizer state.
+        bank: persistent chains ``(num_chains, D)`` or replay bank ``(buffer_size, D)``.
+        step_size: current sampler step size (scalar).
+        base: Gaussian fitted to the data (chain initialisation).
+        consecutive_nonfinite: how many steps in a row were rejected as non-finite.
+    """
+
+    step: jax.Array
+    energy: Any
+    average_energy: Any
+    opt_state: Any
+    bank: jax.Array
+    step_size: jax.Array
+    base: _negatives.GaussianBase
+    consecutive_nonfinite: jax.Array
+
+
+class StepInfo(NamedTuple):
+    """Per-step metrics (the columns of ``FitResult.history``).
+
+    Attributes:
+        loss: the surrogate ``mean E(data) − mean E(neg)`` plus the L2 term. Its gradient is
+            the ML gradient; its VALUE is not a convergence signal.
+        energy_gap: ``mean E(data) − mean E(neg)``; hovers around 0 when training is stable.
+        energy_data: mean energy of the batch.
+        energy_negatives: mean energy of the negatives.
+        acceptance_rate: mean Metropolis acceptance of the negative-phase chains.
+        step_size: sampler step size used in this step.
+        grad_norm: global norm of the parameter gradient (before clipping).
+        langevin_grad_norm: mean ``‖∇ₓE‖`` at the negatives (r_t in Nijkamp et al. 2020).
+        is_finite: False when the step was rejected (non-finite loss, gradient or chains).
+    """
+
+    loss: jax.Array
+    energy_gap: jax.Array
+    energy_data: jax.Array
+    energy_negatives: jax.Array
+    acceptance_rate: jax.Array
+    step_size: jax.Array
+    grad_norm: jax.Array
+    langevin_grad_norm: jax.Array
+    is_finite: jax.Array
+
+
+def check_array_leaves(energy) -> None:
+    """Training carries the energy through ``lax.scan``: every pytree leaf must be an array."""
+    bad = [
+        jax.tree_util.keystr(path)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(energy)
+        if not eqx.is_array(leaf)
+    ]
+    if bad:
+        raise TypeError(
+            f"energy has non-array pytree leaves at {', '.join(bad[:5])}: training needs array "
+            "leaves. Mark hyper-parameters static (eqx.field(static=True)) or wrap numbers in "
+            "jnp.asarray."
+        )
+
+
+def _params(energy):
+    return eqx.filter(energy, eqx.is_inexact_array)
+
+
+def _event_shape_of(data: jax.Array) -> tuple[int, ...]:
+    return tuple(data.shape[1:])
+
+
+def init(key: jax.Array, energy, data: jax.Array, config: TrainConfig) -> TrainState:
+    """Initial training state: optimizer state, base Gaussian fitted to ``data``, chains.
+
+    Args:
+        key: PRNG key (used once: for the initial chain positions).
+        energy: callable pytree, one event -> scalar (e.g. ``MLPEnergy``).
+        data: ``(num_points, *event_shape)`` training data (validated by the caller, ``fit``).
+        config: the run's ``TrainConfig``.
+    """
+    flat = jnp.reshape(data, (data.shape[0], -1))
+    base = _negatives.fit_base(flat)
+    bank = _negatives.init_bank(key, config.negatives, base, config.num_chains, config.buffer_size)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        energy=energy,
+        average_energy=energy,
+        opt_state=config.optimizer.init(_params(energy)),
+        bank=bank,
+        step_size=jnp.asarray(config.sampler.step_size, jnp.float32),
+        base=base,
+        consecutive_nonfinite=jnp.zeros((), jnp.int32),
+    )
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array))]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def surrogate_loss(energy, batch: jax.Array, negatives: jax.Array, energy_l2: float = 0.0):
+    """``mean E(batch) − mean E(negatives) + α (mean E(batch)² + mean E(negatives)²)``.
+
+    With ``negatives`` drawn from the model (and held fixed: no gradient flows into them), the
+    gradient of the first two terms is an unbiased estimate of the NLL gradient
+    ``E_data[∇E] − E_model[∇E]``. Returns ``(loss, (energy_gap, mean E(batch), mean E(neg)))``.
+    """
+    e_data = jax.vmap(energy)(batch)
+    e_neg = jax.vmap(energy)(jax.lax.stop_gradient(negatives))
+    gap = jnp.mean(e_data) - jnp.mean(e_neg)
+    l2 = energy_l2 * (jnp.mean(e_data**2) + jnp.mean(e_neg**2))
+    return gap + l2, (gap, jnp.mean(e_data), jnp.mean(e_neg))
+
+
+def step(
+    key: jax.Array, state: TrainState, batch: jax.Array, config: TrainConfig
+) -> tuple[TrainState, StepInfo]:
+    """One maximum-likelihood update (pure; jit with ``config`` static, e.g. ``eqx.filter_jit``).
+
+    1. Start ``num_chains`` chains as ``config.negatives`` says and run ``num_mcmc_steps``
+       sampler steps under the CURRENT energy (chain states are re-initialised, so no cached
+       log-density from older parameters enters the Metropolis ratio).
+    2. Gradient of ``mean E(batch) − mean E(stop_gradient(negatives))`` (+ energy L2), optimizer
+       update, parameter average update, Robbins-Monro step-size update.
+    3. If anything is non-finite, the update is rejected: the state is kept (only ``step`` and
+       ``consecutive_nonfinite`` advance) and ``info.is_finite`` is False.
+
+    Args:
+        key: PRNG key for this step (``fit`` uses ``fold_in(key, step)``).
+        state: current ``TrainState``.
+        batch: ``(batch_size, *event_shape)`` data.
+        config: static ``TrainConfig``.
+
+    Returns:
+        ``(new_state, StepInfo)``.
+    """
+    event_shape = _event_shape_of(batch)
+    k_start, k_chains = jax.random.split(key)
+    starts, rows = _negatives.chain_starts(
+        k_start, config.negatives, state.bank, state.base, config.num_chains, config.reinit_fraction
+    )
+    logdensity = _samplers.flat_logdensity(state.energy, event_shape)
+    chains = config.sampler.init_chains(starts, logdensity)
+    chains, trace, _ = _samplers.run_chains(
+        k_chains, config.sampler, logdensity, chains, state.step_size, config.num_mcmc_steps
+    )
+    finals = jax.lax.stop_gradient(chains.position)
+    negatives = finals.reshape(config.num_chains, *event_shape)
+
+    params, static = eqx.partition(state.energy, eqx.is_inexact_array)
+    (loss, (gap, e_data, e_neg)), grads = jax.value_and_grad(
+        lambda p: surrogate_loss(eqx.combine(p, static), batch, negatives, config.energy_l2),
+        has_aux=True,
+    )(params)
+    updates, opt_state = config.optimizer.update(grads, state.opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    if config.ema_decay is None:
+        average = new_params
+    else:
+        decay = config.ema_decay
+        average = jax.tree.map(
+            lambda a, p: decay * a + (1 - decay) * p, _params(state.average_energy), new_params
+        )
+
+    acceptance = jnp.mean(trace.acceptance_rate)
+    log_h = jnp.log(state.step_size)
+    if config.sampler.adapts:
+        log_h = log_h + config.step_size_gain * (acceptance - config.sampler.target)
+    step_size = jnp.exp(jnp.clip(log_h, *_LOG_STEP_SIZE_RANGE)).astype(state.step_size.dtype)
+
+    proposed = TrainState(
+        step=state.step + 1,
+        energy=eqx.combine(new_params, static),
+        average_energy=eqx.combine(average, static),
+        opt_state=opt_state,
+        bank=_negatives.update_bank(config.negatives, state.bank, finals, rows),
+        step_size=step_size,
+        base=state.base,
+        consecutive_nonfinite=jnp.zeros((), jnp.int32),
+    )
+    finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(proposed)
+    rejected = state._replace(
+        step=state.step + 1, consecutive_nonfinite=state.consecutive_nonfinite + 1
+    )
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), proposed, rejected)
+
+    grad_x = jax.vmap(jax.grad(state.energy))(negatives)
+    info = StepInfo(
+        loss=loss,
+        energy_gap=gap,
+        energy_data=e_data,
+        energy_negatives=e_neg,
+        acceptance_rate=acceptance,
+        step_size=state.step_size,
+        grad_norm=optax.global_norm(grads),
+        langevin_grad_norm=jnp.mean(jnp.linalg.norm(grad_x.reshape(config.num_chains, -1), axis=1)),
+        is_finite=finite,
+    )
+    return new_state, info
+
+
+def _run_steps(key, state, data, config, num_steps_total, length):
+    """``length`` steps in one ``lax.scan``; steps at index >= ``num_steps_total`` are no-ops."""
+
+    def body(state, _):
+        step_key = jax.random.fold_in(key, state.step)
+        k_batch, k_step = jax.random.split(step_key)
+        rows = jax.random.randint(k_batch, (config.batch_size,), 0, data.shape[0])
+        new_state, info = step(k_step, state, data[rows], config)
+        active = state.step < num_steps_total
+        new_state = jax.tree.map(lambda n, o: jnp.where(active, n, o), new_state, state)
+        return new_state, (info, active)
+
+    return jax.lax.scan(body, state, None, length=length)
+
+
+_run_steps_jit = eqx.filter_jit(_run_steps)
+
+
+class TrainingDivergedError(RuntimeError):
+    """Training produced non-finite values too many steps in a row.
+
+    Attributes:
+        state: the last good ``TrainState`` (rejected steps never modify it).
+        history: metrics up to the failure.
+    """
+
+    def __init__(self, message: str, state: TrainState, history: dict):
+        super().__init__(message)
+        self.state = state
+        self.history = history
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` returns.
+
+    Attributes:
+        energy: the trained energy (parameter average if ``ema_decay`` is set).
+        last_energy: the last iterate's energy.
+        chains: final negative-phase positions ``(num_chains or buffer_size, *event_shape)``.
+        history: dict of ``(num_steps,)`` numpy arrays, one per ``StepInfo`` field.
+        state: the final ``TrainState`` (for resuming or inspection).
+        config: the ``TrainConfig`` used.
+        event_shape: shape of one event.
+        log_z: learned/estimated log partition function; ``None`` until an estimator is run
+            (``numpyro_ebm.logz``; a learned log Z arrives with the partition-function work).
+    """
+
+    energy: Any
+    last_energy: Any
+    chains: jax.Array
+    history: dict
+    state: TrainState
+    config: TrainConfig
+    event_shape: tuple[int, ...]
+    log_z: Any = None
+
+    def distribution(self, log_z=None) -> EnergyDistribution:
+        """``EnergyDistribution`` with the trained energy and ``log_z`` (default: ``self.log_z``
+        if known, else 0 — then ``log_prob`` is only defined up to a constant)."""
+        if log_z is None:
+            log_z = 0.0 if self.log_z is None else getattr(self.log_z, "value", self.log_z)
+        return EnergyDistribution(
+            self.energy, self.event_shape, log_z=log_z, sampler=self.config.sampler
+        )
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+_STATE_FILE = "state.eqx"
+_HISTORY_FILE = "history.npz"
+_META_FILE = "meta.json"
+
+
+def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(folder: str, state: TrainState, history: dict, meta: dict) -> None:
+    """Atomically write ``state``, ``history`` and ``meta`` into ``folder``.
+
+    Each file is replaced atomically; ``meta.json`` (which records the step) is written last, so
+    a crash between files leaves the previous meta pointing at a consistent earlier step only if
+    the state matches: ``load_checkpoint`` checks the step recorded in both.
+    """
+    os.makedirs(folder, exist_ok=True)
+    _atomic_write(os.path.join(folder, _STATE_FILE), lambda f: eqx.tree_serialise_leaves(f, state))
+    _atomic_write(os.path.join(folder, _HISTORY_FILE), lambda f: np.savez(f, **history))
+    _atomic_write(
+        os.path.join(folder, _META_FILE), lambda f: json.dump(meta, f, indent=1), mode="w"
+    )
+
+
+def load_checkpoint(folder: str, like: TrainState) -> tuple[TrainState, dict, dict] | None:
+    """Read a checkpoint written by ``save_checkpoint`` (``None`` if the folder has none)."""
+    meta_path = os.path.join(folder, _META_FILE)
+    if not os.path.exists(meta_path):
+        return None
+    with open(meta_path) as f:
+        meta = json.load(f)
+    state = eqx.tree_deserialise_leaves(os.path.join(folder, _STATE_FILE), like)
+    with np.load(os.path.join(folder, _HISTORY_FILE)) as npz:
+        history = {k: npz[k] for k in npz.files}
+    if int(state.step) != meta["step"] or any(len(v) != meta["step"] for v in history.values()):
+        raise RuntimeError(
+            f"checkpoint in {folder} is inconsistent (state step {int(state.step)}, "
+            f"meta step {meta['step']}); delete it to start again"
+        )
+    return state, history, meta
+
+
+# -- the loop --------------------------------------------------------------------------------
+
+
+def fit(
+    energy,
+    data,
+    *,
+    key: jax.Array,
+    num_steps: int = 2000,
+    sampler: str | _samplers.Sampler = "mala",
+    negatives: str = "persistent",
+    num_chains: int = 1024,
+    num_mcmc_steps: int = 20,
+    batch_size: int = 1024,
+    optimizer: optax.GradientTransformation | None = None,
+    learning_rate: float = 2e-3,
+    energy_l2: float = 0.01,
+    ema_decay: float | None = 0.995,
+    buffer_size: int = 10_000,
+    reinit_fraction: float = 0.05,
+    steps_per_call: int = 100,
+    max_nonfinite: int = 10,
+    progress_bar: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+) -> FitResult:
+    """Train ``energy`` on ``data`` by maximum likelihood with BlackJAX negative-phase chains.
+
+    Args:
+        energy: callable pytree, one event -> scalar (e.g. ``energies.MLPEnergy``).
+        data: ``(num_points, *event_shape)`` float array, finite.
+        key: PRNG key (required; split once into an init key and a loop key, and the loop
+            key is folded with the step number, so a resumed run repeats the same trajectory).
+        num_steps: parameter updates.
+        sampler: ``"mala"`` (default), ``"hmc"``, ``"ula"``, ``"barker"`` or a ``Sampler``.
+        negatives: ``"persistent"`` (default), ``"replay"`` or ``"short_run"``.
+        num_chains: negative-phase chains per step.
+        num_mcmc_steps: sampler steps per update.
+        batch_size: data points per update (sampled with replacement).
+        optimizer: optax transformation; ``None`` uses ``default_optimizer(num_steps,
+            learning_rate)`` (Adam β₁=0.5, clipping at 1, cosine decay).
+        learning_rate: peak learning rate of the default optimizer.
+        energy_l2, ema_decay, buffer_size, reinit_fraction: see ``TrainConfig``.
+        steps_per_call: updates per compiled call (one host round-trip each).
+        max_nonfinite: stop after this many consecutive rejected (non-finite) steps.
+        progress_bar: show a tqdm bar with live metrics.
+        checkpoint_dir: folder for atomic checkpoints; if it already holds one from the same
+            configuration, training resumes from it.
+        checkpoint_every: steps between checkpoints (default: every ``steps_per_call``).
+
+    Returns:
+        ``FitResult``.
+
+    Raises:
+        ValueError: bad data (NaN/inf, wrong dtype or shape) or bad settings, before any compute.
+        TrainingDivergedError: ``max_nonfinite`` consecutive non-finite steps; carries the last
+            good state (also written to ``checkpoint_dir``).
+
+    Example:
+        >>> import jax, numpyro_ebm as ebm
+        >>> data = ebm.datasets.toy("8gaussians").sample(jax.random.key(0), 5000)
+        >>> energy = ebm.energies.MLPEnergy(2, key=jax.random.key(1))
+        >>> res = ebm.fit(energy, data, key=jax.random.key(2), num_steps=200,
+        ...               progress_bar=False)  # doctest: +SKIP
+    """
+    data = validate_data(data)
+    event_shape = _event_shape_of(data)
+    check_energy(energy, event_shape)
+    check_array_leaves(energy)
+    if not (isinstance(num_steps, int) and num_steps >= 1):
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    if not (isinstance(steps_per_call, int) and steps_per_call >= 1):
+        raise ValueError(f"steps_per_call must be an integer >= 1, got {steps_per_call!r}")
+    config = TrainConfig(
+        optimizer=default_optimizer(num_steps, learning_rate) if optimizer is None else optimizer,
+        sampler=_samplers.get_sampler(sampler),
+        negatives=negatives,
+        num_chains=num_chains,
+        num_mcmc_steps=num_mcmc_steps,
+        batch_size=batch_size,
+        energy_l2=energy_l2,
+        ema_decay=ema_decay,
+        buffer_size=buffer_size,
+        reinit_fraction=reinit_fraction,
+    )
+    k_init, k_loop = jax.random.split(key)
+    state = init(k_init, energy, data, config)
+    history: dict[str, np.ndarray] = {name: np.zeros((0,)) for name in StepInfo._fields}
+    meta = {"num_steps": num_steps, "config": config.describe(), "event_shape": event_shape}
+    if checkpoint_dir is not None:
+        checkpoint_dir = os.fspath(checkpoint_dir)
+        loaded = load_checkpoint(checkpoint_dir, state)
+        if loaded is not None:
+            state, history, old_meta = loaded
+            if {k: old_meta[k] for k in ("config", "num_steps")} != json.loads(
+                json.dumps({k: meta[k] for k in ("config", "num_steps")})
+            ):
+                raise ValueError(
+                    f"{checkpoint_dir} holds a checkpoint of a run with different settings; "
+                    "use another checkpoint_dir or delete it"
+                )
+    checkpoint_every = checkpoint_every or steps_per_call
+
+    bar = None
+    if progress_bar:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_steps, initial=int(state.step), desc="fit", unit="step")
+    last_saved = int(state.step)
+    try:
+        while int(state.step) < num_steps:
+            start_step = int(state.step)
+            state, (infos, active) = _run_steps_jit(
+                k_loop, state, data, config, num_steps, steps_per_call
+            )
+            active = np.asarray(active)
+            chunk = {k: np.asarray(v)[active] for k, v in infos._asdict().items()}
+            history = {k: np.concatenate([history[k], chunk[k]]) for k in history}
+            num_bad = int(np.sum(~chunk["is_finite"].astype(bool)))
+            if bar is not None:
+                bar.update(int(active.sum()))
+                bar.set_postfix(
+                    gap=f"{chunk['energy_gap'][-1]:.3f}",
+                    acc=f"{chunk['acceptance_rate'][-1]:.2f}",
+                    h=f"{chunk['step_size'][-1]:.3g}",
+                    refresh=False,
+                )
+            if num_bad:
+                warnings.warn(
+                    f"{num_bad} non-finite training step(s) between steps "
+                    f"{start_step} and {int(state.step)} were rejected (parameters "
+                    "kept); lower the learning rate or step size, or raise energy_l2",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            if int(state.consecutive_nonfinite) >= max_nonfinite:
+                if checkpoint_dir is not None:
+                    save_checkpoint(
+                        checkpoint_dir, state, history, {**meta, "step": int(state.step)}
+                    )
+                raise TrainingDivergedError(
+                    f"training diverged: {int(state.consecutive_nonfinite)} consecutive "
+                    f"non-finite steps up to step {int(state.step)}. The last good parameters "
+                    "are in error.state (rejected steps never change them).",
+                    state,
+                    history,
+                )
+            step_now = int(state.step)
+            if checkpoint_dir is not None and (
+                step_now - last_saved >= checkpoint_every or step_now >= num_steps
+            ):
+                save_checkpoint(checkpoint_dir, state, history, {**meta, "step": step_now})
+                last_saved = step_now
+    finally:
+        if bar is not None:
+            bar.close()
+
+    chains = state.bank.reshape(-1, *event_shape)
+    return FitResult(
+        energy=state.average_energy,
+        last_energy=state.energy,
+        chains=chains,
+        history=history,
+        state=state,
+        config=config,
+        event_shape=event_shape,
+    )
