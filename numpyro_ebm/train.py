@@ -60,7 +60,7 @@ __all__ = [
 _LOG_STEP_SIZE_RANGE = (math.log(1e-6), math.log(10.0))
 
 
-def default_optimizer(num_steps: int, learning_rate: float = 2e-3, clip: float = 1.0):
+def default_optimizer(num_steps: int, learning_rate: float = 5e-3, clip: float = 1.0):
     """Adam (β₁ = 0.5, as usual for EBMs) with gradient clipping and cosine decay to 10%."""
     schedule = optax.cosine_decay_schedule(learning_rate, max(num_steps, 1), alpha=0.1)
     return optax.chain(optax.clip_by_global_norm(clip), optax.adam(schedule, b1=0.5, b2=0.999))
@@ -81,7 +81,9 @@ class TrainConfig:
             change when a constant is added to E; this pins the constant and stops energies
             drifting. Small enough not to bias the density noticeably.
         ema_decay: decay of the parameter moving average returned as the trained model
-            (``None``: return the last iterate). PCD parameters oscillate; the average is smoother.
+            (``None``: return the last iterate); the decay used at step t is
+            ``min(ema_decay, (1 + t) / (10 + t))``. PCD parameters oscillate; the average is
+            smoother.
         buffer_size: replay bank size.
         reinit_fraction: fraction of replay chains restarted from the base distribution.
         step_size_gain: Robbins-Monro gain of the per-step update
@@ -98,7 +100,7 @@ class TrainConfig:
     ema_decay: float | None = 0.995
     buffer_size: int = 10_000
     reinit_fraction: float = 0.05
-    step_size_gain: float = 0.05
+    step_size_gain: float = 0.2
 
     def __post_init__(self):
         if self.negatives not in _negatives.KINDS:
@@ -286,7 +288,10 @@ def step(
     if config.ema_decay is None:
         average = new_params
     else:
-        decay = config.ema_decay
+        # warm-up of the averaging window (as in TensorFlow's ExponentialMovingAverage with
+        # num_updates): early iterates, far from the optimum, are forgotten quickly
+        step_count = state.step.astype(jnp.float32)
+        decay = jnp.minimum(config.ema_decay, (1.0 + step_count) / (10.0 + step_count))
         average = jax.tree.map(
             lambda a, p: decay * a + (1 - decay) * p, _params(state.average_energy), new_params
         )
@@ -321,7 +326,7 @@ def step(
         energy_negatives=e_neg,
         acceptance_rate=acceptance,
         step_size=state.step_size,
-        grad_norm=optax.global_norm(grads),
+        grad_norm=optax.tree.norm(grads),
         langevin_grad_norm=jnp.mean(jnp.linalg.norm(grad_x.reshape(config.num_chains, -1), axis=1)),
         is_finite=finite,
     )
@@ -433,13 +438,26 @@ def save_checkpoint(folder: str, state: TrainState, history: dict, meta: dict) -
     )
 
 
-def load_checkpoint(folder: str, like: TrainState) -> tuple[TrainState, dict, dict] | None:
-    """Read a checkpoint written by ``save_checkpoint`` (``None`` if the folder has none)."""
+def load_checkpoint(
+    folder: str, like: TrainState, expected: dict | None = None
+) -> tuple[TrainState, dict, dict] | None:
+    """Read a checkpoint written by ``save_checkpoint`` (``None`` if the folder has none).
+
+    With ``expected``, every key of it must match the saved meta data (else ``ValueError``,
+    raised before anything else is read).
+    """
     meta_path = os.path.join(folder, _META_FILE)
     if not os.path.exists(meta_path):
         return None
     with open(meta_path) as f:
         meta = json.load(f)
+    if expected is not None:
+        expected = json.loads(json.dumps(expected))  # tuples -> lists, as stored
+        if any(meta.get(k) != v for k, v in expected.items()):
+            raise ValueError(
+                f"{folder} holds a checkpoint of a run with different settings; "
+                "use another checkpoint_dir or delete it"
+            )
     state = eqx.tree_deserialise_leaves(os.path.join(folder, _STATE_FILE), like)
     with np.load(os.path.join(folder, _HISTORY_FILE)) as npz:
         history = {k: npz[k] for k in npz.files}
@@ -466,7 +484,7 @@ def fit(
     num_mcmc_steps: int = 20,
     batch_size: int = 1024,
     optimizer: optax.GradientTransformation | None = None,
-    learning_rate: float = 2e-3,
+    learning_rate: float = 5e-3,
     energy_l2: float = 0.01,
     ema_decay: float | None = 0.995,
     buffer_size: int = 10_000,
@@ -542,16 +560,9 @@ def fit(
     meta = {"num_steps": num_steps, "config": config.describe(), "event_shape": event_shape}
     if checkpoint_dir is not None:
         checkpoint_dir = os.fspath(checkpoint_dir)
-        loaded = load_checkpoint(checkpoint_dir, state)
+        loaded = load_checkpoint(checkpoint_dir, state, expected=meta)
         if loaded is not None:
-            state, history, old_meta = loaded
-            if {k: old_meta[k] for k in ("config", "num_steps")} != json.loads(
-                json.dumps({k: meta[k] for k in ("config", "num_steps")})
-            ):
-                raise ValueError(
-                    f"{checkpoint_dir} holds a checkpoint of a run with different settings; "
-                    "use another checkpoint_dir or delete it"
-                )
+            state, history, _ = loaded
     checkpoint_every = checkpoint_every or steps_per_call
 
     bar = None
