@@ -88,6 +88,8 @@ class TrainConfig:
         reinit_fraction: fraction of replay chains restarted from the base distribution.
         step_size_gain: Robbins-Monro gain of the per-step update
             ``log h ← log h + gain · (acceptance − target)``.
+        sharding: where chains and the batch live: a sharding of their leading axis across
+            devices (``fit`` builds it from ``devices``); ``None``: leave placement to JAX.
     """
 
     optimizer: optax.GradientTransformation
@@ -101,6 +103,7 @@ class TrainConfig:
     buffer_size: int = 10_000
     reinit_fraction: float = 0.05
     step_size_gain: float = 0.2
+    sharding: jax.sharding.Sharding | None = None
 
     def __post_init__(self):
         if self.negatives not in _negatives.KINDS:
@@ -123,6 +126,7 @@ class TrainConfig:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["optimizer"] = "custom" if out["optimizer"] is not None else None
         out["sampler"] = repr(self.sampler)
+        del out["sharding"]  # a run may resume on another set of devices
         return out
 
 
@@ -270,6 +274,9 @@ def step(
     starts, rows = _negatives.chain_starts(
         k_start, config.negatives, state.bank, state.base, config.num_chains, config.reinit_fraction
     )
+    if config.sharding is not None:
+        starts = jax.lax.with_sharding_constraint(starts, config.sharding)
+        batch = jax.lax.with_sharding_constraint(batch, config.sharding)
     logdensity = _samplers.flat_logdensity(state.energy, event_shape)
     chains = config.sampler.init_chains(starts, logdensity)
     chains, trace, _ = _samplers.run_chains(
@@ -318,7 +325,8 @@ def step(
     )
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), proposed, rejected)
 
-    grad_x = jax.vmap(jax.grad(state.energy))(negatives)
+    # the chains' states cache ∇ₓ log p at their final positions: no extra gradient pass
+    langevin_norm = jnp.mean(jnp.linalg.norm(chains.logdensity_grad, axis=1))
     info = StepInfo(
         loss=loss,
         energy_gap=gap,
@@ -327,7 +335,7 @@ def step(
         acceptance_rate=acceptance,
         step_size=state.step_size,
         grad_norm=optax.tree.norm(grads),
-        langevin_grad_norm=jnp.mean(jnp.linalg.norm(grad_x.reshape(config.num_chains, -1), axis=1)),
+        langevin_grad_norm=langevin_norm,
         is_finite=finite,
     )
     return new_state, info
@@ -349,6 +357,25 @@ def _run_steps(key, state, data, config, num_steps_total, length):
 
 
 _run_steps_jit = eqx.filter_jit(_run_steps)
+
+
+def chain_sharding(devices, num_chains: int, batch_size: int):
+    """``NamedSharding`` splitting a leading chain/batch axis over ``devices`` (None for one)."""
+    devices = list(jax.devices() if devices is None else devices)
+    if len(devices) <= 1:
+        return None
+    n = len(devices)
+    if num_chains % n or batch_size % n:
+        raise ValueError(
+            f"with {n} devices, num_chains ({num_chains}) and batch_size ({batch_size}) must be "
+            f"multiples of {n}; or pass devices=jax.devices()[:1]"
+        )
+    mesh = jax.sharding.Mesh(np.array(devices), ("chains",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("chains"))
+
+
+def _replicated(sharding):
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
 
 
 class TrainingDivergedError(RuntimeError):
@@ -494,6 +521,7 @@ def fit(
     progress_bar: bool = True,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
+    devices: list | None = None,
 ) -> FitResult:
     """Train ``energy`` on ``data`` by maximum likelihood with BlackJAX negative-phase chains.
 
@@ -518,6 +546,9 @@ def fit(
         checkpoint_dir: folder for atomic checkpoints; if it already holds one from the same
             configuration, training resumes from it.
         checkpoint_every: steps between checkpoints (default: every ``steps_per_call``).
+        devices: devices to spread the chains and the batch over (default ``jax.devices()``).
+            With more than one, ``num_chains`` and ``batch_size`` must be multiples of their
+            number; parameters and data are replicated, each device runs its share of chains.
 
     Returns:
         ``FitResult``.
@@ -542,7 +573,9 @@ def fit(
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
     if not (isinstance(steps_per_call, int) and steps_per_call >= 1):
         raise ValueError(f"steps_per_call must be an integer >= 1, got {steps_per_call!r}")
+    sharding = chain_sharding(devices, num_chains, batch_size)
     config = TrainConfig(
+        sharding=sharding,
         optimizer=default_optimizer(num_steps, learning_rate) if optimizer is None else optimizer,
         sampler=_samplers.get_sampler(sampler),
         negatives=negatives,
@@ -563,6 +596,11 @@ def fit(
         loaded = load_checkpoint(checkpoint_dir, state, expected=meta)
         if loaded is not None:
             state, history, _ = loaded
+    if sharding is not None:
+        data = jax.device_put(data, _replicated(sharding))
+        state = jax.device_put(state, _replicated(sharding))
+        if config.negatives == "persistent":
+            state = state._replace(bank=jax.device_put(state.bank, sharding))
     checkpoint_every = checkpoint_every or steps_per_call
 
     bar = None
