@@ -21,7 +21,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	MPLBACKEND=Agg $(BIN)/python -m pytest -q
+	NUMPYRO_EBM_SMALL=1 MPLBACKEND=Agg $(BIN)/python -m pytest -q --nbmake tests notebooks
 	$(BIN)/mkdocs build --strict --site-dir site -q
 
 lint: $(STAMP)

@@ -85,7 +85,7 @@ class TrainConfig:
             ``min(ema_decay, (1 + t) / (10 + t))``. PCD parameters oscillate; the average is
             smoother.
         buffer_size: replay bank size.
-        reinit_fraction: fraction of replay chains restarted from the base distribution.
+        reinit_fraction: fraction of replay chains restarted at data points of the batch.
         step_size_gain: Robbins-Monro gain of the per-step update
             ``log h ← log h + gain · (acceptance − target)``.
         sharding: where chains and the batch live: a sharding of their leading axis across
@@ -101,7 +101,7 @@ class TrainConfig:
     energy_l2: float = 0.01
     ema_decay: float | None = 0.995
     buffer_size: int = 10_000
-    reinit_fraction: float = 0.05
+    reinit_fraction: float = 0.1
     step_size_gain: float = 0.2
     sharding: jax.sharding.Sharding | None = None
 
@@ -140,7 +140,7 @@ class TrainState(NamedTuple):
         opt_state: optimizer state.
         bank: persistent chains ``(num_chains, D)`` or replay bank ``(buffer_size, D)``.
         step_size: current sampler step size (scalar).
-        base: Gaussian fitted to the data (chain initialisation).
+        base: Gaussian fitted to the data (where short runs start).
         consecutive_nonfinite: how many steps in a row were rejected as non-finite.
     """
 
@@ -215,7 +215,7 @@ def init(key: jax.Array, energy, data: jax.Array, config: TrainConfig) -> TrainS
     """
     flat = jnp.reshape(data, (data.shape[0], -1))
     base = _negatives.fit_base(flat)
-    bank = _negatives.init_bank(key, config.negatives, base, config.num_chains, config.buffer_size)
+    bank = _negatives.init_bank(key, config.negatives, flat, config.num_chains, config.buffer_size)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         energy=energy,
@@ -272,7 +272,13 @@ def step(
     event_shape = _event_shape_of(batch)
     k_start, k_chains = jax.random.split(key)
     starts, rows = _negatives.chain_starts(
-        k_start, config.negatives, state.bank, state.base, config.num_chains, config.reinit_fraction
+        k_start,
+        config.negatives,
+        state.bank,
+        state.base,
+        config.num_chains,
+        config.reinit_fraction,
+        batch.reshape(batch.shape[0], -1),
     )
     if config.sharding is not None:
         starts = jax.lax.with_sharding_constraint(starts, config.sharding)
@@ -515,7 +521,7 @@ def fit(
     energy_l2: float = 0.01,
     ema_decay: float | None = 0.995,
     buffer_size: int = 10_000,
-    reinit_fraction: float = 0.05,
+    reinit_fraction: float = 0.1,
     steps_per_call: int = 100,
     max_nonfinite: int = 10,
     progress_bar: bool = True,
