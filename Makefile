@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	NUMPYRO_EBM_SMALL=1 MPLBACKEND=Agg $(BIN)/python -m pytest -q --nbmake tests notebooks
-	$(BIN)/mkdocs build --strict --site-dir site -q
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -545,7 +545,11 @@ def fit(
         optimizer: optax transformation; ``None`` uses ``default_optimizer(num_steps,
             learning_rate)`` (Adam β₁=0.5, clipping at 1, cosine decay).
         learning_rate: peak learning rate of the default optimizer.
-        energy_l2, ema_decay, buffer_size, reinit_fraction: see ``TrainConfig``.
+        energy_l2: weight of the energy L2 stabilizer (see ``TrainConfig``).
+        ema_decay: parameter-average decay, ``None`` for the last iterate (see ``TrainConfig``).
+        buffer_size: replay bank size.
+        reinit_fraction: share of chains restarted at data points each step (persistent and
+            replay; see ``numpyro_ebm.negatives``).
         steps_per_call: updates per compiled call (one host round-trip each).
         max_nonfinite: stop after this many consecutive rejected (non-finite) steps.
         progress_bar: show a tqdm bar with live metrics.

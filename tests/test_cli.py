@@ -6,8 +6,9 @@ from numpyro_ebm import cli
 
 
 def test_demo_prints_the_table_and_writes_the_plot(tmp_path, capsys):
-    code = cli.main(["demo", "--steps", "20", "--num-data", "2000", "--quiet",
-                     "--out", str(tmp_path)])
+    code = cli.main(
+        ["demo", "--steps", "20", "--num-data", "2000", "--quiet", "--out", str(tmp_path)]
+    )
     out = capsys.readouterr().out
     assert code == 0
     for row in ("test NLL", "entropy bound", "KL(data ‖ model)", "training time"):

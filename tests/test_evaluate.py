@@ -4,7 +4,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import numpyro.distributions as dist
 import pytest
 
@@ -14,7 +13,8 @@ from numpyro_ebm.energies import GaussianEnergy, GaussianMixtureEnergy
 
 def test_grid_log_z_of_a_mixture_matches_the_closed_form():
     energy = GaussianMixtureEnergy(
-        jnp.log(jnp.array([0.5, 2.0])), jnp.array([[-2.0, 0.0], [2.0, 1.0]]),
+        jnp.log(jnp.array([0.5, 2.0])),
+        jnp.array([[-2.0, 0.0], [2.0, 1.0]]),
         jnp.array([[[1.0, 0.3], [0.3, 0.5]], jnp.eye(2) * 0.3]),
     )
     est = ebm.logz.grid(energy, [[-10, 10], [-10, 10]], 512)
@@ -56,8 +56,9 @@ def test_kl_of_a_moment_matched_gaussian_to_8gaussians():
     toy = ebm.datasets.toy("8gaussians")
     s = 8.25 / 2
     energy = GaussianEnergy(jnp.zeros(2), jnp.eye(2) * s)
-    out = ebm.evaluate.kl_to_toy(energy, toy, key=jax.random.key(1), num_samples=40_000,
-                                 bounds=[[-20, 20], [-20, 20]])
+    out = ebm.evaluate.kl_to_toy(
+        energy, toy, key=jax.random.key(1), num_samples=40_000, bounds=[[-20, 20], [-20, 20]]
+    )
     cross_entropy = math.log(2 * math.pi * s) + 1.0
     assert abs(out.kl - (cross_entropy - toy.entropy())) < 4 * out.kl_stderr
     assert abs(out.test_nll - cross_entropy) < 4 * out.test_nll_stderr

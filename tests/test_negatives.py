@@ -34,8 +34,7 @@ def test_reinitialised_fraction_and_sources():
     bank = jnp.full((1000, 2), -100.0)  # far from all data
     batch = data[:256]
     for kind in ("persistent", "replay"):
-        starts, rows = negatives.chain_starts(jax.random.key(3), kind, bank, base, 1000, 0.1,
-                                              batch)
+        starts, rows = negatives.chain_starts(jax.random.key(3), kind, bank, base, 1000, 0.1, batch)
         fresh = np.asarray(starts[:, 0] > -50)
         # Binomial(1000, 0.1): mean 100, sd 9.5
         assert abs(fresh.sum() - 100) < 4.5 * 9.5
@@ -43,8 +42,9 @@ def test_reinitialised_fraction_and_sources():
         dist = jnp.min(jnp.sum((starts[fresh][:, None] - batch[None]) ** 2, -1), axis=1)
         assert float(dist.max()) == 0.0
         assert (rows is None) == (kind == "persistent")
-    starts, rows = negatives.chain_starts(jax.random.key(4), "short_run", bank, base, 1000, 0.1,
-                                          batch)
+    starts, rows = negatives.chain_starts(
+        jax.random.key(4), "short_run", bank, base, 1000, 0.1, batch
+    )
     assert rows is None and float(jnp.abs(starts.mean(0) - data.mean(0)).max()) < 0.3
 
 
