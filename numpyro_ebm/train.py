@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from numpyro_ebm import logz as _logz
 from numpyro_ebm import negatives as _negatives
 from numpyro_ebm import samplers as _samplers
 from numpyro_ebm.distribution import EnergyDistribution, check_energy
@@ -88,6 +89,7 @@ class TrainConfig:
         reinit_fraction: fraction of replay chains restarted at data points of the batch.
         step_size_gain: Robbins-Monro gain of the per-step update
             ``log h ← log h + gain · (acceptance − target)``.
+        log_z_learning_rate: Adam learning rate of the learned ``log Z`` (see ``nce_log_z_loss``).
         sharding: where chains and the batch live: a sharding of their leading axis across
             devices (``fit`` builds it from ``devices``); ``None``: leave placement to JAX.
     """
@@ -103,6 +105,7 @@ class TrainConfig:
     buffer_size: int = 10_000
     reinit_fraction: float = 0.1
     step_size_gain: float = 0.2
+    log_z_learning_rate: float = 0.01
     sharding: jax.sharding.Sharding | None = None
 
     def __post_init__(self):
@@ -142,6 +145,10 @@ class TrainState(NamedTuple):
         step_size: current sampler step size (scalar).
         base: Gaussian fitted to the data (where short runs start).
         consecutive_nonfinite: how many steps in a row were rejected as non-finite.
+        log_z: learned ``log Z`` of ``average_energy`` (noise-contrastive, see
+            ``nce_log_z_loss``), the raw iterate.
+        average_log_z: its moving average (same decay as the parameters): the reported value.
+        log_z_opt_state: its Adam state.
     """
 
     step: jax.Array
@@ -152,6 +159,9 @@ class TrainState(NamedTuple):
     step_size: jax.Array
     base: _negatives.GaussianBase
     consecutive_nonfinite: jax.Array
+    log_z: jax.Array
+    average_log_z: jax.Array
+    log_z_opt_state: Any
 
 
 class StepInfo(NamedTuple):
@@ -168,6 +178,7 @@ class StepInfo(NamedTuple):
         grad_norm: global norm of the parameter gradient (before clipping).
         langevin_grad_norm: mean ``‖∇ₓE‖`` at the negatives (r_t in Nijkamp et al. 2020).
         is_finite: False when the step was rejected (non-finite loss, gradient or chains).
+        log_z: the learned ``log Z`` (moving average) after this step.
     """
 
     loss: jax.Array
@@ -179,6 +190,11 @@ class StepInfo(NamedTuple):
     grad_norm: jax.Array
     langevin_grad_norm: jax.Array
     is_finite: jax.Array
+    log_z: jax.Array
+
+
+def _log_z_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    return optax.adam(config.log_z_learning_rate)
 
 
 def check_array_leaves(energy) -> None:
@@ -225,6 +241,44 @@ def init(key: jax.Array, energy, data: jax.Array, config: TrainConfig) -> TrainS
         step_size=jnp.asarray(config.sampler.step_size, jnp.float32),
         base=base,
         consecutive_nonfinite=jnp.zeros((), jnp.int32),
+        log_z=jnp.asarray(_gaussian_log_z(base), jnp.float32),
+        average_log_z=jnp.asarray(_gaussian_log_z(base), jnp.float32),
+        log_z_opt_state=_log_z_optimizer(config).init(jnp.zeros((), jnp.float32)),
+    )
+
+
+def _gaussian_log_z(base: _negatives.GaussianBase) -> jax.Array:
+    """``log Z`` of ``E(x) = ½‖L⁻¹(x − μ)‖²``: a starting value of the right order."""
+    dim = base.mean.shape[0]
+    return 0.5 * dim * math.log(2 * math.pi) + jnp.sum(jnp.log(jnp.diag(base.scale_tril)))
+
+
+def nce_log_z_loss(log_z, energy, model_samples, noise_samples, base: _negatives.GaussianBase):
+    """Noise-contrastive loss whose minimiser in ``log_z`` is ``log ∫ exp(−E)``.
+
+    Logistic regression of samples of the model (positives) against samples of the noise
+    ``q = base`` (negatives) with the logit ``−E(x) − log_z − log q(x)`` (Gutmann & Hyvärinen
+    2010). Only ``log_z`` is trained by it (the energy gets the maximum-likelihood gradient).
+    When the positives are exact draws of ``exp(−E)/Z``, the population minimiser is exactly
+    ``log Z``: the classes are then ``p`` vs ``q`` and the logit is the true log-ratio. The
+    negative-phase chains supply the positives, so no extra sampling is needed.
+    """
+
+    def logit(x):
+        return -jax.vmap(energy)(x) - log_z - _base_log_prob(base, x)
+
+    pos = logit(jax.lax.stop_gradient(model_samples))
+    neg = logit(jax.lax.stop_gradient(noise_samples))
+    return jnp.mean(jax.nn.softplus(-pos)) + jnp.mean(jax.nn.softplus(neg))
+
+
+def _base_log_prob(base: _negatives.GaussianBase, flat_x: jax.Array) -> jax.Array:
+    white = jax.scipy.linalg.solve_triangular(base.scale_tril, (flat_x - base.mean).T, lower=True)
+    dim = base.mean.shape[0]
+    return (
+        -0.5 * jnp.sum(white**2, axis=0)
+        - 0.5 * dim * math.log(2 * math.pi)
+        - jnp.sum(jnp.log(jnp.diag(base.scale_tril)))
     )
 
 
@@ -299,6 +353,7 @@ def step(
     updates, opt_state = config.optimizer.update(grads, state.opt_state, params)
     new_params = optax.apply_updates(params, updates)
     if config.ema_decay is None:
+        decay = jnp.zeros(())
         average = new_params
     else:
         # warm-up of the averaging window (as in TensorFlow's ExponentialMovingAverage with
@@ -309,6 +364,23 @@ def step(
             lambda a, p: decay * a + (1 - decay) * p, _params(state.average_energy), new_params
         )
 
+    average_energy = eqx.combine(average, static)
+    k_noise = jax.random.fold_in(k_start, 1)
+    noise = state.base.sample(k_noise, config.num_chains)
+    flat_negatives = finals.reshape(config.num_chains, -1)
+
+    def log_z_loss(log_z):
+        def energy_flat(z):
+            return average_energy(z.reshape(event_shape))
+
+        return nce_log_z_loss(log_z, energy_flat, flat_negatives, noise, state.base)
+
+    log_z_grad = jax.grad(log_z_loss)(state.log_z)
+    log_z_update, log_z_opt_state = _log_z_optimizer(config).update(
+        log_z_grad, state.log_z_opt_state
+    )
+    log_z = state.log_z + log_z_update
+
     acceptance = jnp.mean(trace.acceptance_rate)
     log_h = jnp.log(state.step_size)
     if config.sampler.adapts:
@@ -318,12 +390,15 @@ def step(
     proposed = TrainState(
         step=state.step + 1,
         energy=eqx.combine(new_params, static),
-        average_energy=eqx.combine(average, static),
+        average_energy=average_energy,
         opt_state=opt_state,
         bank=_negatives.update_bank(config.negatives, state.bank, finals, rows),
         step_size=step_size,
         base=state.base,
         consecutive_nonfinite=jnp.zeros((), jnp.int32),
+        log_z=log_z,
+        average_log_z=decay * state.average_log_z + (1 - decay) * log_z,
+        log_z_opt_state=log_z_opt_state,
     )
     finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(proposed)
     rejected = state._replace(
@@ -343,6 +418,7 @@ def step(
         grad_norm=optax.tree.norm(grads),
         langevin_grad_norm=langevin_norm,
         is_finite=finite,
+        log_z=new_state.average_log_z,
     )
     return new_state, info
 
@@ -410,8 +486,10 @@ class FitResult:
         state: the final ``TrainState`` (for resuming or inspection).
         config: the ``TrainConfig`` used.
         event_shape: shape of one event.
-        log_z: learned/estimated log partition function; ``None`` until an estimator is run
-            (``numpyro_ebm.logz``; a learned log Z arrives with the partition-function work).
+        log_z: ``LogZEstimate`` of ``log Z`` of ``energy`` learned during training by
+            noise-contrastive estimation (``nce_log_z_loss``; ``stderr`` is NaN: it is a
+            stochastic-approximation iterate, not an estimator with an error bar).
+        log_z_ais: AIS recalibration at the end (``fit(..., calibrate_log_z=True)``) or None.
     """
 
     energy: Any
@@ -422,12 +500,14 @@ class FitResult:
     config: TrainConfig
     event_shape: tuple[int, ...]
     log_z: Any = None
+    log_z_ais: Any = None
 
     def distribution(self, log_z=None) -> EnergyDistribution:
-        """``EnergyDistribution`` with the trained energy and ``log_z`` (default: ``self.log_z``
-        if known, else 0 — then ``log_prob`` is only defined up to a constant)."""
+        """``EnergyDistribution`` with the trained energy and ``log_z`` (default: the AIS
+        recalibration if it was run, else the learned ``log_z``)."""
         if log_z is None:
-            log_z = 0.0 if self.log_z is None else getattr(self.log_z, "value", self.log_z)
+            best = self.log_z_ais if self.log_z_ais is not None else self.log_z
+            log_z = 0.0 if best is None else getattr(best, "value", best)
         return EnergyDistribution(
             self.energy, self.event_shape, log_z=log_z, sampler=self.config.sampler
         )
@@ -528,6 +608,7 @@ def fit(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
     devices: list | None = None,
+    calibrate_log_z: bool = False,
 ) -> FitResult:
     """Train ``energy`` on ``data`` by maximum likelihood with BlackJAX negative-phase chains.
 
@@ -556,6 +637,8 @@ def fit(
         checkpoint_dir: folder for atomic checkpoints; if it already holds one from the same
             configuration, training resumes from it.
         checkpoint_every: steps between checkpoints (default: every ``steps_per_call``).
+        calibrate_log_z: after training, also estimate ``log Z`` of the trained energy by AIS
+            (``logz.ais`` with a base fitted to the data; ``FitResult.log_z_ais``).
         devices: devices to spread the chains and the batch over (default ``jax.devices()``).
             With more than one, ``num_chains`` and ``batch_size`` must be multiples of their
             number; parameters and data are replicated, each device runs its share of chains.
@@ -668,6 +751,11 @@ def fit(
             bar.close()
 
     chains = state.bank.reshape(-1, *event_shape)
+    learned = _logz.LogZEstimate(float(state.average_log_z), float("nan"), "nce-learned")
+    calibrated = None
+    if calibrate_log_z:
+        k_ais = jax.random.fold_in(k_loop, -1)  # the loop only folds in step numbers >= 0
+        calibrated = _logz.ais(state.average_energy, event_shape, key=k_ais, data=data)
     return FitResult(
         energy=state.average_energy,
         last_energy=state.energy,
@@ -676,4 +764,6 @@ def fit(
         state=state,
         config=config,
         event_shape=event_shape,
+        log_z=learned,
+        log_z_ais=calibrated,
     )
