@@ -20,6 +20,7 @@ import math
 from collections.abc import Callable
 from typing import NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -250,16 +251,86 @@ def ais(
     Raises:
         ValueError: non-finite energies at some particles (reported with the temperature).
     """
-    import blackjax
-    from blackjax.smc import resampling
-
-    event_shape = tuple(event_shape)
-    dim = math.prod(event_shape)
+    event_shape = tuple(int(n) for n in event_shape)
     base = _base_distribution(base, data, event_shape)
     if kernel not in ("mala", "hmc"):
         raise ValueError(f"kernel must be 'mala' or 'hmc', got {kernel!r}")
     if num_runs < 1 or num_particles < 2 or num_temperatures < 1:
         raise ValueError("num_runs >= 1, num_particles >= 2 and num_temperatures >= 1 required")
+    cfg = _AISConfig(
+        event_shape,
+        num_particles,
+        num_temperatures,
+        num_mcmc_steps,
+        float(schedule_power),
+        kernel,
+        bool(adaptive),
+        float(target_ess),
+        float(initial_step_size),
+    )
+    log_zs, infos = _ais_runs(energy, base, jax.random.split(key, num_runs), cfg)
+    log_zs = np.asarray(log_zs, np.float64)
+    if "nonfinite" in infos:
+        bad = np.asarray(infos["nonfinite"])
+        if bad.any():
+            run, t = np.argwhere(bad > 0)[0]
+            raise ValueError(
+                f"AIS: the energy is not finite at {int(bad[run, t])} of {num_particles} "
+                f"particles at temperature β = {float(infos['betas'][run, t]):.4g} "
+                f"(step {int(t)} of run {int(run)}); {int((bad > 0).any(1).sum())} of "
+                f"{num_runs} runs affected"
+            )
+    elif not np.all(np.isfinite(log_zs)):
+        raise ValueError(
+            f"AIS: the energy was not finite at some particles in "
+            f"{int((~np.isfinite(log_zs)).sum())} of {num_runs} adaptive runs"
+        )
+    value, stderr, _ = _log_mean_exp_with_stderr(log_zs)
+    info = {"log_z_runs": log_zs}
+    ess = None
+    if "ess" in infos:
+        info.update(
+            ess=np.asarray(infos["ess"][0]),
+            acceptance=np.asarray(infos["acceptance"][0]),
+            betas=np.asarray(infos["betas"][0]),
+        )
+        ess = float(np.mean(np.asarray(infos["ess"])[:, -1]) * num_particles)
+    else:
+        info["num_temperatures"] = np.asarray(infos["num_temperatures"])
+    return LogZEstimate(value, stderr, "ais-adaptive" if adaptive else "ais", ess, info)
+
+
+class _AISConfig(NamedTuple):
+    event_shape: tuple
+    num_particles: int
+    num_temperatures: int
+    num_mcmc_steps: int
+    schedule_power: float
+    kernel: str
+    adaptive: bool
+    target_ess: float
+    initial_step_size: float
+
+
+@eqx.filter_jit
+def _ais_runs(energy, base, keys, cfg: _AISConfig):
+    """All runs of ``ais`` in one compiled call (compiled once per configuration: the energy
+    and base are traced arguments, so new parameters do not recompile)."""
+    import blackjax
+    from blackjax.smc import resampling
+
+    (
+        event_shape,
+        num_particles,
+        num_temperatures,
+        num_mcmc_steps,
+        schedule_power,
+        kernel,
+        adaptive,
+        target_ess,
+        initial_step_size,
+    ) = cfg
+    dim = math.prod(event_shape)
     target_acceptance = 0.574 if kernel == "mala" else 0.65
 
     def neg_energy(z):
@@ -367,33 +438,4 @@ def ais(
             "betas": betas,
         }
 
-    log_zs, infos = jax.jit(jax.vmap(one_run))(jax.random.split(key, num_runs))
-    log_zs = np.asarray(log_zs, np.float64)
-    if "nonfinite" in infos:
-        bad = np.asarray(infos["nonfinite"])
-        if bad.any():
-            run, t = np.argwhere(bad > 0)[0]
-            raise ValueError(
-                f"AIS: the energy is not finite at {int(bad[run, t])} of {num_particles} "
-                f"particles at temperature β = {float(infos['betas'][run, t]):.4g} "
-                f"(step {int(t)} of run {int(run)}); {int((bad > 0).any(1).sum())} of "
-                f"{num_runs} runs affected"
-            )
-    elif not np.all(np.isfinite(log_zs)):
-        raise ValueError(
-            f"AIS: the energy was not finite at some particles in "
-            f"{int((~np.isfinite(log_zs)).sum())} of {num_runs} adaptive runs"
-        )
-    value, stderr, _ = _log_mean_exp_with_stderr(log_zs)
-    info = {"log_z_runs": log_zs}
-    ess = None
-    if "ess" in infos:
-        info.update(
-            ess=np.asarray(infos["ess"][0]),
-            acceptance=np.asarray(infos["acceptance"][0]),
-            betas=np.asarray(infos["betas"][0]),
-        )
-        ess = float(np.mean(np.asarray(infos["ess"])[:, -1]) * num_particles)
-    else:
-        info["num_temperatures"] = np.asarray(infos["num_temperatures"])
-    return LogZEstimate(value, stderr, "ais-adaptive" if adaptive else "ais", ess, info)
+    return jax.vmap(one_run)(keys)
