@@ -83,6 +83,22 @@ def test_gaussian_energy_trained_on_gaussian_data_recovers_mean_and_covariance()
     np.testing.assert_allclose(res.energy.covariance, mle_cov, atol=0.05)
     assert bool(np.all(res.history["is_finite"]))
     assert res.history["loss"].shape == (600,)
+    # the log Z learned on the way (NCE) matches the trained Gaussian's exact log Z
+    assert abs(res.log_z.value - float(res.energy.log_z)) < 0.05
+    assert res.log_z.method == "nce-learned"
+
+
+def test_nce_loss_is_minimised_at_the_true_log_z():
+    energy = GaussianEnergy(jnp.array([0.5, -0.5]), jnp.array([[1.0, 0.3], [0.3, 0.6]]))
+    n = 200_000
+    model = jax.random.multivariate_normal(jax.random.key(20), energy.mean, energy.covariance, (n,))
+    base = ebm.negatives.fit_base(jax.random.normal(jax.random.key(21), (5000, 2)) * 1.5)
+    noise = base.sample(jax.random.key(22), n)
+    grid = jnp.linspace(float(energy.log_z) - 0.3, float(energy.log_z) + 0.3, 601)
+    losses = jax.vmap(lambda c: train.nce_log_z_loss(c, energy, model, noise, base))(grid)
+    best = float(grid[jnp.argmin(losses)])
+    # NCE's asymptotic standard error for c with n + n samples and a decent noise is ~1/sqrt(n)
+    assert abs(best - float(energy.log_z)) < 5 / np.sqrt(n) + 1e-3
 
 
 def test_bad_data_is_rejected_before_compute():
