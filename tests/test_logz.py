@@ -118,16 +118,24 @@ def test_float64_path():
 
 
 def test_bdmc_sandwich_brackets_the_truth():
-    """With a crude path, forward AIS is biased low and reverse AIS (from exact samples) high."""
+    """E[log Ẑ] ≤ log Z for forward AIS and ≥ log Z for reverse AIS from exact samples.
+
+    Checked on the mean of per-run log estimates over 64 cheap runs (10 particles, 2
+    temperatures), where the Jensen gap (≈ var/2, several tenths of a nat here) dwarfs the
+    standard error of the mean.
+    """
     energy = correlated_gaussian(10)
     samples = jax.random.multivariate_normal(
         jax.random.key(9), energy.mean, energy.covariance, (5000,)
     )
     truth = float(energy.log_z)
-    forward = ebm.logz.ais(energy, (10,), key=jax.random.key(10), num_temperatures=2)
-    reverse = ebm.logz.reverse_ais(energy, samples, key=jax.random.key(11), num_temperatures=2)
+    cheap = dict(num_temperatures=2, num_particles=10, num_runs=64)
+    forward = ebm.logz.ais(energy, (10,), key=jax.random.key(10), **cheap)
+    reverse = ebm.logz.reverse_ais(energy, samples, key=jax.random.key(11), **cheap)
     assert reverse.method == "reverse-ais"
-    assert forward.value < truth < reverse.value
+    f_runs, r_runs = forward.info["log_z_runs"], reverse.info["log_z_runs"]
+    f_se, r_se = f_runs.std(ddof=1) / 8, r_runs.std(ddof=1) / 8
+    assert f_runs.mean() + 3 * f_se < truth < r_runs.mean() - 3 * r_se
     # and with a fine path both agree with the truth
     fine = ebm.logz.reverse_ais(energy, samples, key=jax.random.key(12), num_temperatures=100)
     assert abs(fine.value - truth) < 4 * fine.stderr + 0.01
