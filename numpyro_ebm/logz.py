@@ -24,6 +24,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro.distributions as dist
+
+from numpyro_ebm.negatives import fit_base
 
 __all__ = [
     "LogZEstimate",
@@ -193,19 +196,13 @@ def importance(
 
 
 def _base_distribution(base, data, event_shape):
-    import numpyro.distributions as dist
-
     dim = math.prod(event_shape)
     if base is not None:
         return base
     if data is None:
         return dist.Normal(jnp.zeros(dim), 1.0).to_event(1)
-    flat = jnp.reshape(jnp.asarray(data), (jnp.shape(data)[0], -1))
-    mean = flat.mean(0)
-    centred = flat - mean
-    cov = centred.T @ centred / max(flat.shape[0] - 1, 1)
-    cov = cov + 1e-3 * jnp.mean(jnp.diag(cov)) * jnp.eye(dim)
-    return dist.MultivariateNormal(mean, cov)
+    fitted = fit_base(jnp.reshape(jnp.asarray(data), (jnp.shape(data)[0], -1)))
+    return dist.MultivariateNormal(fitted.mean, scale_tril=fitted.scale_tril)
 
 
 def ais(
