@@ -488,7 +488,9 @@ class FitResult:
         event_shape: shape of one event.
         log_z: ``LogZEstimate`` of ``log Z`` of ``energy`` learned during training by
             noise-contrastive estimation (``nce_log_z_loss``; ``stderr`` is NaN: it is a
-            stochastic-approximation iterate, not an estimator with an error bar).
+            stochastic-approximation iterate, not an estimator with an error bar). Reliable in
+            low dimension only: with its Gaussian noise it was ~18 nats off on 64-D digits; use
+            ``calibrate_log_z=True`` (AIS) beyond a few dimensions.
         log_z_ais: AIS recalibration at the end (``fit(..., calibrate_log_z=True)``) or None.
     """
 
