@@ -88,7 +88,7 @@ def main() -> None:
     )
     header = (
         "| toy | sampler | negatives | steps | KL (nats) | test NLL | −H bound | "
-        "rejected steps | acceptance | time (s) |"
+        "learned log Z − grid | rejected steps | acceptance | time (s) |"
     )
     print(header)
     print("|---" * 11 + "|")

@@ -265,21 +265,23 @@ def nce_log_z_loss(log_z, energy, model_samples, noise_samples, base: _negatives
     """
 
     def logit(x):
-        return -jax.vmap(energy)(x) - log_z - _base_log_prob(base, x)
+        return -jax.vmap(energy)(x) - log_z - base.log_prob(x)
 
     pos = logit(jax.lax.stop_gradient(model_samples))
     neg = logit(jax.lax.stop_gradient(noise_samples))
     return jnp.mean(jax.nn.softplus(-pos)) + jnp.mean(jax.nn.softplus(neg))
 
 
-def _base_log_prob(base: _negatives.GaussianBase, flat_x: jax.Array) -> jax.Array:
-    white = jax.scipy.linalg.solve_triangular(base.scale_tril, (flat_x - base.mean).T, lower=True)
-    dim = base.mean.shape[0]
-    return (
-        -0.5 * jnp.sum(white**2, axis=0)
-        - 0.5 * dim * math.log(2 * math.pi)
-        - jnp.sum(jnp.log(jnp.diag(base.scale_tril)))
-    )
+def nce_log_z_grad(log_z, energy_model, energy_noise, log_q_model, log_q_noise):
+    """Gradient in ``log_z`` of ``nce_log_z_loss`` from precomputed energies and noise
+    log-densities (the training step reuses the energies its chains cached)."""
+
+    def loss(c):
+        pos = -energy_model - c - log_q_model
+        neg = -energy_noise - c - log_q_noise
+        return jnp.mean(jax.nn.softplus(-pos)) + jnp.mean(jax.nn.softplus(neg))
+
+    return jax.grad(loss)(log_z)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -367,15 +369,13 @@ def step(
     average_energy = eqx.combine(average, static)
     k_noise = jax.random.fold_in(k_start, 1)
     noise = state.base.sample(k_noise, config.num_chains)
-    flat_negatives = finals.reshape(config.num_chains, -1)
-
-    def log_z_loss(log_z):
-        def energy_flat(z):
-            return average_energy(z.reshape(event_shape))
-
-        return nce_log_z_loss(log_z, energy_flat, flat_negatives, noise, state.base)
-
-    log_z_grad = jax.grad(log_z_loss)(state.log_z)
+    log_z_grad = nce_log_z_grad(
+        state.log_z,
+        -chains.logdensity,  # the chains cache −E at their final positions under this energy
+        jax.vmap(logdensity)(noise) * -1.0,
+        state.base.log_prob(finals.reshape(config.num_chains, -1)),
+        state.base.log_prob(noise),
+    )
     log_z_update, log_z_opt_state = _log_z_optimizer(config).update(
         log_z_grad, state.log_z_opt_state
     )
