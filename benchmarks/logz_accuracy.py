@@ -6,7 +6,7 @@ Rows: 2-D correlated Gaussian, 10-D mixture of 4 Gaussians, 32-D correlated Gaus
 grid quadrature (2-D only), importance sampling with a Gaussian proposal fitted to exact samples,
 and AIS with defaults (fixed schedule of 200 temperatures, 1000 particles, 5 MALA moves, 8 runs)
 and with the adaptive schedule. Error = estimate − truth; "within 2 se" says whether the reported
-standard error covers it. Times include compilation.
+standard error covers it (allowing 1e-5 of float32 round-off). Times include compilation.
 """
 
 from __future__ import annotations
