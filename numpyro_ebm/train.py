@@ -603,6 +603,7 @@ def fit(
     checkpoint_every: int | None = None,
     devices: list | None = None,
     calibrate_log_z: bool = False,
+    log_z_learning_rate: float = 0.01,
 ) -> FitResult:
     """Train ``energy`` on ``data`` by maximum likelihood with BlackJAX negative-phase chains.
 
@@ -631,6 +632,7 @@ def fit(
         checkpoint_dir: folder for atomic checkpoints; if it already holds one from the same
             configuration, training resumes from it.
         checkpoint_every: steps between checkpoints (default: every ``steps_per_call``).
+        log_z_learning_rate: Adam learning rate of the learned (NCE) ``log Z``.
         calibrate_log_z: after training, also estimate ``log Z`` of the trained energy by AIS
             (``logz.ais`` with a base fitted to the data; ``FitResult.log_z_ais``).
         devices: devices to spread the chains and the batch over (default ``jax.devices()``).
@@ -673,6 +675,7 @@ def fit(
         ema_decay=ema_decay,
         buffer_size=buffer_size,
         reinit_fraction=reinit_fraction,
+        log_z_learning_rate=log_z_learning_rate,
     )
     k_init, k_loop = jax.random.split(key)
     state = init(k_init, energy, data, config)
@@ -748,7 +751,7 @@ def fit(
     learned = _logz.LogZEstimate(float(state.average_log_z), float("nan"), "nce-learned")
     calibrated = None
     if calibrate_log_z:
-        k_ais = jax.random.fold_in(k_loop, -1)  # the loop only folds in step numbers >= 0
+        k_ais = jax.random.fold_in(k_init, 1)  # init consumed k_init itself; this is a new key
         calibrated = _logz.ais(state.average_energy, event_shape, key=k_ais, data=data)
     return FitResult(
         energy=state.average_energy,

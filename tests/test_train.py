@@ -274,3 +274,21 @@ def test_distribution_from_a_fit():
     )
     assert d.event_shape == (2,)
     assert eqx.tree_equal(res.distribution().energy, res.energy)
+
+
+def test_calibrated_log_z_by_ais_after_fit():
+    data = jax.random.multivariate_normal(jax.random.key(23), MEAN, COV, (2000,))
+    res = small_fit(
+        GaussianEnergy(jnp.zeros(2)),
+        data,
+        jax.random.key(24),
+        num_steps=40,
+        learning_rate=5e-2,
+        calibrate_log_z=True,
+        log_z_learning_rate=0.05,
+    )
+    exact = float(res.energy.log_z)
+    assert res.log_z_ais.method == "ais"
+    assert abs(res.log_z_ais.value - exact) < 4 * res.log_z_ais.stderr + 0.01
+    # distribution() prefers the AIS value
+    assert float(res.distribution().log_z) == pytest.approx(res.log_z_ais.value)
