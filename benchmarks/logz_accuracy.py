@@ -94,9 +94,10 @@ def main() -> None:
             est = fn()
             seconds = time.perf_counter() - start
             err = est.value - truth
-            covered = "yes" if abs(err) <= 2 * est.stderr else "no"
+            # float32 evaluation of log Z carries ~1e-5 of round-off that no stderr accounts for
+            covered = "yes" if abs(err) <= 2 * est.stderr + 1e-5 else "no"
             print(
-                f"| {name} | {label} | {err:+.4f} | {est.stderr:.4f} | {covered} | {seconds:.1f} |",
+                f"| {name} | {label} | {err:+.5f} | {est.stderr:.5f} | {covered} | {seconds:.1f} |",
                 flush=True,
             )
 
