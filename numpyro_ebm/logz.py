@@ -258,20 +258,18 @@ def ais(
     """
     event_shape = tuple(int(n) for n in event_shape)
     base = _base_distribution(base, data, event_shape)
-    if kernel not in ("mala", "hmc"):
-        raise ValueError(f"kernel must be 'mala' or 'hmc', got {kernel!r}")
-    if num_runs < 1 or num_particles < 2 or num_temperatures < 1:
-        raise ValueError("num_runs >= 1, num_particles >= 2 and num_temperatures >= 1 required")
-    cfg = _AISConfig(
+    cfg = _ais_config(
         event_shape,
         num_particles,
         num_temperatures,
         num_mcmc_steps,
-        float(schedule_power),
+        num_runs,
+        schedule_power,
         kernel,
-        bool(adaptive),
-        float(target_ess),
-        float(initial_step_size),
+        adaptive,
+        target_ess,
+        initial_step_size,
+        reverse=False,
     )
     log_zs, infos = _ais_runs(energy, base, jax.random.split(key, num_runs), cfg)
     log_zs = np.asarray(log_zs, np.float64)
@@ -346,24 +344,23 @@ def reverse_ais(
         raise ValueError("exact_samples must have shape (n >= 2, *event_shape)")
     if not bool(jnp.all(jnp.isfinite(exact_samples))):
         raise ValueError("exact_samples contain NaN or inf")
-    if kernel not in ("mala", "hmc"):
-        raise ValueError(f"kernel must be 'mala' or 'hmc', got {kernel!r}")
-    base = _base_distribution(base, data, event_shape)
-    k_pick, k_runs = jax.random.split(key)
-    flat = exact_samples.reshape(exact_samples.shape[0], -1)
-    rows = jax.random.randint(k_pick, (num_runs, num_particles), 0, flat.shape[0])
-    cfg = _AISConfig(
+    cfg = _ais_config(
         event_shape,
         num_particles,
         num_temperatures,
         num_mcmc_steps,
-        float(schedule_power),
+        num_runs,
+        schedule_power,
         kernel,
         False,
         0.5,
-        float(initial_step_size),
-        True,
+        initial_step_size,
+        reverse=True,
     )
+    base = _base_distribution(base, data, event_shape)
+    k_pick, k_runs = jax.random.split(key)
+    flat = exact_samples.reshape(exact_samples.shape[0], -1)
+    rows = jax.random.randint(k_pick, (num_runs, num_particles), 0, flat.shape[0])
     log_inv_z, infos = _ais_runs(energy, base, jax.random.split(k_runs, num_runs), cfg, flat[rows])
     bad = np.asarray(infos["nonfinite"])
     if bad.any():
@@ -384,6 +381,42 @@ class _AISConfig(NamedTuple):
     target_ess: float
     initial_step_size: float
     reverse: bool = False
+
+
+def _ais_config(
+    event_shape,
+    num_particles,
+    num_temperatures,
+    num_mcmc_steps,
+    num_runs,
+    schedule_power,
+    kernel,
+    adaptive,
+    target_ess,
+    initial_step_size,
+    *,
+    reverse,
+) -> _AISConfig:
+    """Checked, hashable AIS settings (shared by ``ais`` and ``reverse_ais``)."""
+    if kernel not in ("mala", "hmc"):
+        raise ValueError(f"kernel must be 'mala' or 'hmc', got {kernel!r}")
+    if num_runs < 1 or num_particles < 2 or num_temperatures < 1 or num_mcmc_steps < 1:
+        raise ValueError(
+            "num_runs >= 1, num_particles >= 2, num_temperatures >= 1 and num_mcmc_steps >= 1 "
+            "required"
+        )
+    return _AISConfig(
+        tuple(event_shape),
+        int(num_particles),
+        int(num_temperatures),
+        int(num_mcmc_steps),
+        float(schedule_power),
+        kernel,
+        bool(adaptive),
+        float(target_ess),
+        float(initial_step_size),
+        reverse,
+    )
 
 
 @eqx.filter_jit
