@@ -27,6 +27,7 @@ import numpy as np
 import numpyro.distributions as dist
 
 from numpyro_ebm.negatives import fit_base
+from numpyro_ebm.validation import validate_data
 
 __all__ = [
     "LogZEstimate",
@@ -127,14 +128,9 @@ def grid(energy: Callable, bounds, num_points: int = 512) -> LogZEstimate:
     if np.any(np.isnan(neg_energy)):
         raise ValueError(f"energy is NaN at {int(np.isnan(neg_energy).sum())} grid points")
     value = _log_integral(neg_energy, cell)
-    coarse_bounds = np.asarray(bounds, dtype=np.float64)
-    coarse = _log_integral(*_coarse(energy, coarse_bounds, num_points // 2))
+    coarse_neg_energy, _, coarse_cell = grid_log_density(energy, bounds, num_points // 2)
+    coarse = _log_integral(coarse_neg_energy, coarse_cell)
     return LogZEstimate(value, abs(value - coarse), "grid")
-
-
-def _coarse(energy, bounds, num_points):
-    neg_energy, _, cell = grid_log_density(energy, bounds, num_points)
-    return neg_energy, cell
 
 
 def enumerate(energy: Callable, support) -> LogZEstimate:
@@ -201,7 +197,8 @@ def _base_distribution(base, data, event_shape):
         return base
     if data is None:
         return dist.Normal(jnp.zeros(dim), 1.0).to_event(1)
-    fitted = fit_base(jnp.reshape(jnp.asarray(data), (jnp.shape(data)[0], -1)))
+    data = validate_data(data, event_shape, name="data (for the AIS base)")
+    fitted = fit_base(jnp.reshape(data, (data.shape[0], -1)))
     return dist.MultivariateNormal(fitted.mean, scale_tril=fitted.scale_tril)
 
 

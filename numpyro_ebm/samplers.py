@@ -34,7 +34,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
@@ -257,11 +256,6 @@ def flat_logdensity(energy: Callable, event_shape: tuple[int, ...]) -> Callable:
         return -energy(jnp.reshape(z, event_shape))
 
     return logdensity
-
-
-def event_size(event_shape: tuple[int, ...]) -> int:
-    """Number of scalars in one event."""
-    return math.prod(event_shape)
 
 
 def run_chains(

@@ -141,3 +141,10 @@ def test_bdmc_sandwich_brackets_the_truth():
     assert abs(fine.value - truth) < 4 * fine.stderr + 0.01
     with pytest.raises(ValueError, match="NaN or inf"):
         ebm.logz.reverse_ais(energy, samples.at[0, 0].set(jnp.nan), key=jax.random.key(0))
+
+
+def test_ais_rejects_bad_base_data_before_compute():
+    with pytest.raises(ValueError, match="NaN"):
+        ebm.logz.ais(GAUSS_2D, (2,), key=jax.random.key(0), data=jnp.array([[0.0, jnp.nan]] * 3))
+    with pytest.raises(ValueError, match="event"):
+        ebm.logz.ais(GAUSS_2D, (2,), key=jax.random.key(0), data=jnp.zeros((5, 3)))
