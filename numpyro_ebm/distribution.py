@@ -67,7 +67,13 @@ class EnergyDistribution(dist.Distribution):
         event_shape: shape of one event, e.g. ``(2,)``.
         log_z: log partition function, scalar or an array whose shape becomes the
             distribution's ``batch_shape`` (the same energy with per-batch normalisers).
-        sampler: ``numpyro_ebm.samplers.Sampler`` (or a kernel name) used by ``sample``.
+        sampler: ``numpyro_ebm.samplers.Sampler`` (or a kernel name) used by ``sample``;
+            ``"initializer"``: ``sample`` returns the initializer's draws as they are, no MCMC
+            (fast; exact only as far as the initializer matches the model).
+        initializer: where ``sample``'s chains start: a callable pytree ``(key, n) -> (n,
+            *event_shape)``, e.g. a trained ``numpyro_ebm.generator.Generator``
+            (``FitResult.distribution()`` passes its generator). Default: ``Normal(0,
+            init_scale²)``. Chains started near the model need less warm-up.
         validate_args: NumPyro argument/sample validation (as for any NumPyro distribution).
 
     Shapes:
@@ -88,7 +94,7 @@ class EnergyDistribution(dist.Distribution):
 
     arg_constraints: ClassVar[dict] = {"log_z": constraints.real}
     reparametrized_params: ClassVar[list] = []
-    pytree_data_fields = ("energy", "log_z")
+    pytree_data_fields = ("energy", "log_z", "initializer")
     pytree_aux_fields = ("sampler",)
 
     def __init__(
@@ -98,13 +104,19 @@ class EnergyDistribution(dist.Distribution):
         log_z=0.0,
         *,
         sampler: _samplers.Sampler | str | None = None,
+        initializer: Callable | None = None,
         validate_args: bool | None = None,
     ):
         event_shape = validate_event_shape(event_shape)
         check_energy(energy, event_shape)
+        if initializer is not None:
+            _check_initializer(initializer, event_shape)
+        elif sampler == "initializer":
+            raise ValueError('sampler="initializer" needs an initializer (e.g. a Generator)')
         self.energy = energy
         self.log_z = jnp.asarray(log_z, dtype=jnp.result_type(float))
-        self.sampler = _samplers.get_sampler(sampler)
+        self.initializer = initializer
+        self.sampler = sampler if sampler == "initializer" else _samplers.get_sampler(sampler)
         super().__init__(
             batch_shape=jnp.shape(self.log_z),
             event_shape=event_shape,
@@ -148,24 +160,32 @@ class EnergyDistribution(dist.Distribution):
     def sample(self, key, sample_shape=()):
         """Approximate samples from BlackJAX chains (see ``numpyro_ebm.samplers.Sampler``).
 
-        Runs ``sampler.num_chains`` chains (default: one per draw) from
-        ``Normal(0, init_scale²)``, ``num_warmup`` warm-up steps with dual-averaging step-size
-        tuning, then records every ``thinning``-th step. The samples are exact only in the
-        limit of long warm-up; check them with ``numpyro_ebm.diagnostics`` when it matters.
+        Runs ``sampler.num_chains`` chains (default: one per draw) from the ``initializer``
+        (default ``Normal(0, init_scale²)``), ``num_warmup`` warm-up steps with dual-averaging
+        step-size tuning, then records every ``thinning``-th step. The samples are exact only
+        in the limit of long warm-up; check them with ``numpyro_ebm.diagnostics`` when it
+        matters. With ``sampler="initializer"`` the initializer's draws are returned as they are.
         """
         shape = tuple(sample_shape) + self.batch_shape
         num_draws = math.prod(shape)
         if num_draws == 0:
             return jnp.zeros((*shape, *self.event_shape), self.log_z.dtype)
+        dim = math.prod(self.event_shape)
+        if self.sampler == "initializer":
+            draws = self.initializer(key, num_draws).astype(self.log_z.dtype)
+            return draws.reshape(*shape, *self.event_shape)
         cfg = self.sampler
         num_chains = cfg.num_chains or num_draws
         draws_per_chain = -(-num_draws // num_chains)
         key_init, key_warmup, key_draws = jax.random.split(key, 3)
         logdensity = _samplers.flat_logdensity(self.energy, self.event_shape)
-        dim = math.prod(self.event_shape)
-        positions = cfg.init_scale * jax.random.normal(
-            key_init, (num_chains, dim), self.log_z.dtype
-        )
+        if self.initializer is None:
+            positions = cfg.init_scale * jax.random.normal(
+                key_init, (num_chains, dim), self.log_z.dtype
+            )
+        else:
+            positions = self.initializer(key_init, num_chains).reshape(num_chains, dim)
+            positions = positions.astype(self.log_z.dtype)
         states = cfg.init_chains(positions, logdensity)
         states, step_size, _ = _samplers.warmup(key_warmup, cfg, logdensity, states, cfg.num_warmup)
         _, _, draws = _samplers.run_chains(
@@ -189,6 +209,22 @@ class EnergyDistribution(dist.Distribution):
         )
 
 
+def _check_initializer(initializer: Callable, event_shape: tuple[int, ...]) -> None:
+    if not callable(initializer):
+        raise TypeError(
+            f"initializer must be callable (key, n) -> (n, *event_shape), got {initializer!r}"
+        )
+    # shape probe only: eval_shape computes nothing, no randomness is drawn from this key
+    out = jax.eval_shape(lambda key: initializer(key, 2), jax.random.key(0))
+    if getattr(out, "shape", None) != (2, *event_shape):
+        raise ValueError(
+            f"initializer(key, n) must return (n, *event_shape) = (n, {event_shape}); for n = 2 "
+            f"it returned {getattr(out, 'shape', type(out).__name__)}"
+        )
+
+
 @vmap_over.register
-def _vmap_over_energy_distribution(d: EnergyDistribution, energy=None, log_z=None):
-    return _default_vmap_over(d, energy=energy, log_z=log_z)
+def _vmap_over_energy_distribution(
+    d: EnergyDistribution, energy=None, log_z=None, initializer=None
+):
+    return _default_vmap_over(d, energy=energy, log_z=log_z, initializer=initializer)

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from numpyro_ebm import generator as _generator
 from numpyro_ebm import logz as _logz
 from numpyro_ebm import negatives as _negatives
 from numpyro_ebm import samplers as _samplers
@@ -44,6 +45,7 @@ from numpyro_ebm.distribution import EnergyDistribution, check_energy
 from numpyro_ebm.validation import validate_data
 
 __all__ = [
+    "NEGATIVES",
     "FitResult",
     "StepInfo",
     "TrainConfig",
@@ -55,6 +57,9 @@ __all__ = [
     "step",
     "surrogate_loss",
 ]
+
+NEGATIVES = (*_negatives.KINDS, "generator", "hybrid")
+_USES_GENERATOR = ("generator", "hybrid")
 
 # Step-size bounds during training: a chain that wanders into a flat or exploding region must not
 # drive the step size to 0 or infinity.
@@ -74,8 +79,11 @@ class TrainConfig:
     Attributes:
         optimizer: optax transformation for the energy's parameters.
         sampler: negative-phase kernel (``numpyro_ebm.samplers.Sampler``).
-        negatives: ``"persistent"``, ``"replay"`` or ``"short_run"``.
-        num_chains: chains run per step.
+        negatives: ``"persistent"``, ``"replay"`` or ``"short_run"`` (MCMC chains, see
+            ``numpyro_ebm.negatives``); ``"generator"`` (Kim & Bengio: the negatives are
+            generator samples, no MCMC) or ``"hybrid"`` (generator samples start the chains,
+            ``num_mcmc_steps`` refine them; see ``numpyro_ebm.generator``).
+        num_chains: chains run per step (generator modes: generator samples per step).
         num_mcmc_steps: sampler steps per training step.
         batch_size: data points per step (drawn with replacement).
         energy_l2: weight ``α`` of ``α (mean E(data)² + mean E(neg)²)``. The likelihood does not
@@ -92,6 +100,10 @@ class TrainConfig:
         log_z_learning_rate: Adam learning rate of the learned ``log Z`` (see ``nce_log_z_loss``).
         sharding: where chains and the batch live: a sharding of their leading axis across
             devices (``fit`` builds it from ``devices``); ``None``: leave placement to JAX.
+        generator_optimizer: optax transformation for the generator (generator modes).
+        entropy: the generator's entropy estimator (``numpyro_ebm.generator``).
+        amortization_weight: weight of the ``"hybrid"`` generator's pull towards the refined
+            negatives (``generator.energy_distance``).
     """
 
     optimizer: optax.GradientTransformation
@@ -107,12 +119,25 @@ class TrainConfig:
     step_size_gain: float = 0.2
     log_z_learning_rate: float = 0.01
     sharding: jax.sharding.Sharding | None = None
+    generator_optimizer: optax.GradientTransformation | None = None
+    entropy: Any = None
+    amortization_weight: float = 1.0
+
+    @property
+    def uses_generator(self) -> bool:
+        return self.negatives in _USES_GENERATOR
+
+    @property
+    def runs_chains(self) -> bool:
+        return self.negatives != "generator"
 
     def __post_init__(self):
-        if self.negatives not in _negatives.KINDS:
-            raise ValueError(
-                f"unknown negatives {self.negatives!r}; choose one of {_negatives.KINDS}"
-            )
+        if self.negatives not in NEGATIVES:
+            raise ValueError(f"unknown negatives {self.negatives!r}; choose one of {NEGATIVES}")
+        if self.uses_generator and (self.generator_optimizer is None or self.entropy is None):
+            raise ValueError(f"negatives={self.negatives!r} needs generator_optimizer and entropy")
+        if self.amortization_weight < 0:
+            raise ValueError(f"amortization_weight must be >= 0, got {self.amortization_weight}")
         for name in ("num_chains", "num_mcmc_steps", "batch_size", "buffer_size"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
@@ -129,6 +154,8 @@ class TrainConfig:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["optimizer"] = "custom" if out["optimizer"] is not None else None
         out["sampler"] = repr(self.sampler)
+        out["generator_optimizer"] = "custom" if out["generator_optimizer"] is not None else None
+        out["entropy"] = repr(self.entropy)
         del out["sharding"]  # a run may resume on another set of devices
         return out
 
@@ -149,6 +176,8 @@ class TrainState(NamedTuple):
             ``nce_log_z_loss``), the raw iterate.
         average_log_z: its moving average (same decay as the parameters): the reported value.
         log_z_opt_state: its Adam state.
+        generator: the generator (``"generator"``/``"hybrid"`` negatives), else None.
+        generator_opt_state: its optimizer state (or None).
     """
 
     step: jax.Array
@@ -162,6 +191,8 @@ class TrainState(NamedTuple):
     log_z: jax.Array
     average_log_z: jax.Array
     log_z_opt_state: Any
+    generator: Any = None
+    generator_opt_state: Any = None
 
 
 class StepInfo(NamedTuple):
@@ -179,6 +210,10 @@ class StepInfo(NamedTuple):
         langevin_grad_norm: mean ``‖∇ₓE‖`` at the negatives (r_t in Nijkamp et al. 2020).
         is_finite: False when the step was rejected (non-finite loss, gradient or chains).
         log_z: the learned ``log Z`` (moving average) after this step.
+        generator_energy: mean energy of the generator's samples (NaN without a generator).
+        generator_entropy: the entropy estimator's value for the generator (NaN without one).
+        amortization: energy distance from the generator's samples to the refined negatives
+            (``"hybrid"``; NaN otherwise).
     """
 
     loss: jax.Array
@@ -191,6 +226,9 @@ class StepInfo(NamedTuple):
     langevin_grad_norm: jax.Array
     is_finite: jax.Array
     log_z: jax.Array
+    generator_energy: jax.Array
+    generator_entropy: jax.Array
+    amortization: jax.Array
 
 
 def _log_z_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -220,7 +258,9 @@ def _event_shape_of(data: jax.Array) -> tuple[int, ...]:
     return tuple(data.shape[1:])
 
 
-def init(key: jax.Array, energy, data: jax.Array, config: TrainConfig) -> TrainState:
+def init(
+    key: jax.Array, energy, data: jax.Array, config: TrainConfig, generator=None
+) -> TrainState:
     """Initial training state: optimizer state, base Gaussian fitted to ``data``, chains.
 
     Args:
@@ -228,10 +268,20 @@ def init(key: jax.Array, energy, data: jax.Array, config: TrainConfig) -> TrainS
         energy: callable pytree, one event -> scalar (e.g. ``MLPEnergy``).
         data: ``(num_points, *event_shape)`` training data (validated by the caller, ``fit``).
         config: the run's ``TrainConfig``.
+        generator: a ``numpyro_ebm.generator.Generator`` (required by the generator modes).
     """
+    if config.uses_generator and generator is None:
+        raise ValueError(f"negatives={config.negatives!r} needs a generator")
     flat = jnp.reshape(data, (data.shape[0], -1))
     base = _negatives.fit_base(flat)
     bank = _negatives.init_bank(key, config.negatives, flat, config.num_chains, config.buffer_size)
+    generator_opt_state = None
+    if config.uses_generator:
+        generator_opt_state = config.generator_optimizer.init(
+            eqx.filter(generator, _generator.trainable(generator))
+        )
+    else:
+        generator = None
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         energy=energy,
@@ -244,6 +294,8 @@ def init(key: jax.Array, energy, data: jax.Array, config: TrainConfig) -> TrainS
         log_z=jnp.asarray(_gaussian_log_z(base), jnp.float32),
         average_log_z=jnp.asarray(_gaussian_log_z(base), jnp.float32),
         log_z_opt_state=_log_z_optimizer(config).init(jnp.zeros((), jnp.float32)),
+        generator=generator,
+        generator_opt_state=generator_opt_state,
     )
 
 
@@ -315,24 +367,10 @@ def step(
     """
     event_shape = _event_shape_of(batch)
     k_start, k_chains = jax.random.split(key)
-    starts, rows = _negatives.chain_starts(
-        k_start,
-        config.negatives,
-        state.bank,
-        state.base,
-        config.num_chains,
-        config.reinit_fraction,
-        batch.reshape(batch.shape[0], -1),
-    )
     if config.sharding is not None:
-        starts = jax.lax.with_sharding_constraint(starts, config.sharding)
         batch = jax.lax.with_sharding_constraint(batch, config.sharding)
-    logdensity = _samplers.flat_logdensity(state.energy, event_shape)
-    chains = config.sampler.init_chains(starts, logdensity)
-    chains, trace, _ = _samplers.run_chains(
-        k_chains, config.sampler, logdensity, chains, state.step_size, config.num_mcmc_steps
-    )
-    finals = jax.lax.stop_gradient(chains.position)
+    phase = _negative_phase(k_start, k_chains, state, batch, config)
+    finals = phase.finals
     negatives = finals.reshape(config.num_chains, *event_shape)
 
     params, static = eqx.partition(state.energy, eqx.is_inexact_array)
@@ -373,9 +411,9 @@ def step(
     )
     log_z = state.log_z + log_z_update
 
-    acceptance = jnp.mean(trace.acceptance_rate)
+    acceptance = phase.acceptance
     log_h = jnp.log(state.step_size)
-    if config.sampler.adapts:
+    if config.sampler.adapts and config.runs_chains:
         log_h = log_h + config.step_size_gain * (acceptance - config.sampler.target)
     step_size = jnp.exp(jnp.clip(log_h, *_LOG_STEP_SIZE_RANGE)).astype(state.step_size.dtype)
 
@@ -384,22 +422,28 @@ def step(
         energy=eqx.combine(new_params, static),
         average_energy=average_energy,
         opt_state=opt_state,
-        bank=_negatives.update_bank(config.negatives, state.bank, finals, rows),
+        bank=_negatives.update_bank(config.negatives, state.bank, finals, phase.rows),
         step_size=step_size,
         base=state.base,
         consecutive_nonfinite=jnp.zeros((), jnp.int32),
         log_z=log_z,
         average_log_z=decay * state.average_log_z + (1 - decay) * log_z,
         log_z_opt_state=log_z_opt_state,
+        generator=phase.generator,
+        generator_opt_state=phase.generator_opt_state,
     )
-    finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(proposed)
+    finite = (
+        jnp.isfinite(loss)
+        & _all_finite(grads)
+        & _all_finite(phase.generator_grads)
+        & _all_finite(proposed)
+    )
     rejected = state._replace(
         step=state.step + 1, consecutive_nonfinite=state.consecutive_nonfinite + 1
     )
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), proposed, rejected)
 
-    # the chains' states cache ∇ₓ log p at their final positions: no extra gradient pass
-    langevin_norm = jnp.mean(jnp.linalg.norm(chains.logdensity_grad, axis=1))
+    terms = phase.generator_terms
     info = StepInfo(
         loss=loss,
         energy_gap=gap,
@@ -408,11 +452,103 @@ def step(
         acceptance_rate=acceptance,
         step_size=state.step_size,
         grad_norm=optax.tree.norm(grads),
-        langevin_grad_norm=langevin_norm,
+        langevin_grad_norm=phase.langevin_grad_norm,
         is_finite=finite,
         log_z=new_state.average_log_z,
+        generator_energy=terms.energy,
+        generator_entropy=terms.entropy,
+        amortization=terms.amortization,
     )
     return new_state, info
+
+
+class _NegativePhase(NamedTuple):
+    finals: jax.Array  # (num_chains, D) negatives, no gradient
+    rows: jax.Array | None  # replay-bank rows the chains came from
+    acceptance: jax.Array  # mean acceptance (NaN without chains)
+    langevin_grad_norm: jax.Array
+    generator: Any  # updated generator (or None)
+    generator_opt_state: Any
+    generator_grads: Any
+    generator_terms: _generator.GeneratorLoss
+
+
+def _negative_phase(
+    k_start: jax.Array, k_chains: jax.Array, state: TrainState, batch: jax.Array, config
+) -> _NegativePhase:
+    """Negatives for this step from chains, the generator, or both (``config.negatives``)."""
+    event_shape = _event_shape_of(batch)
+    logdensity = _samplers.flat_logdensity(state.energy, event_shape)
+    nan = jnp.full((), jnp.nan)
+    no_terms = _generator.GeneratorLoss(nan, nan, nan)
+
+    def run_from(starts):
+        if config.sharding is not None:
+            starts = jax.lax.with_sharding_constraint(starts, config.sharding)
+        chains = config.sampler.init_chains(starts, logdensity)
+        chains, trace, _ = _samplers.run_chains(
+            k_chains, config.sampler, logdensity, chains, state.step_size, config.num_mcmc_steps
+        )
+        # the chains' states cache ∇ₓ log p at their final positions: no extra gradient pass
+        norm = jnp.mean(jnp.linalg.norm(chains.logdensity_grad, axis=1))
+        finals = jax.lax.stop_gradient(chains.position)
+        return finals, jnp.mean(trace.acceptance_rate), norm
+
+    if not config.uses_generator:
+        starts, rows = _negatives.chain_starts(
+            k_start,
+            config.negatives,
+            state.bank,
+            state.base,
+            config.num_chains,
+            config.reinit_fraction,
+            batch.reshape(batch.shape[0], -1),
+        )
+        finals, acceptance, norm = run_from(starts)
+        return _NegativePhase(finals, rows, acceptance, norm, None, None, None, no_terms)
+
+    generator = state.generator
+    params, static = eqx.partition(generator, _generator.trainable(generator))
+    z, eps = generator.sample_inputs(k_start, config.num_chains)
+
+    def update_generator(target, weight):
+        (_, (terms, updated, _)), grads = jax.value_and_grad(
+            _generator.generator_loss, has_aux=True
+        )(
+            params,
+            static,
+            state.energy,
+            z,
+            eps,
+            config.entropy,
+            target=target,
+            amortization_weight=weight,
+        )
+        updates, opt_state = config.generator_optimizer.update(
+            grads, state.generator_opt_state, params
+        )
+        new_params = optax.apply_updates(params, updates)
+        new_generator = eqx.combine(
+            new_params, eqx.partition(updated, _generator.trainable(updated))[1]
+        )
+        return new_generator, opt_state, grads, terms
+
+    if config.negatives == "generator":
+        # Kim & Bengio's order: a generator step against the current energy, then the
+        # negatives are the UPDATED generator's samples for the same z
+        new_generator, opt_state, grads, terms = update_generator(None, 0.0)
+        samples, _ = new_generator.generate(z, eps, train=True)
+        finals = jax.lax.stop_gradient(samples)
+        grad_x = jax.vmap(jax.grad(logdensity))(finals)
+        norm = jnp.mean(jnp.linalg.norm(grad_x, axis=1))
+        return _NegativePhase(finals, None, nan, norm, new_generator, opt_state, grads, terms)
+
+    # hybrid: generator samples start the chains; the refined negatives train the energy and
+    # pull the generator (amortization) while its KL objective keeps it on the model
+    samples, _ = generator.generate(z, eps, train=True)
+    finals, acceptance, norm = run_from(jax.lax.stop_gradient(samples))
+    new_generator, opt_state, grads, terms = update_generator(finals, config.amortization_weight)
+    return _NegativePhase(finals, None, acceptance, norm, new_generator, opt_state, grads, terms)
 
 
 def _run_steps(key, state, data, config, num_steps_total, length):
@@ -484,6 +620,9 @@ class FitResult:
             low dimension only: with its Gaussian noise it was ~18 nats off on 64-D digits; use
             ``calibrate_log_z=True`` (AIS) beyond a few dimensions.
         log_z_ais: AIS recalibration at the end (``fit(..., calibrate_log_z=True)``) or None.
+        generator: the trained ``numpyro_ebm.generator.Generator`` (``"generator"`` and
+            ``"hybrid"`` negatives; else None): ``generator(key, n)`` draws ``(n,
+            *event_shape)`` fast approximate samples.
     """
 
     energy: Any
@@ -495,15 +634,21 @@ class FitResult:
     event_shape: tuple[int, ...]
     log_z: Any = None
     log_z_ais: Any = None
+    generator: Any = None
 
     def distribution(self, log_z=None) -> EnergyDistribution:
         """``EnergyDistribution`` with the trained energy and ``log_z`` (default: the AIS
-        recalibration if it was run, else the learned ``log_z``)."""
+        recalibration if it was run, else the learned ``log_z``); its chains start at the
+        generator's samples when there is a generator."""
         if log_z is None:
             best = self.log_z_ais if self.log_z_ais is not None else self.log_z
             log_z = 0.0 if best is None else getattr(best, "value", best)
         return EnergyDistribution(
-            self.energy, self.event_shape, log_z=log_z, sampler=self.config.sampler
+            self.energy,
+            self.event_shape,
+            log_z=log_z,
+            sampler=self.config.sampler,
+            initializer=self.generator,
         )
 
 
@@ -604,6 +749,11 @@ def fit(
     devices: list | None = None,
     calibrate_log_z: bool = False,
     log_z_learning_rate: float = 0.01,
+    generator: _generator.Generator | None = None,
+    entropy: str | Callable = "nearest_neighbour",
+    generator_optimizer: optax.GradientTransformation | None = None,
+    generator_learning_rate: float = 1e-3,
+    amortization_weight: float = 1.0,
 ) -> FitResult:
     """Train ``energy`` on ``data`` by maximum likelihood with BlackJAX negative-phase chains.
 
@@ -614,8 +764,10 @@ def fit(
             key is folded with the step number, so a resumed run repeats the same trajectory).
         num_steps: parameter updates.
         sampler: ``"mala"`` (default), ``"hmc"``, ``"ula"``, ``"barker"`` or a ``Sampler``.
-        negatives: ``"persistent"`` (default), ``"replay"`` or ``"short_run"``.
-        num_chains: negative-phase chains per step.
+        negatives: ``"persistent"`` (default), ``"replay"`` or ``"short_run"`` (MCMC chains);
+            ``"generator"`` (Kim & Bengio: a generator's samples, no MCMC) or ``"hybrid"``
+            (generator samples start ``num_mcmc_steps`` of MCMC; see ``TrainConfig``).
+        num_chains: negative-phase chains (generator samples) per step.
         num_mcmc_steps: sampler steps per update.
         batch_size: data points per update (sampled with replacement).
         optimizer: optax transformation; ``None`` uses ``default_optimizer(num_steps,
@@ -638,6 +790,16 @@ def fit(
         devices: devices to spread the chains and the batch over (default ``jax.devices()``).
             With more than one, ``num_chains`` and ``batch_size`` must be multiples of their
             number; parameters and data are replicated, each device runs its share of chains.
+        generator: the ``Generator`` to train (generator modes). Default: latent dimension
+            ``max(4, D)``, hidden ``(128, 128)``, batch norm, uniform latents; output noise
+            (initial σ = 0.1) when the entropy estimator needs it.
+        entropy: ``"nearest_neighbour"`` (default; k-NN estimate on a noisy generator's
+            output) or ``"batch_norm"`` (the paper's approximation), or an estimator object.
+        generator_optimizer: optax transformation for the generator; ``None`` uses
+            ``default_optimizer(num_steps, generator_learning_rate)``.
+        generator_learning_rate: peak learning rate of the generator's default optimizer.
+        amortization_weight: ``"hybrid"``: weight of the generator's pull towards the refined
+            negatives.
 
     Returns:
         ``FitResult``.
@@ -663,6 +825,15 @@ def fit(
     if not (isinstance(steps_per_call, int) and steps_per_call >= 1):
         raise ValueError(f"steps_per_call must be an integer >= 1, got {steps_per_call!r}")
     sharding = chain_sharding(devices, num_chains, batch_size)
+    uses_generator = negatives in _USES_GENERATOR
+    entropy = _generator.get_entropy(entropy) if uses_generator else None
+    k_init, k_loop = jax.random.split(key)
+    if uses_generator:
+        generator = _check_generator(
+            generator, event_shape, entropy, key=jax.random.fold_in(k_init, 2)
+        )
+        if generator_optimizer is None:
+            generator_optimizer = default_optimizer(num_steps, generator_learning_rate)
     config = TrainConfig(
         sharding=sharding,
         optimizer=default_optimizer(num_steps, learning_rate) if optimizer is None else optimizer,
@@ -676,9 +847,11 @@ def fit(
         buffer_size=buffer_size,
         reinit_fraction=reinit_fraction,
         log_z_learning_rate=log_z_learning_rate,
+        generator_optimizer=generator_optimizer if uses_generator else None,
+        entropy=entropy,
+        amortization_weight=amortization_weight,
     )
-    k_init, k_loop = jax.random.split(key)
-    state = init(k_init, energy, data, config)
+    state = init(k_init, energy, data, config, generator)
     history: dict[str, np.ndarray] = {name: np.zeros((0,)) for name in StepInfo._fields}
     meta = {"num_steps": num_steps, "config": config.describe(), "event_shape": event_shape}
     if checkpoint_dir is not None:
@@ -763,4 +936,29 @@ def fit(
         event_shape=event_shape,
         log_z=learned,
         log_z_ais=calibrated,
+        generator=state.generator,
     )
+
+
+def _check_generator(generator, event_shape, entropy, *, key):
+    """The given generator after checks, or the default one (see ``fit``)."""
+    needs_noise = isinstance(entropy, _generator.NearestNeighbourEntropy)
+    size = math.prod(event_shape)
+    if generator is None:
+        return _generator.Generator(
+            event_shape, max(4, size), key=key, noise_scale=0.1 if needs_noise else None
+        )
+    if not isinstance(generator, _generator.Generator):
+        raise TypeError(f"generator must be a numpyro_ebm.generator.Generator, got {generator!r}")
+    if tuple(generator.event_shape) != tuple(event_shape):
+        raise ValueError(
+            f"generator makes events of shape {generator.event_shape}, the data has "
+            f"{tuple(event_shape)}"
+        )
+    if needs_noise and not generator.noisy and generator.latent_dim < size:
+        raise ValueError(
+            "the nearest-neighbour entropy needs an output with a density in R^D: give the "
+            "generator noise_scale=... (or latent_dim >= D)"
+        )
+    check_array_leaves(generator)
+    return generator

@@ -1,0 +1,301 @@
+"""The directed generator, its entropy estimators and generator-based training."""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from scipy.stats import norm
+
+import numpyro_ebm as ebm
+from numpyro_ebm import generator as gen
+from numpyro_ebm import train
+from numpyro_ebm.energies import GaussianEnergy
+
+
+def linear_generator(mean, scale_tril):
+    """``x = μ + L z`` with ``z ~ N(0, I)``: exactly ``N(μ, L Lᵀ)``."""
+    g = gen.Generator(
+        (mean.shape[0],),
+        mean.shape[0],
+        hidden=(),
+        key=jax.random.key(0),
+        latent="normal",
+        batch_norm=False,
+    )
+    return eqx.tree_at(lambda g: (g.layers[0].weight, g.layers[0].bias), g, (scale_tril, mean))
+
+
+def zero_entropy(generator, samples):
+    return jnp.zeros(())
+
+
+# -- the network ---------------------------------------------------------------------------------
+
+
+def test_generator_shapes_latents_and_noise():
+    g = gen.Generator((2, 3), 4, hidden=(16, 16), key=jax.random.key(1), noise_scale=0.2)
+    assert g(jax.random.key(2), 7).shape == (7, 2, 3)
+    z, eps = g.sample_inputs(jax.random.key(3), 1000)
+    assert z.shape == (1000, 4) and eps.shape == (1000, 6)
+    assert float(z.min()) >= -1 and float(z.max()) <= 1  # U(−1, 1) latents by default
+    np.testing.assert_allclose(jnp.exp(g.log_noise_scale), 0.2, rtol=1e-6)
+    # the noise enters additively with scale σ
+    x0, _ = g.generate(z, jnp.zeros_like(eps), train=False)
+    x1, _ = g.generate(z, eps, train=False)
+    np.testing.assert_allclose((x1 - x0) / eps, 0.2, rtol=1e-3)
+    deterministic = gen.Generator(2, 4, key=jax.random.key(4))
+    assert not deterministic.noisy
+    _, eps = deterministic.sample_inputs(jax.random.key(5), 3)
+    assert not bool(jnp.any(eps))
+
+
+def test_generator_rejects_bad_settings():
+    with pytest.raises(ValueError, match="latent_dim"):
+        gen.Generator(2, 0, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="latent"):
+        gen.Generator(2, 2, key=jax.random.key(0), latent="cauchy")
+    with pytest.raises(ValueError, match="noise_scale"):
+        gen.Generator(2, 2, key=jax.random.key(0), noise_scale=0.0)
+
+
+def test_batch_norm_uses_batch_statistics_in_training_and_running_averages_after():
+    g = gen.Generator(2, 3, hidden=(8,), key=jax.random.key(6), momentum=0.5)
+    z, eps = g.sample_inputs(jax.random.key(7), 512)
+    _, updated = g.generate(z, eps, train=True)
+    h = jax.vmap(g.layers[0])(z)
+    # running averages move half-way (momentum 0.5) to the batch statistics; nothing else moves
+    np.testing.assert_allclose(updated.running_means[0], 0.5 * h.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(updated.running_vars[0], 0.5 + 0.5 * h.var(0), rtol=1e-5, atol=1e-6)
+    assert eqx.tree_equal(updated.layers, g.layers)
+    # in training mode an output depends on the rest of the batch; sampling mode does not
+    x_batch, _ = g.generate(z, eps, train=True)
+    x_pair, _ = g.generate(z[:2], eps[:2], train=True)
+    assert not np.allclose(x_batch[:2], x_pair)
+    x_eval, _ = updated.generate(z, eps, train=False)
+    x_eval_pair, _ = updated.generate(z[:2], eps[:2], train=False)
+    np.testing.assert_allclose(x_eval[:2], x_eval_pair, rtol=1e-5)
+    # the running averages are not trained
+    spec = gen.trainable(g)
+    assert spec.running_means == (False,) and spec.running_vars == (False,)
+    assert spec.scales == (True,) and spec.layers[0].weight is True
+
+
+# -- entropy estimators --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [1, 2])
+def test_nearest_neighbour_entropy_matches_a_gaussian(dim):
+    """Mean over 20 independent batches of 2048 within 4 standard errors of the closed form."""
+    estimator = jax.jit(lambda x: gen.NearestNeighbourEntropy()(None, x))
+    scale = math.sqrt(0.5)
+    values = np.array(
+        [
+            float(estimator(scale * jax.random.normal(jax.random.key(i), (2048, dim))))
+            for i in range(20)
+        ]
+    )
+    truth = 0.5 * dim * math.log(2 * math.pi * math.e * scale**2)
+    stderr = values.std(ddof=1) / math.sqrt(len(values))
+    assert abs(values.mean() - truth) < 4 * stderr
+
+
+def test_nearest_neighbour_entropy_shifts_by_log_determinant():
+    """H(a x + b) = H(x) + D log a, exactly, for the estimator too (distances scale by a)."""
+    x = jax.random.normal(jax.random.key(30), (500, 3))
+    h = gen.NearestNeighbourEntropy(k=3)
+    np.testing.assert_allclose(h(None, 2.5 * x + 7.0), h(None, x) + 3 * math.log(2.5), atol=1e-3)
+    with pytest.raises(ValueError, match="more than k"):
+        h(None, x[:3])
+
+
+def test_batch_norm_entropy_is_the_papers_formula():
+    g = gen.Generator(2, 3, hidden=(4, 5), key=jax.random.key(8))
+    gammas = (jnp.array([0.5, 1.0, 2.0, 3.0]), jnp.linspace(0.1, 1.0, 5))
+    g = eqx.tree_at(lambda g: g.scales, g, gammas)
+    expected = sum(
+        0.5 * math.log(2 * math.pi * math.e * float(v) ** 2) for gs in gammas for v in gs
+    )
+    np.testing.assert_allclose(gen.BatchNormEntropy()(g, None), expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="batch_norm=True"):
+        gen.BatchNormEntropy()(gen.Generator(2, 3, key=jax.random.key(0), batch_norm=False), None)
+
+
+def test_energy_distance_matches_the_closed_form_for_shifted_normals():
+    """N(0,1) vs N(μ,1): 2E|X−Y| − E|X−X'| − E|Y−Y'| with X − Y ~ N(−μ, 2), X − X' ~ N(0, 2)."""
+    mu, n = 1.0, 4000
+    x = jax.random.normal(jax.random.key(9), (n, 1))
+    y = mu + jax.random.normal(jax.random.key(10), (n, 1))
+    s = math.sqrt(2.0)
+    mean_abs_shifted = s * math.sqrt(2 / math.pi) * math.exp(-(mu**2) / (2 * s**2)) + mu * (
+        1 - 2 * norm.cdf(-mu / s)
+    )
+    exact = 2 * mean_abs_shifted - 2 * s * math.sqrt(2 / math.pi)
+    got = float(gen.energy_distance(x, y))
+    # U-statistic standard error, order 1/sqrt(n) times the spread of |X − Y| (≈ 1)
+    assert abs(got - exact) < 4 / math.sqrt(n)
+    same = float(gen.energy_distance(x, jax.random.normal(jax.random.key(11), (n, 1))))
+    assert abs(same) < 4 / math.sqrt(n)
+    # differentiable, and finite with coinciding points
+    grad = jax.grad(lambda a: gen.energy_distance(a, y))(jnp.concatenate([x[:10], x[:10]]))
+    assert bool(jnp.all(jnp.isfinite(grad)))
+
+
+def test_get_entropy_by_name():
+    assert isinstance(gen.get_entropy("batch_norm"), gen.BatchNormEntropy)
+    assert gen.get_entropy("nearest_neighbour") == gen.NearestNeighbourEntropy()
+    with pytest.raises(ValueError, match="unknown entropy"):
+        gen.get_entropy("vera")
+
+
+# -- the gradient --------------------------------------------------------------------------------
+
+
+def test_generator_negatives_give_the_ml_gradient_when_the_generator_is_the_model():
+    """A linear generator equal in distribution to a Gaussian energy's model: the energy update
+    of the generator-mode training step is the maximum-likelihood gradient."""
+    mean = jnp.array([0.3, -0.1])
+    tril = jnp.array([[1.2, 0.0], [0.3, 0.8]])
+    model = GaussianEnergy(mean, scale_tril=tril)
+    generator = linear_generator(mean, tril)
+    data = jax.random.multivariate_normal(
+        jax.random.key(12), jnp.array([1.0, -2.0]), jnp.eye(2), (256,)
+    )
+    n = 100_000
+    config = train.TrainConfig(
+        optimizer=optax.sgd(1.0),  # the update is −gradient
+        negatives="generator",
+        num_chains=n,
+        batch_size=256,
+        energy_l2=0.0,
+        ema_decay=None,
+        generator_optimizer=optax.set_to_zero(),  # keep the generator equal to the model
+        entropy=zero_entropy,
+    )
+    state = train.init(jax.random.key(13), model, data, config, generator)
+    new_state, _ = eqx.filter_jit(train.step)(jax.random.key(14), state, data, config)
+    got = jax.tree.map(lambda a, b: a - b, model, new_state.energy)
+    exact = jax.grad(lambda e: jnp.mean(jax.vmap(e)(data)) + e.log_z)(model)
+    # Monte Carlo standard error of the negative-phase term, from per-sample gradients
+    samples = generator(jax.random.key(15), n)
+    per_sample = jax.vmap(jax.grad(lambda e, x: e(x)), in_axes=(None, 0))(model, samples)
+    se = jax.tree.map(lambda g: jnp.std(g, axis=0) / np.sqrt(n), per_sample)
+    for g, want, err in zip(
+        jax.tree.leaves(got), jax.tree.leaves(exact), jax.tree.leaves(se), strict=True
+    ):
+        np.testing.assert_array_less(np.abs(g - want), 5 * err + 1e-5)
+    # the generator was not changed by its zero update
+    assert eqx.tree_equal(new_state.generator.layers, generator.layers)
+
+
+def test_generator_loss_is_minimised_by_the_model_among_gaussian_generators():
+    """For a Gaussian energy, mean E(G(z)) − H over scaled linear generators x = μ + s L z with
+    the exact entropy H = D log s + const is minimised at s = 1 (KL(P_φ ‖ P_θ) = 0)."""
+    mean = jnp.array([0.5, 1.0])
+    tril = jnp.array([[1.0, 0.0], [0.4, 0.6]])
+    model = GaussianEnergy(mean, scale_tril=tril)
+    z = jax.random.normal(jax.random.key(16), (200_000, 2))
+
+    def exact_entropy(g, x):
+        return jnp.sum(jnp.log(jnp.abs(jnp.diag(g.layers[0].weight))))
+
+    def loss(s):
+        g = linear_generator(mean, s * tril)
+        params, static = eqx.partition(g, gen.trainable(g))
+        return gen.generator_loss(params, static, model, z, jnp.zeros_like(z), exact_entropy)[0]
+
+    scales = jnp.linspace(0.5, 1.5, 101)
+    best = float(scales[jnp.argmin(jax.vmap(loss)(scales))])
+    assert abs(best - 1.0) < 0.02
+
+
+# -- fit -------------------------------------------------------------------------------------
+
+
+def small_fit(data, key, **kwargs):
+    defaults = dict(
+        num_steps=20,
+        num_chains=64,
+        num_mcmc_steps=5,
+        batch_size=64,
+        steps_per_call=10,
+        progress_bar=False,
+        generator=gen.Generator(2, 4, hidden=(16,), key=jax.random.key(40), noise_scale=0.1),
+    )
+    return ebm.fit(GaussianEnergy(jnp.zeros(2)), data, key=key, **{**defaults, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "negatives, entropy",
+    [
+        ("generator", "batch_norm"),
+        ("generator", "nearest_neighbour"),
+        ("hybrid", "nearest_neighbour"),
+    ],
+)
+def test_generator_modes_train_and_return_a_generator(negatives, entropy):
+    data = jax.random.multivariate_normal(
+        jax.random.key(17), jnp.array([1.0, -2.0]), jnp.eye(2), (2000,)
+    )
+    res = small_fit(
+        data,
+        jax.random.key(18),
+        negatives=negatives,
+        entropy=entropy,
+        learning_rate=5e-2,
+        num_steps=60,
+    )
+    h = res.history
+    assert bool(np.all(h["is_finite"]))
+    assert np.all(np.isfinite(h["generator_energy"])) and np.all(
+        np.isfinite(h["generator_entropy"])
+    )
+    if negatives == "hybrid":
+        assert np.all(np.isfinite(h["acceptance_rate"])) and np.all(h["amortization"] >= -0.05)
+    else:
+        assert np.all(np.isnan(h["acceptance_rate"]))
+    # the energy moved towards the data
+    assert float(jnp.linalg.norm(res.energy.mean - jnp.array([1.0, -2.0]))) < 1.5
+    draws = res.generator(jax.random.key(19), 5)
+    assert draws.shape == (5, 2) and bool(jnp.all(jnp.isfinite(draws)))
+    # the distribution starts its chains at the generator, or returns its draws directly
+    d = res.distribution()
+    assert d.initializer is res.generator
+    assert d.sample(jax.random.key(20), (3,)).shape == (3, 2)
+    direct = ebm.EnergyDistribution(
+        res.energy, (2,), sampler="initializer", initializer=res.generator
+    )
+    np.testing.assert_allclose(
+        direct.sample(jax.random.key(21), (4,)), res.generator(jax.random.key(21), 4)
+    )
+
+
+def test_generator_settings_are_checked_before_compute():
+    data = jax.random.normal(jax.random.key(22), (100, 2))
+    with pytest.raises(ValueError, match="shape"):
+        small_fit(
+            data,
+            jax.random.key(23),
+            negatives="hybrid",
+            generator=gen.Generator(3, 4, key=jax.random.key(0)),
+        )
+    with pytest.raises(ValueError, match="noise_scale"):
+        small_fit(
+            data,
+            jax.random.key(23),
+            negatives="generator",
+            generator=gen.Generator(2, 1, key=jax.random.key(0)),
+        )
+    with pytest.raises(ValueError, match="unknown entropy"):
+        small_fit(data, jax.random.key(23), negatives="generator", entropy="magic")
+    with pytest.raises(ValueError, match="initializer"):
+        ebm.EnergyDistribution(GaussianEnergy(jnp.zeros(2)), (2,), sampler="initializer")
+    with pytest.raises(ValueError, match=r"\(n, \*event_shape\)"):
+        ebm.EnergyDistribution(
+            GaussianEnergy(jnp.zeros(2)),
+            (2,),
+            initializer=gen.Generator(3, 2, key=jax.random.key(0)),
+        )
