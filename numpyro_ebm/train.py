@@ -816,7 +816,8 @@ def fit(
             number; parameters and data are replicated, each device runs its share of chains.
         generator: the ``Generator`` to train (generator modes). Default: latent dimension
             ``max(4, D)``, hidden ``(128, 128)``, batch norm, uniform latents; output noise
-            (initial σ = 0.1) when the entropy estimator needs it.
+            (initial σ = 0.1) for ``"hybrid"`` and when the entropy estimator needs it. A
+            hybrid's generator without noise is not resampled (see ``TrainConfig.resample``).
         entropy: ``"nearest_neighbour"`` (default; k-NN estimate on a noisy generator's
             output) or ``"batch_norm"`` (the paper's approximation), or an estimator object.
         generator_optimizer: optax transformation for the generator; ``None`` uses
@@ -855,7 +856,7 @@ def fit(
     k_init, k_loop = jax.random.split(key)
     if uses_generator:
         generator = _check_generator(
-            generator, event_shape, entropy, key=jax.random.fold_in(k_init, 2)
+            generator, event_shape, entropy, negatives, key=jax.random.fold_in(k_init, 2)
         )
         if generator_optimizer is None:
             generator_optimizer = default_optimizer(num_steps, generator_learning_rate)
@@ -965,13 +966,15 @@ def fit(
     )
 
 
-def _check_generator(generator, event_shape, entropy, *, key):
+def _check_generator(generator, event_shape, entropy, negatives, *, key):
     """The given generator after checks, or the default one (see ``fit``)."""
     needs_noise = isinstance(entropy, _generator.NearestNeighbourEntropy)
     size = math.prod(event_shape)
     if generator is None:
+        # the hybrid's importance resampling needs the noise too
+        noisy = needs_noise or negatives == "hybrid"
         return _generator.Generator(
-            event_shape, max(4, size), key=key, noise_scale=0.1 if needs_noise else None
+            event_shape, max(4, size), key=key, noise_scale=0.1 if noisy else None
         )
     if not isinstance(generator, _generator.Generator):
         raise TypeError(f"generator must be a numpyro_ebm.generator.Generator, got {generator!r}")
