@@ -328,8 +328,11 @@ def proposal_log_density(means: jax.Array, log_noise_scale: jax.Array, x: jax.Ar
     """Leave-one-out estimate of a noisy generator's log-density at its own batch.
 
     With ``x_i = m_i + σ ⊙ ε_i`` and ``m_j = G(z_j)``, the output density is the mixture
-    ``q(x) = E_z N(x; G(z), diag σ²)``; averaging over the OTHER samples' means,
-    ``q̂(x_i) = (n−1)⁻¹ Σ_{j≠i} N(x_i; m_j, diag σ²)``, is unbiased for ``q(x_i)``.
+    ``q(x) = E_z N(x; G(z), diag σ²)``, estimated by ``q̂(x_i) = n⁻¹ Σ_j N(x_i; m_j, diag σ²)``.
+    The sample's own component (j = i) is included: it biases ``q̂`` up by at most
+    ``N(ε_i)/n``, and it bounds every importance weight ``e^{−E}/q̂``. The leave-one-out
+    average is unbiased but heavy-tailed: an isolated sample gets a tiny ``q̂`` and a huge
+    weight (effective sample size 0.3% of the batch on ``8gaussians``).
 
     Args:
         means: ``(n, D)`` noise-free outputs ``G(z_j)``.
@@ -341,14 +344,9 @@ def proposal_log_density(means: jax.Array, log_noise_scale: jax.Array, x: jax.Ar
     """
     n, dim = x.shape
     inv = jnp.exp(-log_noise_scale)
-    white = (x[:, None, :] - means[None, :, :]) * inv if dim <= 16 else None
-    if white is not None:
-        sq = jnp.sum(white**2, axis=-1)
-    else:
-        sq = _pairwise_sq_distances(x * inv, means * inv)
-    log_kernel = -0.5 * sq
+    sq = _pairwise_sq_distances(x * inv, means * inv)
     log_norm = jnp.sum(log_noise_scale) + 0.5 * dim * jnp.log(2 * jnp.pi) + jnp.log(n)
-    return jax.nn.logsumexp(log_kernel, axis=1) - log_norm
+    return jax.nn.logsumexp(-0.5 * sq, axis=1) - log_norm
 
 
 class Resampled(NamedTuple):
