@@ -555,16 +555,16 @@ def _negative_phase(
 
     # hybrid: generator samples start the chains; the refined negatives train the energy and
     # pull the generator (amortization) while its KL objective keeps it on the model
-    samples, _ = generator.generate(z, eps, train=True)
-    samples = jax.lax.stop_gradient(samples)
+    # one forward pass: the noise enters after the network, x = G(z) + σ ⊙ ε
+    means, _ = generator.generate(z, jnp.zeros_like(eps), train=True)
+    samples = means + jnp.exp(generator.log_noise_scale) * eps if generator.noisy else means
     ess = nan
     if config.resample and generator.noisy:
-        means, _ = generator.generate(z, jnp.zeros_like(eps), train=True)
         resampled = _generator.resample_towards_model(
             jax.random.fold_in(k_start, 3),
             lambda v: -logdensity(v),
-            jax.lax.stop_gradient(means),
-            jax.lax.stop_gradient(generator.log_noise_scale),
+            means,
+            generator.log_noise_scale,
             samples,
         )
         samples, ess = resampled.samples, resampled.ess
