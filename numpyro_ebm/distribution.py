@@ -163,44 +163,55 @@ class EnergyDistribution(dist.Distribution):
         Runs ``sampler.num_chains`` chains (default: one per draw) from the ``initializer``
         (default ``Normal(0, init_scale²)``), ``num_warmup`` warm-up steps with dual-averaging
         step-size tuning, then records every ``thinning``-th step. The samples are exact only
-        in the limit of long warm-up; check them with ``numpyro_ebm.diagnostics`` when it
-        matters. With ``sampler="initializer"`` the initializer's draws are returned as they are.
+        in the limit of long warm-up; check them with ``sample_with_trace`` and
+        ``numpyro_ebm.diagnostics`` when it matters. With ``sampler="initializer"`` the
+        initializer's draws are returned as they are.
+        """
+        return self.sample_with_trace(key, sample_shape)[0]
+
+    def sample_with_trace(self, key, sample_shape=()):
+        """``sample``, also returning the chains it ran, for diagnostics.
+
+        Returns:
+            ``(samples, draws)``: ``samples`` as from ``sample``; ``draws`` a
+            ``numpyro_ebm.samplers.Draws`` with every chain's draws ``(num_chains,
+            draws_per_chain, *event_shape)`` and per-draw sampler statistics (``None`` with
+            ``sampler="initializer"``, which runs no chains). Pass it to
+            ``numpyro_ebm.diagnostics.to_datatree`` or ``diagnose``.
+
+        Example:
+            >>> import jax, jax.numpy as jnp, numpyro_ebm as ebm
+            >>> d = ebm.EnergyDistribution(ebm.energies.GaussianEnergy(jnp.zeros(2)), (2,),
+            ...     sampler=ebm.samplers.mala(num_chains=4, num_warmup=200))
+            >>> x, draws = d.sample_with_trace(jax.random.key(0), (400,))
+            >>> x.shape, draws.positions.shape
+            ((400, 2), (4, 100, 2))
         """
         shape = tuple(sample_shape) + self.batch_shape
         num_draws = math.prod(shape)
+        dtype = self.log_z.dtype
         if num_draws == 0:
-            return jnp.zeros((*shape, *self.event_shape), self.log_z.dtype)
+            return jnp.zeros((*shape, *self.event_shape), dtype), None
         dim = math.prod(self.event_shape)
         if self.sampler == "initializer":
-            draws = self.initializer(key, num_draws).astype(self.log_z.dtype)
-            return draws.reshape(*shape, *self.event_shape)
+            draws = self.initializer(key, num_draws).astype(dtype)
+            return draws.reshape(*shape, *self.event_shape), None
         cfg = self.sampler
         num_chains = cfg.num_chains or num_draws
         draws_per_chain = -(-num_draws // num_chains)
-        key_init, key_warmup, key_draws = jax.random.split(key, 3)
+        key_init, key_chains = jax.random.split(key)
         logdensity = _samplers.flat_logdensity(self.energy, self.event_shape)
         if self.initializer is None:
-            positions = cfg.init_scale * jax.random.normal(
-                key_init, (num_chains, dim), self.log_z.dtype
-            )
+            positions = cfg.init_scale * jax.random.normal(key_init, (num_chains, dim), dtype)
         else:
             positions = self.initializer(key_init, num_chains).reshape(num_chains, dim)
-            positions = positions.astype(self.log_z.dtype)
-        states = cfg.init_chains(positions, logdensity)
-        states, step_size, _ = _samplers.warmup(key_warmup, cfg, logdensity, states, cfg.num_warmup)
-        _, _, draws = _samplers.run_chains(
-            key_draws,
-            cfg,
-            logdensity,
-            states,
-            step_size,
-            draws_per_chain * cfg.thinning,
-            thinning=cfg.thinning,
-            keep_positions=True,
+            positions = positions.astype(dtype)
+        draws, _ = _samplers.sample_chains(
+            key_chains, cfg, logdensity, positions, draws_per_chain, event_shape=self.event_shape
         )
-        # draws: (draws_per_chain, num_chains, dim); consecutive outputs come from different chains
-        draws = draws.reshape(-1, dim)[:num_draws]
-        return draws.reshape(*shape, *self.event_shape)
+        # draw-major flattening: consecutive samples come from different chains
+        samples = jnp.swapaxes(draws.positions, 0, 1).reshape(-1, dim)[:num_draws]
+        return samples.reshape(*shape, *self.event_shape), draws
 
     def __repr__(self) -> str:
         return (

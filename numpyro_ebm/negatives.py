@@ -88,10 +88,13 @@ def chain_starts(
     num_chains: int,
     reinit_fraction: float,
     flat_batch: jax.Array,
+    num_kept: int = 0,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Start positions ``(num_chains, D)`` for this step, and the bank rows they came from.
 
-    ``flat_batch`` ``(batch_size, D)`` is where replay chains are re-initialised.
+    ``flat_batch`` ``(batch_size, D)`` is where chains are re-initialised. Persistent chains
+    ``0 .. num_kept − 1`` are never re-initialised: ``fit`` records them, and a recorded chain
+    that jumped back to the data now and then would hide whether the sampler itself mixes.
     """
     k_fresh, k_pick, k_mask = jax.random.split(key, 3)
     if kind == "short_run":
@@ -99,6 +102,7 @@ def chain_starts(
     fresh = flat_batch[jax.random.randint(k_fresh, (num_chains,), 0, flat_batch.shape[0])]
     reinit = jax.random.uniform(k_mask, (num_chains, 1)) < reinit_fraction
     if kind == "persistent":
+        reinit = reinit & (jnp.arange(num_chains) >= num_kept)[:, None]
         return jnp.where(reinit, fresh, bank), None
     rows = jax.random.randint(k_pick, (num_chains,), 0, bank.shape[0])
     return jnp.where(reinit, fresh, bank[rows]), rows

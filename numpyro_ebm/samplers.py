@@ -46,6 +46,7 @@ from blackjax.mcmc import diffusions
 __all__ = [
     "KERNELS",
     "ChainInfo",
+    "Draws",
     "Sampler",
     "barker",
     "flat_logdensity",
@@ -53,6 +54,8 @@ __all__ = [
     "hmc",
     "mala",
     "run_chains",
+    "sample_chains",
+    "summarize",
     "ula",
     "warmup",
 ]
@@ -71,11 +74,18 @@ class ChainInfo(NamedTuple):
         acceptance_rate: Metropolis acceptance probability of the step (1.0 for ULA).
         is_divergent: HMC energy-error divergence flag (always False for the other kernels).
         logdensity: log-density (= −energy) at the chain's position after the step.
+        hamiltonian: HMC only: the Hamiltonian ``−log p(x) + ½‖p‖²`` of the state the step
+            kept (what ArviZ calls ``energy`` and reads for the BFMI); NaN for other kernels.
+        step_size: the step size this step used (HMC: after jitter).
+        num_integration_steps: gradient evaluations of the step (HMC: leapfrog steps, else 1).
     """
 
     acceptance_rate: jax.Array
     is_divergent: jax.Array
     logdensity: jax.Array
+    hamiltonian: jax.Array
+    step_size: jax.Array
+    num_integration_steps: jax.Array
 
 
 @dataclass(frozen=True)
@@ -176,31 +186,41 @@ class Sampler:
 
     def step(self, key: jax.Array, state: Any, logdensity_fn: Callable, step_size) -> tuple:
         """One transition of one chain: ``(new_state, ChainInfo)``."""
+        step_size = jnp.asarray(step_size, state.position.dtype)
+        nan = jnp.full((), jnp.nan, state.position.dtype)
+        one = jnp.ones((), jnp.int32)
+        no = jnp.zeros((), bool)
         if self.kernel == "mala":
             state, info = blackjax.mala.build_kernel()(key, state, logdensity_fn, step_size)
-            divergent = jnp.zeros((), bool)
-        elif self.kernel == "hmc":
+            return state, ChainInfo(info.acceptance_rate, no, state.logdensity, nan, step_size, one)
+        if self.kernel == "hmc":
             key, key_jitter = jax.random.split(key)
             jitter = self.step_size_jitter
             step_size = step_size * jax.random.uniform(
-                key_jitter, (), minval=1 - jitter, maxval=1 + jitter
+                key_jitter, (), step_size.dtype, minval=1 - jitter, maxval=1 + jitter
             )
             inverse_mass = jnp.ones_like(state.position)
+            start = state
             state, info = blackjax.hmc.build_kernel()(
                 key, state, logdensity_fn, step_size, inverse_mass, self.num_integration_steps
             )
-            divergent = info.is_divergent
-        elif self.kernel == "barker":
+            # BlackJAX reports the Hamiltonian at the END of the trajectory; ArviZ's BFMI wants
+            # the kept state's, which is the start's when the proposal was rejected
+            start_hamiltonian = -start.logdensity + 0.5 * jnp.sum(info.momentum**2)
+            hamiltonian = jnp.where(info.is_accepted, info.energy, start_hamiltonian)
+            steps = jnp.asarray(self.num_integration_steps, jnp.int32)
+            return state, ChainInfo(
+                info.acceptance_rate, info.is_divergent, state.logdensity, hamiltonian,
+                step_size, steps,
+            )  # fmt: skip
+        if self.kernel == "barker":
             state, info = blackjax.barker.build_kernel()(key, state, logdensity_fn, step_size)
-            divergent = jnp.zeros((), bool)
-        else:
-            # ULA is the MALA proposal without the accept/reject step; BlackJAX's overdamped
-            # Langevin integrator is exactly that and keeps (logdensity, grad) cached for reuse.
-            integrator = diffusions.overdamped_langevin(jax.value_and_grad(logdensity_fn))
-            new = integrator(key, state, step_size)
-            state = type(state)(*new)
-            return state, ChainInfo(jnp.ones(()), jnp.zeros((), bool), state.logdensity)
-        return state, ChainInfo(info.acceptance_rate, divergent, state.logdensity)
+            return state, ChainInfo(info.acceptance_rate, no, state.logdensity, nan, step_size, one)
+        # ULA is the MALA proposal without the accept/reject step; BlackJAX's overdamped
+        # Langevin integrator is exactly that and keeps (logdensity, grad) cached for reuse.
+        integrator = diffusions.overdamped_langevin(jax.value_and_grad(logdensity_fn))
+        state = type(state)(*integrator(key, state, step_size))
+        return state, ChainInfo(jnp.ones_like(nan), no, state.logdensity, nan, step_size, one)
 
     # -- many chains -----------------------------------------------------------------------
     def init_chains(self, positions: jax.Array, logdensity_fn: Callable) -> Any:
@@ -284,7 +304,9 @@ def run_chains(
 
     Returns:
         ``(final_states, trace, positions)``: ``trace`` is a ``ChainInfo`` of arrays of
-        shape ``(num_steps // thinning, num_chains)``; ``positions`` has shape
+        shape ``(num_steps // thinning, num_chains)`` (with thinning, one record per
+        ``thinning`` steps: mean acceptance and step size, any divergence, total gradient
+        evaluations, log-density and Hamiltonian at the recorded position); ``positions`` has shape
         ``(num_steps // thinning, num_chains, dim)``, or is ``None`` without ``keep_positions``.
     """
     if num_steps % thinning:
@@ -296,12 +318,25 @@ def run_chains(
 
     def one_record(carry, record_key):
         carry, infos = jax.lax.scan(one_step, carry, jax.random.split(record_key, thinning))
-        last = jax.tree.map(lambda a: a[-1], infos)
-        return carry, (last, carry.position if keep_positions else None)
+        return carry, (summarize(infos), carry.position if keep_positions else None)
 
     keys = jax.random.split(key, num_steps // thinning)
     final, (trace, positions) = jax.lax.scan(one_record, states, keys)
     return final, trace, positions
+
+
+def summarize(infos: ChainInfo) -> ChainInfo:
+    """One record for several steps (leading axis of ``infos``): mean acceptance and step size,
+    any divergence, total gradient evaluations, the last log-density and Hamiltonian. Thinned
+    records built this way hide nothing the diagnostics need."""
+    return ChainInfo(
+        acceptance_rate=jnp.mean(infos.acceptance_rate, axis=0),
+        is_divergent=jnp.any(infos.is_divergent, axis=0),
+        logdensity=infos.logdensity[-1],
+        hamiltonian=infos.hamiltonian[-1],
+        step_size=jnp.mean(infos.step_size, axis=0),
+        num_integration_steps=jnp.sum(infos.num_integration_steps, axis=0),
+    )
 
 
 def _vmapped_step(sampler: Sampler, logdensity_fn: Callable, states: Any) -> Callable:
@@ -370,3 +405,74 @@ def warmup(
         one_step, (states, da_init(step_size)), jax.random.split(key, num_steps)
     )
     return states, da_final(da_state), infos
+
+
+class Draws(NamedTuple):
+    """Recorded draws of several chains in ArviZ's ``(chain, draw)`` order, with what the
+    sampler reported for each (``numpyro_ebm.diagnostics.to_datatree`` turns it into a DataTree).
+
+    Attributes:
+        positions: ``(num_chains, num_draws, *event_shape)``.
+        info: ``ChainInfo`` whose fields are ``(num_chains, num_draws)``; with thinning one record
+            covers the steps since the previous draw (see ``run_chains``).
+        step: ``(num_draws,)`` the step each draw was recorded at (sampler steps after
+            warm-up; training steps for the chains ``fit`` records).
+    """
+
+    positions: Any
+    info: ChainInfo
+    step: Any
+
+
+def sample_chains(
+    key: jax.Array,
+    sampler: Sampler,
+    logdensity_fn: Callable,
+    positions: jax.Array,
+    num_draws: int,
+    *,
+    event_shape: tuple[int, ...] | None = None,
+) -> tuple[Draws, jax.Array]:
+    """Warm up chains (``sampler.num_warmup`` steps, step size tuned) and record draws.
+
+    Args:
+        key: PRNG key, used once (split into warm-up and sampling keys).
+        sampler: kernel and draw settings (``num_warmup``, ``thinning``).
+        logdensity_fn: log-density of one flat position.
+        positions: ``(num_chains, dim)`` flat starting points.
+        num_draws: draws per chain, one every ``sampler.thinning`` steps (static).
+        event_shape: shape to give each draw (default: flat).
+
+    Returns:
+        ``(Draws, step_size)``: the draws (chain-major) and the tuned step size.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from numpyro_ebm import samplers
+        >>> logdensity = lambda x: -0.5 * jnp.sum(x**2)
+        >>> draws, h = samplers.sample_chains(
+        ...     jax.random.key(0), samplers.mala(num_warmup=100), logdensity,
+        ...     jnp.zeros((4, 2)), num_draws=50)
+        >>> draws.positions.shape, draws.info.acceptance_rate.shape
+        ((4, 50, 2), (4, 50))
+    """
+    positions = jnp.asarray(positions)
+    num_chains, dim = positions.shape
+    event_shape = (dim,) if event_shape is None else tuple(event_shape)
+    key_warmup, key_draws = jax.random.split(key)
+    states = sampler.init_chains(positions, logdensity_fn)
+    states, step_size, _ = warmup(key_warmup, sampler, logdensity_fn, states, sampler.num_warmup)
+    _, trace, recorded = run_chains(
+        key_draws,
+        sampler,
+        logdensity_fn,
+        states,
+        step_size,
+        num_draws * sampler.thinning,
+        thinning=sampler.thinning,
+        keep_positions=True,
+    )
+    chain_major = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), trace)
+    recorded = jnp.swapaxes(recorded, 0, 1).reshape(num_chains, num_draws, *event_shape)
+    step = sampler.thinning * (1 + jnp.arange(num_draws))
+    return Draws(recorded, chain_major, step), step_size

@@ -108,6 +108,11 @@ class TrainConfig:
             samples towards the model before the chains start
             (``generator.resample_towards_model``), which fixes how mass is shared between
             modes that short chains cannot cross.
+        num_recorded_chains: negative-phase chains whose positions and sampler statistics
+            ``step`` reports (``StepInfo.recorded``) for diagnostics; persistent chains that are
+            recorded are never re-initialised at data (see ``negatives.chain_starts``).
+        record_every: ``fit`` keeps every ``record_every``-th record and computes the held-out
+            NLL at those steps.
     """
 
     optimizer: optax.GradientTransformation
@@ -127,6 +132,8 @@ class TrainConfig:
     entropy: Any = None
     amortization_weight: float = 20.0
     resample: bool = True
+    num_recorded_chains: int = 8
+    record_every: int = 10
 
     @property
     def uses_generator(self) -> bool:
@@ -147,6 +154,17 @@ class TrainConfig:
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not (isinstance(self.num_recorded_chains, int) and self.num_recorded_chains >= 0):
+            raise ValueError(
+                f"num_recorded_chains must be an integer >= 0, got {self.num_recorded_chains!r}"
+            )
+        if self.num_recorded_chains > self.num_chains:
+            raise ValueError(
+                f"num_recorded_chains ({self.num_recorded_chains}) cannot exceed num_chains "
+                f"({self.num_chains})"
+            )
+        if not (isinstance(self.record_every, int) and self.record_every >= 1):
+            raise ValueError(f"record_every must be an integer >= 1, got {self.record_every!r}")
         if self.energy_l2 < 0:
             raise ValueError(f"energy_l2 must be >= 0, got {self.energy_l2}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
@@ -200,8 +218,22 @@ class TrainState(NamedTuple):
     generator_opt_state: Any = None
 
 
+class ChainRecord(NamedTuple):
+    """The recorded negative-phase chains after one training step.
+
+    Attributes:
+        positions: ``(num_recorded_chains, D)`` flat positions (the step's negatives).
+        info: ``samplers.ChainInfo`` of ``(num_recorded_chains,)`` arrays summarising the
+            step's ``num_mcmc_steps`` transitions (``samplers.summarize``); acceptance is NaN
+            for generator negatives, which run no chain.
+    """
+
+    positions: jax.Array
+    info: _samplers.ChainInfo
+
+
 class StepInfo(NamedTuple):
-    """Per-step metrics (the columns of ``FitResult.history``).
+    """Per-step metrics (the columns of ``FitResult.history``) and the recorded chains.
 
     Attributes:
         loss: the surrogate ``mean E(data) − mean E(neg)`` plus the L2 term. Its gradient is
@@ -221,6 +253,11 @@ class StepInfo(NamedTuple):
             (``"hybrid"``; NaN otherwise).
         resampling_ess: effective sample size (fraction of the batch) of the hybrid's
             importance weights; below 0.05 the resampling is skipped (NaN without it).
+        heldout_nll: ``mean E(validation) + log Z`` (learned ``log Z``) of the averaged energy:
+            computed by ``fit`` every ``record_every`` steps when it has validation data, else
+            NaN.
+        recorded: ``ChainRecord`` of the first ``num_recorded_chains`` chains (None if 0); not
+            a history column (``fit`` collects it into ``FitResult.recorded_chains``).
     """
 
     loss: jax.Array
@@ -237,6 +274,11 @@ class StepInfo(NamedTuple):
     generator_entropy: jax.Array
     amortization: jax.Array
     resampling_ess: jax.Array
+    heldout_nll: jax.Array
+    recorded: ChainRecord | None = None
+
+
+HISTORY_FIELDS = tuple(name for name in StepInfo._fields if name != "recorded")
 
 
 def _log_z_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -467,6 +509,8 @@ def step(
         generator_entropy=terms.entropy,
         amortization=terms.amortization,
         resampling_ess=phase.resampling_ess,
+        heldout_nll=jnp.full((), jnp.nan),
+        recorded=phase.record,
     )
     return new_state, info
 
@@ -481,6 +525,7 @@ class _NegativePhase(NamedTuple):
     generator_grads: Any
     generator_terms: _generator.GeneratorLoss
     resampling_ess: jax.Array  # hybrid: ESS fraction of the importance weights (else NaN)
+    record: ChainRecord | None  # the first config.num_recorded_chains chains
 
 
 def _negative_phase(
@@ -491,6 +536,7 @@ def _negative_phase(
     logdensity = _samplers.flat_logdensity(state.energy, event_shape)
     nan = jnp.full((), jnp.nan)
     no_terms = _generator.GeneratorLoss(nan, nan, nan)
+    n_rec = config.num_recorded_chains
 
     def run_from(starts):
         if config.sharding is not None:
@@ -502,7 +548,11 @@ def _negative_phase(
         # the chains' states cache ∇ₓ log p at their final positions: no extra gradient pass
         norm = jnp.mean(jnp.linalg.norm(chains.logdensity_grad, axis=1))
         finals = jax.lax.stop_gradient(chains.position)
-        return finals, jnp.mean(trace.acceptance_rate), norm
+        record = None
+        if n_rec:
+            info = _samplers.summarize(jax.tree.map(lambda a: a[:, :n_rec], trace))
+            record = ChainRecord(finals[:n_rec], info)
+        return finals, jnp.mean(trace.acceptance_rate), norm, record
 
     if not config.uses_generator:
         starts, rows = _negatives.chain_starts(
@@ -513,9 +563,12 @@ def _negative_phase(
             config.num_chains,
             config.reinit_fraction,
             batch.reshape(batch.shape[0], -1),
+            num_kept=n_rec,
         )
-        finals, acceptance, norm = run_from(starts)
-        return _NegativePhase(finals, rows, acceptance, norm, None, None, None, no_terms, nan)
+        finals, acceptance, norm, record = run_from(starts)
+        return _NegativePhase(
+            finals, rows, acceptance, norm, None, None, None, no_terms, nan, record
+        )
 
     generator = state.generator
     params, static = eqx.partition(generator, _generator.trainable(generator))
@@ -549,9 +602,23 @@ def _negative_phase(
         new_generator, opt_state, grads, terms = update_generator(None, 0.0)
         samples, _ = new_generator.generate(z, eps, train=True)
         finals = jax.lax.stop_gradient(samples)
-        grad_x = jax.vmap(jax.grad(logdensity))(finals)
+        logdensities, grad_x = jax.vmap(jax.value_and_grad(logdensity))(finals)
         norm = jnp.mean(jnp.linalg.norm(grad_x, axis=1))
-        return _NegativePhase(finals, None, nan, norm, new_generator, opt_state, grads, terms, nan)
+        record = None
+        if n_rec:
+            ones = jnp.ones((n_rec,), finals.dtype)
+            info = _samplers.ChainInfo(
+                acceptance_rate=jnp.nan * ones,
+                is_divergent=jnp.zeros((n_rec,), bool),
+                logdensity=logdensities[:n_rec],
+                hamiltonian=jnp.nan * ones,
+                step_size=jnp.nan * ones,
+                num_integration_steps=jnp.zeros((n_rec,), jnp.int32),
+            )
+            record = ChainRecord(finals[:n_rec], info)
+        return _NegativePhase(
+            finals, None, nan, norm, new_generator, opt_state, grads, terms, nan, record
+        )
 
     # hybrid: generator samples start the chains; the refined negatives train the energy and
     # pull the generator (amortization) while its KL objective keeps it on the model
@@ -568,21 +635,38 @@ def _negative_phase(
             samples,
         )
         samples, ess = resampled.samples, resampled.ess
-    finals, acceptance, norm = run_from(samples)
+    finals, acceptance, norm, record = run_from(samples)
     new_generator, opt_state, grads, terms = update_generator(finals, config.amortization_weight)
     return _NegativePhase(
-        finals, None, acceptance, norm, new_generator, opt_state, grads, terms, ess
+        finals, None, acceptance, norm, new_generator, opt_state, grads, terms, ess, record
     )
 
 
-def _run_steps(key, state, data, config, num_steps_total, length):
-    """``length`` steps in one ``lax.scan``; steps at index >= ``num_steps_total`` are no-ops."""
+def heldout_nll(energy, log_z, data: jax.Array) -> jax.Array:
+    """``mean E(data) + log_z``: the held-out negative log-likelihood per point (nats)."""
+    return jnp.mean(jax.vmap(energy)(data)) + log_z
+
+
+def _run_steps(key, state, data, config, num_steps_total, length, validation=None):
+    """``length`` steps in one ``lax.scan``; steps at index >= ``num_steps_total`` are no-ops.
+
+    Returns ``(state, (infos, active))``: ``infos`` stacks the ``StepInfo`` of every step and
+    ``active`` says which steps ran.
+    """
 
     def body(state, _):
         step_key = jax.random.fold_in(key, state.step)
         k_batch, k_step = jax.random.split(step_key)
         rows = jax.random.randint(k_batch, (config.batch_size,), 0, data.shape[0])
         new_state, info = step(k_step, state, data[rows], config)
+        if validation is not None:
+            nll = jax.lax.cond(
+                new_state.step % config.record_every == 0,
+                lambda s: heldout_nll(s.average_energy, s.average_log_z, validation),
+                lambda s: jnp.full((), jnp.nan, s.average_log_z.dtype),
+                new_state,
+            )
+            info = info._replace(heldout_nll=nll)
         active = state.step < num_steps_total
         new_state = jax.tree.map(lambda n, o: jnp.where(active, n, o), new_state, state)
         return new_state, (info, active)
@@ -647,6 +731,12 @@ class FitResult:
         generator: the trained ``numpyro_ebm.generator.Generator`` (``"generator"`` and
             ``"hybrid"`` negatives; else None): ``generator(key, n)`` draws ``(n,
             *event_shape)`` fast approximate samples.
+        recorded_chains: ``samplers.Draws`` (numpy) of the recorded negative-phase chains,
+            positions ``(num_recorded_chains, num_steps // record_every, *event_shape)``, one
+            draw every ``record_every`` training steps (``Draws.step``); None if none were
+            recorded. For persistent negatives each is one chain followed through training;
+            for the other kinds a "chain" is a slot of the negative batch. See
+            ``numpyro_ebm.diagnostics``.
     """
 
     energy: Any
@@ -659,6 +749,7 @@ class FitResult:
     log_z: Any = None
     log_z_ais: Any = None
     generator: Any = None
+    recorded_chains: _samplers.Draws | None = None
 
     def distribution(self, log_z=None) -> EnergyDistribution:
         """``EnergyDistribution`` with the trained energy and ``log_z`` (default: the AIS
@@ -679,6 +770,7 @@ class FitResult:
 # -- checkpoints -----------------------------------------------------------------------------
 
 _STATE_FILE = "state.eqx"
+_RECORDED_PREFIX = "recorded."  # recorded-chain arrays share history.npz under this prefix
 _HISTORY_FILE = "history.npz"
 _META_FILE = "meta.json"
 
@@ -737,7 +829,8 @@ def load_checkpoint(
     state = eqx.tree_deserialise_leaves(os.path.join(folder, _STATE_FILE), like)
     with np.load(os.path.join(folder, _HISTORY_FILE)) as npz:
         history = {k: npz[k] for k in npz.files}
-    if int(state.step) != meta["step"] or any(len(v) != meta["step"] for v in history.values()):
+    columns = [v for k, v in history.items() if not k.startswith(_RECORDED_PREFIX)]
+    if int(state.step) != meta["step"] or any(len(v) != meta["step"] for v in columns):
         raise RuntimeError(
             f"checkpoint in {folder} is inconsistent (state step {int(state.step)}, "
             f"meta step {meta['step']}); delete it to start again"
@@ -778,6 +871,9 @@ def fit(
     generator_optimizer: optax.GradientTransformation | None = None,
     generator_learning_rate: float = 1e-3,
     amortization_weight: float = 20.0,
+    validation_data=None,
+    num_recorded_chains: int = 8,
+    record_every: int = 10,
 ) -> FitResult:
     """Train ``energy`` on ``data`` by maximum likelihood with BlackJAX negative-phase chains.
 
@@ -826,6 +922,13 @@ def fit(
         amortization_weight: ``"hybrid"``: weight of the generator's pull towards the refined
             negatives (an energy distance, in the data's units: 20 was tuned on the 2-D toys,
             whose scale is a few units; the energy and entropy terms are in nats).
+        validation_data: held-out ``(num_points, *event_shape)`` data; every ``record_every``
+            steps the history's ``heldout_nll`` gets ``mean E(validation) + log Z`` of the
+            averaged energy with the learned ``log Z`` (as reliable as that ``log Z``).
+        num_recorded_chains: negative-phase chains recorded for diagnostics
+            (``FitResult.recorded_chains``, ``numpyro_ebm.diagnostics``); 0 records none.
+        record_every: record those chains every this many steps (in the compiled loop; the
+            host receives them once per ``steps_per_call``).
 
     Returns:
         ``FitResult``.
@@ -844,6 +947,8 @@ def fit(
     """
     data = validate_data(data)
     event_shape = _event_shape_of(data)
+    if validation_data is not None:
+        validation_data = validate_data(validation_data, event_shape, name="validation_data")
     check_energy(energy, event_shape)
     check_array_leaves(energy)
     if not (isinstance(num_steps, int) and num_steps >= 1):
@@ -876,17 +981,28 @@ def fit(
         generator_optimizer=generator_optimizer if uses_generator else None,
         entropy=entropy,
         amortization_weight=amortization_weight,
+        num_recorded_chains=num_recorded_chains,
+        record_every=record_every,
     )
     state = init(k_init, energy, data, config, generator)
-    history: dict[str, np.ndarray] = {name: np.zeros((0,)) for name in StepInfo._fields}
+    history: dict[str, np.ndarray] = {name: np.zeros((0,)) for name in HISTORY_FIELDS}
+    recorded: dict[str, np.ndarray] = {}
     meta = {"num_steps": num_steps, "config": config.describe(), "event_shape": event_shape}
     if checkpoint_dir is not None:
         checkpoint_dir = os.fspath(checkpoint_dir)
         loaded = load_checkpoint(checkpoint_dir, state, expected=meta)
         if loaded is not None:
-            state, history, _ = loaded
+            state, stored, _ = loaded
+            history = {k: v for k, v in stored.items() if not k.startswith(_RECORDED_PREFIX)}
+            recorded = {
+                k.removeprefix(_RECORDED_PREFIX): v
+                for k, v in stored.items()
+                if k.startswith(_RECORDED_PREFIX)
+            }
     if sharding is not None:
         data = jax.device_put(data, _replicated(sharding))
+        if validation_data is not None:
+            validation_data = jax.device_put(validation_data, _replicated(sharding))
         state = jax.device_put(state, _replicated(sharding))
         if config.negatives == "persistent":
             state = state._replace(bank=jax.device_put(state.bank, sharding))
@@ -902,11 +1018,13 @@ def fit(
         while int(state.step) < num_steps:
             start_step = int(state.step)
             state, (infos, active) = _run_steps_jit(
-                k_loop, state, data, config, num_steps, steps_per_call
+                k_loop, state, data, config, num_steps, steps_per_call, validation_data
             )
             active = np.asarray(active)
-            chunk = {k: np.asarray(v)[active] for k, v in infos._asdict().items()}
+            chunk = {k: np.asarray(getattr(infos, k))[active] for k in HISTORY_FIELDS}
             history = {k: np.concatenate([history[k], chunk[k]]) for k in history}
+            if infos.recorded is not None:
+                recorded = _append_records(recorded, infos.recorded, active, start_step, config)
             num_bad = int(np.sum(~chunk["is_finite"].astype(bool)))
             if bar is not None:
                 bar.update(int(active.sum()))
@@ -927,7 +1045,10 @@ def fit(
             if int(state.consecutive_nonfinite) >= max_nonfinite:
                 if checkpoint_dir is not None:
                     save_checkpoint(
-                        checkpoint_dir, state, history, {**meta, "step": int(state.step)}
+                        checkpoint_dir,
+                        state,
+                        _with_records(history, recorded),
+                        {**meta, "step": int(state.step)},
                     )
                 raise TrainingDivergedError(
                     f"training diverged: {int(state.consecutive_nonfinite)} consecutive "
@@ -940,7 +1061,12 @@ def fit(
             if checkpoint_dir is not None and (
                 step_now - last_saved >= checkpoint_every or step_now >= num_steps
             ):
-                save_checkpoint(checkpoint_dir, state, history, {**meta, "step": step_now})
+                save_checkpoint(
+                    checkpoint_dir,
+                    state,
+                    _with_records(history, recorded),
+                    {**meta, "step": step_now},
+                )
                 last_saved = step_now
     finally:
         if bar is not None:
@@ -963,7 +1089,38 @@ def fit(
         log_z=learned,
         log_z_ais=calibrated,
         generator=state.generator,
+        recorded_chains=_draws_from_records(recorded, event_shape),
     )
+
+
+def _append_records(recorded: dict, record: ChainRecord, active, start_step: int, config):
+    """Add this call's records of the steps that are multiples of ``config.record_every``."""
+    steps = start_step + 1 + np.arange(int(active.sum()))  # active steps are a prefix
+    keep = steps % config.record_every == 0
+    new = {"step": steps[keep], "positions": np.asarray(record.positions)[active][keep]}
+    for name in _samplers.ChainInfo._fields:
+        new[name] = np.asarray(getattr(record.info, name))[active][keep]
+    if not recorded:
+        return new
+    return {k: np.concatenate([recorded[k], new[k]]) for k in new}
+
+
+def _with_records(history: dict, recorded: dict) -> dict:
+    return {**history, **{_RECORDED_PREFIX + k: v for k, v in recorded.items()}}
+
+
+def _draws_from_records(recorded: dict, event_shape) -> _samplers.Draws | None:
+    """Draw-major records -> chain-major ``samplers.Draws`` (None when nothing was kept)."""
+    if not recorded or len(recorded["step"]) == 0:
+        return None
+    num_draws, num_chains = recorded["positions"].shape[:2]
+    positions = np.swapaxes(recorded["positions"], 0, 1).reshape(
+        num_chains, num_draws, *event_shape
+    )
+    info = _samplers.ChainInfo(
+        *(np.swapaxes(recorded[name], 0, 1) for name in _samplers.ChainInfo._fields)
+    )
+    return _samplers.Draws(positions, info, recorded["step"])
 
 
 def _check_generator(generator, event_shape, entropy, negatives, *, key):

@@ -1,0 +1,877 @@
+"""Diagnostics with ArviZ: chains as DataTrees, a verdict on a run, and reports.
+
+Three questions, answered with the tools NumPyro and BlackJAX users already know:
+
+* Did the chains mix? ``to_datatree`` turns recorded chains into an ArviZ 1.x
+  ``xarray.DataTree`` (``posterior`` + ``sample_stats`` with ArviZ's names), ready for
+  ``az.summary``, ``az.rhat``, ``az.ess``, ``az.bfmi`` and ``az.plot_*``. It reads the chains
+  ``fit`` records during training (``FitResult.recorded_chains``), a
+  ``samplers.sample_chains`` run, the trace of ``EnergyDistribution.sample_with_trace``, or a
+  raw ``samplers.run_chains(..., keep_positions=True)`` result.
+* Is training healthy? ``FitResult.history`` holds per-step metrics; ``to_datatree`` also puts
+  them in a ``training`` group (dimension ``step``).
+* Can I trust the result? ``diagnose`` checks both against the thresholds below and prints a
+  short verdict; ``report`` writes an HTML or Markdown report with figures and tables.
+
+Thresholds (``diagnose``; ok / warn / fail):
+
+================  ====================================================================
+check             rule
+================  ====================================================================
+r_hat             max rank-normalised split R-hat ≤ 1.01 ok, ≤ 1.1 warn, else fail
+                  (Vehtari et al. 2021)
+ess               min bulk/tail ESS ≥ 100 per chain ok, ≥ 10 per chain warn, else fail;
+                  chains recorded in training: ESS/draws ≥ 0.1 ok, ≥ 0.01 warn (a
+                  draw is ``record_every`` updates apart, so few draws are expected)
+divergences       HMC divergent transitions: none ok, ≤ 1% warn, else fail
+bfmi              HMC energy BFMI ≥ 0.3 ok in every chain, else warn (Betancourt 2016)
+acceptance        mean acceptance within 0.1 of the kernel's target ok (during training
+                  the step size is tuned to it), else warn; below 0.05 fail
+step_size         training step size inside its clip range (1e-6, 10), else fail
+nonfinite_steps   no rejected (non-finite) training steps ok, else warn
+energy_gap        |mean E(data) − mean E(negatives)| over the last 10% of steps ≤ 0.25
+                  nats ok, ≤ 1 warn, else fail
+energy_drift      change of the mean energies between the 6th and the last tenth of
+                  training ≤ 0.5 nats ok, ≤ 5 warn, else fail
+langevin_grad     growth of mean ‖∇ₓE‖ at the negatives over the same span ≤ ×2 ok,
+                  ≤ ×10 warn, else fail
+log_z             learned log Z moved ≤ 0.05 nats over the last 10% of steps ok, else warn
+heldout_nll       final held-out NLL ≤ best of the second half + 0.05 nats ok, else warn
+================  ====================================================================
+
+Chains recorded during training follow a target that moves with the parameters, so only the
+second half of the records (``burn_in=0.5``) is the ``posterior`` group; the first half is
+kept as ``warmup_posterior``. Their R-hat and ESS say how fast the negative-phase sampler
+moves between the model's modes: persistent training does not need each chain to mix (it
+averages over ``num_chains`` chains, restarted at data now and then), so a warning there is
+information, not an error, while an R-hat above 1.1 means the chains do not cross between modes
+at all and mode masses are learned from where chains were started.
+
+Example:
+    >>> import jax, jax.numpy as jnp, arviz as az
+    >>> from numpyro_ebm import diagnostics, samplers
+    >>> draws, _ = samplers.sample_chains(
+    ...     jax.random.key(0), samplers.mala(num_warmup=200),
+    ...     lambda x: -0.5 * jnp.sum(x**2), jnp.zeros((4, 2)), num_draws=500)
+    >>> dt = diagnostics.to_datatree(draws)
+    >>> float(az.rhat(dt)["posterior"]["x"].max()) < 1.01
+    True
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from numpyro_ebm import samplers as _samplers
+from numpyro_ebm.train import FitResult
+
+__all__ = [
+    "THRESHOLDS",
+    "Check",
+    "Diagnosis",
+    "diagnose",
+    "report",
+    "to_datatree",
+]
+
+THRESHOLDS = {
+    "r_hat": (1.01, 1.1),
+    "ess_per_chain": (100.0, 10.0),
+    "ess_fraction_training": (0.1, 0.01),
+    "divergent_fraction": (0.0, 0.01),
+    "bfmi": 0.3,
+    "acceptance_distance": 0.1,
+    "acceptance_min": 0.05,
+    "energy_gap": (0.25, 1.0),
+    "energy_drift": (0.5, 5.0),
+    "langevin_growth": (2.0, 10.0),
+    "log_z_change": 0.05,
+    "heldout_rise": 0.05,
+}
+"""The numbers ``diagnose`` compares against (see the module docstring for the rules)."""
+
+_STEP_SIZE_RANGE = (1e-6, 10.0)  # train._LOG_STEP_SIZE_RANGE, exponentiated
+_STATUS_ORDER = {"ok": 0, "info": 0, "warn": 1, "fail": 2}
+
+
+# -- DataTree conversion ---------------------------------------------------------------------
+
+
+def to_datatree(
+    obj,
+    *,
+    var_name: str = "x",
+    event_dims: tuple[str, ...] | None = None,
+    coords: dict | None = None,
+    burn_in: float = 0.5,
+):
+    """ArviZ ``xarray.DataTree`` of chains (and of training, for a ``FitResult``).
+
+    Args:
+        obj: one of
+
+            * ``FitResult``: its recorded negative-phase chains (``fit(...,
+              num_recorded_chains=, record_every=)``) and its history;
+            * ``samplers.Draws``, e.g. from ``samplers.sample_chains`` or the second element of
+              ``EnergyDistribution.sample_with_trace``;
+            * ``(samples, draws)`` as returned by ``sample_with_trace``;
+            * ``(states, trace, positions)`` from ``samplers.run_chains(...,
+              keep_positions=True)`` (draw-major, flat positions).
+        var_name: name of the variable in ``posterior``.
+        event_dims: names of the event dimensions (default ``{var_name}_dim_0``, ...).
+        coords: coordinate values for ``event_dims`` (default integers).
+        burn_in: ``FitResult`` only: the fraction of recorded draws put in
+            ``warmup_posterior`` / ``warmup_sample_stats`` instead (the target moves most
+            early in training).
+
+    Returns:
+        ``DataTree`` with groups ``posterior`` (``var_name`` with dims ``(chain, draw,
+        *event_dims)``) and ``sample_stats`` (``lp`` = log-density, ``acceptance_rate``,
+        ``diverging``, ``step_size``, ``n_steps`` = gradient evaluations since the previous
+        draw, and ``energy`` = the Hamiltonian for HMC), plus for a ``FitResult`` the groups
+        ``warmup_posterior``, ``warmup_sample_stats`` and ``training`` (every history column
+        that is not all NaN, dimension ``step``) and run settings in the root's ``attrs``.
+        Statistics that a sampler does not have (acceptance of generator negatives, the
+        Hamiltonian of MALA) are left out.
+
+    Raises:
+        ValueError: a ``FitResult`` without recorded chains, or an object it cannot read.
+    """
+    import arviz as az
+    import xarray as xr
+
+    attrs: dict[str, Any] = {}
+    if isinstance(obj, FitResult):
+        if obj.recorded_chains is None:
+            raise ValueError(
+                "this FitResult has no recorded chains: train with fit(..., "
+                "num_recorded_chains=8) (the default) to diagnose the negative phase"
+            )
+        draws = obj.recorded_chains
+        attrs = _fit_attrs(obj)
+    else:
+        draws = _as_draws(obj)
+    if not 0.0 <= burn_in < 1.0:
+        raise ValueError(f"burn_in must be in [0, 1), got {burn_in}")
+    positions = np.asarray(draws.positions)
+    num_chains, num_draws = positions.shape[:2]
+    event_ndim = positions.ndim - 2
+    if event_dims is None:
+        event_dims = tuple(f"{var_name}_dim_{i}" for i in range(event_ndim))
+    if len(event_dims) != event_ndim:
+        raise ValueError(
+            f"event_dims {event_dims} do not match the event shape {positions.shape[2:]}"
+        )
+    all_coords = {"chain": np.arange(num_chains), **(coords or {})}
+    groups = {"posterior": {var_name: positions}, "sample_stats": _sample_stats(draws.info)}
+    draw_coords = np.asarray(draws.step)
+    if isinstance(obj, FitResult):
+        start = math.floor(burn_in * num_draws)
+        if start >= num_draws:
+            start = num_draws - 1
+        groups = {
+            "posterior": {var_name: positions[:, start:]},
+            "sample_stats": {k: v[:, start:] for k, v in groups["sample_stats"].items()},
+            "warmup_posterior": {var_name: positions[:, :start]},
+            "warmup_sample_stats": {k: v[:, :start] for k, v in groups["sample_stats"].items()},
+        }
+        if start == 0:
+            del groups["warmup_posterior"], groups["warmup_sample_stats"]
+    dt = az.from_dict(
+        groups,
+        dims={var_name: list(event_dims)},
+        coords=all_coords,
+        save_warmup=True,
+        check_conventions=False,
+    )
+    # the draw coordinate is the training or sampler step the draw was taken at
+    for name in ("posterior", "sample_stats"):
+        n = dt[name].sizes["draw"]
+        dt[name] = dt[name].to_dataset().assign_coords(draw=draw_coords[-n:])
+    for name in ("warmup_posterior", "warmup_sample_stats"):
+        if name in dt.children:
+            n = dt[name].sizes["draw"]
+            dt[name] = dt[name].to_dataset().assign_coords(draw=draw_coords[:n])
+    if isinstance(obj, FitResult):
+        dt["training"] = xr.DataTree(_training_dataset(obj.history))
+    dt.attrs.update(attrs)
+    return dt
+
+
+def _as_draws(obj) -> _samplers.Draws:
+    if isinstance(obj, _samplers.Draws):
+        return obj
+    if isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[1], _samplers.Draws):
+        return obj[1]
+    if (
+        isinstance(obj, tuple)
+        and len(obj) == 3
+        and isinstance(obj[1], _samplers.ChainInfo)
+        and obj[2] is not None
+    ):
+        _, trace, positions = obj
+        positions = np.swapaxes(np.asarray(positions), 0, 1)
+        info = _samplers.ChainInfo(*(np.swapaxes(np.asarray(a), 0, 1) for a in trace))
+        return _samplers.Draws(positions, info, 1 + np.arange(positions.shape[1]))
+    if isinstance(obj, tuple) and len(obj) == 2 and obj[1] is None:
+        raise ValueError(
+            'these samples come from sampler="initializer", which runs no chains: nothing to '
+            "diagnose"
+        )
+    raise ValueError(
+        "to_datatree reads a FitResult, a samplers.Draws, the (samples, draws) pair of "
+        "EnergyDistribution.sample_with_trace, or the (states, trace, positions) of "
+        f"samplers.run_chains(..., keep_positions=True); got {type(obj).__name__}"
+    )
+
+
+def _sample_stats(info: _samplers.ChainInfo) -> dict[str, np.ndarray]:
+    stats = {
+        "lp": np.asarray(info.logdensity),
+        "acceptance_rate": np.asarray(info.acceptance_rate),
+        "diverging": np.asarray(info.is_divergent, bool),
+        "step_size": np.asarray(info.step_size),
+        "n_steps": np.asarray(info.num_integration_steps),
+        "energy": np.asarray(info.hamiltonian),
+    }
+    # leave out what this sampler does not have (all NaN), rather than NaN columns
+    return {
+        k: v
+        for k, v in stats.items()
+        if not (np.issubdtype(v.dtype, np.floating) and np.isnan(v).all())
+    }
+
+
+def _training_dataset(history: dict):
+    import xarray as xr
+
+    columns = {
+        k: ("step", np.asarray(v, bool) if k == "is_finite" else np.asarray(v))
+        for k, v in history.items()
+        if not (np.issubdtype(np.asarray(v).dtype, np.floating) and np.isnan(v).all())
+    }
+    num_steps = len(next(iter(history.values()))) if history else 0
+    return xr.Dataset(columns, coords={"step": np.arange(1, num_steps + 1)})
+
+
+def _fit_attrs(res: FitResult) -> dict:
+    cfg = res.config
+    attrs = {
+        "negatives": cfg.negatives,
+        "kernel": "generator" if not cfg.runs_chains else cfg.sampler.kernel,
+        "num_chains": cfg.num_chains,
+        "num_mcmc_steps": cfg.num_mcmc_steps,
+        "record_every": cfg.record_every,
+        "num_steps": len(res.history.get("loss", ())),
+        "log_z_learned": float(getattr(res.log_z, "value", np.nan)),
+    }
+    if cfg.runs_chains and cfg.sampler.target is not None:
+        attrs["target_acceptance"] = cfg.sampler.target
+    if res.log_z_ais is not None:
+        attrs["log_z_ais"] = float(res.log_z_ais.value)
+        attrs["log_z_ais_stderr"] = float(res.log_z_ais.stderr)
+    return attrs
+
+
+# -- the verdict -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of a ``Diagnosis``.
+
+    Attributes:
+        name: which check (see the module docstring).
+        status: ``"ok"``, ``"warn"``, ``"fail"`` or ``"info"`` (a number without a rule).
+        value: the measured number, formatted.
+        rule: the threshold it was compared against.
+        message: what it means, and what to do when it is not ok.
+    """
+
+    name: str
+    status: str
+    value: str
+    rule: str
+    message: str
+
+
+@dataclass
+class Diagnosis:
+    """What ``diagnose`` found: a list of ``Check`` and a one-line verdict.
+
+    ``str(diagnosis)`` is the printed table; ``diagnosis.ok`` is False when any check failed.
+    """
+
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        """The worst status: ``"ok"``, ``"warn"`` or ``"fail"``."""
+        worst = max((_STATUS_ORDER[c.status] for c in self.checks), default=0)
+        return ("ok", "warn", "fail")[worst]
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "fail"
+
+    def __getitem__(self, name: str) -> Check:
+        for check in self.checks:
+            if check.name == name:
+                return check
+        raise KeyError(name)
+
+    @property
+    def verdict(self) -> str:
+        counts = {s: sum(c.status == s for c in self.checks) for s in ("warn", "fail")}
+        if self.status == "ok":
+            return "verdict: OK, every check passed"
+        if self.status == "warn":
+            return f"verdict: usable, {counts['warn']} warning(s)"
+        return f"verdict: NOT OK, {counts['fail']} failed check(s), {counts['warn']} warning(s)"
+
+    def rows(self) -> list[tuple[str, str, str, str, str]]:
+        return [(c.status.upper(), c.name, c.value, c.rule, c.message) for c in self.checks]
+
+    def __str__(self) -> str:
+        rows = [(s, n, v, r) for s, n, v, r, _ in self.rows()]
+        widths = [
+            max(len(row[i]) for row in [("", "check", "value", "rule"), *rows]) for i in range(4)
+        ]
+        lines = [self.verdict]
+        for (s, n, v, r), c in zip(rows, self.checks, strict=True):
+            cells = [x.ljust(w) for x, w in zip((s, n, v, r), widths, strict=True)]
+            lines.append(
+                "  ".join(cells) + ("  " + c.message if c.status not in ("ok", "info") else "")
+            )
+        return "\n".join(lines)
+
+
+def _grade(value: float, ok: float, fail: float, *, higher_is_better: bool = False) -> str:
+    if not np.isfinite(value):
+        return "fail"
+    if higher_is_better:
+        return "ok" if value >= ok else ("warn" if value >= fail else "fail")
+    return "ok" if value <= ok else ("warn" if value <= fail else "fail")
+
+
+def diagnose(obj, *, burn_in: float = 0.5, verbose: bool = True) -> Diagnosis:
+    """Check chains and training against documented thresholds and print a short verdict.
+
+    Args:
+        obj: a ``FitResult`` (its recorded chains and history), anything ``to_datatree`` reads,
+            or a ``DataTree`` made by it.
+        burn_in: fraction of a ``FitResult``'s recorded draws left out of the chain checks.
+        verbose: print the table.
+
+    Returns:
+        ``Diagnosis``; see the module docstring for every check and threshold.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from numpyro_ebm import diagnostics, samplers
+        >>> draws, _ = samplers.sample_chains(
+        ...     jax.random.key(0), samplers.mala(num_warmup=200),
+        ...     lambda x: -0.5 * jnp.sum(x**2), jnp.zeros((4, 2)), num_draws=500)
+        >>> diagnostics.diagnose(draws, verbose=False).status
+        'ok'
+    """
+    import xarray as xr
+
+    history = None
+    if isinstance(obj, FitResult):
+        history = obj.history
+        dt = to_datatree(obj, burn_in=burn_in) if obj.recorded_chains is not None else None
+    elif isinstance(obj, xr.DataTree):
+        dt = obj
+        if "training" in dt.children:
+            history = {k: dt["training"][k].values for k in dt["training"].data_vars}
+    else:
+        dt = to_datatree(obj)
+    diagnosis = Diagnosis()
+    if dt is not None and "posterior" in dt.children:
+        diagnosis.checks.extend(_chain_checks(dt, training=history is not None))
+    if history is not None:
+        attrs = dict(dt.attrs) if dt is not None else _fit_attrs(obj)
+        diagnosis.checks.extend(_training_checks(history, attrs))
+    if not diagnosis.checks:
+        raise ValueError("nothing to diagnose: no chains and no training history")
+    if verbose:
+        print(diagnosis)
+    return diagnosis
+
+
+def _chain_checks(dt, *, training: bool) -> list[Check]:
+    import arviz as az
+
+    checks = []
+    post = dt["posterior"].to_dataset()
+    num_chains, num_draws = post.sizes["chain"], post.sizes["draw"]
+    what = "recorded negative-phase chains" if training else "chains"
+    if num_chains >= 2 and num_draws >= 4:
+        rhat = float(max(np.nanmax(v.values) for v in az.rhat(post).data_vars.values()))
+        ok, fail = THRESHOLDS["r_hat"]
+        status = _grade(rhat, ok, fail)
+        if status == "fail" and training:
+            message = (
+                f"the {what} do not cross between modes: mode masses are then learned from "
+                "where chains start (data restarts), not from the sampler; use more MCMC "
+                "steps, a larger step size, or 'hybrid' negatives"
+            )
+        elif status != "ok":
+            message = (
+                f"the {what} disagree: they have not mixed (run longer, start them "
+                "overdispersed, or use a better-tuned kernel)"
+            )
+        else:
+            message = f"the {what} agree"
+        checks.append(Check("r_hat", status, f"{rhat:.3f}", f"≤ {ok} ok, ≤ {fail} warn", message))
+    else:
+        checks.append(
+            Check("r_hat", "info", "n/a", "needs ≥ 2 chains", "record more chains to get R-hat")
+        )
+    bulk = az.ess(post, method="bulk")
+    tail = az.ess(post, method="tail")
+    ess = float(min(np.nanmin(v.values) for ds in (bulk, tail) for v in ds.data_vars.values()))
+    if training:
+        ok, fail = THRESHOLDS["ess_fraction_training"]
+        status = _grade(ess / (num_chains * num_draws), ok, fail, higher_is_better=True)
+        rule = f"ESS/draws ≥ {ok} ok, ≥ {fail} warn"
+    else:
+        ok, fail = THRESHOLDS["ess_per_chain"]
+        status = _grade(ess / num_chains, ok, fail, higher_is_better=True)
+        rule = f"≥ {ok:.0f}/chain ok, ≥ {fail:.0f}/chain warn"
+    checks.append(
+        Check(
+            "ess",
+            status,
+            f"{ess:.0f} of {num_chains * num_draws} draws",
+            rule,
+            "effective sample size (min over coordinates of bulk and tail ESS)"
+            if status == "ok"
+            else f"the {what} are strongly autocorrelated: few independent draws",
+        )
+    )
+    stats = dt["sample_stats"].to_dataset()
+    if "diverging" in stats and "energy" in stats:  # only HMC can diverge
+        frac = float(stats["diverging"].values.mean())
+        ok, fail = THRESHOLDS["divergent_fraction"]
+        status = _grade(frac, ok, fail)
+        checks.append(
+            Check(
+                "divergences",
+                status,
+                f"{frac:.2%}",
+                "none ok, ≤ 1% warn",
+                "no divergent transitions"
+                if status == "ok"
+                else "HMC trajectories diverged: lower the step size (the draws may be biased)",
+            )
+        )
+    if "energy" in stats and num_draws >= 2:
+        bfmi = np.atleast_1d(az.bfmi(dt)["sample_stats"]["energy"].values)
+        low = float(np.min(bfmi))
+        threshold = THRESHOLDS["bfmi"]
+        status = "ok" if low >= threshold else "warn"
+        checks.append(
+            Check(
+                "bfmi",
+                status,
+                f"{low:.2f} (min over chains)",
+                f"≥ {threshold} ok",
+                "momentum resampling explores the energy levels"
+                if status == "ok"
+                else "HMC explores energy levels poorly (heavy tails or bad scaling)",
+            )
+        )
+    if "acceptance_rate" in stats:
+        acceptance = float(np.nanmean(stats["acceptance_rate"].values))
+        checks.append(_acceptance_check(acceptance, dt.attrs.get("target_acceptance"), what))
+    return checks
+
+
+def _acceptance_check(acceptance: float, target: float | None, what: str) -> Check:
+    if acceptance == 1.0:
+        return Check("acceptance", "info", "1.00", "n/a", "no accept/reject step (ULA)")
+    low = THRESHOLDS["acceptance_min"]
+    if target is None:
+        status = "ok" if low <= acceptance else "fail"
+        rule = f"≥ {low}"
+    else:
+        distance = THRESHOLDS["acceptance_distance"]
+        status = "ok" if abs(acceptance - target) <= distance else "warn"
+        if acceptance < low:
+            status = "fail"
+        rule = f"{target:.2f} ± {distance}"
+    message = {
+        "ok": f"mean acceptance of the {what}",
+        "warn": "acceptance far from its target: the step size could not be tuned to it "
+        "(check the step_size curve)",
+        "fail": f"the {what} almost never move: lower the step size",
+    }[status]
+    return Check("acceptance", status, f"{acceptance:.2f}", rule, message)
+
+
+def _window(values: np.ndarray, start: float, stop: float) -> np.ndarray:
+    n = values.size
+    lo, hi = int(start * n), max(int(stop * n), int(start * n) + 1)
+    window = values[lo:hi]
+    return window[np.isfinite(window)]
+
+
+def _training_checks(history: dict, attrs: dict) -> list[Check]:
+    checks = []
+    finite = np.asarray(history.get("is_finite", []), bool)
+    if finite.size:
+        bad = int((~finite).sum())
+        checks.append(
+            Check(
+                "nonfinite_steps",
+                "ok" if bad == 0 else "warn",
+                str(bad),
+                "0 ok",
+                "every step was finite"
+                if bad == 0
+                else "steps were rejected as non-finite: lower the learning rate or step size",
+            )
+        )
+    step_size = np.asarray(history.get("step_size", []), float)
+    if attrs.get("kernel") not in (None, "generator") and step_size.size:
+        final = float(step_size[-1])
+        lo, hi = _STEP_SIZE_RANGE
+        at_bound = final <= lo * 1.01 or final >= hi * 0.99
+        checks.append(
+            Check(
+                "step_size",
+                "fail" if at_bound else "ok",
+                f"{final:.3g}",
+                f"inside ({lo:g}, {hi:g})",
+                "the step size hit its clip range: the sampler cannot be tuned on this energy"
+                if at_bound
+                else "final sampler step size",
+            )
+        )
+    acceptance = np.asarray(history.get("acceptance_rate", []), float)
+    if acceptance.size and np.isfinite(acceptance).any():
+        recent = _window(acceptance, 0.9, 1.0)
+        check = _acceptance_check(
+            float(recent.mean()), attrs.get("target_acceptance"), "negative-phase chains"
+        )
+        checks.append(Check("train_acceptance", *list(vars(check).values())[1:]))
+    gap = np.asarray(history.get("energy_gap", []), float)
+    if gap.size:
+        recent = float(_window(gap, 0.9, 1.0).mean())
+        ok, fail = THRESHOLDS["energy_gap"]
+        status = _grade(abs(recent), ok, fail)
+        checks.append(
+            Check(
+                "energy_gap",
+                status,
+                f"{recent:+.3f} nats",
+                f"|gap| ≤ {ok} ok, ≤ {fail} warn",
+                "data and negatives have the same mean energy"
+                if status == "ok"
+                else "the negatives do not look like the data to the model "
+                + (
+                    "(negatives sit in deeper wells than the data: chains stuck or model too sharp)"
+                    if recent > 0
+                    else "(negatives sit where the model puts little mass: chains not at "
+                    "equilibrium)"
+                ),
+            )
+        )
+    drift = []
+    for column in ("energy_data", "energy_negatives"):
+        values = np.asarray(history.get(column, []), float)
+        if values.size >= 10:
+            drift.append(abs(_window(values, 0.9, 1.0).mean() - _window(values, 0.5, 0.6).mean()))
+    if drift:
+        value = float(max(drift))
+        ok, fail = THRESHOLDS["energy_drift"]
+        status = _grade(value, ok, fail)
+        checks.append(
+            Check(
+                "energy_drift",
+                status,
+                f"{value:.3f} nats",
+                f"≤ {ok} ok, ≤ {fail} warn",
+                "energy levels are stable over the second half"
+                if status == "ok"
+                else "energies are still drifting: training has not converged or is becoming "
+                "unstable (raise energy_l2, lower the learning rate)",
+            )
+        )
+    norm = np.asarray(history.get("langevin_grad_norm", []), float)
+    if norm.size >= 10 and np.isfinite(norm).any():
+        growth = float(_window(norm, 0.9, 1.0).mean() / _window(norm, 0.5, 0.6).mean())
+        ok, fail = THRESHOLDS["langevin_growth"]
+        status = _grade(growth, ok, fail)
+        checks.append(
+            Check(
+                "langevin_grad",
+                status,
+                f"×{growth:.2f}",
+                f"≤ ×{ok} ok, ≤ ×{fail} warn",
+                "‖∇ₓE‖ at the negatives is stable"
+                if status == "ok"
+                else "the energy is getting steeper where the chains are: the classic "
+                "runaway of EBM training (raise energy_l2, lower the learning rate)",
+            )
+        )
+    log_z = np.asarray(history.get("log_z", []), float)
+    if log_z.size >= 10:
+        recent = _window(log_z, 0.9, 1.0)
+        change = float(abs(recent[-1] - recent[0]))
+        threshold = THRESHOLDS["log_z_change"]
+        status = "ok" if change <= threshold else "warn"
+        checks.append(
+            Check(
+                "log_z",
+                status,
+                f"{log_z[-1]:.3f} (moved {change:.3f})",
+                f"moved ≤ {threshold} ok",
+                "the learned log Z has settled"
+                if status == "ok"
+                else "the learned log Z is still moving: train longer, or calibrate it with "
+                "fit(..., calibrate_log_z=True)",
+            )
+        )
+    nll = np.asarray(history.get("heldout_nll", []), float)
+    if nll.size and np.isfinite(nll).any():
+        second = _window(nll, 0.5, 1.0)
+        finite = nll[np.isfinite(nll)]
+        rise = float(finite[-1] - second.min()) if second.size else 0.0
+        threshold = THRESHOLDS["heldout_rise"]
+        status = "ok" if rise <= threshold else "warn"
+        checks.append(
+            Check(
+                "heldout_nll",
+                status,
+                f"{finite[-1]:.3f} (best {second.min():.3f})"
+                if second.size
+                else f"{finite[-1]:.3f}",
+                f"final ≤ best + {threshold} ok",
+                "held-out NLL (nats per point, with the learned log Z)"
+                if status == "ok"
+                else "held-out NLL rose late in training: over-fitting or instability",
+            )
+        )
+    return checks
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def report(
+    res: FitResult,
+    path: str | os.PathLike,
+    *,
+    data=None,
+    toy=None,
+    title: str | None = None,
+    max_coordinates: int = 4,
+) -> str:
+    """Write a report of a training run: verdict, settings, curves, density, chains.
+
+    ``.html``: one self-contained file (figures embedded). ``.md``: Markdown with the figures
+    as PNG files in a folder ``<name>_files`` next to it. Everything is written to temporary
+    names and renamed, so an interrupted report leaves no half-written file.
+
+    Args:
+        res: the ``FitResult``.
+        path: output file, ending in ``.html`` or ``.md``.
+        data: the training data (for the density-vs-data figure of 2-D events).
+        toy: a ``datasets.ToyDensity``: show its exact density (2-D events).
+        title: heading (default: from the settings).
+        max_coordinates: chain plots and the summary table show the first this many event
+            coordinates.
+
+    Returns:
+        ``path`` as a string.
+    """
+    import arviz as az
+
+    from numpyro_ebm import plots
+
+    path = os.fspath(path)
+    kind = os.path.splitext(path)[1].lower()
+    if kind not in (".html", ".md"):
+        raise ValueError(f"report path must end in .html or .md, got {path!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    figures_name = f"{stem}_files"
+    attrs = _fit_attrs(res)
+    title = title or f"numpyro_ebm training report: {attrs['negatives']} negatives"
+    diagnosis = diagnose(res, verbose=False)
+    dt = to_datatree(res) if res.recorded_chains is not None else None
+    event_shape = tuple(res.event_shape)
+    size = math.prod(event_shape)
+
+    work = tempfile.mkdtemp(dir=folder, prefix=".tmp-report-")
+    try:
+        figures = []  # (file name, caption)
+
+        def add(fig_or_pc, name, caption):
+            target = os.path.join(work, name)
+            if hasattr(fig_or_pc, "savefig") and not hasattr(fig_or_pc, "canvas"):
+                fig_or_pc.savefig(target)  # an ArviZ PlotCollection
+            else:
+                plots.save_figure(fig_or_pc, target)
+            figures.append((name, caption))
+
+        add(plots.training_curves(res.history), "training.png", "Training curves.")
+        if event_shape == (2,):
+            add(
+                plots.density_figure(
+                    res.energy,
+                    data,
+                    samples=res.chains,
+                    toy=toy,
+                    log_z=None,
+                ),
+                "density.png",
+                "Data (or the true density), the learned density normalised on the plotted box "
+                "by quadrature, and the final negative-phase chains.",
+            )
+        elif size >= 16 and (len(event_shape) == 2 or math.isqrt(size) ** 2 == size):
+            add(
+                plots.sample_grid(res.chains, num=64),
+                "samples.png",
+                "Final negative-phase chains as images.",
+            )
+        summary_rows = []
+        if dt is not None:
+            var = next(iter(dt["posterior"].data_vars))
+            sel = {}
+            for dim in dt["posterior"][var].dims[2:]:
+                sel[dim] = dt["posterior"][dim].values[:max_coordinates]
+            if len(dt["posterior"][var].dims) > 3:  # images: pick coordinates of the flat index
+                sel = {d: v[:2] for d, v in sel.items()}
+            add(
+                az.plot_trace_dist(dt, coords=sel, compact=False),
+                "trace.png",
+                "Recorded negative-phase chains (second half of training): trace and marginals.",
+            )
+            add(az.plot_rank(dt, coords=sel), "rank.png", "Rank plots: uniform when chains mix.")
+            if "energy" in dt["sample_stats"].data_vars:
+                add(az.plot_energy(dt), "energy.png", "HMC energy transition vs marginal energy.")
+            table = az.summary(dt, coords=sel)
+            summary_rows = [
+                [str(i), *(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row)]
+                for i, row in zip(table.index, table.to_numpy(), strict=True)
+            ]
+            summary_header = ["", *map(str, table.columns)]
+        settings = [
+            ("negatives", attrs["negatives"]),
+            ("sampler", attrs["kernel"]),
+            (
+                "chains × MCMC steps per update",
+                f"{attrs['num_chains']} × {attrs['num_mcmc_steps']}",
+            ),
+            ("training steps", str(attrs["num_steps"])),
+            ("event shape", str(event_shape)),
+            ("learned log Z (NCE)", f"{attrs['log_z_learned']:.4f}"),
+        ]
+        if "log_z_ais" in attrs:
+            settings.append(
+                ("log Z (AIS)", f"{attrs['log_z_ais']:.4f} ± {attrs['log_z_ais_stderr']:.4f}")
+            )
+        sections = {
+            "title": title,
+            "verdict": diagnosis.verdict,
+            "checks": (["status", "check", "value", "rule", "meaning"], diagnosis.rows()),
+            "settings": (["setting", "value"], settings),
+            "summary": (summary_header, summary_rows) if summary_rows else None,
+            "figures": figures,
+        }
+        if kind == ".html":
+            text = _html(sections, work)
+        else:
+            text = _markdown(sections, figures_name)
+            final_figures = os.path.join(folder, figures_name)
+            staged = os.path.join(work, figures_name)
+            os.makedirs(staged)
+            for name, _ in figures:
+                os.replace(os.path.join(work, name), os.path.join(staged, name))
+            if os.path.exists(final_figures):
+                old = os.path.join(work, "old")
+                os.replace(final_figures, old)
+            os.replace(staged, final_figures)
+        staged_text = os.path.join(work, "report" + kind)
+        with open(staged_text, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(staged_text, path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return path
+
+
+def _html(sections: dict, work: str) -> str:
+    def table(header, rows):
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
+            for row in rows
+        )
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(sections['title'])}</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+        "img{max-width:100%}</style></head><body>",
+        f"<h1>{html.escape(sections['title'])}</h1>",
+        f"<p><b>{html.escape(sections['verdict'])}</b></p>",
+        "<h2>Checks</h2>",
+        table(*sections["checks"]),
+        "<h2>Settings</h2>",
+        table(*sections["settings"]),
+    ]
+    if sections["summary"]:
+        parts += ["<h2>Recorded chains: az.summary</h2>", table(*sections["summary"])]
+    parts.append("<h2>Figures</h2>")
+    for name, caption in sections["figures"]:
+        with open(os.path.join(work, name), "rb") as f:
+            encoded = base64.b64encode(f.read()).decode("ascii")
+        parts.append(
+            f"<figure><img src='data:image/png;base64,{encoded}' alt='{html.escape(name)}'>"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _markdown(sections: dict, figures_name: str) -> str:
+    def table(header, rows):
+        def cell(x):
+            return str(x).replace("|", "\\|")
+
+        lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
+        return "\n".join(lines)
+
+    parts = [
+        f"# {sections['title']}",
+        f"**{sections['verdict']}**",
+        "## Checks",
+        table(*sections["checks"]),
+        "## Settings",
+        table(*sections["settings"]),
+    ]
+    if sections["summary"]:
+        parts += ["## Recorded chains: az.summary", table(*sections["summary"])]
+    parts.append("## Figures")
+    for name, caption in sections["figures"]:
+        parts.append(f"![{caption}]({figures_name}/{name})\n\n*{caption}*")
+    return "\n\n".join(parts) + "\n"
