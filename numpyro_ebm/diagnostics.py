@@ -54,7 +54,7 @@ Example:
     ...     jax.random.key(0), samplers.mala(num_warmup=200),
     ...     lambda x: -0.5 * jnp.sum(x**2), jnp.zeros((4, 2)), num_draws=500)
     >>> dt = diagnostics.to_datatree(draws)
-    >>> float(az.rhat(dt)["posterior"]["x"].max()) < 1.01
+    >>> float(az.rhat(dt)["x"].max()) < 1.01
     True
 """
 
@@ -477,7 +477,7 @@ def _chain_checks(dt, *, training: bool) -> list[Check]:
             )
         )
     if "energy" in stats and num_draws >= 2:
-        bfmi = np.atleast_1d(az.bfmi(dt)["sample_stats"]["energy"].values)
+        bfmi = np.atleast_1d(az.bfmi(dt)["energy"].values)
         low = float(np.min(bfmi))
         threshold = THRESHOLDS["bfmi"]
         status = "ok" if low >= threshold else "warn"
