@@ -328,8 +328,15 @@ def reverse_ais(
         exact_samples: ``(n, *event_shape)`` exact draws from ``exp(−E)/Z``; each run uses
             ``num_particles`` of them chosen at random.
         key: PRNG key.
-        base, data, num_particles, num_temperatures, num_mcmc_steps, num_runs, schedule_power,
-            kernel, initial_step_size: as for ``ais``.
+        base: as for ``ais``.
+        data: as for ``ais``.
+        num_particles: as for ``ais``.
+        num_temperatures: as for ``ais``.
+        num_mcmc_steps: as for ``ais``.
+        num_runs: as for ``ais``.
+        schedule_power: as for ``ais``.
+        kernel: as for ``ais``.
+        initial_step_size: as for ``ais``.
 
     Returns:
         ``LogZEstimate`` (method ``"reverse-ais"``): ``−log mean(1/Ẑ)`` over runs, delta-method

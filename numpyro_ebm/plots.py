@@ -107,7 +107,7 @@ def density_figure(
     ]
     if toy is None and data is None:
         panels_wanted.remove("reference")
-    fig = _figure((4 * len(panels_wanted), 4))
+    fig = _figure((4 * len(panels_wanted), 4.4))
     panels = np.atleast_1d(fig.subplots(1, len(panels_wanted)))
     vmax = model.max()
     for ax, name in zip(panels, panels_wanted, strict=True):
