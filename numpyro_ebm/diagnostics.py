@@ -851,63 +851,74 @@ def _log_z_rows(res: FitResult, data, toy, key) -> list[tuple[str, str]]:
     return [("log Z (grid quadrature, data box + 50%)", f"{logz.grid(res.energy, box).value:.4f}")]
 
 
-def _html(sections: dict, work: str) -> str:
-    def table(header, rows):
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-        body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
-            for row in rows
-        )
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
+def _sections(sections: dict, *, heading, bold, table, figure) -> list[str]:
+    """The report's parts in order, drawn with one format's ``heading``/``bold``/``table``/
+    ``figure``."""
     parts = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(sections['title'])}</title>",
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;}"
-        "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
-        "img{max-width:100%}</style></head><body>",
-        f"<h1>{html.escape(sections['title'])}</h1>",
-        f"<p><b>{html.escape(sections['verdict'])}</b></p>",
-        "<h2>Checks</h2>",
+        heading(1, sections["title"]),
+        bold(sections["verdict"]),
+        heading(2, "Checks"),
         table(*sections["checks"]),
-        "<h2>Settings</h2>",
+        heading(2, "Settings"),
         table(*sections["settings"]),
     ]
     if sections["summary"]:
-        parts += ["<h2>Recorded chains: az.summary</h2>", table(*sections["summary"])]
-    parts.append("<h2>Figures</h2>")
-    for name, caption in sections["figures"]:
+        parts += [heading(2, "Recorded chains: az.summary"), table(*sections["summary"])]
+    parts.append(heading(2, "Figures"))
+    parts += [figure(name, caption) for name, caption in sections["figures"]]
+    return parts
+
+
+def _html(sections: dict, work: str) -> str:
+    esc = html.escape
+
+    def table(header, rows):
+        head = "".join(f"<th>{esc(h)}</th>" for h in header)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in rows
+        )
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    def figure(name, caption):
         with open(os.path.join(work, name), "rb") as f:
             encoded = base64.b64encode(f.read()).decode("ascii")
-        parts.append(
-            f"<figure><img src='data:image/png;base64,{encoded}' alt='{html.escape(name)}'>"
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        return (
+            f"<figure><img src='data:image/png;base64,{encoded}' alt='{esc(name)}'>"
+            f"<figcaption>{esc(caption)}</figcaption></figure>"
         )
-    parts.append("</body></html>")
-    return "\n".join(parts)
+
+    head = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>{esc(sections['title'])}</title>"
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+        "img{max-width:100%}</style></head><body>"
+    )
+    body = _sections(
+        sections,
+        heading=lambda level, text: f"<h{level}>{esc(text)}</h{level}>",
+        bold=lambda text: f"<p><b>{esc(text)}</b></p>",
+        table=table,
+        figure=figure,
+    )
+    return "\n".join([head, *body, "</body></html>"])
 
 
 def _markdown(sections: dict, figures_name: str) -> str:
-    def table(header, rows):
-        def cell(x):
-            return str(x).replace("|", "\\|")
+    def cell(x):
+        return str(x).replace("|", "\\|")
 
+    def table(header, rows):
         lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
         return "\n".join(lines)
 
-    parts = [
-        f"# {sections['title']}",
-        f"**{sections['verdict']}**",
-        "## Checks",
-        table(*sections["checks"]),
-        "## Settings",
-        table(*sections["settings"]),
-    ]
-    if sections["summary"]:
-        parts += ["## Recorded chains: az.summary", table(*sections["summary"])]
-    parts.append("## Figures")
-    for name, caption in sections["figures"]:
-        parts.append(f"![{caption}]({figures_name}/{name})\n\n*{caption}*")
+    parts = _sections(
+        sections,
+        heading=lambda level, text: "#" * level + " " + text,
+        bold=lambda text: f"**{text}**",
+        table=table,
+        figure=lambda name, caption: f"![{caption}]({figures_name}/{name})\n\n*{caption}*",
+    )
     return "\n\n".join(parts) + "\n"

@@ -12,8 +12,10 @@ A ``Sampler`` is a frozen, hashable configuration. It knows how to
 * say which acceptance rate its step size should be tuned to (``sampler.target_acceptance``).
 
 On top of that, ``run_chains`` runs many chains for a fixed number of steps (``vmap`` over
-chains, ``lax.scan`` over steps) and ``warmup`` tunes one shared step size by dual averaging
-(BlackJAX's ``dual_averaging_adaptation``) on the mean acceptance rate across chains.
+chains, ``lax.scan`` over steps), ``warmup`` tunes one shared step size by dual averaging
+(BlackJAX's ``dual_averaging_adaptation``) on the mean acceptance rate across chains, and
+``sample_chains`` does both and returns ``Draws`` (positions and per-draw ``ChainInfo`` in
+ArviZ's chain-major order) for ``numpyro_ebm.diagnostics``.
 
 Chains always move on flat vectors of size ``prod(event_shape)``: ``flat_logdensity`` wraps an
 energy for one event of any shape, so that HMC's mass matrix and the noise are plain vectors.

@@ -111,6 +111,7 @@ def test_hmc_records_the_kept_states_hamiltonian_and_bfmi():
     dt = diagnostics.to_datatree(draws)
     assert {"energy", "diverging", "n_steps"} <= set(dt["sample_stats"].data_vars)
     assert int(dt["sample_stats"]["n_steps"].values[0, 0]) == 5
+    assert az.plot_energy(dt) is not None  # ArviZ's energy plot reads it
     verdict = diagnostics.diagnose(dt, verbose=False)
     assert verdict["bfmi"].status == "ok"
     assert verdict["divergences"].status == "ok"
@@ -147,19 +148,22 @@ def small_fit():
     toy = ebm.datasets.toy("8gaussians")
     data = toy.sample(jax.random.key(0), 4000)
     validation = toy.sample(jax.random.key(1), 500)
-    energy = energies.MLPEnergy(2, hidden=(32, 32), key=jax.random.key(2))
-    res = ebm.fit(
+    res = _fit(data, 200, 128, hidden=(32, 32), validation_data=validation, record_every=5)
+    return res, toy, data, validation
+
+
+def _fit(data, num_steps, num_chains, *, hidden, **kwargs):
+    energy = energies.MLPEnergy(2, hidden=hidden, key=jax.random.key(2))
+    return ebm.fit(
         energy,
         data,
         key=jax.random.key(3),
-        num_steps=200,
-        num_chains=128,
-        batch_size=128,
+        num_steps=num_steps,
+        num_chains=num_chains,
+        batch_size=num_chains,
         progress_bar=False,
-        validation_data=validation,
-        record_every=5,
+        **kwargs,
     )
-    return res, toy, data, validation
 
 
 def test_fit_records_chains_and_summary_works(small_fit):
@@ -205,18 +209,9 @@ def test_recorded_persistent_chains_are_never_restarted():
 
 def test_fit_without_recording_and_bad_settings(small_fit):
     _, _, data, _ = small_fit
-    energy = energies.MLPEnergy(2, hidden=(8,), key=jax.random.key(2))
-    res = ebm.fit(
-        energy,
-        data,
-        key=jax.random.key(3),
-        num_steps=3,
-        num_chains=16,
-        batch_size=16,
-        progress_bar=False,
-        num_recorded_chains=0,
-    )
+    res = _fit(data, 3, 16, hidden=(8,), num_recorded_chains=0)
     assert res.recorded_chains is None
+    energy = res.energy
     with pytest.raises(ValueError, match="no recorded chains"):
         diagnostics.to_datatree(res)
     assert diagnostics.diagnose(res, verbose=False)["nonfinite_steps"].status == "ok"
