@@ -24,11 +24,13 @@ from numpyro_ebm import (
     validation,
 )
 from numpyro_ebm.distribution import EnergyDistribution
+from numpyro_ebm.infer import MaximumLikelihood
 from numpyro_ebm.train import FitResult, TrainingDivergedError, fit
 
 __all__ = [
     "EnergyDistribution",
     "FitResult",
+    "MaximumLikelihood",
     "TrainingDivergedError",
     "datasets",
     "diagnostics",

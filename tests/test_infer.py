@@ -1,0 +1,146 @@
+"""MaximumLikelihood: the ML gradient of a whole NumPyro model with EBM sites."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import optax
+import pytest
+from numpyro import handlers
+from numpyro.contrib.module import eqx_module
+
+import numpyro_ebm as ebm
+
+
+def scaled_energy(mu, log_sigma):
+    """E(x) = ½‖x − μ‖² / σ²: log Z = d log σ + (d/2) log 2π depends on σ."""
+    return jax.tree_util.Partial(
+        lambda m, s, x: 0.5 * jnp.sum((x - m) ** 2) * jnp.exp(-2 * s), mu, log_sigma
+    )
+
+
+def gaussian_model(x, y):
+    mu = numpyro.param("mu", jnp.zeros(2))
+    log_sigma = numpyro.param("log_sigma", jnp.zeros(()))
+    b = numpyro.param("b", jnp.zeros(()))
+    with numpyro.plate("data", x.shape[0]):
+        numpyro.sample("x", ebm.EnergyDistribution(scaled_energy(mu, log_sigma), (2,)), obs=x)
+    with numpyro.plate("other", y.shape[0]):
+        numpyro.sample("y", dist.Normal(b, 1.0), obs=y)
+
+
+def test_update_follows_the_exact_ml_gradient():
+    """One SGD step recovers the gradient; with data drawn from the model itself the chains
+    (started at data) are exact, so the EBM site's gradient equals the exact NLL gradient up to
+    the Monte Carlo error of the negatives' mean, and the Normal site's gradient is exact."""
+    n, num_chains, lr = 500, 4096, 1e-3
+    x = 0.7 * jax.random.normal(jax.random.key(0), (n, 2))  # model at mu=0, sigma=0.7
+    y = 1.0 + jax.random.normal(jax.random.key(1), (50,))
+    learner = ebm.MaximumLikelihood(
+        gaussian_model, optax.sgd(lr), num_chains=num_chains, ema_decay=None, energy_l2=0.0
+    )
+    state = learner.init(jax.random.key(2), x, y)
+    state = state._replace(params={**state.params, "log_sigma": jnp.log(0.7)})
+    new, info = learner.update(jax.random.key(3), state, x, y)
+    grad = jax.tree.map(lambda a, b: (a - b) / lr, state.params, new.params)
+
+    sigma = 0.7
+    exact_mu = -jnp.sum(x, axis=0) / sigma**2  # Σ ∇_μ E(x_i); ∇_μ log Z = 0
+    exact_log_sigma = -jnp.sum(x**2) / sigma**2 + n * 2  # Σ −‖x‖²/σ² + N d
+    # MC error of N × mean over chains: sd of ∇_μ E under the model is 1/σ per coordinate, of
+    # ∇_{log σ} E it is sqrt(2d) = 2; the chains are not independent of the data (restarts),
+    # so allow 5 standard errors
+    se_mu = n / sigma / np.sqrt(num_chains)
+    se_log_sigma = n * 2.0 / np.sqrt(num_chains)
+    assert np.all(np.abs(grad["mu"] - exact_mu) < 5 * se_mu), (grad["mu"], exact_mu)
+    assert abs(grad["log_sigma"] - exact_log_sigma) < 5 * se_log_sigma
+    np.testing.assert_allclose(grad["b"], -jnp.sum(y - 0.0), rtol=1e-4)  # Normal site, exact
+    assert bool(info.is_finite)
+    assert set(info.sites) == {"x"}
+
+
+def test_run_recovers_the_gaussian_mle():
+    key = jax.random.key(4)
+    x = jnp.array([1.0, -2.0]) + 0.5 * jax.random.normal(key, (2000, 2))
+    y = jnp.zeros((1,))
+
+    learner = ebm.MaximumLikelihood(gaussian_model, optax.adam(0.03, b1=0.5), num_chains=256)
+    res = learner.run(jax.random.key(5), 600, x, y, progress_bar=False)
+    mle_mu = jnp.mean(x, axis=0)
+    mle_sigma = jnp.sqrt(jnp.mean((x - mle_mu) ** 2))
+    # each step's negatives estimate the model mean with sd 0.5/√256 = 0.031; the averaged
+    # parameters must sit well inside that
+    np.testing.assert_allclose(res.params["mu"], mle_mu, atol=0.03)
+    assert abs(float(jnp.exp(res.params["log_sigma"])) - float(mle_sigma)) < 0.03
+    assert res.history["x.acceptance_rate"][-100:].mean() == pytest.approx(0.574, abs=0.05)
+    assert res.history["loss"].shape == (600,) and res.history["is_finite"].all()
+
+
+def test_eqx_module_sites_and_subsampling_train():
+    def model(data):
+        energy = eqx_module(
+            "energy", ebm.energies.MLPEnergy(2, hidden=(16,), key=jax.random.key(0))
+        )
+        with numpyro.plate("data", data.shape[0], subsample_size=64):
+            batch = numpyro.subsample(data, event_dim=1)
+            numpyro.sample("x", ebm.EnergyDistribution(energy, (2,)), obs=batch)
+
+    data = ebm.datasets.toy("8gaussians").sample(jax.random.key(1), 1000)
+    learner = ebm.MaximumLikelihood(model, optax.adam(1e-3), num_chains=64, num_mcmc_steps=5)
+    res = learner.run(jax.random.key(2), 30, data, progress_bar=False, steps_per_call=10)
+    before = learner.init(jax.random.key(2), data).params["energy$params"]
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), before, res.params["energy$params"])
+    assert any(jax.tree.leaves(changed))
+    assert res.state.banks["x"].shape == (64, 2)
+
+
+def test_latent_sites_and_models_without_params_are_rejected():
+    def latent(x):
+        numpyro.param("a", 0.0)
+        numpyro.sample("z", dist.Normal())
+
+    with pytest.raises(ValueError, match="latent"):
+        ebm.MaximumLikelihood(latent, optax.adam(1e-3)).init(jax.random.key(0), None)
+
+    def no_params(x):
+        numpyro.sample("x", dist.Normal(), obs=x)
+
+    with pytest.raises(ValueError, match=r"no numpyro\.param"):
+        ebm.MaximumLikelihood(no_params, optax.adam(1e-3)).init(jax.random.key(0), jnp.zeros(3))
+    with pytest.raises(ValueError, match="negatives"):
+        ebm.MaximumLikelihood(no_params, optax.adam(1e-3), negatives="generator")
+
+
+def test_constrained_params_are_optimised_unconstrained():
+    def model(x):
+        scale = numpyro.param("scale", 1.0, constraint=dist.constraints.positive)
+        energy = jax.tree_util.Partial(lambda s, v: 0.5 * jnp.sum(v**2) / s**2, scale)
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("x", ebm.EnergyDistribution(energy, (1,)), obs=x)
+
+    x = 3.0 * jax.random.normal(jax.random.key(0), (500, 1))
+    learner = ebm.MaximumLikelihood(model, optax.adam(0.05), num_chains=256)
+    res = learner.run(jax.random.key(1), 300, x, progress_bar=False)
+    assert float(res.params["scale"]) == pytest.approx(float(jnp.std(x)), abs=0.3)
+    assert float(res.params["scale"]) > 0
+
+
+def test_handlers_treat_ebm_sites_like_any_site():
+    energy = ebm.energies.GaussianEnergy(jnp.zeros(2))
+    d = ebm.EnergyDistribution(energy, (2,), log_z=energy.log_z)
+
+    def model():
+        return numpyro.sample("x", d)
+
+    tr = handlers.trace(handlers.seed(model, jax.random.key(0))).get_trace()
+    assert tr["x"]["value"].shape == (2,) and not tr["x"]["is_observed"]
+    value = jnp.array([0.5, -1.0])
+    tr = handlers.trace(handlers.substitute(model, data={"x": value})).get_trace()
+    np.testing.assert_allclose(tr["x"]["value"], value)
+    tr = handlers.trace(handlers.condition(model, data={"x": value})).get_trace()
+    assert tr["x"]["is_observed"]
+    log_joint, _ = numpyro.infer.util.log_density(model, (), {}, {"x": value})
+    np.testing.assert_allclose(
+        log_joint, dist.MultivariateNormal(jnp.zeros(2), jnp.eye(2)).log_prob(value), rtol=1e-5
+    )
