@@ -144,3 +144,33 @@ def test_handlers_treat_ebm_sites_like_any_site():
     np.testing.assert_allclose(
         log_joint, dist.MultivariateNormal(jnp.zeros(2), jnp.eye(2)).log_prob(value), rtol=1e-5
     )
+
+
+def test_ebm_prior_with_gaussian_likelihood_matches_the_analytic_posterior():
+    """A Gaussian energy as the PRIOR, Gaussian observations: NUTS must give the conjugate
+    posterior N(m, S), S = (S0⁻¹ + K R⁻¹)⁻¹, m = S (S0⁻¹ m0 + R⁻¹ Σ y_k)."""
+    m0 = jnp.array([1.0, -1.0])
+    s0 = jnp.array([[1.0, 0.5], [0.5, 2.0]])
+    r = 0.5 * jnp.eye(2)
+    y = jnp.array([[0.3, 0.2], [0.8, -0.5], [0.1, 0.4]])
+    prior = ebm.EnergyDistribution(ebm.energies.GaussianEnergy(m0, s0), (2,))
+
+    def model(y):
+        x = numpyro.sample("x", prior)
+        with numpyro.plate("obs", y.shape[0]):
+            numpyro.sample("y", dist.MultivariateNormal(x, r), obs=y)
+
+    mcmc = numpyro.infer.MCMC(
+        numpyro.infer.NUTS(model), num_warmup=500, num_samples=4000, progress_bar=False
+    )
+    mcmc.run(jax.random.key(6), y)
+    x = np.asarray(mcmc.get_samples()["x"], np.float64)
+    s_post = np.linalg.inv(np.linalg.inv(s0) + y.shape[0] * np.linalg.inv(r))
+    m_post = s_post @ (np.linalg.solve(s0, m0) + np.linalg.solve(r, y.sum(0)))
+    ess = float(np.min(numpyro.diagnostics.effective_sample_size(x[None])))
+    # standard errors of a mean and of a covariance entry from ess effective draws
+    se_mean = np.sqrt(np.diag(s_post) / ess)
+    d = np.sqrt(np.diag(s_post))
+    se_cov = np.sqrt((np.outer(d, d) ** 2 + s_post**2) / ess)
+    np.testing.assert_array_less(np.abs(x.mean(0) - m_post), 5 * se_mean)
+    np.testing.assert_array_less(np.abs(np.cov(x.T) - s_post), 5 * se_cov)
