@@ -76,23 +76,57 @@ def _with_base(fn, base: EnergyDistribution):
     return inner.to_event(fn.reinterpreted_batch_ndims)
 
 
-class _surrogate_log_z(handlers.Messenger):
-    """Give each EBM site ``log_z = −mean E(negatives)`` (same wrappers, same energy)."""
+class _negative_phase(handlers.Messenger):
+    """At each EBM site: run that site's chains under the CURRENT energy (parameters
+    stop-gradient-ed), then give the site ``log_z = −mean E(negatives)`` (same wrappers, same
+    energy), so that the model is traced once per step. Results land in ``self.results``."""
 
-    def __init__(self, fn, negatives: dict):
-        self.negatives = negatives
+    def __init__(self, fn, learner, state, key):
+        self.learner, self.state, self.key = learner, state, key
+        self.results: dict = {}
         super().__init__(fn)
 
     def process_message(self, msg):
-        if msg["type"] != "sample" or msg["name"] not in self.negatives:
+        if msg["type"] != "sample" or msg["name"] not in self.learner._sites:
             return
+        learner, name = self.learner, msg["name"]
         base = _base(msg["fn"])
-        neg = jax.lax.stop_gradient(self.negatives[msg["name"]])
-        surrogate = -jnp.mean(base.energy_of(neg))
+        event_shape = tuple(base.event_shape)
+        params, static = eqx.partition(base.energy, eqx.is_inexact_array)
+        frozen = eqx.combine(jax.lax.stop_gradient(params), static)
+        logdensity = _samplers.flat_logdensity(frozen, event_shape)
+        observed = jnp.asarray(msg["value"]).reshape(-1, math.prod(event_shape))
+        k_start, k_run = jax.random.split(jax.random.fold_in(self.key, learner._sites.index(name)))
+        starts, rows = _negatives.chain_starts(
+            k_start,
+            learner.negatives,
+            self.state.banks[name],
+            self.state.bases[name],
+            learner.num_chains,
+            learner.reinit_fraction,
+            jax.lax.stop_gradient(observed),
+        )
+        chains = learner.sampler.init_chains(starts, logdensity)
+        chains, trace, _ = _samplers.run_chains(
+            k_run, learner.sampler, logdensity, chains, self.state.step_sizes[name],
+            learner.num_mcmc_steps,
+        )  # fmt: skip
+        final = jax.lax.stop_gradient(chains.position)
+        negatives = final.reshape(learner.num_chains, *event_shape)
+        e_obs = base.energy_of(msg["value"])
+        e_neg = base.energy_of(negatives)
+        self.results[name] = {
+            "final": final,
+            "rows": rows,
+            "acceptance": jnp.mean(trace.acceptance_rate),
+            "langevin_grad_norm": jnp.mean(jnp.linalg.norm(chains.logdensity_grad, axis=1)),
+            "energy_gap": jnp.mean(e_obs) - jnp.mean(e_neg),
+            "l2": jnp.mean(e_obs**2) + jnp.mean(e_neg**2),
+        }
         new = EnergyDistribution(
             base.energy,
             base.event_shape,
-            log_z=jnp.broadcast_to(surrogate, base.batch_shape),
+            log_z=jnp.broadcast_to(-jnp.mean(e_neg), base.batch_shape),
             sampler=base.sampler,
             initializer=base.initializer,
         )
@@ -275,50 +309,14 @@ class MaximumLikelihood:
 
     def _update_impl(self, key, state, args, kwargs):
         k_model, k_chains = jax.random.split(key)
-        trace = self._trace(k_model, state.params, args, kwargs)
-        negatives, finals, site_infos = {}, {}, {}
-        for i, name in enumerate(self._sites):
-            site = trace[name]
-            base = _base(site["fn"])
-            event_shape = tuple(base.event_shape)
-            logdensity = _samplers.flat_logdensity(base.energy, event_shape)
-            observed = _flat_observed(site)
-            k_start, k_run = jax.random.split(jax.random.fold_in(k_chains, i))
-            starts, rows = _negatives.chain_starts(
-                k_start,
-                self.negatives,
-                state.banks[name],
-                state.bases[name],
-                self.num_chains,
-                self.reinit_fraction,
-                observed,
-            )
-            chains = self.sampler.init_chains(starts, logdensity)
-            chains, trace_info, _ = _samplers.run_chains(
-                k_run, self.sampler, logdensity, chains, state.step_sizes[name],
-                self.num_mcmc_steps,
-            )  # fmt: skip
-            final = jax.lax.stop_gradient(chains.position)
-            finals[name] = (final, rows)
-            negatives[name] = final.reshape(self.num_chains, *event_shape)
-            site_infos[name] = (
-                jnp.mean(trace_info.acceptance_rate),
-                jnp.mean(jnp.linalg.norm(chains.logdensity_grad, axis=1)),
-            )
 
         def loss_fn(params):
-            model = _surrogate_log_z(handlers.seed(self.model, k_model), negatives)
-            log_joint, model_trace = log_density(model, args, kwargs, self.constrain(params))
-            l2, gaps = 0.0, {}
-            for name in self._sites:
-                base = _base(model_trace[name]["fn"])
-                e_obs = base.energy_of(model_trace[name]["value"])
-                e_neg = base.energy_of(negatives[name])
-                l2 = l2 + self.energy_l2 * (jnp.mean(e_obs**2) + jnp.mean(e_neg**2))
-                gaps[name] = jnp.mean(e_obs) - jnp.mean(e_neg)
-            return -log_joint + l2, gaps
+            model = _negative_phase(handlers.seed(self.model, k_model), self, state, k_chains)
+            log_joint, _ = log_density(model, args, kwargs, self.constrain(params))
+            l2 = sum((r["l2"] for r in model.results.values()), start=0.0)
+            return -log_joint + self.energy_l2 * l2, model.results
 
-        (loss, gaps), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, results), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if self.ema_decay is None:
@@ -331,16 +329,21 @@ class MaximumLikelihood:
             )
         banks, step_sizes, infos = {}, {}, {}
         for name in self._sites:
-            final, rows = finals[name]
-            banks[name] = _negatives.update_bank(self.negatives, state.banks[name], final, rows)
-            acceptance, norm = site_infos[name]
+            result = results[name]
+            banks[name] = _negatives.update_bank(
+                self.negatives, state.banks[name], result["final"], result["rows"]
+            )
+            acceptance = result["acceptance"]
             log_h = jnp.log(state.step_sizes[name])
             if self.sampler.adapts:
                 log_h = log_h + self.step_size_gain * (acceptance - self.sampler.target)
             step_sizes[name] = jnp.exp(jnp.clip(log_h, *_LOG_STEP_SIZE_RANGE)).astype(
                 state.step_sizes[name].dtype
             )
-            infos[name] = SiteInfo(gaps[name], acceptance, state.step_sizes[name], norm)
+            infos[name] = SiteInfo(
+                result["energy_gap"], acceptance, state.step_sizes[name],
+                result["langevin_grad_norm"],
+            )  # fmt: skip
         proposed = MLState(
             step=state.step + 1,
             params=params,

@@ -174,3 +174,48 @@ def test_ebm_prior_with_gaussian_likelihood_matches_the_analytic_posterior():
     se_cov = np.sqrt((np.outer(d, d) ** 2 + s_post**2) / ess)
     np.testing.assert_array_less(np.abs(x.mean(0) - m_post), 5 * se_mean)
     np.testing.assert_array_less(np.abs(np.cov(x.T) - s_post), 5 * se_cov)
+
+
+def _scale_posterior(log_z_of):
+    """NUTS over log σ of E(x) = ½x²/σ², with ``log_z_of(energy, log_sigma)`` as log Z."""
+
+    def model(x):
+        log_sigma = numpyro.sample("log_sigma", dist.Normal(0.0, 1.0))
+        energy = jax.tree_util.Partial(
+            lambda s, v: 0.5 * jnp.sum(v**2) * jnp.exp(-2 * s), log_sigma
+        )
+        d = ebm.EnergyDistribution(energy, (1,), log_z=log_z_of(energy, log_sigma))
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("x", d, obs=x)
+
+    x = 1.5 * jax.random.normal(jax.random.key(7), (20, 1))
+    mcmc = numpyro.infer.MCMC(
+        numpyro.infer.NUTS(model), num_warmup=500, num_samples=3000, progress_bar=False
+    )
+    mcmc.run(jax.random.key(8), x)
+    draws = np.asarray(mcmc.get_samples()["log_sigma"], np.float64)
+    ess = float(numpyro.diagnostics.effective_sample_size(draws[None]))
+    # the exact posterior of log σ by quadrature: N(0, 1) prior × Π N(x_i; 0, σ²)
+    grid = np.linspace(-3, 4, 20001)
+    sum_sq = float(jnp.sum(x**2))
+    log_post = -0.5 * grid**2 - x.shape[0] * grid - 0.5 * sum_sq * np.exp(-2 * grid)
+    weights = np.exp(log_post - log_post.max())
+    weights /= weights.sum()
+    mean = float(np.sum(weights * grid))
+    sd = float(np.sqrt(np.sum(weights * (grid - mean) ** 2)))
+    return draws.mean(), mean, sd / np.sqrt(ess)
+
+
+def test_nuts_over_energy_parameters_needs_log_z_of_theta():
+    """Doubly intractable: the likelihood of θ is exp(−E_θ(x)) / Z(θ). Dropping Z(θ) (log_z=0)
+    gives a wrong posterior; Z(θ) exact or by traced quadrature gives the right one."""
+    wrong, truth, se = _scale_posterior(lambda energy, s: 0.0)
+    assert abs(wrong - truth) > 20 * se, (wrong, truth, se)
+
+    exact, truth, se = _scale_posterior(lambda energy, s: s + 0.5 * jnp.log(2 * jnp.pi))
+    assert abs(exact - truth) < 5 * se, (exact, truth, se)
+
+    by_grid, truth, se = _scale_posterior(
+        lambda energy, s: ebm.logz.grid_traced(energy, [[-40.0, 40.0]], 2048)
+    )
+    assert abs(by_grid - truth) < 5 * se, (by_grid, truth, se)
