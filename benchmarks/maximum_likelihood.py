@@ -13,7 +13,10 @@ Both train the same MLPEnergy (hidden 128×3) on 50 000 points with 1024 persist
             numpyro.sample("x", EnergyDistribution(energy, (2,)), obs=numpyro.subsample(data, 1))
 
 with `fit`'s optimizer (Adam β₁ = 0.5, cosine decay), its gradient clipping scaled by N (the
-model's loss is a total over N points, `fit`'s a mean). KL(data ‖ model) uses grid-exact log Z
+model's loss is a total over N points, `fit`'s a mean). A third row draws the batch as `fit`
+does (1024 rows with replacement, `handlers.scale(N / 1024)`): NumPyro's plate subsampling
+draws without replacement, on CPU by a sequential Fisher-Yates shuffle that costs ~3.7 ms per
+step at N = 50 000 on the 2-core CPU. KL(data ‖ model) uses grid-exact log Z
 (`evaluate.kl_to_toy`, 20 000 test points). Per-step time = (time of the full run − time of a
 200-step run) / (steps − 200): compilation cancels out.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from functools import partial
 
 import equinox as eqx
 import jax
@@ -61,6 +65,14 @@ def main() -> None:
                 batch = numpyro.subsample(data, event_dim=1)
                 numpyro.sample("x", ebm.EnergyDistribution(net, (2,)), obs=batch)
 
+        def model_with_replacement(data, energy=energy):
+            # fit's batching: rows drawn WITH replacement (numpyro's plate subsampling draws
+            # without replacement, by a sequential shuffle on CPU), scaled to the data size
+            net = eqx_module("energy", energy)
+            rows = jax.random.randint(numpyro.prng_key(), (1024,), 0, data.shape[0])
+            with numpyro.handlers.scale(scale=data.shape[0] / 1024), numpyro.plate("b", 1024):
+                numpyro.sample("x", ebm.EnergyDistribution(net, (2,)), obs=data[rows])
+
         def run_fit(steps, energy=energy, data=data, k_fit=k_fit):
             res = ebm.fit(energy, data, key=k_fit, num_steps=steps, progress_bar=False)
             return res.energy
@@ -75,7 +87,15 @@ def main() -> None:
             static = eqx.partition(energy, eqx.is_inexact_array)[1]
             return eqx.combine(res.params["energy$params"], static)
 
-        for method, run in (("fit", run_fit), ("MaximumLikelihood", run_ml)):
+        rows = (
+            ("fit", run_fit),
+            ("MaximumLikelihood, plate subsampling", run_ml),
+            (
+                "MaximumLikelihood, rows with replacement",
+                partial(run_ml, model=model_with_replacement),
+            ),
+        )
+        for method, run in rows:
             start = time.perf_counter()
             jax.block_until_ready(run(SHORT))
             short = time.perf_counter() - start
