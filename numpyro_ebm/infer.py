@@ -48,7 +48,13 @@ from numpyro.infer.util import log_density, transform_fn
 from numpyro_ebm import negatives as _negatives
 from numpyro_ebm import samplers as _samplers
 from numpyro_ebm.distribution import EnergyDistribution
-from numpyro_ebm.train import _LOG_STEP_SIZE_RANGE, TrainingDivergedError, _all_finite
+from numpyro_ebm.train import (
+    TrainingDivergedError,
+    _all_finite,
+    adapt_step_size,
+    keep_if_finite,
+    moving_average,
+)
 
 __all__ = ["MLInfo", "MLState", "MaximumLikelihood", "MaximumLikelihoodResult", "SiteInfo"]
 
@@ -319,14 +325,7 @@ class MaximumLikelihood:
         (loss, results), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        if self.ema_decay is None:
-            average = params
-        else:
-            t = state.step.astype(jnp.float32)
-            decay = jnp.minimum(self.ema_decay, (1.0 + t) / (10.0 + t))
-            average = jax.tree.map(
-                lambda a, p: decay * a + (1 - decay) * p, state.average_params, params
-            )
+        average, _ = moving_average(state.average_params, params, state.step, self.ema_decay)
         banks, step_sizes, infos = {}, {}, {}
         for name in self._sites:
             result = results[name]
@@ -334,11 +333,8 @@ class MaximumLikelihood:
                 self.negatives, state.banks[name], result["final"], result["rows"]
             )
             acceptance = result["acceptance"]
-            log_h = jnp.log(state.step_sizes[name])
-            if self.sampler.adapts:
-                log_h = log_h + self.step_size_gain * (acceptance - self.sampler.target)
-            step_sizes[name] = jnp.exp(jnp.clip(log_h, *_LOG_STEP_SIZE_RANGE)).astype(
-                state.step_sizes[name].dtype
+            step_sizes[name] = adapt_step_size(
+                state.step_sizes[name], acceptance, self.sampler, self.step_size_gain
             )
             infos[name] = SiteInfo(
                 result["energy_gap"], acceptance, state.step_sizes[name],
@@ -355,10 +351,7 @@ class MaximumLikelihood:
             consecutive_nonfinite=jnp.zeros((), jnp.int32),
         )
         finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(proposed)
-        rejected = state._replace(
-            step=state.step + 1, consecutive_nonfinite=state.consecutive_nonfinite + 1
-        )
-        new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), proposed, rejected)
+        new_state = keep_if_finite(finite, proposed, state)
         info = MLInfo(loss, optax.tree.norm(grads), finite, infos)
         return new_state, info
 
@@ -391,8 +384,9 @@ class MaximumLikelihood:
             key: PRNG key (split into an init key and a loop key; step ``t`` uses
                 ``fold_in(loop_key, t)``).
             num_steps: updates.
-            *args, **kwargs: the model's arguments (the same every step; subsample inside
+            *args: the model's positional arguments (the same every step; subsample inside
                 the model with ``numpyro.plate(..., subsample_size=...)``).
+            **kwargs: the model's keyword arguments.
             progress_bar: tqdm bar.
             steps_per_call: updates per compiled call (one host round-trip each).
             max_nonfinite: stop after this many consecutive rejected (non-finite) steps.

@@ -45,15 +45,21 @@ from numpyro_ebm.distribution import EnergyDistribution, check_energy
 from numpyro_ebm.validation import validate_data
 
 __all__ = [
+    "HISTORY_FIELDS",
     "NEGATIVES",
+    "ChainRecord",
     "FitResult",
     "StepInfo",
     "TrainConfig",
     "TrainState",
     "TrainingDivergedError",
+    "adapt_step_size",
     "default_optimizer",
     "fit",
+    "heldout_nll",
     "init",
+    "keep_if_finite",
+    "moving_average",
     "step",
     "surrogate_loss",
 ]
@@ -430,17 +436,9 @@ def step(
     )(params)
     updates, opt_state = config.optimizer.update(grads, state.opt_state, params)
     new_params = optax.apply_updates(params, updates)
-    if config.ema_decay is None:
-        decay = jnp.zeros(())
-        average = new_params
-    else:
-        # warm-up of the averaging window (as in TensorFlow's ExponentialMovingAverage with
-        # num_updates): early iterates, far from the optimum, are forgotten quickly
-        step_count = state.step.astype(jnp.float32)
-        decay = jnp.minimum(config.ema_decay, (1.0 + step_count) / (10.0 + step_count))
-        average = jax.tree.map(
-            lambda a, p: decay * a + (1 - decay) * p, _params(state.average_energy), new_params
-        )
+    average, decay = moving_average(
+        _params(state.average_energy), new_params, state.step, config.ema_decay
+    )
 
     average_energy = eqx.combine(average, static)
     k_noise = jax.random.fold_in(k_start, 1)
@@ -462,10 +460,9 @@ def step(
     log_z = state.log_z + log_z_update
 
     acceptance = phase.acceptance
-    log_h = jnp.log(state.step_size)
-    if config.sampler.adapts and config.runs_chains:
-        log_h = log_h + config.step_size_gain * (acceptance - config.sampler.target)
-    step_size = jnp.exp(jnp.clip(log_h, *_LOG_STEP_SIZE_RANGE)).astype(state.step_size.dtype)
+    step_size = state.step_size
+    if config.runs_chains:
+        step_size = adapt_step_size(step_size, acceptance, config.sampler, config.step_size_gain)
 
     proposed = TrainState(
         step=state.step + 1,
@@ -488,10 +485,7 @@ def step(
         & _all_finite(phase.generator_grads)
         & _all_finite(proposed)
     )
-    rejected = state._replace(
-        step=state.step + 1, consecutive_nonfinite=state.consecutive_nonfinite + 1
-    )
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), proposed, rejected)
+    new_state = keep_if_finite(finite, proposed, state)
 
     terms = phase.generator_terms
     info = StepInfo(
@@ -513,6 +507,36 @@ def step(
         recorded=phase.record,
     )
     return new_state, info
+
+
+def moving_average(average, params, step, ema_decay: float | None):
+    """``(new_average, decay)``: the parameter average after this step (``params`` itself when
+    ``ema_decay`` is None). The decay at step t is ``min(ema_decay, (1 + t) / (10 + t))``, a
+    warm-up as in TensorFlow's ExponentialMovingAverage with num_updates: early iterates, far
+    from the optimum, are forgotten quickly."""
+    if ema_decay is None:
+        return params, jnp.zeros(())
+    t = step.astype(jnp.float32)
+    decay = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
+    return jax.tree.map(lambda a, p: decay * a + (1 - decay) * p, average, params), decay
+
+
+def adapt_step_size(step_size, acceptance, sampler: _samplers.Sampler, gain: float):
+    """Robbins-Monro ``log h ← log h + gain · (acceptance − target)``, clipped to
+    ``[1e-6, 10]`` (unchanged for kernels that do not adapt)."""
+    log_h = jnp.log(step_size)
+    if sampler.adapts:
+        log_h = log_h + gain * (acceptance - sampler.target)
+    return jnp.exp(jnp.clip(log_h, *_LOG_STEP_SIZE_RANGE)).astype(step_size.dtype)
+
+
+def keep_if_finite(finite, proposed, state):
+    """``proposed`` if ``finite``, else ``state`` with only ``step`` and
+    ``consecutive_nonfinite`` advanced (both states need those two fields)."""
+    rejected = state._replace(
+        step=state.step + 1, consecutive_nonfinite=state.consecutive_nonfinite + 1
+    )
+    return jax.tree.map(lambda new, old: jnp.where(finite, new, old), proposed, rejected)
 
 
 class _NegativePhase(NamedTuple):
