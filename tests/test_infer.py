@@ -219,3 +219,31 @@ def test_nuts_over_energy_parameters_needs_log_z_of_theta():
         lambda energy, s: ebm.logz.grid_traced(energy, [[-40.0, 40.0]], 2048)
     )
     assert abs(by_grid - truth) < 5 * se, (by_grid, truth, se)
+
+
+def test_predictive_uses_the_trained_params():
+    """Params from MaximumLikelihood go into Predictive like SVI's: the EBM site then samples
+    by MCMC from the trained energy."""
+
+    def model(n, x=None):
+        mu = numpyro.param("mu", jnp.zeros(2))
+        log_sigma = numpyro.param("log_sigma", jnp.zeros(()))
+        d = ebm.EnergyDistribution(
+            scaled_energy(mu, log_sigma), (2,), sampler=ebm.samplers.mala(num_warmup=300)
+        )
+        with numpyro.plate("data", n):
+            numpyro.sample("x", d, obs=x)
+
+    x = jnp.array([2.0, -1.0]) + 0.5 * jax.random.normal(jax.random.key(9), (1000, 2))
+    learner = ebm.MaximumLikelihood(model, optax.adam(0.03, b1=0.5), num_chains=256)
+    res = learner.run(jax.random.key(10), 400, 1000, x, progress_bar=False)
+    out = numpyro.infer.Predictive(model, params=res.params, num_samples=1)(
+        jax.random.key(11), 2000
+    )
+    draws = np.asarray(out["x"]).reshape(-1, 2)
+    sigma = float(jnp.exp(res.params["log_sigma"]))
+    # 2000 independent chains: the mean's standard error is sigma / sqrt(2000)
+    np.testing.assert_array_less(
+        np.abs(draws.mean(0) - np.asarray(res.params["mu"])), 5 * sigma / np.sqrt(2000)
+    )
+    np.testing.assert_allclose(draws.std(0), sigma, rtol=0.1)  # se of a std: 1.6%
