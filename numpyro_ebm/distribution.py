@@ -26,19 +26,25 @@ from numpyro_ebm.validation import validate_event_shape
 __all__ = ["EnergyDistribution"]
 
 
-def check_energy(energy: Callable, event_shape: tuple[int, ...]) -> None:
-    """Raise a clear error unless ``energy`` maps one event of ``event_shape`` to a real scalar.
+def check_energy(
+    energy: Callable, event_shape: tuple[int, ...], condition_shape: tuple[int, ...] | None = None
+) -> None:
+    """Raise a clear error unless ``energy`` maps one event of ``event_shape`` (and, for a
+    conditional energy, one condition of ``condition_shape``) to a real scalar.
 
     Uses ``jax.eval_shape``: nothing is computed, so it is safe on traced parameters.
     """
     if not callable(energy):
         raise TypeError(f"energy must be callable (one event -> scalar), got {type(energy)}")
-    probe = jax.ShapeDtypeStruct(event_shape, jnp.result_type(float))
+    probes = [jax.ShapeDtypeStruct(event_shape, jnp.result_type(float))]
+    if condition_shape is not None:
+        probes.append(jax.ShapeDtypeStruct(condition_shape, jnp.result_type(float)))
     try:
-        out = jax.eval_shape(energy, probe)
+        out = jax.eval_shape(energy, *probes)
     except Exception as err:  # surfaced with context: the user's energy failed on one event
+        what = "" if condition_shape is None else f" and ONE condition of shape {condition_shape}"
         raise ValueError(
-            f"energy could not be evaluated on ONE event of shape {event_shape}: "
+            f"energy could not be evaluated on ONE event of shape {event_shape}{what}: "
             f"{type(err).__name__}: {err}. The energy must take a single event (no batch axis); "
             "check event_shape."
         ) from err
@@ -74,6 +80,11 @@ class EnergyDistribution(dist.Distribution):
             *event_shape)``, e.g. a trained ``numpyro_ebm.generator.Generator``
             (``FitResult.distribution()`` passes its generator). Default: ``Normal(0,
             init_scale²)``. Chains started near the model need less warm-up.
+        condition: makes the distribution CONDITIONAL, ``p(x | c) ∝ exp(−E(x, c))``: an
+            array ``(*batch_shape, condition_size)`` of conditions, one vector per batch
+            element (scalars as ``(n, 1)``). ``energy(x, c)`` then takes one event and one
+            condition vector; ``log_z`` (if not 0) is per condition. ``sample`` runs chains per
+            condition, each with its own warm-up.
         validate_args: NumPyro argument/sample validation (as for any NumPyro distribution).
 
     Shapes:
@@ -94,7 +105,7 @@ class EnergyDistribution(dist.Distribution):
 
     arg_constraints: ClassVar[dict] = {"log_z": constraints.real}
     reparametrized_params: ClassVar[list] = []
-    pytree_data_fields = ("energy", "log_z", "initializer")
+    pytree_data_fields = ("energy", "log_z", "initializer", "condition")
     pytree_aux_fields = ("sampler",)
 
     def __init__(
@@ -105,10 +116,18 @@ class EnergyDistribution(dist.Distribution):
         *,
         sampler: _samplers.Sampler | str | None = None,
         initializer: Callable | None = None,
+        condition=None,
         validate_args: bool | None = None,
     ):
         event_shape = validate_event_shape(event_shape)
-        check_energy(energy, event_shape)
+        if condition is not None:
+            condition = jnp.asarray(condition, dtype=jnp.result_type(float))
+            if condition.ndim < 1:
+                raise ValueError(
+                    "condition must have shape (*batch_shape, condition_size); pass scalar "
+                    "conditions as (n, 1)"
+                )
+        check_energy(energy, event_shape, None if condition is None else condition.shape[-1:])
         if initializer is not None:
             _check_initializer(initializer, event_shape)
         elif sampler == "initializer":
@@ -116,9 +135,13 @@ class EnergyDistribution(dist.Distribution):
         self.energy = energy
         self.log_z = jnp.asarray(log_z, dtype=jnp.result_type(float))
         self.initializer = initializer
+        self.condition = condition
         self.sampler = sampler if sampler == "initializer" else _samplers.get_sampler(sampler)
+        batch_shape = jnp.shape(self.log_z)
+        if condition is not None:
+            batch_shape = jnp.broadcast_shapes(batch_shape, condition.shape[:-1])
         super().__init__(
-            batch_shape=jnp.shape(self.log_z),
+            batch_shape=batch_shape,
             event_shape=event_shape,
             validate_args=validate_args,
         )
@@ -145,9 +168,19 @@ class EnergyDistribution(dist.Distribution):
         return value.reshape((math.prod(lead_shape), *self.event_shape)), lead_shape
 
     def energy_of(self, value) -> jax.Array:
-        """``energy(value)`` for any leading shape: ``(*lead, *event_shape) -> lead``."""
+        """``energy(value)`` for any leading shape: ``(*lead, *event_shape) -> lead`` (a
+        conditional energy gets each event's condition, broadcast against ``lead``)."""
         flat, lead_shape = self._flatten_events(value)
-        return jax.vmap(self.energy)(flat).reshape(lead_shape)
+        if self.condition is None:
+            return jax.vmap(self.energy)(flat).reshape(lead_shape)
+        conditions = self._conditions_for(lead_shape)
+        return jax.vmap(self.energy)(flat, conditions).reshape(lead_shape)
+
+    def _conditions_for(self, lead_shape) -> jax.Array:
+        """``(prod(lead_shape), condition_size)``: the condition of every event."""
+        size = self.condition.shape[-1]
+        full = jnp.broadcast_to(self.condition, (*lead_shape, size))
+        return full.reshape(-1, size)
 
     def unnormalized_log_prob(self, value) -> jax.Array:
         """``−energy(value)``, without ``log_z``: ``(*lead, *event_shape) -> lead``."""
@@ -197,6 +230,8 @@ class EnergyDistribution(dist.Distribution):
             draws = self.initializer(key, num_draws).astype(dtype)
             return draws.reshape(*shape, *self.event_shape), None
         cfg = self.sampler
+        if self.condition is not None:
+            return self._sample_conditional(key, shape)
         num_chains = cfg.num_chains or num_draws
         draws_per_chain = -(-num_draws // num_chains)
         key_init, key_chains = jax.random.split(key)
@@ -212,6 +247,36 @@ class EnergyDistribution(dist.Distribution):
         # draw-major flattening: consecutive samples come from different chains
         samples = jnp.swapaxes(draws.positions, 0, 1).reshape(-1, dim)[:num_draws]
         return samples.reshape(*shape, *self.event_shape), draws
+
+    def _sample_conditional(self, key, shape):
+        """One chain per draw, each with its draw's condition and its own step-size warm-up."""
+        cfg = self.sampler
+        num_draws = math.prod(shape)
+        dim = math.prod(self.event_shape)
+        dtype = self.log_z.dtype
+        conditions = self._conditions_for(shape)
+        key_init, key_chains = jax.random.split(key)
+        if self.initializer is None:
+            starts = cfg.init_scale * jax.random.normal(key_init, (num_draws, 1, dim), dtype)
+        else:
+            starts = self.initializer(key_init, num_draws).reshape(num_draws, 1, dim)
+            starts = starts.astype(dtype)
+
+        def one(k, start, c):
+            logdensity = _samplers.flat_logdensity(lambda x: self.energy(x, c), self.event_shape)
+            draws, _ = _samplers.sample_chains(
+                k, cfg, logdensity, start, 1, event_shape=self.event_shape
+            )
+            return draws
+
+        draws = jax.vmap(one)(jax.random.split(key_chains, num_draws), starts, conditions)
+        # (num_draws, 1 chain, 1 draw, ...) -> num_draws chains of one draw each
+        chains_first = jax.tree.map(lambda a: a.reshape(num_draws, *a.shape[2:]), draws.info)
+        draws = _samplers.Draws(
+            draws.positions.reshape(num_draws, 1, *self.event_shape), chains_first, draws.step[0]
+        )
+        samples = draws.positions.reshape(*shape, *self.event_shape)
+        return samples, draws
 
     def __repr__(self) -> str:
         return (
@@ -236,6 +301,8 @@ def _check_initializer(initializer: Callable, event_shape: tuple[int, ...]) -> N
 
 @vmap_over.register
 def _vmap_over_energy_distribution(
-    d: EnergyDistribution, energy=None, log_z=None, initializer=None
+    d: EnergyDistribution, energy=None, log_z=None, initializer=None, condition=None
 ):
-    return _default_vmap_over(d, energy=energy, log_z=log_z, initializer=initializer)
+    return _default_vmap_over(
+        d, energy=energy, log_z=log_z, initializer=initializer, condition=condition
+    )

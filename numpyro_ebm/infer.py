@@ -103,6 +103,9 @@ class _negative_phase(handlers.Messenger):
         logdensity = _samplers.flat_logdensity(frozen, event_shape)
         observed = jnp.asarray(msg["value"]).reshape(-1, math.prod(event_shape))
         k_start, k_run = jax.random.split(jax.random.fold_in(self.key, learner._sites.index(name)))
+        if base.condition is not None:
+            self._conditional(msg, base, frozen, observed, k_run)
+            return
         starts, rows = _negatives.chain_starts(
             k_start,
             learner.negatives,
@@ -135,6 +138,50 @@ class _negative_phase(handlers.Messenger):
             log_z=jnp.broadcast_to(-jnp.mean(e_neg), base.batch_shape),
             sampler=base.sampler,
             initializer=base.initializer,
+        )
+        msg["fn"] = _with_base(msg["fn"], new)
+
+    def _conditional(self, msg, base, frozen, observed, key):
+        """Conditional site: one chain per observed event, under that event's condition,
+        started at the observed value (contrastive divergence with ``num_mcmc_steps`` steps),
+        and a per-event log Z surrogate ``−E(x̃_i | c_i)``."""
+        learner, name = self.learner, msg["name"]
+        event_shape = tuple(base.event_shape)
+        lead_shape = jnp.shape(msg["value"])[: jnp.ndim(msg["value"]) - len(event_shape)]
+        conditions = jax.lax.stop_gradient(base._conditions_for(lead_shape))
+        step_size = self.state.step_sizes[name]
+
+        def one(k, start, c):
+            logdensity = _samplers.flat_logdensity(lambda x: frozen(x, c), event_shape)
+            chain = learner.sampler.init_chains(start[None], logdensity)
+            chain, trace, _ = _samplers.run_chains(
+                k, learner.sampler, logdensity, chain, step_size, learner.num_mcmc_steps
+            )
+            grad_norm = jnp.linalg.norm(chain.logdensity_grad[0])
+            return chain.position[0], jnp.mean(trace.acceptance_rate), grad_norm
+
+        keys = jax.random.split(key, observed.shape[0])
+        final, acceptance, grad_norm = jax.vmap(one)(
+            keys, jax.lax.stop_gradient(observed), conditions
+        )
+        final = jax.lax.stop_gradient(final)
+        e_obs = base.energy_of(msg["value"])
+        e_neg = base.energy_of(final.reshape(*lead_shape, *event_shape))
+        self.results[name] = {
+            "final": final,
+            "rows": None,
+            "acceptance": jnp.mean(acceptance),
+            "langevin_grad_norm": jnp.mean(grad_norm),
+            "energy_gap": jnp.mean(e_obs) - jnp.mean(e_neg),
+            "l2": jnp.mean(e_obs**2) + jnp.mean(e_neg**2),
+        }
+        new = EnergyDistribution(
+            base.energy,
+            base.event_shape,
+            log_z=-e_neg,
+            sampler=base.sampler,
+            initializer=base.initializer,
+            condition=base.condition,
         )
         msg["fn"] = _with_base(msg["fn"], new)
 
@@ -284,6 +331,10 @@ class MaximumLikelihood:
         banks, step_sizes, bases = {}, {}, {}
         for i, name in enumerate(sites):
             observed = _flat_observed(trace[name])
+            step_sizes[name] = jnp.asarray(self.sampler.step_size, jnp.float32)
+            if _base(trace[name]["fn"]).condition is not None:
+                banks[name] = bases[name] = None  # chains per condition, from the data
+                continue
             bases[name] = _negatives.fit_base(observed)
             banks[name] = _negatives.init_bank(
                 jax.random.fold_in(k_bank, i),
@@ -292,7 +343,6 @@ class MaximumLikelihood:
                 self.num_chains,
                 self.buffer_size,
             )
-            step_sizes[name] = jnp.asarray(self.sampler.step_size, jnp.float32)
         return MLState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -329,9 +379,11 @@ class MaximumLikelihood:
         banks, step_sizes, infos = {}, {}, {}
         for name in self._sites:
             result = results[name]
-            banks[name] = _negatives.update_bank(
-                self.negatives, state.banks[name], result["final"], result["rows"]
-            )
+            banks[name] = state.banks[name]
+            if banks[name] is not None:
+                banks[name] = _negatives.update_bank(
+                    self.negatives, banks[name], result["final"], result["rows"]
+                )
             acceptance = result["acceptance"]
             step_sizes[name] = adapt_step_size(
                 state.step_sizes[name], acceptance, self.sampler, self.step_size_gain

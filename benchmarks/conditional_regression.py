@@ -1,0 +1,123 @@
+"""A conditional EBM p(y | x) ∝ exp(−E(y, x)) on a regression with a two-branch response.
+
+    python benchmarks/conditional_regression.py                # 3000 steps
+    python benchmarks/conditional_regression.py --steps 500
+
+Data: x ~ U(−2, 2), y | x ~ ½ N(x, 0.2²) + ½ N(−x, 0.2²) (two branches crossing at 0); 5 000
+training and 2 000 test points. The EBM is an MLP energy (hidden 64×2, SiLU) of (y, x), trained
+by `MaximumLikelihood` on the NumPyro model
+
+    with numpyro.plate("data", N, subsample_size=512):
+        numpyro.sample("y", EnergyDistribution(energy, (1,), condition=x_batch), obs=y_batch)
+
+with one MALA chain per point, started at the observed y (contrastive divergence, 20 steps).
+The held-out NLL normalises the EBM per test condition by quadrature over y (1 024 points on
+[−4, 4]): exact up to discretisation. Baselines on the same test points: the BEST Gaussian
+conditional N(μ(x), σ(x)²) (the population optimum μ = E[y | x] = 0, σ² = Var(y | x) = x² +
+0.04, more than any fitted Gaussian can reach) and the true conditional density.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import optax
+from numpyro.contrib.module import eqx_module
+
+import numpyro_ebm as ebm
+
+NOISE = 0.2
+
+
+def sample(key, n):
+    k_x, k_branch, k_noise = jax.random.split(key, 3)
+    x = jax.random.uniform(k_x, (n, 1), minval=-2.0, maxval=2.0)
+    sign = jnp.where(jax.random.bernoulli(k_branch, 0.5, (n, 1)), 1.0, -1.0)
+    return x, sign * x + NOISE * jax.random.normal(k_noise, (n, 1))
+
+
+def true_log_density(x, y):
+    norm = jax.scipy.stats.norm
+    return jnp.logaddexp(
+        norm.logpdf(y, x, NOISE) + jnp.log(0.5), norm.logpdf(y, -x, NOISE) + jnp.log(0.5)
+    )[:, 0]
+
+
+def conditional_energy(net):
+    return jax.tree_util.Partial(lambda net, y, c: net(jnp.concatenate([y, c])), net)
+
+
+def heldout_nll(energy, x, y, num_points: int = 1024) -> np.ndarray:
+    """Per-point −log p(y | x), with log Z(x) by the midpoint rule over y ∈ [−4, 4]."""
+    edges = jnp.linspace(-4.0, 4.0, num_points + 1)
+    grid = 0.5 * (edges[1:] + edges[:-1])[:, None]
+    cell = float(edges[1] - edges[0])
+
+    def one(c, v):
+        neg = -jax.vmap(lambda g: energy(g, c))(grid)
+        log_z = jax.nn.logsumexp(neg) + jnp.log(cell)
+        return energy(v, c) + log_z
+
+    return np.asarray(jax.jit(jax.vmap(one))(x, y), np.float64)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    k_train, k_test, k_net, k_run = jax.random.split(jax.random.key(args.seed), 4)
+    x, y = sample(k_train, 5000)
+    x_test, y_test = sample(k_test, 2000)
+    template = ebm.energies.MLPEnergy(2, hidden=(64, 64), key=k_net)
+
+    def model(x, y):
+        net = eqx_module("energy", template)
+        with numpyro.plate("data", x.shape[0], subsample_size=512) as rows:
+            numpyro.sample(
+                "y",
+                ebm.EnergyDistribution(conditional_energy(net), (1,), condition=x[rows]),
+                obs=y[rows],
+            )
+
+    schedule = optax.cosine_decay_schedule(3e-3, args.steps, alpha=0.1)
+    learner = ebm.MaximumLikelihood(model, optax.adam(schedule, b1=0.5))
+    start = time.perf_counter()
+    res = learner.run(k_run, args.steps, x, y, progress_bar=False)
+    seconds = time.perf_counter() - start
+    static = eqx.partition(template, eqx.is_inexact_array)[1]
+    trained = conditional_energy(eqx.combine(res.params["energy$params"], static))
+
+    ebm_nll = heldout_nll(trained, x_test, y_test)
+    gauss_nll = -np.asarray(
+        jax.scipy.stats.norm.logpdf(y_test[:, 0], 0.0, jnp.sqrt(x_test[:, 0] ** 2 + NOISE**2))
+    )
+    true_nll = -np.asarray(true_log_density(x_test, y_test), np.float64)
+
+    def row(name, values):
+        diff = values - ebm_nll
+        se = values.std(ddof=1) / np.sqrt(values.size)
+        paired = diff.std(ddof=1) / np.sqrt(values.size)
+        return f"| {name} | {values.mean():.4f} ± {se:.4f} | {diff.mean():+.4f} ± {paired:.4f} |"
+
+    print(
+        f"# conditional EBM, {args.steps} steps, {seconds:.0f} s training on "
+        f"{jax.devices()[0].platform} ({platform.machine()}), jax {jax.__version__}, float32"
+    )
+    print("| model | held-out NLL (nats / point) | minus EBM (paired) |")
+    print("|---|---|---|")
+    print(row("conditional EBM (grid-normalised per x)", ebm_nll))
+    print(row("best Gaussian conditional N(0, x² + 0.04)", gauss_nll))
+    print(row("true conditional density", true_nll))
+
+
+if __name__ == "__main__":
+    main()
