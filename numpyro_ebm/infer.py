@@ -55,6 +55,7 @@ from numpyro_ebm.train import (
     keep_if_finite,
     moving_average,
 )
+from numpyro_ebm.validation import validate_data
 
 __all__ = ["MLInfo", "MLState", "MaximumLikelihood", "MaximumLikelihoodResult", "SiteInfo"]
 
@@ -330,7 +331,9 @@ class MaximumLikelihood:
         self._sites = tuple(sites)
         banks, step_sizes, bases = {}, {}, {}
         for i, name in enumerate(sites):
-            observed = _flat_observed(trace[name])
+            observed = validate_data(
+                _flat_observed(trace[name]), name=f"the observed values of site {name!r}"
+            )
             step_sizes[name] = jnp.asarray(self.sampler.step_size, jnp.float32)
             if _base(trace[name]["fn"]).condition is not None:
                 banks[name] = bases[name] = None  # chains per condition, from the data

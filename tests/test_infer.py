@@ -111,6 +111,11 @@ def test_latent_sites_and_models_without_params_are_rejected():
         ebm.MaximumLikelihood(no_params, optax.adam(1e-3)).init(jax.random.key(0), jnp.zeros(3))
     with pytest.raises(ValueError, match="negatives"):
         ebm.MaximumLikelihood(no_params, optax.adam(1e-3), negatives="generator")
+    bad = jnp.zeros((10, 2)).at[3, 1].set(jnp.nan)
+    with pytest.raises(ValueError, match="site 'x'"):
+        ebm.MaximumLikelihood(gaussian_model, optax.adam(1e-3)).init(
+            jax.random.key(0), bad, jnp.zeros(2)
+        )
 
 
 def test_constrained_params_are_optimised_unconstrained():
