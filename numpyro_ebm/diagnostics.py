@@ -534,6 +534,15 @@ def _window(values: np.ndarray, start: float, stop: float) -> np.ndarray:
     return window[np.isfinite(window)]
 
 
+def _graded(name, value, shown, rule, ok_message, bad_message, *, threshold=None) -> Check:
+    """A check whose (ok, fail) bounds are ``THRESHOLDS[threshold or name]`` (lower is
+    better); ``rule`` is formatted with ``ok`` and ``fail``."""
+    ok, fail = THRESHOLDS[threshold or name]
+    status = _grade(value, ok, fail)
+    message = ok_message if status == "ok" else bad_message
+    return Check(name, status, shown, rule.format(ok=ok, fail=fail), message)
+
+
 def _training_checks(history: dict, attrs: dict) -> list[Check]:
     checks = []
     finite = np.asarray(history.get("is_finite", []), bool)
@@ -576,23 +585,19 @@ def _training_checks(history: dict, attrs: dict) -> list[Check]:
     gap = np.asarray(history.get("energy_gap", []), float)
     if gap.size:
         recent = float(_window(gap, 0.9, 1.0).mean())
-        ok, fail = THRESHOLDS["energy_gap"]
-        status = _grade(abs(recent), ok, fail)
+        where = (
+            "(negatives sit in deeper wells than the data: chains stuck or model too sharp)"
+            if recent > 0
+            else "(negatives sit where the model puts little mass: chains not at equilibrium)"
+        )
         checks.append(
-            Check(
+            _graded(
                 "energy_gap",
-                status,
+                abs(recent),
                 f"{recent:+.3f} nats",
-                f"|gap| ≤ {ok} ok, ≤ {fail} warn",
-                "data and negatives have the same mean energy"
-                if status == "ok"
-                else "the negatives do not look like the data to the model "
-                + (
-                    "(negatives sit in deeper wells than the data: chains stuck or model too sharp)"
-                    if recent > 0
-                    else "(negatives sit where the model puts little mass: chains not at "
-                    "equilibrium)"
-                ),
+                "|gap| ≤ {ok} ok, ≤ {fail} warn",
+                "data and negatives have the same mean energy",
+                "the negatives do not look like the data to the model " + where,
             )
         )
     drift = []
@@ -602,35 +607,30 @@ def _training_checks(history: dict, attrs: dict) -> list[Check]:
             drift.append(abs(_window(values, 0.9, 1.0).mean() - _window(values, 0.5, 0.6).mean()))
     if drift:
         value = float(max(drift))
-        ok, fail = THRESHOLDS["energy_drift"]
-        status = _grade(value, ok, fail)
         checks.append(
-            Check(
+            _graded(
                 "energy_drift",
-                status,
+                value,
                 f"{value:.3f} nats",
-                f"≤ {ok} ok, ≤ {fail} warn",
-                "energy levels are stable over the second half"
-                if status == "ok"
-                else "energies are still drifting: training has not converged or is becoming "
+                "≤ {ok} ok, ≤ {fail} warn",
+                "energy levels are stable over the second half",
+                "energies are still drifting: training has not converged or is becoming "
                 "unstable (raise energy_l2, lower the learning rate)",
             )
         )
     norm = np.asarray(history.get("langevin_grad_norm", []), float)
     if norm.size >= 10 and np.isfinite(norm).any():
         growth = float(_window(norm, 0.9, 1.0).mean() / _window(norm, 0.5, 0.6).mean())
-        ok, fail = THRESHOLDS["langevin_growth"]
-        status = _grade(growth, ok, fail)
         checks.append(
-            Check(
+            _graded(
                 "langevin_grad",
-                status,
+                growth,
                 f"×{growth:.2f}",
-                f"≤ ×{ok} ok, ≤ ×{fail} warn",
-                "‖∇ₓE‖ at the negatives is stable"
-                if status == "ok"
-                else "the energy is getting steeper where the chains are: the classic "
-                "runaway of EBM training (raise energy_l2, lower the learning rate)",
+                "≤ ×{ok} ok, ≤ ×{fail} warn",
+                "‖∇ₓE‖ at the negatives is stable",
+                "the energy is getting steeper where the chains are: the classic runaway of "
+                "EBM training (raise energy_l2, lower the learning rate)",
+                threshold="langevin_growth",
             )
         )
     log_z = np.asarray(history.get("log_z", []), float)
