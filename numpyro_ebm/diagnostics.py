@@ -535,10 +535,16 @@ def _window(values: np.ndarray, start: float, stop: float) -> np.ndarray:
 
 
 def _graded(name, value, shown, rule, ok_message, bad_message, *, threshold=None) -> Check:
-    """A check whose (ok, fail) bounds are ``THRESHOLDS[threshold or name]`` (lower is
-    better); ``rule`` is formatted with ``ok`` and ``fail``."""
-    ok, fail = THRESHOLDS[threshold or name]
-    status = _grade(value, ok, fail)
+    """A check against ``THRESHOLDS[threshold or name]`` (lower is better): ``(ok, fail)``
+    bounds grade ok / warn / fail, a single number ok / warn. ``rule`` is formatted with
+    ``ok`` and ``fail``."""
+    bounds = THRESHOLDS[threshold or name]
+    if isinstance(bounds, tuple):
+        ok, fail = bounds
+        status = _grade(value, ok, fail)
+    else:
+        ok = fail = bounds
+        status = "ok" if value <= ok else "warn"
     message = ok_message if status == "ok" else bad_message
     return Check(name, status, shown, rule.format(ok=ok, fail=fail), message)
 
@@ -637,18 +643,16 @@ def _training_checks(history: dict, attrs: dict) -> list[Check]:
     if log_z.size >= 10:
         recent = _window(log_z, 0.9, 1.0)
         change = float(abs(recent[-1] - recent[0]))
-        threshold = THRESHOLDS["log_z_change"]
-        status = "ok" if change <= threshold else "warn"
         checks.append(
-            Check(
+            _graded(
                 "log_z",
-                status,
+                change,
                 f"{log_z[-1]:.3f} (moved {change:.3f})",
-                f"moved ≤ {threshold} ok",
-                "the learned log Z has settled"
-                if status == "ok"
-                else "the learned log Z is still moving: train longer, or calibrate it with "
+                "moved ≤ {ok} ok",
+                "the learned log Z has settled",
+                "the learned log Z is still moving: train longer, or calibrate it with "
                 "fit(..., calibrate_log_z=True)",
+                threshold="log_z_change",
             )
         )
     nll = np.asarray(history.get("heldout_nll", []), float)
@@ -656,19 +660,16 @@ def _training_checks(history: dict, attrs: dict) -> list[Check]:
         second = _window(nll, 0.5, 1.0)
         finite = nll[np.isfinite(nll)]
         rise = float(finite[-1] - second.min()) if second.size else 0.0
-        threshold = THRESHOLDS["heldout_rise"]
-        status = "ok" if rise <= threshold else "warn"
+        shown = f"{finite[-1]:.3f}" + (f" (best {second.min():.3f})" if second.size else "")
         checks.append(
-            Check(
+            _graded(
                 "heldout_nll",
-                status,
-                f"{finite[-1]:.3f} (best {second.min():.3f})"
-                if second.size
-                else f"{finite[-1]:.3f}",
-                f"final ≤ best + {threshold} ok",
-                "held-out NLL (nats per point, with the learned log Z)"
-                if status == "ok"
-                else "held-out NLL rose late in training: over-fitting or instability",
+                rise,
+                shown,
+                "final ≤ best + {ok} ok",
+                "held-out NLL (nats per point, with the learned log Z)",
+                "held-out NLL rose late in training: over-fitting or instability",
+                threshold="heldout_rise",
             )
         )
     return checks
