@@ -127,6 +127,10 @@ class EnergyDistribution(dist.Distribution):
                     "condition must have shape (*batch_shape, condition_size); pass scalar "
                     "conditions as (n, 1)"
                 )
+            if not isinstance(condition, jax.core.Tracer) and not bool(
+                jnp.all(jnp.isfinite(condition))
+            ):
+                raise ValueError("condition contains NaN or inf values")
         check_energy(energy, event_shape, None if condition is None else condition.shape[-1:])
         if initializer is not None:
             _check_initializer(initializer, event_shape)

@@ -267,6 +267,8 @@ class MaximumLikelihood:
         ema_decay: float | None = 0.995,
         step_size_gain: float = 0.2,
     ):
+        if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+            raise TypeError(f"optimizer must be an optax GradientTransformation, got {optimizer!r}")
         if negatives not in _negatives.KINDS:
             raise ValueError(f"negatives must be one of {_negatives.KINDS}, got {negatives!r}")
         for name, value in (("num_chains", num_chains), ("num_mcmc_steps", num_mcmc_steps)):

@@ -459,6 +459,12 @@ def sample_chains(
         ((4, 50, 2), (4, 50))
     """
     positions = jnp.asarray(positions)
+    if positions.ndim != 2:
+        raise ValueError(
+            f"positions must be flat starting points (num_chains, dim), got {positions.shape}"
+        )
+    if not (isinstance(num_draws, int) and num_draws >= 1):
+        raise ValueError(f"num_draws must be an integer >= 1, got {num_draws!r}")
     num_chains, dim = positions.shape
     event_shape = (dim,) if event_shape is None else tuple(event_shape)
     key_warmup, key_draws = jax.random.split(key)

@@ -141,6 +141,10 @@ def test_to_datatree_reads_run_chains_and_sample_with_trace():
     assert dt["posterior"]["x"].shape == (4, 10, 2)
     with pytest.raises(ValueError, match="reads a FitResult"):
         diagnostics.to_datatree(np.zeros((4, 10, 2)))
+    with pytest.raises(ValueError, match="num_chains, dim"):
+        samplers.sample_chains(jax.random.key(6), sampler, logdensity, jnp.zeros(2), 5)
+    with pytest.raises(ValueError, match="num_draws"):
+        samplers.sample_chains(jax.random.key(6), sampler, logdensity, jnp.zeros((2, 2)), 0)
 
 
 @pytest.fixture(scope="module")

@@ -111,6 +111,8 @@ def test_latent_sites_and_models_without_params_are_rejected():
         ebm.MaximumLikelihood(no_params, optax.adam(1e-3)).init(jax.random.key(0), jnp.zeros(3))
     with pytest.raises(ValueError, match="negatives"):
         ebm.MaximumLikelihood(no_params, optax.adam(1e-3), negatives="generator")
+    with pytest.raises(TypeError, match="optax"):
+        ebm.MaximumLikelihood(no_params, "adam")
     bad = jnp.zeros((10, 2)).at[3, 1].set(jnp.nan)
     with pytest.raises(ValueError, match="site 'x'"):
         ebm.MaximumLikelihood(gaussian_model, optax.adam(1e-3)).init(
@@ -291,6 +293,10 @@ def test_conditional_log_prob_and_sampling_per_condition():
 
     with pytest.raises(ValueError, match="condition"):
         ebm.EnergyDistribution(linear_gaussian(a, log_s), (1,), condition=1.0)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        ebm.EnergyDistribution(
+            linear_gaussian(a, log_s), (1,), condition=conditions.at[0, 0].set(jnp.inf)
+        )
     with pytest.raises(ValueError, match="ONE condition"):
         ebm.EnergyDistribution(scaled_energy(jnp.zeros(1), 0.0), (1,), condition=conditions)
 
