@@ -293,11 +293,6 @@ class MaximumLikelihood:
         self._run_steps = eqx.filter_jit(self._run_steps_impl)
 
     # -- model inspection --------------------------------------------------------------------
-    def _trace(self, key, params, args, kwargs):
-        model = handlers.seed(self.model, key)
-        if params is not None:
-            model = handlers.substitute(model, data=self.constrain(params))
-        return handlers.trace(model).get_trace(*args, **kwargs)
 
     def constrain(self, params: dict) -> dict:
         """Unconstrained parameters -> the values the model sees."""
@@ -310,7 +305,7 @@ class MaximumLikelihood:
             ValueError: the model has latent sample sites, or no EBM site and no param.
         """
         k_model, k_bank = jax.random.split(key)
-        trace = self._trace(k_model, None, args, kwargs)
+        trace = handlers.trace(handlers.seed(self.model, k_model)).get_trace(*args, **kwargs)
         params, transforms, sites = {}, {}, []
         for name, site in trace.items():
             if site["type"] == "param":
