@@ -698,7 +698,21 @@ def _run_steps(key, state, data, config, num_steps_total, length, validation=Non
     return jax.lax.scan(body, state, None, length=length)
 
 
-_run_steps_jit = eqx.filter_jit(_run_steps)
+def _run_steps_donated(inputs, state, config, num_steps_total, length):
+    """``_run_steps`` with the state's buffers donated: XLA writes the new state into them, so
+    chains, parameters and optimizer state are not held twice. ``inputs = (key, data,
+    validation)`` comes first and is never donated."""
+    key, data, validation = inputs
+    return _run_steps(key, state, data, config, num_steps_total, length, validation)
+
+
+_run_steps_jit = eqx.filter_jit(_run_steps_donated, donate="all-except-first")
+
+
+def _own_buffers(state: TrainState) -> TrainState:
+    """A copy of ``state`` whose array leaves share no buffer with each other or with the
+    caller's objects (``init`` puts the user's energy in two fields): donation needs that."""
+    return jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, state)
 
 
 def chain_sharding(devices, num_chains: int, batch_size: int):
@@ -1030,6 +1044,7 @@ def fit(
         state = jax.device_put(state, _replicated(sharding))
         if config.negatives == "persistent":
             state = state._replace(bank=jax.device_put(state.bank, sharding))
+    state = _own_buffers(state)  # donated to the first compiled call
     checkpoint_every = checkpoint_every or steps_per_call
 
     bar = None
@@ -1042,7 +1057,7 @@ def fit(
         while int(state.step) < num_steps:
             start_step = int(state.step)
             state, (infos, active) = _run_steps_jit(
-                k_loop, state, data, config, num_steps, steps_per_call, validation_data
+                (k_loop, data, validation_data), state, config, num_steps, steps_per_call
             )
             active = np.asarray(active)
             chunk = {k: np.asarray(getattr(infos, k))[active] for k in HISTORY_FIELDS}
