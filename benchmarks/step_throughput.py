@@ -32,10 +32,10 @@ import optax
 
 import numpyro_ebm as ebm
 
-NUM_CHAINS, NUM_MCMC_STEPS, BATCH, STEPS_PER_CALL = 1024, 20, 1024, 100
+NUM_MCMC_STEPS, BATCH, STEPS_PER_CALL = 20, 1024, 100
 
 
-def hand_written(energy, data, key, optimizer, learn_log_z=True):
+def hand_written(energy, data, key, optimizer, num_chains=1024, learn_log_z=True):
     """PCD + MALA (+ NCE log Z) in plain JAX: the loop a user would write without the library.
     Returns ``run(num_steps)``; the compiled call is built once and reused."""
     params, static = eqx.partition(energy, eqx.is_inexact_array)
@@ -91,8 +91,8 @@ def hand_written(energy, data, key, optimizer, learn_log_z=True):
         k = jax.random.fold_in(key, t)
         k_rows, k_fresh, k_mask, k_mcmc, k_noise = jax.random.split(k, 5)
         batch = data[jax.random.randint(k_rows, (BATCH,), 0, data.shape[0])]
-        fresh = batch[jax.random.randint(k_fresh, (NUM_CHAINS,), 0, BATCH)]
-        restart = jax.random.uniform(k_mask, (NUM_CHAINS, 1)) < 0.1
+        fresh = batch[jax.random.randint(k_fresh, (num_chains,), 0, BATCH)]
+        restart = jax.random.uniform(k_mask, (num_chains, 1)) < 0.1
         starts = jnp.where(restart, fresh, bank)
         negatives, acceptance = mala(p, starts, h, k_mcmc)
         negatives = jax.lax.stop_gradient(negatives)
@@ -109,7 +109,7 @@ def hand_written(energy, data, key, optimizer, learn_log_z=True):
         decay = jnp.minimum(0.995, (1.0 + t) / (10.0 + t))
         avg = jax.tree.map(lambda a, q: decay * a + (1 - decay) * q, avg, p)
         if learn_log_z:
-            noise = mean + jax.random.normal(k_noise, (NUM_CHAINS, dim)) @ chol.T
+            noise = mean + jax.random.normal(k_noise, (num_chains, dim)) @ chol.T
             z_grad = jax.grad(nce_loss)(log_z, avg, negatives, noise)
             z_update, z_state = log_z_optimizer.update(z_grad, z_state)
             log_z = log_z + z_update
@@ -123,7 +123,7 @@ def hand_written(energy, data, key, optimizer, learn_log_z=True):
         return jax.lax.scan(step, carry, None, length=STEPS_PER_CALL)[0]
 
     def run(num_steps):
-        rows = jax.random.randint(jax.random.fold_in(key, 2**31), (NUM_CHAINS,), 0, len(data))
+        rows = jax.random.randint(jax.random.fold_in(key, 2**31), (num_chains,), 0, len(data))
         log_z = jnp.asarray(log_norm, jnp.float32)
         carry = (
             params, params, optimizer.init(params), data[rows], jnp.float32(0.05), 0.0,
@@ -141,6 +141,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dim", type=int, default=2, help="2: 8gaussians; else digits-like")
     parser.add_argument("--hidden", type=int, nargs="+", default=[128, 128, 128])
+    parser.add_argument("--chains", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -155,12 +156,14 @@ def main() -> None:
     def run_fit():
         res = ebm.fit(
             energy, data, key=jax.random.key(2), num_steps=args.steps, optimizer=optimizer,
+            num_chains=args.chains,
             progress_bar=False,
         )  # fmt: skip
         jax.block_until_ready(res.state)
 
-    hand_run = hand_written(energy, data, jax.random.key(2), optimizer)
-    hand_no_log_z = hand_written(energy, data, jax.random.key(2), optimizer, learn_log_z=False)
+    key = jax.random.key(2)
+    hand_run = hand_written(energy, data, key, optimizer, args.chains)
+    hand_no_log_z = hand_written(energy, data, key, optimizer, args.chains, learn_log_z=False)
     rows = {
         "fit": run_fit,
         "hand-written JAX": lambda: hand_run(args.steps),
@@ -176,7 +179,7 @@ def main() -> None:
             times[name].append((time.perf_counter() - start) / args.steps)
     base = statistics.median(times["hand-written JAX"])
     print(
-        f"# step time, dim {args.dim}, MLP {tuple(args.hidden)}, {NUM_CHAINS} chains × "
+        f"# step time, dim {args.dim}, MLP {tuple(args.hidden)}, {args.chains} chains × "
         f"{NUM_MCMC_STEPS} MALA steps, batch {BATCH}, {args.steps} steps × {args.repeats}; "
         f"{jax.devices()[0].platform} ({platform.machine()}), jax {jax.__version__}, float32"
     )

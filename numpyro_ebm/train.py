@@ -46,6 +46,7 @@ from numpyro_ebm.validation import validate_data
 
 __all__ = [
     "HISTORY_FIELDS",
+    "MATMUL_PRECISIONS",
     "NEGATIVES",
     "ChainRecord",
     "FitResult",
@@ -76,6 +77,9 @@ def default_optimizer(num_steps: int, learning_rate: float = 5e-3, clip: float =
     """Adam (β₁ = 0.5, as usual for EBMs) with gradient clipping and cosine decay to 10%."""
     schedule = optax.cosine_decay_schedule(learning_rate, max(num_steps, 1), alpha=0.1)
     return optax.chain(optax.clip_by_global_norm(clip), optax.adam(schedule, b1=0.5, b2=0.999))
+
+
+MATMUL_PRECISIONS = ("float32", "tensorfloat32", "bfloat16", "default")
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,11 @@ class TrainConfig:
             recorded are never re-initialised at data (see ``negatives.chain_starts``).
         record_every: ``fit`` keeps every ``record_every``-th record and computes the held-out
             NLL at those steps.
+        matmul_precision: precision of float32 matrix products in the compiled step, one of
+            ``MATMUL_PRECISIONS`` (``jax.default_matmul_precision``). ``"float32"`` (default)
+            is true float32 everywhere: on NVIDIA GPUs since Ampere JAX would otherwise use
+            TensorFloat-32 (10-bit mantissa) for them. ``"tensorfloat32"`` / ``"bfloat16"``
+            trade accuracy for speed on large networks; the CPU ignores the setting.
     """
 
     optimizer: optax.GradientTransformation
@@ -140,6 +149,7 @@ class TrainConfig:
     resample: bool = True
     num_recorded_chains: int = 8
     record_every: int = 10
+    matmul_precision: str = "float32"
 
     @property
     def uses_generator(self) -> bool:
@@ -177,6 +187,11 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be None or in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.reinit_fraction <= 1.0:
             raise ValueError(f"reinit_fraction must be in [0, 1], got {self.reinit_fraction}")
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(
+                f"matmul_precision must be one of {MATMUL_PRECISIONS}, "
+                f"got {self.matmul_precision!r}"
+            )
 
     def describe(self) -> dict:
         """JSON-able summary (used to check that a resumed run has the same configuration)."""
@@ -912,6 +927,7 @@ def fit(
     validation_data=None,
     num_recorded_chains: int = 8,
     record_every: int = 10,
+    matmul_precision: str = "float32",
 ) -> FitResult:
     """Train ``energy`` on ``data`` by maximum likelihood with BlackJAX negative-phase chains.
 
@@ -967,6 +983,9 @@ def fit(
             (``FitResult.recorded_chains``, ``numpyro_ebm.diagnostics``); 0 records none.
         record_every: record those chains every this many steps (in the compiled loop; the
             host receives them once per ``steps_per_call``).
+        matmul_precision: ``"float32"`` (default: true float32 also on GPUs, where JAX
+            would use TensorFloat-32), or ``"tensorfloat32"`` / ``"bfloat16"`` / ``"default"``
+            for speed on large networks (see ``TrainConfig``).
 
     Returns:
         ``FitResult``.
@@ -1021,6 +1040,7 @@ def fit(
         amortization_weight=amortization_weight,
         num_recorded_chains=num_recorded_chains,
         record_every=record_every,
+        matmul_precision=matmul_precision,
     )
     state = init(k_init, energy, data, config, generator)
     history: dict[str, np.ndarray] = {name: np.zeros((0,)) for name in HISTORY_FIELDS}
@@ -1056,9 +1076,11 @@ def fit(
     try:
         while int(state.step) < num_steps:
             start_step = int(state.step)
-            state, (infos, active) = _run_steps_jit(
-                (k_loop, data, validation_data), state, config, num_steps, steps_per_call
-            )
+            # the precision is read when the call is traced and lowered (and keys jit's cache)
+            with jax.default_matmul_precision(config.matmul_precision):
+                state, (infos, active) = _run_steps_jit(
+                    (k_loop, data, validation_data), state, config, num_steps, steps_per_call
+                )
             active = np.asarray(active)
             chunk = {k: np.asarray(getattr(infos, k))[active] for k in HISTORY_FIELDS}
             history = {k: np.concatenate([history[k], chunk[k]]) for k in history}

@@ -238,6 +238,35 @@ def test_no_recompilation_across_steps():
     assert count(40) == count(5)  # 8 compiled calls trace exactly as often as 1
 
 
+@pytest.mark.parametrize("precision", ["float32", "tensorfloat32"])
+def test_matmul_precision_is_set_while_the_step_is_compiled(precision, monkeypatch):
+    seen = []
+    compiled = train._run_steps_jit
+
+    def spy(*args):
+        seen.append(jax.config.jax_default_matmul_precision)
+        return compiled(*args)
+
+    monkeypatch.setattr(train, "_run_steps_jit", spy)
+    data = jax.random.normal(jax.random.key(15), (128, 2))
+    energy = ebm.energies.MLPEnergy(2, hidden=(8,), key=jax.random.key(16))
+    small_fit(energy, data, jax.random.key(17), matmul_precision=precision)
+    assert seen == [precision] * 4
+    with pytest.raises(ValueError, match="matmul_precision"):
+        small_fit(energy, data, jax.random.key(17), matmul_precision="float16")
+
+
+def test_the_state_is_donated_but_the_callers_energy_survives():
+    data = jax.random.normal(jax.random.key(18), (128, 2))
+    energy = ebm.energies.MLPEnergy(2, hidden=(8,), key=jax.random.key(19))
+    before = np.asarray(energy(jnp.ones(2)))
+    res = small_fit(energy, data, jax.random.key(20))
+    # the caller's arrays are still alive and unchanged, and the next fit can reuse them
+    assert np.asarray(energy(jnp.ones(2))) == before
+    again = small_fit(energy, data, jax.random.key(20))
+    assert np.array_equal(np.asarray(res.chains), np.asarray(again.chains))
+
+
 @pytest.mark.parametrize("negatives", ["persistent", "replay", "short_run"])
 @pytest.mark.parametrize("sampler", ["mala", "hmc", "ula", "barker"])
 def test_every_sampler_and_negative_source_trains(sampler, negatives):
