@@ -521,6 +521,11 @@ def step(
         heldout_nll=jnp.full((), jnp.nan),
         recorded=phase.record,
     )
+    if config.sharding is not None and info.recorded is not None:
+        # the host reads the records: with several processes each needs the whole of them
+        info = info._replace(
+            recorded=jax.lax.with_sharding_constraint(info.recorded, _replicated(config.sharding))
+        )
     return new_state, info
 
 
@@ -747,6 +752,15 @@ def chain_sharding(devices, num_chains: int, batch_size: int):
 
 def _replicated(sharding):
     return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+
+
+def _host_readable(state: TrainState, sharding) -> TrainState:
+    """``state`` with every array whole on every process (multi-host runs shard the chains
+    over processes; checkpoints and the returned result need them all). Collective: every
+    process must call it."""
+    if sharding is None or jax.process_count() == 1:
+        return state
+    return jax.jit(lambda s: s, out_shardings=_replicated(sharding))(state)
 
 
 class TrainingDivergedError(RuntimeError):
@@ -1065,6 +1079,12 @@ def fit(
         if config.negatives == "persistent":
             state = state._replace(bank=jax.device_put(state.bank, sharding))
     state = _own_buffers(state)  # donated to the first compiled call
+
+    def save(state, history, recorded):
+        if jax.process_index() == 0:  # one writer; multi-host runs share the folder
+            records = _with_records(history, recorded)
+            save_checkpoint(checkpoint_dir, state, records, {**meta, "step": int(state.step)})
+
     checkpoint_every = checkpoint_every or steps_per_call
 
     bar = None
@@ -1104,13 +1124,9 @@ def fit(
                     stacklevel=2,
                 )
             if int(state.consecutive_nonfinite) >= max_nonfinite:
+                state = _host_readable(state, sharding)
                 if checkpoint_dir is not None:
-                    save_checkpoint(
-                        checkpoint_dir,
-                        state,
-                        _with_records(history, recorded),
-                        {**meta, "step": int(state.step)},
-                    )
+                    save(state, history, recorded)
                 raise TrainingDivergedError(
                     f"training diverged: {int(state.consecutive_nonfinite)} consecutive "
                     f"non-finite steps up to step {int(state.step)}. The last good parameters "
@@ -1122,16 +1138,12 @@ def fit(
             if checkpoint_dir is not None and (
                 step_now - last_saved >= checkpoint_every or step_now >= num_steps
             ):
-                save_checkpoint(
-                    checkpoint_dir,
-                    state,
-                    _with_records(history, recorded),
-                    {**meta, "step": step_now},
-                )
+                save(_host_readable(state, sharding), history, recorded)
                 last_saved = step_now
     finally:
         if bar is not None:
             bar.close()
+    state = _host_readable(state, sharding)
 
     chains = state.bank.reshape(-1, *event_shape)
     learned = _logz.LogZEstimate(float(state.average_log_z), float("nan"), "nce-learned")

@@ -48,3 +48,72 @@ def test_four_forced_cpu_devices_match_one_device():
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "MAXDIFF" in out.stdout
+
+
+WORKER = textwrap.dedent(
+    """
+    import sys
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    port, pid, folder = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
+    import numpy as np
+    import numpyro_ebm as ebm
+    assert jax.device_count() == 2 and jax.local_device_count() == 1
+    data = ebm.datasets.toy("8gaussians").sample(jax.random.key(0), 4000)
+    energy = ebm.energies.MLPEnergy(2, hidden=(32, 32), key=jax.random.key(1))
+    res = ebm.fit(energy, data, key=jax.random.key(2), num_steps=40, num_chains=128,
+                  batch_size=128, num_mcmc_steps=5, steps_per_call=20, progress_bar=False,
+                  checkpoint_dir=folder)
+    np.save(f"{folder}/../chains{pid}.npy", np.asarray(res.chains))
+    np.save(f"{folder}/../records{pid}.npy", res.recorded_chains.positions)
+    """
+)
+
+
+def test_two_processes_match_one_process(tmp_path):
+    """Multi-host: two processes (one CPU device each) joined by jax.distributed shard the
+    chains between them, agree with each other and with a one-process run, and leave one
+    checkpoint that a one-process run resumes from."""
+    import socket
+
+    import jax
+    import numpy as np
+
+    import numpyro_ebm as ebm
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = str(s.getsockname()[1])
+    folder = tmp_path / "checkpoint"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, port, str(pid), str(folder)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for pid in (0, 1)
+    ]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(outputs)
+
+    chains = [np.load(tmp_path / f"chains{pid}.npy") for pid in (0, 1)]
+    records = [np.load(tmp_path / f"records{pid}.npy") for pid in (0, 1)]
+    assert chains[0].shape == (128, 2)
+    np.testing.assert_array_equal(chains[0], chains[1])
+    np.testing.assert_array_equal(records[0], records[1])
+
+    data = ebm.datasets.toy("8gaussians").sample(jax.random.key(0), 4000)
+    energy = ebm.energies.MLPEnergy(2, hidden=(32, 32), key=jax.random.key(1))
+    kwargs = dict(key=jax.random.key(2), num_steps=40, num_chains=128, batch_size=128,
+                  num_mcmc_steps=5, steps_per_call=20, progress_bar=False)  # fmt: skip
+    single = ebm.fit(energy, data, devices=jax.devices()[:1], **kwargs)
+    # same random numbers on any sharding; only the order of float32 reductions differs
+    assert np.max(np.abs(chains[0] - np.asarray(single.chains))) < 1e-3
+    resumed = ebm.fit(energy, data, devices=jax.devices()[:1], checkpoint_dir=folder, **kwargs)
+    np.testing.assert_array_equal(np.asarray(resumed.chains), chains[0])  # 0 steps left to run
+    assert len(resumed.history["loss"]) == 40
