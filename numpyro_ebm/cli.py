@@ -1,30 +1,948 @@
-"""The ``numpyro-ebm`` command.
+"""The ``numpyro-ebm`` command: train, evaluate and sample energy-based models from the shell.
 
-``numpyro-ebm demo [--toy NAME] [--steps N] [--out DIR]`` trains an MLP energy on a 2-D toy
-with the library's defaults, prints the evaluation table (test NLL, entropy bound, KL ± standard
-error, time) and writes plots of the learned density next to the true one and of samples.
+Commands (``numpyro-ebm COMMAND --help`` lists every option):
+
+``train --data SOURCE --out DIR [options]``
+    Fit an MLP energy by maximum likelihood (``numpyro_ebm.fit``) to a built-in data set
+    (``8gaussians``, ``checkerboard``, ``rings``, ``digits``) or to your own ``.npy`` or ``.csv``
+    file and write the run folder DIR. A file's columns are standardized (mean 0, standard
+    deviation 1, from the training split) before training; log-likelihoods and samples are
+    reported in the file's original units. Running the same command again after an
+    interruption resumes from the last checkpoint.
+``evaluate DIR [--data PATH] [--log-z auto|grid|ais|learned] [--seed S]``
+    Held-out log-likelihood (nats per point, mean ± standard error) of the run's validation
+    split or of a file with the same columns; updates ``DIR/metrics.json``.
+``sample DIR --num N --out FILE.npy [--seed S] [--mcmc-steps K]``
+    Approximate samples of the trained model (MCMC), in the data's original units.
+``report DIR [--out PATH]``
+    Re-render the run's report (``.html`` or ``.md``) from the stored run.
+``demo [--toy NAME] [--steps N] [--out DIR]``
+    Train on a 2-D toy with the library's defaults, print the evaluation table (test NLL,
+    entropy bound, KL ± standard error, time) and plot the learned density next to the true one.
+
+The run folder holds ``run.json`` (what rebuilds the run: data source and fingerprint,
+standardization, settings, versions), ``checkpoint/`` (``fit``'s), ``metrics.json``,
+``report.html`` and, for 2-D data, ``density.png``; every file is written atomically. A user
+error (a bad file or option, a folder of another run) prints one line
+``numpyro-ebm: error: <file or option>: <what is wrong>; <what to do>`` and exits with code 2
+before any computation, leaving nothing behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
+import functools
+import hashlib
+import importlib.util
+import json
+import math
 import os
+import platform
+import shlex
+import shutil
 import sys
 import time
 
-__all__ = ["main"]
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-TOYS = ("8gaussians", "checkerboard", "rings")
+import numpyro_ebm as ebm
+from numpyro_ebm import datasets, diagnostics, evaluate, logz, plots, samplers
+from numpyro_ebm.train import _META_FILE, NEGATIVES, TrainingDivergedError, _atomic_write
+from numpyro_ebm.validation import validate_data
+
+__all__ = ["UsageError", "main"]
+
+TOYS = datasets.TOY_NAMES
+BUILTIN = (*TOYS, "digits")
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.html"
+DENSITY_FILE = "density.png"
+CHECKPOINT_DIR = "checkpoint"
+RUN_FORMAT = "numpyro-ebm-run/1"
+
+# fold_in tags of the run's key (jax.random.key(--seed)): one key per purpose
+_DATA, _SPLIT, _ENERGY, _FIT, _LOG_Z, _KL = range(6)
+
+_MIN_TRAIN_ROWS = 10
+_MIN_HELDOUT_ROWS = 2  # a standard error needs two points
+_GRID_POINTS = {1: 4096, 2: 512, 3: 96}  # per axis: 2**12, 2**18, ~2**20 energies a grid
+_GRID_MAX_DOUBLINGS = 6
+_GRID_EDGE_MASS = 1e-3
+
+
+class UsageError(Exception):
+    """A mistake of the user's; ``main`` prints it as
+    ``numpyro-ebm: error: <subject>: <message>`` on one line and returns 2."""
+
+    def __init__(self, subject: str, message: str):
+        super().__init__(f"{subject}: {message}")
+
+
+# -- data files --------------------------------------------------------------------------------
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_npy(path: str) -> np.ndarray:
+    try:
+        with open(path, "rb") as f:
+            np.lib.format.read_magic(f)
+    except (OSError, ValueError) as err:
+        raise UsageError(
+            path, f"is not a NumPy .npy file ({err}); save arrays with numpy.save(path, array)"
+        ) from err
+    try:
+        points = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise UsageError(
+            path, f"cannot be read as a NumPy array ({err}); save it with numpy.save(path, array)"
+        ) from err
+    if not np.issubdtype(points.dtype, np.floating):
+        raise UsageError(
+            path,
+            f"holds {points.dtype} values, not floats; energy-based models need continuous data: "
+            "save array.astype('float32') (dequantize counts first: add uniform noise in [0, 1))",
+        )
+    if points.ndim != 2:
+        raise UsageError(
+            path,
+            f"holds an array of shape {points.shape}; need a 2-D array (num_points, "
+            "num_features): reshape it, e.g. array.reshape(len(array), -1)",
+        )
+    return points
+
+
+def _read_csv(path: str, columns: list[str] | None, wanted_by: str) -> tuple[np.ndarray, list]:
+    """Numeric columns of a CSV file with a header row: ``(values (n, d) float64, names)``."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            lines = [(number, row) for number, row in enumerate(csv.reader(f), 1) if row]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise UsageError(
+            path, f"cannot be read as a CSV file ({err}); save it as UTF-8 text with commas"
+        ) from err
+    if not lines:
+        raise UsageError(path, "is empty; need a header row with column names and data rows")
+    header = [name.strip() for name in lines[0][1]]
+    if len(header) == 1 and (";" in header[0] or "\t" in header[0]):
+        raise UsageError(path, "separates fields with ';' or tabs; save it with commas")
+    if all(_is_number(name) for name in header):
+        raise UsageError(
+            path,
+            "has no header row (the first line holds numbers); add a first line with the "
+            "column names, e.g. x,y",
+        )
+    if "" in header or len(set(header)) != len(header):
+        raise UsageError(path, "has empty or repeated column names; give every column its name")
+    names = header if columns is None else columns
+    for name in names:
+        if name not in header:
+            subject, fix = (
+                ("--columns", "pick from those")
+                if wanted_by == "--columns"
+                else (path, "pass a file with the run's columns")
+            )
+            raise UsageError(
+                subject,
+                f"{path} has no column {name!r} (its columns: {', '.join(header)}); {fix}",
+            )
+    rows = lines[1:]
+    for number, row in rows:
+        if len(row) != len(header):
+            raise UsageError(
+                path,
+                f"line {number} has {len(row)} fields, the header has {len(header)}; fix or "
+                "remove that line",
+            )
+    index = [header.index(name) for name in names]
+    cells = np.char.strip(np.array([[row[i] for i in index] for _, row in rows], dtype=str))
+    cells = cells.reshape(len(rows), len(index))
+    try:
+        return cells.astype(np.float64), list(names)
+    except ValueError:
+        pass
+    for j, name in enumerate(names):
+        for (number, _), cell in zip(rows, cells[:, j], strict=True):
+            if cell == "":
+                raise UsageError(
+                    path,
+                    f"column {name!r} has no value on line {number}; fill in or remove the rows "
+                    "with missing values",
+                )
+            if not _is_number(cell):
+                fix = (
+                    "choose the numeric columns with --columns, e.g. --columns "
+                    + ",".join(n for n in names if n != name)
+                    if columns is None
+                    else "fix or remove that line"
+                )
+                raise UsageError(
+                    path,
+                    f"column {name!r} holds {str(cell)!r} on line {number}, not a number; {fix}",
+                )
+    # numbers that Python reads but NumPy does not (e.g. "1_000")
+    return np.vectorize(float, otypes=[np.float64])(cells), list(names)
+
+
+def _read_points(
+    path: str, columns: list[str] | None = None, *, wanted_by: str = "--columns"
+) -> tuple[np.ndarray, list | None]:
+    """A user's data file as ``(points (n, d) float, column names or None)``, checked."""
+    if not os.path.exists(path):
+        raise UsageError(path, "no such file; check the path")
+    if os.path.isdir(path):
+        raise UsageError(path, "is a folder, not a file; pass a .npy or .csv file")
+    kind = os.path.splitext(path)[1].lower()
+    if kind == ".npy":
+        if columns is not None and wanted_by == "--columns":
+            raise UsageError("--columns", "only applies to .csv files; leave it out for .npy")
+        points, names = _read_npy(path), None
+    elif kind == ".csv":
+        points, names = _read_csv(path, columns, wanted_by)
+    else:
+        raise UsageError(
+            path,
+            f"unsupported file type {kind or '(none)'!r}; pass a .npy array of shape "
+            "(num_points, num_features) or a .csv table with a header row",
+        )
+    try:
+        validate_data(points, name="data")
+    except ValueError as err:
+        raise UsageError(path, str(err)) from err
+    return points, names
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(functools.partial(f.read, 1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _num_heldout(num_points: int, fraction: float) -> int:
+    return round(num_points * fraction)
+
+
+@dataclasses.dataclass
+class _Data:
+    """A run's data in model coordinates (standardized for user files) and the map back."""
+
+    train: np.ndarray
+    validation: np.ndarray
+    toy: datasets.ToyDensity | None = None
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+
+    def to_model(self, points) -> np.ndarray:
+        points = np.asarray(points, np.float64)
+        if self.mean is not None:
+            points = (points - self.mean) / self.std
+        return points.astype(np.float32)
+
+    def to_original(self, points) -> np.ndarray:
+        points = np.asarray(points, np.float64)
+        return points if self.mean is None else self.mean + self.std * points
+
+    @property
+    def log_jacobian(self) -> float:
+        """``log |dz/dx| = −Σ log std``: add it to a model log-density to get the original
+        units' one."""
+        return 0.0 if self.std is None else -float(np.sum(np.log(self.std)))
+
+
+def _prepare(config: dict, points: np.ndarray | None, standardization: dict | None) -> _Data:
+    """Sample/load, split and standardize the run's data (deterministic in ``config``)."""
+    key = jax.random.key(config["seed"])
+    name = config["data"]["name"]
+    if name == "digits":
+        digits = datasets.digits()
+        return _Data(digits.train, digits.test)
+    toy = None
+    if name in TOYS:
+        toy = datasets.toy(name)
+        points = toy.sample(jax.random.fold_in(key, _DATA), config["data"]["num_points"])
+    points = np.asarray(points)
+    num_heldout = _num_heldout(len(points), config["validation_fraction"])
+    order = np.asarray(jax.random.permutation(jax.random.fold_in(key, _SPLIT), len(points)))
+    train, validation = points[order[num_heldout:]], points[order[:num_heldout]]
+    if not config["data"]["standardized"]:
+        return _Data(train.astype(np.float32), validation.astype(np.float32), toy)
+    if standardization is None:
+        mean, std = train.mean(axis=0), train.std(axis=0)
+        std = np.where(std > 0, std, 1.0)  # constant columns were rejected on all the rows
+    else:
+        mean = np.asarray(standardization["mean"], np.float64)
+        std = np.asarray(standardization["std"], np.float64)
+    data = _Data(train, validation, None, mean, std)
+    data.train, data.validation = data.to_model(train), data.to_model(validation)
+    return data
+
+
+# -- the run folder ----------------------------------------------------------------------------
+
+
+def _jsonable(value):
+    """``value`` as JSON stores it, with non-finite floats as ``None`` (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    return value
+
+
+def _shared(write):
+    """``write`` for ``_atomic_write`` that also gives the file the usual permissions (the
+    temporary file is private), before the rename."""
+
+    def run(f):
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(f.fileno(), 0o666 & ~umask)
+        write(f)
+
+    return run
+
+
+def _write_json(path: str, obj) -> None:
+    text = json.dumps(_jsonable(obj), indent=1, ensure_ascii=False, allow_nan=False)
+    _atomic_write(path, _shared(lambda f: f.write(text + "\n")), mode="w")
+
+
+def _checkpoint_step(folder: str) -> int | None:
+    """The step of the run's last checkpoint (None when there is none)."""
+    try:
+        with open(os.path.join(folder, CHECKPOINT_DIR, _META_FILE)) as f:
+            return int(json.load(f)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _read_run_json(folder: str) -> dict:
+    path = os.path.join(folder, RUN_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            run = json.load(f)
+    except (OSError, ValueError) as err:
+        raise UsageError(
+            path, f"cannot be read ({err}); the run folder is damaged: train into a new --out"
+        ) from err
+    if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
+        raise UsageError(
+            path, f"is not a {RUN_FORMAT} file; pass the --out folder of `numpyro-ebm train`"
+        )
+    return run
+
+
+def _existing_run(out: str) -> dict | None:
+    """The run stored in ``out`` (None for a new or empty folder)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(out, "is a file; pass a folder for the run with --out")
+    if not os.path.isdir(out):
+        return None
+    if os.path.exists(os.path.join(out, RUN_FILE)):
+        return _read_run_json(out)
+    if os.listdir(out):
+        raise UsageError(
+            out, "exists and is not a numpyro-ebm run folder; pick another --out (a new folder)"
+        )
+    return None
+
+
+def _load_run(folder: str) -> tuple[dict, np.ndarray | None]:
+    """A finished run's ``run.json`` and its data file's points (None for built-in data)."""
+    if not os.path.isdir(folder):
+        raise UsageError(
+            folder, "no such run folder; pass the --out folder of a `numpyro-ebm train` run"
+        )
+    if not os.path.exists(os.path.join(folder, RUN_FILE)):
+        raise UsageError(
+            folder,
+            f"is not a numpyro-ebm run folder (no {RUN_FILE}); pass the --out folder of a "
+            "`numpyro-ebm train` run",
+        )
+    run = _read_run_json(folder)
+    config = run["config"]
+    step = _checkpoint_step(folder)
+    if step is None or step < config["steps"]:
+        stopped = "before its first checkpoint" if step is None else f"at step {step}"
+        raise UsageError(
+            folder,
+            f"training stopped {stopped} of {config['steps']}; finish it by running the "
+            f"train command again: {run['command']}",
+        )
+    points = None
+    if config["data"]["name"] == "file":
+        path = run["data_path"]
+        if not os.path.isfile(path):
+            raise UsageError(
+                path, "the run's data file is missing; put it back (or retrain into a new --out)"
+            )
+        if _sha256(path) != config["data"]["sha256"]:
+            raise UsageError(
+                path,
+                "changed since the run was trained (different contents); restore the original "
+                "file or train a new run",
+            )
+        points, _ = _read_points(path, config["data"]["columns"], wanted_by="the run")
+    return run, points
+
+
+@functools.cache
+def _optimizer(num_steps: int, learning_rate: float):
+    # the same object for the same settings: fit's compiled step is cached on the configuration
+    return ebm.train.default_optimizer(num_steps, learning_rate)
+
+
+def _fit(config: dict, data: _Data, folder: str, *, progress_bar=False, checkpoint_every=None):
+    """``fit`` with the run's settings and checkpoints: trains, resumes, or (when the
+    checkpoint is at the last step) returns the stored run without computing a step."""
+    key = jax.random.key(config["seed"])
+    energy = ebm.energies.MLPEnergy(
+        data.train.shape[1], hidden=tuple(config["hidden"]), key=jax.random.fold_in(key, _ENERGY)
+    )
+    every = min(checkpoint_every or config["steps"], config["steps"])  # not part of the config
+    return ebm.fit(
+        energy,
+        data.train,
+        key=jax.random.fold_in(key, _FIT),
+        num_steps=config["steps"],
+        sampler=config["sampler"],
+        negatives=config["negatives"],
+        num_chains=config["chains"],
+        num_mcmc_steps=config["mcmc_steps"],
+        batch_size=config["batch_size"],
+        optimizer=_optimizer(config["steps"], config["learning_rate"]),
+        progress_bar=progress_bar,
+        checkpoint_dir=os.path.join(folder, CHECKPOINT_DIR),
+        checkpoint_every=every,
+        steps_per_call=every,
+        validation_data=data.validation,
+    )
+
+
+def _restore(folder: str) -> tuple[dict, _Data, ebm.FitResult]:
+    run, points = _load_run(folder)
+    data = _prepare(run["config"], points, run["standardization"])
+    return run, data, _fit(run["config"], data, folder)
+
+
+# -- evaluation --------------------------------------------------------------------------------
+
+
+def _outer_shell_mass(neg_energy: np.ndarray, axes: list, center, half) -> float:
+    """Share of the grid's mass farther than half the box's half-width from its centre."""
+    mesh = np.meshgrid(*axes, indexing="ij")
+    outer = np.zeros(neg_energy.shape, bool)
+    for coords, c, h in zip(mesh, center, half, strict=True):
+        outer |= np.abs(coords - c) > 0.5 * h
+    weights = np.exp(neg_energy - np.max(neg_energy[np.isfinite(neg_energy)]))
+    weights = np.where(np.isfinite(weights), weights, 0.0)
+    return float(weights[outer].sum() / weights.sum())
+
+
+def _grid_log_z(energy, data: _Data) -> logz.LogZEstimate:
+    """``logz.grid`` on the data's box widened by half its width on each side, doubled while
+    more than 0.1% of the model's mass sits in the box's outer shell."""
+    dim = data.train.shape[1]
+    if data.toy is not None:
+        lo, hi = data.toy.bounds.T
+    else:
+        lo, hi = data.train.min(axis=0), data.train.max(axis=0)
+    center = (lo + hi) / 2
+    half = np.maximum(hi - lo, 1e-3)
+    for _ in range(_GRID_MAX_DOUBLINGS):
+        box = np.stack([center - half, center + half], axis=1)
+        neg_energy, axes, _ = logz.grid_log_density(energy, box, _GRID_POINTS[dim])
+        edge = _outer_shell_mass(neg_energy, axes, center, half)
+        if edge <= _GRID_EDGE_MASS:
+            break
+        half = 2 * half
+    estimate = logz.grid(energy, box, _GRID_POINTS[dim])
+    return estimate._replace(info={"bounds": box.tolist(), "outer_shell_mass": edge})
+
+
+def _log_z(res, data: _Data, method: str, key) -> logz.LogZEstimate:
+    if method == "auto":
+        method = "grid" if data.train.shape[1] <= 3 else "ais"
+    if method == "grid":
+        return _grid_log_z(res.energy, data)
+    if method == "ais":
+        return logz.ais(res.energy, res.event_shape, key=key, data=data.train)
+    return res.log_z
+
+
+def _heldout(res, data: _Data, points_model: np.ndarray, log_z: logz.LogZEstimate) -> dict:
+    """Held-out log-likelihood per point in the original units, with what it used."""
+    ll = evaluate.log_likelihood(res.energy, points_model, log_z)
+    return {
+        "num_points": len(points_model),
+        "log_likelihood": ll.value + data.log_jacobian,
+        "stderr": ll.stderr,
+        "units": "original" if data.mean is not None else "data",
+        "log_z": log_z.value,
+        "log_z_stderr": log_z.stderr,
+        "log_z_method": log_z.method,
+        "log_z_info": {
+            **({} if log_z.ess is None else {"ess": log_z.ess}),
+            **{k: v for k, v in (log_z.info or {}).items() if k == "bounds" or np.ndim(v) == 0},
+        },
+        "log_jacobian": data.log_jacobian,
+    }
+
+
+def _update_metrics(folder: str, step: int, updates: dict) -> dict:
+    """Merge ``updates`` (``{"heldout": {data: {method: entry}}, ...}``) into metrics.json."""
+    path = os.path.join(folder, METRICS_FILE)
+    metrics = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            metrics = json.load(f)
+    except (OSError, ValueError):
+        pass
+    if metrics.get("step") != step:
+        metrics = {"step": step}
+    for data_name, entries in updates.pop("heldout", {}).items():
+        metrics.setdefault("heldout", {}).setdefault(data_name, {}).update(entries)
+    metrics.update(updates)
+    _write_json(path, metrics)
+    return metrics
+
+
+def _run_key(config: dict, purpose: int, seed: int | None = None):
+    base = jax.random.key(config["seed"] if seed is None else seed)
+    return jax.random.fold_in(base, purpose)
+
+
+def _kl(res, data: _Data, key) -> dict:
+    kl = evaluate.kl_to_toy(res.energy, data.toy, key=key)
+    return {
+        "kl": kl.kl,
+        "kl_stderr": kl.kl_stderr,
+        "test_nll": kl.test_nll,
+        "test_nll_stderr": kl.test_nll_stderr,
+        "entropy": kl.entropy,
+        "log_z": kl.log_z.value,
+        "log_z_method": kl.log_z.method,
+    }
+
+
+def _print_table(rows) -> None:
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+
+
+def _split_name(config: dict) -> str:
+    return "digits test split" if config["data"]["name"] == "digits" else "validation split"
+
+
+def _heldout_rows(entry: dict, what: str) -> list[tuple[str, str]]:
+    log_z = f"{entry['log_z']:.4f}"
+    if entry["log_z_stderr"] is not None and math.isfinite(entry["log_z_stderr"]):
+        log_z += f" ± {entry['log_z_stderr']:.2g}"
+    rows = [
+        ("held-out data", f"{what} ({entry['num_points']} points)"),
+        (f"log Z ({entry['log_z_method']})", log_z),
+        (
+            f"log-likelihood ({entry['units']} units)",
+            f"{entry['log_likelihood']:.4f} ± {entry['stderr']:.4f} nats per point",
+        ),
+    ]
+    if entry["log_z_info"].get("outer_shell_mass", 0.0) > _GRID_EDGE_MASS:
+        rows.append(("warning", "the model's mass reaches the grid's edge: try --log-z ais"))
+    return rows
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def _parse_hidden(text: str) -> list[int]:
+    try:
+        widths = [int(w) for w in text.split(",")]
+    except ValueError:
+        widths = []
+    if not widths or min(widths) < 1:
+        raise UsageError(
+            "--hidden",
+            f"{text!r} is not a comma-separated list of positive layer widths; write e.g. "
+            "--hidden 128,128",
+        )
+    return widths
+
+
+def _check_positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise UsageError(
+                "--" + name.replace("_", "-"), f"must be positive, got {value}; pass a number > 0"
+            )
+
+
+def _check_rows(num_points: int, fraction: float, subject: str) -> None:
+    num_heldout = _num_heldout(num_points, fraction)
+    if num_heldout < _MIN_HELDOUT_ROWS or num_points - num_heldout < _MIN_TRAIN_ROWS:
+        raise UsageError(
+            subject,
+            f"{num_points} rows are too few to hold out {fraction:g} of them: need at least "
+            f"{_MIN_TRAIN_ROWS} training and {_MIN_HELDOUT_ROWS} held-out rows; add rows or "
+            "change --validation-fraction",
+        )
+
+
+def _check_seed(args: argparse.Namespace) -> None:
+    if args.seed is not None and args.seed < 0:
+        raise UsageError("--seed", f"must be >= 0, got {args.seed}; e.g. --seed 0")
+
+
+def _train_config(args: argparse.Namespace) -> tuple[dict, np.ndarray | None, str | None]:
+    """Check the options and the data file: ``(config, points, data path)``. No JAX compute."""
+    _check_positive(
+        args,
+        "steps",
+        "chains",
+        "mcmc_steps",
+        "batch_size",
+        "learning_rate",
+        "checkpoint_every",
+        "num_data",
+    )
+    _check_seed(args)
+    hidden = _parse_hidden(args.hidden)
+    if not 0 < args.validation_fraction < 1:
+        raise UsageError(
+            "--validation-fraction",
+            f"must be between 0 and 1, got {args.validation_fraction}; e.g. 0.1",
+        )
+    columns = None
+    if args.columns is not None:
+        columns = [name.strip() for name in args.columns.split(",")]
+        if "" in columns or len(set(columns)) != len(columns):
+            raise UsageError(
+                "--columns", f"{args.columns!r} has empty or repeated names; e.g. --columns x,y"
+            )
+    points, path = None, None
+    if args.data in BUILTIN:
+        if args.columns is not None:
+            raise UsageError(
+                "--columns", f"only applies to .csv files, not to {args.data!r}; leave it out"
+            )
+        if args.data == "digits":
+            if args.num_data is not None:
+                raise UsageError("--num-data", "only applies to the built-in toys; leave it out")
+            if importlib.util.find_spec("sklearn") is None:
+                raise UsageError("--data", "digits needs scikit-learn; pip install scikit-learn")
+            data = {"name": "digits", "standardized": False}
+        else:
+            num_points = args.num_data or 50_000
+            _check_rows(num_points, args.validation_fraction, "--num-data")
+            data = {"name": args.data, "num_points": num_points, "standardized": False}
+    else:
+        if args.num_data is not None:
+            raise UsageError("--num-data", "only applies to the built-in toys; leave it out")
+        if not os.path.splitext(args.data)[1] and not os.path.exists(args.data):
+            raise UsageError(
+                "--data",
+                f"{args.data!r} is neither a built-in data set ({', '.join(BUILTIN)}) nor a "
+                "file; pass one of those names or a .npy/.csv path",
+            )
+        path = os.path.abspath(args.data)
+        points, names = _read_points(args.data, columns)
+        _check_rows(len(points), args.validation_fraction, args.data)
+        constant = np.ptp(points, axis=0) == 0
+        if constant.any():
+            j = int(np.argmax(constant))
+            raise UsageError(
+                args.data,
+                f"column {names[j] if names else j!r} is constant, it cannot be standardized; "
+                + ("leave it out with --columns" if names else "numpy.delete it (axis=1)"),
+            )
+        data = {
+            "name": "file",
+            "sha256": _sha256(path),
+            "columns": names,
+            "shape": list(points.shape),
+            "standardized": True,
+        }
+    config = {
+        "data": data,
+        "steps": args.steps,
+        "hidden": hidden,
+        "sampler": args.sampler,
+        "negatives": args.negatives,
+        "chains": args.chains,
+        "mcmc_steps": args.mcmc_steps,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "validation_fraction": None if args.data == "digits" else args.validation_fraction,
+        "seed": args.seed,
+    }
+    return _jsonable(config), points, path
+
+
+def _config_differences(stored: dict, config: dict) -> str:
+    changes = []
+    for name, value in config.items():
+        if stored.get(name) == value:
+            continue
+        if name == "data":
+            changes.append("--data: other data")
+        else:
+            old, new = (
+                ",".join(map(str, v)) if isinstance(v, list) else v
+                for v in (stored.get(name), value)
+            )
+            changes.append(f"--{name.replace('_', '-')} {old} -> {new}")
+    return ", ".join(changes)
+
+
+def _discard_unstarted(out: str, created: bool) -> None:
+    """Leave ``out`` as it was before a run that wrote no checkpoint (new, or empty)."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+    elif os.path.exists(os.path.join(out, RUN_FILE)):
+        os.remove(os.path.join(out, RUN_FILE))
+
+
+def _train(args: argparse.Namespace, argv: list[str]) -> int:
+    config, points, path = _train_config(args)
+    out = args.out
+    existing = _existing_run(out)
+    if existing is not None and existing["config"] != config:
+        raise UsageError(
+            out,
+            f"holds a run with other settings ({_config_differences(existing['config'], config)})"
+            f"; pick another --out, or delete {out} to start again",
+        )
+    # all checks done: compute from here on
+    data = _prepare(config, points, existing and existing["standardization"])
+    run = {
+        "format": RUN_FORMAT,
+        "command": shlex.join(["numpyro-ebm", *argv]),
+        "config": config,
+        "data_path": path,
+        "standardization": None
+        if data.mean is None
+        else {"mean": data.mean.tolist(), "std": data.std.tolist()},
+        "event_shape": list(data.train.shape[1:]),
+        "split": {"train": len(data.train), "validation": len(data.validation)},
+        "versions": {
+            "numpyro_ebm": ebm.__version__,
+            "jax": jax.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+    }
+    created = not os.path.exists(out)
+    start_step = _checkpoint_step(out)
+    source = path or config["data"]["name"]
+    if start_step and start_step >= config["steps"]:
+        print(f"{out} is trained already ({start_step} steps): recomputing its metrics")
+    elif start_step:
+        print(f"Resuming {out} from step {start_step} of {config['steps']}")
+    else:
+        print(
+            f"Training an MLP energy on {source} ({len(data.train)} points, "
+            f"{len(data.validation)} held out) for {config['steps']} steps -> {out}"
+        )
+    start = time.perf_counter()
+    try:
+        os.makedirs(out, exist_ok=True)
+        _write_json(os.path.join(out, RUN_FILE), run)
+        res = _fit(
+            config,
+            data,
+            out,
+            progress_bar=not args.quiet,
+            checkpoint_every=args.checkpoint_every,
+        )
+    except KeyboardInterrupt:
+        step = _checkpoint_step(out)
+        if step is None:
+            _discard_unstarted(out, created)
+            print("numpyro-ebm: interrupted before the first checkpoint", file=sys.stderr)
+        else:
+            print(
+                f"numpyro-ebm: interrupted; the last checkpoint is at step {step}: run the "
+                "same command again to resume from it",
+                file=sys.stderr,
+            )
+        return 130
+    except TrainingDivergedError as err:
+        print(
+            f"numpyro-ebm: error: {out}: training diverged at step {int(err.state.step)} "
+            "(non-finite energies or gradients); lower --learning-rate or try another "
+            "--sampler, and train into a new --out",
+            file=sys.stderr,
+        )
+        return 1
+    except BaseException as err:
+        if _checkpoint_step(out) is None:
+            _discard_unstarted(out, created)
+        if isinstance(err, ValueError):
+            raise UsageError(out, f"{err}; change the settings") from err
+        raise
+    seconds = time.perf_counter() - start
+    step = int(res.state.step)
+    log_z = _log_z(res, data, "auto", _run_key(config, _LOG_Z))
+    entry = _heldout(res, data, data.validation, log_z)
+    updates = {"heldout": {"validation": {log_z.method: entry}}}
+    if data.toy is not None:
+        updates["kl_to_toy"] = _kl(res, data, _run_key(config, _KL))
+    _update_metrics(out, step, updates)
+    history = res.history
+    rows = [
+        ("data", f"{source} ({'standardized' if data.mean is not None else 'as is'})"),
+        ("steps", f"{step}"),
+        *_heldout_rows(entry, _split_name(config)),
+    ]
+    if data.toy is not None:
+        kl = updates["kl_to_toy"]
+        rows.append(("KL(toy ‖ model) (nats)", f"{kl['kl']:.4f} ± {kl['kl_stderr']:.4f}"))
+    rows += [
+        ("rejected non-finite steps", str(int(np.sum(~history["is_finite"].astype(bool))))),
+        (
+            "final acceptance / step size",
+            f"{history['acceptance_rate'][-1]:.3f} / {history['step_size'][-1]:.4g}",
+        ),
+        ("this session's time (s)", f"{seconds:.1f}"),
+    ]
+    print()
+    _print_table(rows)
+    print(f"\nwrote {os.path.join(out, METRICS_FILE)}")
+    if not args.no_report:
+        print(f"wrote {_write_report(res, data, config, os.path.join(out, REPORT_FILE))}")
+        if data.train.shape[1] == 2:
+            print(f"wrote {_density_plot(res, data, os.path.join(out, DENSITY_FILE))}")
+    return 0
+
+
+def _write_report(res, data: _Data, config: dict, path: str) -> str:
+    coordinates = ", standardized coordinates" if data.mean is not None else ""
+    title = (
+        f"numpyro-ebm run on {config['data']['name']}: {config['negatives']} negatives, "
+        f"{config['sampler']}{coordinates}"
+    )
+    key = _run_key(config, _KL) if data.toy is not None else None
+    return diagnostics.report(res, path, data=data.train, toy=data.toy, key=key, title=title)
+
+
+def _density_plot(res, data: _Data, path: str) -> str:
+    """The learned density (in original units) next to the data and the final chains."""
+    if data.toy is not None:
+        plots.save_density_plot(path, res.energy, data.toy, res.chains)
+        return path
+    energy = res.energy
+    if data.mean is not None:
+        mean, std = jnp.asarray(data.mean, jnp.float32), jnp.asarray(data.std, jnp.float32)
+
+        def energy(x):
+            return res.energy((x - mean) / std)
+
+    figure = plots.density_figure(
+        energy, data.to_original(data.train), samples=data.to_original(res.chains)
+    )
+    return plots.save_figure(figure, path)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    _check_seed(args)
+    run, points = _load_run(args.dir)
+    config = run["config"]
+    dim = run["event_shape"][0]
+    if args.log_z == "grid" and dim > 3:
+        raise UsageError(
+            "--log-z", f"grid quadrature works in up to 3 dimensions, the run has {dim}; use ais"
+        )
+    extra = None
+    if args.data is not None:
+        extra, _ = _read_points(args.data, config["data"].get("columns"), wanted_by="the run")
+        if extra.shape[1] != dim:
+            names = config["data"].get("columns")
+            raise UsageError(
+                args.data,
+                f"has {extra.shape[1]} columns, the run was trained on {dim}"
+                + (f" ({', '.join(names)})" if names else "")
+                + "; pass data with the same columns",
+            )
+        if len(extra) < _MIN_HELDOUT_ROWS:
+            raise UsageError(
+                args.data, "has fewer than 2 rows; pass at least 2 (for a standard error)"
+            )
+    data = _prepare(config, points, run["standardization"])
+    res = _fit(config, data, args.dir)
+    key = _run_key(config, _LOG_Z, args.seed)
+    log_z = _log_z(res, data, args.log_z, key)
+    if extra is None:
+        name, what, points_model = "validation", _split_name(config), data.validation
+    else:
+        name = what = os.path.abspath(args.data)
+        points_model = data.to_model(extra)
+    entry = _heldout(res, data, points_model, log_z)
+    updates = {"heldout": {name: {log_z.method: entry}}}
+    rows = [("run", f"{args.dir} (step {int(res.state.step)})"), *_heldout_rows(entry, what)]
+    if data.toy is not None and extra is None:
+        kl = updates["kl_to_toy"] = _kl(res, data, _run_key(config, _KL, args.seed))
+        rows.append(("KL(toy ‖ model) (nats)", f"{kl['kl']:.4f} ± {kl['kl_stderr']:.4f}"))
+    _update_metrics(args.dir, int(res.state.step), updates)
+    _print_table(rows)
+    print(f"\nwrote {os.path.join(args.dir, METRICS_FILE)}")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    _check_positive(args, "num", "mcmc_steps")
+    _check_seed(args)
+    if not args.out.endswith(".npy"):
+        raise UsageError("--out", f"{args.out!r} does not end in .npy; e.g. --out samples.npy")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        raise UsageError("--out", f"folder {folder} does not exist; create it first")
+    _, data, res = _restore(args.dir)
+    model = ebm.EnergyDistribution(
+        res.energy,
+        res.event_shape,
+        sampler=res.config.sampler.replace(num_warmup=args.mcmc_steps),
+        initializer=res.generator,
+    )
+    draws = data.to_original(model.sample(jax.random.key(args.seed), (args.num,)))
+    _atomic_write(args.out, _shared(lambda f: np.save(f, draws)))
+    print(
+        f"wrote {args.num} samples ({args.mcmc_steps} MCMC warm-up steps per chain; "
+        f"approximate) to {args.out}"
+    )
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    path = args.out or os.path.join(args.dir, REPORT_FILE)
+    if os.path.splitext(path)[1].lower() not in (".html", ".md"):
+        raise UsageError("--out", f"{path!r} must end in .html or .md; e.g. --out report.md")
+    run, data, res = _restore(args.dir)
+    print(f"wrote {_write_report(res, data, run['config'], path)}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import jax
-    import numpy as np
-
-    import numpyro_ebm as ebm
-    from numpyro_ebm.plots import save_density_plot
-
-    toy = ebm.datasets.toy(args.toy)
+    toy = datasets.toy(args.toy)
     key = jax.random.key(args.seed)
     k_data, k_energy, k_fit, k_test = jax.random.split(key, 4)
     data = toy.sample(k_data, args.num_data)
@@ -33,7 +951,7 @@ def _demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     res = ebm.fit(energy, data, key=k_fit, num_steps=args.steps, progress_bar=not args.quiet)
     seconds = time.perf_counter() - start
-    result = ebm.evaluate.kl_to_toy(res.energy, toy, key=k_test)
+    result = evaluate.kl_to_toy(res.energy, toy, key=k_test)
     diverged = int(np.sum(~res.history["is_finite"].astype(bool)))
     rows = [
         ("toy", args.toy),
@@ -48,36 +966,176 @@ def _demo(args: argparse.Namespace) -> int:
         ),
         ("training time (s, incl. compile)", f"{seconds:.1f}"),
     ]
-    width = max(len(name) for name, _ in rows)
     print()
-    for name, value in rows:
-        print(f"  {name:<{width}}  {value}")
+    _print_table(rows)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{args.toy}_density.png")
-    save_density_plot(path, res.energy, toy, res.chains, log_z=result.log_z.value)
+    plots.save_density_plot(path, res.energy, toy, res.chains, log_z=result.log_z.value)
     print(f"\nwrote {path}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``numpyro-ebm``."""
-    parser = argparse.ArgumentParser(prog="numpyro-ebm", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train on a 2-D toy and print the evaluation table")
-    demo.add_argument(
-        "--toy", default="8gaussians", choices=("8gaussians", "checkerboard", "rings")
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="numpyro-ebm",
+        description="Train, evaluate and sample energy-based models (numpyro_ebm).",
+        epilog="User errors print one line and exit with code 2.",
     )
-    demo.add_argument("--steps", type=int, default=2000)
-    demo.add_argument("--num-data", type=int, default=50_000)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", default="outputs/demo")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, help):
+        return sub.add_parser(name, help=help, description=help)
+
+    train = command("train", "train an MLP energy and write a run folder (rerun to resume)")
+    train.add_argument(
+        "--data",
+        required=True,
+        metavar="SOURCE",
+        help=f"built-in data set ({', '.join(BUILTIN)}) or a .npy/.csv file of points",
+    )
+    train.add_argument("--out", required=True, metavar="DIR", help="run folder")
+    train.add_argument(
+        "--steps", type=int, default=2000, metavar="N", help="training steps (default: %(default)s)"
+    )
+    train.add_argument(
+        "--hidden", default="128,128", metavar="W,W", help="MLP layer widths (default: %(default)s)"
+    )
+    train.add_argument(
+        "--sampler",
+        default="mala",
+        choices=samplers.KERNELS,
+        help="negative-phase kernel (default: %(default)s)",
+    )
+    train.add_argument(
+        "--negatives",
+        default="persistent",
+        choices=NEGATIVES,
+        help="where negatives come from (default: %(default)s)",
+    )
+    train.add_argument(
+        "--chains",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="negatives per step (default: %(default)s)",
+    )
+    train.add_argument(
+        "--mcmc-steps",
+        type=int,
+        default=20,
+        metavar="K",
+        help="sampler steps per update (default: %(default)s)",
+    )
+    train.add_argument(
+        "--batch-size",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="data points per update (default: %(default)s)",
+    )
+    train.add_argument(
+        "--learning-rate",
+        type=float,
+        default=5e-3,
+        metavar="LR",
+        help="peak Adam learning rate (default: %(default)s)",
+    )
+    train.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="share of the rows held out (default: %(default)s; digits: its test split)",
+    )
+    train.add_argument("--columns", metavar="A,B", help="CSV columns to use (default: all)")
+    train.add_argument(
+        "--num-data", type=int, metavar="N", help="points drawn from a toy (default: 50000)"
+    )
+    train.add_argument(
+        "--seed", type=int, default=0, help="seed of all the run's PRNG keys (default: %(default)s)"
+    )
+    train.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=100,
+        metavar="N",
+        help="steps between checkpoints (may change when resuming) (default: %(default)s)",
+    )
+    train.add_argument("--no-report", action="store_true", help="skip report.html and density.png")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ev = command("evaluate", "held-out log-likelihood of a trained run")
+    ev.add_argument("dir", metavar="DIR", help="run folder")
+    ev.add_argument(
+        "--data",
+        metavar="PATH",
+        help=".npy/.csv file with the run's columns (default: the validation split)",
+    )
+    ev.add_argument(
+        "--log-z",
+        default="auto",
+        choices=("auto", "grid", "ais", "learned"),
+        help="log Z estimator; auto: grid in up to 3 dimensions, else AIS (default: %(default)s)",
+    )
+    ev.add_argument(
+        "--seed", type=int, metavar="S", help="seed of the AIS and KL keys (default: the run's)"
+    )
+
+    sample = command("sample", "draw approximate samples of a trained model into a .npy file")
+    sample.add_argument("dir", metavar="DIR", help="run folder")
+    sample.add_argument("--num", type=int, required=True, metavar="N", help="number of samples")
+    sample.add_argument("--out", required=True, metavar="FILE.npy", help="output file")
+    sample.add_argument(
+        "--seed", type=int, default=0, metavar="S", help="seed of the chains (default: %(default)s)"
+    )
+    sample.add_argument(
+        "--mcmc-steps",
+        type=int,
+        default=1000,
+        metavar="K",
+        help="warm-up steps of each chain (default: %(default)s)",
+    )
+
+    report = command("report", "re-render the report of a trained run")
+    report.add_argument("dir", metavar="DIR", help="run folder")
+    report.add_argument(
+        "--out", metavar="PATH", help=".html or .md file (default: DIR/report.html)"
+    )
+
+    demo = command("demo", "train on a 2-D toy and print the evaluation table")
+    demo.add_argument(
+        "--toy", default="8gaussians", choices=TOYS, help="toy density (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--steps", type=int, default=2000, help="training steps (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--num-data", type=int, default=50_000, help="training points (default: %(default)s)"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    demo.add_argument(
+        "--out", default="outputs/demo", help="folder of the plot (default: %(default)s)"
+    )
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``numpyro-ebm``; returns the exit code (2 for a user error)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
         if args.steps < 1:
             parser.error("--steps must be >= 1")
         return _demo(args)
-    return 2
+    try:
+        if args.command == "train":
+            return _train(args, argv)
+        return {"evaluate": _evaluate, "sample": _sample, "report": _report}[args.command](args)
+    except UsageError as err:
+        print(f"numpyro-ebm: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
