@@ -308,22 +308,9 @@ def _jsonable(value):
     return value
 
 
-def _shared(write):
-    """``write`` for ``_atomic_write`` that also gives the file the usual permissions (the
-    temporary file is private), before the rename."""
-
-    def run(f):
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(f.fileno(), 0o666 & ~umask)
-        write(f)
-
-    return run
-
-
 def _write_json(path: str, obj) -> None:
     text = json.dumps(_jsonable(obj), indent=1, ensure_ascii=False, allow_nan=False)
-    _atomic_write(path, _shared(lambda f: f.write(text + "\n")), mode="w")
+    _atomic_write(path, lambda f: f.write(text + "\n"), mode="w")
 
 
 def _checkpoint_step(folder: str) -> int | None:
@@ -924,7 +911,7 @@ def _sample(args: argparse.Namespace) -> int:
         initializer=res.generator,
     )
     draws = data.to_original(model.sample(jax.random.key(args.seed), (args.num,)))
-    _atomic_write(args.out, _shared(lambda f: np.save(f, draws)))
+    _atomic_write(args.out, lambda f: np.save(f, draws))
     print(
         f"wrote {args.num} samples ({args.mcmc_steps} MCMC warm-up steps per chain; "
         f"approximate) to {args.out}"

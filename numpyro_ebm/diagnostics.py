@@ -446,8 +446,15 @@ def _chain_checks(dt, *, training: bool) -> list[Check]:
         )
     bulk = az.ess(post, method="bulk")
     tail = az.ess(post, method="tail")
-    ess = float(min(np.nanmin(v.values) for ds in (bulk, tail) for v in ds.data_vars.values()))
-    if training:
+    values = np.concatenate(
+        [np.ravel(v.values) for ds in (bulk, tail) for v in ds.data_vars.values()]
+    )
+    ess = float(np.min(values[np.isfinite(values)])) if np.isfinite(values).any() else math.nan
+    if not math.isfinite(ess):
+        checks.append(
+            Check("ess", "info", "n/a", "needs more draws", "too few draws to estimate the ESS")
+        )
+    elif training:
         ok, fail = THRESHOLDS["ess_fraction_training"]
         status = _grade(ess / (num_chains * num_draws), ok, fail, higher_is_better=True)
         status = "warn" if status == "fail" else status  # information, as for r_hat
@@ -456,17 +463,18 @@ def _chain_checks(dt, *, training: bool) -> list[Check]:
         ok, fail = THRESHOLDS["ess_per_chain"]
         status = _grade(ess / num_chains, ok, fail, higher_is_better=True)
         rule = f"≥ {ok:.0f}/chain ok, ≥ {fail:.0f}/chain warn"
-    checks.append(
-        Check(
-            "ess",
-            status,
-            f"{ess:.0f} of {num_chains * num_draws} draws",
-            rule,
-            "effective sample size (min over coordinates of bulk and tail ESS)"
-            if status == "ok"
-            else f"the {what} are strongly autocorrelated: few independent draws",
+    if math.isfinite(ess):
+        checks.append(
+            Check(
+                "ess",
+                status,
+                f"{ess:.0f} of {num_chains * num_draws} draws",
+                rule,
+                "effective sample size (min over coordinates of bulk and tail ESS)"
+                if status == "ok"
+                else f"the {what} are strongly autocorrelated: few independent draws",
+            )
         )
-    )
     stats = dt["sample_stats"].to_dataset()
     if "diverging" in stats and "energy" in stats:  # only HMC can diverge
         frac = float(stats["diverging"].values.mean())

@@ -846,7 +846,10 @@ def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> 
     """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes the file private; these are not
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -1030,6 +1033,7 @@ def fit(
     uses_generator = negatives in _USES_GENERATOR
     entropy = _generator.get_entropy(entropy) if uses_generator else None
     k_init, k_loop = jax.random.split(key)
+    default_generator_optimizer = generator_optimizer is None
     if uses_generator:
         generator = _check_generator(
             generator, event_shape, entropy, negatives, key=jax.random.fold_in(k_init, 2)
@@ -1059,7 +1063,16 @@ def fit(
     state = init(k_init, energy, data, config, generator)
     history: dict[str, np.ndarray] = {name: np.zeros((0,)) for name in HISTORY_FIELDS}
     recorded: dict[str, np.ndarray] = {}
-    meta = {"num_steps": num_steps, "config": config.describe(), "event_shape": event_shape}
+    meta = {
+        "num_steps": num_steps,
+        "config": config.describe(),
+        "event_shape": event_shape,
+        # a custom optimizer is not comparable; the default ones are, by their learning rates
+        "learning_rates": [
+            learning_rate if optimizer is None else None,
+            generator_learning_rate if uses_generator and default_generator_optimizer else None,
+        ],
+    }
     if checkpoint_dir is not None:
         checkpoint_dir = os.fspath(checkpoint_dir)
         loaded = load_checkpoint(checkpoint_dir, state, expected=meta)

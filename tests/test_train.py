@@ -321,3 +321,12 @@ def test_calibrated_log_z_by_ais_after_fit():
     assert abs(res.log_z_ais.value - exact) < 4 * res.log_z_ais.stderr + 0.01
     # distribution() prefers the AIS value
     assert float(res.distribution().log_z) == pytest.approx(res.log_z_ais.value)
+
+
+def test_resuming_with_another_learning_rate_is_refused(tmp_path):
+    data = jax.random.normal(jax.random.key(21), (128, 2))
+    energy = ebm.energies.MLPEnergy(2, hidden=(8,), key=jax.random.key(22))
+    small_fit(energy, data, jax.random.key(23), checkpoint_dir=tmp_path)
+    assert oct(os.stat(tmp_path / "meta.json").st_mode & 0o777) != "0o600"  # not private
+    with pytest.raises(ValueError, match="different settings"):
+        small_fit(energy, data, jax.random.key(23), checkpoint_dir=tmp_path, learning_rate=1e-3)
