@@ -985,7 +985,10 @@ def _parser() -> argparse.ArgumentParser:
         "--steps", type=int, default=2000, metavar="N", help="training steps (default: %(default)s)"
     )
     train.add_argument(
-        "--hidden", default="128,128", metavar="W,W", help="MLP layer widths (default: %(default)s)"
+        "--hidden",
+        default="128,128,128",
+        metavar="W,W",
+        help="MLP layer widths (default: %(default)s)",
     )
     train.add_argument(
         "--sampler",
