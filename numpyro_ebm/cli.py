@@ -392,12 +392,6 @@ def _load_run(folder: str) -> tuple[dict, np.ndarray | None]:
     return run, points
 
 
-@functools.cache
-def _optimizer(num_steps: int, learning_rate: float):
-    # the same object for the same settings: fit's compiled step is cached on the configuration
-    return ebm.train.default_optimizer(num_steps, learning_rate)
-
-
 def _fit(config: dict, data: _Data, folder: str, *, progress_bar=False, checkpoint_every=None):
     """``fit`` with the run's settings and checkpoints: trains, resumes, or (when the
     checkpoint is at the last step) returns the stored run without computing a step."""
@@ -416,7 +410,7 @@ def _fit(config: dict, data: _Data, folder: str, *, progress_bar=False, checkpoi
         num_chains=config["chains"],
         num_mcmc_steps=config["mcmc_steps"],
         batch_size=config["batch_size"],
-        optimizer=_optimizer(config["steps"], config["learning_rate"]),
+        learning_rate=config["learning_rate"],
         progress_bar=progress_bar,
         checkpoint_dir=os.path.join(folder, CHECKPOINT_DIR),
         checkpoint_every=every,

@@ -230,6 +230,7 @@ def test_no_recompilation_across_steps():
 
     def count(num_steps):
         traces.clear()
+        train.default_optimizer.cache_clear()  # a new optimizer: every count compiles afresh
         energy = jax.tree_util.Partial(energy_fn, {"mean": jnp.zeros(2)})
         small_fit(energy, data, jax.random.key(14), num_steps=num_steps)
         return len(traces)
@@ -330,3 +331,19 @@ def test_resuming_with_another_learning_rate_is_refused(tmp_path):
     assert oct(os.stat(tmp_path / "meta.json").st_mode & 0o777) != "0o600"  # not private
     with pytest.raises(ValueError, match="different settings"):
         small_fit(energy, data, jax.random.key(23), checkpoint_dir=tmp_path, learning_rate=1e-3)
+
+
+def test_a_second_fit_with_the_default_optimizer_reuses_the_compiled_step(monkeypatch):
+    traces = []
+    run_steps = train._run_steps
+
+    def spy(*args, **kwargs):
+        traces.append(1)  # runs only while the compiled call is traced
+        return run_steps(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_run_steps", spy)
+    data = jax.random.normal(jax.random.key(24), (128, 2))
+    energy = ebm.energies.MLPEnergy(2, hidden=(8,), key=jax.random.key(25))
+    for seed in (26, 27):  # another key and another fit: same configuration
+        small_fit(energy, data, jax.random.key(seed), num_chains=24, batch_size=24)
+    assert len(traces) == 1
