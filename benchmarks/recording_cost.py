@@ -21,11 +21,11 @@ shows the median time per step and the overhead against "none".
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
-import statistics
-import time
 
 import jax
+from timing import interleaved, print_table
 
 import numpyro_ebm as ebm
 
@@ -49,10 +49,9 @@ def main() -> None:
     energy = ebm.energies.MLPEnergy(2, key=jax.random.key(2))
     optimizer = ebm.train.default_optimizer(args.steps)
 
-    def run(settings: dict) -> float:
+    def run(settings: dict) -> None:
         settings = dict(settings)
         extra = {"validation_data": validation} if settings.pop("validation", False) else {}
-        start = time.perf_counter()
         res = ebm.fit(
             energy,
             data,
@@ -64,29 +63,17 @@ def main() -> None:
             **extra,
         )
         jax.block_until_ready(res.state)
-        return (time.perf_counter() - start) / args.steps
 
-    for settings in ROWS.values():  # compile each row once
-        run(settings)
-    times: dict[str, list[float]] = {name: [] for name in ROWS}
-    for _ in range(args.repeats):
-        for name, settings in ROWS.items():
-            times[name].append(run(settings))
-
-    base = statistics.median(times["none"])
+    rows = {name: functools.partial(run, settings) for name, settings in ROWS.items()}
+    times = interleaved(rows, args.repeats, args.steps)
     print(
         f"# recording cost, {args.steps} steps × {args.repeats} repeats, "
         f"{jax.devices()[0].platform} ({platform.machine()}, {jax.device_count()} device), "
         f"jax {jax.__version__}, float32"
     )
-    print("| recording | ms / step (median) | range | overhead vs none |")
-    print("|---|---|---|---|")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(
-            f"| {name} | {1e3 * median:.2f} | {1e3 * min(values):.2f}–{1e3 * max(values):.2f} "
-            f"| {100 * (median / base - 1):+.1f}% |"
-        )
+    print_table(
+        times, "recording", "none", lambda m, b: f"{100 * (m / b - 1):+.1f}%", "overhead vs none"
+    )
 
 
 if __name__ == "__main__":

@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import math
 import platform
-import statistics
-import time
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
+from timing import interleaved, print_table
 
 import numpyro_ebm as ebm
 
@@ -169,28 +168,15 @@ def main() -> None:
         "hand-written JAX": lambda: hand_run(args.steps),
         "hand-written JAX without learned log Z": lambda: hand_no_log_z(args.steps),
     }
-    for run in rows.values():
-        run()  # compile
-    times: dict[str, list[float]] = {name: [] for name in rows}
-    for _ in range(args.repeats):
-        for name, run in rows.items():
-            start = time.perf_counter()
-            run()
-            times[name].append((time.perf_counter() - start) / args.steps)
-    base = statistics.median(times["hand-written JAX"])
+    times = interleaved(rows, args.repeats, args.steps)
     print(
         f"# step time, dim {args.dim}, MLP {tuple(args.hidden)}, {args.chains} chains × "
         f"{NUM_MCMC_STEPS} MALA steps, batch {BATCH}, {args.steps} steps × {args.repeats}; "
         f"{jax.devices()[0].platform} ({platform.machine()}), jax {jax.__version__}, float32"
     )
-    print("| loop | ms / step (median) | range | ratio to hand-written |")
-    print("|---|---|---|---|")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(
-            f"| {name} | {1e3 * median:.2f} | {1e3 * min(values):.2f}–{1e3 * max(values):.2f} "
-            f"| {median / base:.3f} |"
-        )
+    print_table(
+        times, "loop", "hand-written JAX", lambda m, b: f"{m / b:.3f}", "ratio to hand-written"
+    )
 
 
 if __name__ == "__main__":
