@@ -71,7 +71,7 @@ _DATA, _SPLIT, _ENERGY, _FIT, _LOG_Z, _KL = range(6)
 _MIN_TRAIN_ROWS = 10
 _MIN_HELDOUT_ROWS = 2  # a standard error needs two points
 _GRID_POINTS = {1: 4096, 2: 512, 3: 96}  # per axis: 2**12, 2**18, ~2**20 energies a grid
-_GRID_MAX_DOUBLINGS = 6
+_GRID_MAX_DOUBLINGS = 5  # six boxes at most
 _GRID_EDGE_MASS = 1e-3
 
 
@@ -428,36 +428,19 @@ def _restore(folder: str) -> tuple[dict, _Data, ebm.FitResult]:
 # -- evaluation --------------------------------------------------------------------------------
 
 
-def _outer_shell_mass(neg_energy: np.ndarray, axes: list, center, half) -> float:
-    """Share of the grid's mass farther than half the box's half-width from its centre."""
-    mesh = np.meshgrid(*axes, indexing="ij")
-    outer = np.zeros(neg_energy.shape, bool)
-    for coords, c, h in zip(mesh, center, half, strict=True):
-        outer |= np.abs(coords - c) > 0.5 * h
-    weights = np.exp(neg_energy - np.max(neg_energy[np.isfinite(neg_energy)]))
-    weights = np.where(np.isfinite(weights), weights, 0.0)
-    return float(weights[outer].sum() / weights.sum())
-
-
 def _grid_log_z(energy, data: _Data) -> logz.LogZEstimate:
-    """``logz.grid`` on the data's box widened by half its width on each side, doubled while
-    more than 0.1% of the model's mass sits in the box's outer shell."""
-    dim = data.train.shape[1]
+    """``logz.grid_covering`` from the data's box (the toy's bounds for a built-in toy)."""
     if data.toy is not None:
-        lo, hi = data.toy.bounds.T
+        bounds = np.asarray(data.toy.bounds, np.float64)
     else:
-        lo, hi = data.train.min(axis=0), data.train.max(axis=0)
-    center = (lo + hi) / 2
-    half = np.maximum(hi - lo, 1e-3)
-    for _ in range(_GRID_MAX_DOUBLINGS):
-        box = np.stack([center - half, center + half], axis=1)
-        neg_energy, axes, _ = logz.grid_log_density(energy, box, _GRID_POINTS[dim])
-        edge = _outer_shell_mass(neg_energy, axes, center, half)
-        if edge <= _GRID_EDGE_MASS:
-            break
-        half = 2 * half
-    estimate = logz.grid(energy, box, _GRID_POINTS[dim])
-    return estimate._replace(info={"bounds": box.tolist(), "outer_shell_mass": edge})
+        bounds = np.stack([data.train.min(axis=0), data.train.max(axis=0)], axis=1)
+    return logz.grid_covering(
+        energy,
+        bounds,
+        _GRID_POINTS[data.train.shape[1]],
+        edge_mass=_GRID_EDGE_MASS,
+        max_doublings=_GRID_MAX_DOUBLINGS,
+    )
 
 
 def _log_z(res, data: _Data, method: str, key) -> logz.LogZEstimate:

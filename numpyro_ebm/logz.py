@@ -34,6 +34,7 @@ __all__ = [
     "ais",
     "enumerate",
     "grid",
+    "grid_covering",
     "grid_log_density",
     "grid_traced",
     "importance",
@@ -132,6 +133,59 @@ def grid(energy: Callable, bounds, num_points: int = 512) -> LogZEstimate:
     coarse_neg_energy, _, coarse_cell = grid_log_density(energy, bounds, num_points // 2)
     coarse = _log_integral(coarse_neg_energy, coarse_cell)
     return LogZEstimate(value, abs(value - coarse), "grid")
+
+
+def _outer_shell_mass(neg_energy: np.ndarray, axes: list, center, half) -> float:
+    """Share of the grid's mass farther than half the box's half-width from its centre."""
+    mesh = np.meshgrid(*axes, indexing="ij")
+    outer = np.zeros(neg_energy.shape, bool)
+    for coords, c, h in zip(mesh, center, half, strict=True):
+        outer |= np.abs(coords - c) > 0.5 * h
+    weights = np.exp(neg_energy - np.max(neg_energy[np.isfinite(neg_energy)]))
+    weights = np.where(np.isfinite(weights), weights, 0.0)
+    return float(weights[outer].sum() / weights.sum())
+
+
+def grid_covering(
+    energy: Callable,
+    bounds,
+    num_points: int = 512,
+    *,
+    edge_mass: float = 1e-3,
+    max_doublings: int = 6,
+) -> LogZEstimate:
+    """``grid`` on a box grown until it holds the density's mass (dims ≤ 3).
+
+    Starts from ``bounds`` (e.g. the data's box) widened by half its width on each side, and
+    doubles the box about its centre while more than ``edge_mass`` of the mass on the grid lies
+    in the box's outer shell (farther than half the half-width from the centre): a model can put
+    mass well outside the data, and ``grid`` silently misses what is outside its box.
+
+    Args:
+        energy: one event ``(dims,)`` -> scalar.
+        bounds: ``(dims, 2)`` starting box ``[lo, hi]`` per dimension.
+        num_points: grid points per dimension (even).
+        edge_mass: largest share of the mass allowed in the outer shell.
+        max_doublings: stop growing after this many doublings (``info`` then shows the shell's
+            mass, above ``edge_mass``).
+
+    Returns:
+        ``LogZEstimate`` of ``grid``, with ``info = {"bounds": box, "outer_shell_mass": m}``.
+    """
+    bounds = np.asarray(bounds, np.float64)
+    if bounds.ndim != 2 or bounds.shape[1] != 2 or not np.all(np.isfinite(bounds)):
+        raise ValueError(f"bounds must be a finite (dims, 2) array, got {bounds.tolist()!r}")
+    center = bounds.mean(axis=1)
+    half = np.maximum(bounds[:, 1] - bounds[:, 0], 1e-3)
+    for _ in range(max_doublings + 1):
+        box = np.stack([center - half, center + half], axis=1)
+        neg_energy, axes, _ = grid_log_density(energy, box, num_points)
+        edge = _outer_shell_mass(neg_energy, axes, center, half)
+        if edge <= edge_mass:
+            break
+        half = 2 * half
+    estimate = grid(energy, box, num_points)
+    return estimate._replace(info={"bounds": box.tolist(), "outer_shell_mass": edge})
 
 
 def grid_traced(energy: Callable, bounds, num_points: int = 256) -> jax.Array:

@@ -148,3 +148,18 @@ def test_ais_rejects_bad_base_data_before_compute():
         ebm.logz.ais(GAUSS_2D, (2,), key=jax.random.key(0), data=jnp.array([[0.0, jnp.nan]] * 3))
     with pytest.raises(ValueError, match="event"):
         ebm.logz.ais(GAUSS_2D, (2,), key=jax.random.key(0), data=jnp.zeros((5, 3)))
+
+
+def test_grid_covering_grows_the_box_until_it_holds_the_mass():
+    """A box around 'data' far narrower than the density: grid misses most of the mass,
+    grid_covering doubles the box until the outer shell is empty and gets the exact log Z."""
+    energy = GaussianEnergy(jnp.array([0.0, 1.0]), jnp.array([[4.0, 1.0], [1.0, 2.0]]))
+    narrow = [[-0.5, 0.5], [0.5, 1.5]]
+    exact = float(energy.log_z)
+    assert ebm.logz.grid(energy, narrow, 256).value < exact - 1.0
+    est = ebm.logz.grid_covering(energy, narrow, 256)
+    assert abs(est.value - exact) < 1e-3
+    assert est.info["outer_shell_mass"] <= 1e-3
+    assert np.all(np.diff(est.info["bounds"], axis=1) > 8)  # grew from width 2
+    with pytest.raises(ValueError, match="bounds"):
+        ebm.logz.grid_covering(energy, [[0.0, jnp.nan], [0.0, 1.0]])
