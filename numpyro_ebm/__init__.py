@@ -25,9 +25,10 @@ from numpyro_ebm import (
 )
 from numpyro_ebm.distribution import EnergyDistribution
 from numpyro_ebm.infer import MaximumLikelihood
-from numpyro_ebm.train import FitResult, TrainingDivergedError, fit
+from numpyro_ebm.train import CheckpointError, FitResult, TrainingDivergedError, fit
 
 __all__ = [
+    "CheckpointError",
     "EnergyDistribution",
     "FitResult",
     "MaximumLikelihood",

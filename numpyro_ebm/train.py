@@ -50,6 +50,7 @@ __all__ = [
     "MATMUL_PRECISIONS",
     "NEGATIVES",
     "ChainRecord",
+    "CheckpointError",
     "FitResult",
     "StepInfo",
     "TrainConfig",
@@ -782,6 +783,17 @@ class TrainingDivergedError(RuntimeError):
         self.history = history
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: a file is damaged, truncated or inconsistent with the
+    others. ``path`` names the file (or the folder); ``problem`` says what is wrong with it.
+    Nothing is deleted when it is raised."""
+
+    def __init__(self, path: str, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
 @dataclass
 class FitResult:
     """What ``fit`` returns.
@@ -892,8 +904,12 @@ def load_checkpoint(
     meta_path = os.path.join(folder, _META_FILE)
     if not os.path.exists(meta_path):
         return None
-    with open(meta_path) as f:
-        meta = json.load(f)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        int(meta["step"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(meta_path, f"cannot be read ({err})") from err
     if expected is not None:
         expected = json.loads(json.dumps(expected))  # tuples -> lists, as stored
         if any(meta.get(k) != v for k, v in expected.items()):
@@ -901,14 +917,24 @@ def load_checkpoint(
                 f"{folder} holds a checkpoint of a run with different settings; "
                 "use another checkpoint_dir or delete it"
             )
-    state = eqx.tree_deserialise_leaves(os.path.join(folder, _STATE_FILE), like)
-    with np.load(os.path.join(folder, _HISTORY_FILE)) as npz:
-        history = {k: npz[k] for k in npz.files}
+    state_path = os.path.join(folder, _STATE_FILE)
+    try:
+        state = eqx.tree_deserialise_leaves(state_path, like)
+    except Exception as err:  # truncated or foreign file: equinox/numpy raise various types
+        raise CheckpointError(state_path, f"cannot be read ({type(err).__name__}: {err})") from err
+    history_path = os.path.join(folder, _HISTORY_FILE)
+    try:
+        with np.load(history_path) as npz:
+            history = {k: npz[k] for k in npz.files}
+    except Exception as err:  # truncated zip, bad header: numpy raises various types
+        raise CheckpointError(
+            history_path, f"cannot be read ({type(err).__name__}: {err})"
+        ) from err
     columns = [v for k, v in history.items() if not k.startswith(_RECORDED_PREFIX)]
     if int(state.step) != meta["step"] or any(len(v) != meta["step"] for v in columns):
-        raise RuntimeError(
-            f"checkpoint in {folder} is inconsistent (state step {int(state.step)}, "
-            f"meta step {meta['step']}); delete it to start again"
+        raise CheckpointError(
+            folder,
+            f"inconsistent checkpoint (state step {int(state.step)}, meta step {meta['step']})",
         )
     return state, history, meta
 
