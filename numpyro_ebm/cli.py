@@ -338,13 +338,17 @@ def _binary_scale(values: np.ndarray) -> np.ndarray:
 def _column_statistics(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation (ddof 0) of each column of ``train`` (n, d), in float64.
 
-    Computed on the columns divided by powers of two, which is exact: the results equal
-    ``train.mean(0)`` and ``train.std(0)`` wherever those neither overflow nor underflow, and
-    stay exact for values such as 1e-300 or 1e307, whose squares do. A column whose
-    deviations from its mean overflow float64 gets an infinite standard deviation.
+    ``train.mean(0)`` and ``train.std(0)`` when every standard deviation is in [1e-100, 1e100]
+    (no square comes near over- or underflow); otherwise the same computed on the columns
+    divided by powers of two, which is exact: values such as 1e-300 or 1e307, whose squares
+    over- or underflow, get the statistics of unit-scale values times their scale. A column
+    whose deviations from its mean overflow float64 gets an infinite standard deviation.
     """
     train = np.asarray(train, np.float64)
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        mean, std = train.mean(axis=0), train.std(axis=0)
+        if np.all((std >= 1e-100) & (std <= 1e100)):
+            return mean, std  # the usual case: no square comes near over- or underflow
         scale = _binary_scale(np.max(np.abs(train), axis=0))
         mean = scale * np.mean(train / scale, axis=0)
         deviation = train - mean
@@ -365,28 +369,28 @@ def _check_columns(points: np.ndarray, names, path: str, seed: int, fraction: fl
     def column(j) -> str:
         return f"column {names[j]!r}" if names else f"column {j}"
 
+    low, high = train.min(axis=0), train.max(axis=0)
+    third_value = np.any((train > low) & (train < high), axis=0)
     for j in range(points.shape[1]):
-        values = np.unique(train[:, j])
-        if len(values) == 1:
+        if low[j] == high[j]:
             raise UsageError(
                 path,
-                f"{column(j)} is constant in the training rows (all {values[0]:g}), it cannot "
+                f"{column(j)} is constant in the training rows (all {low[j]:g}), it cannot "
                 f"be standardized; {drop}",
             )
-        if len(values) == 2:
+        if not third_value[j]:
             raise UsageError(
                 path,
-                f"{column(j)} takes only 2 distinct values in the training rows ({values[0]:g} "
-                f"and {values[1]:g}: a flag?), it has no continuous density; {drop}",
+                f"{column(j)} takes only 2 distinct values in the training rows ({low[j]:g} "
+                f"and {high[j]:g}: a flag?), it has no continuous density; {drop}",
             )
     mean, std = _column_statistics(train)
     for j in range(points.shape[1]):
-        low, high = train[:, j].min(), train[:, j].max()
         if std[j] == np.inf:
             raise UsageError(
                 path,
-                f"{column(j)} spans {low:g} to {high:g}: its deviations from the mean overflow "
-                "float64; divide the column by a power of 10",
+                f"{column(j)} spans {low[j]:g} to {high[j]:g}: its deviations from the mean "
+                "overflow float64; divide the column by a power of 10",
             )
         if std[j] < np.finfo(np.float64).tiny:
             raise UsageError(
