@@ -398,17 +398,31 @@ def _check_columns(points: np.ndarray, names, path: str, seed: int, fraction: fl
                 f"{column(j)} varies by {std[j]:g}, below float64's normal range (2.2e-308): "
                 "its digits are lost; multiply the column by a power of 10",
             )
+    _check_standardizable(points, mean, std, names, path)
+
+
+def _check_standardizable(points: np.ndarray, mean, std, names, path: str) -> None:
+    """Refuse ``points`` (n, d) with a value that ``(x − mean) / std`` puts beyond float32."""
     with np.errstate(over="ignore", invalid="ignore"):
-        beyond = ~(np.abs((points - mean) / std) <= np.finfo(np.float32).max)
+        standardized = (points - mean) / std
+    beyond = ~(np.abs(standardized) <= np.finfo(np.float32).max)
     if beyond.any():
         i, j = np.argwhere(beyond)[0]
+        column = f"column {names[j]!r}" if names else f"column {j}"
         row = "" if names else f" in row {i}"
         raise UsageError(
             path,
-            f"{column(j)} holds {points[i, j]:g}{row}, more than 3e38 standard deviations (of "
-            "the training rows) from their mean: beyond float32 once standardized; remove "
+            f"{column} holds {points[i, j]:g}{row}, which is beyond float32 in the model's "
+            f"coordinates ((x − mean) / std = {standardized[i, j]:g}); remove "
             "that outlier",
         )
+
+
+def _file_to_model(data: _Data, points: np.ndarray, names, path: str) -> np.ndarray:
+    """``data.to_model(points)`` for the points of a user's file, checked first."""
+    mean, std = (np.zeros(points.shape[1]), 1.0) if data.mean is None else (data.mean, data.std)
+    _check_standardizable(points, mean, np.broadcast_to(std, mean.shape), names, path)
+    return data.to_model(points)
 
 
 @dataclasses.dataclass
@@ -1027,7 +1041,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         name, what, points_model = "validation", _split_name(config), data.validation
     else:
         name = what = os.path.abspath(args.data)
-        points_model = data.to_model(extra)
+        points_model = _file_to_model(data, extra, config["data"].get("columns"), args.data)
     entry = _heldout(res, data, points_model, log_z)
     updates = {"heldout": {name: {log_z.method: entry}}}
     rows = [("run", f"{args.dir} (step {int(res.state.step)})"), *_heldout_rows(entry, what)]

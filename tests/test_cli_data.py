@@ -150,6 +150,24 @@ def test_a_heldout_outlier_beyond_float32_is_refused(tmp_path, capsys):
     assert_refused(tmp_path, capsys, path, what=("column 0", f"row {row}"))
 
 
+def test_evaluate_refuses_a_file_beyond_float32_in_model_coordinates(tmp_path, capsys):
+    x = points(8)
+    np.save(tmp_path / "data.npy", x)
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--data", tmp_path / "data.npy", "--out", run, *TINY)
+    assert code == 0, err
+    other = x[:20].copy()
+    other[3, 1] = 1e50
+    path = tmp_path / "other.npy"
+    np.save(path, other)
+    metrics = (run / "metrics.json").read_text()
+    code, out, err = run_cli(capsys, "evaluate", run, "--data", path)
+    assert code == 2 and out == "", err
+    assert err.splitlines() == [err.strip()] and "column 1" in err and "row 3" in err, err
+    assert err.startswith(f"numpyro-ebm: error: {path}: ")
+    assert (run / "metrics.json").read_text() == metrics
+
+
 def test_scaling_the_data_by_1e_300_shifts_the_log_likelihood_by_the_jacobian(tmp_path, capsys):
     import json
 
