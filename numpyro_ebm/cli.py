@@ -412,9 +412,8 @@ def _check_standardizable(points: np.ndarray, mean, std, names, path: str) -> No
         row = "" if names else f" in row {i}"
         raise UsageError(
             path,
-            f"{column} holds {points[i, j]:g}{row}, which is beyond float32 in the model's "
-            f"coordinates ((x − mean) / std = {standardized[i, j]:g}); remove "
-            "that outlier",
+            f"{column} holds {points[i, j]:g}{row}, beyond float32 in the model's coordinates "
+            f"((x − mean) / std = {standardized[i, j]:g}); remove that outlier",
         )
 
 
@@ -448,7 +447,7 @@ class _Data:
     @property
     def log_jacobian(self) -> float:
         """``log |dz/dx| = −Σ log std``: add it to a model log-density to get the original
-        units' one (float64 logs of float64 standard deviations, summed exactly)."""
+        units' one (float64 logs of float64 standard deviations, correctly rounded sum)."""
         return 0.0 if self.std is None else -math.fsum(np.log(self.std))
 
 

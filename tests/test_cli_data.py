@@ -5,6 +5,7 @@ on stderr and nothing else, nothing on stdout, nothing created under ``--out``, 
 raised on the way (warnings are turned into errors around the call).
 """
 
+import json
 import math
 import os
 import subprocess
@@ -169,8 +170,6 @@ def test_evaluate_refuses_a_file_beyond_float32_in_model_coordinates(tmp_path, c
 
 
 def test_scaling_the_data_by_1e_300_shifts_the_log_likelihood_by_the_jacobian(tmp_path, capsys):
-    import json
-
     x = points(4)
     results = {}
     for name, scale in (("reference", 1.0), ("tiny", 1e-300)):
