@@ -36,12 +36,14 @@ import dataclasses
 import functools
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
 import platform
 import shlex
 import shutil
+import stat
 import sys
 import time
 
@@ -94,40 +96,114 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def _check_regular_file(path: str) -> None:
+    """Refuse a missing path, a folder, and what is not a regular file (a FIFO or a device
+    such as ``/dev/zero`` would block or never end), without opening it."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError as err:
+        raise UsageError(path, "no such file; check the path") from err
+    except OSError as err:
+        raise UsageError(path, f"cannot be read ({err.strerror}); check the path") from err
+    if stat.S_ISDIR(mode):
+        raise UsageError(path, "is a folder, not a file; pass a .npy or .csv file")
+    if not stat.S_ISREG(mode):
+        raise UsageError(
+            path, "is not a regular file (a pipe or a device); save the data to a file first"
+        )
+
+
+def _open_data(path: str):
+    """``path``, a regular file, opened for binary reading."""
+    _check_regular_file(path)
+    try:
+        return open(path, "rb")
+    except PermissionError as err:
+        raise UsageError(
+            path, "cannot be read: permission denied; make it readable (chmod u+r) or copy it"
+        ) from err
+    except OSError as err:
+        raise UsageError(path, f"cannot be read ({err.strerror}); check the file") from err
+
+
+def _as_float64(points: np.ndarray, path: str) -> np.ndarray:
+    """Floats and integers as native float64 (as a CSV's numbers are read); others refused."""
+    kind = points.dtype.kind
+    if kind == "f" and points.dtype.itemsize > 8:
+        raise UsageError(
+            path,
+            f"holds {points.dtype} values (extended precision), which JAX cannot hold; "
+            "save array.astype('float64')",
+        )
+    if kind not in "fiu":
+        raise UsageError(
+            path,
+            f"holds {points.dtype} values, not numbers; energy-based models need continuous "
+            "data: save array.astype('float64')",
+        )
+    return points.astype(np.float64)  # native byte order, whatever the file's
+
+
 def _read_npy(path: str) -> np.ndarray:
-    try:
-        with open(path, "rb") as f:
-            np.lib.format.read_magic(f)
-    except (OSError, ValueError) as err:
-        raise UsageError(
-            path, f"is not a NumPy .npy file ({err}); save arrays with numpy.save(path, array)"
-        ) from err
-    try:
-        points = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:
-        raise UsageError(
-            path, f"cannot be read as a NumPy array ({err}); save it with numpy.save(path, array)"
-        ) from err
-    if not np.issubdtype(points.dtype, np.floating):
-        raise UsageError(
-            path,
-            f"holds {points.dtype} values, not floats; energy-based models need continuous data: "
-            "save array.astype('float32') (dequantize counts first: add uniform noise in [0, 1))",
-        )
-    if points.ndim != 2:
-        raise UsageError(
-            path,
-            f"holds an array of shape {points.shape}; need a 2-D array (num_points, "
-            "num_features): reshape it, e.g. array.reshape(len(array), -1)",
-        )
-    return points
+    """A ``.npy`` file's 2-D array as float64, its header checked against the file's size
+    before any array is allocated."""
+    with _open_data(path) as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read_header(f)
+        except (OSError, ValueError, EOFError) as err:
+            raise UsageError(
+                path, f"is not a NumPy .npy file ({err}); save arrays with numpy.save(path, array)"
+            ) from err
+        if dtype.hasobject:
+            raise UsageError(
+                path, "holds Python objects, not numbers; save a float array with numpy.save"
+            )
+        if len(shape) != 2:
+            raise UsageError(
+                path,
+                f"holds an array of shape {shape}; need a 2-D array (num_points, "
+                "num_features): reshape it, e.g. array.reshape(len(array), -1)",
+            )
+        if shape[1] == 0:
+            raise UsageError(path, f"has no columns (shape {shape}); save the data's columns")
+        size = os.fstat(f.fileno()).st_size - f.tell()
+        if math.prod(shape) * dtype.itemsize > size:
+            raise UsageError(
+                path,
+                f"is truncated: its header promises an array of shape {shape} ({dtype}), the "
+                f"file holds {size} bytes of data; save it again with numpy.save",
+            )
+        try:
+            f.seek(0)
+            points = np.load(f, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            raise UsageError(
+                path, f"cannot be read as a NumPy array ({err}); save it with numpy.save"
+            ) from err
+    return _as_float64(points, path)
 
 
 def _read_csv(path: str, columns: list[str] | None, wanted_by: str) -> tuple[np.ndarray, list]:
-    """Numeric columns of a CSV file with a header row: ``(values (n, d) float64, names)``."""
+    """Numeric columns of a CSV file with a header row: ``(values (n, d) float64, names)``.
+
+    Errors name the file's line (1-based, as an editor counts them: the header, empty lines
+    and every line of a quoted multi-line field count)."""
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            lines = [(number, row) for number, row in enumerate(csv.reader(f), 1) if row]
+        with (
+            _open_data(path) as binary,
+            io.TextIOWrapper(binary, encoding="utf-8-sig", newline="") as f,
+        ):
+            reader, lines, first = csv.reader(f), [], 1
+            for row in reader:
+                if row:
+                    lines.append((first, row))
+                first = reader.line_num + 1
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise UsageError(
             path, f"cannot be read as a CSV file ({err}); save it as UTF-8 text with commas"
@@ -169,55 +245,65 @@ def _read_csv(path: str, columns: list[str] | None, wanted_by: str) -> tuple[np.
     cells = np.char.strip(np.array([[row[i] for i in index] for _, row in rows], dtype=str))
     cells = cells.reshape(len(rows), len(index))
     try:
-        return cells.astype(np.float64), list(names)
+        values = cells.astype(np.float64)
     except ValueError:
-        pass
-    for j, name in enumerate(names):
-        for (number, _), cell in zip(rows, cells[:, j], strict=True):
-            if cell == "":
-                raise UsageError(
-                    path,
-                    f"column {name!r} has no value on line {number}; fill in or remove the rows "
-                    "with missing values",
-                )
-            if not _is_number(cell):
-                fix = (
-                    "choose the numeric columns with --columns, e.g. --columns "
-                    + ",".join(n for n in names if n != name)
-                    if columns is None
-                    else "fix or remove that line"
-                )
-                raise UsageError(
-                    path,
-                    f"column {name!r} holds {str(cell)!r} on line {number}, not a number; {fix}",
-                )
-    # numbers that Python reads but NumPy does not (e.g. "1_000")
-    return np.vectorize(float, otypes=[np.float64])(cells), list(names)
+        values = None
+    if values is None:
+        for j, name in enumerate(names):
+            for (number, _), cell in zip(rows, cells[:, j], strict=True):
+                if cell == "":
+                    raise UsageError(
+                        path,
+                        f"column {name!r} has no value on line {number}; fill in or remove the "
+                        "rows with missing values",
+                    )
+                if not _is_number(cell):
+                    fix = (
+                        "choose the numeric columns with --columns, e.g. --columns "
+                        + ",".join(n for n in names if n != name)
+                        if columns is None
+                        else "fix or remove that line"
+                    )
+                    raise UsageError(
+                        path,
+                        f"column {name!r} holds {str(cell)!r} on line {number}, not a number; "
+                        f"{fix}",
+                    )
+        # numbers that Python reads but NumPy does not (e.g. "1_000")
+        values = np.vectorize(float, otypes=[np.float64])(cells)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise UsageError(
+            path,
+            f"column {names[j]!r} holds {str(cells[i, j])!r} on line {rows[i][0]}, not a finite "
+            f"number (NaN or infinity; {int(bad.any(axis=1).sum())} such lines); remove or fill "
+            "in those lines",
+        )
+    return values, list(names)
 
 
 def _read_points(
     path: str, columns: list[str] | None = None, *, wanted_by: str = "--columns"
 ) -> tuple[np.ndarray, list | None]:
-    """A user's data file as ``(points (n, d) float, column names or None)``, checked."""
-    if not os.path.exists(path):
-        raise UsageError(path, "no such file; check the path")
-    if os.path.isdir(path):
-        raise UsageError(path, "is a folder, not a file; pass a .npy or .csv file")
+    """A user's data file as ``(points (n, d) float64, column names or None)``, checked."""
     kind = os.path.splitext(path)[1].lower()
-    if kind == ".npy":
-        if columns is not None and wanted_by == "--columns":
-            raise UsageError("--columns", "only applies to .csv files; leave it out for .npy")
-        points, names = _read_npy(path), None
-    elif kind == ".csv":
-        points, names = _read_csv(path, columns, wanted_by)
-    else:
+    if kind not in (".npy", ".csv"):
+        _check_regular_file(path)  # a missing file or a folder: say that first
         raise UsageError(
             path,
             f"unsupported file type {kind or '(none)'!r}; pass a .npy array of shape "
             "(num_points, num_features) or a .csv table with a header row",
         )
+    if kind == ".npy":
+        if columns is not None and wanted_by == "--columns":
+            raise UsageError("--columns", "only applies to .csv files; leave it out for .npy")
+        points, names = _read_npy(path), None
+    else:
+        points, names = _read_csv(path, columns, wanted_by)
     try:
-        validate_data(points, name="data")
+        with np.errstate(over="ignore"):  # its float32 copy of huge values is not used
+            validate_data(points, name="data")
     except ValueError as err:
         raise UsageError(path, str(err)) from err
     return points, names
@@ -233,6 +319,109 @@ def _sha256(path: str) -> str:
 
 def _num_heldout(num_points: int, fraction: float) -> int:
     return round(num_points * fraction)
+
+
+def _split(seed: int, num_points: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """The run's random split: ``(training row indices, held-out row indices)``."""
+    key = jax.random.fold_in(jax.random.key(seed), _SPLIT)
+    order = np.asarray(jax.random.permutation(key, num_points))
+    num_heldout = _num_heldout(num_points, fraction)
+    return order[num_heldout:], order[:num_heldout]
+
+
+def _binary_scale(values: np.ndarray) -> np.ndarray:
+    """Powers of two ``2**e`` with ``values / 2**e`` in [1, 2) (1/2 for 0 and inf): dividing
+    by them is exact."""
+    return np.ldexp(1.0, np.frexp(values)[1] - 1)
+
+
+def _column_statistics(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation (ddof 0) of each column of ``train`` (n, d), in float64.
+
+    ``train.mean(0)`` and ``train.std(0)`` when every standard deviation is in [1e-100, 1e100]
+    (no square comes near over- or underflow); otherwise the same computed on the columns
+    divided by powers of two, which is exact: values such as 1e-300 or 1e307, whose squares
+    over- or underflow, get the statistics of unit-scale values times their scale. A column
+    whose deviations from its mean overflow float64 gets an infinite standard deviation.
+    """
+    train = np.asarray(train, np.float64)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        mean, std = train.mean(axis=0), train.std(axis=0)
+        if np.all((std >= 1e-100) & (std <= 1e100)):
+            return mean, std  # the usual case: no square comes near over- or underflow
+        scale = _binary_scale(np.max(np.abs(train), axis=0))
+        mean = scale * np.mean(train / scale, axis=0)
+        deviation = train - mean
+        spread = _binary_scale(np.max(np.abs(deviation), axis=0))
+        std = spread * np.sqrt(np.mean(np.square(deviation / spread), axis=0))
+    return mean, np.where(np.isfinite(std), std, np.inf)
+
+
+def _check_columns(points: np.ndarray, names, path: str, seed: int, fraction: float) -> None:
+    """Refuse a data file whose columns cannot be standardized with the statistics of the
+    training rows of the run's split (``seed``, ``fraction``): a column with at most 2
+    distinct values there (constant, or a flag: no continuous density), a spread float64
+    cannot hold, or a value (in any row) that lands beyond float32's range in model
+    coordinates."""
+    train = points[_split(seed, len(points), fraction)[0]]
+    drop = "leave it out with --columns" if names else "numpy.delete it (axis=1)"
+
+    def column(j) -> str:
+        return f"column {names[j]!r}" if names else f"column {j}"
+
+    low, high = train.min(axis=0), train.max(axis=0)
+    third_value = np.any((train > low) & (train < high), axis=0)
+    for j in range(points.shape[1]):
+        if low[j] == high[j]:
+            raise UsageError(
+                path,
+                f"{column(j)} is constant in the training rows (all {low[j]:g}), it cannot "
+                f"be standardized; {drop}",
+            )
+        if not third_value[j]:
+            raise UsageError(
+                path,
+                f"{column(j)} takes only 2 distinct values in the training rows ({low[j]:g} "
+                f"and {high[j]:g}: a flag?), it has no continuous density; {drop}",
+            )
+    mean, std = _column_statistics(train)
+    for j in range(points.shape[1]):
+        if std[j] == np.inf:
+            raise UsageError(
+                path,
+                f"{column(j)} spans {low[j]:g} to {high[j]:g}: its deviations from the mean "
+                "overflow float64; divide the column by a power of 10",
+            )
+        if std[j] < np.finfo(np.float64).tiny:
+            raise UsageError(
+                path,
+                f"{column(j)} varies by {std[j]:g}, below float64's normal range (2.2e-308): "
+                "its digits are lost; multiply the column by a power of 10",
+            )
+    _check_standardizable(points, mean, std, names, path)
+
+
+def _check_standardizable(points: np.ndarray, mean, std, names, path: str) -> None:
+    """Refuse ``points`` (n, d) with a value that ``(x − mean) / std`` puts beyond float32."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        standardized = (points - mean) / std
+    beyond = ~(np.abs(standardized) <= np.finfo(np.float32).max)
+    if beyond.any():
+        i, j = np.argwhere(beyond)[0]
+        column = f"column {names[j]!r}" if names else f"column {j}"
+        row = "" if names else f" in row {i}"
+        raise UsageError(
+            path,
+            f"{column} holds {points[i, j]:g}{row}, beyond float32 in the model's coordinates "
+            f"((x − mean) / std = {standardized[i, j]:g}); remove that outlier",
+        )
+
+
+def _file_to_model(data: _Data, points: np.ndarray, names, path: str) -> np.ndarray:
+    """``data.to_model(points)`` for the points of a user's file, checked first."""
+    mean, std = (np.zeros(points.shape[1]), 1.0) if data.mean is None else (data.mean, data.std)
+    _check_standardizable(points, mean, np.broadcast_to(std, mean.shape), names, path)
+    return data.to_model(points)
 
 
 @dataclasses.dataclass
@@ -258,8 +447,8 @@ class _Data:
     @property
     def log_jacobian(self) -> float:
         """``log |dz/dx| = −Σ log std``: add it to a model log-density to get the original
-        units' one."""
-        return 0.0 if self.std is None else -float(np.sum(np.log(self.std)))
+        units' one (float64 logs of float64 standard deviations, correctly rounded sum)."""
+        return 0.0 if self.std is None else -math.fsum(np.log(self.std))
 
 
 def _prepare(config: dict, points: np.ndarray | None, standardization: dict | None) -> _Data:
@@ -274,14 +463,13 @@ def _prepare(config: dict, points: np.ndarray | None, standardization: dict | No
         toy = datasets.toy(name)
         points = toy.sample(jax.random.fold_in(key, _DATA), config["data"]["num_points"])
     points = np.asarray(points)
-    num_heldout = _num_heldout(len(points), config["validation_fraction"])
-    order = np.asarray(jax.random.permutation(jax.random.fold_in(key, _SPLIT), len(points)))
-    train, validation = points[order[num_heldout:]], points[order[:num_heldout]]
+    train_rows, heldout_rows = _split(config["seed"], len(points), config["validation_fraction"])
+    train, validation = points[train_rows], points[heldout_rows]
     if not config["data"]["standardized"]:
         return _Data(train.astype(np.float32), validation.astype(np.float32), toy)
     if standardization is None:
-        mean, std = train.mean(axis=0), train.std(axis=0)
-        std = np.where(std > 0, std, 1.0)  # constant columns were rejected on all the rows
+        # in float64; columns that cannot be standardized were refused (_check_columns)
+        mean, std = _column_statistics(train)
     else:
         mean = np.asarray(standardization["mean"], np.float64)
         std = np.asarray(standardization["std"], np.float64)
@@ -631,14 +819,7 @@ def _train_config(args: argparse.Namespace) -> tuple[dict, np.ndarray | None, st
         path = os.path.abspath(args.data)
         points, names = _read_points(args.data, columns)
         _check_rows(len(points), args.validation_fraction, args.data)
-        constant = np.ptp(points, axis=0) == 0
-        if constant.any():
-            j = int(np.argmax(constant))
-            raise UsageError(
-                args.data,
-                f"column {names[j] if names else j!r} is constant, it cannot be standardized; "
-                + ("leave it out with --columns" if names else "numpy.delete it (axis=1)"),
-            )
+        _check_columns(points, names, args.data, args.seed, args.validation_fraction)
         data = {
             "name": "file",
             "sha256": _sha256(path),
@@ -859,7 +1040,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         name, what, points_model = "validation", _split_name(config), data.validation
     else:
         name = what = os.path.abspath(args.data)
-        points_model = data.to_model(extra)
+        points_model = _file_to_model(data, extra, config["data"].get("columns"), args.data)
     entry = _heldout(res, data, points_model, log_z)
     updates = {"heldout": {name: {log_z.method: entry}}}
     rows = [("run", f"{args.dir} (step {int(res.state.step)})"), *_heldout_rows(entry, what)]

@@ -355,8 +355,8 @@ def _three_d_npy(tmp_path):
     return _npy(tmp_path, np.zeros((30, 2, 2))), [], "shape (30, 2, 2)"
 
 
-def _integer_npy(tmp_path):
-    return _npy(tmp_path, np.arange(60).reshape(30, 2)), [], "not floats"
+def _bool_npy(tmp_path):  # integers are read as numbers, like a CSV's (test_cli_data.py)
+    return _npy(tmp_path, np.arange(60).reshape(30, 2) % 3 == 0), [], "bool values, not numbers"
 
 
 def _few_rows(tmp_path):
@@ -371,7 +371,7 @@ def _constant_column(tmp_path):
 FILE_ERRORS = [
     _missing, _folder, _extension, _not_npy, _empty_csv, _no_header, _semicolons, _text_column,
     _missing_value, _ragged, _absent_column, _nan_csv, _inf_npy, _one_d_npy, _three_d_npy,
-    _integer_npy, _few_rows, _constant_column,
+    _bool_npy, _few_rows, _constant_column,
 ]  # fmt: skip
 
 

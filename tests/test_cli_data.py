@@ -1,0 +1,340 @@
+"""The command line's data files: what is read, how it is standardized, and one-line refusals.
+
+Every refusal is checked the same way: exit code 2, ONE line ``numpyro-ebm: error: <file>: ...``
+on stderr and nothing else, nothing on stdout, nothing created under ``--out``, and no warning
+raised on the way (warnings are turned into errors around the call).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import warnings
+
+import jax
+import numpy as np
+import pytest
+
+from numpyro_ebm import cli
+
+TINY = [
+    "--steps", "40", "--chains", "64", "--batch-size", "64", "--mcmc-steps", "5",
+    "--hidden", "16,16", "--checkpoint-every", "20", "--quiet", "--no-report",
+]  # fmt: skip
+NUM_ROWS = 300
+FRACTION = 0.1  # the default --validation-fraction
+
+
+def points(seed=0, n=NUM_ROWS, d=2):
+    return np.random.default_rng(seed).normal(size=(n, d))
+
+
+def heldout_rows(n=NUM_ROWS, seed=0):
+    """The held-out row indices of a run with --seed ``seed``: the split's contract."""
+    key = jax.random.fold_in(jax.random.key(seed), cli._SPLIT)
+    return np.asarray(jax.random.permutation(key, n))[: round(n * FRACTION)]
+
+
+def train_config(seed=0):
+    return {
+        "seed": seed,
+        "data": {"name": "file", "standardized": True},
+        "validation_fraction": FRACTION,
+    }
+
+
+def write_csv(path, header, rows):
+    path.write_text(",".join(header) + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
+    return path
+
+
+def run_cli(capsys, *argv):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning printed before the error line fails here
+        code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_refused(tmp_path, capsys, data, *options, what=()):
+    """``train --data data`` exits 2 with one line naming ``data``; nothing is created."""
+    out_dir = tmp_path / "run"
+    code, out, err = run_cli(capsys, "train", "--data", data, *options, "--out", out_dir, *TINY)
+    lines = err.splitlines()
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"numpyro-ebm: error: {data}: "), err
+    assert "; " in lines[0]  # what is wrong; what to do
+    for text in (what,) if isinstance(what, str) else what:
+        assert text in lines[0], err
+    assert out == ""
+    assert not out_dir.exists()
+    return lines[0]
+
+
+# -- C9: standardization ---------------------------------------------------------------------
+
+
+def test_statistics_are_float64_over_the_training_rows():
+    # float32 values far from 0: a float32 mean would be off by ~1e-4 of the spread
+    x = (1e4 + points(1)).astype(np.float32)
+    data = cli._prepare(train_config(), x, None)
+    train = np.delete(x, heldout_rows(), axis=0).astype(np.float64)
+    assert data.mean.dtype == np.float64 and data.std.dtype == np.float64
+    np.testing.assert_allclose(data.mean, train.mean(axis=0), rtol=1e-15)
+    np.testing.assert_allclose(data.std, train.std(axis=0), rtol=1e-13)
+
+
+def test_a_column_constant_in_the_training_rows_is_refused(tmp_path, capsys):
+    x = points()
+    x[:, 1] = 3.0
+    x[heldout_rows()[:2], 1] = [4.0, 5.0]  # three values in the file, one in the training rows
+    path = write_csv(tmp_path / "data.csv", ["x", "y"], x)
+    assert_refused(tmp_path, capsys, path, what=("column 'y'", "constant in the training rows"))
+
+
+@pytest.mark.parametrize("kind", ["csv", "npy"])
+def test_a_binary_column_is_refused(tmp_path, capsys, kind):
+    x = points()
+    x[:, 0] = x[:, 0] > 0  # a 0/1 flag: its density is not continuous
+    if kind == "csv":
+        path, column = write_csv(tmp_path / "data.csv", ["flag", "y"], x), "column 'flag'"
+    else:
+        path, column = tmp_path / "data.npy", "column 0"
+        np.save(path, x)
+    assert_refused(tmp_path, capsys, path, what=(column, "2 distinct values"))
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-300, 1e307])
+def test_extreme_scales_standardize_exactly(scale):
+    x = points(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reference = cli._prepare(train_config(), x, None)
+        scaled = cli._prepare(train_config(), x * scale, None)
+    # the same model data (float32 rounding of the same float64 values, up to a few ulps)
+    np.testing.assert_allclose(scaled.train, reference.train, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(scaled.validation, reference.validation, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(scaled.std, reference.std * scale, rtol=1e-14)
+    # the log-Jacobian −Σ log σ moves by exactly −d log(scale)
+    expected = reference.log_jacobian - 2 * math.log(scale)
+    assert scaled.log_jacobian == pytest.approx(expected, rel=1e-14, abs=1e-12)
+
+
+@pytest.mark.parametrize("exponent", [-1000, -500, 500, 1000])
+def test_statistics_at_a_power_of_two_scale_are_exact(exponent):
+    # scaling by 2**e is exact in float64: so must the statistics be, bit for bit
+    x = points(3)
+    scale = 2.0**exponent
+    mean, std = cli._column_statistics(x * scale)
+    np.testing.assert_array_equal(mean, x.mean(axis=0) * scale)
+    np.testing.assert_array_equal(std, x.std(axis=0) * scale)
+
+
+def test_values_whose_spread_overflows_are_refused(tmp_path, capsys):
+    # most values near +1.7e308, every fifth near -1.7e308: x − mean overflows float64
+    x = points()
+    x[:, 1] = 1.7e308 * (1 - 0.01 * np.random.default_rng(7).uniform(size=NUM_ROWS))
+    x[::5, 1] *= -1
+    path = write_csv(tmp_path / "data.csv", ["x", "y"], x)
+    assert_refused(tmp_path, capsys, path, what="column 'y'")
+
+
+def test_a_heldout_outlier_beyond_float32_is_refused(tmp_path, capsys):
+    x = points()
+    row = int(heldout_rows()[0])
+    x[row, 0] = 1e50  # 1e50 standard deviations away: float32 infinity in model coordinates
+    path = tmp_path / "data.npy"
+    np.save(path, x)
+    assert_refused(tmp_path, capsys, path, what=("column 0", f"row {row}"))
+
+
+def test_evaluate_refuses_a_file_beyond_float32_in_model_coordinates(tmp_path, capsys):
+    x = points(8)
+    np.save(tmp_path / "data.npy", x)
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--data", tmp_path / "data.npy", "--out", run, *TINY)
+    assert code == 0, err
+    other = x[:20].copy()
+    other[3, 1] = 1e50
+    path = tmp_path / "other.npy"
+    np.save(path, other)
+    metrics = (run / "metrics.json").read_text()
+    code, out, err = run_cli(capsys, "evaluate", run, "--data", path)
+    assert code == 2 and out == "", err
+    assert err.splitlines() == [err.strip()] and "column 1" in err and "row 3" in err, err
+    assert err.startswith(f"numpyro-ebm: error: {path}: ")
+    assert (run / "metrics.json").read_text() == metrics
+
+
+def test_scaling_the_data_by_1e_300_shifts_the_log_likelihood_by_the_jacobian(tmp_path, capsys):
+    x = points(4)
+    results = {}
+    for name, scale in (("reference", 1.0), ("tiny", 1e-300)):
+        path = tmp_path / f"{name}.npy"
+        np.save(path, x * scale)
+        code, _, err = run_cli(capsys, "train", "--data", path, "--out", tmp_path / name, *TINY)
+        assert code == 0, err
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        (entry,) = metrics["heldout"]["validation"].values()
+        results[name] = entry
+        run = json.loads((tmp_path / name / "run.json").read_text())
+        results[name]["data"] = cli._prepare(run["config"], x * scale, run["standardization"])
+    ref, tiny = results["reference"], results["tiny"]
+    np.testing.assert_array_equal(tiny["data"].train, ref["data"].train)
+    shift = tiny["log_jacobian"] - ref["log_jacobian"]
+    assert shift == pytest.approx(2 * 300 * math.log(10), rel=1e-12)
+    # the same standardized data trains the same model: the model log-likelihood is identical
+    assert tiny["log_likelihood"] - ref["log_likelihood"] == pytest.approx(shift, rel=1e-12)
+    assert tiny["stderr"] == ref["stderr"] and math.isfinite(tiny["log_likelihood"])
+
+
+# -- C10: .npy files and what is not a regular file ------------------------------------------
+
+
+def test_big_endian_npy_is_trained_on(tmp_path, capsys):
+    x = points(5)
+    path = tmp_path / "big_endian.npy"
+    np.save(path, x.astype(">f8"))
+    read, names = cli._read_points(str(path))
+    assert names is None and read.dtype == np.dtype("=f8")
+    np.testing.assert_array_equal(read, x)
+    code, _, err = run_cli(capsys, "train", "--data", path, "--out", tmp_path / "run", *TINY)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int16, np.uint8])
+def test_integer_npy_is_read_like_an_integer_csv(tmp_path, dtype):
+    x = np.random.default_rng(6).integers(0, 100, (NUM_ROWS, 2)).astype(dtype)
+    np.save(tmp_path / "data.npy", x)
+    write_csv(tmp_path / "data.csv", ["a", "b"], x)
+    from_npy, _ = cli._read_points(str(tmp_path / "data.npy"))
+    from_csv, _ = cli._read_points(str(tmp_path / "data.csv"))
+    assert from_npy.dtype == from_csv.dtype == np.float64
+    np.testing.assert_array_equal(from_npy, from_csv)
+
+
+def test_float128_npy_is_refused(tmp_path, capsys):
+    if np.dtype(np.longdouble).itemsize <= 8:
+        pytest.skip("long double is float64 on this platform")
+    path = tmp_path / "data.npy"
+    np.save(path, points().astype(np.longdouble))
+    assert_refused(tmp_path, capsys, path, what=("float128", "astype('float64')"))
+
+
+def test_bool_npy_is_refused(tmp_path, capsys):
+    path = tmp_path / "data.npy"
+    np.save(path, points() > 0)
+    assert_refused(tmp_path, capsys, path, what="bool")
+
+
+def test_a_npy_header_claiming_1e12_rows_is_refused_before_reading(tmp_path, capsys):
+    path = tmp_path / "data.npy"
+    with open(path, "wb") as f:
+        header = {"descr": "<f8", "fortran_order": False, "shape": (10**12, 2)}
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(np.zeros(8).tobytes())
+    assert_refused(tmp_path, capsys, path, what="(1000000000000, 2)")
+
+
+def test_a_npy_of_zero_columns_blames_the_data_file(tmp_path, capsys):
+    path = tmp_path / "data.npy"
+    np.save(path, np.zeros((200, 0)))
+    assert_refused(tmp_path, capsys, path, what="no columns")
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".csv"])
+def test_a_fifo_is_refused_without_opening_it(tmp_path, capsys, suffix):
+    path = tmp_path / f"pipe{suffix}"
+    os.mkfifo(path)
+    # a writer that unblocks a reader (old code would block in open() forever without it)
+    writer = threading.Thread(target=lambda: open(path, "wb").close(), daemon=True)
+    writer.start()
+    try:
+        assert_refused(tmp_path, capsys, path, what="not a regular file")
+    finally:
+        if writer.is_alive():  # nobody opened the pipe: release the writer
+            os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+        writer.join(5)
+
+
+def test_dev_zero_is_refused(tmp_path, capsys):
+    path = tmp_path / "zeros.npy"
+    path.symlink_to("/dev/zero")
+    assert_refused(tmp_path, capsys, path, what="not a regular file")
+
+
+# -- C11: messages ---------------------------------------------------------------------------
+
+
+def _csv_with_a_two_line_record(tmp_path, bad_row):
+    """x,note,y with a quoted two-line note on line 2, one empty line (4), then ``bad_row``
+    on line 9: record 7 of the file, data row 6."""
+    text = 'x,note,y\n1,"two\nlines",2\n\n' + "".join(f"{i},n,{i * i % 7}\n" for i in range(4))
+    text += bad_row + "\n" + "".join(f"{i},n,{i % 5}.5\n" for i in range(30))
+    path = tmp_path / "data.csv"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "bad_row, what",
+    [
+        ("3,n,", "no value on line 9"),
+        ("3,n,abc", "on line 9"),
+        ("3,n,nan", "line 9"),
+        ("3,n,1e400", "line 9"),
+        ("3,n", "line 9 has 2 fields"),
+    ],
+    ids=["missing", "text", "nan", "overflow", "ragged"],
+)
+def test_csv_errors_give_the_line_number(tmp_path, capsys, bad_row, what):
+    path = _csv_with_a_two_line_record(tmp_path, bad_row)
+    line = assert_refused(tmp_path, capsys, path, "--columns", "x,y", what=what)
+    assert "index" not in line
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".csv"])
+def test_permission_denied_says_so(tmp_path, capsys, monkeypatch, suffix):
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".npy":
+        np.save(path, points())
+    else:
+        write_csv(path, ["x", "y"], points())
+    if os.geteuid() != 0:
+        path.chmod(0)
+    else:  # root reads any file: refuse it the way the kernel would
+        real_open = open
+
+        def denied(file, *args, **kwargs):
+            if os.fspath(file) == str(path):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr("builtins.open", denied)
+    line = assert_refused(tmp_path, capsys, path, what="permission denied")
+    assert "not a NumPy" not in line and "CSV" not in line
+
+
+def test_no_warning_reaches_stderr_before_the_error_line(tmp_path):
+    """In a fresh interpreter (warnings printed as Python does): stderr is the one line."""
+    x = points()
+    x[:, 1] *= 1e200
+    x[0, 1] = 1e50 * 1e200  # an overflow in the squares of the old standardization
+    x[:, 0] = 1.0  # a constant column: refused after the statistics are computed
+    path = tmp_path / "data.npy"
+    np.save(path, x)
+    out_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "numpyro_ebm.cli", "train", "--data", path, "--out", out_dir],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(cli.__file__)),
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr
+    assert result.stderr.startswith(f"numpyro-ebm: error: {path}: column 0 ")
+    assert not out_dir.exists()
