@@ -21,11 +21,25 @@ Commands (``numpyro-ebm COMMAND --help`` lists every option):
     entropy bound, KL ± standard error, time) and plot the learned density next to the true one.
 
 The run folder holds ``run.json`` (what rebuilds the run: data source and fingerprint,
-standardization, settings, versions), ``checkpoint/`` (``fit``'s), ``metrics.json``,
-``report.html`` and, for 2-D data, ``density.png``; every file is written atomically. A user
-error (a bad file or option, a folder of another run) prints one line
-``numpyro-ebm: error: <file or option>: <what is wrong>; <what to do>`` and exits with code 2
-before any computation, leaving nothing behind.
+standardization, settings, versions; ``diverged`` once training diverged), ``checkpoint/``
+(``fit``'s), ``metrics.json``, ``report.html``, for 2-D data ``density.png``, and ``.lock``
+(``train`` and ``evaluate`` hold it: one writer at a time); every file is written atomically.
+A user error (a bad file or option, a folder of another run, a damaged run file, a folder in
+use) prints one line ``numpyro-ebm: error: <file or option>: <what is wrong>; <what to do>``
+and exits with code 2 before any computation. No error path deletes anything the user had:
+only what the failing command itself created, and only while the run has no checkpoint.
+
+Exit codes:
+
+===== ===============================================================================
+0     done
+1     training diverged (``run.json`` records it; ``train`` refuses to rerun it, and
+      ``evaluate``, ``sample`` and ``report`` refuse the run with code 2)
+2     bad input or settings, a damaged run file, a run folder in use by another process
+3     internal error (a bug): one line, and the full traceback written to
+      ``DIR/traceback.txt`` of the run folder, or to a temporary file when there is none
+130   interrupted (Ctrl-C); ``train`` resumes from its last checkpoint when run again
+===== ===============================================================================
 """
 
 from __future__ import annotations
@@ -476,7 +490,7 @@ def _diverged_message(out: str, step: int) -> str:
     return (
         f"numpyro-ebm: error: {out}: training diverged at step {step} (non-finite energies or "
         "gradients many steps in a row); train into a new --out with a lower --learning-rate "
-        "(e.g. a tenth), or another --sampler or fewer --mcmc-steps"
+        "(e.g. a tenth) or another --sampler"
     )
 
 
@@ -1210,7 +1224,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="numpyro-ebm",
         description="Train, evaluate and sample energy-based models (numpyro_ebm).",
-        epilog="User errors print one line and exit with code 2.",
+        epilog="Exit codes: 0 done, 1 training diverged, 2 bad input or settings (one line), "
+        "3 internal error (traceback written to a file), 130 interrupted.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
