@@ -914,12 +914,9 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     _check_settings(args.out, _existing_run(args.out), config)
     created = _make_folders(args.out)
     before = set(os.listdir(args.out))
-    try:
-        with folder_lock(args.out):
-            return _train_locked(args, argv, config, points, path, created, before)
-    except FolderLockedError:
-        _remove_created(created, [])  # only when another process took the new folder first
-        raise
+    # a FolderLockedError leaves even a folder created here: the holder writes into it now
+    with folder_lock(args.out):
+        return _train_locked(args, argv, config, points, path, created, before)
 
 
 def _train_locked(args, argv, config, points, path, created: list[str], before: set) -> int:
@@ -1022,7 +1019,14 @@ def _train_locked(args, argv, config, points, path, created: list[str], before: 
     if not args.no_report:
         print(f"wrote {_write_report(res, data, config, os.path.join(out, REPORT_FILE))}")
         if data.train.shape[1] == 2:
-            print(f"wrote {_density_plot(res, data, os.path.join(out, DENSITY_FILE))}")
+            try:
+                print(f"wrote {_density_plot(res, data, os.path.join(out, DENSITY_FILE))}")
+            except (ValueError, FloatingPointError, np.linalg.LinAlgError) as err:
+                print(
+                    f"numpyro-ebm: warning: {DENSITY_FILE} skipped ({' '.join(str(err).split())})"
+                    "; the run and its metrics are saved",
+                    file=sys.stderr,
+                )
     return EXIT_OK
 
 
@@ -1069,10 +1073,19 @@ def _density_plot(res, data: _Data, path: str) -> str:
         def energy(x):
             return res.energy((x - mean) / std)
 
+    points = data.to_original(data.train)
     figure = plots.density_figure(
-        energy, data.to_original(data.train), samples=data.to_original(res.chains)
+        energy, points, samples=data.to_original(res.chains), bounds=_plot_box(points)
     )
     return plots.save_figure(figure, path)
+
+
+def _plot_box(points: np.ndarray) -> np.ndarray:
+    """``(d, 2)`` box of the bulk of ``points``: the 0.5%–99.5% quantiles plus 15% on each side,
+    so that a few outliers (1e20 among unit-scale data) do not squeeze the data into a pixel."""
+    low, high = np.quantile(np.asarray(points, np.float64), [0.005, 0.995], axis=0)
+    pad = 0.15 * np.where(high > low, high - low, np.maximum(np.abs(high), 1.0))
+    return np.stack([low - pad, high + pad], axis=1)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

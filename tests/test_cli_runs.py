@@ -306,3 +306,27 @@ def test_demo_checks_its_options_before_training(tmp_path, capsys, monkeypatch):
         assert code == 2, err
         one_line(err, subject)
     assert sorted(os.listdir(tmp_path)) == ["plot"] and a_file.read_text() == "mine"
+
+
+def test_the_density_plot_box_holds_the_bulk_of_the_data_not_its_outliers():
+    points = np.random.default_rng(0).normal(size=(1000, 2))
+    points[0] = [1e20, -1e25]
+    box = cli._plot_box(points)
+    # the N(0, 1) bulk: the 0.5% and 99.5% quantiles are near ∓2.58, and 15% padding is added
+    assert box.shape == (2, 2)
+    assert np.all((box[:, 0] < -2.5) & (box[:, 0] > -4.5))
+    assert np.all((box[:, 1] > 2.5) & (box[:, 1] < 4.5))
+
+
+def test_a_failing_density_plot_keeps_the_training_result(run_copy, capsys, monkeypatch):
+    def singular(*args, **kwargs):
+        raise np.linalg.LinAlgError("Singular matrix")
+
+    monkeypatch.setattr(cli.plots, "density_figure", singular)
+    run = run_copy / "run"
+    # train on a finished run recomputes the metrics, the report and the plot
+    code, _, err = run_cli(capsys, *COMMANDS["train"](run, run_copy))
+    assert code == 0, err
+    one_line(err, "warning", cli.DENSITY_FILE, "Singular matrix")
+    assert (run / cli.METRICS_FILE).exists() and (run / cli.REPORT_FILE).exists()
+    assert not (run / cli.DENSITY_FILE).exists()
