@@ -1016,18 +1016,25 @@ def _train_locked(args, argv, config, points, path, created: list[str], before: 
     print()
     _print_table(rows)
     print(f"\nwrote {os.path.join(out, METRICS_FILE)}")
+    report, density = os.path.join(out, REPORT_FILE), os.path.join(out, DENSITY_FILE)
     if not args.no_report:
-        print(f"wrote {_write_report(res, data, config, os.path.join(out, REPORT_FILE))}")
+        _write_or_warn(REPORT_FILE, lambda: _write_report(res, data, config, report))
         if data.train.shape[1] == 2:
-            try:
-                print(f"wrote {_density_plot(res, data, os.path.join(out, DENSITY_FILE))}")
-            except (ValueError, FloatingPointError, np.linalg.LinAlgError) as err:
-                print(
-                    f"numpyro-ebm: warning: {DENSITY_FILE} skipped ({' '.join(str(err).split())})"
-                    "; the run and its metrics are saved",
-                    file=sys.stderr,
-                )
+            _write_or_warn(DENSITY_FILE, lambda: _density_plot(res, data, density))
     return EXIT_OK
+
+
+def _write_or_warn(name: str, write) -> None:
+    """Write a figure or report after training; a numerical failure in drawing it (e.g. a
+    singular matrix from extreme data) is a warning: the trained run and its metrics stay."""
+    try:
+        print(f"wrote {write()}")
+    except (ValueError, FloatingPointError, np.linalg.LinAlgError) as err:
+        print(
+            f"numpyro-ebm: warning: {name} skipped ({' '.join(str(err).split())}); the run and "
+            "its metrics are saved",
+            file=sys.stderr,
+        )
 
 
 def _new_run(config: dict, data: _Data, argv: list[str], path: str | None) -> dict:
