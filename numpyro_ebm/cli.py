@@ -67,8 +67,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import numpyro_ebm as ebm
+import numpyro_ebm._io as _io
 from numpyro_ebm import datasets, diagnostics, evaluate, logz, plots, samplers
-from numpyro_ebm._io import LOCK_FILE, FolderLockedError, folder_lock
 from numpyro_ebm.train import _META_FILE, NEGATIVES, TrainingDivergedError, _atomic_write
 from numpyro_ebm.validation import validate_data
 
@@ -467,7 +467,7 @@ def _existing_run(out: str) -> dict | None:
         return None
     if os.path.exists(os.path.join(out, RUN_FILE)):
         return _read_run_json(out)
-    if set(os.listdir(out)) - {LOCK_FILE}:
+    if set(os.listdir(out)) - {_io.LOCK_FILE}:
         raise UsageError(
             out, "exists and is not a numpyro-ebm run folder; pick another --out (a new folder)"
         )
@@ -915,7 +915,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     created = _make_folders(args.out)
     before = set(os.listdir(args.out))
     # a FolderLockedError leaves even a folder created here: the holder writes into it now
-    with folder_lock(args.out):
+    with _io.folder_lock(args.out):
         return _train_locked(args, argv, config, points, path, created, before)
 
 
@@ -1119,7 +1119,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             raise UsageError(
                 args.data, "has fewer than 2 rows; pass at least 2 (for a standard error)"
             )
-    with folder_lock(args.dir):
+    with _io.folder_lock(args.dir):
         return _evaluate_locked(args, run, points, extra)
 
 
@@ -1188,7 +1188,8 @@ def _report(args: argparse.Namespace) -> int:
     path = args.out or os.path.join(args.dir, REPORT_FILE)
     if os.path.splitext(path)[1].lower() not in (".html", ".md"):
         raise UsageError("--out", f"{path!r} must end in .html or .md; e.g. --out report.md")
-    _check_output_file(path, "report.html")
+    if args.out is not None:
+        _check_output_file(path, "report.html")
     run, data, res = _restore(args.dir)
     print(f"wrote {_write_report(res, data, run['config'], path)}")
     return EXIT_OK
@@ -1408,7 +1409,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{err}; the run's checkpoint is damaged (nothing was changed): restore the run "
             "folder from a backup, or train into a new --out"
         )
-    except FolderLockedError as err:
+    except _io.FolderLockedError as err:
         _error_line(str(err))
     except KeyboardInterrupt:
         print("numpyro-ebm: interrupted", file=sys.stderr)
