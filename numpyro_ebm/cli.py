@@ -21,16 +21,31 @@ Commands (``numpyro-ebm COMMAND --help`` lists every option):
     entropy bound, KL ± standard error, time) and plot the learned density next to the true one.
 
 The run folder holds ``run.json`` (what rebuilds the run: data source and fingerprint,
-standardization, settings, versions), ``checkpoint/`` (``fit``'s), ``metrics.json``,
-``report.html`` and, for 2-D data, ``density.png``; every file is written atomically. A user
-error (a bad file or option, a folder of another run) prints one line
-``numpyro-ebm: error: <file or option>: <what is wrong>; <what to do>`` and exits with code 2
-before any computation, leaving nothing behind.
+standardization, settings, versions; ``diverged`` once training diverged), ``checkpoint/``
+(``fit``'s), ``metrics.json``, ``report.html``, for 2-D data ``density.png``, and ``.lock``
+(``train`` and ``evaluate`` hold it: one writer at a time); every file is written atomically.
+A user error (a bad file or option, a folder of another run, a damaged run file, a folder in
+use) prints one line ``numpyro-ebm: error: <file or option>: <what is wrong>; <what to do>``
+and exits with code 2 before any computation. No error path deletes anything the user had:
+only what the failing command itself created, and only while the run has no checkpoint.
+
+Exit codes:
+
+===== ===============================================================================
+0     done
+1     training diverged (``run.json`` records it; ``train`` refuses to rerun it, and
+      ``evaluate``, ``sample`` and ``report`` refuse the run with code 2)
+2     bad input or settings, a damaged run file, a run folder in use by another process
+3     internal error (a bug): one line, and the full traceback written to
+      ``DIR/traceback.txt`` of the run folder, or to a temporary file when there is none
+130   interrupted (Ctrl-C); ``train`` resumes from its last checkpoint when run again
+===== ===============================================================================
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -45,13 +60,16 @@ import shlex
 import shutil
 import stat
 import sys
+import tempfile
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import numpyro_ebm as ebm
+import numpyro_ebm._io as _io
 from numpyro_ebm import datasets, diagnostics, evaluate, logz, plots, samplers
 from numpyro_ebm.train import _META_FILE, NEGATIVES, TrainingDivergedError, _atomic_write
 from numpyro_ebm.validation import validate_data
@@ -65,6 +83,7 @@ METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
 DENSITY_FILE = "density.png"
 CHECKPOINT_DIR = "checkpoint"
+TRACEBACK_FILE = "traceback.txt"
 RUN_FORMAT = "numpyro-ebm-run/1"
 
 # fold_in tags of the run's key (jax.random.key(--seed)): one key per purpose
@@ -75,6 +94,13 @@ _MIN_HELDOUT_ROWS = 2  # a standard error needs two points
 _GRID_POINTS = {1: 4096, 2: 512, 3: 96}  # per axis: 2**12, 2**18, ~2**20 energies a grid
 _GRID_MAX_DOUBLINGS = 5  # six boxes at most
 _GRID_EDGE_MASS = 1e-3
+
+
+EXIT_OK = 0
+EXIT_DIVERGED = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
 
 
 class UsageError(Exception):
@@ -510,20 +536,115 @@ def _checkpoint_step(folder: str) -> int | None:
         return None
 
 
-def _read_run_json(folder: str) -> dict:
-    path = os.path.join(folder, RUN_FILE)
+def _damaged(path: str, problem: str) -> UsageError:
+    return UsageError(
+        path,
+        f"{problem}; the run folder is damaged (nothing was changed): restore the file from a "
+        "backup, or train into a new --out",
+    )
+
+
+def _read_json(path: str):
+    """The JSON value in ``path``; a file that cannot be read or parsed is a ``_damaged`` one."""
     try:
         with open(path, encoding="utf-8") as f:
-            run = json.load(f)
+            return json.load(f)
     except (OSError, ValueError) as err:
-        raise UsageError(
-            path, f"cannot be read ({err}); the run folder is damaged: train into a new --out"
-        ) from err
-    if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
+        raise _damaged(path, f"cannot be read ({err})") from err
+
+
+def _is_int(value, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _run_problem(run) -> str | None:
+    """What is wrong with a ``run.json`` value (missing keys, wrong types), or None."""
+    if not isinstance(run, dict):
+        return "does not hold a JSON object"
+    fields = {
+        "command": lambda v: isinstance(v, str),
+        "config": lambda v: isinstance(v, dict),
+        "data_path": lambda v: v is None or isinstance(v, str),
+        "standardization": lambda v: v is None or isinstance(v, dict),
+        "event_shape": lambda v: isinstance(v, list) and len(v) == 1 and _is_int(v[0], 1),
+        "diverged": lambda v: v is None or (isinstance(v, dict) and _is_int(v.get("step"))),
+    }
+    config_fields = {
+        "data": lambda v: isinstance(v, dict) and v.get("name") in (*BUILTIN, "file"),
+        "steps": lambda v: _is_int(v, 1),
+        "hidden": lambda v: isinstance(v, list) and v and all(_is_int(w, 1) for w in v),
+        "sampler": lambda v: v in samplers.KERNELS,
+        "negatives": lambda v: v in NEGATIVES,
+        "chains": lambda v: _is_int(v, 1),
+        "mcmc_steps": lambda v: _is_int(v, 1),
+        "batch_size": lambda v: _is_int(v, 1),
+        "learning_rate": lambda v: _is_finite_number(v) and v > 0,
+        "validation_fraction": lambda v: v is None or (_is_finite_number(v) and 0 < v < 1),
+        "seed": lambda v: _is_int(v),
+    }
+    for name, ok in fields.items():
+        if name not in run and name != "diverged":
+            return f"has no {name!r} entry"
+        if not ok(run.get(name)):
+            return f"has a wrong {name!r} entry ({_short(run[name])})"
+    config = run["config"]
+    for name, ok in config_fields.items():
+        if name not in config:
+            return f"has no 'config.{name}' entry"
+        if not ok(config[name]):
+            return f"has a wrong 'config.{name}' entry ({_short(config[name])})"
+    data, dim = config["data"], run["event_shape"][0]
+    if data["name"] == "file":
+        ok = (
+            isinstance(data.get("sha256"), str)
+            and isinstance(run["data_path"], str)
+            and (data.get("columns") is None or isinstance(data["columns"], list))
+            and isinstance(run["standardization"], dict)
+            and all(
+                isinstance(v, list) and len(v) == dim and all(map(_is_finite_number, v))
+                for v in (run["standardization"].get(k) for k in ("mean", "std"))
+            )
+            and min(run["standardization"]["std"]) > 0
+        )
+        if not ok:
+            return "has a wrong 'config.data' or 'standardization' entry for a data file"
+    elif data["name"] in TOYS and not _is_int(data.get("num_points"), 1):
+        return "has a wrong 'config.data.num_points' entry"
+    return None
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _read_run_json(folder: str) -> dict:
+    path = os.path.join(folder, RUN_FILE)
+    run = _read_json(path)
+    if isinstance(run, dict) and run.get("format") != RUN_FORMAT:
         raise UsageError(
             path, f"is not a {RUN_FORMAT} file; pass the --out folder of `numpyro-ebm train`"
         )
+    problem = _run_problem(run)
+    if problem is not None:
+        raise _damaged(path, problem)
+    _read_metrics(folder)  # a damaged metrics.json is reported before anything is computed
     return run
+
+
+def _read_metrics(folder: str) -> dict:
+    """The run's ``metrics.json`` (empty when there is none yet)."""
+    path = os.path.join(folder, METRICS_FILE)
+    if not os.path.exists(path):
+        return {}
+    metrics = _read_json(path)
+    if not isinstance(metrics, dict) or not _is_int(metrics.get("step")):
+        raise _damaged(path, "is not a metrics file of numpyro-ebm (no step)")
+    return metrics
 
 
 def _existing_run(out: str) -> dict | None:
@@ -534,11 +655,31 @@ def _existing_run(out: str) -> dict | None:
         return None
     if os.path.exists(os.path.join(out, RUN_FILE)):
         return _read_run_json(out)
-    if os.listdir(out):
+    if set(os.listdir(out)) - {_io.LOCK_FILE}:
         raise UsageError(
             out, "exists and is not a numpyro-ebm run folder; pick another --out (a new folder)"
         )
     return None
+
+
+def _raise_if_damaged(checkpoint: str) -> None:
+    """Raise ``CheckpointError`` naming the file when ``checkpoint`` holds a checkpoint whose
+    step cannot be read (``_checkpoint_step`` gave None)."""
+    if os.path.isdir(checkpoint):
+        try:
+            ebm.train.load_checkpoint(checkpoint, like=None)
+        except ebm.CheckpointError:
+            raise
+        except Exception:  # a readable checkpoint: not this function's business
+            pass
+
+
+def _diverged_message(out: str, step: int) -> str:
+    return (
+        f"numpyro-ebm: error: {out}: training diverged at step {step} (non-finite energies or "
+        "gradients many steps in a row); train into a new --out with a lower --learning-rate "
+        "(e.g. a tenth) or another --sampler"
+    )
 
 
 def _load_run(folder: str) -> tuple[dict, np.ndarray | None]:
@@ -555,7 +696,15 @@ def _load_run(folder: str) -> tuple[dict, np.ndarray | None]:
         )
     run = _read_run_json(folder)
     config = run["config"]
+    if run.get("diverged") is not None:
+        raise UsageError(
+            folder,
+            f"training diverged at step {run['diverged']['step']}, the run has no trained "
+            "model; train into a new --out with a lower --learning-rate",
+        )
     step = _checkpoint_step(folder)
+    if step is None:
+        _raise_if_damaged(os.path.join(folder, CHECKPOINT_DIR))
     if step is None or step < config["steps"]:
         stopped = "before its first checkpoint" if step is None else f"at step {step}"
         raise UsageError(
@@ -663,12 +812,7 @@ def _heldout(res, data: _Data, points_model: np.ndarray, log_z: logz.LogZEstimat
 def _update_metrics(folder: str, step: int, updates: dict) -> dict:
     """Merge ``updates`` (``{"heldout": {data: {method: entry}}, ...}``) into metrics.json."""
     path = os.path.join(folder, METRICS_FILE)
-    metrics = {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            metrics = json.load(f)
-    except (OSError, ValueError):
-        pass
+    metrics = _read_metrics(folder)
     if metrics.get("step") != step:
         metrics = {"step": step}
     for data_name, entries in updates.pop("heldout", {}).items():
@@ -737,15 +881,45 @@ def _parse_hidden(text: str) -> list[int]:
             f"{text!r} is not a comma-separated list of positive layer widths; write e.g. "
             "--hidden 128,128",
         )
+    if max(widths) > _MAX_WIDTH or len(widths) > _MAX_LAYERS:
+        raise UsageError(
+            "--hidden",
+            f"{text!r} is too large: at most {_MAX_LAYERS} layers of at most {_MAX_WIDTH} units "
+            "(the network must fit in memory); write e.g. --hidden 128,128",
+        )
     return widths
+
+
+# Upper limits of the integer options: counters are int32 in the compiled loop; sizes beyond
+# these do not fit in memory (a chain, a data point or a batch row costs at least a few hundred
+# bytes through the network); seeds are int64.
+_MAX_VALUE = {
+    "steps": 2**31 - 1,
+    "checkpoint_every": 2**31 - 1,
+    "mcmc_steps": 2**31 - 1,
+    "chains": 2**24,
+    "batch_size": 2**24,
+    "num_data": 10**8,
+    "num": 10**8,
+    "seed": 2**63 - 1,
+}
+_MAX_WIDTH = 2**14  # a 2**14-wide layer pair already holds 2**28 parameters (1 GiB, plus Adam's)
+_MAX_LAYERS = 64
 
 
 def _check_positive(args: argparse.Namespace, *names: str) -> None:
     for name in names:
         value = getattr(args, name)
-        if value is not None and not value > 0:
+        option = "--" + name.replace("_", "-")
+        if value is None:
+            continue
+        if not value > 0:
+            raise UsageError(option, f"must be positive, got {value}; pass a number > 0")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(option, f"must be finite, got {value}; e.g. {option} 0.005")
+        if name in _MAX_VALUE and value > _MAX_VALUE[name]:
             raise UsageError(
-                "--" + name.replace("_", "-"), f"must be positive, got {value}; pass a number > 0"
+                option, f"must be at most {_MAX_VALUE[name]}, got {value}; pass a smaller number"
             )
 
 
@@ -761,8 +935,10 @@ def _check_rows(num_points: int, fraction: float, subject: str) -> None:
 
 
 def _check_seed(args: argparse.Namespace) -> None:
-    if args.seed is not None and args.seed < 0:
-        raise UsageError("--seed", f"must be >= 0, got {args.seed}; e.g. --seed 0")
+    if args.seed is not None and not 0 <= args.seed <= _MAX_VALUE["seed"]:
+        raise UsageError(
+            "--seed", f"must be between 0 and {_MAX_VALUE['seed']}, got {args.seed}; e.g. --seed 0"
+        )
 
 
 def _train_config(args: argparse.Namespace) -> tuple[dict, np.ndarray | None, str | None]:
@@ -859,59 +1035,108 @@ def _config_differences(stored: dict, config: dict) -> str:
     return ", ".join(changes)
 
 
-def _discard_unstarted(out: str, created: bool) -> None:
-    """Leave ``out`` as it was before a run that wrote no checkpoint (new, or empty)."""
-    if created:
-        shutil.rmtree(out, ignore_errors=True)
-    elif os.path.exists(os.path.join(out, RUN_FILE)):
-        os.remove(os.path.join(out, RUN_FILE))
+def _make_folders(out: str) -> list[str]:
+    """Create ``out`` and its missing parents before any compute: the folders this call
+    created, outermost first. If one cannot be created, the others are removed again."""
+    missing, path = [], os.path.abspath(out)
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    created = []
+    try:
+        for folder in reversed(missing):
+            os.mkdir(folder)
+            created.append(folder)
+    except OSError as err:
+        _remove_created(created, [])
+        raise UsageError(
+            "--out",
+            f"{out} cannot be created ({err.strerror}: {err.filename}); pick a folder you can "
+            "write to",
+        ) from err
+    return created
 
 
-def _train(args: argparse.Namespace, argv: list[str]) -> int:
-    config, points, path = _train_config(args)
-    out = args.out
-    existing = _existing_run(out)
+def _remove_created(folders: list[str], entries: list[str]) -> None:
+    """Remove what this invocation created: ``entries`` (paths inside a folder that existed)
+    and ``folders`` (whole, innermost first; they held nothing before this invocation)."""
+    for path in entries:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.remove(path)
+    for i, folder in enumerate(reversed(folders)):
+        if i == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+
+def _check_settings(out: str, existing: dict | None, config: dict) -> None:
     if existing is not None and existing["config"] != config:
         raise UsageError(
             out,
             f"holds a run with other settings ({_config_differences(existing['config'], config)})"
             f"; pick another --out, or delete {out} to start again",
         )
-    # all checks done: compute from here on
-    data = _prepare(config, points, existing and existing["standardization"])
-    run = {
-        "format": RUN_FORMAT,
-        "command": shlex.join(["numpyro-ebm", *argv]),
-        "config": config,
-        "data_path": path,
-        "standardization": None
-        if data.mean is None
-        else {"mean": data.mean.tolist(), "std": data.std.tolist()},
-        "event_shape": list(data.train.shape[1:]),
-        "split": {"train": len(data.train), "validation": len(data.validation)},
-        "versions": {
-            "numpyro_ebm": ebm.__version__,
-            "jax": jax.__version__,
-            "numpy": np.__version__,
-            "python": platform.python_version(),
-        },
-    }
-    created = not os.path.exists(out)
-    start_step = _checkpoint_step(out)
-    source = path or config["data"]["name"]
-    if start_step and start_step >= config["steps"]:
-        print(f"{out} is trained already ({start_step} steps): recomputing its metrics")
-    elif start_step:
-        print(f"Resuming {out} from step {start_step} of {config['steps']}")
-    else:
-        print(
-            f"Training an MLP energy on {source} ({len(data.train)} points, "
-            f"{len(data.validation)} held out) for {config['steps']} steps -> {out}"
-        )
-    start = time.perf_counter()
+
+
+def _started(out: str) -> bool:
+    """Whether the run in ``out`` has a checkpoint (a damaged one counts: it is kept)."""
     try:
-        os.makedirs(out, exist_ok=True)
-        _write_json(os.path.join(out, RUN_FILE), run)
+        return _checkpoint_step(out) is not None
+    except ebm.CheckpointError:
+        return True
+
+
+def _train(args: argparse.Namespace, argv: list[str]) -> int:
+    config, points, path = _train_config(args)
+    _check_settings(args.out, _existing_run(args.out), config)
+    created = _make_folders(args.out)
+    before = set(os.listdir(args.out))
+    # a FolderLockedError leaves even a folder created here: the holder writes into it now
+    with _io.folder_lock(args.out):
+        return _train_locked(args, argv, config, points, path, created, before)
+
+
+def _train_locked(args, argv, config, points, path, created: list[str], before: set) -> int:
+    """``train`` while this process holds ``--out``'s lock. What an error path removes is only
+    what this invocation created, and only while the run has no checkpoint."""
+    out = args.out
+    existing = _existing_run(out)  # again: another writer may have finished meanwhile
+    _check_settings(out, existing, config)
+    if existing is not None and existing.get("diverged") is not None:
+        print(_diverged_message(out, existing["diverged"]["step"]), file=sys.stderr)
+        return EXIT_DIVERGED
+    start_step = _checkpoint_step(out)
+    if start_step is None:
+        _raise_if_damaged(os.path.join(out, CHECKPOINT_DIR))
+
+    def discard_unstarted():
+        if existing is None and not _started(out):
+            new = [os.path.join(out, name) for name in os.listdir(out) if name not in before]
+            _remove_created(created, [] if created else new)
+
+    # all checks done: compute from here on
+    try:
+        data = _prepare(config, points, existing and existing["standardization"])
+        if existing is None:
+            run = _new_run(config, data, argv, path)
+            _write_json(os.path.join(out, RUN_FILE), run)
+        else:
+            run = existing
+        source = run["data_path"] or config["data"]["name"]
+        if start_step and start_step >= config["steps"]:
+            print(f"{out} is trained already ({start_step} steps): recomputing its metrics")
+        elif start_step:
+            print(f"Resuming {out} from step {start_step} of {config['steps']}")
+        else:
+            print(
+                f"Training an MLP energy on {source} ({len(data.train)} points, "
+                f"{len(data.validation)} held out) for {config['steps']} steps -> {out}"
+            )
+        start = time.perf_counter()
         res = _fit(
             config,
             data,
@@ -920,9 +1145,12 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
             checkpoint_every=args.checkpoint_every,
         )
     except KeyboardInterrupt:
-        step = _checkpoint_step(out)
+        try:
+            step = _checkpoint_step(out)
+        except ebm.CheckpointError:
+            step = None
+        discard_unstarted()
         if step is None:
-            _discard_unstarted(out, created)
             print("numpyro-ebm: interrupted before the first checkpoint", file=sys.stderr)
         else:
             print(
@@ -930,19 +1158,15 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
                 "same command again to resume from it",
                 file=sys.stderr,
             )
-        return 130
+        return EXIT_INTERRUPTED
     except TrainingDivergedError as err:
-        print(
-            f"numpyro-ebm: error: {out}: training diverged at step {int(err.state.step)} "
-            "(non-finite energies or gradients); lower --learning-rate or try another "
-            "--sampler, and train into a new --out",
-            file=sys.stderr,
-        )
-        return 1
+        step = int(err.state.step)
+        _write_json(os.path.join(out, RUN_FILE), {**run, "diverged": {"step": step}})
+        print(_diverged_message(out, step), file=sys.stderr)
+        return EXIT_DIVERGED
     except BaseException as err:
-        if _checkpoint_step(out) is None:
-            _discard_unstarted(out, created)
-        if isinstance(err, ValueError):
+        discard_unstarted()
+        if isinstance(err, ValueError) and not isinstance(err, ebm.CheckpointError):
             raise UsageError(out, f"{err}; change the settings") from err
         raise
     seconds = time.perf_counter() - start
@@ -973,11 +1197,46 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     print()
     _print_table(rows)
     print(f"\nwrote {os.path.join(out, METRICS_FILE)}")
+    report, density = os.path.join(out, REPORT_FILE), os.path.join(out, DENSITY_FILE)
     if not args.no_report:
-        print(f"wrote {_write_report(res, data, config, os.path.join(out, REPORT_FILE))}")
+        _write_or_warn(REPORT_FILE, lambda: _write_report(res, data, config, report))
         if data.train.shape[1] == 2:
-            print(f"wrote {_density_plot(res, data, os.path.join(out, DENSITY_FILE))}")
-    return 0
+            _write_or_warn(DENSITY_FILE, lambda: _density_plot(res, data, density))
+    return EXIT_OK
+
+
+def _write_or_warn(name: str, write) -> None:
+    """Write a figure or report after training; a numerical failure in drawing it (e.g. a
+    singular matrix from extreme data) is a warning: the trained run and its metrics stay."""
+    try:
+        print(f"wrote {write()}")
+    except (ValueError, FloatingPointError, np.linalg.LinAlgError) as err:
+        print(
+            f"numpyro-ebm: warning: {name} skipped ({' '.join(str(err).split())}); the run and "
+            "its metrics are saved",
+            file=sys.stderr,
+        )
+
+
+def _new_run(config: dict, data: _Data, argv: list[str], path: str | None) -> dict:
+    """The ``run.json`` of a new run."""
+    return {
+        "format": RUN_FORMAT,
+        "command": shlex.join(["numpyro-ebm", *argv]),
+        "config": config,
+        "data_path": path,
+        "standardization": None
+        if data.mean is None
+        else {"mean": data.mean.tolist(), "std": data.std.tolist()},
+        "event_shape": list(data.train.shape[1:]),
+        "split": {"train": len(data.train), "validation": len(data.validation)},
+        "versions": {
+            "numpyro_ebm": ebm.__version__,
+            "jax": jax.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+    }
 
 
 def _write_report(res, data: _Data, config: dict, path: str) -> str:
@@ -1002,10 +1261,19 @@ def _density_plot(res, data: _Data, path: str) -> str:
         def energy(x):
             return res.energy((x - mean) / std)
 
+    points = data.to_original(data.train)
     figure = plots.density_figure(
-        energy, data.to_original(data.train), samples=data.to_original(res.chains)
+        energy, points, samples=data.to_original(res.chains), bounds=_plot_box(points)
     )
     return plots.save_figure(figure, path)
+
+
+def _plot_box(points: np.ndarray) -> np.ndarray:
+    """``(d, 2)`` box of the bulk of ``points``: the 0.5%–99.5% quantiles plus 15% on each side,
+    so that a few outliers (1e20 among unit-scale data) do not squeeze the data into a pixel."""
+    low, high = np.quantile(np.asarray(points, np.float64), [0.005, 0.995], axis=0)
+    pad = 0.15 * np.where(high > low, high - low, np.maximum(np.abs(high), 1.0))
+    return np.stack([low - pad, high + pad], axis=1)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -1032,6 +1300,12 @@ def _evaluate(args: argparse.Namespace) -> int:
             raise UsageError(
                 args.data, "has fewer than 2 rows; pass at least 2 (for a standard error)"
             )
+    with _io.folder_lock(args.dir):
+        return _evaluate_locked(args, run, points, extra)
+
+
+def _evaluate_locked(args: argparse.Namespace, run: dict, points, extra) -> int:
+    config = run["config"]
     data = _prepare(config, points, run["standardization"])
     res = _fit(config, data, args.dir)
     key = _run_key(config, _LOG_Z, args.seed)
@@ -1050,7 +1324,23 @@ def _evaluate(args: argparse.Namespace) -> int:
     _update_metrics(args.dir, int(res.state.step), updates)
     _print_table(rows)
     print(f"\nwrote {os.path.join(args.dir, METRICS_FILE)}")
-    return 0
+    return EXIT_OK
+
+
+def _check_output_file(path: str, example: str) -> None:
+    """``path`` can be written (checked before any compute): not a folder, in a writable one."""
+    if os.path.isdir(path):
+        raise UsageError(
+            "--out",
+            f"{path} is an existing folder; name a file, e.g. {os.path.join(path, example)}",
+        )
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError("--out", f"folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(
+            "--out", f"folder {folder} is not writable (permission denied); pick another"
+        )
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -1058,9 +1348,7 @@ def _sample(args: argparse.Namespace) -> int:
     _check_seed(args)
     if not args.out.endswith(".npy"):
         raise UsageError("--out", f"{args.out!r} does not end in .npy; e.g. --out samples.npy")
-    folder = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(folder):
-        raise UsageError("--out", f"folder {folder} does not exist; create it first")
+    _check_output_file(args.out, "samples.npy")
     _, data, res = _restore(args.dir)
     model = ebm.EnergyDistribution(
         res.energy,
@@ -1074,19 +1362,34 @@ def _sample(args: argparse.Namespace) -> int:
         f"wrote {args.num} samples ({args.mcmc_steps} MCMC warm-up steps per chain; "
         f"approximate) to {args.out}"
     )
-    return 0
+    return EXIT_OK
 
 
 def _report(args: argparse.Namespace) -> int:
     path = args.out or os.path.join(args.dir, REPORT_FILE)
     if os.path.splitext(path)[1].lower() not in (".html", ".md"):
         raise UsageError("--out", f"{path!r} must end in .html or .md; e.g. --out report.md")
+    if args.out is not None:
+        _check_output_file(path, "report.html")
     run, data, res = _restore(args.dir)
     print(f"wrote {_write_report(res, data, run['config'], path)}")
-    return 0
+    return EXIT_OK
 
 
 def _demo(args: argparse.Namespace) -> int:
+    _check_positive(args, "steps", "num_data")
+    _check_seed(args)
+    if os.path.lexists(args.out) and not os.path.isdir(args.out):
+        raise UsageError("--out", f"{args.out} is a file; pass a folder for the plot")
+    created = _make_folders(args.out)
+    try:
+        return _demo_run(args)
+    except BaseException:
+        _remove_created(created, [])
+        raise
+
+
+def _demo_run(args: argparse.Namespace) -> int:
     toy = datasets.toy(args.toy)
     key = jax.random.key(args.seed)
     k_data, k_energy, k_fit, k_test = jax.random.split(key, 4)
@@ -1113,18 +1416,18 @@ def _demo(args: argparse.Namespace) -> int:
     ]
     print()
     _print_table(rows)
-    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{args.toy}_density.png")
     plots.save_density_plot(path, res.energy, toy, res.chains, log_z=result.log_z.value)
     print(f"\nwrote {path}")
-    return 0
+    return EXIT_OK
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="numpyro-ebm",
         description="Train, evaluate and sample energy-based models (numpyro_ebm).",
-        epilog="User errors print one line and exit with code 2.",
+        epilog="Exit codes: 0 done, 1 training diverged, 2 bad input or settings (one line), "
+        "3 internal error (traceback written to a file), 130 interrupted.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -1269,21 +1572,66 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``numpyro-ebm``; returns the exit code (2 for a user error)."""
+    """Entry point of ``numpyro-ebm``; returns the exit code (see the module docstring).
+
+    No exception escapes except argparse's ``SystemExit`` (code 2, for a malformed option)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        if args.steps < 1:
-            parser.error("--steps must be >= 1")
-        return _demo(args)
+    args = _parser().parse_args(argv)
     try:
         if args.command == "train":
             return _train(args, argv)
-        return {"evaluate": _evaluate, "sample": _sample, "report": _report}[args.command](args)
+        return {"evaluate": _evaluate, "sample": _sample, "report": _report, "demo": _demo}[
+            args.command
+        ](args)
     except UsageError as err:
-        print(f"numpyro-ebm: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        _error_line(str(err))
+    except ebm.CheckpointError as err:
+        _error_line(
+            f"{err}; the run's checkpoint is damaged (nothing was changed): restore the run "
+            "folder from a backup, or train into a new --out"
+        )
+    except _io.FolderLockedError as err:
+        _error_line(str(err))
+    except KeyboardInterrupt:
+        print("numpyro-ebm: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        where = _write_traceback(_run_folder_of(args))
+        what = " ".join(f"{type(err).__name__}: {err}".split())
+        print(
+            f"numpyro-ebm: internal error: {what[:200]}; this is a bug in numpyro-ebm: please "
+            f"report it with the full traceback, written to {where}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+    return EXIT_USAGE
+
+
+def _error_line(message: str) -> None:
+    print(f"numpyro-ebm: error: {' '.join(message.split())}", file=sys.stderr)
+
+
+def _run_folder_of(args: argparse.Namespace) -> str | None:
+    folder = getattr(args, "dir", None) or (args.out if args.command == "train" else None)
+    if folder and os.path.isfile(os.path.join(folder, RUN_FILE)):
+        return folder
+    return None
+
+
+def _write_traceback(folder: str | None) -> str:
+    """Write the exception being handled to ``folder/traceback.txt`` (or a temporary file)."""
+    text = traceback.format_exc()
+    if folder is not None:
+        path = os.path.join(folder, TRACEBACK_FILE)
+        try:
+            _atomic_write(path, lambda f: f.write(text), mode="w")
+            return path
+        except OSError:
+            pass
+    fd, path = tempfile.mkstemp(prefix="numpyro-ebm-traceback-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
 
 
 if __name__ == "__main__":

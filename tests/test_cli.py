@@ -79,9 +79,8 @@ def test_demo_prints_the_table_and_writes_the_plot(tmp_path, capsys):
 
 
 def test_demo_rejects_bad_arguments(capsys):
-    with pytest.raises(SystemExit) as err:
-        cli.main(["demo", "--steps", "0"])
-    assert err.value.code == 2
+    code, _, err = run_cli(capsys, "demo", "--steps", "0")
+    assert_user_error(code, err, "--steps")
     with pytest.raises(SystemExit):
         cli.main(["demo", "--toy", "moons"])
 
@@ -94,7 +93,7 @@ def test_train_evaluate_sample_report_on_a_user_csv(tmp_path, capsys):
     assert code == 0, err
     assert "log-likelihood (original units)" in out
     assert sorted(os.listdir(run)) == [
-        "checkpoint", "density.png", "metrics.json", "report.html", "run.json",
+        ".lock", "checkpoint", "density.png", "metrics.json", "report.html", "run.json",
     ]  # fmt: skip
     stored = json.loads((run / "run.json").read_text())
     assert stored["config"]["data"]["columns"] == ["x", "y"]
