@@ -19,14 +19,23 @@ Thresholds (``diagnose``; ok / warn / fail):
 check             rule
 ================  ====================================================================
 r_hat             max rank-normalised split R-hat ≤ 1.01 ok, ≤ 1.1 warn, else fail
-                  (Vehtari et al. 2021); chains recorded in training: ≤ 1.01 ok, else warn
+                  (Vehtari et al. 2021); chains recorded in training: ≤ 1.01 ok, else warn.
+                  The message names the coordinates above 1.01 (between-chain disagreement)
 ess               min bulk/tail ESS ≥ 100 per chain ok, ≥ 10 per chain warn, else fail;
                   chains recorded in training: ESS/draws ≥ 0.1 ok, else warn (a draw is
                   ``record_every`` updates apart, so few draws are expected)
+chain_movement    reach ≥ 1 ok, else fail, for every kind of chain. reach = a chain's
+                  summed squared jumps between consecutive draws (mean over chains) over
+                  2 × the total variance of all draws: independent draws give draws − 1,
+                  and a chain diffusing at random travels the square root of its summed
+                  squared jumps, so below 1 the chains have not crossed their own spread
+                  once
 divergences       HMC divergent transitions: none ok, ≤ 1% warn, else fail
 bfmi              HMC energy BFMI ≥ 0.3 ok in every chain, else warn (Betancourt 2016)
 acceptance        mean acceptance within 0.1 of the kernel's target ok (during training
-                  the step size is tuned to it), else warn; below 0.05 fail
+                  the step size is tuned to it), else warn; below 0.05 fail; ≥ 0.99 fail
+                  (a Metropolis kernel whose steps are too small to explore; an acceptance
+                  of exactly 1 without a known kernel is read as ULA's: info)
 step_size         training step size inside its clip range (1e-6, 10), else fail
 nonfinite_steps   no rejected (non-finite) training steps ok, else warn
 energy_gap        |mean E(data) − mean E(negatives)| over the last 10% of steps ≤ 0.25
@@ -37,6 +46,11 @@ langevin_grad     growth of mean ‖∇ₓE‖ at the negatives over the same sp
                   ≤ ×10 warn, else fail
 log_z             learned log Z moved ≤ 0.05 nats over the last 10% of steps ok, else warn
 heldout_nll       final held-out NLL ≤ best of the second half + 0.05 nats ok, else warn
+entropy_bound     with ``data_entropy`` H: final held-out NLL ≥ H − 0.15 nats ok, else
+                  fail (no normalised density scores below H in expectation; the margin
+                  is 3.4 standard errors of a 500-point held-out mean when log p has a
+                  standard deviation of 1 nat, as for a 2-D Gaussian (½χ²₂): further
+                  below, the learned log Z is wrong)
 ================  ====================================================================
 
 Chains recorded during training follow a target that moves with the parameters, so only the
@@ -46,7 +60,8 @@ moves between the model's modes. Persistent training does not need each chain to
 averages over ``num_chains`` chains, restarted at data now and then), so for them these checks
 warn and never fail: the default 8gaussians run (KL 0.003 nats) has R-hat 1.11 over 8 recorded
 chains, which cross between all eight modes, slowly. Chains on a fixed target (sampling from a
-trained model) get the standard rules.
+trained model) get the standard rules. ``chain_movement`` and an acceptance ≥ 0.99 fail for
+every kind of chain: negative-phase chains that do not move give training nothing to learn from.
 
 Example:
     >>> import jax, jax.numpy as jnp, arviz as az
