@@ -654,7 +654,7 @@ def _acceptance_check(acceptance: float, attrs: dict, what: str) -> Check:
             f"{acceptance:.3f}",
             f"< {high}",
             f"the {what} accept {acceptance:.1%} of proposals: the steps are too small to "
-            f"explore: {fix}",
+            f"explore; {fix}",
         )
     if target is None:
         status = "ok" if low <= acceptance else "fail"
