@@ -19,14 +19,23 @@ Thresholds (``diagnose``; ok / warn / fail):
 check             rule
 ================  ====================================================================
 r_hat             max rank-normalised split R-hat ≤ 1.01 ok, ≤ 1.1 warn, else fail
-                  (Vehtari et al. 2021); chains recorded in training: ≤ 1.01 ok, else warn
+                  (Vehtari et al. 2021); chains recorded in training: ≤ 1.01 ok, else warn.
+                  The message names the coordinates above 1.01 (between-chain disagreement)
 ess               min bulk/tail ESS ≥ 100 per chain ok, ≥ 10 per chain warn, else fail;
                   chains recorded in training: ESS/draws ≥ 0.1 ok, else warn (a draw is
                   ``record_every`` updates apart, so few draws are expected)
+chain_movement    reach ≥ 1 ok, else fail, for every kind of chain. reach = a chain's
+                  summed squared jumps between consecutive draws (mean over chains) over
+                  2 × the total variance of all draws: independent draws give draws − 1,
+                  and a chain diffusing at random travels the square root of its summed
+                  squared jumps, so below 1 the chains have not crossed their own spread
+                  once
 divergences       HMC divergent transitions: none ok, ≤ 1% warn, else fail
 bfmi              HMC energy BFMI ≥ 0.3 ok in every chain, else warn (Betancourt 2016)
 acceptance        mean acceptance within 0.1 of the kernel's target ok (during training
-                  the step size is tuned to it), else warn; below 0.05 fail
+                  the step size is tuned to it), else warn; below 0.05 fail; ≥ 0.99 fail
+                  (a Metropolis kernel whose steps are too small to explore; an acceptance
+                  of exactly 1 without a known kernel is read as ULA's: info)
 step_size         training step size inside its clip range (1e-6, 10), else fail
 nonfinite_steps   no rejected (non-finite) training steps ok, else warn
 energy_gap        |mean E(data) − mean E(negatives)| over the last 10% of steps ≤ 0.25
@@ -37,6 +46,11 @@ langevin_grad     growth of mean ‖∇ₓE‖ at the negatives over the same sp
                   ≤ ×10 warn, else fail
 log_z             learned log Z moved ≤ 0.05 nats over the last 10% of steps ok, else warn
 heldout_nll       final held-out NLL ≤ best of the second half + 0.05 nats ok, else warn
+entropy_bound     with ``data_entropy`` H: final held-out NLL ≥ H − 0.15 nats ok, else
+                  fail (no normalised density scores below H in expectation; the margin
+                  is 3.4 standard errors of a 500-point held-out mean when log p has a
+                  standard deviation of 1 nat, as for a 2-D Gaussian (½χ²₂): further
+                  below, the learned log Z is wrong)
 ================  ====================================================================
 
 Chains recorded during training follow a target that moves with the parameters, so only the
@@ -46,7 +60,8 @@ moves between the model's modes. Persistent training does not need each chain to
 averages over ``num_chains`` chains, restarted at data now and then), so for them these checks
 warn and never fail: the default 8gaussians run (KL 0.003 nats) has R-hat 1.11 over 8 recorded
 chains, which cross between all eight modes, slowly. Chains on a fixed target (sampling from a
-trained model) get the standard rules.
+trained model) get the standard rules. ``chain_movement`` and an acceptance ≥ 0.99 fail for
+every kind of chain: negative-phase chains that do not move give training nothing to learn from.
 
 Example:
     >>> import jax, jax.numpy as jnp, arviz as az
@@ -92,11 +107,14 @@ THRESHOLDS = {
     "bfmi": 0.3,
     "acceptance_distance": 0.1,
     "acceptance_min": 0.05,
+    "acceptance_max": 0.99,
+    "chain_reach": 1.0,
     "energy_gap": (0.25, 1.0),
     "energy_drift": (0.5, 5.0),
     "langevin_growth": (2.0, 10.0),
     "log_z_change": 0.05,
     "heldout_rise": 0.05,
+    "entropy_margin": 0.15,
 }
 """The numbers ``diagnose`` compares against (see the module docstring for the rules)."""
 
@@ -275,8 +293,10 @@ def _fit_attrs(res: FitResult) -> dict:
         "num_steps": len(res.history.get("loss", ())),
         "log_z_learned": float(getattr(res.log_z, "value", np.nan)),
     }
-    if cfg.runs_chains and cfg.sampler.target is not None:
-        attrs["target_acceptance"] = cfg.sampler.target
+    if cfg.runs_chains:
+        attrs["adapt_step_size"] = int(cfg.sampler.adapts)  # an int: netCDF has no bool
+        if cfg.sampler.target is not None:
+            attrs["target_acceptance"] = cfg.sampler.target
     if res.log_z_ais is not None:
         attrs["log_z_ais"] = float(res.log_z_ais.value)
         attrs["log_z_ais_stderr"] = float(res.log_z_ais.stderr)
@@ -364,13 +384,23 @@ def _grade(value: float, ok: float, fail: float, *, higher_is_better: bool = Fal
     return "ok" if value <= ok else ("warn" if value <= fail else "fail")
 
 
-def diagnose(obj, *, burn_in: float = 0.5, verbose: bool = True) -> Diagnosis:
+def diagnose(
+    obj,
+    *,
+    burn_in: float = 0.5,
+    data_entropy: float | None = None,
+    verbose: bool = True,
+) -> Diagnosis:
     """Check chains and training against documented thresholds and print a short verdict.
 
     Args:
         obj: a ``FitResult`` (its recorded chains and history), anything ``to_datatree`` reads,
             or a ``DataTree`` made by it.
         burn_in: fraction of a ``FitResult``'s recorded draws left out of the chain checks.
+        data_entropy: the differential entropy (nats per point) of the distribution the data
+            come from, where it is known (``datasets.toy(name).entropy()``): no normalised
+            density has a held-out NLL below it, so a lower ``heldout_nll`` fails the
+            ``entropy_bound`` check (its log Z is wrong).
         verbose: print the table.
 
     Returns:
@@ -387,6 +417,10 @@ def diagnose(obj, *, burn_in: float = 0.5, verbose: bool = True) -> Diagnosis:
     """
     import xarray as xr
 
+    if data_entropy is not None and not (
+        isinstance(data_entropy, int | float) and math.isfinite(data_entropy)
+    ):
+        raise ValueError(f"data_entropy must be a finite number (nats), got {data_entropy!r}")
     history = None
     if isinstance(obj, FitResult):
         history = obj.history
@@ -402,7 +436,7 @@ def diagnose(obj, *, burn_in: float = 0.5, verbose: bool = True) -> Diagnosis:
         diagnosis.checks.extend(_chain_checks(dt, training=history is not None))
     if history is not None:
         attrs = dict(dt.attrs) if dt is not None else _fit_attrs(obj)
-        diagnosis.checks.extend(_training_checks(history, attrs))
+        diagnosis.checks.extend(_training_checks(history, attrs, data_entropy))
     if not diagnosis.checks:
         raise ValueError("nothing to diagnose: no chains and no training history")
     if verbose:
@@ -418,32 +452,12 @@ def _chain_checks(dt, *, training: bool) -> list[Check]:
     num_chains, num_draws = post.sizes["chain"], post.sizes["draw"]
     what = "recorded negative-phase chains" if training else "chains"
     if num_chains >= 2 and num_draws >= 4:
-        rhat = float(max(np.nanmax(v.values) for v in az.rhat(post).data_vars.values()))
-        ok, fail = THRESHOLDS["r_hat"]
-        status = _grade(rhat, ok, fail)
-        if training:
-            rule = f"≤ {ok} ok, else warn"
-        else:
-            rule = f"≤ {ok} ok, ≤ {fail} warn"
-        if status != "ok" and training:
-            status = "warn"
-            message = (
-                f"the {what} move slowly between the model's modes; training averages over "
-                "all chains and their restarts at data, so judge the model by held-out NLL; "
-                "to sample from it, check long chains (EnergyDistribution.sample_with_trace)"
-            )
-        elif status != "ok":
-            message = (
-                f"the {what} disagree: they have not mixed (run longer, start them "
-                "overdispersed, or use a better-tuned kernel)"
-            )
-        else:
-            message = f"the {what} agree"
-        checks.append(Check("r_hat", status, f"{rhat:.3f}", rule, message))
+        checks.append(_rhat_check(az.rhat(post), what, training=training))
     else:
         checks.append(
             Check("r_hat", "info", "n/a", "needs ≥ 2 chains", "record more chains to get R-hat")
         )
+    checks.append(_movement_check(post, what, training=training))
     bulk = az.ess(post, method="bulk")
     tail = az.ess(post, method="tail")
     values = np.concatenate(
@@ -509,14 +523,139 @@ def _chain_checks(dt, *, training: bool) -> list[Check]:
         )
     if "acceptance_rate" in stats:
         acceptance = float(np.nanmean(stats["acceptance_rate"].values))
-        checks.append(_acceptance_check(acceptance, dt.attrs.get("target_acceptance"), what))
+        checks.append(_acceptance_check(acceptance, dt.attrs, what))
     return checks
 
 
-def _acceptance_check(acceptance: float, target: float | None, what: str) -> Check:
-    if acceptance == 1.0:
-        return Check("acceptance", "info", "1.00", "n/a", "no accept/reject step (ULA)")
-    low = THRESHOLDS["acceptance_min"]
+def _coordinate_labels(ds) -> list[tuple[str, float]]:
+    """``(label, value)`` for every coordinate of every variable of a per-coordinate result
+    such as ``az.rhat``, labelled as ``az.summary`` does (``x[0]``, ``x[0, 1]``)."""
+    labelled = []
+    for name, da in ds.data_vars.items():
+        values = np.asarray(da.values, np.float64)
+        for index in np.ndindex(values.shape):
+            coords = [str(da[dim].values[i]) for dim, i in zip(da.dims, index, strict=True)]
+            label = f"{name}[{', '.join(coords)}]" if coords else str(name)
+            labelled.append((label, float(values[index])))
+    return labelled
+
+
+def _rhat_check(rhat_ds, what: str, *, training: bool) -> Check:
+    ok, fail = THRESHOLDS["r_hat"]
+    labelled = _coordinate_labels(rhat_ds)
+    values = np.array([v for _, v in labelled])
+    rhat = float(np.nanmax(values)) if np.isfinite(values).any() else math.nan
+    status = _grade(rhat, ok, fail)
+    rule = f"≤ {ok} ok, else warn" if training else f"≤ {ok} ok, ≤ {fail} warn"
+    if status == "ok":
+        return Check("r_hat", status, f"{rhat:.3f}", rule, f"the {what} agree")
+    worst = sorted(
+        ((v, label) for label, v in labelled if not v <= ok),
+        key=lambda pair: -pair[0] if math.isfinite(pair[0]) else -math.inf,
+    )
+    names = ", ".join(label for _, label in worst[:3])
+    if len(worst) > 3:
+        names += f" and {len(worst) - 3} more"
+    measured = f"between-chain disagreement on {names} (R-hat up to {rhat:.3f})"
+    if training:
+        # recorded training chains are information: the gradient averages over all chains
+        status = "warn"
+        message = (
+            f"{measured} among the {what}: the sampler moves slowly across the model; training "
+            "averages over all chains and their restarts at data, so judge the model by "
+            "held-out NLL; to sample from it, check long chains "
+            "(EnergyDistribution.sample_with_trace)"
+        )
+    else:
+        message = (
+            f"{measured}: the {what} have not mixed (run longer, start them overdispersed, "
+            "or use a better-tuned kernel)"
+        )
+    return Check("r_hat", status, f"{rhat:.3f}", rule, message)
+
+
+def _movement_check(post, what: str, *, training: bool) -> Check:
+    """How far the chains travel, against the spread of their own draws.
+
+    ``reach`` = (sum over a chain's consecutive draws of ‖x_{t+1} − x_t‖², averaged over
+    chains) / (2 × the total variance of all draws). Independent draws give ``2 × variance``
+    per jump, so ``reach`` ≈ draws − 1; a chain diffusing at random has an expected squared
+    displacement equal to the sum of its squared jumps. ``reach < 1`` means the chains did not,
+    even added up, travel the width of their own spread once.
+    """
+    num_chains, num_draws = post.sizes["chain"], post.sizes["draw"]
+    if num_draws < 2:
+        return Check("chain_movement", "info", "n/a", "needs ≥ 2 draws", "record more draws")
+    x = np.concatenate(
+        [
+            np.asarray(v.values, np.float64).reshape(num_chains, num_draws, -1)
+            for v in post.data_vars.values()
+        ],
+        axis=-1,
+    )
+    spread = 2.0 * float(x.reshape(-1, x.shape[-1]).var(axis=0).sum())
+    travelled = float(np.mean(np.sum(np.diff(x, axis=1) ** 2, axis=(1, 2))))
+    if spread > 0:
+        reach = travelled / spread
+    else:  # all draws at one point
+        reach = 0.0 if travelled == 0 else math.inf
+    threshold = THRESHOLDS["chain_reach"]
+    status = "ok" if reach >= threshold else "fail"  # NaN fails too
+    if status == "ok":
+        message = f"the {what} travel their spread (summed squared jumps / 2·variance)"
+    else:
+        fix = (
+            "raise the step size (Sampler(step_size=...), or adapt_step_size=True) or "
+            "num_mcmc_steps"
+            if training
+            else "raise the sampler's step size or let it adapt (Sampler(step_size=...), "
+            "adapt_step_size=True)"
+        )
+        message = (
+            f"the {what} do not move: over {num_draws} draws their squared jumps add up to "
+            f"{reach:.2g} of their spread (2·variance): {fix}"
+        )
+    rule = f"≥ {threshold:g} ok, else fail"
+    return Check("chain_movement", status, f"{reach:.3g}", rule, message)
+
+
+def _acceptance_check(acceptance: float, attrs: dict, what: str) -> Check:
+    """``attrs``: the run's ``kernel``, ``target_acceptance`` and ``adapt_step_size`` where
+    known (a ``FitResult``'s DataTree); without them an acceptance of exactly 1 is read as
+    ULA's, which has no accept/reject step."""
+    kernel = attrs.get("kernel")
+    target = attrs.get("target_acceptance")
+    if kernel == "ula" or (kernel is None and acceptance == 1.0):
+        return Check(
+            "acceptance",
+            "info",
+            f"{acceptance:.2f}",
+            "n/a",
+            "no accept/reject step (ULA)"
+            if kernel == "ula"
+            else "acceptance exactly 1: no accept/reject step (ULA), or steps far too small "
+            "(see chain_movement)",
+        )
+    low, high = THRESHOLDS["acceptance_min"], THRESHOLDS["acceptance_max"]
+    if acceptance >= high:
+        adapts = attrs.get("adapt_step_size")
+        if adapts is None:
+            fix = "raise the sampler's step_size or let it adapt (adapt_step_size=True)"
+        elif adapts:
+            fix = (
+                "the step-size adaptation could not raise it: start from a larger "
+                "Sampler(step_size=...) and check the step_size curve"
+            )
+        else:
+            fix = "raise Sampler(step_size=...) or set adapt_step_size=True"
+        return Check(
+            "acceptance",
+            "fail",
+            f"{acceptance:.3f}",
+            f"< {high}",
+            f"the {what} accept {acceptance:.1%} of proposals: the steps are too small to "
+            f"explore; {fix}",
+        )
     if target is None:
         status = "ok" if low <= acceptance else "fail"
         rule = f"≥ {low}"
@@ -557,7 +696,7 @@ def _graded(name, value, shown, rule, ok_message, bad_message, *, threshold=None
     return Check(name, status, shown, rule.format(ok=ok, fail=fail), message)
 
 
-def _training_checks(history: dict, attrs: dict) -> list[Check]:
+def _training_checks(history: dict, attrs: dict, data_entropy: float | None) -> list[Check]:
     checks = []
     finite = np.asarray(history.get("is_finite", []), bool)
     if finite.size:
@@ -592,9 +731,7 @@ def _training_checks(history: dict, attrs: dict) -> list[Check]:
     acceptance = np.asarray(history.get("acceptance_rate", []), float)
     if acceptance.size and np.isfinite(acceptance).any():
         recent = _window(acceptance, 0.9, 1.0)
-        check = _acceptance_check(
-            float(recent.mean()), attrs.get("target_acceptance"), "negative-phase chains"
-        )
+        check = _acceptance_check(float(recent.mean()), attrs, "negative-phase chains")
         checks.append(Check("train_acceptance", *list(vars(check).values())[1:]))
     gap = np.asarray(history.get("energy_gap", []), float)
     if gap.size:
@@ -680,7 +817,47 @@ def _training_checks(history: dict, attrs: dict) -> list[Check]:
                 threshold="heldout_rise",
             )
         )
+    if data_entropy is not None:
+        checks.append(_entropy_check(nll, data_entropy))
     return checks
+
+
+def _entropy_check(nll: np.ndarray, entropy: float) -> Check:
+    """The final held-out NLL against the data's entropy ``H``: ``E[−log q(x)] ≥ H`` for every
+    normalised density ``q`` (Gibbs' inequality), so only sampling noise of the held-out mean
+    can put it below."""
+    finite = nll[np.isfinite(nll)]
+    margin = THRESHOLDS["entropy_margin"]
+    rule = f"NLL ≥ H − {margin} ok, else fail"
+    if not finite.size:
+        return Check(
+            "entropy_bound",
+            "info",
+            "n/a",
+            rule,
+            "no held-out NLL recorded: train with fit(..., validation_data=...)",
+        )
+    final = float(finite[-1])
+    excess = final - entropy
+    if excess >= -margin:
+        return Check(
+            "entropy_bound",
+            "ok",
+            f"{excess:+.3f} nats",
+            rule,
+            f"held-out NLL − data entropy {entropy:.3f}: estimates KL(data ‖ model) if the "
+            "learned log Z is right",
+        )
+    return Check(
+        "entropy_bound",
+        "fail",
+        f"{excess:+.3f} nats",
+        rule,
+        f"held-out NLL {final:.3f} is {-excess:.3f} nats below the data's entropy "
+        f"{entropy:.3f}, impossible for a normalised density: the learned log Z is wrong (too "
+        "low); compute log Z with logz.grid (2-D), logz.ais or fit(..., calibrate_log_z=True) "
+        "and score with that",
+    )
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -706,7 +883,8 @@ def report(
         res: the ``FitResult``.
         path: output file, ending in ``.html`` or ``.md``.
         data: the training data (for the density-vs-data figure of 2-D events).
-        toy: a ``datasets.ToyDensity``: show its exact density (2-D events).
+        toy: a ``datasets.ToyDensity``: show its exact density (2-D events), and check the
+            held-out NLL against its entropy (``diagnose(..., data_entropy=)``).
         key: with ``toy``, a PRNG key for fresh test points: the report then gives
             ``KL(toy ‖ model)`` with grid-exact log Z (``evaluate.kl_to_toy``).
         title: heading (default: from the settings).
@@ -730,7 +908,7 @@ def report(
     figures_name = f"{stem}_files"
     attrs = _fit_attrs(res)
     title = title or f"numpyro_ebm training report: {attrs['negatives']} negatives"
-    diagnosis = diagnose(res, verbose=False)
+    diagnosis = diagnose(res, data_entropy=None if toy is None else toy.entropy(), verbose=False)
     dt = to_datatree(res) if res.recorded_chains is not None else None
     event_shape = tuple(res.event_shape)
     size = math.prod(event_shape)

@@ -277,3 +277,109 @@ def test_sample_grid_and_density_figure_shapes():
         plots.sample_grid(np.zeros((4, 10)))
     with pytest.raises(ValueError, match="2-D"):
         plots.density_figure(energies.GaussianEnergy(jnp.zeros(3)), bounds=np.zeros((3, 2)))
+
+
+# -- runs the verdict must not call usable ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def frozen_fit(small_fit):
+    """The small_fit run, but with a tiny fixed MALA step and one MCMC step per update: the
+    negative-phase chains barely move, so the model learns nothing useful (KL of several nats,
+    see test_chains_that_do_not_move_fail_the_verdict)."""
+    _, _, data, validation = small_fit
+    tiny = samplers.Sampler("mala", step_size=1e-4, adapt_step_size=False)
+    return _fit(
+        data,
+        200,
+        128,
+        hidden=(32, 32),
+        validation_data=validation,
+        record_every=5,
+        sampler=tiny,
+        num_mcmc_steps=1,
+    )
+
+
+def test_chains_that_do_not_move_fail_the_verdict(small_fit, frozen_fit):
+    res, toy, *_ = small_fit
+    # the frozen run really is bad, and the default one is not (grid-exact KL)
+    kl_frozen = ebm.evaluate.kl_to_toy(
+        frozen_fit.energy, toy, key=jax.random.key(9), num_samples=4000
+    )
+    assert kl_frozen.kl > 2.0
+    verdict = diagnostics.diagnose(frozen_fit, verbose=False)
+    assert not verdict.ok, str(verdict)
+    movement = verdict["chain_movement"]
+    assert movement.status == "fail" and "step" in movement.message
+    # acceptance ~1 from a Metropolis kernel is not "no accept/reject step": it fails, and
+    # says what to change
+    for name in ("acceptance", "train_acceptance"):
+        assert verdict[name].status == "fail", verdict[name]
+        assert "step_size" in verdict[name].message
+
+    healthy = diagnostics.diagnose(res, verbose=False)
+    assert healthy.ok and healthy["chain_movement"].status == "ok", str(healthy)
+    assert healthy["acceptance"].status == "ok"
+
+
+def test_frozen_chains_on_a_fixed_target_fail_and_ula_is_not_blamed():
+    logdensity = samplers.flat_logdensity(energies.GaussianEnergy(jnp.zeros(2), COV), (2,))
+    starts = 3.0 * jax.random.normal(jax.random.key(7), (4, 2))
+    tiny = samplers.Sampler("mala", step_size=1e-5, adapt_step_size=False, num_warmup=0)
+    draws, _ = samplers.sample_chains(jax.random.key(8), tiny, logdensity, starts, 500)
+    verdict = diagnostics.diagnose(draws, verbose=False)
+    assert verdict["chain_movement"].status == "fail"
+    assert verdict["acceptance"].status == "fail"
+    # ULA's acceptance is 1 by construction: information, not a failure
+    ula = samplers.Sampler("ula", step_size=0.05, num_warmup=200)
+    draws, _ = samplers.sample_chains(jax.random.key(8), ula, logdensity, starts, 500)
+    verdict = diagnostics.diagnose(draws, verbose=False)
+    assert verdict["acceptance"].status == "info"
+    assert verdict["chain_movement"].status == "ok"
+
+
+def test_heldout_nll_below_the_data_entropy_fails(small_fit):
+    res, toy, _, validation = small_fit
+    entropy = toy.entropy()
+    verdict = diagnostics.diagnose(res, data_entropy=entropy, verbose=False)
+    assert verdict["entropy_bound"].status == "ok", verdict["entropy_bound"]
+    # the bound is real: with grid-exact log Z the held-out NLL is >= H up to its standard
+    # error (per-point sd over sqrt(500) points; 4 standard errors)
+    energies_val = np.asarray(jax.vmap(res.energy)(validation), np.float64)
+    log_z = ebm.logz.grid(res.energy, np.asarray(toy.bounds) * 1.5).value
+    stderr = energies_val.std(ddof=1) / np.sqrt(energies_val.size)
+    assert energies_val.mean() + log_z > entropy - 4 * stderr
+
+    # the same run reported with a log Z 0.5 nats too low for any density: the NLL is
+    # impossible, and the check names the cause
+    history = dict(res.history)
+    mean_energy = history["heldout_nll"] - history["log_z"]
+    wrong = entropy - 0.5 - float(np.nanmean(mean_energy[-1:]))
+    history["heldout_nll"] = mean_energy + wrong
+    history["log_z"] = np.full_like(history["log_z"], wrong)
+    wrong_z = res.__class__(**{**vars(res), "history": history})
+    verdict = diagnostics.diagnose(wrong_z, data_entropy=entropy, verbose=False)
+    check = verdict["entropy_bound"]
+    assert check.status == "fail" and not verdict.ok
+    assert "log Z" in check.message and "logz.grid" in check.message
+    with pytest.raises(ValueError, match="data_entropy"):
+        diagnostics.diagnose(res, data_entropy=float("nan"), verbose=False)
+
+
+def test_rhat_message_says_what_was_measured(small_fit):
+    res, *_ = small_fit
+    logdensity = samplers.flat_logdensity(_two_mode_energy(), (2,))
+    starts = jnp.array([[-8.0, 0.0], [-8.0, 0.1], [8.0, 0.0], [8.0, 0.1]])
+    draws, _ = samplers.sample_chains(
+        jax.random.key(2), samplers.mala(num_warmup=200), logdensity, starts, num_draws=1000
+    )
+    check = diagnostics.diagnose(draws, verbose=False)["r_hat"]
+    # only x[0] separates the two modes; x[1] agrees between chains
+    assert "between-chain disagreement" in check.message and "x[0]" in check.message
+    assert "x[1]" not in check.message and "modes" not in check.message
+    # the recorded chains of a (unimodal-or-not) training run: worded from the measurement too
+    check = diagnostics.diagnose(res, verbose=False)["r_hat"]
+    if check.status != "ok":
+        assert "between-chain disagreement on x[" in check.message
+        assert "modes" not in check.message
