@@ -55,6 +55,55 @@ def test_log_prob_equals_multivariate_normal(jit):
     np.testing.assert_allclose(log_prob(d, x), mvn().log_prob(x), atol=1e-5)
 
 
+def test_log_z_defaults_to_the_energys_exact_log_z():
+    x = jax.random.normal(jax.random.key(30), (7, 2)) * 2.0
+    d = ebm.EnergyDistribution(GaussianEnergy(MEAN, COV), (2,))  # no log_z given
+    np.testing.assert_allclose(d.log_prob(x), mvn().log_prob(x), atol=1e-5)
+
+    log_weights = jnp.log(jnp.array([1.0, 3.0]))
+    means = jnp.array([[-2.0, 0.0], [2.0, 1.0]])
+    covs = jnp.stack([COV, jnp.eye(2)])
+    mixture = ebm.energies.GaussianMixtureEnergy(log_weights, means, covs)
+    exact = dist.MixtureSameFamily(
+        dist.Categorical(logits=log_weights), dist.MultivariateNormal(means, covs)
+    )
+    d = ebm.EnergyDistribution(mixture, (2,))
+    np.testing.assert_allclose(d.log_prob(x), exact.log_prob(x), atol=1e-5)
+
+
+def test_log_likelihood_of_a_model_uses_the_exact_log_z():
+    """numpyro.infer.log_likelihood (what az.loo reads) with a latent mean: the energy's
+    log Z is computed from the traced parameters."""
+    data = jax.random.normal(jax.random.key(31), (5, 2))
+
+    def model():
+        mean = numpyro.sample("mean", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        with numpyro.plate("data", 5):
+            numpyro.sample("x", ebm.EnergyDistribution(GaussianEnergy(mean, COV), (2,)), obs=data)
+
+    means = jnp.array([[0.0, 0.0], [1.0, -0.5], [2.0, 1.0]])
+    ll = numpyro.infer.log_likelihood(model, {"mean": means})["x"]
+    expected = jax.vmap(lambda m: dist.MultivariateNormal(m, COV).log_prob(data))(means)
+    np.testing.assert_allclose(ll, expected, atol=1e-5)
+
+
+def test_explicit_log_z_wins_and_other_energies_default_to_zero():
+    x = jax.random.normal(jax.random.key(32), (4, 2))
+    energy = GaussianEnergy(MEAN, COV)
+    d = ebm.EnergyDistribution(energy, (2,), log_z=0.3)
+    np.testing.assert_allclose(d.log_prob(x), -jax.vmap(energy)(x) - 0.3, atol=1e-6)
+    mlp = ebm.energies.MLPEnergy(2, hidden=(8,), key=jax.random.key(33))
+    d = ebm.EnergyDistribution(mlp, (2,))
+    np.testing.assert_allclose(d.log_prob(x), -jax.vmap(mlp)(x), atol=1e-6)
+    assert float(d.log_z) == 0.0
+    # a conditional energy's log Z depends on the condition: its log_z attribute (one number)
+    # is not used; pass log_z per condition
+    shifted = jax.tree_util.Partial(lambda e, x, c: e(x - c), energy)
+    shifted.log_z = energy.log_z
+    d = ebm.EnergyDistribution(shifted, (2,), condition=jnp.zeros((3, 2)))
+    assert d.batch_shape == (3,) and float(d.log_z) == 0.0
+
+
 @pytest.mark.parametrize("prepend_shape", [(), (2,), (2, 3)])
 @pytest.mark.parametrize("batch_shape", [(), (4,), (3, 1)])
 def test_shapes(prepend_shape, batch_shape):
