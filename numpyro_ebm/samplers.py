@@ -118,7 +118,8 @@ class Sampler:
             half tunes the step size, the second half runs with the tuned step size fixed (see
             ``warmup``), so every draw comes from a kernel that leaves the target invariant.
         thinning: steps between two recorded draws of the same chain in ``sample``.
-        num_chains: chains used by ``sample``; ``None`` runs one chain per requested draw.
+        num_chains: chains used by ``sample`` (per condition for a conditional
+            distribution); ``None`` runs one chain per requested draw.
         init_scale: chains in ``sample`` start from ``Normal(0, init_scale²)`` in every coordinate.
     """
 
