@@ -1,8 +1,9 @@
 """``EnergyDistribution``: an energy-based model as a NumPyro distribution.
 
 ``p(x) = exp(−E(x) − log Z)`` where ``E`` is a callable pytree (an equinox module, or
-``jax.tree_util.Partial(fn, params)``) evaluated on ONE event, and ``log Z`` is given: exact for
-closed-form energies, learned or estimated (see ``numpyro_ebm.logz``) for neural ones. With a
+``jax.tree_util.Partial(fn, params)``) evaluated on ONE event, and ``log Z`` is given (learned
+or estimated, see ``numpyro_ebm.logz``, for neural energies) or, when not given, read from an
+energy that knows its own (the closed-form energies' exact ``energy.log_z``). With a
 wrong ``log_z`` the density is still correct up to a constant, which is all that MCMC over the
 distribution's value needs, but not what a likelihood comparison needs.
 """
@@ -15,6 +16,7 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
 from numpyro.distributions.batch_util import _default_vmap_over, vmap_over
@@ -63,8 +65,17 @@ class EnergyDistribution(dist.Distribution):
 
     ``log_prob(x) = −energy(x) − log_z``: exact when ``log_z`` is the true log partition
     function, otherwise correct up to a constant. ``sample`` draws APPROXIMATE samples by running
-    BlackJAX chains (MALA by default, step size tuned during warm-up); configure it with
-    ``sampler``. The distribution has no reparametrised sampler (``has_rsample`` is False).
+    BlackJAX chains (MALA by default: the step size is tuned during the first half of the
+    warm-up and held fixed from then on); configure it with ``sampler``. The distribution has
+    no reparametrised sampler (``has_rsample`` is False).
+
+    ``log_z`` when not given (``None``): an energy with a ``log_z`` attribute (the closed-form
+    ``energies.GaussianEnergy`` and ``energies.GaussianMixtureEnergy``, whose ``log_z`` is exact
+    and follows their traced parameters) supplies it, so ``log_prob`` is the normalised density
+    and ``numpyro.infer.log_likelihood`` / ``az.loo`` see the true likelihood. Any other energy
+    gets 0 (the density is then correct up to a constant). A conditional distribution never
+    reads ``energy.log_z``: its log Z depends on the condition, so pass ``log_z`` per condition
+    (default 0). An explicit ``log_z`` always wins.
 
     Args:
         energy: callable pytree, ``energy(x) -> scalar`` for one event ``x`` of shape
@@ -73,6 +84,8 @@ class EnergyDistribution(dist.Distribution):
         event_shape: shape of one event, e.g. ``(2,)``.
         log_z: log partition function, scalar or an array whose shape becomes the
             distribution's ``batch_shape`` (the same energy with per-batch normalisers).
+            ``None`` (default): the energy's own exact ``log_z`` where it has one, else 0
+            (see above).
         sampler: ``numpyro_ebm.samplers.Sampler`` (or a kernel name) used by ``sample``;
             ``"initializer"``: ``sample`` returns the initializer's draws as they are, no MCMC
             (fast; exact only as far as the initializer matches the model).
@@ -83,8 +96,9 @@ class EnergyDistribution(dist.Distribution):
         condition: makes the distribution CONDITIONAL, ``p(x | c) ∝ exp(−E(x, c))``: an
             array ``(*batch_shape, condition_size)`` of conditions, one vector per batch
             element (scalars as ``(n, 1)``). ``energy(x, c)`` then takes one event and one
-            condition vector; ``log_z`` (if not 0) is per condition. ``sample`` runs chains per
-            condition, each with its own warm-up.
+            condition vector; ``log_z`` (if not 0) is per condition. ``sample`` runs
+            ``sampler.num_chains`` chains per condition (default: one per draw), the chains
+            of each condition with their own step-size warm-up.
         validate_args: NumPyro argument/sample validation (as for any NumPyro distribution).
 
     Shapes:
@@ -96,7 +110,7 @@ class EnergyDistribution(dist.Distribution):
         >>> import jax, jax.numpy as jnp
         >>> import numpyro_ebm as ebm
         >>> energy = ebm.energies.GaussianEnergy(jnp.zeros(2))
-        >>> d = ebm.EnergyDistribution(energy, event_shape=(2,), log_z=energy.log_z)
+        >>> d = ebm.EnergyDistribution(energy, event_shape=(2,))   # log_z = energy.log_z
         >>> float(d.log_prob(jnp.zeros(2)))   # = log N(0; 0, I) = -log(2π)
         -1.8378...
         >>> d.sample(jax.random.key(0), (3,)).shape
@@ -112,7 +126,7 @@ class EnergyDistribution(dist.Distribution):
         self,
         energy: Callable,
         event_shape: tuple[int, ...] | int,
-        log_z=0.0,
+        log_z=None,
         *,
         sampler: _samplers.Sampler | str | None = None,
         initializer: Callable | None = None,
@@ -136,6 +150,8 @@ class EnergyDistribution(dist.Distribution):
             _check_initializer(initializer, event_shape)
         elif sampler == "initializer":
             raise ValueError('sampler="initializer" needs an initializer (e.g. a Generator)')
+        if log_z is None:
+            log_z = _exact_log_z(energy) if condition is None else 0.0
         self.energy = energy
         self.log_z = jnp.asarray(log_z, dtype=jnp.result_type(float))
         self.initializer = initializer
@@ -197,10 +213,12 @@ class EnergyDistribution(dist.Distribution):
     def sample(self, key, sample_shape=()):
         """Approximate samples from BlackJAX chains (see ``numpyro_ebm.samplers.Sampler``).
 
-        Runs ``sampler.num_chains`` chains (default: one per draw) from the ``initializer``
-        (default ``Normal(0, init_scale²)``), ``num_warmup`` warm-up steps with dual-averaging
-        step-size tuning, then records every ``thinning``-th step. The samples are exact only
-        in the limit of long warm-up; check them with ``sample_with_trace`` and
+        Runs ``sampler.num_chains`` chains (default: one per draw; a conditional distribution
+        runs them per condition) from the ``initializer`` (default ``Normal(0, init_scale²)``),
+        ``num_warmup`` warm-up steps (the first half tunes the step size by dual averaging, the
+        second half runs with it fixed, so no draw comes from an adapting kernel), then records
+        every ``thinning``-th step. Each draw, even a single one, follows the target as far as
+        the warm-up has converged; check them with ``sample_with_trace`` and
         ``numpyro_ebm.diagnostics`` when it matters. With ``sampler="initializer"`` the
         initializer's draws are returned as they are.
         """
@@ -214,7 +232,12 @@ class EnergyDistribution(dist.Distribution):
             ``numpyro_ebm.samplers.Draws`` with every chain's draws ``(num_chains,
             draws_per_chain, *event_shape)`` and per-draw sampler statistics (``None`` with
             ``sampler="initializer"``, which runs no chains). Pass it to
-            ``numpyro_ebm.diagnostics.to_datatree`` or ``diagnose``.
+            ``numpyro_ebm.diagnostics.to_datatree`` or ``diagnose``. The samples are the
+            draws in draw-major order (every chain's first draw, then every chain's second
+            draw, ...), cut to the number asked for. A conditional distribution's ``draws``
+            have ``batch_shape`` in front of every field (``positions`` ``(*batch_shape,
+            num_chains, draws_per_chain, *event_shape)``, ``step`` ``(*batch_shape,
+            draws_per_chain)``): ``jax.tree.map(lambda a: a[i], draws)`` is condition ``i``'s.
 
         Example:
             >>> import jax, jax.numpy as jnp, numpyro_ebm as ebm
@@ -229,17 +252,24 @@ class EnergyDistribution(dist.Distribution):
         dtype = self.log_z.dtype
         if num_draws == 0:
             return jnp.zeros((*shape, *self.event_shape), dtype), None
-        dim = math.prod(self.event_shape)
         if self.sampler == "initializer":
             draws = self.initializer(key, num_draws).astype(dtype)
             return draws.reshape(*shape, *self.event_shape), None
-        cfg = self.sampler
         if self.condition is not None:
-            return self._sample_conditional(key, shape)
+            return self._sample_conditional(key, tuple(sample_shape))
+        logdensity = _samplers.flat_logdensity(self.energy, self.event_shape)
+        samples, draws = self._run_chains(key, logdensity, num_draws)
+        return samples.reshape(*shape, *self.event_shape), draws
+
+    def _run_chains(self, key, logdensity, num_draws: int):
+        """``num_draws`` draws of ``logdensity`` from ``sampler.num_chains`` chains (default one
+        per draw): ``(samples (num_draws, dim), Draws)``."""
+        cfg = self.sampler
+        dim = math.prod(self.event_shape)
+        dtype = self.log_z.dtype
         num_chains = cfg.num_chains or num_draws
         draws_per_chain = -(-num_draws // num_chains)
         key_init, key_chains = jax.random.split(key)
-        logdensity = _samplers.flat_logdensity(self.energy, self.event_shape)
         if self.initializer is None:
             positions = cfg.init_scale * jax.random.normal(key_init, (num_chains, dim), dtype)
         else:
@@ -250,36 +280,24 @@ class EnergyDistribution(dist.Distribution):
         )
         # draw-major flattening: consecutive samples come from different chains
         samples = jnp.swapaxes(draws.positions, 0, 1).reshape(-1, dim)[:num_draws]
-        return samples.reshape(*shape, *self.event_shape), draws
+        return samples, draws
 
-    def _sample_conditional(self, key, shape):
-        """One chain per draw, each with its draw's condition and its own step-size warm-up."""
-        cfg = self.sampler
-        num_draws = math.prod(shape)
-        dim = math.prod(self.event_shape)
-        dtype = self.log_z.dtype
-        conditions = self._conditions_for(shape)
-        key_init, key_chains = jax.random.split(key)
-        if self.initializer is None:
-            starts = cfg.init_scale * jax.random.normal(key_init, (num_draws, 1, dim), dtype)
-        else:
-            starts = self.initializer(key_init, num_draws).reshape(num_draws, 1, dim)
-            starts = starts.astype(dtype)
+    def _sample_conditional(self, key, sample_shape):
+        """``prod(sample_shape)`` draws per condition, each condition with its own chains."""
+        num_draws = math.prod(sample_shape)
+        num_conditions = math.prod(self.batch_shape)
+        conditions = self._conditions_for(self.batch_shape)
 
-        def one(k, start, c):
+        def one(k, c):
             logdensity = _samplers.flat_logdensity(lambda x: self.energy(x, c), self.event_shape)
-            draws, _ = _samplers.sample_chains(
-                k, cfg, logdensity, start, 1, event_shape=self.event_shape
-            )
-            return draws
+            return self._run_chains(k, logdensity, num_draws)
 
-        draws = jax.vmap(one)(jax.random.split(key_chains, num_draws), starts, conditions)
-        # (num_draws, 1 chain, 1 draw, ...) -> num_draws chains of one draw each
-        chains_first = jax.tree.map(lambda a: a.reshape(num_draws, *a.shape[2:]), draws.info)
-        draws = _samplers.Draws(
-            draws.positions.reshape(num_draws, 1, *self.event_shape), chains_first, draws.step[0]
+        samples, draws = jax.vmap(one)(jax.random.split(key, num_conditions), conditions)
+        # (condition, draw, ...) -> (*sample_shape, *batch_shape, *event_shape)
+        samples = jnp.swapaxes(samples, 0, 1).reshape(
+            *sample_shape, *self.batch_shape, *self.event_shape
         )
-        samples = draws.positions.reshape(*shape, *self.event_shape)
+        draws = jax.tree.map(lambda a: a.reshape(*self.batch_shape, *a.shape[1:]), draws)
         return samples, draws
 
     def __repr__(self) -> str:
@@ -287,6 +305,14 @@ class EnergyDistribution(dist.Distribution):
             f"EnergyDistribution(energy={type(self.energy).__name__}, "
             f"batch_shape={self.batch_shape}, event_shape={self.event_shape})"
         )
+
+
+def _exact_log_z(energy: Callable):
+    """The energy's own log partition function (``energy.log_z``, a number or array), else 0."""
+    log_z = getattr(energy, "log_z", None)
+    if isinstance(log_z, jax.Array | np.ndarray | float | int) and not isinstance(log_z, bool):
+        return log_z
+    return 0.0
 
 
 def _check_initializer(initializer: Callable, event_shape: tuple[int, ...]) -> None:

@@ -13,9 +13,10 @@ A ``Sampler`` is a frozen, hashable configuration. It knows how to
 
 On top of that, ``run_chains`` runs many chains for a fixed number of steps (``vmap`` over
 chains, ``lax.scan`` over steps), ``warmup`` tunes one shared step size by dual averaging
-(BlackJAX's ``dual_averaging_adaptation``) on the mean acceptance rate across chains, and
-``sample_chains`` does both and returns ``Draws`` (positions and per-draw ``ChainInfo`` in
-ArviZ's chain-major order) for ``numpyro_ebm.diagnostics``.
+(BlackJAX's ``dual_averaging_adaptation``) on the mean acceptance rate across chains and then
+holds it fixed for the rest of the warm-up, and ``sample_chains`` does both and returns
+``Draws`` (positions and per-draw ``ChainInfo`` in ArviZ's chain-major order) for
+``numpyro_ebm.diagnostics``.
 
 Chains always move on flat vectors of size ``prod(event_shape)``: ``flat_logdensity`` wraps an
 energy for one event of any shape, so that HMC's mass matrix and the noise are plain vectors.
@@ -113,9 +114,12 @@ class Sampler:
         step_size_jitter: HMC only: each transition uses ``step_size · U(1 − j, 1 + j)``. A fixed
             trajectory length resonates with the target's scales (acceptance then is not
             monotone in the step size and tuning fails); jitter breaks it (Neal 2011, §5.4.2.3).
-        num_warmup: warm-up (burn-in) steps before the first draw in ``sample``.
+        num_warmup: warm-up (burn-in) steps before the first draw in ``sample``: the first
+            half tunes the step size, the second half runs with the tuned step size fixed (see
+            ``warmup``), so every draw comes from a kernel that leaves the target invariant.
         thinning: steps between two recorded draws of the same chain in ``sample``.
-        num_chains: chains used by ``sample``; ``None`` runs one chain per requested draw.
+        num_chains: chains used by ``sample`` (per condition for a conditional
+            distribution); ``None`` runs one chain per requested draw.
         init_scale: chains in ``sample`` start from ``Normal(0, init_scale²)`` in every coordinate.
     """
 
@@ -363,36 +367,54 @@ def warmup(
     num_steps: int,
     step_size=None,
 ) -> tuple[Any, jax.Array, WarmupInfo]:
-    """Burn in ``num_chains`` chains while tuning one shared step size.
+    """Burn in ``num_chains`` chains: tune one shared step size, then hold it fixed.
 
-    The step size follows BlackJAX's dual averaging (Hoffman & Gelman 2014) driven by the mean
-    acceptance rate across chains; the returned step size is its averaged iterate. Kernels that
-    do not adapt (ULA, or ``adapt_step_size=False``) just run ``num_steps`` steps.
+    The first ``num_steps // 2`` steps tune the step size by BlackJAX's dual averaging
+    (Hoffman & Gelman 2014) on the mean acceptance rate across chains. The remaining steps run
+    with the tuned (averaged) step size held fixed: while it adapts, the step size depends on
+    where the chains are, so the chains' state is not a draw from the target (adaptive MCMC's
+    last iterate is biased; a single chain comes out under-dispersed). After the switch every
+    step is a Metropolis kernel that leaves the target invariant, and the chains forget the
+    adaptation before the first draw. Kernels that do not adapt (ULA, or
+    ``adapt_step_size=False``) run all ``num_steps`` steps with ``step_size``.
 
     Args:
         key: PRNG key, used once.
         sampler: the kernel configuration.
         logdensity_fn: log-density of one flat position.
         states: vmapped BlackJAX states, leading axis chains.
-        num_steps: warm-up steps (static).
+        num_steps: warm-up steps (static), tuning and fixed together.
         step_size: initial step size (default ``sampler.step_size``).
 
     Returns:
-        ``(states, step_size, WarmupInfo)``; the info arrays have shape ``(num_steps,)``.
+        ``(states, step_size, WarmupInfo)``: the chains after all ``num_steps`` steps, the
+        step size they ended with (the one to sample with), and per-step records of shape
+        ``(num_steps,)``.
     """
     step_size = jnp.asarray(sampler.step_size if step_size is None else step_size, jnp.float32)
     if num_steps == 0:
         empty = jnp.zeros((0,), jnp.float32)
         return states, step_size, WarmupInfo(empty, empty)
-    if not sampler.adapts:
-        states, infos, _ = run_chains(key, sampler, logdensity_fn, states, step_size, num_steps)
-        acc = jnp.mean(infos.acceptance_rate, axis=1)
-        return states, step_size, WarmupInfo(acc, jnp.full_like(acc, step_size))
+    num_tuning = num_steps // 2 if sampler.adapts else 0
+    key_tune, key_fixed = jax.random.split(key)
+    tuning = WarmupInfo(jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.float32))
+    if num_tuning:
+        states, step_size, tuning = _tune_step_size(
+            key_tune, sampler, logdensity_fn, states, num_tuning, step_size
+        )
+    states, infos, _ = run_chains(
+        key_fixed, sampler, logdensity_fn, states, step_size, num_steps - num_tuning
+    )
+    acc = jnp.mean(infos.acceptance_rate, axis=1)
+    fixed = WarmupInfo(acc, jnp.full_like(acc, step_size))
+    return states, step_size, jax.tree.map(lambda a, b: jnp.concatenate([a, b]), tuning, fixed)
 
+
+def _tune_step_size(key, sampler, logdensity_fn, states, num_steps, step_size):
+    """Dual averaging for ``num_steps`` steps: ``(states, averaged step size, WarmupInfo)``."""
     da_init, da_update, da_final = blackjax.adaptation.step_size.dual_averaging_adaptation(
         sampler.target
     )
-
     vstep = _vmapped_step(sampler, logdensity_fn, states)
 
     def one_step(carry, step_key):
@@ -406,7 +428,7 @@ def warmup(
     (states, da_state), infos = jax.lax.scan(
         one_step, (states, da_init(step_size)), jax.random.split(key, num_steps)
     )
-    return states, da_final(da_state), infos
+    return states, da_final(da_state).astype(jnp.float32), infos
 
 
 class Draws(NamedTuple):
@@ -435,7 +457,11 @@ def sample_chains(
     *,
     event_shape: tuple[int, ...] | None = None,
 ) -> tuple[Draws, jax.Array]:
-    """Warm up chains (``sampler.num_warmup`` steps, step size tuned) and record draws.
+    """Warm up chains (``sampler.num_warmup`` steps, see ``warmup``) and record draws.
+
+    Every recorded draw comes after the tuned step size has been held fixed for the second
+    half of the warm-up, so with enough warm-up each chain's draws follow the target, even for
+    one chain and one draw.
 
     Args:
         key: PRNG key, used once (split into warm-up and sampling keys).

@@ -55,6 +55,55 @@ def test_log_prob_equals_multivariate_normal(jit):
     np.testing.assert_allclose(log_prob(d, x), mvn().log_prob(x), atol=1e-5)
 
 
+def test_log_z_defaults_to_the_energys_exact_log_z():
+    x = jax.random.normal(jax.random.key(30), (7, 2)) * 2.0
+    d = ebm.EnergyDistribution(GaussianEnergy(MEAN, COV), (2,))  # no log_z given
+    np.testing.assert_allclose(d.log_prob(x), mvn().log_prob(x), atol=1e-5)
+
+    log_weights = jnp.log(jnp.array([1.0, 3.0]))
+    means = jnp.array([[-2.0, 0.0], [2.0, 1.0]])
+    covs = jnp.stack([COV, jnp.eye(2)])
+    mixture = ebm.energies.GaussianMixtureEnergy(log_weights, means, covs)
+    exact = dist.MixtureSameFamily(
+        dist.Categorical(logits=log_weights), dist.MultivariateNormal(means, covs)
+    )
+    d = ebm.EnergyDistribution(mixture, (2,))
+    np.testing.assert_allclose(d.log_prob(x), exact.log_prob(x), atol=1e-5)
+
+
+def test_log_likelihood_of_a_model_uses_the_exact_log_z():
+    """numpyro.infer.log_likelihood (what az.loo reads) with a latent mean: the energy's
+    log Z is computed from the traced parameters."""
+    data = jax.random.normal(jax.random.key(31), (5, 2))
+
+    def model():
+        mean = numpyro.sample("mean", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        with numpyro.plate("data", 5):
+            numpyro.sample("x", ebm.EnergyDistribution(GaussianEnergy(mean, COV), (2,)), obs=data)
+
+    means = jnp.array([[0.0, 0.0], [1.0, -0.5], [2.0, 1.0]])
+    ll = numpyro.infer.log_likelihood(model, {"mean": means})["x"]
+    expected = jax.vmap(lambda m: dist.MultivariateNormal(m, COV).log_prob(data))(means)
+    np.testing.assert_allclose(ll, expected, atol=1e-5)
+
+
+def test_explicit_log_z_wins_and_other_energies_default_to_zero():
+    x = jax.random.normal(jax.random.key(32), (4, 2))
+    energy = GaussianEnergy(MEAN, COV)
+    d = ebm.EnergyDistribution(energy, (2,), log_z=0.3)
+    np.testing.assert_allclose(d.log_prob(x), -jax.vmap(energy)(x) - 0.3, atol=1e-6)
+    mlp = ebm.energies.MLPEnergy(2, hidden=(8,), key=jax.random.key(33))
+    d = ebm.EnergyDistribution(mlp, (2,))
+    np.testing.assert_allclose(d.log_prob(x), -jax.vmap(mlp)(x), atol=1e-6)
+    assert float(d.log_z) == 0.0
+    # a conditional energy's log Z depends on the condition: its log_z attribute (one number)
+    # is not used; pass log_z per condition
+    shifted = jax.tree_util.Partial(lambda e, x, c: e(x - c), energy)
+    shifted.log_z = energy.log_z
+    d = ebm.EnergyDistribution(shifted, (2,), condition=jnp.zeros((3, 2)))
+    assert d.batch_shape == (3,) and float(d.log_z) == 0.0
+
+
 @pytest.mark.parametrize("prepend_shape", [(), (2,), (2, 3)])
 @pytest.mark.parametrize("batch_shape", [(), (4,), (3, 1)])
 def test_shapes(prepend_shape, batch_shape):
@@ -217,6 +266,99 @@ def test_observed_site_in_plate_and_trace():
 
 
 # -- sampling --------------------------------------------------------------------------------
+
+
+def assert_iid_gaussian(x, mean, cov, z=4.5):
+    """``x`` ``(n, d)`` iid draws of N(mean, cov), within ``z`` Monte Carlo standard errors.
+
+    Mean and covariance entries use ``moment_tolerances`` (the covariance entry's standard
+    error is sqrt((Σᵢᵢ Σⱼⱼ + Σᵢⱼ²) / n), i.e. sqrt(2/n) σ² on the diagonal). The sharpest check
+    of over- or under-dispersion is the mean of the squared Mahalanobis distance
+    (x − μ)ᵀ Σ⁻¹ (x − μ) ~ χ²_d: mean d, variance 2d, so its average has standard error
+    sqrt(2d / n).
+    """
+    x, mean, cov = np.asarray(x, np.float64), np.asarray(mean), np.asarray(cov)
+    n, d = x.shape
+    tol_mean, tol_cov = moment_tolerances(cov, n, z)
+    np.testing.assert_array_less(np.abs(x.mean(0) - mean), tol_mean)
+    np.testing.assert_array_less(np.abs(np.cov(x.T) - cov), tol_cov)
+    centred = x - mean
+    mahalanobis = np.mean(np.sum(centred * np.linalg.solve(cov, centred.T).T, axis=1))
+    assert abs(mahalanobis - d) < z * np.sqrt(2 * d / n), (mahalanobis, d)
+
+
+# n iid draws for the moment checks: the variance's standard error is then 1% of σ², and the
+# Mahalanobis average's sqrt(4 / n) = 0.014, enough to see a few percent of under-dispersion
+N_IID = 20_000
+FAST = ebm.samplers.mala(num_warmup=200)
+
+
+def test_single_draws_vmapped_over_keys_have_the_target_moments():
+    d = gaussian_ebm(sampler=FAST)
+    keys = jax.random.split(jax.random.key(20), N_IID)
+    x = jax.jit(jax.vmap(lambda k: d.sample(k)))(keys)
+    assert x.shape == (N_IID, 2)
+    assert_iid_gaussian(x, MEAN, COV)
+
+
+def test_many_draws_have_the_target_moments():
+    x = gaussian_ebm(sampler=FAST).sample(jax.random.key(21), (N_IID,))
+    assert_iid_gaussian(x, MEAN, COV)  # one chain per draw: iid
+
+
+def test_predictive_on_a_latent_ebm_site_has_the_target_moments():
+    """Predictive vmaps the model over its samples: every sample is ONE draw of the site."""
+
+    def model():
+        return numpyro.sample("x", gaussian_ebm(sampler=FAST))
+
+    out = Predictive(model, num_samples=N_IID, parallel=True)(jax.random.key(22))
+    assert_iid_gaussian(out["x"], MEAN, COV)
+
+
+def test_sample_with_trace_returns_its_chains_and_the_target_moments():
+    n, num_chains = N_IID, N_IID // 4
+    d = gaussian_ebm(sampler=FAST.replace(num_chains=num_chains, thinning=10))
+    x, draws = d.sample_with_trace(jax.random.key(23), (n,))
+    assert draws.positions.shape == (num_chains, 4, 2)
+    # draw-major: the first num_chains samples are every chain's first draw
+    np.testing.assert_array_equal(x[:num_chains], draws.positions[:, 0])
+    # 4 draws per chain, 10 MALA steps apart: nearly independent; allow for an ESS of n / 2
+    assert_iid_gaussian(x[: n // 2], MEAN, COV)
+    assert_iid_gaussian(x[n // 2 :], MEAN, COV)
+
+
+def conditional_gaussian(num_chains=None):
+    """x | c ~ N(MEAN + c, COV): the Gaussian energy shifted by a 2-D condition."""
+    energy = GaussianEnergy(MEAN, COV)
+    shifted = jax.tree_util.Partial(lambda e, x, c: e(x - c), energy)
+    conditions = jnp.array([[0.0, 0.0], [3.0, -1.0]])
+    sampler = FAST.replace(num_chains=num_chains)
+    d = ebm.EnergyDistribution(shifted, (2,), energy.log_z, condition=conditions, sampler=sampler)
+    return d, conditions
+
+
+def test_conditional_sample_has_the_target_moments_per_condition():
+    d, conditions = conditional_gaussian()
+    x = d.sample(jax.random.key(24), (N_IID // 2,))
+    assert x.shape == (N_IID // 2, 2, 2)
+    for i in range(2):  # one chain per draw: iid within each condition
+        assert_iid_gaussian(x[:, i], MEAN + conditions[i], COV)
+
+
+def test_conditional_sample_honours_num_chains():
+    """``num_chains`` chains per condition, each recording draws_per_chain draws."""
+    d, conditions = conditional_gaussian(num_chains=8)
+    x, draws = d.sample_with_trace(jax.random.key(25), (100,))
+    assert x.shape == (100, 2, 2)
+    # leading batch axis: draws[i] (jax.tree.map(lambda a: a[i], draws)) is condition i's chains
+    assert draws.positions.shape == (2, 8, 13, 2)
+    assert draws.info.acceptance_rate.shape == (2, 8, 13) and draws.step.shape == (2, 13)
+    for i in range(2):
+        mine = jnp.swapaxes(draws.positions[i], 0, 1).reshape(-1, 2)[:100]
+        np.testing.assert_array_equal(x[:, i], mine)
+        # 8 chains × 13 draws around the right mean (ESS ≥ 8 chains: a loose but real check)
+        assert np.all(np.abs(x[:, i].mean(0) - (MEAN + conditions[i])) < 4.5 * np.sqrt(2 / 8))
 
 
 def test_sample_moments_match_the_gaussian():

@@ -119,3 +119,35 @@ def test_flat_logdensity_reshapes_events():
     logdensity = samplers.flat_logdensity(lambda x: jnp.sum(x[0] * x[1]), (2, 3))
     z = jnp.arange(6.0)
     assert float(logdensity(z)) == -float(jnp.sum(z[:3] * z[3:]))
+
+
+def test_warmup_tunes_then_holds_the_tuned_step_size_fixed():
+    """The last iterate of an adaptive chain is not a draw from the target; the second half of
+    warm-up runs a fixed, target-invariant kernel with the averaged step size it returns."""
+    sampler = samplers.mala()
+    states = sampler.init_chains(jnp.zeros((8, 2)), standard_normal)
+    _, step_size, info = samplers.warmup(
+        jax.random.key(6), sampler, standard_normal, states, num_steps=100
+    )
+    assert info.step_size.shape == (100,)
+    np.testing.assert_allclose(info.step_size[50:], step_size, rtol=1e-6)
+    assert float(jnp.std(info.step_size[:50])) > 0.0  # the first half does adapt
+
+
+@pytest.mark.parametrize("kernel", ["mala", "hmc", "barker"])
+def test_one_chain_one_draw_has_the_target_variance(kernel):
+    """One chain per call, one draw per chain (what ``EnergyDistribution.sample(key)`` does),
+    vmapped over n keys: the n draws are iid, so their variance has standard error
+    sqrt(2/n) σ² (Var of a sample variance of Gaussians ≈ 2σ⁴/n); 4.5 standard errors."""
+    n = 20_000
+    sampler = samplers.get_sampler(kernel).replace(num_warmup=200)
+
+    def one(key):
+        k_init, k_run = jax.random.split(key)
+        start = jax.random.normal(k_init, (1, 1))
+        draws, _ = samplers.sample_chains(k_run, sampler, standard_normal, start, 1)
+        return draws.positions[0, 0, 0]
+
+    x = np.asarray(jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(7), n)))
+    assert abs(x.var() - 1.0) < 4.5 * np.sqrt(2 / n), x.var()
+    assert abs(x.mean()) < 4.5 / np.sqrt(n)
