@@ -1048,6 +1048,8 @@ def _read_meta(checkpoint: str) -> dict:
             raise TypeError(f"a JSON object was expected, not {type(meta).__name__}")
         if not (isinstance(meta["step"], int) and meta["step"] >= 0):
             raise ValueError(f"step {meta['step']!r} is not a step number")
+        if not isinstance(meta.get("files", {}), dict):
+            raise TypeError("its 'files' entry is not a JSON object")
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(path, f"cannot be read ({type(err).__name__}: {err})") from err
     return meta
