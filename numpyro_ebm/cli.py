@@ -71,7 +71,7 @@ import numpy as np
 import numpyro_ebm as ebm
 import numpyro_ebm._io as _io
 from numpyro_ebm import datasets, diagnostics, evaluate, logz, plots, samplers
-from numpyro_ebm.train import _META_FILE, NEGATIVES, TrainingDivergedError, _atomic_write
+from numpyro_ebm.train import NEGATIVES, TrainingDivergedError, _atomic_write, checkpoint_step
 from numpyro_ebm.validation import validate_data
 
 __all__ = ["UsageError", "main"]
@@ -528,12 +528,9 @@ def _write_json(path: str, obj) -> None:
 
 
 def _checkpoint_step(folder: str) -> int | None:
-    """The step of the run's last checkpoint (None when there is none)."""
-    try:
-        with open(os.path.join(folder, CHECKPOINT_DIR, _META_FILE)) as f:
-            return int(json.load(f)["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    """The step of the run's last checkpoint (None when there is none); ``CheckpointError``
+    naming the file when it is damaged."""
+    return checkpoint_step(os.path.join(folder, CHECKPOINT_DIR))
 
 
 def _damaged(path: str, problem: str) -> UsageError:

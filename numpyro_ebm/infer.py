@@ -52,6 +52,7 @@ from numpyro_ebm.train import (
     TrainingDivergedError,
     _all_finite,
     adapt_step_size,
+    attempt_key,
     keep_if_finite,
     moving_average,
 )
@@ -410,7 +411,7 @@ class MaximumLikelihood:
     def _run_steps_impl(self, key, state, args, kwargs, num_steps_total, length):
         def body(state, _):
             new_state, info = self._update_impl(
-                jax.random.fold_in(key, state.step), state, args, kwargs
+                attempt_key(key, state.step, state.consecutive_nonfinite), state, args, kwargs
             )
             active = state.step < num_steps_total
             new_state = jax.tree.map(lambda n, o: jnp.where(active, n, o), new_state, state)

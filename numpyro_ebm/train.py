@@ -21,11 +21,17 @@ trajectory.
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import dataclasses
 import functools
+import hashlib
+import io
 import json
 import math
 import os
+import re
+import shutil
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -42,6 +48,7 @@ from numpyro_ebm import generator as _generator
 from numpyro_ebm import logz as _logz
 from numpyro_ebm import negatives as _negatives
 from numpyro_ebm import samplers as _samplers
+from numpyro_ebm._io import LOCK_FILE, folder_lock
 from numpyro_ebm.distribution import EnergyDistribution, check_energy
 from numpyro_ebm.validation import validate_data
 
@@ -57,11 +64,14 @@ __all__ = [
     "TrainState",
     "TrainingDivergedError",
     "adapt_step_size",
+    "attempt_key",
+    "checkpoint_step",
     "default_optimizer",
     "fit",
     "heldout_nll",
     "init",
     "keep_if_finite",
+    "latest_checkpoint",
     "moving_average",
     "step",
     "surrogate_loss",
@@ -200,13 +210,29 @@ class TrainConfig:
             )
 
     def describe(self) -> dict:
-        """JSON-able summary (used to check that a resumed run has the same configuration)."""
+        """JSON-able settings by name (a resumed run's are compared with its checkpoint's).
+
+        The sampler and the entropy estimator are dicts of their fields; the sampler's
+        sampling-only fields (``num_warmup``, ``thinning``, ``num_chains``, ``init_scale``:
+        used by ``EnergyDistribution.sample`` only) and ``sharding`` (a run may resume on
+        other devices) are left out, and optimizers are ``"custom"`` (not comparable)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["optimizer"] = "custom" if out["optimizer"] is not None else None
-        out["sampler"] = repr(self.sampler)
+        out["sampler"] = {
+            f.name: getattr(self.sampler, f.name)
+            for f in dataclasses.fields(self.sampler)
+            if f.init and f.name not in _SAMPLING_ONLY
+        }
         out["generator_optimizer"] = "custom" if out["generator_optimizer"] is not None else None
-        out["entropy"] = repr(self.entropy)
-        del out["sharding"]  # a run may resume on another set of devices
+        if self.entropy is not None:
+            fields = (
+                dataclasses.fields(self.entropy) if dataclasses.is_dataclass(self.entropy) else ()
+            )
+            out["entropy"] = {
+                "name": type(self.entropy).__name__,
+                **{f.name: getattr(self.entropy, f.name) for f in fields if f.init},
+            }
+        del out["sharding"]
         return out
 
 
@@ -430,8 +456,9 @@ def step(
        log-density from older parameters enters the Metropolis ratio).
     2. Gradient of ``mean E(batch) − mean E(stop_gradient(negatives))`` (+ energy L2), optimizer
        update, parameter average update, Robbins-Monro step-size update.
-    3. If anything is non-finite, the update is rejected: the state is kept (only ``step`` and
-       ``consecutive_nonfinite`` advance) and ``info.is_finite`` is False.
+    3. If anything is non-finite, the update is rejected: the state is kept (only
+       ``consecutive_nonfinite`` advances; see ``keep_if_finite``) and ``info.is_finite`` is
+       False.
 
     Args:
         key: PRNG key for this step (``fit`` uses ``fold_in(key, step)``).
@@ -557,12 +584,27 @@ def adapt_step_size(step_size, acceptance, sampler: _samplers.Sampler, gain: flo
 
 
 def keep_if_finite(finite, proposed, state):
-    """``proposed`` if ``finite``, else ``state`` with only ``step`` and
-    ``consecutive_nonfinite`` advanced (both states need those two fields)."""
-    rejected = state._replace(
-        step=state.step + 1, consecutive_nonfinite=state.consecutive_nonfinite + 1
-    )
+    """``proposed`` if ``finite``, else ``state`` with only ``consecutive_nonfinite`` advanced
+    (both states need ``step`` and that field). A rejected step does not count as training:
+    ``step`` stays at the last accepted step, and the retry gets a new key
+    (``attempt_key``)."""
+    rejected = state._replace(consecutive_nonfinite=state.consecutive_nonfinite + 1)
     return jax.tree.map(lambda new, old: jnp.where(finite, new, old), proposed, rejected)
+
+
+def attempt_key(key: jax.Array, step: jax.Array, num_rejected: jax.Array) -> jax.Array:
+    """The PRNG key of an attempt at training step ``step``: ``fold_in(key, step)`` for the
+    first attempt; after ``num_rejected`` consecutive rejected attempts (``keep_if_finite``),
+    also folded with ``num_rejected``, so a retry draws a new batch and new chains instead of
+    repeating the rejected step exactly. Both numbers are in the training state, so a resumed
+    run retries exactly as an uninterrupted one."""
+    step_key = jax.random.fold_in(key, step)
+    return jax.lax.cond(
+        num_rejected > 0,
+        lambda k: jax.random.fold_in(k, num_rejected),
+        lambda k: k,
+        step_key,
+    )
 
 
 class _NegativePhase(NamedTuple):
@@ -705,13 +747,13 @@ def _run_steps(key, state, data, config, num_steps_total, length, validation=Non
     """
 
     def body(state, _):
-        step_key = jax.random.fold_in(key, state.step)
+        step_key = attempt_key(key, state.step, state.consecutive_nonfinite)
         k_batch, k_step = jax.random.split(step_key)
         rows = jax.random.randint(k_batch, (config.batch_size,), 0, data.shape[0])
         new_state, info = step(k_step, state, data[rows], config)
         if validation is not None:
             nll = jax.lax.cond(
-                new_state.step % config.record_every == 0,
+                info.is_finite & (new_state.step % config.record_every == 0),
                 lambda s: heldout_nll(s.average_energy, s.average_log_z, validation),
                 lambda s: jnp.full((), jnp.nan, s.average_log_z.dtype),
                 new_state,
@@ -852,17 +894,42 @@ class FitResult:
 
 
 # -- checkpoints -----------------------------------------------------------------------------
+#
+# Layout of a checkpoint folder: one sub-folder per checkpoint, ``step-00000080/`` holding
+# ``state.eqx``, ``history.npz`` and ``meta.json`` (which records the other two files' sizes and
+# SHA-256), and the pointer file ``latest`` naming the current one. A save writes a complete new
+# sub-folder under a temporary name, renames it, then replaces the pointer (the one atomic
+# switch), and only then removes older sub-folders: a crash at any point leaves the pointer on
+# a complete checkpoint, the new one or the previous one.
 
 _STATE_FILE = "state.eqx"
 _RECORDED_PREFIX = "recorded."  # recorded-chain arrays share history.npz under this prefix
 _HISTORY_FILE = "history.npz"
 _META_FILE = "meta.json"
+_POINTER_FILE = "latest"
+_STEP_FOLDER = re.compile(r"step-\d{8,}(\.\d+)?")  # the only sub-folders a save ever removes
+_TMP_FOLDER = ".tmp-step-"
+_TMP_POINTER = ".tmp-latest-"
+# Sampler settings used only by EnergyDistribution.sample: they do not change training.
+_SAMPLING_ONLY = ("num_warmup", "thinning", "num_chains", "init_scale")
 
 
-def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+def _fsync_folder(folder: str) -> None:
+    """Make a rename or a new entry in ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(
+    path: str, write: Callable[[Any], None], mode: str = "wb", prefix: str = ".tmp-"
+) -> None:
+    """Write to a temporary file (``prefix`` + random) in the same folder, fsync, rename over
+    ``path``, fsync the folder."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix)
     umask = os.umask(0)
     os.umask(umask)
     try:
@@ -876,72 +943,345 @@ def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> 
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync_folder(folder)
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _manifest_entry(data: bytes) -> dict:
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def save_checkpoint(folder: str, state: TrainState, history: dict, meta: dict) -> None:
-    """Atomically write ``state``, ``history`` and ``meta`` into ``folder``.
+    """Write ``state``, ``history`` and ``meta`` (JSON-able; must hold ``"step"``) as one new
+    checkpoint of ``folder``, atomically as a set.
 
-    Each file is replaced atomically; ``meta.json`` (which records the step) is written last, so
-    a crash between files leaves the previous meta pointing at a consistent earlier step only if
-    the state matches: ``load_checkpoint`` checks the step recorded in both.
+    The three files go into a new sub-folder ``step-<step>/`` (fsynced, under a temporary name
+    until complete); then the pointer file ``latest`` is replaced to name it (the switch), and
+    only then are older ``step-*`` sub-folders removed. A crash at any point leaves ``latest``
+    on a complete checkpoint. Nothing else in ``folder`` is touched.
     """
     os.makedirs(folder, exist_ok=True)
-    _atomic_write(os.path.join(folder, _STATE_FILE), lambda f: eqx.tree_serialise_leaves(f, state))
-    _atomic_write(os.path.join(folder, _HISTORY_FILE), lambda f: np.savez(f, **history))
+    state_buffer, history_buffer = io.BytesIO(), io.BytesIO()
+    eqx.tree_serialise_leaves(state_buffer, state)
+    np.savez(history_buffer, **history)
+    files = {_STATE_FILE: state_buffer.getvalue(), _HISTORY_FILE: history_buffer.getvalue()}
+    meta = {**meta, "files": {name: _manifest_entry(data) for name, data in files.items()}}
+    files[_META_FILE] = (json.dumps(meta, indent=1) + "\n").encode()  # last: it vouches for all
+    tmp = tempfile.mkdtemp(dir=folder, prefix=_TMP_FOLDER)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes the folder private; checkpoints are not
+        for name, data in files.items():
+            _write_synced(os.path.join(tmp, name), data)
+        _fsync_folder(tmp)
+        name = _free_step_name(folder, int(meta["step"]))
+        os.rename(tmp, os.path.join(folder, name))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_folder(folder)
     _atomic_write(
-        os.path.join(folder, _META_FILE), lambda f: json.dump(meta, f, indent=1), mode="w"
+        os.path.join(folder, _POINTER_FILE), lambda f: f.write(name + "\n"), "w", _TMP_POINTER
     )
+    _remove_older(folder, keep=name)
+
+
+def _free_step_name(folder: str, step: int) -> str:
+    """``step-<step>``, or ``step-<step>.<n>`` when a checkpoint of that step exists already
+    (a run that diverged is saved again at its last accepted step)."""
+    name = f"step-{step:08d}"
+    n = 0
+    while os.path.lexists(os.path.join(folder, name if n == 0 else f"{name}.{n}")):
+        n += 1
+    return name if n == 0 else f"{name}.{n}"
+
+
+def _remove_older(folder: str, keep: str) -> None:
+    """Remove the sub-folders and temporary files of earlier saves (the library's own names
+    only), all but ``keep``."""
+    for entry in os.listdir(folder):
+        path = os.path.join(folder, entry)
+        if entry == keep or os.path.islink(path):
+            continue
+        if os.path.isdir(path) and (_STEP_FOLDER.fullmatch(entry) or entry.startswith(_TMP_FOLDER)):
+            shutil.rmtree(path)
+        elif entry.startswith(_TMP_POINTER) and os.path.isfile(path):
+            os.remove(path)
+
+
+def latest_checkpoint(folder: str) -> str | None:
+    """The folder holding the current checkpoint of ``folder`` (``folder/step-<step>``; a
+    checkpoint of the previous layout, with the files directly in ``folder``: ``folder``
+    itself), or None when there is none.
+
+    Raises:
+        CheckpointError: the pointer file is damaged or names no checkpoint.
+    """
+    pointer = os.path.join(folder, _POINTER_FILE)
+    if not os.path.lexists(pointer):
+        return folder if os.path.lexists(os.path.join(folder, _META_FILE)) else None
+    try:
+        with open(pointer, encoding="utf-8") as f:
+            name = f.read(4096).strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(pointer, f"cannot be read ({err})") from err
+    if not _STEP_FOLDER.fullmatch(name) or not os.path.isdir(os.path.join(folder, name)):
+        raise CheckpointError(
+            pointer, f"does not name a checkpoint folder of {folder} (it holds {name[:40]!r})"
+        )
+    return os.path.join(folder, name)
+
+
+def _read_meta(checkpoint: str) -> dict:
+    path = os.path.join(checkpoint, _META_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+        if not isinstance(meta, dict):
+            raise TypeError(f"a JSON object was expected, not {type(meta).__name__}")
+        if not (isinstance(meta["step"], int) and meta["step"] >= 0):
+            raise ValueError(f"step {meta['step']!r} is not a step number")
+        if not isinstance(meta.get("files", {}), dict):
+            raise TypeError("its 'files' entry is not a JSON object")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(path, f"cannot be read ({type(err).__name__}: {err})") from err
+    return meta
+
+
+def _read_verified(checkpoint: str, name: str, meta: dict) -> bytes:
+    """A checkpoint file's bytes, checked against the size and hash ``meta`` recorded."""
+    path = os.path.join(checkpoint, name)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise CheckpointError(path, f"cannot be read ({err})") from err
+    entry = meta.get("files", {}).get(name)
+    if entry is not None and _manifest_entry(data) != entry:
+        raise CheckpointError(
+            path,
+            f"is damaged or truncated ({len(data)} bytes; {entry.get('bytes')} were written, "
+            "and its SHA-256 differs)",
+        )
+    return data
+
+
+def checkpoint_step(folder: str | os.PathLike) -> int | None:
+    """The step of the current checkpoint in ``folder`` (None when there is none).
+
+    Checks the whole checkpoint (pointer, meta data and the recorded size and SHA-256 of the
+    state and history files) without building the state.
+
+    Raises:
+        CheckpointError: a damaged, truncated or missing checkpoint file (named).
+    """
+    checkpoint = latest_checkpoint(os.fspath(folder))
+    if checkpoint is None:
+        return None
+    meta = _read_meta(checkpoint)
+    for name in (_STATE_FILE, _HISTORY_FILE):
+        _read_verified(checkpoint, name, meta)
+    return meta["step"]
 
 
 def load_checkpoint(
     folder: str, like: TrainState, expected: dict | None = None
 ) -> tuple[TrainState, dict, dict] | None:
-    """Read a checkpoint written by ``save_checkpoint`` (``None`` if the folder has none).
+    """Read the current checkpoint of ``folder`` (``None`` if it has none).
 
-    With ``expected``, every key of it must match the saved meta data (else ``ValueError``,
-    raised before anything else is read).
+    Args:
+        folder: a folder written by ``save_checkpoint`` (or by the previous version, with the
+            files directly in it).
+        like: a ``TrainState`` of the same structure (e.g. ``init``'s).
+        expected: the run's settings (``{"config": TrainConfig.describe(), ...}``); they are
+            compared by name with the stored ones before the state is read (``ValueError``
+            naming each differing setting with both values; a setting the checkpoint does
+            not record matches its default).
+
+    Returns:
+        ``(state, history, meta)``.
+
+    Raises:
+        CheckpointError: a damaged, truncated or inconsistent file (named); nothing is deleted.
     """
-    meta_path = os.path.join(folder, _META_FILE)
-    if not os.path.exists(meta_path):
+    checkpoint = latest_checkpoint(folder)
+    if checkpoint is None:
         return None
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        int(meta["step"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(meta_path, f"cannot be read ({err})") from err
+    meta = _read_meta(checkpoint)
     if expected is not None:
-        expected = json.loads(json.dumps(expected))  # tuples -> lists, as stored
-        if any(meta.get(k) != v for k, v in expected.items()):
+        differences = _setting_differences(meta, expected)
+        if differences:
             raise ValueError(
-                f"{folder} holds a checkpoint of a run with different settings; "
-                "use another checkpoint_dir or delete it"
+                f"{folder} holds a checkpoint of a run with different settings "
+                f"({'; '.join(differences)}); use the same settings to resume it, or another "
+                "checkpoint_dir"
             )
-    state_path = os.path.join(folder, _STATE_FILE)
+    state_path = os.path.join(checkpoint, _STATE_FILE)
+    data = _read_verified(checkpoint, _STATE_FILE, meta)
     try:
-        state = eqx.tree_deserialise_leaves(state_path, like)
+        state = eqx.tree_deserialise_leaves(io.BytesIO(data), like)
     except Exception as err:  # truncated or foreign file: equinox/numpy raise various types
         raise CheckpointError(state_path, f"cannot be read ({type(err).__name__}: {err})") from err
-    history_path = os.path.join(folder, _HISTORY_FILE)
+    history_path = os.path.join(checkpoint, _HISTORY_FILE)
+    data = _read_verified(checkpoint, _HISTORY_FILE, meta)
     try:
-        with np.load(history_path) as npz:
+        with np.load(io.BytesIO(data)) as npz:
             history = {k: npz[k] for k in npz.files}
     except Exception as err:  # truncated zip, bad header: numpy raises various types
         raise CheckpointError(
             history_path, f"cannot be read ({type(err).__name__}: {err})"
         ) from err
     columns = [v for k, v in history.items() if not k.startswith(_RECORDED_PREFIX)]
-    if int(state.step) != meta["step"] or any(len(v) != meta["step"] for v in columns):
+    rows = meta.get("history_rows", meta["step"])  # the previous version: one row per step
+    if int(state.step) != meta["step"] or any(len(v) != rows for v in columns):
         raise CheckpointError(
-            folder,
-            f"inconsistent checkpoint (state step {int(state.step)}, meta step {meta['step']})",
+            checkpoint,
+            f"inconsistent checkpoint (state step {int(state.step)}, meta step {meta['step']}, "
+            f"{rows} history rows expected)",
         )
     return state, history, meta
+
+
+def _flat_settings(settings: dict, prefix: str = "") -> dict:
+    """``{"config": {"sampler": {"kernel": ...}}}`` -> ``{"sampler.kernel": ...}`` (the
+    ``config`` level is dropped: its settings are named as ``fit``'s arguments are)."""
+    out = {}
+    for key, value in settings.items():
+        name = key if key == "config" and not prefix else f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat_settings(value, "" if name == "config" else f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _named_settings(meta: dict) -> dict:
+    """The settings in a checkpoint's meta data (or in ``fit``'s expected meta data), by name."""
+    settings = {k: meta[k] for k in ("config", "event_shape") if k in meta}
+    config = settings.get("config")
+    if isinstance(config, dict):  # the previous version stored reprs of these two
+        config = dict(config)
+        for name in ("sampler", "entropy"):
+            if isinstance(config.get(name), str):
+                config[name] = _settings_from_repr(config[name])
+        settings["config"] = config
+    rates = meta.get("learning_rates")
+    if isinstance(rates, list) and len(rates) == 2:
+        settings["learning_rate"], settings["generator_learning_rate"] = rates
+    return _flat_settings(settings)
+
+
+def _settings_from_repr(text: str):
+    """``"Sampler(kernel='mala', step_size=0.05, ...)"`` -> the settings ``describe`` gives
+    (``"None"`` -> None); the text itself when it is not of that form."""
+    try:
+        node = ast.parse(text, mode="eval").body
+        if isinstance(node, ast.Constant) and node.value is None:
+            return None
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
+            return text
+        fields = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
+    except (SyntaxError, ValueError):
+        return text
+    if node.func.id == _samplers.Sampler.__name__:
+        return {k: v for k, v in fields.items() if k not in _SAMPLING_ONLY}
+    return {"name": node.func.id, **fields}
+
+
+def _setting_default(name: str):
+    """The default of a ``TrainConfig`` setting (``"sampler.step_size"`` for a field of the
+    sampler), JSON-encoded; ``dataclasses.MISSING`` when it has none."""
+    cls = TrainConfig
+    *owners, last = name.split(".")
+    for owner in owners:
+        owner_field = {f.name: f for f in dataclasses.fields(cls)}.get(owner)
+        if owner_field is None or owner_field.default_factory is dataclasses.MISSING:
+            return dataclasses.MISSING
+        cls = type(owner_field.default_factory())
+    if not dataclasses.is_dataclass(cls):
+        return dataclasses.MISSING
+    setting = {f.name: f for f in dataclasses.fields(cls)}.get(last)
+    if setting is None or setting.default is dataclasses.MISSING:
+        return dataclasses.MISSING
+    return json.loads(json.dumps(setting.default))
+
+
+def _setting_differences(meta: dict, expected: dict) -> list[str]:
+    """``"name: stored -> wanted"`` for each setting the run wants that the checkpoint has
+    otherwise. A setting the checkpoint lacks (written before the setting existed) matches its
+    default; settings the run no longer has are ignored."""
+    stored = _named_settings(meta)
+    wanted = _named_settings(json.loads(json.dumps(expected)))  # tuples -> lists, as stored
+    differences = []
+    for name, new in wanted.items():
+        if name in stored:
+            if stored[name] != new:
+                differences.append(f"{name}: {stored[name]} -> {new}")
+            continue
+        owner = name.split(".")[0]
+        inside = {k: v for k, v in stored.items() if k.startswith(f"{name}.")}
+        if owner != name and owner in stored:  # e.g. entropy None -> an estimator
+            differences.append(f"{owner}: {stored[owner]} -> {new!r} for {name}")
+        elif inside:  # e.g. an estimator -> entropy None
+            differences.append(f"{name}: {inside} -> {new}")
+        else:
+            default = _setting_default(name)
+            if default is not dataclasses.MISSING and default != new:
+                differences.append(f"{name}: {default} (its default; not recorded) -> {new}")
+    return differences
+
+
+@contextlib.contextmanager
+def _checkpoint_lock(folder: str):
+    """Hold ``folder``'s lock (``_io.folder_lock``), creating the folder if needed; if it was
+    created here and no checkpoint was written, remove it again (and the parents created with
+    it) on the way out."""
+    created = []
+    path = os.path.abspath(folder)
+    while not os.path.lexists(path):
+        created.append(path)
+        path = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    try:
+        with folder_lock(folder):
+            try:
+                yield
+            finally:
+                if created and os.listdir(folder) == [LOCK_FILE]:
+                    os.remove(os.path.join(folder, LOCK_FILE))  # still held: no writer waits
+    finally:
+        for path in created:  # innermost first; a folder someone else filled stays
+            try:
+                os.rmdir(path)
+            except OSError:
+                break
+
+
+def _one_writer(fit_function):
+    """``fit`` holding ``checkpoint_dir``'s lock for the whole run (process 0 only: the one
+    that writes), so a second writer fails before any compute."""
+
+    @functools.wraps(fit_function)
+    def locked(*args, checkpoint_dir=None, **kwargs):
+        if checkpoint_dir is None or jax.process_index() != 0:
+            return fit_function(*args, checkpoint_dir=checkpoint_dir, **kwargs)
+        with _checkpoint_lock(os.fspath(checkpoint_dir)):
+            return fit_function(*args, checkpoint_dir=checkpoint_dir, **kwargs)
+
+    return locked
 
 
 # -- the loop --------------------------------------------------------------------------------
 
 
+@_one_writer
 def fit(
     energy,
     data,
@@ -984,7 +1324,11 @@ def fit(
         data: ``(num_points, *event_shape)`` float array, finite.
         key: PRNG key (required; split once into an init key and a loop key, and the loop
             key is folded with the step number, so a resumed run repeats the same trajectory).
-        num_steps: parameter updates.
+        num_steps: parameter updates (accepted ones: a step rejected as non-finite is retried
+            with a new key and does not count). Resuming from ``checkpoint_dir`` with a larger
+            ``num_steps`` extends the run; the default optimizers keep the cosine schedule of
+            the ``num_steps`` the run started with, so the extra steps run at its final
+            learning rate (10% of the peak) and the first steps stay as they were.
         sampler: ``"mala"`` (default), ``"hmc"``, ``"ula"``, ``"barker"`` or a ``Sampler``.
         negatives: ``"persistent"`` (default), ``"replay"`` or ``"short_run"`` (MCMC chains);
             ``"generator"`` (Kim & Bengio: a generator's samples, no MCMC) or ``"hybrid"``
@@ -1003,8 +1347,10 @@ def fit(
         steps_per_call: updates per compiled call (one host round-trip each).
         max_nonfinite: stop after this many consecutive rejected (non-finite) steps.
         progress_bar: show a tqdm bar with live metrics.
-        checkpoint_dir: folder for atomic checkpoints; if it already holds one from the same
-            configuration, training resumes from it.
+        checkpoint_dir: folder for checkpoints (each an atomic unit: see
+            ``save_checkpoint``); if it already holds one from the same settings, training
+            resumes from it (or extends it, see ``num_steps``) on the same trajectory. ``fit``
+            holds the folder's lock (``_io.folder_lock``) for the whole run.
         checkpoint_every: steps between checkpoints (default: every ``steps_per_call``).
         log_z_learning_rate: Adam learning rate of the learned (NCE) ``log Z``.
         calibrate_log_z: after training, also estimate ``log Z`` of the trained energy by AIS
@@ -1039,9 +1385,14 @@ def fit(
         ``FitResult``.
 
     Raises:
-        ValueError: bad data (NaN/inf, wrong dtype or shape) or bad settings, before any compute.
+        ValueError: bad data (NaN/inf, wrong dtype or shape) or bad settings, before any
+            compute; a checkpoint of other settings (each differing setting named) or beyond
+            ``num_steps``.
         TrainingDivergedError: ``max_nonfinite`` consecutive non-finite steps; carries the last
-            good state (also written to ``checkpoint_dir``).
+            good state (also written to ``checkpoint_dir``, marked diverged: rerunning it
+            raises this error again at once).
+        CheckpointError: a damaged, truncated or inconsistent checkpoint file (named).
+        FolderLockedError: another process is writing to ``checkpoint_dir``.
 
     Example:
         >>> import jax, numpyro_ebm as ebm
@@ -1060,6 +1411,13 @@ def fit(
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
     if not (isinstance(steps_per_call, int) and steps_per_call >= 1):
         raise ValueError(f"steps_per_call must be an integer >= 1, got {steps_per_call!r}")
+    stored_meta = None
+    if checkpoint_dir is not None:
+        checkpoint_dir = os.fspath(checkpoint_dir)
+        checkpoint = latest_checkpoint(checkpoint_dir)
+        stored_meta = None if checkpoint is None else _read_meta(checkpoint)
+    # the default optimizers' schedules keep the length the run started with (see Args)
+    schedule_steps = _schedule_steps(stored_meta, num_steps, checkpoint_dir)
     sharding = chain_sharding(devices, num_chains, batch_size)
     uses_generator = negatives in _USES_GENERATOR
     entropy = _generator.get_entropy(entropy) if uses_generator else None
@@ -1070,10 +1428,12 @@ def fit(
             generator, event_shape, entropy, negatives, key=jax.random.fold_in(k_init, 2)
         )
         if generator_optimizer is None:
-            generator_optimizer = default_optimizer(num_steps, generator_learning_rate)
+            generator_optimizer = default_optimizer(schedule_steps, generator_learning_rate)
     config = TrainConfig(
         sharding=sharding,
-        optimizer=default_optimizer(num_steps, learning_rate) if optimizer is None else optimizer,
+        optimizer=default_optimizer(schedule_steps, learning_rate)
+        if optimizer is None
+        else optimizer,
         sampler=_samplers.get_sampler(sampler),
         negatives=negatives,
         num_chains=num_chains,
@@ -1095,6 +1455,7 @@ def fit(
     history: dict[str, np.ndarray] = {name: np.zeros((0,)) for name in HISTORY_FIELDS}
     recorded: dict[str, np.ndarray] = {}
     meta = {
+        "schedule_steps": schedule_steps,
         "num_steps": num_steps,
         "config": config.describe(),
         "event_shape": event_shape,
@@ -1104,17 +1465,21 @@ def fit(
             generator_learning_rate if uses_generator and default_generator_optimizer else None,
         ],
     }
-    if checkpoint_dir is not None:
-        checkpoint_dir = os.fspath(checkpoint_dir)
-        loaded = load_checkpoint(checkpoint_dir, state, expected=meta)
-        if loaded is not None:
-            state, stored, _ = loaded
-            history = {k: v for k, v in stored.items() if not k.startswith(_RECORDED_PREFIX)}
-            recorded = {
-                k.removeprefix(_RECORDED_PREFIX): v
-                for k, v in stored.items()
-                if k.startswith(_RECORDED_PREFIX)
-            }
+    if stored_meta is not None:
+        state, stored, stored_meta = load_checkpoint(checkpoint_dir, state, expected=meta)
+        history = {k: v for k, v in stored.items() if not k.startswith(_RECORDED_PREFIX)}
+        recorded = {
+            k.removeprefix(_RECORDED_PREFIX): v
+            for k, v in stored.items()
+            if k.startswith(_RECORDED_PREFIX)
+        }
+        if stored_meta.get("diverged"):  # the same settings diverge again: say so at once
+            raise TrainingDivergedError(
+                f"{checkpoint_dir} holds a run that diverged after step {int(state.step)} "
+                f"with these settings. {_DIVERGED_ADVICE}",
+                state,
+                history,
+            )
     if sharding is not None:
         data = jax.device_put(data, _replicated(sharding))
         if validation_data is not None:
@@ -1124,10 +1489,16 @@ def fit(
             state = state._replace(bank=jax.device_put(state.bank, sharding))
     state = _own_buffers(state)  # donated to the first compiled call
 
-    def save(state, history, recorded):
+    def save(state, history, recorded, diverged=False):
         if jax.process_index() == 0:  # one writer; multi-host runs share the folder
             records = _with_records(history, recorded)
-            save_checkpoint(checkpoint_dir, state, records, {**meta, "step": int(state.step)})
+            rows = len(history["is_finite"])  # accepted and rejected steps
+            save_checkpoint(
+                checkpoint_dir,
+                state,
+                records,
+                {**meta, "step": int(state.step), "history_rows": rows, "diverged": diverged},
+            )
 
     checkpoint_every = checkpoint_every or steps_per_call
 
@@ -1148,11 +1519,14 @@ def fit(
             active = np.asarray(active)
             chunk = {k: np.asarray(getattr(infos, k))[active] for k in HISTORY_FIELDS}
             history = {k: np.concatenate([history[k], chunk[k]]) for k in history}
+            accepted = chunk["is_finite"].astype(bool)
             if infos.recorded is not None:
-                recorded = _append_records(recorded, infos.recorded, active, start_step, config)
-            num_bad = int(np.sum(~chunk["is_finite"].astype(bool)))
+                recorded = _append_records(
+                    recorded, infos.recorded, active, accepted, start_step, config
+                )
+            num_bad = int(np.sum(~accepted))
             if bar is not None:
-                bar.update(int(active.sum()))
+                bar.update(int(accepted.sum()))
                 bar.set_postfix(
                     gap=f"{chunk['energy_gap'][-1]:.3f}",
                     acc=f"{chunk['acceptance_rate'][-1]:.2f}",
@@ -1161,20 +1535,20 @@ def fit(
                 )
             if num_bad:
                 warnings.warn(
-                    f"{num_bad} non-finite training step(s) between steps "
-                    f"{start_step} and {int(state.step)} were rejected (parameters "
-                    "kept); lower the learning rate or step size, or raise energy_l2",
+                    f"{num_bad} non-finite training step(s) after step {start_step} were "
+                    "rejected (parameters kept, the step retried with a new key); lower the "
+                    "learning rate or step size, or raise energy_l2",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=3,  # the caller of fit (through _one_writer)
                 )
             if int(state.consecutive_nonfinite) >= max_nonfinite:
                 state = _host_readable(state, sharding)
                 if checkpoint_dir is not None:
-                    save(state, history, recorded)
+                    save(state, history, recorded, diverged=True)
                 raise TrainingDivergedError(
                     f"training diverged: {int(state.consecutive_nonfinite)} consecutive "
-                    f"non-finite steps up to step {int(state.step)}. The last good parameters "
-                    "are in error.state (rejected steps never change them).",
+                    f"non-finite steps after step {int(state.step)}, the last accepted one (its "
+                    f"parameters are in error.state). {_DIVERGED_ADVICE}",
                     state,
                     history,
                 )
@@ -1210,16 +1584,44 @@ def fit(
     )
 
 
-def _append_records(recorded: dict, record: ChainRecord, active, start_step: int, config):
-    """Add this call's records of the steps that are multiples of ``config.record_every``."""
-    steps = start_step + 1 + np.arange(int(active.sum()))  # active steps are a prefix
-    keep = steps % config.record_every == 0
+def _append_records(recorded: dict, record: ChainRecord, active, accepted, start_step: int, config):
+    """Add this call's records of the accepted steps that are multiples of
+    ``config.record_every`` (``accepted``: which of the ``active`` steps were)."""
+    steps = start_step + np.cumsum(accepted)  # the step count after each active attempt
+    keep = accepted & (steps % config.record_every == 0)
     new = {"step": steps[keep], "positions": np.asarray(record.positions)[active][keep]}
     for name in _samplers.ChainInfo._fields:
         new[name] = np.asarray(getattr(record.info, name))[active][keep]
     if not recorded:
         return new
     return {k: np.concatenate([recorded[k], new[k]]) for k in new}
+
+
+_DIVERGED_ADVICE = (
+    "Rerunning with the same settings diverges again: lower learning_rate or the sampler's "
+    "step_size, or raise energy_l2, and train into a new checkpoint_dir."
+)
+
+
+def _schedule_steps(stored_meta: dict | None, num_steps: int, folder: str | None) -> int:
+    """The length of the default optimizers' schedules: ``num_steps`` for a new run, the
+    stored one for a resumed or extended run (checked: ``num_steps`` cannot go back)."""
+    if stored_meta is None:
+        return num_steps
+    step = stored_meta["step"]
+    if step > num_steps:
+        raise ValueError(
+            f"{folder} holds a checkpoint at step {step}, beyond num_steps={num_steps}; pass "
+            f"num_steps >= {step} to resume or extend it, or use another checkpoint_dir"
+        )
+    # the previous version recorded the schedule's length as num_steps
+    steps = stored_meta.get("schedule_steps", stored_meta.get("num_steps"))
+    if not (isinstance(steps, int) and steps >= 1):
+        raise CheckpointError(
+            os.path.join(latest_checkpoint(folder), _META_FILE),
+            f"records no schedule length (schedule_steps {steps!r})",
+        )
+    return steps
 
 
 def _with_records(history: dict, recorded: dict) -> dict:

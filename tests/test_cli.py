@@ -8,6 +8,7 @@ settings).
 import json
 import math
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -22,6 +23,11 @@ TINY = [
 MEAN = np.array([1000.0, -500.0])
 SCALE = np.array([100.0, 50.0])
 NUM_ROWS = 300  # 270 training rows, 30 held out
+
+
+def checkpoint_file(run, name):
+    """A file of the run folder's current checkpoint."""
+    return pathlib.Path(train.latest_checkpoint(str(run / "checkpoint"))) / name
 
 
 def gaussian(seed, n=NUM_ROWS, mean=MEAN, scale=SCALE):
@@ -191,15 +197,15 @@ def test_resume_after_an_interruption_repeats_the_uninterrupted_run(tmp_path, ca
     assert code == 0, err
     assert "Resuming" in out and "step 20" in out
     with (
-        np.load(full / "checkpoint" / "history.npz") as a,
-        np.load(resumed / "checkpoint" / "history.npz") as b,
+        np.load(checkpoint_file(full, "history.npz")) as a,
+        np.load(checkpoint_file(resumed, "history.npz")) as b,
     ):
         assert sorted(a.files) == sorted(b.files)
         assert len(b["loss"]) == 40
         for name in a.files:
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    state = (full / "checkpoint" / "state.eqx").read_bytes()
-    assert (resumed / "checkpoint" / "state.eqx").read_bytes() == state
+    state = checkpoint_file(full, "state.eqx").read_bytes()
+    assert checkpoint_file(resumed, "state.eqx").read_bytes() == state
     assert heldout(resumed) == heldout(full)
 
     stored = (resumed / "run.json").read_bytes()
@@ -208,7 +214,7 @@ def test_resume_after_an_interruption_repeats_the_uninterrupted_run(tmp_path, ca
     assert_user_error(code, err, resumed)
     assert "--steps 40 -> 60" in err and "another --out" in err
     assert (resumed / "run.json").read_bytes() == stored
-    assert (resumed / "checkpoint" / "state.eqx").read_bytes() == state
+    assert checkpoint_file(resumed, "state.eqx").read_bytes() == state
 
 
 def test_interrupt_before_the_first_checkpoint_leaves_no_run_folder(tmp_path, capsys, monkeypatch):
