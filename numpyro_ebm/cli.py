@@ -659,18 +659,6 @@ def _existing_run(out: str) -> dict | None:
     return None
 
 
-def _raise_if_damaged(checkpoint: str) -> None:
-    """Raise ``CheckpointError`` naming the file when ``checkpoint`` holds a checkpoint whose
-    step cannot be read (``_checkpoint_step`` gave None)."""
-    if os.path.isdir(checkpoint):
-        try:
-            ebm.train.load_checkpoint(checkpoint, like=None)
-        except ebm.CheckpointError:
-            raise
-        except Exception:  # a readable checkpoint: not this function's business
-            pass
-
-
 def _diverged_message(out: str, step: int) -> str:
     return (
         f"numpyro-ebm: error: {out}: training diverged at step {step} (non-finite energies or "
@@ -700,8 +688,6 @@ def _load_run(folder: str) -> tuple[dict, np.ndarray | None]:
             "model; train into a new --out with a lower --learning-rate",
         )
     step = _checkpoint_step(folder)
-    if step is None:
-        _raise_if_damaged(os.path.join(folder, CHECKPOINT_DIR))
     if step is None or step < config["steps"]:
         stopped = "before its first checkpoint" if step is None else f"at step {step}"
         raise UsageError(
@@ -1107,8 +1093,6 @@ def _train_locked(args, argv, config, points, path, created: list[str], before: 
         print(_diverged_message(out, existing["diverged"]["step"]), file=sys.stderr)
         return EXIT_DIVERGED
     start_step = _checkpoint_step(out)
-    if start_step is None:
-        _raise_if_damaged(os.path.join(out, CHECKPOINT_DIR))
 
     def discard_unstarted():
         if existing is None and not _started(out):

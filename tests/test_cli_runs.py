@@ -109,7 +109,7 @@ def _damages(finished):
     files = sorted(snapshot(finished / "run"))
     cases = []
     for name in files:
-        if name == _io.LOCK_FILE:
+        if os.path.basename(name) == _io.LOCK_FILE:
             continue
         cases.append((name, _truncate))
         if name.endswith(".json"):
