@@ -636,6 +636,7 @@ def _negative_phase(
             config.entropy,
             target=target,
             amortization_weight=weight,
+            amortization_scale=_generator.data_scale(state.base.scale_tril),
         )
         updates, opt_state = config.generator_optimizer.update(
             grads, state.generator_opt_state, params
