@@ -2,9 +2,11 @@
 
     python benchmarks/generator_quality.py                       # all modes, three toys
     python benchmarks/generator_quality.py --toys 8gaussians --modes hybrid --steps 500
+    python benchmarks/generator_quality.py --energies mlp deep --modes hybrid pcd
 
-Modes (each trains a fresh MLPEnergy, hidden 128×3, with `fit`'s defaults otherwise: 2000 steps,
-1024 negatives per step, batch 1024, 50 000 training points):
+Modes (each trains a fresh energy, `MLPEnergy` (hidden 128×3) and/or `DeepEnergy` (Kim & Bengio's
+product of experts, σ = 1), with `fit`'s defaults otherwise: 2000 steps, 1024 negatives per step,
+batch 1024, 50 000 training points):
 
 * paper: `negatives="generator", entropy="batch_norm"`: the paper's method (deterministic
   generator with batch norm, entropy Σ ½ log(2πe γ²), one generator step then one energy step).
@@ -24,6 +26,10 @@ step without a gradient); for the trained generator, the energy distance of 20 0
 of its samples to 20 000 test points (lower is better, 0 when equal in distribution) and, on
 8gaussians, its largest deviation from the true 1/8 share per mode (samples assigned to the
 nearest centre).
+
+When both hybrid and pcd ran, a second table gives, per toy and energy, the paired difference
+KL(hybrid) − KL(pcd) on the same test points with its standard error, and whether the hybrid is
+no worse than persistent chains: difference ≤ 2 standard errors.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ MODES = {
     "hybrid": {"negatives": "hybrid"},
     "pcd": {"negatives": "persistent"},
 }
+ENERGIES = {"mlp": ebm.energies.MLPEnergy, "deep": ebm.energies.DeepEnergy}
 NUM_CHAINS, NUM_MCMC_STEPS, BATCH = 1024, 20, 1024
 
 
@@ -68,11 +75,11 @@ def mode_share_error(samples: np.ndarray) -> float:
     return float(np.max(np.abs(shares - 1 / 8)))
 
 
-def run(toy_name: str, mode: str, steps: int, seed: int = 0) -> dict:
+def run(toy_name: str, energy_name: str, mode: str, steps: int, seed: int = 0) -> dict:
     toy = ebm.datasets.toy(toy_name)
     k_data, k_energy, k_fit, k_test, k_gen, k_ref = jax.random.split(jax.random.key(seed), 6)
     data = toy.sample(k_data, 50_000)
-    energy = ebm.energies.MLPEnergy(2, key=k_energy)
+    energy = ENERGIES[energy_name](2, key=k_energy)
     options = MODES[mode]
     start = time.perf_counter()
     res = ebm.fit(
@@ -89,9 +96,13 @@ def run(toy_name: str, mode: str, steps: int, seed: int = 0) -> dict:
     jax.block_until_ready(res.energy)
     seconds = time.perf_counter() - start
     out = ebm.evaluate.kl_to_toy(res.energy, toy, key=k_test)
+    test_points = toy.sample(k_test, 20_000)  # the points kl_to_toy used (same key)
+    log_p = -np.asarray(jax.jit(jax.vmap(res.energy))(test_points), np.float64) - out.log_z.value
     row = {
         "toy": toy_name,
+        "energy": energy_name,
         "mode": mode,
+        "log_p": log_p,
         "steps": steps,
         "kl": out.kl,
         "kl_se": out.kl_stderr,
@@ -117,6 +128,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--toys", nargs="+", default=list(TOYS), choices=TOYS)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--energies", nargs="+", default=["mlp"], choices=list(ENERGIES))
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -125,17 +137,37 @@ def main() -> None:
         f"{jax.device_count()}× {jax.devices()[0].device_kind}, jax {jax.__version__}"
     )
     print(
-        "| toy | mode | steps | KL (nats) | time (s) | energy-gradient evals | rejected steps | "
-        "generator energy distance | generator max share error |"
+        "| toy | energy | mode | steps | KL (nats) | time (s) | energy-gradient evals | "
+        "rejected steps | generator energy distance | generator max share error |"
     )
-    print("|---" * 9 + "|")
+    print("|---" * 10 + "|")
+    rows = {}
     for toy_name in args.toys:
-        for mode in args.modes:
-            r = run(toy_name, mode, args.steps, args.seed)
+        for energy_name in args.energies:
+            for mode in args.modes:
+                r = run(toy_name, energy_name, mode, args.steps, args.seed)
+                rows[toy_name, energy_name, mode] = r
+                print(
+                    f"| {r['toy']} | {r['energy']} | {r['mode']} | {r['steps']} | "
+                    f"{r['kl']:.4f} ± {r['kl_se']:.4f} | {r['seconds']:.1f} | "
+                    f"{r['grads'] / 1e6:.1f} M | {r['rejected']} | {r['gen_ed']:.4f} | "
+                    f"{r['share']:.3f} |",
+                    flush=True,
+                )
+    if not {"hybrid", "pcd"} <= set(args.modes):
+        return
+    print("\n| toy | energy | KL(hybrid) − KL(pcd) | 2 SE | hybrid no worse |")
+    print("|---" * 5 + "|")
+    for toy_name in args.toys:
+        for energy_name in args.energies:
+            hybrid, pcd = rows[toy_name, energy_name, "hybrid"], rows[toy_name, energy_name, "pcd"]
+            # KL(h) − KL(p) = mean(log p_pcd − log p_hybrid) over the same test points: paired
+            difference = pcd["log_p"] - hybrid["log_p"]
+            mean = difference.mean()
+            two_se = 2 * difference.std(ddof=1) / np.sqrt(difference.size)
             print(
-                f"| {r['toy']} | {r['mode']} | {r['steps']} | {r['kl']:.4f} ± {r['kl_se']:.4f} | "
-                f"{r['seconds']:.1f} | {r['grads'] / 1e6:.1f} M | {r['rejected']} | "
-                f"{r['gen_ed']:.4f} | {r['share']:.3f} |",
+                f"| {toy_name} | {energy_name} | {mean:+.4f} | {two_se:.4f} | "
+                f"{'yes' if mean <= two_se else 'NO'} |",
                 flush=True,
             )
 

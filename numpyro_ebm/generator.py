@@ -42,6 +42,7 @@ __all__ = [
     "GeneratorLoss",
     "NearestNeighbourEntropy",
     "Resampled",
+    "data_scale",
     "energy_distance",
     "generator_loss",
     "get_entropy",
@@ -324,6 +325,22 @@ def energy_distance(x: jax.Array, target: jax.Array) -> jax.Array:
     )
 
 
+def data_scale(scale_tril: jax.Array) -> jax.Array:
+    """Root-mean-square standard deviation ``sqrt(tr Σ / D)`` of the data, from ``Σ = L Lᵀ``.
+
+    The hybrid's amortization term is an energy distance (a length) divided by this scale, so
+    that its weight means the same on data in any units. Training takes ``L`` from the base
+    Gaussian fitted to the training data once, at ``init`` (``negatives.fit_base``).
+
+    Args:
+        scale_tril: ``(D, D)`` Cholesky factor ``L`` of the data's covariance.
+
+    Returns:
+        scalar scale, in the data's units.
+    """
+    return jnp.sqrt(jnp.sum(scale_tril**2) / scale_tril.shape[0])
+
+
 def proposal_log_density(means: jax.Array, log_noise_scale: jax.Array, x: jax.Array) -> jax.Array:
     """Leave-one-out estimate of a noisy generator's log-density at its own batch.
 
@@ -383,7 +400,10 @@ def resample_towards_model(
 
 
 class GeneratorLoss(NamedTuple):
-    """Terms of the generator's loss ``energy − entropy + amortization_weight · amortization``."""
+    """Terms of the generator's loss ``energy − entropy + amortization_weight · amortization``.
+
+    ``amortization`` is the energy distance to the refined negatives divided by the data's scale
+    (``data_scale``): dimensionless, like the other two terms (nats)."""
 
     energy: jax.Array
     entropy: jax.Array
@@ -400,13 +420,17 @@ def generator_loss(
     *,
     target: jax.Array | None = None,
     amortization_weight: float = 0.0,
+    amortization_scale: float | jax.Array = 1.0,
 ) -> tuple[jax.Array, tuple[GeneratorLoss, Generator, jax.Array]]:
-    """``mean E(G(z)) − H(P_φ)`` (+ ``w · energy_distance(G(z), target)``), differentiable in
-    ``params`` (the ``trainable`` part of the generator; ``static`` is the rest).
+    """``mean E(G(z)) − H(P_φ)`` (+ ``w · energy_distance(G(z), target) / s``), differentiable
+    in ``params`` (the ``trainable`` part of the generator; ``static`` is the rest).
 
     ``mean E − H`` is ``KL(P_φ ‖ P_θ) − log Z_θ``: its minimiser over φ is the model itself.
     ``target`` (``"hybrid"`` training: the negatives after MCMC refinement, no gradient) adds
     the amortization term, whose minimiser is also the model (the MCMC leaves it invariant).
+    ``s = amortization_scale`` (training passes ``data_scale`` of the data) makes the term
+    scale-free: on data ``c·x`` with the energy ``E(·/c)`` and the generator ``c·G`` the loss
+    changes by a constant (the entropy's ``D log c``) and its gradient not at all.
 
     Returns ``(loss, (terms, generator with updated running averages, flat samples (n, D)))``.
     """
@@ -422,6 +446,7 @@ def generator_loss(
         # the first _AMORTIZATION_SAMPLES pairs (i.i.d. z) estimate the distance unbiasedly
         # at a quarter of the O(n²) cost of all 1024
         m = _AMORTIZATION_SAMPLES
-        amortization = energy_distance(x[:m], jax.lax.stop_gradient(target[:m]))
+        distance = energy_distance(x[:m], jax.lax.stop_gradient(target[:m]))
+        amortization = distance / amortization_scale
     loss = e_mean - h + amortization_weight * amortization
     return loss, (GeneratorLoss(e_mean, h, amortization), updated, x)

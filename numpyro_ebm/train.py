@@ -129,7 +129,9 @@ class TrainConfig:
         generator_optimizer: optax transformation for the generator (generator modes).
         entropy: the generator's entropy estimator (``numpyro_ebm.generator``).
         amortization_weight: weight of the ``"hybrid"`` generator's pull towards the refined
-            negatives (``generator.energy_distance``).
+            negatives: the energy distance (``generator.energy_distance``) divided by the
+            data's RMS standard deviation (``generator.data_scale``), so the weight does not
+            depend on the data's units.
         resample: ``"hybrid"`` with a noisy generator: importance-resample the generator's
             samples towards the model before the chains start
             (``generator.resample_towards_model``), which fixes how mass is shared between
@@ -161,7 +163,7 @@ class TrainConfig:
     sharding: jax.sharding.Sharding | None = None
     generator_optimizer: optax.GradientTransformation | None = None
     entropy: Any = None
-    amortization_weight: float = 20.0
+    amortization_weight: float = 40.0
     resample: bool = True
     num_recorded_chains: int = 8
     record_every: int = 10
@@ -302,8 +304,8 @@ class StepInfo(NamedTuple):
         log_z: the learned ``log Z`` (moving average) after this step.
         generator_energy: mean energy of the generator's samples (NaN without a generator).
         generator_entropy: the entropy estimator's value for the generator (NaN without one).
-        amortization: energy distance from the generator's samples to the refined negatives
-            (``"hybrid"``; NaN otherwise).
+        amortization: energy distance from the generator's samples to the refined negatives,
+            divided by the data's RMS standard deviation (``"hybrid"``; NaN otherwise).
         resampling_ess: effective sample size (fraction of the batch) of the hybrid's
             importance weights; below 0.05 the resampling is skipped (NaN without it).
         heldout_nll: ``mean E(validation) + log Z`` (learned ``log Z``) of the averaged energy:
@@ -678,6 +680,7 @@ def _negative_phase(
             config.entropy,
             target=target,
             amortization_weight=weight,
+            amortization_scale=_generator.data_scale(state.base.scale_tril),
         )
         updates, opt_state = config.generator_optimizer.update(
             grads, state.generator_opt_state, params
@@ -1311,7 +1314,7 @@ def fit(
     entropy: str | Callable = "nearest_neighbour",
     generator_optimizer: optax.GradientTransformation | None = None,
     generator_learning_rate: float = 1e-3,
-    amortization_weight: float = 20.0,
+    amortization_weight: float = 40.0,
     validation_data=None,
     num_recorded_chains: int = 8,
     record_every: int = 10,
@@ -1368,8 +1371,8 @@ def fit(
             ``default_optimizer(num_steps, generator_learning_rate)``.
         generator_learning_rate: peak learning rate of the generator's default optimizer.
         amortization_weight: ``"hybrid"``: weight of the generator's pull towards the refined
-            negatives (an energy distance, in the data's units: 20 was tuned on the 2-D toys,
-            whose scale is a few units; the energy and entropy terms are in nats).
+            negatives, an energy distance divided by the data's RMS standard deviation (so,
+            like the energy and entropy terms, it has no units; see ``TrainConfig``).
         validation_data: held-out ``(num_points, *event_shape)`` data; every ``record_every``
             steps the history's ``heldout_nll`` gets ``mean E(validation) + log Z`` of the
             averaged energy with the learned ``log Z`` (as reliable as that ``log Z``).

@@ -399,3 +399,56 @@ def test_hybrid_run_resumes_on_the_same_trajectory(tmp_path, monkeypatch):
         straight.history["generator_entropy"], resumed.history["generator_entropy"], rtol=1e-5
     )
     assert not any(name.startswith(".tmp") for name in os.listdir(tmp_path))
+
+
+class _Rescaled(eqx.Module):
+    """``E(y / factor)``: the same density as ``energy``, for data in units ``factor`` times
+    smaller."""
+
+    energy: GaussianEnergy
+    factor: float = eqx.field(static=True)
+
+    def __call__(self, y):
+        return self.energy(y / self.factor)
+
+
+def test_hybrid_generator_update_is_invariant_to_the_datas_units():
+    """One hybrid step on data ``x`` and on ``c·x`` (energy ``E(·/c)``, generator ``c·G``, MALA
+    step ``c²h``: every chain and resampling draw is the same up to the factor c) moves the
+    generator's shared hidden layer identically: the amortization pull does not depend on the
+    data's units. Before it was scaled by the data's spread, the pull was c times stronger on
+    ``c·x``. SGD, not Adam, so that the update is proportional to the gradient."""
+    c = 10.0
+    data = ebm.datasets.toy("8gaussians").sample(jax.random.key(37), 512)
+    energy = GaussianEnergy(jnp.array([0.5, -0.5]), scale_tril=2.0 * jnp.eye(2))
+    g = gen.Generator(2, 4, hidden=(16,), key=jax.random.key(38), noise_scale=0.1)
+    g_c = eqx.tree_at(
+        lambda g: (g.layers[-1].weight, g.layers[-1].bias, g.log_noise_scale),
+        g,
+        (c * g.layers[-1].weight, c * g.layers[-1].bias, g.log_noise_scale + math.log(c)),
+    )
+
+    def one_step(energy, data, generator, step_size):
+        config = train.TrainConfig(
+            optimizer=optax.sgd(0.0),
+            sampler=ebm.samplers.mala(step_size=step_size),
+            negatives="hybrid",
+            num_chains=256,
+            num_mcmc_steps=2,
+            batch_size=64,
+            generator_optimizer=optax.sgd(1e-2),
+            entropy=gen.NearestNeighbourEntropy(),
+            num_recorded_chains=0,
+        )
+        state = train.init(jax.random.key(39), energy, data, config, generator)
+        new, info = train.step(jax.random.key(40), state, data[:64], config)
+        return new.generator.layers[0].weight - generator.layers[0].weight, info
+
+    moved, info = one_step(energy, data, g, 0.05)
+    moved_c, info_c = one_step(_Rescaled(energy, c), c * data, g_c, 0.05 * c**2)
+    assert float(info.resampling_ess) > 0.05  # the resampling ran, in both
+    np.testing.assert_allclose(info_c.resampling_ess, info.resampling_ess, rtol=1e-3)
+    # float32 rounding of c·x and x/c is the only difference: agreement to 1e-3 of the update
+    np.testing.assert_allclose(moved_c, moved, atol=1e-3 * float(jnp.max(jnp.abs(moved))))
+    # the recorded term is the dimensionless one the weight multiplies
+    np.testing.assert_allclose(info_c.amortization, info.amortization, rtol=1e-3)
