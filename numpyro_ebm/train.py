@@ -386,12 +386,12 @@ def free_constants(energy_of: Callable, params, probes: jax.Array, rtol: float =
     """
     grads = jax.vmap(jax.grad(energy_of), in_axes=(None, 0))(params, probes)
 
-    def mask(g, p):
+    def mask(g):
         first = g[0]
         spread = jnp.max(jnp.abs(g - first), axis=0)
-        return ((jnp.abs(first) > 0) & (spread <= rtol * jnp.abs(first))).astype(p.dtype)
+        return ((jnp.abs(first) > 0) & (spread <= rtol * jnp.abs(first))).astype(g.dtype)
 
-    return jax.tree.map(mask, grads, params)
+    return jax.tree.map(mask, grads)
 
 
 def _event_shape_of(data: jax.Array) -> tuple[int, ...]:
