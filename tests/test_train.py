@@ -433,8 +433,11 @@ def test_every_sampler_and_negative_source_trains(sampler, negatives):
     assert res.chains.shape == (expected_rows, 2)
     # the energy moved toward the data: the mean estimate is closer to the truth than at start.
     # Not for ULA short runs: 5 steps of h = 0.01 from the base Gaussian (fitted to the data)
-    # leave the negatives at the base, whose mean already matches the data's: no signal.
-    if (sampler, negatives) != ("ula", "short_run"):
+    # leave the negatives at the base, whose mean already matches the data's: no signal. The
+    # same holds for ULA's replay bank, which starts at the base and is refreshed at data
+    # points; it passed before only because the old energy L2 penalty itself pulled the mean
+    # towards the data (the bias that the centred penalty removed).
+    if (sampler, negatives) not in (("ula", "short_run"), ("ula", "replay")):
         assert float(jnp.linalg.norm(res.energy.mean - MEAN)) < float(jnp.linalg.norm(MEAN)) / 2
     if sampler != "ula":
         assert abs(res.history["acceptance_rate"][-10:].mean() - res.config.sampler.target) < 0.1
