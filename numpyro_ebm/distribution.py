@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 from typing import ClassVar
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,6 +59,35 @@ def check_energy(
         )
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(f"energy must return a floating-point scalar, got dtype {out.dtype}")
+
+
+class _SplitEnergy:
+    """An energy as a pytree node whose children are its traceable leaves (arrays and
+    numbers) and whose aux data holds the rest; unflattening returns the energy itself."""
+
+    def __init__(self, energy):
+        self.energy = energy
+
+
+_TRACED = "<traced leaf>"  # marks the positions of the children among the energy's leaves
+
+
+def _split_flatten(split: _SplitEnergy):
+    leaves, treedef = jax.tree_util.tree_flatten(split.energy)
+    children = [leaf for leaf in leaves if eqx.is_array_like(leaf)]
+    static = tuple(_TRACED if eqx.is_array_like(leaf) else leaf for leaf in leaves)
+    return children, (treedef, static)
+
+
+def _split_unflatten(aux, children):
+    treedef, static = aux
+    children = iter(children)
+    return jax.tree_util.tree_unflatten(
+        treedef, [next(children) if s is _TRACED else s for s in static]
+    )
+
+
+jax.tree_util.register_pytree_node(_SplitEnergy, _split_flatten, _split_unflatten)
 
 
 class EnergyDistribution(dist.Distribution):
@@ -121,6 +151,15 @@ class EnergyDistribution(dist.Distribution):
     reparametrized_params: ClassVar[list] = []
     pytree_data_fields = ("energy", "log_z", "initializer", "condition")
     pytree_aux_fields = ("sampler",)
+
+    def tree_flatten(self):
+        # the energy's non-traceable leaves (an eqx.nn.MLP's activation, a plain function) go
+        # into aux data (``_SplitEnergy``), so jit neither fails on them nor re-traces
+        values, aux = super().tree_flatten()
+        i = type(self).gather_pytree_data_fields().index("energy")
+        if values[i] is not None:  # None: a vmap_over axes placeholder
+            values = (*values[:i], _SplitEnergy(values[i]), *values[i + 1 :])
+        return values, aux
 
     def __init__(
         self,

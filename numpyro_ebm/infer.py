@@ -51,12 +51,16 @@ from numpyro_ebm.distribution import EnergyDistribution
 from numpyro_ebm.train import (
     TrainingDivergedError,
     _all_finite,
+    _is_real,
     adapt_step_size,
     attempt_key,
+    free_constants,
     keep_if_finite,
     moving_average,
 )
 from numpyro_ebm.validation import validate_data
+
+_NUM_PROBES = 8  # points at which init compares ∂E/∂θ to find each site's free constants
 
 __all__ = ["MLInfo", "MLState", "MaximumLikelihood", "MaximumLikelihoodResult", "SiteInfo"]
 
@@ -132,7 +136,8 @@ class _negative_phase(handlers.Messenger):
             "acceptance": jnp.mean(trace.acceptance_rate),
             "langevin_grad_norm": jnp.mean(jnp.linalg.norm(chains.logdensity_grad, axis=1)),
             "energy_gap": jnp.mean(e_obs) - jnp.mean(e_neg),
-            "l2": jnp.mean(e_obs**2) + jnp.mean(e_neg**2),
+            "centre": 0.5 * (jnp.mean(e_obs) + jnp.mean(e_neg)),
+            "count": _count(msg, e_obs),
         }
         new = EnergyDistribution(
             base.energy,
@@ -175,7 +180,8 @@ class _negative_phase(handlers.Messenger):
             "acceptance": jnp.mean(acceptance),
             "langevin_grad_norm": jnp.mean(grad_norm),
             "energy_gap": jnp.mean(e_obs) - jnp.mean(e_neg),
-            "l2": jnp.mean(e_obs**2) + jnp.mean(e_neg**2),
+            "centre": 0.5 * (jnp.mean(e_obs) + jnp.mean(e_neg)),
+            "count": _count(msg, e_obs),
         }
         new = EnergyDistribution(
             base.energy,
@@ -186,6 +192,13 @@ class _negative_phase(handlers.Messenger):
             condition=base.condition,
         )
         msg["fn"] = _with_base(msg["fn"], new)
+
+
+def _count(msg, e_obs) -> jax.Array:
+    """How many data points the site's log-density term stands for (events × plate scale), so
+    that the ``energy_l2`` penalty is ``α c²`` per data point, as in ``fit``."""
+    scale = msg.get("scale")
+    return e_obs.size * (1.0 if scale is None else scale)
 
 
 class SiteInfo(NamedTuple):
@@ -209,7 +222,10 @@ class MLInfo(NamedTuple):
 
 class MLState(NamedTuple):
     """Training state (a pytree): unconstrained params, their average, optimizer state, and per
-    EBM site the persistent chains (``banks``), step sizes and Gaussian bases."""
+    EBM site the persistent chains (``banks``), step sizes, Gaussian bases and
+    ``free_constant``: a mask like ``params`` of the elements that are free additive constants
+    of that site's energy (``train.free_constants``), the only ones its ``energy_l2`` penalty
+    moves."""
 
     step: jax.Array
     params: dict
@@ -219,6 +235,7 @@ class MLState(NamedTuple):
     step_sizes: dict
     bases: dict
     consecutive_nonfinite: jax.Array
+    free_constant: dict | None = None
 
 
 class MaximumLikelihoodResult(NamedTuple):
@@ -247,8 +264,13 @@ class MaximumLikelihood:
         num_mcmc_steps: sampler steps per update.
         reinit_fraction: share of chains restarted at the site's observed values each step.
         buffer_size: replay bank size.
-        energy_l2: weight of ``α (mean E(obs)² + mean E(neg)²)`` per site (pins the free
-            constant of each energy, as in ``fit``).
+        energy_l2: weight ``α`` of the penalty ``α c²`` per observed point of each EBM site,
+            ``c = ½ (mean E(obs) + mean E(neg))``: the same meaning as in ``fit``
+            (``train.TrainConfig``). Its gradient reaches only the parameters that are free
+            additive constants of that site's energy (found by ``init``), so it pins the
+            constant without biasing the maximum-likelihood solution. (A parameter that is a
+            free constant of one site but also enters another site or factor is moved by the
+            penalty too: keep such constants per site.)
         ema_decay: parameter-average decay (``None``: last iterate), as in ``fit``.
         step_size_gain: Robbins-Monro gain of the step-size update.
     """
@@ -277,6 +299,8 @@ class MaximumLikelihood:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be None or in [0, 1), got {ema_decay}")
+        if not (_is_real(energy_l2) and 0 <= energy_l2 < math.inf):
+            raise ValueError(f"energy_l2 must be a finite number >= 0, got {energy_l2!r}")
         self.model = model
         self.optimizer = optimizer
         self.sampler = _samplers.get_sampler(sampler)
@@ -327,12 +351,16 @@ class MaximumLikelihood:
             raise ValueError("the model has no numpyro.param / eqx_module sites to fit")
         self._inverse_transforms = transforms
         self._sites = tuple(sites)
-        banks, step_sizes, bases = {}, {}, {}
+        banks, step_sizes, bases, free_constant = {}, {}, {}, {}
         for i, name in enumerate(sites):
             observed = validate_data(
                 _flat_observed(trace[name]), name=f"the observed values of site {name!r}"
             )
             step_sizes[name] = jnp.asarray(self.sampler.step_size, jnp.float32)
+            free_constant[name] = self._free_constants(
+                name, params, observed, jax.random.fold_in(k_bank, len(sites) + i),
+                k_model, args, kwargs,
+            )  # fmt: skip
             if _base(trace[name]["fn"]).condition is not None:
                 banks[name] = bases[name] = None  # chains per condition, from the data
                 continue
@@ -353,7 +381,26 @@ class MaximumLikelihood:
             step_sizes=step_sizes,
             bases=bases,
             consecutive_nonfinite=jnp.zeros((), jnp.int32),
+            free_constant=free_constant,
         )
+
+    def _free_constants(self, name, params, observed, key, k_model, args, kwargs):
+        """``train.free_constants`` of site ``name``'s energy with respect to ALL params, at
+        points drawn from a Gaussian fitted to its observed values (and, for a conditional
+        energy, its first conditions)."""
+
+        def site(p):
+            model = handlers.substitute(handlers.seed(self.model, k_model), self.constrain(p))
+            return _base(handlers.trace(model).get_trace(*args, **kwargs)[name]["fn"])
+
+        base = site(params)
+        probes = _negatives.fit_base(observed).sample(key, _NUM_PROBES)
+        probes = probes.reshape(_NUM_PROBES, *base.event_shape)
+        if base.condition is None:
+            return free_constants(lambda p, x: site(p).energy(x), params, probes)
+        conditions = base._conditions_for((observed.shape[0],))
+        conditions = conditions[jnp.arange(_NUM_PROBES) % conditions.shape[0]]
+        return free_constants(lambda p, xc: site(p).energy(*xc), params, (probes, conditions))
 
     def get_params(self, state: MLState) -> dict:
         """Constrained parameters: the average when ``ema_decay`` is set, else the iterate."""
@@ -367,13 +414,31 @@ class MaximumLikelihood:
     def _update_impl(self, key, state, args, kwargs):
         k_model, k_chains = jax.random.split(key)
 
-        def loss_fn(params):
+        def terms(params):
             model = _negative_phase(handlers.seed(self.model, k_model), self, state, k_chains)
             log_joint, _ = log_density(model, args, kwargs, self.constrain(params))
-            l2 = sum((r["l2"] for r in model.results.values()), start=0.0)
-            return -log_joint + self.energy_l2 * l2, model.results
+            penalties = jnp.stack(
+                [self.energy_l2 * r["count"] * r["centre"] ** 2 for r in model.results.values()]
+                or [jnp.zeros(())]
+            )
+            return (-log_joint, penalties), model.results
 
-        (loss, results), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (nll, penalties), pullback, results = jax.vjp(terms, state.params, has_aux=True)
+        loss = nll + jnp.sum(penalties)
+        if self.energy_l2 == 0 or not self._sites:
+            (grads,) = pullback((jnp.ones_like(nll), jnp.zeros_like(penalties)))
+        else:
+            # one backward pass per term (batched): the ML gradient, then each site's
+            # penalty gradient, which only that site's free constants receive
+            num = len(self._sites)
+            basis = jnp.eye(num + 1, dtype=nll.dtype)
+            (each,) = jax.vmap(pullback)((basis[:, 0], basis[:, 1:]))
+            grads = jax.tree.map(lambda g: g[0], each)
+            for i, name in enumerate(self._sites):
+                grads = jax.tree.map(
+                    lambda total, g, mask, i=i: total + mask * g[i + 1],
+                    grads, each, state.free_constant[name],
+                )  # fmt: skip
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         average, _ = moving_average(state.average_params, params, state.step, self.ema_decay)
@@ -402,6 +467,7 @@ class MaximumLikelihood:
             step_sizes=step_sizes,
             bases=state.bases,
             consecutive_nonfinite=jnp.zeros((), jnp.int32),
+            free_constant=state.free_constant,
         )
         finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(proposed)
         new_state = keep_if_finite(finite, proposed, state)

@@ -68,12 +68,14 @@ __all__ = [
     "checkpoint_step",
     "default_optimizer",
     "fit",
+    "free_constants",
     "heldout_nll",
     "init",
     "keep_if_finite",
     "latest_checkpoint",
     "moving_average",
     "step",
+    "surrogate_grad",
     "surrogate_loss",
 ]
 
@@ -112,9 +114,15 @@ class TrainConfig:
         num_chains: chains run per step (generator modes: generator samples per step).
         num_mcmc_steps: sampler steps per training step.
         batch_size: data points per step (drawn with replacement).
-        energy_l2: weight ``α`` of ``α (mean E(data)² + mean E(neg)²)``. The likelihood does not
-            change when a constant is added to E; this pins the constant and stops energies
-            drifting. Small enough not to bias the density noticeably.
+        energy_l2: weight ``α`` of the penalty ``α c²`` on the CENTRE of the energies,
+            ``c = ½ (mean E(data) + mean E(neg))``, which pins the energy's free additive
+            constant and keeps energies near 0. The likelihood does not change when a constant
+            is added to E, so the penalty's gradient is applied ONLY to the parameters that are
+            additive constants of E (``free_constants``, found once by ``init``: e.g. an MLP's
+            output bias). Every other parameter gets the pure maximum-likelihood gradient, so
+            the penalty does not bias the density at any ``α``; an energy without a free
+            constant (``GaussianEnergy``, ``DeepEnergy``) gets no penalty at all (nothing can
+            drift). Per data point, with the same meaning in ``MaximumLikelihood``.
         ema_decay: decay of the parameter moving average returned as the trained model
             (``None``: return the last iterate); the decay used at step t is
             ``min(ema_decay, (1 + t) / (10 + t))``. PCD parameters oscillate; the average is
@@ -199,8 +207,9 @@ class TrainConfig:
             )
         if not (isinstance(self.record_every, int) and self.record_every >= 1):
             raise ValueError(f"record_every must be an integer >= 1, got {self.record_every!r}")
-        if self.energy_l2 < 0:
-            raise ValueError(f"energy_l2 must be >= 0, got {self.energy_l2}")
+        if not (_is_real(self.energy_l2) and 0 <= self.energy_l2 < math.inf):
+            raise ValueError(f"energy_l2 must be a finite number >= 0, got {self.energy_l2!r}")
+        check_learning_rate("log_z_learning_rate", self.log_z_learning_rate)
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be None or in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.reinit_fraction <= 1.0:
@@ -256,6 +265,9 @@ class TrainState(NamedTuple):
         log_z_opt_state: its Adam state.
         generator: the generator (``"generator"``/``"hybrid"`` negatives), else None.
         generator_opt_state: its optimizer state (or None).
+        free_constant: ``free_constants`` of the energy: 1.0 where a parameter element is an
+            additive constant of E (the only elements the ``energy_l2`` penalty moves), else
+            0.0; same structure as the trained parameters.
     """
 
     step: jax.Array
@@ -271,6 +283,7 @@ class TrainState(NamedTuple):
     log_z_opt_state: Any
     generator: Any = None
     generator_opt_state: Any = None
+    free_constant: Any = None
 
 
 class ChainRecord(NamedTuple):
@@ -291,8 +304,8 @@ class StepInfo(NamedTuple):
     """Per-step metrics (the columns of ``FitResult.history``) and the recorded chains.
 
     Attributes:
-        loss: the surrogate ``mean E(data) − mean E(neg)`` plus the L2 term. Its gradient is
-            the ML gradient; its VALUE is not a convergence signal.
+        loss: the surrogate ``mean E(data) − mean E(neg) + α c²`` (``surrogate_loss``). Its
+            gradient is the ML gradient; its VALUE is not a convergence signal.
         energy_gap: ``mean E(data) − mean E(neg)``; hovers around 0 when training is stable.
         energy_data: mean energy of the batch.
         energy_negatives: mean energy of the negatives.
@@ -341,7 +354,7 @@ def _log_z_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 
 def check_array_leaves(energy) -> None:
-    """Training carries the energy through ``lax.scan``: every pytree leaf must be an array."""
+    """Every pytree leaf must be an array (the generator is carried through ``lax.scan`` whole)."""
     bad = [
         jax.tree_util.keystr(path)
         for path, leaf in jax.tree_util.tree_leaves_with_path(energy)
@@ -355,8 +368,58 @@ def check_array_leaves(energy) -> None:
         )
 
 
+def check_trainable(energy) -> None:
+    """Training updates the energy's floating-point array leaves (everything else, e.g. an
+    activation function or a Python number, is static, as in ``eqx.partition(energy,
+    eqx.is_inexact_array)``): an energy without any has nothing to train."""
+    if not jax.tree_util.tree_leaves(eqx.filter(energy, eqx.is_inexact_array)):
+        raise ValueError(
+            f"energy {type(energy).__name__} has no floating-point array leaves, so training has "
+            "no parameters to fit. Pass the parameters as a pytree next to the function: "
+            "jax.tree_util.Partial(fn, params) with fn(params, x) -> scalar, or write the energy "
+            "as an eqx.Module whose parameters are float arrays."
+        )
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+
+
+def check_learning_rate(name: str, value) -> None:
+    """A learning rate must be a finite number > 0 (a ``ValueError`` naming it otherwise)."""
+    if not (_is_real(value) and 0 < value < math.inf):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
 def _params(energy):
     return eqx.filter(energy, eqx.is_inexact_array)
+
+
+def free_constants(energy_of: Callable, params, probes: jax.Array, rtol: float = 1e-4):
+    """Which parameter elements are free additive constants of the energy.
+
+    An element ``θᵢ`` whose derivative ``∂E(x)/∂θᵢ`` is the same non-zero value at every probe
+    point moves ``E`` by a constant: it changes neither the density nor the likelihood gradient
+    of any other parameter (e.g. an MLP's output bias, ``∂E/∂b = 1``). These are the elements
+    the ``energy_l2`` penalty may move (see ``TrainConfig``).
+
+    Args:
+        energy_of: ``(params, x) -> scalar`` for one event ``x``.
+        params: pytree of parameters (``None`` where there is nothing to train).
+        probes: ``(num_probes, *event_shape)`` points in general position (at least 2).
+        rtol: relative spread of ``∂E/∂θᵢ`` over the probes below which it counts as constant.
+
+    Returns:
+        Pytree like ``params`` of float arrays: 1.0 for a free constant, else 0.0.
+    """
+    grads = jax.vmap(jax.grad(energy_of), in_axes=(None, 0))(params, probes)
+
+    def mask(g):
+        first = g[0]
+        spread = jnp.max(jnp.abs(g - first), axis=0)
+        return ((jnp.abs(first) > 0) & (spread <= rtol * jnp.abs(first))).astype(g.dtype)
+
+    return jax.tree.map(mask, grads)
 
 
 def _event_shape_of(data: jax.Array) -> tuple[int, ...]:
@@ -369,7 +432,8 @@ def init(
     """Initial training state: optimizer state, base Gaussian fitted to ``data``, chains.
 
     Args:
-        key: PRNG key (used once: for the initial chain positions).
+        key: PRNG key (for the initial chain positions; ``fold_in(key, 1)`` draws the probe
+            points of ``free_constants`` from the base Gaussian).
         energy: callable pytree, one event -> scalar (e.g. ``MLPEnergy``).
         data: ``(num_points, *event_shape)`` training data (validated by the caller, ``fit``).
         config: the run's ``TrainConfig``.
@@ -387,6 +451,11 @@ def init(
         )
     else:
         generator = None
+    params, static = eqx.partition(energy, eqx.is_inexact_array)
+    probes = base.sample(jax.random.fold_in(key, 1), _NUM_PROBES)
+    free_constant = free_constants(
+        lambda p, x: eqx.combine(p, static)(x.reshape(data.shape[1:])), params, probes
+    )
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         energy=energy,
@@ -401,7 +470,11 @@ def init(
         log_z_opt_state=_log_z_optimizer(config).init(jnp.zeros((), jnp.float32)),
         generator=generator,
         generator_opt_state=generator_opt_state,
+        free_constant=free_constant,
     )
+
+
+_NUM_PROBES = 8  # points at which init compares ∂E/∂θ to find the free constants
 
 
 def _gaussian_log_z(base: _negatives.GaussianBase) -> jax.Array:
@@ -434,18 +507,54 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def _mean_energies(energy, batch: jax.Array, negatives: jax.Array) -> jax.Array:
+    """``[mean E(batch), mean E(negatives)]`` (no gradient flows into the negatives)."""
+    e_data = jax.vmap(energy)(batch)
+    e_neg = jax.vmap(energy)(jax.lax.stop_gradient(negatives))
+    return jnp.stack([jnp.mean(e_data), jnp.mean(e_neg)])
+
+
+def _loss_terms(means: jax.Array, energy_l2: float):
+    gap = means[0] - means[1]
+    centre = 0.5 * (means[0] + means[1])
+    return gap + energy_l2 * centre**2, (gap, means[0], means[1])
+
+
 def surrogate_loss(energy, batch: jax.Array, negatives: jax.Array, energy_l2: float = 0.0):
-    """``mean E(batch) − mean E(negatives) + α (mean E(batch)² + mean E(negatives)²)``.
+    """``mean E(batch) − mean E(negatives) + α c²`` with ``c = ½ (mean E(batch) + mean
+    E(negatives))``, the centre of the energies.
 
     With ``negatives`` drawn from the model (and held fixed: no gradient flows into them), the
     gradient of the first two terms is an unbiased estimate of the NLL gradient
-    ``E_data[∇E] − E_model[∇E]``. Returns ``(loss, (energy_gap, mean E(batch), mean E(neg)))``.
+    ``E_data[∇E] − E_model[∇E]``. ``step`` does not differentiate this function as a whole:
+    ``surrogate_grad`` sends the gradient of ``α c²`` only to the energy's free constants.
+    Returns ``(loss, (energy_gap, mean E(batch), mean E(neg)))``.
     """
-    e_data = jax.vmap(energy)(batch)
-    e_neg = jax.vmap(energy)(jax.lax.stop_gradient(negatives))
-    gap = jnp.mean(e_data) - jnp.mean(e_neg)
-    l2 = energy_l2 * (jnp.mean(e_data**2) + jnp.mean(e_neg**2))
-    return gap + l2, (gap, jnp.mean(e_data), jnp.mean(e_neg))
+    return _loss_terms(_mean_energies(energy, batch, negatives), energy_l2)
+
+
+def surrogate_grad(
+    params, static, batch: jax.Array, negatives: jax.Array, energy_l2: float, free_constant
+):
+    """``((loss, aux), grads)`` of ``surrogate_loss`` for ``eqx.combine(params, static)``, the
+    gradient of ``α c²`` masked by ``free_constant`` (see ``free_constants``).
+
+    Every parameter gets the maximum-likelihood gradient; the free constants also get the
+    penalty's, which moves E by a constant only. One forward pass, one (batched) backward pass
+    per term.
+    """
+    means, pullback = jax.vjp(
+        lambda p: _mean_energies(eqx.combine(p, static), batch, negatives), params
+    )
+    loss, aux = _loss_terms(means, energy_l2)
+    if energy_l2 == 0:
+        return (loss, aux), pullback(jnp.array([1.0, -1.0], means.dtype))[0]
+    # d(α c²)/d(mean E) = α c for both means
+    centre = 0.5 * (means[0] + means[1])
+    cotangents = jnp.stack([jnp.array([1.0, -1.0], means.dtype), energy_l2 * centre * jnp.ones(2)])
+    (both,) = jax.vmap(pullback)(cotangents)
+    grads = jax.tree.map(lambda g, mask: g[0] + mask * g[1], both, free_constant)
+    return (loss, aux), grads
 
 
 def step(
@@ -456,8 +565,9 @@ def step(
     1. Start ``num_chains`` chains as ``config.negatives`` says and run ``num_mcmc_steps``
        sampler steps under the CURRENT energy (chain states are re-initialised, so no cached
        log-density from older parameters enters the Metropolis ratio).
-    2. Gradient of ``mean E(batch) − mean E(stop_gradient(negatives))`` (+ energy L2), optimizer
-       update, parameter average update, Robbins-Monro step-size update.
+    2. Gradient of ``mean E(batch) − mean E(stop_gradient(negatives))`` (+ the ``energy_l2``
+       penalty on the free constants, ``surrogate_grad``), optimizer update, parameter
+       average update, Robbins-Monro step-size update.
     3. If anything is non-finite, the update is rejected: the state is kept (only
        ``consecutive_nonfinite`` advances; see ``keep_if_finite``) and ``info.is_finite`` is
        False.
@@ -480,10 +590,9 @@ def step(
     negatives = finals.reshape(config.num_chains, *event_shape)
 
     params, static = eqx.partition(state.energy, eqx.is_inexact_array)
-    (loss, (gap, e_data, e_neg)), grads = jax.value_and_grad(
-        lambda p: surrogate_loss(eqx.combine(p, static), batch, negatives, config.energy_l2),
-        has_aux=True,
-    )(params)
+    (loss, (gap, e_data, e_neg)), grads = surrogate_grad(
+        params, static, batch, negatives, config.energy_l2, state.free_constant
+    )
     updates, opt_state = config.optimizer.update(grads, state.opt_state, params)
     new_params = optax.apply_updates(params, updates)
     average, decay = moving_average(
@@ -528,6 +637,7 @@ def step(
         log_z_opt_state=log_z_opt_state,
         generator=phase.generator,
         generator_opt_state=phase.generator_opt_state,
+        free_constant=state.free_constant,
     )
     finite = (
         jnp.isfinite(loss)
@@ -591,7 +701,16 @@ def keep_if_finite(finite, proposed, state):
     ``step`` stays at the last accepted step, and the retry gets a new key
     (``attempt_key``)."""
     rejected = state._replace(consecutive_nonfinite=state.consecutive_nonfinite + 1)
-    return jax.tree.map(lambda new, old: jnp.where(finite, new, old), proposed, rejected)
+    return _select(finite, proposed, rejected)
+
+
+def _select(pred, new, old):
+    """``new`` where ``pred`` else ``old``, leaf by leaf over the arrays; the non-array leaves
+    (static: an energy's activation function, say) are the same in both and kept."""
+    new_arrays, static = eqx.partition(new, eqx.is_array)
+    old_arrays = eqx.filter(old, eqx.is_array)
+    chosen = jax.tree.map(lambda n, o: jnp.where(pred, n, o), new_arrays, old_arrays)
+    return eqx.combine(chosen, static)
 
 
 def attempt_key(key: jax.Array, step: jax.Array, num_rejected: jax.Array) -> jax.Array:
@@ -749,7 +868,12 @@ def _run_steps(key, state, data, config, num_steps_total, length, validation=Non
     ``active`` says which steps ran.
     """
 
-    def body(state, _):
+    # lax.scan carries arrays only: the non-array leaves (e.g. an eqx.nn.MLP's activation)
+    # stay outside the carry, as in equinox's filtered transformations
+    carry, static = eqx.partition(state, eqx.is_array)
+
+    def body(carry, _):
+        state = eqx.combine(carry, static)
         step_key = attempt_key(key, state.step, state.consecutive_nonfinite)
         k_batch, k_step = jax.random.split(step_key)
         rows = jax.random.randint(k_batch, (config.batch_size,), 0, data.shape[0])
@@ -763,10 +887,11 @@ def _run_steps(key, state, data, config, num_steps_total, length, validation=Non
             )
             info = info._replace(heldout_nll=nll)
         active = state.step < num_steps_total
-        new_state = jax.tree.map(lambda n, o: jnp.where(active, n, o), new_state, state)
-        return new_state, (info, active)
+        new_state = _select(active, new_state, state)
+        return eqx.filter(new_state, eqx.is_array), (info, active)
 
-    return jax.lax.scan(body, state, None, length=length)
+    carry, outputs = jax.lax.scan(body, carry, None, length=length)
+    return eqx.combine(carry, static), outputs
 
 
 def _run_steps_donated(inputs, state, config, num_steps_total, length):
@@ -811,7 +936,9 @@ def _host_readable(state: TrainState, sharding) -> TrainState:
     process must call it."""
     if sharding is None or jax.process_count() == 1:
         return state
-    return jax.jit(lambda s: s, out_shardings=_replicated(sharding))(state)
+    arrays, static = eqx.partition(state, eqx.is_array)
+    arrays = jax.jit(lambda s: s, out_shardings=_replicated(sharding))(arrays)
+    return eqx.combine(arrays, static)
 
 
 class TrainingDivergedError(RuntimeError):
@@ -886,7 +1013,7 @@ class FitResult:
         generator's samples when there is a generator."""
         if log_z is None:
             best = self.log_z_ais if self.log_z_ais is not None else self.log_z
-            log_z = 0.0 if best is None else getattr(best, "value", best)
+            log_z = None if best is None else getattr(best, "value", best)
         return EnergyDistribution(
             self.energy,
             self.event_shape,
@@ -1323,7 +1450,10 @@ def fit(
     """Train ``energy`` on ``data`` by maximum likelihood with BlackJAX negative-phase chains.
 
     Args:
-        energy: callable pytree, one event -> scalar (e.g. ``energies.MLPEnergy``).
+        energy: callable pytree, one event -> scalar (e.g. ``energies.MLPEnergy``, any
+            ``eqx.Module``, or ``jax.tree_util.Partial(fn, params)``). Its floating-point array
+            leaves are trained; every other leaf (activation functions, Python numbers) is
+            static, as in ``eqx.partition(energy, eqx.is_inexact_array)``.
         data: ``(num_points, *event_shape)`` float array, finite.
         key: PRNG key (required; split once into an init key and a loop key, and the loop
             key is folded with the step number, so a resumed run repeats the same trajectory).
@@ -1341,14 +1471,16 @@ def fit(
         batch_size: data points per update (sampled with replacement).
         optimizer: optax transformation; ``None`` uses ``default_optimizer(num_steps,
             learning_rate)`` (Adam β₁=0.5, clipping at 1, cosine decay).
-        learning_rate: peak learning rate of the default optimizer.
-        energy_l2: weight of the energy L2 stabilizer (see ``TrainConfig``).
+        learning_rate: peak learning rate of the default optimizer (finite, > 0; as are the
+            other learning rates).
+        energy_l2: weight of the penalty pinning the energy's free additive constant; it
+            does not bias the density (see ``TrainConfig``).
         ema_decay: parameter-average decay, ``None`` for the last iterate (see ``TrainConfig``).
         buffer_size: replay bank size.
         reinit_fraction: share of chains restarted at data points each step (persistent and
             replay; see ``numpyro_ebm.negatives``).
         steps_per_call: updates per compiled call (one host round-trip each).
-        max_nonfinite: stop after this many consecutive rejected (non-finite) steps.
+        max_nonfinite: stop after this many consecutive rejected (non-finite) steps (>= 1).
         progress_bar: show a tqdm bar with live metrics.
         checkpoint_dir: folder for checkpoints (each an atomic unit: see
             ``save_checkpoint``); if it already holds one from the same settings, training
@@ -1404,16 +1536,23 @@ def fit(
         >>> res = ebm.fit(energy, data, key=jax.random.key(2), num_steps=200,
         ...               progress_bar=False)  # doctest: +SKIP
     """
+    for name, value in (
+        ("num_steps", num_steps),
+        ("steps_per_call", steps_per_call),
+        ("max_nonfinite", max_nonfinite),
+    ):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    check_learning_rate("learning_rate", learning_rate)
+    check_learning_rate("log_z_learning_rate", log_z_learning_rate)
+    if negatives in _USES_GENERATOR:
+        check_learning_rate("generator_learning_rate", generator_learning_rate)
+    check_trainable(energy)
     data = validate_data(data)
     event_shape = _event_shape_of(data)
     if validation_data is not None:
         validation_data = validate_data(validation_data, event_shape, name="validation_data")
     check_energy(energy, event_shape)
-    check_array_leaves(energy)
-    if not (isinstance(num_steps, int) and num_steps >= 1):
-        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
-    if not (isinstance(steps_per_call, int) and steps_per_call >= 1):
-        raise ValueError(f"steps_per_call must be an integer >= 1, got {steps_per_call!r}")
     stored_meta = None
     if checkpoint_dir is not None:
         checkpoint_dir = os.fspath(checkpoint_dir)
@@ -1487,7 +1626,8 @@ def fit(
         data = jax.device_put(data, _replicated(sharding))
         if validation_data is not None:
             validation_data = jax.device_put(validation_data, _replicated(sharding))
-        state = jax.device_put(state, _replicated(sharding))
+        arrays, static = eqx.partition(state, eqx.is_array)
+        state = eqx.combine(jax.device_put(arrays, _replicated(sharding)), static)
         if config.negatives == "persistent":
             state = state._replace(bank=jax.device_put(state.bank, sharding))
     state = _own_buffers(state)  # donated to the first compiled call

@@ -363,3 +363,128 @@ def test_conditional_ebm_beats_every_gaussian_conditional_on_a_two_branch_respon
     )
     diff = gauss_nll - ebm_nll
     assert diff.mean() > 5 * diff.std(ddof=1) / np.sqrt(diff.size), diff.mean()
+
+
+def test_energy_l2_leaves_the_density_parameters_the_pure_ml_gradient():
+    """The penalty moves only free additive constants: an energy without one (μ, σ here) takes
+    exactly the same step with and without it."""
+    x = 0.7 * jax.random.normal(jax.random.key(40), (200, 2))
+    y = jnp.ones((5,))
+    steps = {}
+    for l2 in (0.0, 1.0):
+        learner = ebm.MaximumLikelihood(
+            gaussian_model, optax.sgd(1e-3), num_chains=64, ema_decay=None, energy_l2=l2
+        )
+        state = learner.init(jax.random.key(41), x, y)
+        steps[l2] = learner.update(jax.random.key(42), state, x, y)[0].params
+    for name in ("mu", "log_sigma", "b"):  # float32 rounding of two backward passes aside
+        np.testing.assert_allclose(steps[0.0][name], steps[1.0][name], rtol=1e-6, atol=1e-9)
+
+
+def test_energy_l2_is_alpha_centre_squared_per_data_point_on_the_free_constant():
+    """Same meaning as in fit: the penalty is α c² per observed point (N α c² for the site,
+    N counting the plate's scale), and only the output bias receives it."""
+    data = ebm.datasets.toy("8gaussians").sample(jax.random.key(43), 64)
+    energy = ebm.energies.MLPEnergy(2, hidden=(8,), key=jax.random.key(44))
+
+    def model(data):
+        e = eqx_module("energy", energy)
+        # 64 points standing for 256 (as a subsampling plate's scale would say)
+        with numpyro.plate("data", data.shape[0]), handlers.scale(scale=4.0):
+            numpyro.sample("x", ebm.EnergyDistribution(e, (2,)), obs=data)
+
+    lr, alpha = 1e-3, 0.5
+    new = {}
+    for l2 in (0.0, alpha):
+        learner = ebm.MaximumLikelihood(
+            model, optax.sgd(lr), num_chains=32, num_mcmc_steps=3, ema_decay=None, energy_l2=l2
+        )
+        state = learner.init(jax.random.key(45), data)
+        new[l2] = learner.update(jax.random.key(46), state, data)[0]
+    before = state.params["energy$params"]
+
+    def bias(p):
+        return p.net.layers[-1].bias
+
+    after = {l2: s.params["energy$params"] for l2, s in new.items()}
+    # every other parameter took the same step (up to float32 rounding: the two gradients
+    # come from differently batched backward passes)
+    others = eqx.tree_at(bias, after[alpha], bias(after[0.0]))
+    for a, b, p in zip(*(jax.tree.leaves(t) for t in (others, after[0.0], before)), strict=True):
+        np.testing.assert_allclose(a - p, b - p, rtol=1e-5, atol=1e-7)  # float32 ulp of p ~ 1
+    # the bias: −lr · d(N α c²)/db = −lr · N α · 2c · ∂c/∂b, with ∂c/∂b = 1 and N = 256
+    current = eqx.combine(before, eqx.filter(energy, eqx.is_inexact_array, inverse=True))
+    negatives = new[alpha].banks["x"]  # persistent chains: the step's negatives
+    centre = 0.5 * (jnp.mean(jax.vmap(current)(data)) + jnp.mean(jax.vmap(current)(negatives)))
+    expected = -lr * 256 * alpha * 2 * centre
+    np.testing.assert_allclose(
+        bias(after[alpha]) - bias(after[0.0]), expected, rtol=1e-3, atol=1e-7
+    )
+
+
+class SiluMLPEnergy(eqx.Module):
+    """An energy as equinox users write it: eqx.nn.MLP keeps its activation as a field.
+    ``E(x) = mlp(x) + ½‖x‖²``; with the MLP's last layer zeroed it is exactly N(0, I)."""
+
+    mlp: eqx.nn.MLP
+
+    def __init__(self, dim, *, key, zero_last=False):
+        mlp = eqx.nn.MLP(dim, "scalar", 8, 2, activation=jax.nn.silu, key=key)
+        if zero_last:
+            last = mlp.layers[-1]
+            mlp = eqx.tree_at(lambda m: (m.layers[-1].weight, m.layers[-1].bias), mlp,
+                              (jnp.zeros_like(last.weight), jnp.zeros_like(last.bias)))  # fmt: skip
+        self.mlp = mlp
+
+    def __call__(self, x):
+        return self.mlp(x) + 0.5 * jnp.sum(x**2)
+
+
+def test_maximum_likelihood_trains_an_eqx_nn_mlp_energy():
+    def model(data):
+        energy = eqx_module("energy", SiluMLPEnergy(2, key=jax.random.key(50)))
+        with numpyro.plate("data", data.shape[0]):
+            numpyro.sample("x", ebm.EnergyDistribution(energy, (2,)), obs=data)
+
+    data = jax.random.normal(jax.random.key(51), (128, 2))
+    learner = ebm.MaximumLikelihood(model, optax.adam(1e-3), num_chains=32, num_mcmc_steps=3)
+    res = learner.run(jax.random.key(52), 20, data, progress_bar=False, steps_per_call=10)
+    before = learner.init(jax.random.key(52), data).params["energy$params"]
+    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), before, res.params["energy$params"])
+    assert any(jax.tree.leaves(moved)) and res.history["is_finite"].all()
+
+
+@pytest.mark.parametrize(
+    "energy",
+    [SiluMLPEnergy(2, key=jax.random.key(53), zero_last=True), lambda x: 0.5 * jnp.sum(x**2)],
+    ids=["eqx.nn.MLP", "plain function"],
+)
+def test_energy_distribution_with_static_leaves_under_jit_and_nuts(energy):
+    """Both energies are exactly ½‖x‖², i.e. N(0, I) with log Z = log 2π."""
+    traces = []
+
+    @jax.jit
+    def log_prob(d, x):
+        traces.append(1)  # runs only while tracing
+        return d.log_prob(x)
+
+    x = jnp.array([0.3, -1.2])
+    exact = dist.Normal().log_prob(x).sum()
+    for _ in range(2):  # a new distribution object each call: the same trace
+        d = ebm.EnergyDistribution(energy, (2,), log_z=jnp.log(2 * jnp.pi))
+        np.testing.assert_allclose(log_prob(d, x), exact, rtol=1e-5)
+    assert len(traces) == 1
+
+    def model():
+        numpyro.sample("x", ebm.EnergyDistribution(energy, (2,)))
+
+    mcmc = numpyro.infer.MCMC(
+        numpyro.infer.NUTS(model), num_warmup=300, num_samples=2000, progress_bar=False
+    )
+    mcmc.run(jax.random.key(54))
+    draws = np.asarray(mcmc.get_samples()["x"])
+    # N(0, I): NUTS draws are nearly independent here; 5 standard errors with an effective
+    # size of at least half the draws (se of the mean √(2/n), of the variance √(2·2/n))
+    n = draws.shape[0]
+    np.testing.assert_array_less(np.abs(draws.mean(0)), 5 * np.sqrt(2 / n))
+    np.testing.assert_array_less(np.abs(draws.var(0) - 1), 5 * np.sqrt(4 / n))
