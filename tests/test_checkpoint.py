@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from files import snapshot
 
 import numpyro_ebm as ebm
 from numpyro_ebm import train
@@ -71,17 +72,6 @@ def state_bytes(state) -> bytes:
     buffer = io.BytesIO()
     eqx.tree_serialise_leaves(buffer, state)
     return buffer.getvalue()
-
-
-def snapshot(folder) -> dict:
-    """Every file under ``folder`` with its bytes (to show that nothing changed)."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = f.read()
-    return out
 
 
 def assert_same_run(a, b):

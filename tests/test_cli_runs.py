@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+from files import snapshot
 
 import numpyro_ebm
 from numpyro_ebm import _io, cli
@@ -38,17 +39,6 @@ def one_line(err, *words):
     for word in words:
         assert str(word) in lines[0], (word, lines[0])
     return lines[0]
-
-
-def snapshot(folder):
-    """Every file under ``folder`` with its bytes."""
-    files = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                files[os.path.relpath(path, folder)] = f.read()
-    return files
 
 
 @pytest.fixture(scope="module")
