@@ -1,7 +1,8 @@
-"""Files on disk: one writer per folder.
+"""Files on disk: atomic writes and one writer per folder.
 
-``folder_lock`` is written by hand: the standard library has ``fcntl.flock`` but no context
-manager that also reports who holds the lock, and no dependency we use provides one.
+``atomic_write`` and ``folder_lock`` are written by hand: the standard library has
+``os.replace`` and ``fcntl.flock`` but no helper that fsyncs the file and its folder around the
+rename, nor a lock that reports who holds it, and no dependency we use provides one.
 """
 
 from __future__ import annotations
@@ -10,9 +11,18 @@ import contextlib
 import errno
 import fcntl
 import os
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any
 
-__all__ = ["LOCK_FILE", "FolderLockedError", "folder_lock"]
+__all__ = [
+    "LOCK_FILE",
+    "FolderLockedError",
+    "atomic_write",
+    "folder_lock",
+    "fsync_folder",
+    "write_synced",
+]
 
 LOCK_FILE = ".lock"
 
@@ -65,3 +75,50 @@ def _read_pid(fd: int) -> int | None:
         return int(os.pread(fd, 32, 0).decode().strip())
     except (OSError, ValueError):
         return None
+
+
+def fsync_folder(folder: str) -> None:
+    """Make a rename or a new entry in ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(
+    path: str | os.PathLike,
+    write: Callable[[Any], None],
+    mode: str = "wb",
+    prefix: str = ".tmp-",
+    suffix: str = "",
+) -> None:
+    """Write ``path`` all or nothing: ``write(f)`` fills a temporary file (``prefix`` + random
+    + ``suffix``) in the same folder, which is fsynced and renamed over ``path``; then the
+    folder is fsynced. On any error the temporary file is removed and ``path`` is untouched."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes the file private; these are not
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    fsync_folder(folder)
+
+
+def write_synced(path: str, data: bytes) -> None:
+    """Write ``data`` to a new file ``path`` and fsync it (inside a folder renamed into place
+    afterwards, so it needs no rename of its own)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())

@@ -71,7 +71,7 @@ import numpy as np
 import numpyro_ebm as ebm
 import numpyro_ebm._io as _io
 from numpyro_ebm import datasets, diagnostics, evaluate, logz, plots, samplers
-from numpyro_ebm.train import NEGATIVES, TrainingDivergedError, _atomic_write, checkpoint_step
+from numpyro_ebm.train import NEGATIVES, TrainingDivergedError, checkpoint_step
 from numpyro_ebm.validation import validate_data
 
 __all__ = ["UsageError", "main"]
@@ -524,7 +524,7 @@ def _jsonable(value):
 
 def _write_json(path: str, obj) -> None:
     text = json.dumps(_jsonable(obj), indent=1, ensure_ascii=False, allow_nan=False)
-    _atomic_write(path, lambda f: f.write(text + "\n"), mode="w")
+    _io.atomic_write(path, lambda f: f.write(text + "\n"), mode="w")
 
 
 def _checkpoint_step(folder: str) -> int | None:
@@ -1338,7 +1338,7 @@ def _sample(args: argparse.Namespace) -> int:
         initializer=res.generator,
     )
     draws = data.to_original(model.sample(jax.random.key(args.seed), (args.num,)))
-    _atomic_write(args.out, lambda f: np.save(f, draws))
+    _io.atomic_write(args.out, lambda f: np.save(f, draws))
     print(
         f"wrote {args.num} samples ({args.mcmc_steps} MCMC warm-up steps per chain; "
         f"approximate) to {args.out}"
@@ -1605,7 +1605,7 @@ def _write_traceback(folder: str | None) -> str:
     if folder is not None:
         path = os.path.join(folder, TRACEBACK_FILE)
         try:
-            _atomic_write(path, lambda f: f.write(text), mode="w")
+            _io.atomic_write(path, lambda f: f.write(text), mode="w")
             return path
         except OSError:
             pass

@@ -118,7 +118,6 @@ THRESHOLDS = {
 }
 """The numbers ``diagnose`` compares against (see the module docstring for the rules)."""
 
-_STEP_SIZE_RANGE = (1e-6, 10.0)  # train._LOG_STEP_SIZE_RANGE, exponentiated
 _STATUS_ORDER = {"ok": 0, "info": 0, "warn": 1, "fail": 2}
 
 
@@ -715,7 +714,7 @@ def _training_checks(history: dict, attrs: dict, data_entropy: float | None) -> 
     step_size = np.asarray(history.get("step_size", []), float)
     if attrs.get("kernel") not in (None, "generator") and step_size.size:
         final = float(step_size[-1])
-        lo, hi = _STEP_SIZE_RANGE
+        lo, hi = _samplers.STEP_SIZE_BOUNDS
         at_bound = final <= lo * 1.01 or final >= hi * 0.99
         checks.append(
             Check(

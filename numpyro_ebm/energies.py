@@ -22,12 +22,13 @@ Closed-form energies (test targets with a known normaliser):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+
+from numpyro_ebm.gaussian import log_normalizer
 
 __all__ = ["DeepEnergy", "GaussianEnergy", "GaussianMixtureEnergy", "MLPEnergy"]
 
@@ -185,10 +186,6 @@ def _mahalanobis(x: jax.Array, mean: jax.Array, scale_tril: jax.Array) -> jax.Ar
     return jnp.sum(white**2)
 
 
-def _log_det_tril(scale_tril: jax.Array) -> jax.Array:
-    return jnp.sum(jnp.log(jnp.abs(jnp.diagonal(scale_tril, axis1=-2, axis2=-1))), axis=-1)
-
-
 class GaussianEnergy(eqx.Module):
     """Quadratic energy ``E(x) = ½ (x−μ)ᵀ Σ⁻¹ (x−μ)`` with ``Σ = L Lᵀ``; exact ``log Z``.
 
@@ -237,8 +234,7 @@ class GaussianEnergy(eqx.Module):
     @property
     def log_z(self) -> jax.Array:
         """Exact ``log ∫ exp(−E(x)) dx``."""
-        dim = self.mean.shape[-1]
-        return 0.5 * dim * math.log(2 * math.pi) + _log_det_tril(self.scale_tril)
+        return log_normalizer(self.scale_tril)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return 0.5 * _mahalanobis(x, self.mean, self.scale_tril)
@@ -303,9 +299,6 @@ class GaussianMixtureEnergy(eqx.Module):
         return jax.nn.logsumexp(self.log_weights)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dim = self.means.shape[-1]
         maha = jax.vmap(_mahalanobis, in_axes=(None, 0, 0))(x, self.means, self.scale_trils)
-        log_normal = (
-            -0.5 * maha - 0.5 * dim * math.log(2 * math.pi) - _log_det_tril(self.scale_trils)
-        )
+        log_normal = -0.5 * maha - log_normalizer(self.scale_trils)
         return -jax.nn.logsumexp(self.log_weights + log_normal)

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 
-from numpyro_ebm.negatives import fit_base
+from numpyro_ebm.gaussian import fit_base
+from numpyro_ebm.samplers import STEP_SIZE_BOUNDS
 from numpyro_ebm.validation import validate_data
 
 __all__ = [
@@ -553,7 +554,7 @@ def _ais_runs(energy, base, keys, cfg: _AISConfig, start_particles=None):
 
     def tuned(h, info):
         acc = jnp.mean(jnp.nan_to_num(info.update_info.acceptance_rate, nan=0.0))
-        return jnp.clip(h * jnp.exp(2.0 * (acc - target_acceptance)), 1e-6, 10.0), acc
+        return jnp.clip(h * jnp.exp(2.0 * (acc - target_acceptance)), *STEP_SIZE_BOUNDS), acc
 
     def one_run(run_key, start):
         k_init, k_loop = jax.random.split(run_key)

@@ -26,47 +26,14 @@ data (mean and covariance), as in Nijkamp et al. (2019).
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
+
+from numpyro_ebm.gaussian import GaussianBase, fit_base
 
 __all__ = ["KINDS", "GaussianBase", "chain_starts", "fit_base", "init_bank", "update_bank"]
 
 KINDS = ("persistent", "replay", "short_run")
-
-
-class GaussianBase(NamedTuple):
-    """``N(mean, L Lᵀ)`` over flat events: ``mean (D,)``, ``scale_tril`` ``L (D, D)`` and its
-    inverse (kept so the log-density is a matrix product: inside the compiled training loop
-    XLA's CPU triangular solve is two orders of magnitude slower than a product)."""
-
-    mean: jax.Array
-    scale_tril: jax.Array
-    inverse_scale_tril: jax.Array
-
-    def sample(self, key: jax.Array, n: int) -> jax.Array:
-        """``(n, D)`` draws."""
-        noise = jax.random.normal(key, (n, self.mean.shape[0]), self.mean.dtype)
-        return self.mean + noise @ self.scale_tril.T
-
-    def log_prob(self, flat_x: jax.Array) -> jax.Array:
-        """``(n, D) -> (n,)`` log-density."""
-        white = (flat_x - self.mean) @ self.inverse_scale_tril.T
-        dim = self.mean.shape[0]
-        log_det = jnp.sum(jnp.log(jnp.diag(self.scale_tril)))
-        return -0.5 * jnp.sum(white**2, axis=-1) - 0.5 * dim * jnp.log(2 * jnp.pi) - log_det
-
-
-def fit_base(flat_data: jax.Array, jitter: float = 1e-3) -> GaussianBase:
-    """Gaussian with the data's mean and covariance (plus ``jitter``·I for a valid Cholesky)."""
-    mean = jnp.mean(flat_data, axis=0)
-    centred = flat_data - mean
-    cov = centred.T @ centred / max(flat_data.shape[0] - 1, 1)
-    cov = cov + jitter * jnp.mean(jnp.diag(cov)) * jnp.eye(cov.shape[0])
-    scale_tril = jnp.linalg.cholesky(cov)
-    inverse = jax.scipy.linalg.solve_triangular(scale_tril, jnp.eye(cov.shape[0]), lower=True)
-    return GaussianBase(mean, scale_tril, inverse)
 
 
 def init_bank(

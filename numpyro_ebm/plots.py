@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 
 import jax
 import numpy as np
 
+from numpyro_ebm import _io
 from numpyro_ebm import logz as _logz
 
 __all__ = ["density_figure", "sample_grid", "save_density_plot", "save_figure", "training_curves"]
@@ -37,22 +37,11 @@ def _figure(figsize):
 
 
 def save_figure(fig, path: str, *, dpi: int = 100) -> str:
-    """Write ``fig`` to ``path`` (format from the suffix) via a temporary file and a rename, so
-    the file is never left half-written. Returns ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    """Write ``fig`` to ``path`` (format from the suffix) all or nothing
+    (``_io.atomic_write``), so the file is never left half-written. Returns ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     suffix = os.path.splitext(path)[1] or ".png"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a figure is not
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _io.atomic_write(path, lambda f: fig.savefig(f, dpi=dpi, format=suffix[1:]), suffix=suffix)
     return path
 
 

@@ -48,6 +48,7 @@ from blackjax.mcmc import diffusions
 
 __all__ = [
     "KERNELS",
+    "STEP_SIZE_BOUNDS",
     "ChainInfo",
     "Draws",
     "Sampler",
@@ -64,6 +65,10 @@ __all__ = [
 ]
 
 KERNELS = ("mala", "hmc", "ula", "barker")
+
+# Where every adapted step size stays (training, warm-up, AIS): a chain that wanders into a flat
+# or exploding region must not drive the step size to 0 or infinity.
+STEP_SIZE_BOUNDS = (1e-6, 10.0)
 
 # Acceptance rates that are optimal in high dimension for each kernel: MALA 0.574 (Roberts &
 # Rosenthal 1998), HMC 0.65 (Beskos et al. 2013), Barker ~0.4 (Livingstone & Zanella 2022).

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from numpyro_ebm import _io
 from numpyro_ebm import generator as _generator
 from numpyro_ebm import logz as _logz
 from numpyro_ebm import negatives as _negatives
@@ -81,10 +82,6 @@ __all__ = [
 
 NEGATIVES = (*_negatives.KINDS, "generator", "hybrid")
 _USES_GENERATOR = ("generator", "hybrid")
-
-# Step-size bounds during training: a chain that wanders into a flat or exploding region must not
-# drive the step size to 0 or infinity.
-_LOG_STEP_SIZE_RANGE = (math.log(1e-6), math.log(10.0))
 
 
 @functools.cache  # one object per setting: fit's compiled step is cached on the optimizer
@@ -465,8 +462,8 @@ def init(
         step_size=jnp.asarray(config.sampler.step_size, jnp.float32),
         base=base,
         consecutive_nonfinite=jnp.zeros((), jnp.int32),
-        log_z=jnp.asarray(_gaussian_log_z(base), jnp.float32),
-        average_log_z=jnp.asarray(_gaussian_log_z(base), jnp.float32),
+        log_z=jnp.asarray(base.log_z, jnp.float32),
+        average_log_z=jnp.asarray(base.log_z, jnp.float32),
         log_z_opt_state=_log_z_optimizer(config).init(jnp.zeros((), jnp.float32)),
         generator=generator,
         generator_opt_state=generator_opt_state,
@@ -475,12 +472,6 @@ def init(
 
 
 _NUM_PROBES = 8  # points at which init compares ∂E/∂θ to find the free constants
-
-
-def _gaussian_log_z(base: _negatives.GaussianBase) -> jax.Array:
-    """``log Z`` of ``E(x) = ½‖L⁻¹(x − μ)‖²``: a starting value of the right order."""
-    dim = base.mean.shape[0]
-    return 0.5 * dim * math.log(2 * math.pi) + jnp.sum(jnp.log(jnp.diag(base.scale_tril)))
 
 
 def nce_log_z_loss(log_z, energy, model_samples, noise_samples, base: _negatives.GaussianBase):
@@ -688,11 +679,12 @@ def moving_average(average, params, step, ema_decay: float | None):
 
 def adapt_step_size(step_size, acceptance, sampler: _samplers.Sampler, gain: float):
     """Robbins-Monro ``log h ← log h + gain · (acceptance − target)``, clipped to
-    ``[1e-6, 10]`` (unchanged for kernels that do not adapt)."""
+    ``samplers.STEP_SIZE_BOUNDS`` (unchanged for kernels that do not adapt)."""
     log_h = jnp.log(step_size)
     if sampler.adapts:
         log_h = log_h + gain * (acceptance - sampler.target)
-    return jnp.exp(jnp.clip(log_h, *_LOG_STEP_SIZE_RANGE)).astype(step_size.dtype)
+    low, high = _samplers.STEP_SIZE_BOUNDS
+    return jnp.clip(jnp.exp(log_h), low, high).astype(step_size.dtype)
 
 
 def keep_if_finite(finite, proposed, state):
@@ -1044,45 +1036,6 @@ _TMP_POINTER = ".tmp-latest-"
 _SAMPLING_ONLY = ("num_warmup", "thinning", "num_chains", "init_scale")
 
 
-def _fsync_folder(folder: str) -> None:
-    """Make a rename or a new entry in ``folder`` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(
-    path: str, write: Callable[[Any], None], mode: str = "wb", prefix: str = ".tmp-"
-) -> None:
-    """Write to a temporary file (``prefix`` + random) in the same folder, fsync, rename over
-    ``path``, fsync the folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes the file private; these are not
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_folder(folder)
-
-
-def _write_synced(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _manifest_entry(data: bytes) -> dict:
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
@@ -1109,15 +1062,15 @@ def save_checkpoint(folder: str, state: TrainState, history: dict, meta: dict) -
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes the folder private; checkpoints are not
         for name, data in files.items():
-            _write_synced(os.path.join(tmp, name), data)
-        _fsync_folder(tmp)
+            _io.write_synced(os.path.join(tmp, name), data)
+        _io.fsync_folder(tmp)
         name = _free_step_name(folder, int(meta["step"]))
         os.rename(tmp, os.path.join(folder, name))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_folder(folder)
-    _atomic_write(
+    _io.fsync_folder(folder)
+    _io.atomic_write(
         os.path.join(folder, _POINTER_FILE), lambda f: f.write(name + "\n"), "w", _TMP_POINTER
     )
     _remove_older(folder, keep=name)
