@@ -71,7 +71,8 @@ import numpy as np
 import numpyro_ebm as ebm
 import numpyro_ebm._io as _io
 from numpyro_ebm import datasets, diagnostics, evaluate, logz, plots, samplers
-from numpyro_ebm.train import NEGATIVES, TrainingDivergedError, checkpoint_step
+from numpyro_ebm.negatives import KINDS as NEGATIVES
+from numpyro_ebm.training import TrainingDivergedError, checkpoint_step
 from numpyro_ebm.validation import validate_data
 
 __all__ = ["UsageError", "main"]

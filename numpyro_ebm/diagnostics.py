@@ -88,7 +88,7 @@ from typing import Any
 import numpy as np
 
 from numpyro_ebm import samplers as _samplers
-from numpyro_ebm.train import FitResult
+from numpyro_ebm.training import FitResult
 
 __all__ = [
     "THRESHOLDS",
