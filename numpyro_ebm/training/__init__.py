@@ -34,7 +34,14 @@ from numpyro_ebm.training.core import (
     nce_log_z_loss,
     step,
 )
-from numpyro_ebm.training.fit import EnergyProblem, FitResult, fit, load
+from numpyro_ebm.training.fit import (
+    EnergyProblem,
+    FitResult,
+    energy_init,
+    energy_step,
+    fit,
+    load,
+)
 from numpyro_ebm.training.loop import TrainingDivergedError, history_columns, train
 from numpyro_ebm.training.model import (
     MaximumLikelihood,
@@ -74,6 +81,8 @@ __all__ = [
     "build_objective",
     "checkpoint_step",
     "default_optimizer",
+    "energy_init",
+    "energy_step",
     "fit",
     "free_constants",
     "history_columns",

@@ -29,7 +29,7 @@ from numpyro_ebm.training.inputs import (
     schedule_steps,
 )
 
-__all__ = ["EnergyProblem", "FitResult", "fit", "load"]
+__all__ = ["EnergyProblem", "FitResult", "energy_init", "energy_step", "fit", "load"]
 
 SITE = "x"  # the one site of an energy fitted to data
 
@@ -68,6 +68,41 @@ class EnergyProblem:
         energy = state.average_params
         args = (points,) if conditions is None else (points, conditions)
         return jnp.mean(jax.vmap(energy)(*args)) + state.average_log_z[SITE]
+
+
+def _check_resolved(config: TrainConfig) -> None:
+    if isinstance(config.negatives, str) or config.optimizer is None:
+        raise ValueError(
+            "pass a resolved config: config.resolve(schedule_steps) turns the names of the "
+            "negatives, the objective and the default optimizers into objects"
+        )
+
+
+def energy_init(key: jax.Array, energy, data, config: TrainConfig) -> core.TrainState:
+    """``core.init`` for one energy on ``data`` (``(N, *event_shape)``, or ``(points,
+    conditions)``): the pure, jittable pair under ``fit``, for hand-written loops.
+
+    Example:
+        >>> import jax, optax, numpyro_ebm as ebm
+        >>> data = ebm.datasets.toy("8gaussians").sample(jax.random.key(0), 1000)
+        >>> energy = ebm.energies.MLPEnergy(2, hidden=(16,), key=jax.random.key(1))
+        >>> config = ebm.TrainConfig(num_chains=64, batch_size=64).resolve(schedule_steps=10)
+        >>> state = ebm.training.energy_init(jax.random.key(2), energy, data, config)
+        >>> state, info = ebm.training.energy_step(jax.random.key(3), state, data[:64], config)
+        >>> int(state.step)
+        1
+    """
+    _check_resolved(config)
+    problem = EnergyProblem(config.batch_size, isinstance(data, tuple))
+    return core.init(key, energy, data, problem, config)
+
+
+def energy_step(key: jax.Array, state: core.TrainState, batch, config: TrainConfig):
+    """``core.step`` for one energy: ``(new_state, StepInfo)`` after one update on ``batch``
+    (``(B, *event_shape)``, or ``(points, conditions)``). Jit it with ``eqx.filter_jit``."""
+    _check_resolved(config)
+    problem = EnergyProblem(config.batch_size, isinstance(batch, tuple))
+    return core.step(key, state, batch, problem, config)
 
 
 @dataclass
