@@ -4,6 +4,7 @@ parsed options, checks what is left to check before any computation, and returns
 ``main`` (in ``numpyro_ebm.cli``) turns their exceptions into messages and exit codes.
 
 Example:
+    >>> from numpyro_ebm.cli.parser import make_parser
     >>> args = make_parser().parse_args(["evaluate", "runs/rings"])
     >>> evaluate_command(args)    # prints the held-out table, updates runs/rings/metrics.json
     0
@@ -90,6 +91,7 @@ def _fit(config: dict, data: Data, folder: str, *, progress_bar=False, checkpoin
 
 
 def _restore(folder: str) -> tuple[dict, Data, ebm.FitResult]:
+    """A finished run as ``(run.json, its data, fit's result)``, loaded from its checkpoint."""
     run, points = load_run(folder)
     data = prepare(run["config"], points, run["standardization"])
     return run, data, _fit(run["config"], data, folder)
@@ -185,6 +187,9 @@ def _heldout_rows(entry: dict, what: str) -> list[tuple[str, str]]:
     if entry["log_z_info"].get("outer_shell_mass", 0.0) > _GRID_EDGE_MASS:
         rows.append(("warning", "the model's mass reaches the grid's edge: try --log-z ais"))
     return rows
+
+
+# -- commands ----------------------------------------------------------------------------------
 
 
 def train_command(args: argparse.Namespace, argv: list[str]) -> int:

@@ -281,12 +281,12 @@ def sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def heldout_count(num_points: int, fraction: float) -> int:
+def _heldout_count(num_points: int, fraction: float) -> int:
     return round(num_points * fraction)
 
 
 def check_rows(num_points: int, fraction: float, subject: str) -> None:
-    num_heldout = heldout_count(num_points, fraction)
+    num_heldout = _heldout_count(num_points, fraction)
     if num_heldout < MIN_HELDOUT_ROWS or num_points - num_heldout < MIN_TRAIN_ROWS:
         raise UsageError(
             subject,
@@ -296,11 +296,11 @@ def check_rows(num_points: int, fraction: float, subject: str) -> None:
         )
 
 
-def split(seed: int, num_points: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+def _split(seed: int, num_points: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """The run's random split: ``(training row indices, held-out row indices)``."""
     key = jax.random.fold_in(jax.random.key(seed), KEY_SPLIT)
     order = np.asarray(jax.random.permutation(key, num_points))
-    num_heldout = heldout_count(num_points, fraction)
+    num_heldout = _heldout_count(num_points, fraction)
     return order[num_heldout:], order[:num_heldout]
 
 
@@ -338,7 +338,7 @@ def check_columns(points: np.ndarray, names, path: str, seed: int, fraction: flo
     distinct values there (constant, or a flag: no continuous density), a spread float64
     cannot hold, or a value (in any row) that lands beyond float32's range in model
     coordinates."""
-    train = points[split(seed, len(points), fraction)[0]]
+    train = points[_split(seed, len(points), fraction)[0]]
     drop = "leave it out with --columns" if names else "numpy.delete it (axis=1)"
 
     def column(j) -> str:
@@ -438,7 +438,7 @@ def prepare(config: dict, points: np.ndarray | None, standardization: dict | Non
         toy = datasets.toy(name)
         points = toy.sample(jax.random.fold_in(key, KEY_DATA), config["data"]["num_points"])
     points = np.asarray(points)
-    train_rows, heldout_rows = split(config["seed"], len(points), config["validation_fraction"])
+    train_rows, heldout_rows = _split(config["seed"], len(points), config["validation_fraction"])
     train, validation = points[train_rows], points[heldout_rows]
     if not config["data"]["standardized"]:
         return Data(train.astype(np.float32), validation.astype(np.float32), toy)

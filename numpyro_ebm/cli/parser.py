@@ -197,6 +197,34 @@ def _add_train(sub) -> None:
         help=f"built-in data set ({', '.join(BUILTIN)}) or a .npy/.csv file of points",
     )
     train.add_argument("--out", required=True, metavar="DIR", help="run folder")
+    _add_training_settings(train)
+    train.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="share of the rows held out (default: %(default)s; digits: its test split)",
+    )
+    train.add_argument("--columns", metavar="A,B", help="CSV columns to use (default: all)")
+    train.add_argument(
+        "--num-data", type=int, metavar="N", help="points drawn from a toy (default: 50000)"
+    )
+    train.add_argument(
+        "--seed", type=int, default=0, help="seed of all the run's PRNG keys (default: %(default)s)"
+    )
+    train.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=100,
+        metavar="N",
+        help="steps between checkpoints (may change when resuming) (default: %(default)s)",
+    )
+    train.add_argument("--no-report", action="store_true", help="skip report.html and density.png")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_training_settings(train: argparse.ArgumentParser) -> None:
+    """The options stored in the run's config that set the model and its training."""
     train.add_argument(
         "--steps", type=int, default=2000, metavar="N", help="training steps (default: %(default)s)"
     )
@@ -246,29 +274,6 @@ def _add_train(sub) -> None:
         metavar="LR",
         help="peak Adam learning rate (default: %(default)s)",
     )
-    train.add_argument(
-        "--validation-fraction",
-        type=float,
-        default=0.1,
-        metavar="F",
-        help="share of the rows held out (default: %(default)s; digits: its test split)",
-    )
-    train.add_argument("--columns", metavar="A,B", help="CSV columns to use (default: all)")
-    train.add_argument(
-        "--num-data", type=int, metavar="N", help="points drawn from a toy (default: 50000)"
-    )
-    train.add_argument(
-        "--seed", type=int, default=0, help="seed of all the run's PRNG keys (default: %(default)s)"
-    )
-    train.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=100,
-        metavar="N",
-        help="steps between checkpoints (may change when resuming) (default: %(default)s)",
-    )
-    train.add_argument("--no-report", action="store_true", help="skip report.html and density.png")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _add_evaluate(sub) -> None:
