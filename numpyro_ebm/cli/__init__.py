@@ -40,6 +40,10 @@ Exit codes:
       ``DIR/traceback.txt`` of the run folder, or to a temporary file when there is none
 130   interrupted (Ctrl-C); ``train`` resumes from its last checkpoint when run again
 ===== ===============================================================================
+
+The package: ``parser`` (the options and their checks), ``data_files`` (the user's data file),
+``run_folder`` (``run.json``, ``metrics.json`` and the folder itself), ``commands`` (one function
+per command) and ``main`` here (exit codes, ``traceback.txt``).
 """
 
 from __future__ import annotations
