@@ -99,17 +99,7 @@ def to_datatree(
     groups = {"posterior": {var_name: positions}, "sample_stats": _sample_stats(draws.info)}
     draw_coords = np.asarray(draws.step)
     if isinstance(obj, FitResult):
-        start = math.floor(burn_in * num_draws)
-        if start >= num_draws:
-            start = num_draws - 1
-        groups = {
-            "posterior": {var_name: positions[:, start:]},
-            "sample_stats": {k: v[:, start:] for k, v in groups["sample_stats"].items()},
-            "warmup_posterior": {var_name: positions[:, :start]},
-            "warmup_sample_stats": {k: v[:, :start] for k, v in groups["sample_stats"].items()},
-        }
-        if start == 0:
-            del groups["warmup_posterior"], groups["warmup_sample_stats"]
+        groups = _split_warmup(groups, min(math.floor(burn_in * num_draws), num_draws - 1))
     dt = az.from_dict(
         groups,
         dims={var_name: list(event_dims)},
@@ -117,18 +107,36 @@ def to_datatree(
         save_warmup=True,
         check_conventions=False,
     )
-    # the draw coordinate is the training or sampler step the draw was taken at
-    for name in ("posterior", "sample_stats"):
-        n = dt[name].sizes["draw"]
-        dt[name] = dt[name].to_dataset().assign_coords(draw=draw_coords[-n:])
-    for name in ("warmup_posterior", "warmup_sample_stats"):
-        if name in dt.children:
-            n = dt[name].sizes["draw"]
-            dt[name] = dt[name].to_dataset().assign_coords(draw=draw_coords[:n])
+    _set_draw_steps(dt, draw_coords)
     if isinstance(obj, FitResult):
         dt["training"] = xr.DataTree(_training_dataset(obj.history))
     dt.attrs.update(attrs)
     return dt
+
+
+def _split_warmup(groups: dict, start: int) -> dict:
+    """The draws before ``start`` moved to ``warmup_posterior`` and ``warmup_sample_stats``
+    (no warmup groups if ``start`` is 0)."""
+    split = {
+        "posterior": {k: v[:, start:] for k, v in groups["posterior"].items()},
+        "sample_stats": {k: v[:, start:] for k, v in groups["sample_stats"].items()},
+    }
+    if start != 0:
+        split["warmup_posterior"] = {k: v[:, :start] for k, v in groups["posterior"].items()}
+        split["warmup_sample_stats"] = {k: v[:, :start] for k, v in groups["sample_stats"].items()}
+    return split
+
+
+def _set_draw_steps(dt, steps: np.ndarray) -> None:
+    """Make the ``draw`` coordinate the training or sampler step each draw was taken at: the
+    last steps for the draws kept, the first for the warmup groups."""
+    for name in ("posterior", "sample_stats"):
+        n = dt[name].sizes["draw"]
+        dt[name] = dt[name].to_dataset().assign_coords(draw=steps[-n:])
+    for name in ("warmup_posterior", "warmup_sample_stats"):
+        if name in dt.children:
+            n = dt[name].sizes["draw"]
+            dt[name] = dt[name].to_dataset().assign_coords(draw=steps[:n])
 
 
 def _as_draws(obj) -> samplers.Draws:
