@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from numpyro_ebm.train import FitResult
+from numpyro_ebm.train import FitResult  # the one place diagnostics/ imports it from
 
 __all__ = [
     "STATUS_ORDER",
