@@ -69,19 +69,21 @@ class Check:
 def fit_attrs(res: FitResult) -> dict:
     """The run's settings as DataTree ``attrs`` (numbers and strings only, as netCDF wants)."""
     cfg = res.config
+    negatives = cfg.negatives  # the resolved negative sampler: its settings are the run's
+    sampler = getattr(negatives, "sampler", None)  # None: no chains (generator negatives)
     attrs = {
-        "negatives": cfg.negatives,
-        "kernel": "generator" if not cfg.runs_chains else cfg.sampler.kernel,
-        "num_chains": cfg.num_chains,
-        "num_mcmc_steps": cfg.num_mcmc_steps,
+        "negatives": cfg.negatives_name,
+        "kernel": "generator" if sampler is None else sampler.kernel,
+        "num_chains": getattr(negatives, "num_chains", cfg.num_chains),
+        "num_mcmc_steps": getattr(negatives, "num_mcmc_steps", 0) if sampler else 0,
         "record_every": cfg.record_every,
         "num_steps": len(res.history.get("loss", ())),
         "log_z_learned": float(getattr(res.log_z, "value", np.nan)),
     }
-    if cfg.runs_chains:
-        attrs["adapt_step_size"] = int(cfg.sampler.adapts)  # an int: netCDF has no bool
-        if cfg.sampler.target is not None:
-            attrs["target_acceptance"] = cfg.sampler.target
+    if sampler is not None:
+        attrs["adapt_step_size"] = int(sampler.adapts)  # an int: netCDF has no bool
+        if sampler.target is not None:
+            attrs["target_acceptance"] = sampler.target
     if res.log_z_ais is not None:
         attrs["log_z_ais"] = float(res.log_z_ais.value)
         attrs["log_z_ais_stderr"] = float(res.log_z_ais.stderr)

@@ -154,7 +154,7 @@ class FitResult:
             self.energy,
             self.event_shape,
             log_z=log_z,
-            sampler=self.config.sampler,
+            sampler=getattr(self.config.negatives, "sampler", self.config.sampler),
             initializer=self.generator,
         )
 
