@@ -63,13 +63,16 @@ _GRID_MAX_DOUBLINGS = 5  # six boxes at most
 _GRID_EDGE_MASS = 1e-3
 
 
+def _energy(config: dict, dim: int):
+    """The run's energy before training (``fit`` starts from it; ``load`` reads into it)."""
+    key = jax.random.fold_in(jax.random.key(config["seed"]), KEY_ENERGY)
+    return ebm.energies.MLPEnergy(dim, hidden=tuple(config["hidden"]), key=key)
+
+
 def _fit(config: dict, data: Data, folder: str, *, progress_bar=False, checkpoint_every=None):
-    """``fit`` with the run's settings and checkpoints: trains, resumes, or (when the
-    checkpoint is at the last step) returns the stored run without computing a step."""
+    """``fit`` with the run's settings and checkpoints: trains, or resumes."""
     key = jax.random.key(config["seed"])
-    energy = ebm.energies.MLPEnergy(
-        data.train.shape[1], hidden=tuple(config["hidden"]), key=jax.random.fold_in(key, KEY_ENERGY)
-    )
+    energy = _energy(config, data.train.shape[1])
     every = min(checkpoint_every or config["steps"], config["steps"])  # not part of the config
     return ebm.fit(
         energy,
@@ -91,10 +94,17 @@ def _fit(config: dict, data: Data, folder: str, *, progress_bar=False, checkpoin
 
 
 def _restore(folder: str) -> tuple[dict, Data, ebm.FitResult]:
-    """A finished run as ``(run.json, its data, fit's result)``, loaded from its checkpoint."""
+    """A finished run as ``(run.json, its data, its FitResult)``, loaded from its checkpoint
+    (``ebm.load``: nothing is computed)."""
     run, points = load_run(folder)
     data = prepare(run["config"], points, run["standardization"])
-    return run, data, _fit(run["config"], data, folder)
+    energy = _energy(run["config"], data.train.shape[1])
+    return run, data, ebm.load(os.path.join(folder, CHECKPOINT_DIR), energy=energy)
+
+
+def fit_result(folder: str) -> ebm.FitResult:
+    """The ``FitResult`` of a finished ``numpyro-ebm train`` run folder (``ebm.load``)."""
+    return _restore(folder)[2]
 
 
 # -- evaluation --------------------------------------------------------------------------------
@@ -410,7 +420,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
 def _evaluate_locked(args: argparse.Namespace, run: dict, points, extra) -> int:
     config = run["config"]
     data = prepare(config, points, run["standardization"])
-    res = _fit(config, data, args.dir)
+    energy = _energy(config, data.train.shape[1])
+    res = ebm.load(os.path.join(args.dir, CHECKPOINT_DIR), energy=energy)
     key = _run_key(config, KEY_LOG_Z, args.seed)
     log_z = _log_z(res, data, args.log_z, key)
     if extra is None:

@@ -317,8 +317,9 @@ def load(folder: str | os.PathLike, energy=None, *, config=None, generator=None)
     """The ``FitResult`` of a finished or interrupted run, from its latest checkpoint.
 
     Args:
-        folder: a ``fit(checkpoint_dir=...)`` folder, or a ``numpyro-ebm train`` run folder
-            (which records how to rebuild its energy: ``energy`` is then not needed).
+        folder: a ``fit(checkpoint_dir=...)`` folder, or a finished ``numpyro-ebm train``
+            run folder (which records how to rebuild its energy: ``energy`` is then not
+            needed; an interrupted one is finished by rerunning its train command).
         energy: an energy of the same architecture as the trained one (its values are
             replaced by the checkpoint's), e.g. ``MLPEnergy(2, key=jax.random.key(0))``.
         config: the run's ``TrainConfig``; needed only when the run used a custom optimizer
@@ -332,9 +333,9 @@ def load(folder: str | os.PathLike, energy=None, *, config=None, generator=None)
     """
     folder = os.fspath(folder)
     if energy is None and os.path.isfile(os.path.join(folder, "run.json")):
-        from numpyro_ebm.cli import load_run  # the CLI's run folders know their energy
+        from numpyro_ebm.cli.commands import fit_result as run_result  # knows its energy
 
-        return load_run(folder)
+        return run_result(folder)
     meta = checkpoint.stored_meta(folder)
     if meta is None:
         raise FileNotFoundError(f"{folder} holds no checkpoint")
