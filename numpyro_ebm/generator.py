@@ -18,9 +18,9 @@ and ``log Z_θ`` does not depend on φ, so its loss is ``mean E(G(z)) − H(P_φ
   Grathwohl et al. 2021).
 
 Training (``numpyro_ebm.negatives.GeneratorNegatives`` and ``Hybrid``: ``fit`` with
-``negatives="generator"`` or ``"hybrid"``) calls ``generate`` (batch statistics, batch-norm running averages updated) and ``generator_loss``;
-a trained generator is sampled with ``generator(key, n)`` (running averages: one draw does not
-depend on the others).
+``negatives="generator"`` or ``"hybrid"``) calls ``generate`` (batch statistics, batch-norm
+running averages updated) and ``generator_loss``; a trained generator is sampled with
+``generator(key, n)`` (running averages: one draw does not depend on the others).
 """
 
 from __future__ import annotations
