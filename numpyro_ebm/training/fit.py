@@ -191,38 +191,32 @@ def fit(
         config: a ``TrainConfig`` (default: ``TrainConfig()``); ``**settings`` override its
             fields by name, e.g. ``negatives="hybrid"``, ``num_chains=256``,
             ``sampler="hmc"``, ``learning_rate=1e-3`` (an unknown name is a ``TypeError``).
-        num_steps: accepted parameter updates. Resuming from ``checkpoint_dir`` with a larger
-            ``num_steps`` extends the run; the default optimizers keep the cosine schedule of
-            the ``num_steps`` the run started with.
+        num_steps: accepted parameter updates (a larger one extends a checkpointed run; the
+            default optimizers keep the schedule of the ``num_steps`` it started with).
         condition: ``(num_points, condition_size)`` conditions of a conditional energy
             ``E(x, c)``; trained with contrastive divergence unless ``negatives`` handles
             conditions (``negatives.ContrastiveDivergence``).
-        validation_data: held-out data (``(points, conditions)`` with ``condition``); every
-            ``record_every`` steps ``history["heldout_nll"]`` gets ``mean E + log Z`` of the
-            averaged energy with the learned ``log Z``.
+        validation_data: held-out data (``(points, conditions)`` with ``condition``):
+            ``history["heldout_nll"]`` every ``record_every`` steps (learned ``log Z``).
         generator: the starting ``Generator`` of the generator modes (default: see
             ``negatives.default_generator``).
-        steps_per_call: updates per compiled call (one host round-trip each).
-        max_nonfinite: stop after this many consecutive rejected (non-finite) steps.
-        progress_bar: show a tqdm bar with live metrics.
+        steps_per_call, max_nonfinite, progress_bar: as for ``loop.train``.
         checkpoint_dir: folder for checkpoints (``training.checkpoint``); if it holds one of
             the same settings, training resumes from it on the same trajectory. ``fit`` holds
             the folder's lock (``_io.folder_lock``) for the whole run.
         checkpoint_every: steps between checkpoints (default: every ``steps_per_call``).
-        devices: devices to spread the chains and the batch over (default
-            ``jax.devices()``); ``num_chains`` and ``batch_size`` must be multiples of their
-            number.
+        devices: devices to spread the chains and the batch over (default all).
         calibrate_log_z: after training, also estimate ``log Z`` by AIS (``log_z_ais``).
 
     Returns:
         ``FitResult``.
 
     Raises:
-        ValueError: bad data or settings, before any compute; a checkpoint of other
-            settings (each differing setting named) or beyond ``num_steps``.
-        TrainingDivergedError: ``max_nonfinite`` consecutive non-finite steps (the last good
-            state is also written to ``checkpoint_dir``, marked diverged).
-        CheckpointError: a damaged, truncated or inconsistent checkpoint file (named).
+        ValueError: bad data or settings (before any compute), or a checkpoint of other
+            settings (each one named) or beyond ``num_steps``.
+        TrainingDivergedError: ``max_nonfinite`` non-finite steps in a row (the last good
+            state is also checkpointed, marked diverged).
+        CheckpointError: a damaged or inconsistent checkpoint file (named).
         FolderLockedError: another process is writing to ``checkpoint_dir``.
 
     Example:
