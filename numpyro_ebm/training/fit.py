@@ -193,23 +193,19 @@ def fit(
             ``sampler="hmc"``, ``learning_rate=1e-3`` (an unknown name is a ``TypeError``).
         num_steps: accepted parameter updates (a larger one extends a checkpointed run; the
             default optimizers keep the schedule of the ``num_steps`` it started with).
-        condition: ``(num_points, condition_size)`` conditions of a conditional energy
-            ``E(x, c)``; trained with contrastive divergence unless ``negatives`` handles
-            conditions (``negatives.ContrastiveDivergence``).
+        condition: ``(num_points, condition_size)``: the energy is ``E(x, c)``, trained by
+            contrastive divergence unless ``negatives`` handles conditions.
         validation_data: held-out data (``(points, conditions)`` with ``condition``):
             ``history["heldout_nll"]`` every ``record_every`` steps (learned ``log Z``).
-        generator: the starting ``Generator`` of the generator modes (default: see
-            ``negatives.default_generator``).
+        generator: the generator modes' starting ``Generator`` (default: ``default_generator``).
         steps_per_call, max_nonfinite, progress_bar: as for ``loop.train``.
-        checkpoint_dir: folder for checkpoints (``training.checkpoint``); if it holds one of
-            the same settings, training resumes from it on the same trajectory. ``fit`` holds
-            the folder's lock (``_io.folder_lock``) for the whole run.
+        checkpoint_dir: checkpoint folder (locked during the run): one of the same settings
+            there is resumed on the same trajectory.
         checkpoint_every: steps between checkpoints (default: every ``steps_per_call``).
         devices: devices to spread the chains and the batch over (default all).
         calibrate_log_z: after training, also estimate ``log Z`` by AIS (``log_z_ais``).
 
-    Returns:
-        ``FitResult``.
+    Returns ``FitResult``.
 
     Raises:
         ValueError: bad data or settings (before any compute), or a checkpoint of other
