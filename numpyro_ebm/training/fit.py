@@ -112,7 +112,8 @@ class FitResult:
     Attributes:
         energy: the trained energy (parameter average if ``ema_decay`` is set).
         last_energy: the last iterate's energy.
-        chains: the negative sampler's final samples or bank ``(rows, *event_shape)``.
+        chains: the negative sampler's final samples or bank ``(rows, *event_shape)``
+            (None for a sampler whose state keeps none).
         history: dict of ``(num_attempts,)`` numpy arrays, one per metric.
         state: the final ``TrainState`` (for resuming or inspection).
         config: the resolved ``TrainConfig`` used.
@@ -133,7 +134,7 @@ class FitResult:
 
     energy: Any
     last_energy: Any
-    chains: jax.Array
+    chains: jax.Array | None
     history: dict
     state: core.TrainState
     config: TrainConfig
@@ -284,6 +285,7 @@ def run_meta(config: TrainConfig, resolved: TrainConfig, schedule: int, num_step
 def fit_result(state, history, recorded, config, event_shape) -> FitResult:
     """The ``FitResult`` of a final (or loaded) state."""
     negatives = state.negatives[SITE]
+    bank = getattr(negatives, "bank", None)  # a sampler may keep no samples in its state
     conditional = not bool(jnp.isfinite(state.average_log_z[SITE]))
     learned = None
     if not conditional:
@@ -292,7 +294,7 @@ def fit_result(state, history, recorded, config, event_shape) -> FitResult:
     return FitResult(
         energy=state.average_params,
         last_energy=state.params,
-        chains=jnp.reshape(negatives.bank, (-1, *event_shape)),
+        chains=None if bank is None else jnp.reshape(bank, (-1, *event_shape)),
         history=history,
         state=state,
         config=config,
