@@ -90,13 +90,11 @@ def kl_to_toy(
         num_samples: test points.
         num_points: grid points per dimension for ``log Z``.
         bounds: quadrature box; default the toy's bounds widened by ``padding`` of their width
-            on each side (the model may put mass where the data has none).
+            on each side (``logz.select.box``: the model may put mass where the data has none).
         padding: see ``bounds``.
     """
     if bounds is None:
-        bounds = np.asarray(toy.bounds, np.float64)
-        width = bounds[:, 1] - bounds[:, 0]
-        bounds = np.stack([bounds[:, 0] - padding * width, bounds[:, 1] + padding * width], 1)
+        bounds = _logz.select.box(toy_bounds=toy.bounds, padding=padding)
     log_z = _logz.grid(energy, bounds, num_points)
     x = toy.sample(key, num_samples)
     model = _model_log_prob(energy, x, log_z.value)
