@@ -1,11 +1,12 @@
 """Held-out log-likelihood and KL divergence to a known density.
 
-For 2-D energies ``log Z`` is computed by quadrature (``logz.grid``), so these numbers are
-exact up to Monte Carlo error on the test points (reported as a standard error).
+For 2-D energies ``log Z`` is computed by quadrature (``logz.grid`` over the toy's box from
+``logz.select.box``), so these numbers are exact up to Monte Carlo error on the test points
+(reported as a standard error).
 
 ``KL(data ‖ model) = E_data[log p_data(x) − log p_model(x)]`` is estimated with PAIRED
 differences on the same test points: the per-point difference has far less variance than either
-term, so the standard error is small enough to compare models that differ by 0.01 nats.
+term, so the standard error is small enough to tell apart models of nearly equal quality.
 """
 
 from __future__ import annotations
