@@ -165,23 +165,20 @@ def test_grid_covering_grows_the_box_until_it_holds_the_mass():
         ebm.logz.grid_covering(energy, [[0.0, jnp.nan], [0.0, 1.0]])
 
 
-@pytest.mark.parametrize("make", [ebm.samplers.mala, ebm.samplers.hmc, ebm.samplers.barker])
+@pytest.mark.parametrize("make", [ebm.samplers.mala, ebm.samplers.hmc])
 def test_ais_takes_the_training_sampler_objects(make):
     """``sampler=`` takes the same kernel objects as training; each gives log Z within its
     reported error (plus float32 round-off)."""
-    est = ebm.logz.ais(GAUSS_2D, (2,), key=jax.random.key(13), num_temperatures=50, sampler=make())
+    cheap = dict(num_particles=300, num_temperatures=30, num_runs=4)
+    est = ebm.logz.ais(GAUSS_2D, (2,), key=jax.random.key(13), sampler=make(), **cheap)
     assert abs(est.value - float(GAUSS_2D.log_z)) < 4 * est.stderr + 1e-3
     assert np.all(est.info["acceptance"] > 0.2)  # tuned toward the sampler's target
-    by_name = ebm.logz.reverse_ais(
-        GAUSS_2D,
-        jax.random.multivariate_normal(
+    if make is ebm.samplers.hmc:  # and reverse AIS by the kernel's name
+        exact = jax.random.multivariate_normal(
             jax.random.key(14), GAUSS_2D.mean, GAUSS_2D.covariance, (500,)
-        ),
-        key=jax.random.key(15),
-        num_temperatures=50,
-        sampler=make().kernel,
-    )
-    assert abs(by_name.value - float(GAUSS_2D.log_z)) < 4 * by_name.stderr + 1e-3
+        )
+        rev = ebm.logz.reverse_ais(GAUSS_2D, exact, key=jax.random.key(15), sampler="hmc", **cheap)
+        assert abs(rev.value - float(GAUSS_2D.log_z)) < 4 * rev.stderr + 1e-3
 
 
 def test_ais_refuses_a_kernel_without_a_metropolis_step():
