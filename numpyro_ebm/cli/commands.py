@@ -58,10 +58,6 @@ from numpyro_ebm.cli.run_folder import (
 )
 from numpyro_ebm.training import TrainingDivergedError
 
-_GRID_POINTS = {1: 4096, 2: 512, 3: 96}  # per axis: 2**12, 2**18, ~2**20 energies a grid
-_GRID_MAX_DOUBLINGS = 5  # six boxes at most
-_GRID_EDGE_MASS = 1e-3
-
 
 def _energy(config: dict, dim: int):
     """The run's energy before training (``fit`` starts from it; ``load`` reads into it)."""
@@ -110,29 +106,18 @@ def fit_result(folder: str) -> ebm.FitResult:
 # -- evaluation --------------------------------------------------------------------------------
 
 
-def _grid_log_z(energy, data: Data) -> logz.LogZEstimate:
-    """``logz.grid_covering`` from the data's box (the toy's bounds for a built-in toy)."""
-    if data.toy is not None:
-        bounds = np.asarray(data.toy.bounds, np.float64)
-    else:
-        bounds = np.stack([data.train.min(axis=0), data.train.max(axis=0)], axis=1)
-    return logz.grid_covering(
-        energy,
-        bounds,
-        _GRID_POINTS[data.train.shape[1]],
-        edge_mass=_GRID_EDGE_MASS,
-        max_doublings=_GRID_MAX_DOUBLINGS,
-    )
-
-
 def _log_z(res, data: Data, method: str, key) -> logz.LogZEstimate:
-    if method == "auto":
-        method = "grid" if data.train.shape[1] <= 3 else "ais"
-    if method == "grid":
-        return _grid_log_z(res.energy, data)
-    if method == "ais":
-        return logz.ais(res.energy, res.event_shape, key=key, data=data.train)
-    return res.log_z
+    """``log Z`` of the run's energy as ``--log-z`` says (``logz.select``: the library's one
+    rule for which estimator over which box)."""
+    return logz.select.estimate(
+        res.energy,
+        res.event_shape,
+        method=method,
+        data=data.train,
+        bounds=None if data.toy is None else data.toy.bounds,
+        key=key,
+        learned=res.log_z,
+    )
 
 
 def _heldout(res, data: Data, points_model: np.ndarray, log_z: logz.LogZEstimate) -> dict:
@@ -194,7 +179,7 @@ def _heldout_rows(entry: dict, what: str) -> list[tuple[str, str]]:
             f"{entry['log_likelihood']:.4f} ± {entry['stderr']:.4f} nats per point",
         ),
     ]
-    if entry["log_z_info"].get("outer_shell_mass", 0.0) > _GRID_EDGE_MASS:
+    if entry["log_z_info"].get("outer_shell_mass", 0.0) > logz.select.GRID_EDGE_MASS:
         rows.append(("warning", "the model's mass reaches the grid's edge: try --log-z ais"))
     return rows
 
@@ -394,7 +379,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     run, points = load_run(args.dir)
     config = run["config"]
     dim = run["event_shape"][0]
-    if args.log_z == "grid" and dim > 3:
+    if args.log_z == "grid" and dim > logz.select.GRID_MAX_DIMS:
         raise UsageError(
             "--log-z", f"grid quadrature works in up to 3 dimensions, the run has {dim}; use ais"
         )

@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from numpyro_ebm import samplers
+from numpyro_ebm import logz, samplers
 from numpyro_ebm.cli._common import BUILTIN, TOYS, UsageError, jsonable
 from numpyro_ebm.cli.data_files import check_columns, check_rows, read_points, sha256
 from numpyro_ebm.negatives import KINDS as NEGATIVES
@@ -287,7 +287,7 @@ def _add_evaluate(sub) -> None:
     ev.add_argument(
         "--log-z",
         default="auto",
-        choices=("auto", "grid", "ais", "learned"),
+        choices=logz.select.METHODS,
         help="log Z estimator; auto: grid in up to 3 dimensions, else AIS (default: %(default)s)",
     )
     ev.add_argument(

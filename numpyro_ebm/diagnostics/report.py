@@ -14,8 +14,6 @@ import os
 import shutil
 import tempfile
 
-import numpy as np
-
 from numpyro_ebm import _io
 from numpyro_ebm.diagnostics._shared import FitResult, fit_attrs
 from numpyro_ebm.diagnostics.arviz import to_datatree
@@ -208,16 +206,11 @@ def _log_z_rows(res: FitResult, data, toy, key) -> list[tuple[str, str]]:
             ("KL(toy ‖ model), grid log Z", f"{kl.kl:.4f} ± {kl.kl_stderr:.4f} nats"),
             ("test NLL (toy entropy)", f"{kl.test_nll:.4f} ({kl.entropy:.4f})"),
         ]
-    if toy is not None:
-        box = np.asarray(toy.bounds, np.float64)
-    elif data is not None:
-        points = np.asarray(data)
-        box = np.stack([points.min(axis=0), points.max(axis=0)], axis=1)
-    else:
+    if toy is None and data is None:
         return []
-    width = box[:, 1] - box[:, 0]
-    box = np.stack([box[:, 0] - 0.5 * width, box[:, 1] + 0.5 * width], axis=1)
-    return [("log Z (grid quadrature, data box + 50%)", f"{logz.grid(res.energy, box).value:.4f}")]
+    bounds = None if toy is None else toy.bounds
+    log_z = logz.select.estimate(res.energy, (2,), method="grid", data=data, bounds=bounds)
+    return [("log Z (grid quadrature)", f"{log_z.value:.4f}")]
 
 
 def _sections(sections: dict, *, heading, bold, table, figure) -> list[str]:

@@ -31,7 +31,6 @@ from numpyro_ebm.training.core import (
     init,
     keep_if_finite,
     moving_average,
-    nce_log_z_loss,
     step,
 )
 from numpyro_ebm.training.fit import (
@@ -92,7 +91,6 @@ __all__ = [
     "load",
     "load_checkpoint",
     "moving_average",
-    "nce_log_z_loss",
     "save_checkpoint",
     "step",
     "train",

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from numpyro_ebm.gaussian import GaussianBase, fit_base
+from numpyro_ebm.gaussian import fit_base
+from numpyro_ebm.logz import nce_log_z_loss
 from numpyro_ebm.negatives import ContrastiveDivergence, NegativeInfo, NegativeSampler, Target
 from numpyro_ebm.training.config import TrainConfig
 from numpyro_ebm.training.objective import ObjectiveTerms
@@ -45,7 +46,6 @@ __all__ = [
     "init",
     "keep_if_finite",
     "moving_average",
-    "nce_log_z_loss",
     "select",
     "step",
 ]
@@ -92,7 +92,7 @@ class TrainState(NamedTuple):
         bases: per site, the ``GaussianBase`` fitted to its data at ``init``.
         consecutive_nonfinite: how many steps in a row were rejected as non-finite.
         log_z: per site, the learned ``log Z`` of the averaged energy (noise-contrastive,
-            ``nce_log_z_loss``), the raw iterate (NaN for a conditional site).
+            ``logz.nce_log_z_loss``), the raw iterate (NaN for a conditional site).
         average_log_z: its moving average (the reported value).
         log_z_opt_state: per site, its Adam state.
         free_constant: per site, a mask like the trained parameters: 1.0 where an element is
@@ -179,24 +179,6 @@ def free_constants(energy_of: Callable, params, probes, rtol: float = 1e-4):
         return ((jnp.abs(first) > 0) & (spread <= rtol * jnp.abs(first))).astype(g.dtype)
 
     return jax.tree.map(mask, grads)
-
-
-def nce_log_z_loss(log_z, energy, model_samples, noise_samples, base: GaussianBase):
-    """Noise-contrastive loss whose minimiser in ``log_z`` is ``log ∫ exp(−E)``.
-
-    Logistic regression of samples of the model (positives) against samples of the noise
-    ``q = base`` (negatives) with the logit ``−E(x) − log_z − log q(x)`` (Gutmann & Hyvärinen
-    2010). Only ``log_z`` is trained by it. When the positives are exact draws of
-    ``exp(−E)/Z``, the population minimiser is exactly ``log Z``. The negative-phase samples
-    supply the positives, so no extra sampling is needed.
-    """
-
-    def logit(x):
-        return -jax.vmap(energy)(x) - log_z - base.log_prob(x)
-
-    pos = logit(jax.lax.stop_gradient(model_samples))
-    neg = logit(jax.lax.stop_gradient(noise_samples))
-    return jnp.mean(jax.nn.softplus(-pos)) + jnp.mean(jax.nn.softplus(neg))
 
 
 def all_finite(tree) -> jax.Array:
