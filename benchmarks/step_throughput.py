@@ -150,7 +150,7 @@ def main() -> None:
     else:
         data = jax.random.normal(jax.random.key(0), (50_000, args.dim))
     energy = ebm.energies.MLPEnergy(args.dim, hidden=tuple(args.hidden), key=jax.random.key(1))
-    optimizer = ebm.train.default_optimizer(args.steps)
+    optimizer = ebm.training.default_optimizer(args.steps)
 
     def run_fit():
         res = ebm.fit(
