@@ -28,6 +28,7 @@ from numpyro_ebm.negatives.base import (
     Target,
     adapt_step_size,
     describe,
+    describe_value,
 )
 from numpyro_ebm.negatives.contrastive import ContrastiveDivergence
 from numpyro_ebm.negatives.generator import GeneratorNegatives, GeneratorState, default_generator
@@ -54,6 +55,7 @@ __all__ = [
     "build",
     "default_generator",
     "describe",
+    "describe_value",
     "fit_base",
 ]
 

@@ -38,6 +38,7 @@ __all__ = [
     "Target",
     "adapt_step_size",
     "describe",
+    "describe_value",
 ]
 
 
@@ -143,11 +144,12 @@ def describe(negatives: NegativeSampler) -> dict:
     out = {"name": negatives.name}
     for f in dataclasses.fields(negatives):
         if f.init and f.compare:
-            out[f.name] = _setting(getattr(negatives, f.name))
+            out[f.name] = describe_value(getattr(negatives, f.name))
     return out
 
 
-def _setting(value):
+def describe_value(value):
+    """One setting as ``describe`` records it (JSON-able)."""
     if isinstance(value, _samplers.Sampler):
         return {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.init}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

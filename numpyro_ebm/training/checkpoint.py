@@ -284,9 +284,11 @@ def _flat_settings(settings: dict, prefix: str = "") -> dict:
     return out
 
 
-def _named_settings(meta: dict) -> dict:
+def _named_settings(meta: dict, config_key: str = "config") -> dict:
     """The settings in a checkpoint's meta data (or in a run's expected meta data), by name."""
-    settings = {k: meta[k] for k in ("config", "event_shape") if k in meta}
+    settings = {k: meta[k] for k in (config_key, "event_shape") if k in meta}
+    if config_key != "config" and config_key in settings:
+        settings["config"] = settings.pop(config_key)
     rates = meta.get("learning_rates")
     if isinstance(rates, list) and len(rates) == 2:
         settings["learning_rate"], settings["generator_learning_rate"] = rates
@@ -295,12 +297,16 @@ def _named_settings(meta: dict) -> dict:
 
 def _setting_differences(meta: dict, expected: dict) -> list[str]:
     """``"name: stored -> wanted"`` for each setting the run has otherwise than the
-    checkpoint (settings only one of them records are named too)."""
+    checkpoint. A setting the checkpoint does not record (written before the setting
+    existed) counts as its default (``expected["defaults"]``)."""
     stored = _named_settings(meta)
-    wanted = _named_settings(json.loads(json.dumps(expected)))  # tuples -> lists, as stored
+    expected = json.loads(json.dumps(expected))  # tuples -> lists, as stored
+    wanted = _named_settings(expected)
+    defaults = _named_settings(expected, "defaults") if "defaults" in expected else {}
     differences = []
     for name in sorted(set(stored) | set(wanted)):
-        old, new = stored.get(name, "(not set)"), wanted.get(name, "(not set)")
+        old = stored.get(name, defaults.get(name, "(not set)"))
+        new = wanted.get(name, "(not set)")
         if old != new:
             differences.append(f"{name}: {old} -> {new}")
     return differences

@@ -187,6 +187,25 @@ class TrainConfig:
             objective=build_objective(self.objective),
         )
 
+    def describe_defaults(self) -> dict:
+        """``describe``'s shape with every setting at its default (for this negative sampler's
+        class): a checkpoint written before a setting existed matches it when the run uses
+        the default."""
+        defaults = {f.name: _field_default(f) for f in dataclasses.fields(self)}
+        negatives = {"name": self.negatives_name}
+        if isinstance(self.negatives, _negatives.NegativeSampler):
+            for f in dataclasses.fields(self.negatives):
+                if f.init and f.compare:
+                    negatives[f.name] = _negatives.describe_value(_field_default(f))
+        keep = ("batch_size", "energy_l2", "ema_decay", "log_z_learning_rate", "record_every")
+        return {
+            "negatives": negatives,
+            "objective": "ml",
+            **{name: defaults[name] for name in keep},
+            "matmul_precision": defaults["matmul_precision"],
+            "optimizer": "custom",
+        }
+
     def describe(self) -> dict:
         """JSON-able settings by name of a RESOLVED config (a resumed run's are compared with
         its checkpoint's): the negative sampler's (``negatives.describe``), the objective's
@@ -207,3 +226,11 @@ class TrainConfig:
             "matmul_precision": self.matmul_precision,
             "optimizer": "custom",
         }
+
+
+def _field_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None

@@ -271,6 +271,7 @@ def run_meta(config: TrainConfig, resolved: TrainConfig, schedule: int, num_step
         "schedule_steps": schedule,
         "num_steps": num_steps,
         "config": resolved.describe(),
+        "defaults": resolved.describe_defaults(),
         "event_shape": list(points.shape[1:]),
         "conditional": conditions is not None,
         "condition_shape": None if conditions is None else list(conditions.shape[1:]),

@@ -327,7 +327,11 @@ class MaximumLikelihood:
         k_init, k_loop = jax.random.split(key)
         state = self.init(k_init, *args, **kwargs) if init_state is None else init_state
         target = int(state.step) + num_steps
-        meta = {"config": self.config.describe(), "sites": list(self._sites)}
+        meta = {
+            "config": self.config.describe(),
+            "defaults": self.config.describe_defaults(),
+            "sites": list(self._sites),
+        }
         stored = None
         if checkpoint_dir is not None:
             stored = checkpoint.stored_meta(checkpoint_dir)
