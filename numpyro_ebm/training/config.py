@@ -63,13 +63,17 @@ class TrainConfig:
         num_chains: negatives per step (chains, or generator samples).
         num_mcmc_steps: sampler steps per training step.
         batch_size: data points per step (``fit``: drawn with replacement).
-        energy_l2: weight ``α`` of the penalty ``α c²`` on the CENTRE of the energies (for
-            maximum likelihood ``c = ½ (mean E(data) + mean E(neg))``), per data point. It pins
-            the energy's free additive constant and keeps energies near 0. The likelihood
-            does not change when a constant is added to E, so the penalty's gradient reaches
-            ONLY the parameters that are additive constants of E (``free_constants``, e.g. an
-            MLP's output bias): the penalty does not bias the density at any ``α``, and an
-            energy without a free constant (``GaussianEnergy``, ``DeepEnergy``) gets none.
+        energy_l2: weight ``α`` of the stabiliser ``α (mean E(data)² + mean E(neg)²)`` per
+            data point (the objective's ``penalty``). Without it, maximum-likelihood training
+            of a flexible energy can run away: the energies' scale grows until the chains
+            freeze (``benchmarks/toy_quality.py``, docs/benchmarks.md). It is applied only to
+            an energy with a free additive constant (``free_constants``, e.g. an MLP's output
+            bias): the constant absorbs the mean energy, so the penalty acts on the spread of
+            the energies, ``Var(E)`` under data and model, which does not depend on the
+            density's scale for a Gaussian; an energy without one (``GaussianEnergy``,
+            ``DeepEnergy``) gets no penalty, so it cannot bias their maximum-likelihood
+            solution. Its residual effect on flexible energies is measured in
+            docs/benchmarks.md.
         ema_decay: decay of the parameter moving average returned as the trained model
             (``None``: the last iterate); the decay at step t is
             ``min(ema_decay, (1 + t) / (10 + t))``.

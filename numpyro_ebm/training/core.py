@@ -13,9 +13,10 @@ site's CURRENT energy (frozen), the objective (``config.objective``) gives the l
 optimizer update follows. A step whose loss, gradient or new state is not finite is rejected
 (``keep_if_finite``).
 
-The ``energy_l2`` penalty ``α c²`` on each site's centre of energies reaches only the
-parameters that are free additive constants of that site's energy (``free_constants``), so it
-pins the constant without biasing the density.
+The ``energy_l2`` penalty (for maximum likelihood ``α (mean E(data)² + mean E(neg)²)`` per
+data point) keeps the energies' scale from running away; it is applied only to sites whose
+energy has a free additive constant (``free_constants``), which absorbs the mean energy, so
+the penalty cannot shift the density (see ``TrainConfig.energy_l2``).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class Site(NamedTuple):
 
 class SiteTerms(NamedTuple):
     """A site's objective terms and how many data points they stand for (``count``: the
-    ``energy_l2`` penalty is ``α c²`` per data point)."""
+    ``energy_l2`` penalty is per data point)."""
 
     terms: ObjectiveTerms
     count: Any
@@ -159,7 +160,7 @@ def free_constants(energy_of: Callable, params, probes, rtol: float = 1e-4):
     An element ``θᵢ`` whose derivative ``∂E(x)/∂θᵢ`` is the same non-zero value at every probe
     point moves ``E`` by a constant: it changes neither the density nor the likelihood gradient
     of any other parameter (e.g. an MLP's output bias, ``∂E/∂b = 1``). These are the elements
-    the ``energy_l2`` penalty may move.
+    the ``energy_l2`` penalty needs (a site without one gets no penalty).
 
     Args:
         energy_of: ``(params, x) -> scalar`` for one probe ``x``.
@@ -331,7 +332,7 @@ def step(key: jax.Array, state: TrainState, batch, problem, config: TrainConfig)
     """One training update (pure; jit with ``problem`` and ``config`` static).
 
     1. Per site, the negative sampler draws samples under the CURRENT energy (frozen).
-    2. Gradient of the objective (plus the ``energy_l2`` penalty on the free constants),
+    2. Gradient of the objective (plus the ``energy_l2`` penalty where it applies),
        optimizer update, parameter average, learned ``log Z`` update.
     3. If anything is non-finite the update is rejected (``keep_if_finite``).
 
@@ -420,35 +421,26 @@ def _site_info(info: NegativeInfo, site_terms: SiteTerms, log_z, config) -> Site
 
 
 def objective_grad(params, static, problem, key, batch, negatives, config, free_constant):
-    """``((loss, {site: SiteTerms}), grads)``: the objective's gradient for every parameter,
-    plus each site's ``energy_l2`` penalty gradient masked by that site's free constants.
+    """``((loss, {site: SiteTerms}), grads)``: the gradient of the objective plus, for each
+    site whose energy has a free additive constant (``free_constant``), its ``energy_l2``
+    penalty."""
 
-    One forward pass and one (batched) backward pass per term: the objective, then each
-    site's penalty, which only that site's free constants receive."""
-
-    def terms(p):
+    def total(p):
         loss, site_terms = problem.loss(
             eqx.combine(p, static), key, batch, config.objective, negatives
         )
-        penalties = jnp.stack(
-            [config.energy_l2 * t.count * t.terms.centre**2 for t in site_terms.values()]
-        )
-        return (loss, penalties), site_terms
+        for name, t in site_terms.items():
+            applies = _has_free_constant(free_constant[name])
+            loss = loss + applies * config.energy_l2 * t.count * t.terms.penalty
+        return loss, site_terms
 
-    (loss, penalties), pullback, site_terms = jax.vjp(terms, params, has_aux=True)
-    total = loss + jnp.sum(penalties)
-    if config.energy_l2 == 0:
-        (grads,) = pullback((jnp.ones_like(loss), jnp.zeros_like(penalties)))
-        return (total, site_terms), grads
-    num = penalties.shape[0]
-    basis = jnp.eye(num + 1, dtype=loss.dtype)
-    (each,) = jax.vmap(pullback)((basis[:, 0], basis[:, 1:]))
-    grads = jax.tree.map(lambda g: g[0], each)
-    for i, name in enumerate(site_terms):
-        grads = jax.tree.map(
-            lambda total, g, mask, i=i: total + mask * g[i + 1], grads, each, free_constant[name]
-        )
-    return (total, site_terms), grads
+    (loss, site_terms), grads = jax.value_and_grad(total, has_aux=True)(params)
+    return (loss, site_terms), grads
+
+
+def _has_free_constant(mask) -> jax.Array:
+    leaves = [jnp.any(m > 0) for m in jax.tree.leaves(mask)]
+    return jnp.any(jnp.stack(leaves)).astype(jnp.float32) if leaves else jnp.zeros(())
 
 
 def _learn_log_z(keys, state, problem, average_params, key, batch, draws, sites, config, decay):

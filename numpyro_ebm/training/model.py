@@ -222,7 +222,7 @@ class MaximumLikelihood:
             conditions.
         num_chains, num_mcmc_steps, reinit_fraction, buffer_size, energy_l2, ema_decay,
             step_size_gain: as in ``TrainConfig`` (``energy_l2`` per observed point of each
-            EBM site; its gradient reaches only that site's free additive constants).
+            EBM site whose energy has a free additive constant).
         **settings: any other ``TrainConfig`` field (e.g. ``num_recorded_chains``,
             ``generator_optimizer``: for the generator modes; default a constant-rate Adam).
     """

@@ -1,8 +1,8 @@
 """The objective interface: the loss of the energy given a data batch and the negatives.
 
 An objective turns ``(energy, batch, negatives)`` into per-event losses whose mean is
-minimised, and the *centre* of the energies that the ``energy_l2`` penalty pins (the energy's
-free additive constant; see ``training.TrainConfig``). The training core differentiates it
+minimised, and the *penalty* that ``energy_l2`` weighs (a stabiliser of the energies' scale;
+see ``training.TrainConfig``). The training core differentiates it
 and never branches on which objective it is, so a new one (score matching, say) is one more
 frozen dataclass with ``name``, ``needs_negatives`` and ``terms``:
 
@@ -29,12 +29,12 @@ class ObjectiveTerms(NamedTuple):
     Attributes:
         per_event: ``(B,)`` loss of each data event; the objective is their mean (in a NumPyro
             model each event's term is weighted by its plate scale and mask).
-        centre: scalar whose square the ``energy_l2`` penalty weighs.
+        penalty: the scalar that ``energy_l2`` weighs.
         metrics: scalar metrics by name (history columns).
     """
 
     per_event: jax.Array
-    centre: jax.Array
+    penalty: jax.Array
     metrics: dict
 
 
@@ -67,7 +67,7 @@ class LikelihoodObjective(Objective):
     With negatives drawn from the model, the gradient of the mean is an unbiased estimate of
     the NLL gradient ``E_data[∇E] − E_model[∇E]`` (its VALUE is not the NLL: ``−mean E(x̃)``
     stands in for ``log Z``). For a conditional energy, negative ``j`` is paired with event
-    ``j``'s condition. The centre is ``½ (mean E(data) + mean E(neg))``.
+    ``j``'s condition. The penalty is ``mean E(data)² + mean E(neg)²``.
     """
 
     name = "ml"
@@ -81,7 +81,8 @@ class LikelihoodObjective(Objective):
             "energy_data": mean_data,
             "energy_negatives": mean_neg,
         }
-        return ObjectiveTerms(e_data - mean_neg, 0.5 * (mean_data + mean_neg), metrics)
+        penalty = jnp.mean(e_data**2) + jnp.mean(e_neg**2)
+        return ObjectiveTerms(e_data - mean_neg, penalty, metrics)
 
 
 OBJECTIVES = {cls.name: cls for cls in (LikelihoodObjective,)}
