@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from numpyro_ebm import samplers as _samplers
-from numpyro_ebm.negatives._chains import ChainSettings, ChainState, flat, random_rows
+from numpyro_ebm.negatives._chains import ChainSettings
 from numpyro_ebm.negatives.base import NegativeInfo, Target
 
 __all__ = ["ContrastiveDivergence"]
@@ -26,29 +26,29 @@ class ContrastiveDivergence(ChainSettings):
     """One chain per batch row, started there (under its condition for a conditional energy).
 
     ``num_chains`` is unused (the batch size sets the number of negatives) and no chains are
-    recorded; the state keeps the step size and the last negatives.
+    recorded; the state is the step size alone.
     """
 
     name = "contrastive_divergence"
     supports_conditions = True
     num_recorded_chains: int = 0
 
-    def init(self, key, data, base) -> ChainState:
-        return ChainState(random_rows(key, flat(data), 1), self.initial_step_size())
+    def init(self, key, data, base) -> jax.Array:
+        return self.initial_step_size()
 
-    def sample(self, key, state: ChainState, target: Target):
+    def sample(self, key, step_size, target: Target):
         _, k_chains = jax.random.split(key)
         starts = target.batch
         if target.conditions is None:
-            run = self.run(k_chains, starts, target, state.step_size)
+            run = self.run(k_chains, starts, target, step_size)
             finals, acceptance, norm = run.finals, run.acceptance_rate, run.langevin_grad_norm
         else:
-            finals, acceptance, norm = self._conditional(k_chains, starts, target, state)
-        new = ChainState(finals, self.adapted(state.step_size, acceptance))
-        return new, finals, NegativeInfo(acceptance, state.step_size, norm, {})
+            finals, acceptance, norm = self._conditional(k_chains, starts, target, step_size)
+        new_step_size = self.adapted(step_size, acceptance)
+        return new_step_size, finals, NegativeInfo(acceptance, step_size, norm, {})
 
-    def _conditional(self, key, starts, target: Target, state: ChainState):
-        sampler, step_size = self.sampler, state.step_size
+    def _conditional(self, key, starts, target: Target, step_size):
+        sampler = self.sampler
 
         def one(k, start, condition):
             def logdensity(z):

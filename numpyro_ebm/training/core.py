@@ -296,7 +296,8 @@ def init(key: jax.Array, params, data, problem, config: TrainConfig) -> TrainSta
         probes = bases[name].sample(jax.random.fold_in(keys[name], 1), NUM_PROBES)
         probes = jnp.reshape(probes, (NUM_PROBES, *site.event_shape))
         free[name] = _site_free_constants(problem, trainable, static, data, key, name, probes)
-        start = bases[name].log_z if site.conditions is None else jnp.nan
+        # a conditional energy has a log Z per condition: none is learned (0 stays 0)
+        start = bases[name].log_z if site.conditions is None else 0.0
         log_z[name] = jnp.asarray(start, jnp.float32)
     adam = config.log_z_optimizer()
     return TrainState(
@@ -397,8 +398,13 @@ def step(key: jax.Array, state: TrainState, batch, problem, config: TrainConfig)
         is_finite=finite,
         heldout_nll=jnp.full((), jnp.nan),
         sites={
-            name: _site_info(infos[name], site_terms[name], new_state.average_log_z[name], config)
-            for name in sites
+            name: _site_info(
+                infos[name],
+                site_terms[name],
+                new_state.average_log_z[name] if site.conditions is None else jnp.nan,
+                config,
+            )
+            for name, site in sites.items()
         },
     )
     return new_state, info

@@ -255,7 +255,7 @@ def fit(
         checkpoint_every=checkpoint_every,
         sharding=sharding,
     )
-    result = fit_result(state, history, recorded, config, event_shape)
+    result = fit_result(state, history, recorded, config, event_shape, condition is not None)
     if calibrate_log_z:
         k_ais = jax.random.fold_in(k_init, 1)  # init consumed k_init itself; this is a new key
         result.log_z_ais = _logz.ais(result.energy, event_shape, key=k_ais, data=data)
@@ -283,11 +283,10 @@ def run_meta(config: TrainConfig, resolved: TrainConfig, schedule: int, num_step
     }
 
 
-def fit_result(state, history, recorded, config, event_shape) -> FitResult:
+def fit_result(state, history, recorded, config, event_shape, conditional) -> FitResult:
     """The ``FitResult`` of a final (or loaded) state."""
     negatives = state.negatives[SITE]
     bank = getattr(negatives, "bank", None)  # a sampler may keep no samples in its state
-    conditional = not bool(jnp.isfinite(state.average_log_z[SITE]))
     learned = None
     if not conditional:
         value = float(state.average_log_z[SITE])
@@ -343,7 +342,7 @@ def load(folder: str | os.PathLike, energy=None, *, config=None, generator=None)
     stand_in = _stand_in_data(event_shape, problem.conditional, meta)
     like = core.init(jax.random.key(0), energy, stand_in, problem, config)
     state, history, recorded = checkpoint.resume(folder, like, None, meta)
-    return fit_result(state, history, recorded, config, event_shape)
+    return fit_result(state, history, recorded, config, event_shape, problem.conditional)
 
 
 def _stand_in_data(event_shape, conditional: bool, meta: dict):

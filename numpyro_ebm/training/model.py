@@ -135,6 +135,7 @@ class ModelProblem:
         self.inverse_transforms = inverse_transforms
         self.event_shapes = event_shapes  # site name -> the shape of one event
         self.site_names = tuple(event_shapes)
+        self.conditional: set[str] = set()  # sites of conditional energies (found at init)
 
     def constrain(self, params: dict) -> dict:
         return transform_fn(self.inverse_transforms, params)
@@ -279,6 +280,8 @@ class MaximumLikelihood:
         params, transforms, sites = _trace_params(self.model, key, args, kwargs)
         if self.problem is None or self.problem.event_shapes != sites:
             self.problem = ModelProblem(self.model, transforms, sites)
+        sites = self.problem.sites(params, key, (args, kwargs))
+        self.problem.conditional = {n for n, s in sites.items() if s.conditions is not None}
         return core.init(key, params, (args, kwargs), self.problem, self.config)
 
     def get_params(self, state: core.TrainState) -> dict:
@@ -349,5 +352,9 @@ class MaximumLikelihood:
     def _result(self, state, history, recorded) -> MaximumLikelihoodResult:
         shapes = self.problem.event_shapes
         draws = {name: loop.records_to_draws(r, shapes[name]) for name, r in recorded.items()}
-        log_z = {name: float(v) for name, v in state.average_log_z.items()}
+        log_z = {
+            name: float(v)
+            for name, v in state.average_log_z.items()
+            if name not in self.problem.conditional
+        }
         return MaximumLikelihoodResult(self.get_params(state), state, history, draws, log_z)
