@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -74,6 +75,9 @@ class TrainConfig:
             ``DeepEnergy``) gets no penalty, so it cannot bias their maximum-likelihood
             solution. Its residual effect on flexible energies is measured in
             docs/benchmarks.md.
+        energy_l2_decay: decay ``energy_l2`` to 0 over the run (``(1 + cos(π t / T)) / 2``
+            with ``T`` the default optimizers' schedule length), so that the stabiliser acts
+            while the energies' scale settles and its pull on the density vanishes at the end.
         ema_decay: decay of the parameter moving average returned as the trained model
             (``None``: the last iterate); the decay at step t is
             ``min(ema_decay, (1 + t) / (10 + t))``.
@@ -98,6 +102,7 @@ class TrainConfig:
             (``fit`` builds it from ``devices``); None: leave placement to JAX.
         conditional_negatives: the sampler of conditional sites when ``negatives`` cannot
             handle conditions; None: contrastive divergence with the same kernel.
+        schedule_steps: the length ``T`` of the run's schedules (set by ``resolve``).
     """
 
     optimizer: optax.GradientTransformation | None = None
@@ -109,6 +114,7 @@ class TrainConfig:
     num_mcmc_steps: int = 20
     batch_size: int = 1024
     energy_l2: float = 0.01
+    energy_l2_decay: bool = True
     ema_decay: float | None = 0.995
     buffer_size: int = 10_000
     reinit_fraction: float = 0.1
@@ -124,6 +130,7 @@ class TrainConfig:
     matmul_precision: str = "float32"
     sharding: Any = None
     conditional_negatives: Any = None
+    schedule_steps: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "sampler", _samplers.get_sampler(self.sampler))
@@ -166,6 +173,13 @@ class TrainConfig:
     def runs_chains(self) -> bool:
         return self.negatives_name != "generator"
 
+    def energy_l2_at(self, step):
+        """The ``energy_l2`` weight at training step ``step`` (see ``energy_l2_decay``)."""
+        if not self.energy_l2_decay or self.schedule_steps is None:
+            return self.energy_l2
+        fraction = jnp.minimum(step.astype(jnp.float32) / self.schedule_steps, 1.0)
+        return self.energy_l2 * 0.5 * (1.0 + jnp.cos(jnp.pi * fraction))
+
     def log_z_optimizer(self) -> optax.GradientTransformation:
         return optax.adam(self.log_z_learning_rate)
 
@@ -185,6 +199,7 @@ class TrainConfig:
             self.negatives, **settings, optimizer=generator_optimizer, generator=generator
         )
         return self.replace(
+            schedule_steps=schedule_steps,
             optimizer=optimizer,
             generator_optimizer=generator_optimizer,
             negatives=negatives,
@@ -201,7 +216,14 @@ class TrainConfig:
             for f in dataclasses.fields(self.negatives):
                 if f.init and f.compare:
                     negatives[f.name] = _negatives.describe_value(_field_default(f))
-        keep = ("batch_size", "energy_l2", "ema_decay", "log_z_learning_rate", "record_every")
+        keep = (
+            "batch_size",
+            "energy_l2",
+            "energy_l2_decay",
+            "ema_decay",
+            "log_z_learning_rate",
+            "record_every",
+        )
         return {
             "negatives": negatives,
             "objective": "ml",
@@ -224,6 +246,7 @@ class TrainConfig:
             "objective": objective.name if isinstance(objective, Objective) else objective,
             "batch_size": self.batch_size,
             "energy_l2": self.energy_l2,
+            "energy_l2_decay": self.energy_l2_decay,
             "ema_decay": self.ema_decay,
             "log_z_learning_rate": self.log_z_learning_rate,
             "record_every": self.record_every,

@@ -363,7 +363,7 @@ def step(key: jax.Array, state: TrainState, batch, problem, config: TrainConfig)
 
     params, static = eqx.partition(state.params, eqx.is_inexact_array)
     (loss, site_terms), grads = objective_grad(
-        params, static, problem, k_model, batch, draws, config, state.free_constant
+        params, static, problem, k_model, batch, draws, config, state.free_constant, state.step
     )
     updates, opt_state = config.optimizer.update(grads, state.opt_state, params)
     new_params = optax.apply_updates(params, updates)
@@ -426,7 +426,7 @@ def _site_info(info: NegativeInfo, site_terms: SiteTerms, log_z, config) -> Site
     )
 
 
-def objective_grad(params, static, problem, key, batch, negatives, config, free_constant):
+def objective_grad(params, static, problem, key, batch, negatives, config, free_constant, step):
     """``((loss, {site: SiteTerms}), grads)``: the gradient of the objective plus, for each
     site whose energy has a free additive constant (``free_constant``), its ``energy_l2``
     penalty."""
@@ -435,9 +435,10 @@ def objective_grad(params, static, problem, key, batch, negatives, config, free_
         loss, site_terms = problem.loss(
             eqx.combine(p, static), key, batch, config.objective, negatives
         )
+        weight = config.energy_l2_at(step)
         for name, t in site_terms.items():
             applies = _has_free_constant(free_constant[name])
-            loss = loss + applies * config.energy_l2 * t.count * t.terms.penalty
+            loss = loss + applies * weight * t.count * t.terms.penalty
         return loss, site_terms
 
     (loss, site_terms), grads = jax.value_and_grad(total, has_aux=True)(params)
