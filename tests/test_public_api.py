@@ -30,9 +30,7 @@ def test_energy_distribution():
     d = ebm.EnergyDistribution(energy, event_shape=(2,), log_z=0.0)
     x = jnp.ones((3, 2))
     np.testing.assert_allclose(d.log_prob(x), -jax.vmap(energy)(x), rtol=1e-6)
-    d = ebm.EnergyDistribution(
-        energy, (2,), log_z=energy.log_z, sampler=ebm.samplers.mala(num_warmup=10)
-    )
+    d = ebm.EnergyDistribution(energy, (2,), log_z=energy.log_z, sampler="mala")
     assert d.sample(jax.random.key(1), (5,)).shape == (5, 2)
 
     def model(obs=None):
