@@ -65,19 +65,16 @@ class TrainConfig:
         num_mcmc_steps: sampler steps per training step.
         batch_size: data points per step (``fit``: drawn with replacement).
         energy_l2: weight ``α`` of the stabiliser ``α (mean E(data)² + mean E(neg)²)`` per
-            data point (the objective's ``penalty``). Without it, maximum-likelihood training
-            of a flexible energy can run away: the energies' scale grows until the chains
-            freeze (``benchmarks/toy_quality.py``, docs/benchmarks.md). It is applied only to
-            an energy with a free additive constant (``free_constants``, e.g. an MLP's output
-            bias): the constant absorbs the mean energy, so the penalty acts on the spread of
-            the energies, ``Var(E)`` under data and model, which does not depend on the
-            density's scale for a Gaussian; an energy without one (``GaussianEnergy``,
-            ``DeepEnergy``) gets no penalty, so it cannot bias their maximum-likelihood
-            solution. Its residual effect on flexible energies is measured in
-            docs/benchmarks.md.
-        energy_l2_decay: decay ``energy_l2`` to 0 over the run (``(1 + cos(π t / T)) / 2``
-            with ``T`` the default optimizers' schedule length), so that the stabiliser acts
-            while the energies' scale settles and its pull on the density vanishes at the end.
+            data point (the objective's ``penalty``), applied only to an energy with a free
+            additive constant (``free_constants``, e.g. an MLP's output bias; an energy
+            without one, ``GaussianEnergy`` or ``DeepEnergy``, gets none). Without it,
+            maximum-likelihood training of a flexible energy can run away: the energies'
+            scale grows until the chains freeze. Held at its full weight it also flattens
+            the density (a few % on a Gaussian's covariance); decayed to 0 over the run
+            (``energy_l2_decay``, the default) it keeps training stable and the final
+            density unbiased (``benchmarks/energy_l2_bias.py``, docs/benchmarks.md).
+        energy_l2_decay: decay ``energy_l2`` to 0 over the run, ``(1 + cos(π t / T)) / 2``
+            with ``T`` the default optimizers' schedule length.
         ema_decay: decay of the parameter moving average returned as the trained model
             (``None``: the last iterate); the decay at step t is
             ``min(ema_decay, (1 + t) / (10 + t))``.
