@@ -250,11 +250,6 @@ def test_a_differing_setting_is_named_with_both_values(tmp_path):
         tiny_fit(tmp_path, num_chains=32)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library: checkpoint._setting_differences names a setting the checkpoint does not "
-    "record as '(not set)' instead of matching it to its default (load_checkpoint's docstring)",
-)
 def test_a_setting_missing_from_an_old_checkpoint_matches_its_default(tmp_path, straight):
     """A library upgrade adds a setting: old checkpoints lack it, and resume if the run uses
     its default."""

@@ -301,12 +301,6 @@ def test_conditional_log_prob_and_sampling_per_condition():
         ebm.EnergyDistribution(scaled_energy(jnp.zeros(1), 0.0), (1,), condition=conditions)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library: conditional sites cannot train: ContrastiveDivergence.init keeps a 1-row "
-    "bank but sample returns one row per batch row (lax.scan carry mismatch), and the NaN "
-    "log_z of a conditional site makes core.step reject every step",
-)
 def test_maximum_likelihood_of_a_conditional_energy_recovers_least_squares():
     c = jax.random.uniform(jax.random.key(13), (1000, 1), minval=-2, maxval=2)
     y = 0.8 * c + 0.3 * jax.random.normal(jax.random.key(14), (1000, 1))
@@ -327,12 +321,6 @@ def test_maximum_likelihood_of_a_conditional_energy_recovers_least_squares():
     assert float(jnp.exp(res.params["log_s"])) == pytest.approx(s_hat, abs=0.03)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library: conditional sites cannot train: ContrastiveDivergence.init keeps a 1-row "
-    "bank but sample returns one row per batch row (lax.scan carry mismatch), and the NaN "
-    "log_z of a conditional site makes core.step reject every step",
-)
 def test_conditional_ebm_beats_every_gaussian_conditional_on_a_two_branch_response():
     """y | x ~ ½ N(x, 0.2²) + ½ N(−x, 0.2²): a short MaximumLikelihood run of a conditional MLP
     energy, normalised per test x by quadrature over y, has a lower held-out NLL than the
