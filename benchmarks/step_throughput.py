@@ -101,8 +101,9 @@ def hand_written(
         def loss(p):
             e_data = jax.vmap(lambda x: e(p, x))(batch)
             e_neg = jax.vmap(lambda x: e(p, x))(negatives)
-            # fit's default energy_l2: 0.01, decayed to 0 over the schedule (cosine)
-            weight = 0.01 * 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(t / schedule_steps, 1.0)))
+            # fit's default energy_l2: 0.01, decayed to 10% over the schedule (cosine)
+            cosine = 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(t / schedule_steps, 1.0)))
+            weight = 0.01 * (0.1 + 0.9 * cosine)
             l2 = weight * (jnp.mean(e_data**2) + jnp.mean(e_neg**2))
             return jnp.mean(e_data) - jnp.mean(e_neg) + l2
 

@@ -226,7 +226,7 @@ class MaximumLikelihood:
             EBM site whose energy has a free additive constant).
         **settings: any other ``TrainConfig`` field (e.g. ``num_recorded_chains``,
             ``generator_optimizer``: for the generator modes; default a constant-rate Adam).
-            ``energy_l2_decay`` defaults to False here: the learner does not know the run's
+            ``energy_l2_decay`` defaults to None (constant) here: the learner does not know the run's
             length when it is built.
     """
 
@@ -248,7 +248,7 @@ class MaximumLikelihood:
     ):
         if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
             raise TypeError(f"optimizer must be an optax GradientTransformation, got {optimizer!r}")
-        settings.setdefault("energy_l2_decay", False)  # no run length is known here
+        settings.setdefault("energy_l2_decay", None)  # no run length is known here
         config = TrainConfig(
             optimizer=optimizer, sampler=sampler, negatives=negatives, num_chains=num_chains,
             num_mcmc_steps=num_mcmc_steps, reinit_fraction=reinit_fraction,
