@@ -301,6 +301,11 @@ def test_conditional_log_prob_and_sampling_per_condition():
         ebm.EnergyDistribution(scaled_energy(jnp.zeros(1), 0.0), (1,), condition=conditions)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="library (at 97a88df): MaximumLikelihood leaves the numpyro.param a of a "
+    "conditional Partial energy at exactly 0.0 after 500 steps; fit trains the same energy",
+)
 def test_maximum_likelihood_of_a_conditional_energy_recovers_least_squares():
     c = jax.random.uniform(jax.random.key(13), (1000, 1), minval=-2, maxval=2)
     y = 0.8 * c + 0.3 * jax.random.normal(jax.random.key(14), (1000, 1))
