@@ -226,8 +226,8 @@ class MaximumLikelihood:
             EBM site whose energy has a free additive constant).
         **settings: any other ``TrainConfig`` field (e.g. ``num_recorded_chains``,
             ``generator_optimizer``: for the generator modes; default a constant-rate Adam).
-            ``energy_l2_decay`` defaults to None (constant) here: the learner does not know the run's
-            length when it is built.
+            ``energy_l2_decay`` defaults to None (constant) here: the learner does not know
+            the run's length when it is built.
     """
 
     def __init__(
