@@ -1334,7 +1334,8 @@ def _sample(args: argparse.Namespace) -> int:
     model = ebm.EnergyDistribution(
         res.energy,
         res.event_shape,
-        sampler=res.config.sampler.replace(num_warmup=args.mcmc_steps),
+        sampler=res.config.sampler,
+        draws=samplers.DrawSettings(num_warmup=args.mcmc_steps),
         initializer=res.generator,
     )
     draws = data.to_original(model.sample(jax.random.key(args.seed), (args.num,)))
