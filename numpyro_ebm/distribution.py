@@ -96,8 +96,9 @@ class EnergyDistribution(dist.Distribution):
     ``log_prob(x) = −energy(x) − log_z``: exact when ``log_z`` is the true log partition
     function, otherwise correct up to a constant. ``sample`` draws APPROXIMATE samples by running
     BlackJAX chains (MALA by default: the step size is tuned during the first half of the
-    warm-up and held fixed from then on); configure it with ``sampler``. The distribution has
-    no reparametrised sampler (``has_rsample`` is False).
+    warm-up and held fixed from then on); configure the kernel with ``sampler`` and the warm-up,
+    thinning and number of chains with ``draws``. The distribution has no reparametrised
+    sampler (``has_rsample`` is False).
 
     ``log_z`` when not given (``None``): an energy with a ``log_z`` attribute (the closed-form
     ``energies.GaussianEnergy`` and ``energies.GaussianMixtureEnergy``, whose ``log_z`` is exact
@@ -116,18 +117,20 @@ class EnergyDistribution(dist.Distribution):
             distribution's ``batch_shape`` (the same energy with per-batch normalisers).
             ``None`` (default): the energy's own exact ``log_z`` where it has one, else 0
             (see above).
-        sampler: ``numpyro_ebm.samplers.Sampler`` (or a kernel name) used by ``sample``;
-            ``"initializer"``: ``sample`` returns the initializer's draws as they are, no MCMC
-            (fast; exact only as far as the initializer matches the model).
+        sampler: ``numpyro_ebm.samplers.Sampler`` (or a kernel name): the kernel ``sample``
+            runs; ``"initializer"``: ``sample`` returns the initializer's draws as they are, no
+            MCMC (fast; exact only as far as the initializer matches the model).
+        draws: ``numpyro_ebm.samplers.DrawSettings``: how ``sample`` draws (``num_warmup``,
+            ``thinning``, ``num_chains``, ``init_scale``); default ``DrawSettings()``.
         initializer: where ``sample``'s chains start: a callable pytree ``(key, n) -> (n,
             *event_shape)``, e.g. a trained ``numpyro_ebm.generator.Generator``
             (``FitResult.distribution()`` passes its generator). Default: ``Normal(0,
-            init_scale²)``. Chains started near the model need less warm-up.
+            draws.init_scale²)``. Chains started near the model need less warm-up.
         condition: makes the distribution CONDITIONAL, ``p(x | c) ∝ exp(−E(x, c))``: an
             array ``(*batch_shape, condition_size)`` of conditions, one vector per batch
             element (scalars as ``(n, 1)``). ``energy(x, c)`` then takes one event and one
             condition vector; ``log_z`` (if not 0) is per condition. ``sample`` runs
-            ``sampler.num_chains`` chains per condition (default: one per draw), the chains
+            ``draws.num_chains`` chains per condition (default: one per draw), the chains
             of each condition with their own step-size warm-up.
         validate_args: NumPyro argument/sample validation (as for any NumPyro distribution).
 
@@ -150,7 +153,7 @@ class EnergyDistribution(dist.Distribution):
     arg_constraints: ClassVar[dict] = {"log_z": constraints.real}
     reparametrized_params: ClassVar[list] = []
     pytree_data_fields = ("energy", "log_z", "initializer", "condition")
-    pytree_aux_fields = ("sampler",)
+    pytree_aux_fields = ("sampler", "draws")
 
     def tree_flatten(self):
         # the energy's non-traceable leaves (an eqx.nn.MLP's activation, a plain function) go
@@ -168,6 +171,7 @@ class EnergyDistribution(dist.Distribution):
         log_z=None,
         *,
         sampler: _samplers.Sampler | str | None = None,
+        draws: _samplers.DrawSettings | None = None,
         initializer: Callable | None = None,
         condition=None,
         validate_args: bool | None = None,
@@ -196,6 +200,7 @@ class EnergyDistribution(dist.Distribution):
         self.initializer = initializer
         self.condition = condition
         self.sampler = sampler if sampler == "initializer" else _samplers.get_sampler(sampler)
+        self.draws = _draw_settings(draws)
         batch_shape = jnp.shape(self.log_z)
         if condition is not None:
             batch_shape = jnp.broadcast_shapes(batch_shape, condition.shape[:-1])
@@ -252,14 +257,14 @@ class EnergyDistribution(dist.Distribution):
     def sample(self, key, sample_shape=()):
         """Approximate samples from BlackJAX chains (see ``numpyro_ebm.samplers.Sampler``).
 
-        Runs ``sampler.num_chains`` chains (default: one per draw; a conditional distribution
-        runs them per condition) from the ``initializer`` (default ``Normal(0, init_scale²)``),
-        ``num_warmup`` warm-up steps (the first half tunes the step size by dual averaging, the
-        second half runs with it fixed, so no draw comes from an adapting kernel), then records
-        every ``thinning``-th step. Each draw, even a single one, follows the target as far as
-        the warm-up has converged; check them with ``sample_with_trace`` and
-        ``numpyro_ebm.diagnostics`` when it matters. With ``sampler="initializer"`` the
-        initializer's draws are returned as they are.
+        Runs ``draws.num_chains`` chains of ``sampler`` (default: one per draw; a conditional
+        distribution runs them per condition) from the ``initializer`` (default ``Normal(0,
+        draws.init_scale²)``), ``draws.num_warmup`` warm-up steps (the first half tunes the step
+        size by dual averaging, the second half runs with it fixed, so no draw comes from an
+        adapting kernel), then records every ``draws.thinning``-th step. Each draw, even a
+        single one, follows the target as far as the warm-up has converged; check them with
+        ``sample_with_trace`` and ``numpyro_ebm.diagnostics`` when it matters. With
+        ``sampler="initializer"`` the initializer's draws are returned as they are.
         """
         return self.sample_with_trace(key, sample_shape)[0]
 
@@ -281,7 +286,7 @@ class EnergyDistribution(dist.Distribution):
         Example:
             >>> import jax, jax.numpy as jnp, numpyro_ebm as ebm
             >>> d = ebm.EnergyDistribution(ebm.energies.GaussianEnergy(jnp.zeros(2)), (2,),
-            ...     sampler=ebm.samplers.mala(num_chains=4, num_warmup=200))
+            ...     draws=ebm.samplers.DrawSettings(num_chains=4, num_warmup=200))
             >>> x, draws = d.sample_with_trace(jax.random.key(0), (400,))
             >>> x.shape, draws.positions.shape
             ((400, 2), (4, 100, 2))
@@ -301,21 +306,27 @@ class EnergyDistribution(dist.Distribution):
         return samples.reshape(*shape, *self.event_shape), draws
 
     def _run_chains(self, key, logdensity, num_draws: int):
-        """``num_draws`` draws of ``logdensity`` from ``sampler.num_chains`` chains (default one
+        """``num_draws`` draws of ``logdensity`` from ``draws.num_chains`` chains (default one
         per draw): ``(samples (num_draws, dim), Draws)``."""
-        cfg = self.sampler
+        settings = self.draws
         dim = math.prod(self.event_shape)
         dtype = self.log_z.dtype
-        num_chains = cfg.num_chains or num_draws
+        num_chains = settings.num_chains or num_draws
         draws_per_chain = -(-num_draws // num_chains)
         key_init, key_chains = jax.random.split(key)
         if self.initializer is None:
-            positions = cfg.init_scale * jax.random.normal(key_init, (num_chains, dim), dtype)
+            positions = settings.init_scale * jax.random.normal(key_init, (num_chains, dim), dtype)
         else:
             positions = self.initializer(key_init, num_chains).reshape(num_chains, dim)
             positions = positions.astype(dtype)
         draws, _ = _samplers.sample_chains(
-            key_chains, cfg, logdensity, positions, draws_per_chain, event_shape=self.event_shape
+            key_chains,
+            self.sampler,
+            logdensity,
+            positions,
+            draws_per_chain,
+            draws=settings,
+            event_shape=self.event_shape,
         )
         # draw-major flattening: consecutive samples come from different chains
         samples = jnp.swapaxes(draws.positions, 0, 1).reshape(-1, dim)[:num_draws]
@@ -352,6 +363,18 @@ def _exact_log_z(energy: Callable):
     if isinstance(log_z, jax.Array | np.ndarray | float | int) and not isinstance(log_z, bool):
         return log_z
     return 0.0
+
+
+def _draw_settings(draws) -> _samplers.DrawSettings:
+    """``draws`` checked (``None``: the defaults)."""
+    if draws is None:
+        return _samplers.DrawSettings()
+    if not isinstance(draws, _samplers.DrawSettings):
+        raise TypeError(
+            f"draws must be a numpyro_ebm.samplers.DrawSettings (warm-up, thinning, chains), "
+            f"got {draws!r}"
+        )
+    return draws
 
 
 def _check_initializer(initializer: Callable, event_shape: tuple[int, ...]) -> None:

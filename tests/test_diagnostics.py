@@ -21,7 +21,12 @@ def gaussian_runs():
     logdensity = samplers.flat_logdensity(energies.GaussianEnergy(jnp.zeros(2), COV), (2,))
     starts = 3.0 * jax.random.normal(jax.random.key(1), (400, 2))
     draws, _ = samplers.sample_chains(
-        jax.random.key(0), samplers.mala(num_warmup=500), logdensity, starts, num_draws=2000
+        jax.random.key(0),
+        samplers.mala(),
+        logdensity,
+        starts,
+        num_draws=2000,
+        draws=samplers.DrawSettings(num_warmup=500),
     )
     return draws
 
@@ -84,7 +89,12 @@ def test_chains_stuck_in_different_modes_fail_the_verdict():
     logdensity = samplers.flat_logdensity(_two_mode_energy(), (2,))
     starts = jnp.array([[-8.0, 0.0], [-8.0, 0.1], [8.0, 0.0], [8.0, 0.1]])
     draws, _ = samplers.sample_chains(
-        jax.random.key(2), samplers.mala(num_warmup=200), logdensity, starts, num_draws=1000
+        jax.random.key(2),
+        samplers.mala(),
+        logdensity,
+        starts,
+        num_draws=1000,
+        draws=samplers.DrawSettings(num_warmup=200),
     )
     assert np.all(np.sign(np.asarray(draws.positions[..., 0])) == np.sign(starts[:, None, 0]))
     verdict = diagnostics.diagnose(draws, verbose=False)
@@ -97,10 +107,11 @@ def test_hmc_records_the_kept_states_hamiltonian_and_bfmi():
     logdensity = samplers.flat_logdensity(energy, (3,))
     draws, _ = samplers.sample_chains(
         jax.random.key(3),
-        samplers.hmc(num_warmup=300),
+        samplers.hmc(),
         logdensity,
         jnp.zeros((8, 3)),
         num_draws=1000,
+        draws=samplers.DrawSettings(num_warmup=300),
     )
     # HMC with its Metropolis step keeps (x, p) distributed as exp(-H): the kept state's
     # kinetic energy H + log p(x) has mean d/2 = 1.5
@@ -131,7 +142,7 @@ def test_to_datatree_reads_run_chains_and_sample_with_trace():
     assert np.all(dt["sample_stats"]["n_steps"].values == 2)  # thinning adds up the work
 
     d = ebm.EnergyDistribution(
-        energy, (2,), log_z=energy.log_z, sampler=samplers.mala(num_chains=4, num_warmup=50)
+        energy, (2,), log_z=energy.log_z, draws=samplers.DrawSettings(num_chains=4, num_warmup=50)
     )
     samples, trace = d.sample_with_trace(jax.random.key(5), (40,))
     assert samples.shape == (40, 2) and trace.positions.shape == (4, 10, 2)
@@ -331,14 +342,18 @@ def test_chains_that_do_not_move_fail_the_verdict(small_fit, frozen_fit):
 def test_frozen_chains_on_a_fixed_target_fail_and_ula_is_not_blamed():
     logdensity = samplers.flat_logdensity(energies.GaussianEnergy(jnp.zeros(2), COV), (2,))
     starts = 3.0 * jax.random.normal(jax.random.key(7), (4, 2))
-    tiny = samplers.Sampler("mala", step_size=1e-5, adapt_step_size=False, num_warmup=0)
-    draws, _ = samplers.sample_chains(jax.random.key(8), tiny, logdensity, starts, 500)
+    tiny = samplers.Sampler("mala", step_size=1e-5, adapt_step_size=False)
+    no_warmup = samplers.DrawSettings(num_warmup=0)
+    draws, _ = samplers.sample_chains(
+        jax.random.key(8), tiny, logdensity, starts, 500, draws=no_warmup
+    )
     verdict = diagnostics.diagnose(draws, verbose=False)
     assert verdict["chain_movement"].status == "fail"
     assert verdict["acceptance"].status == "fail"
     # ULA's acceptance is 1 by construction: information, not a failure
-    ula = samplers.Sampler("ula", step_size=0.05, num_warmup=200)
-    draws, _ = samplers.sample_chains(jax.random.key(8), ula, logdensity, starts, 500)
+    ula = samplers.Sampler("ula", step_size=0.05)
+    warm = samplers.DrawSettings(num_warmup=200)
+    draws, _ = samplers.sample_chains(jax.random.key(8), ula, logdensity, starts, 500, draws=warm)
     verdict = diagnostics.diagnose(draws, verbose=False)
     assert verdict["acceptance"].status == "info"
     assert verdict["chain_movement"].status == "ok"
@@ -377,7 +392,12 @@ def test_rhat_message_says_what_was_measured(small_fit):
     logdensity = samplers.flat_logdensity(_two_mode_energy(), (2,))
     starts = jnp.array([[-8.0, 0.0], [-8.0, 0.1], [8.0, 0.0], [8.0, 0.1]])
     draws, _ = samplers.sample_chains(
-        jax.random.key(2), samplers.mala(num_warmup=200), logdensity, starts, num_draws=1000
+        jax.random.key(2),
+        samplers.mala(),
+        logdensity,
+        starts,
+        num_draws=1000,
+        draws=samplers.DrawSettings(num_warmup=200),
     )
     check = diagnostics.diagnose(draws, verbose=False)["r_hat"]
     # only x[0] separates the two modes; x[1] agrees between chains

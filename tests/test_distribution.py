@@ -109,7 +109,8 @@ def test_explicit_log_z_wins_and_other_energies_default_to_zero():
 def test_shapes(prepend_shape, batch_shape):
     energy = GaussianEnergy(MEAN, COV)
     log_z = energy.log_z + jnp.arange(math.prod(batch_shape), dtype=float).reshape(batch_shape)
-    d = ebm.EnergyDistribution(energy, (2,), log_z=log_z, sampler=ebm.samplers.mala(num_warmup=5))
+    draws = ebm.samplers.DrawSettings(num_warmup=5)
+    d = ebm.EnergyDistribution(energy, (2,), log_z=log_z, draws=draws)
     assert d.batch_shape == batch_shape and d.event_shape == (2,)
     sample = d.sample(jax.random.key(1), prepend_shape)
     assert sample.shape == prepend_shape + batch_shape + (2,)
@@ -226,6 +227,28 @@ def test_vmap_over_energy_parameters():
     np.testing.assert_allclose(jax.vmap(log_prob)(means), expected, atol=1e-5)
 
 
+def test_pytree_and_vmap_carry_the_draw_settings():
+    settings = ebm.samplers.DrawSettings(num_warmup=3, num_chains=2)
+    d = gaussian_ebm(sampler="hmc", draws=settings)
+    out = jax.jit(lambda d: d)(d)
+    assert out.draws == settings and out.sampler == ebm.samplers.hmc()
+    energy = GaussianEnergy(MEAN, COV)
+
+    def make(log_z):
+        return ebm.EnergyDistribution(energy, (2,), log_z=log_z, draws=settings)
+
+    axes = vmap_over(make(energy.log_z), log_z=0)
+    batched = jax.vmap(make, out_axes=axes)(energy.log_z + jnp.arange(3.0))
+    assert batched.draws == settings
+
+
+def test_draws_must_be_draw_settings_and_sampler_has_no_draw_settings():
+    with pytest.raises(TypeError, match="DrawSettings"):
+        gaussian_ebm(draws=ebm.samplers.mala())
+    with pytest.raises(TypeError, match="num_chains"):
+        ebm.samplers.mala(num_chains=4)
+
+
 # -- NumPyro combinators ---------------------------------------------------------------------
 
 
@@ -290,11 +313,11 @@ def assert_iid_gaussian(x, mean, cov, z=4.5):
 # n iid draws for the moment checks: the variance's standard error is then 1% of σ², and the
 # Mahalanobis average's sqrt(4 / n) = 0.014, enough to see a few percent of under-dispersion
 N_IID = 20_000
-FAST = ebm.samplers.mala(num_warmup=200)
+FAST = ebm.samplers.DrawSettings(num_warmup=200)
 
 
 def test_single_draws_vmapped_over_keys_have_the_target_moments():
-    d = gaussian_ebm(sampler=FAST)
+    d = gaussian_ebm(draws=FAST)
     keys = jax.random.split(jax.random.key(20), N_IID)
     x = jax.jit(jax.vmap(lambda k: d.sample(k)))(keys)
     assert x.shape == (N_IID, 2)
@@ -302,7 +325,7 @@ def test_single_draws_vmapped_over_keys_have_the_target_moments():
 
 
 def test_many_draws_have_the_target_moments():
-    x = gaussian_ebm(sampler=FAST).sample(jax.random.key(21), (N_IID,))
+    x = gaussian_ebm(draws=FAST).sample(jax.random.key(21), (N_IID,))
     assert_iid_gaussian(x, MEAN, COV)  # one chain per draw: iid
 
 
@@ -310,7 +333,7 @@ def test_predictive_on_a_latent_ebm_site_has_the_target_moments():
     """Predictive vmaps the model over its samples: every sample is ONE draw of the site."""
 
     def model():
-        return numpyro.sample("x", gaussian_ebm(sampler=FAST))
+        return numpyro.sample("x", gaussian_ebm(draws=FAST))
 
     out = Predictive(model, num_samples=N_IID, parallel=True)(jax.random.key(22))
     assert_iid_gaussian(out["x"], MEAN, COV)
@@ -318,7 +341,7 @@ def test_predictive_on_a_latent_ebm_site_has_the_target_moments():
 
 def test_sample_with_trace_returns_its_chains_and_the_target_moments():
     n, num_chains = N_IID, N_IID // 4
-    d = gaussian_ebm(sampler=FAST.replace(num_chains=num_chains, thinning=10))
+    d = gaussian_ebm(draws=FAST.replace(num_chains=num_chains, thinning=10))
     x, draws = d.sample_with_trace(jax.random.key(23), (n,))
     assert draws.positions.shape == (num_chains, 4, 2)
     # draw-major: the first num_chains samples are every chain's first draw
@@ -333,8 +356,8 @@ def conditional_gaussian(num_chains=None):
     energy = GaussianEnergy(MEAN, COV)
     shifted = jax.tree_util.Partial(lambda e, x, c: e(x - c), energy)
     conditions = jnp.array([[0.0, 0.0], [3.0, -1.0]])
-    sampler = FAST.replace(num_chains=num_chains)
-    d = ebm.EnergyDistribution(shifted, (2,), energy.log_z, condition=conditions, sampler=sampler)
+    draws = FAST.replace(num_chains=num_chains)
+    d = ebm.EnergyDistribution(shifted, (2,), energy.log_z, condition=conditions, draws=draws)
     return d, conditions
 
 
@@ -363,7 +386,7 @@ def test_conditional_sample_honours_num_chains():
 
 def test_sample_moments_match_the_gaussian():
     n = 4000
-    d = gaussian_ebm(sampler=ebm.samplers.mala(num_warmup=500))
+    d = gaussian_ebm(draws=ebm.samplers.DrawSettings(num_warmup=500))
     x = np.asarray(d.sample(jax.random.key(7), (n,)))
     # one independent chain per draw: the draws are (approximately) iid
     tol_mean, tol_cov = moment_tolerances(COV, n)
@@ -372,8 +395,8 @@ def test_sample_moments_match_the_gaussian():
 
 
 def test_sample_with_fewer_chains_and_thinning():
-    cfg = ebm.samplers.mala(num_warmup=300, num_chains=50, thinning=5)
-    d = gaussian_ebm(sampler=cfg)
+    settings = ebm.samplers.DrawSettings(num_warmup=300, num_chains=50, thinning=5)
+    d = gaussian_ebm(draws=settings)
     x = np.asarray(d.sample(jax.random.key(8), (2000,)))
     assert x.shape == (2000, 2)
     # 40 thinned draws per chain are autocorrelated: allow for an ESS of a quarter of n
@@ -381,10 +404,26 @@ def test_sample_with_fewer_chains_and_thinning():
     np.testing.assert_array_less(np.abs(x.mean(0) - MEAN), tol_mean)
 
 
+def test_draw_settings_are_honoured():
+    """num_chains chains, one draw every thinning steps, starts from Normal(0, init_scale²)."""
+    settings = ebm.samplers.DrawSettings(num_warmup=0, thinning=3, num_chains=4)
+    x, draws = gaussian_ebm(draws=settings).sample_with_trace(jax.random.key(12), (10,))
+    assert x.shape == (10, 2) and draws.positions.shape == (4, 3, 2)  # ceil(10 / 4) per chain
+    np.testing.assert_array_equal(draws.step, [3, 6, 9])
+    np.testing.assert_array_equal(draws.info.num_integration_steps, 3)
+    # a kernel that barely moves keeps the chains where init_scale put them
+    frozen = ebm.samplers.mala(step_size=1e-6, adapt_step_size=False)
+    for scale in (1.0, 100.0):
+        wide = ebm.samplers.DrawSettings(num_warmup=0, init_scale=scale, num_chains=2000)
+        x = gaussian_ebm(sampler=frozen, draws=wide).sample(jax.random.key(13), (2000,))
+        assert abs(float(jnp.std(x)) / scale - 1.0) < 0.1
+
+
 @pytest.mark.parametrize("kernel", ["hmc", "barker", "ula"])
 def test_sample_with_other_kernels(kernel):
-    cfg = ebm.samplers.get_sampler(kernel).replace(num_warmup=400)
-    x = np.asarray(gaussian_ebm(sampler=cfg).sample(jax.random.key(9), (3000,)))
+    settings = ebm.samplers.DrawSettings(num_warmup=400)
+    d = gaussian_ebm(sampler=kernel, draws=settings)
+    x = np.asarray(d.sample(jax.random.key(9), (3000,)))
     tol_mean, tol_cov = moment_tolerances(COV, 3000)
     np.testing.assert_array_less(np.abs(x.mean(0) - MEAN), tol_mean)
     if kernel != "ula":  # ULA's O(h) bias inflates the covariance; checked in test_samplers
@@ -392,7 +431,7 @@ def test_sample_with_other_kernels(kernel):
 
 
 def test_sample_keys_are_respected():
-    d = gaussian_ebm(sampler=ebm.samplers.mala(num_warmup=10))
+    d = gaussian_ebm(draws=ebm.samplers.DrawSettings(num_warmup=10))
     a = d.sample(jax.random.key(0), (5,))
     np.testing.assert_array_equal(a, d.sample(jax.random.key(0), (5,)))
     assert not np.allclose(a, d.sample(jax.random.key(1), (5,)))
@@ -405,9 +444,9 @@ def test_sample_under_jit_compiles_once():
         traces.append(1)
         return 0.5 * jnp.sum(x**2)
 
-    cfg = ebm.samplers.mala(num_warmup=10)
+    settings = ebm.samplers.DrawSettings(num_warmup=10)
     fn = jax.jit(
-        lambda key, log_z: ebm.EnergyDistribution(energy, (2,), log_z, sampler=cfg).sample(
+        lambda key, log_z: ebm.EnergyDistribution(energy, (2,), log_z, draws=settings).sample(
             key, (3,)
         )
     )
@@ -418,9 +457,11 @@ def test_sample_under_jit_compiles_once():
 
 
 def test_predictive():
+    settings = ebm.samplers.DrawSettings(num_warmup=300)
+
     def model(n):
         with numpyro.plate("n", n):
-            return numpyro.sample("x", gaussian_ebm(sampler=ebm.samplers.mala(num_warmup=300)))
+            return numpyro.sample("x", gaussian_ebm(draws=settings))
 
     out = Predictive(model, num_samples=2)(jax.random.key(10), 500)
     assert out["x"].shape == (2, 500, 2)

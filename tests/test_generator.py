@@ -363,7 +363,7 @@ def test_chains_started_at_a_matching_generator_sample_the_model():
         energy,
         (2,),
         log_z=energy.log_z,
-        sampler=ebm.samplers.mala(num_warmup=10),
+        draws=ebm.samplers.DrawSettings(num_warmup=10),
         initializer=linear_generator(mean, tril),
     )
     n = 4000

@@ -237,7 +237,7 @@ def test_predictive_uses_the_trained_params():
         mu = numpyro.param("mu", jnp.zeros(2))
         log_sigma = numpyro.param("log_sigma", jnp.zeros(()))
         d = ebm.EnergyDistribution(
-            scaled_energy(mu, log_sigma), (2,), sampler=ebm.samplers.mala(num_warmup=300)
+            scaled_energy(mu, log_sigma), (2,), draws=ebm.samplers.DrawSettings(num_warmup=300)
         )
         with numpyro.plate("data", n):
             numpyro.sample("x", d, obs=x)
@@ -276,7 +276,7 @@ def test_conditional_log_prob_and_sampling_per_condition():
         (1,),
         log_z=log_z,
         condition=conditions,
-        sampler=ebm.samplers.mala(num_warmup=300),
+        draws=ebm.samplers.DrawSettings(num_warmup=300),
     )
     assert d.batch_shape == (2,) and d.event_shape == (1,)
     y = jnp.array([[[-3.0], [4.0]], [[0.0], [5.0]]])  # (sample 2, batch 2, event 1)

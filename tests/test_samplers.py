@@ -107,12 +107,14 @@ def test_configuration_errors():
     with pytest.raises(ValueError, match="ULA has no accept"):
         samplers.ula(target_acceptance=0.5)
     with pytest.raises(ValueError, match="thinning must be an integer"):
-        samplers.mala(thinning=0)
+        samplers.DrawSettings(thinning=0)
+    with pytest.raises(TypeError, match="num_warmup"):  # draw settings are not the kernel's
+        samplers.mala(num_warmup=7)
     with pytest.raises(TypeError, match="sampler must be a name"):
         samplers.get_sampler(3)
     assert samplers.get_sampler("hmc").target == 0.65
     assert not samplers.ula().adapts
-    assert samplers.mala().replace(num_warmup=7).num_warmup == 7
+    assert samplers.DrawSettings().replace(num_warmup=7).num_warmup == 7
 
 
 def test_flat_logdensity_reshapes_events():
@@ -140,14 +142,77 @@ def test_one_chain_one_draw_has_the_target_variance(kernel):
     vmapped over n keys: the n draws are iid, so their variance has standard error
     sqrt(2/n) σ² (Var of a sample variance of Gaussians ≈ 2σ⁴/n); 4.5 standard errors."""
     n = 20_000
-    sampler = samplers.get_sampler(kernel).replace(num_warmup=200)
+    sampler = samplers.get_sampler(kernel)
+    settings = samplers.DrawSettings(num_warmup=200)
 
     def one(key):
         k_init, k_run = jax.random.split(key)
         start = jax.random.normal(k_init, (1, 1))
-        draws, _ = samplers.sample_chains(k_run, sampler, standard_normal, start, 1)
+        draws, _ = samplers.sample_chains(k_run, sampler, standard_normal, start, 1, draws=settings)
         return draws.positions[0, 0, 0]
 
     x = np.asarray(jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(7), n)))
     assert abs(x.var() - 1.0) < 4.5 * np.sqrt(2 / n), x.var()
     assert abs(x.mean()) < 4.5 / np.sqrt(n)
+
+
+# -- the registry, the step-size rules and the draw settings -----------------------------------
+
+
+def test_the_registry_is_the_one_table_of_kernels():
+    assert samplers.KERNELS == tuple(samplers.REGISTRY) == ("mala", "hmc", "ula", "barker")
+    for name, kernel in samplers.REGISTRY.items():
+        sampler = samplers.get_sampler(name)
+        assert sampler.target == samplers.TARGET_ACCEPTANCE[name] == kernel.target_acceptance
+        assert sampler.adapts == kernel.adapts and sampler.step_size == kernel.step_size
+    assert samplers.Sampler("hmc").step_size == 0.05  # the dataclass default, not the factory's
+
+
+def test_adapt_step_size_moves_log_h_toward_the_target_and_stays_in_bounds():
+    h = jnp.float32(0.1)
+    mala = samplers.mala()  # target 0.574
+    np.testing.assert_allclose(
+        samplers.adapt_step_size(h, 0.874, mala, gain=0.5), 0.1 * np.exp(0.5 * 0.3), rtol=1e-6
+    )
+    assert samplers.adapt_step_size(h, 0.2, mala, gain=0.5) < h
+    assert samplers.adapt_step_size(h, 0.3, mala, gain=0.5).dtype == jnp.float32
+    low, high = samplers.STEP_SIZE_BOUNDS
+    assert float(samplers.adapt_step_size(h, 1.0, mala, gain=1e3)) == pytest.approx(high)
+    assert float(samplers.adapt_step_size(h, 0.0, mala, gain=1e3)) == pytest.approx(low)
+    for fixed in (samplers.ula(), samplers.mala(adapt_step_size=False)):  # no adaptation
+        np.testing.assert_allclose(samplers.adapt_step_size(h, 1.0, fixed, gain=1.0), h, rtol=1e-6)
+
+
+def test_adapt_step_size_multiplicative_is_the_ais_rule():
+    for h, acc in [(0.1, 0.9), (0.3, 0.2), (5.0, 1.0), (1e-6, 0.0)]:
+        expected = np.clip(h * np.exp(2.0 * (acc - 0.65)), *samplers.STEP_SIZE_BOUNDS)
+        got = samplers.adapt_step_size_multiplicative(jnp.float32(h), acc, 0.65)
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_sample_chains_reads_warmup_and_thinning_from_its_draw_settings():
+    sampler = samplers.mala()
+    starts = jnp.zeros((3, 2))
+    settings = samplers.DrawSettings(num_warmup=10, thinning=4)
+    draws, _ = samplers.sample_chains(
+        jax.random.key(8), sampler, standard_normal, starts, 5, draws=settings
+    )
+    assert draws.positions.shape == (3, 5, 2)
+    np.testing.assert_array_equal(draws.step, 4 * np.arange(1, 6))
+    np.testing.assert_array_equal(draws.info.num_integration_steps, 4)  # 4 steps per record
+    default, _ = samplers.sample_chains(jax.random.key(8), sampler, standard_normal, starts, 5)
+    np.testing.assert_array_equal(default.step, np.arange(1, 6))  # DrawSettings(): thinning 1
+    with pytest.raises(TypeError, match="DrawSettings"):
+        samplers.sample_chains(
+            jax.random.key(8), sampler, standard_normal, starts, 5, draws=sampler
+        )
+
+
+def test_draw_settings_are_validated():
+    with pytest.raises(ValueError, match="num_warmup must be an integer"):
+        samplers.DrawSettings(num_warmup=-1)
+    with pytest.raises(ValueError, match="num_chains must be None"):
+        samplers.DrawSettings(num_chains=0)
+    with pytest.raises(ValueError, match="init_scale must be positive"):
+        samplers.DrawSettings(init_scale=0.0)
+    assert samplers.DrawSettings() == samplers.DrawSettings(1000, 1, None, 1.0)

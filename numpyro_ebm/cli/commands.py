@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import numpyro_ebm as ebm
-from numpyro_ebm import _io, datasets, diagnostics, evaluate, logz, plots
+from numpyro_ebm import _io, datasets, diagnostics, evaluate, logz, plots, samplers
 from numpyro_ebm.cli._common import (
     CHECKPOINT_DIR,
     DENSITY_FILE,
@@ -436,7 +436,8 @@ def sample_command(args: argparse.Namespace) -> int:
     model = ebm.EnergyDistribution(
         res.energy,
         res.event_shape,
-        sampler=res.config.sampler.replace(num_warmup=args.mcmc_steps),
+        sampler=getattr(res.config.negatives, "sampler", res.config.sampler),
+        draws=samplers.DrawSettings(num_warmup=args.mcmc_steps),
         initializer=res.generator,
     )
     draws = data.to_original(model.sample(jax.random.key(args.seed), (args.num,)))

@@ -18,8 +18,8 @@ Example:
     >>> import jax, jax.numpy as jnp, arviz as az
     >>> from numpyro_ebm import diagnostics, samplers
     >>> draws, _ = samplers.sample_chains(
-    ...     jax.random.key(0), samplers.mala(num_warmup=200),
-    ...     lambda x: -0.5 * jnp.sum(x**2), jnp.zeros((4, 2)), num_draws=500)
+    ...     jax.random.key(0), samplers.mala(), lambda x: -0.5 * jnp.sum(x**2),
+    ...     jnp.zeros((4, 2)), num_draws=500, draws=samplers.DrawSettings(num_warmup=200))
     >>> dt = diagnostics.to_datatree(draws)
     >>> float(az.rhat(dt)["x"].max()) < 1.01
     True

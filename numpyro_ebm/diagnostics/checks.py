@@ -146,8 +146,8 @@ def diagnose(
         >>> import jax, jax.numpy as jnp
         >>> from numpyro_ebm import diagnostics, samplers
         >>> draws, _ = samplers.sample_chains(
-        ...     jax.random.key(0), samplers.mala(num_warmup=200),
-        ...     lambda x: -0.5 * jnp.sum(x**2), jnp.zeros((4, 2)), num_draws=500)
+        ...     jax.random.key(0), samplers.mala(), lambda x: -0.5 * jnp.sum(x**2),
+        ...     jnp.zeros((4, 2)), num_draws=500, draws=samplers.DrawSettings(num_warmup=200))
         >>> diagnostics.diagnose(draws, verbose=False).status
         'ok'
     """

@@ -21,7 +21,7 @@ import numpyro.distributions as dist
 
 from numpyro_ebm.gaussian import fit_base
 from numpyro_ebm.logz.estimate import LogZEstimate, log_mean_exp
-from numpyro_ebm.samplers import STEP_SIZE_BOUNDS, Sampler, get_sampler
+from numpyro_ebm.samplers import Sampler, adapt_step_size_multiplicative, get_sampler
 from numpyro_ebm.validation import validate_data
 
 __all__ = ["ais", "reverse_ais"]
@@ -298,7 +298,7 @@ def retuned_step_size(step_size, acceptance_rate, target: float):
     ``samplers.STEP_SIZE_BOUNDS``, with ``acc`` the particles' mean acceptance (a NaN counts as
     a rejection). Returns ``(new step size, acc)``."""
     acc = jnp.mean(jnp.nan_to_num(acceptance_rate, nan=0.0))
-    return jnp.clip(step_size * jnp.exp(2.0 * (acc - target)), *STEP_SIZE_BOUNDS), acc
+    return adapt_step_size_multiplicative(step_size, acc, target), acc
 
 
 class _Path(NamedTuple):

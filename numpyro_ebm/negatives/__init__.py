@@ -26,7 +26,6 @@ from numpyro_ebm.negatives.base import (
     NegativeInfo,
     NegativeSampler,
     Target,
-    adapt_step_size,
     describe,
     describe_value,
 )
@@ -51,7 +50,6 @@ __all__ = [
     "Replay",
     "ShortRun",
     "Target",
-    "adapt_step_size",
     "build",
     "default_generator",
     "describe",

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from numpyro_ebm import samplers as _samplers
-from numpyro_ebm.negatives.base import ChainRecord, NegativeSampler, Target, adapt_step_size
+from numpyro_ebm.negatives.base import ChainRecord, NegativeSampler, Target
 
 
 class ChainState(NamedTuple):
@@ -80,7 +80,7 @@ class ChainSettings(NegativeSampler):
         )  # fmt: skip
 
     def adapted(self, step_size, acceptance) -> jax.Array:
-        return adapt_step_size(step_size, acceptance, self.sampler, self.step_size_gain)
+        return _samplers.adapt_step_size(step_size, acceptance, self.sampler, self.step_size_gain)
 
 
 def run_chains_from(key, starts, target: Target, sampler, step_size, num_steps, num_recorded):

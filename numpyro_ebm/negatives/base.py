@@ -26,7 +26,6 @@ from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 import jax
-import jax.numpy as jnp
 
 from numpyro_ebm import samplers as _samplers
 from numpyro_ebm.gaussian import GaussianBase
@@ -36,7 +35,6 @@ __all__ = [
     "NegativeInfo",
     "NegativeSampler",
     "Target",
-    "adapt_step_size",
     "describe",
     "describe_value",
 ]
@@ -158,13 +156,3 @@ def describe_value(value):
     if hasattr(value, "init") and hasattr(value, "update"):
         return "custom"
     return value
-
-
-def adapt_step_size(step_size, acceptance, sampler: _samplers.Sampler, gain: float):
-    """Robbins-Monro ``log h ← log h + gain · (acceptance − target)``, clipped to
-    ``samplers.STEP_SIZE_BOUNDS`` (unchanged for kernels that do not adapt)."""
-    log_h = jnp.log(step_size)
-    if sampler.adapts:
-        log_h = log_h + gain * (acceptance - sampler.target)
-    low, high = _samplers.STEP_SIZE_BOUNDS
-    return jnp.clip(jnp.exp(log_h), low, high).astype(step_size.dtype)

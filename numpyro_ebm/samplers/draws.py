@@ -1,0 +1,132 @@
+"""Drawing samples: ``DrawSettings`` (how many warm-up steps, chains, thinning) and
+``sample_chains`` (warm up, then record draws), what ``EnergyDistribution.sample`` runs.
+
+A ``Sampler`` says how a chain moves; ``DrawSettings`` say how the chains that draw samples
+are started, burnt in and recorded. Training and AIS never read draw settings.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from numpyro_ebm import samplers
+    >>> logdensity = lambda x: -0.5 * jnp.sum(x**2)
+    >>> draws, h = samplers.sample_chains(
+    ...     jax.random.key(0), samplers.mala(), logdensity, jnp.zeros((4, 2)), num_draws=50,
+    ...     draws=samplers.DrawSettings(num_warmup=100, thinning=2))
+    >>> draws.positions.shape, draws.info.acceptance_rate.shape
+    ((4, 50, 2), (4, 50))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import jax
+import jax.numpy as jnp
+
+from numpyro_ebm.samplers.adaptation import warmup
+from numpyro_ebm.samplers.chains import Draws, run_chains
+from numpyro_ebm.samplers.kernels import Sampler
+
+__all__ = ["DrawSettings", "sample_chains"]
+
+
+@dataclass(frozen=True)
+class DrawSettings:
+    """How ``EnergyDistribution.sample`` (and ``sample_chains``) draws samples.
+
+    Attributes:
+        num_warmup: warm-up (burn-in) steps before the first draw: the first half tunes the
+            step size, the second half runs with the tuned step size fixed (see ``warmup``),
+            so every draw comes from a kernel that leaves the target invariant.
+        thinning: steps between two recorded draws of the same chain.
+        num_chains: chains used by ``sample`` (per condition for a conditional
+            distribution); ``None`` runs one chain per requested draw.
+        init_scale: chains start from ``Normal(0, init_scale²)`` in every coordinate (when
+            the distribution has no initializer).
+
+    Example:
+        >>> from numpyro_ebm import samplers
+        >>> samplers.DrawSettings(num_chains=4).replace(thinning=10)
+        DrawSettings(num_warmup=1000, thinning=10, num_chains=4, init_scale=1.0)
+    """
+
+    num_warmup: int = 1000
+    thinning: int = 1
+    num_chains: int | None = None
+    init_scale: float = 1.0
+
+    def __post_init__(self):
+        if not (isinstance(self.thinning, int) and self.thinning >= 1):
+            raise ValueError(f"thinning must be an integer >= 1, got {self.thinning!r}")
+        if not (isinstance(self.num_warmup, int) and self.num_warmup >= 0):
+            raise ValueError(f"num_warmup must be an integer >= 0, got {self.num_warmup!r}")
+        if self.num_chains is not None and not (
+            isinstance(self.num_chains, int) and self.num_chains >= 1
+        ):
+            raise ValueError(f"num_chains must be None or an integer >= 1, got {self.num_chains}")
+        if not self.init_scale > 0:
+            raise ValueError(f"init_scale must be positive, got {self.init_scale!r}")
+
+    def replace(self, **changes) -> DrawSettings:
+        """A copy with some fields changed, e.g. ``draws.replace(num_warmup=200)``."""
+        return replace(self, **changes)
+
+
+def sample_chains(
+    key: jax.Array,
+    sampler: Sampler,
+    logdensity_fn: Callable,
+    positions: jax.Array,
+    num_draws: int,
+    *,
+    draws: DrawSettings | None = None,
+    event_shape: tuple[int, ...] | None = None,
+) -> tuple[Draws, jax.Array]:
+    """Warm up chains (``draws.num_warmup`` steps, see ``warmup``) and record draws.
+
+    Every recorded draw comes after the tuned step size has been held fixed for the second
+    half of the warm-up, so with enough warm-up each chain's draws follow the target, even for
+    one chain and one draw.
+
+    Args:
+        key: PRNG key, used once (split into warm-up and sampling keys).
+        sampler: the kernel and its settings.
+        logdensity_fn: log-density of one flat position.
+        positions: ``(num_chains, dim)`` flat starting points.
+        num_draws: draws per chain, one every ``draws.thinning`` steps (static).
+        draws: ``num_warmup`` and ``thinning`` (default ``DrawSettings()``); its
+            ``num_chains`` and ``init_scale`` are the caller's (they choose ``positions``).
+        event_shape: shape to give each draw (default: flat).
+
+    Returns:
+        ``(Draws, step_size)``: the draws (chain-major) and the tuned step size.
+    """
+    settings = DrawSettings() if draws is None else draws
+    if not isinstance(settings, DrawSettings):
+        raise TypeError(f"draws must be a numpyro_ebm.samplers.DrawSettings, got {draws!r}")
+    positions = jnp.asarray(positions)
+    if positions.ndim != 2:
+        raise ValueError(
+            f"positions must be flat starting points (num_chains, dim), got {positions.shape}"
+        )
+    if not (isinstance(num_draws, int) and num_draws >= 1):
+        raise ValueError(f"num_draws must be an integer >= 1, got {num_draws!r}")
+    num_chains, dim = positions.shape
+    event_shape = (dim,) if event_shape is None else tuple(event_shape)
+    key_warmup, key_draws = jax.random.split(key)
+    states = sampler.init_chains(positions, logdensity_fn)
+    states, step_size, _ = warmup(key_warmup, sampler, logdensity_fn, states, settings.num_warmup)
+    _, trace, recorded = run_chains(
+        key_draws,
+        sampler,
+        logdensity_fn,
+        states,
+        step_size,
+        num_draws * settings.thinning,
+        thinning=settings.thinning,
+        keep_positions=True,
+    )
+    chain_major = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), trace)
+    recorded = jnp.swapaxes(recorded, 0, 1).reshape(num_chains, num_draws, *event_shape)
+    step = settings.thinning * (1 + jnp.arange(num_draws))
+    return Draws(recorded, chain_major, step), step_size
