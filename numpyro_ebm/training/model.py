@@ -189,7 +189,9 @@ def _trace_params(model, key, args, kwargs):
         if site["type"] == "param":
             constraint = site["kwargs"].get("constraint", dist.constraints.real)
             transforms[name] = biject_to(constraint)
-            params[name] = transforms[name].inv(site["value"])
+            # an array even for a Python-number initial value (what is trained is the
+            # floating-point array leaves)
+            params[name] = jnp.asarray(transforms[name].inv(site["value"]), dtype=float)
         elif site["type"] == "sample":
             if not site["is_observed"]:
                 raise ValueError(
