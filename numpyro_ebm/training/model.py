@@ -189,9 +189,10 @@ def _trace_params(model, key, args, kwargs):
         if site["type"] == "param":
             constraint = site["kwargs"].get("constraint", dist.constraints.real)
             transforms[name] = biject_to(constraint)
-            # an array even for a Python-number initial value (what is trained is the
-            # floating-point array leaves)
-            params[name] = jnp.asarray(transforms[name].inv(site["value"]), dtype=float)
+            value = transforms[name].inv(site["value"])
+            if isinstance(value, int | float):  # trained are the floating-point array leaves
+                value = jnp.asarray(value, dtype=float)
+            params[name] = value
         elif site["type"] == "sample":
             if not site["is_observed"]:
                 raise ValueError(
