@@ -36,6 +36,16 @@ def check_count(name: str, value, low: int = 1) -> None:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
+def check_chain_counts(num_chains, num_recorded_chains) -> None:
+    """``num_chains >= 1`` and ``0 <= num_recorded_chains <= num_chains`` (integers)."""
+    check_count("num_chains", num_chains)
+    check_count("num_recorded_chains", num_recorded_chains, low=0)
+    if num_recorded_chains > num_chains:
+        raise ValueError(
+            f"num_recorded_chains ({num_recorded_chains}) cannot exceed num_chains ({num_chains})"
+        )
+
+
 @dataclass(frozen=True)
 class ChainSettings(NegativeSampler):
     """Settings every MCMC negative sampler has.
@@ -58,14 +68,8 @@ class ChainSettings(NegativeSampler):
 
     def __post_init__(self):
         object.__setattr__(self, "sampler", _samplers.get_sampler(self.sampler))
-        check_count("num_chains", self.num_chains)
         check_count("num_mcmc_steps", self.num_mcmc_steps)
-        check_count("num_recorded_chains", self.num_recorded_chains, low=0)
-        if self.num_recorded_chains > self.num_chains:
-            raise ValueError(
-                f"num_recorded_chains ({self.num_recorded_chains}) cannot exceed num_chains "
-                f"({self.num_chains})"
-            )
+        check_chain_counts(self.num_chains, self.num_recorded_chains)
 
     def initial_step_size(self) -> jax.Array:
         return jnp.asarray(self.sampler.step_size, jnp.float32)

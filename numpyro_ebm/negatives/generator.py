@@ -19,7 +19,7 @@ import optax
 
 from numpyro_ebm import generator as _generator
 from numpyro_ebm import samplers as _samplers
-from numpyro_ebm.negatives._chains import check_count, flat, random_rows
+from numpyro_ebm.negatives._chains import check_chain_counts, flat, random_rows
 from numpyro_ebm.negatives.base import ChainRecord, NegativeInfo, NegativeSampler, Target
 
 __all__ = ["GeneratorNegatives", "GeneratorState", "default_generator"]
@@ -77,13 +77,7 @@ class GeneratorNegatives(NegativeSampler):
         if self.optimizer is None:
             raise ValueError(f"negatives={self.name!r} needs a generator optimizer")
         object.__setattr__(self, "entropy", _generator.get_entropy(self.entropy))
-        check_count("num_chains", self.num_chains)
-        check_count("num_recorded_chains", self.num_recorded_chains, low=0)
-        if self.num_recorded_chains > self.num_chains:
-            raise ValueError(
-                f"num_recorded_chains ({self.num_recorded_chains}) cannot exceed num_chains "
-                f"({self.num_chains})"
-            )
+        check_chain_counts(self.num_chains, self.num_recorded_chains)
 
     @property
     def needs_noise(self) -> bool:
