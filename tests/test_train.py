@@ -96,7 +96,7 @@ def test_nce_loss_is_minimised_at_the_true_log_z():
     base = ebm.negatives.fit_base(jax.random.normal(jax.random.key(21), (5000, 2)) * 1.5)
     noise = base.sample(jax.random.key(22), n)
     grid = jnp.linspace(float(energy.log_z) - 0.3, float(energy.log_z) + 0.3, 601)
-    losses = jax.vmap(lambda c: training.nce_log_z_loss(c, energy, model, noise, base))(grid)
+    losses = jax.vmap(lambda c: ebm.logz.nce_log_z_loss(c, energy, model, noise, base))(grid)
     best = float(grid[jnp.argmin(losses)])
     # NCE's asymptotic standard error for c with n + n samples and a decent noise is ~1/sqrt(n)
     assert abs(best - float(energy.log_z)) < 5 / np.sqrt(n) + 1e-3

@@ -101,6 +101,7 @@ FIELDS = {
     "num_mcmc_steps": (3, "persistent", lambda c: c.negatives.num_mcmc_steps == 3),
     "batch_size": (32, "persistent", lambda c: c.batch_size == 32),
     "energy_l2": (0.5, "persistent", lambda c: c.energy_l2 == 0.5),
+    "energy_l2_decay": (None, "persistent", lambda c: c.energy_l2_decay is None),
     "ema_decay": (0.9, "persistent", lambda c: c.ema_decay == 0.9),
     "buffer_size": (77, "replay", lambda c: c.negatives.buffer_size == 77),
     "reinit_fraction": (0.3, "persistent", lambda c: c.negatives.reinit_fraction == 0.3),
@@ -128,9 +129,9 @@ FIELDS = {
 
 def test_every_train_config_field_is_listed_here():
     """A new ``TrainConfig`` field must be added to ``FIELDS`` (``sharding`` is built by ``fit``
-    from ``devices``)."""
+    from ``devices``, ``schedule_steps`` by ``resolve``)."""
     names = {f.name for f in dataclasses.fields(ebm.TrainConfig)}
-    assert names == set(FIELDS) | {"sharding"}
+    assert names == set(FIELDS) | {"sharding", "schedule_steps"}
 
 
 @pytest.mark.parametrize("name", sorted(FIELDS))
