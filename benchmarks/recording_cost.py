@@ -47,7 +47,7 @@ def main() -> None:
     data = toy.sample(jax.random.key(0), 50_000)
     validation = toy.sample(jax.random.key(1), 5_000)
     energy = ebm.energies.MLPEnergy(2, key=jax.random.key(2))
-    optimizer = ebm.train.default_optimizer(args.steps)
+    optimizer = ebm.training.default_optimizer(args.steps)
 
     def run(settings: dict) -> None:
         settings = dict(settings)

@@ -4,7 +4,8 @@
     python benchmarks/scaling.py --chains 65536 --dims 64        # one point
     python benchmarks/scaling.py --budget 30                     # skip configurations slower
 
-One training step of `fit` (`train.step` in a compiled `lax.scan`, the call `fit` makes):
+One training step of `fit` (`training.energy_step`, i.e. the core step for one energy, in a
+compiled `lax.scan`, the call `fit` makes):
 `num_chains` persistent MALA chains × 20 steps under an `MLPEnergy` (hidden 512 × 2 by
 default), the loss gradient on a batch of 1024 and on the negatives, Adam, the parameter
 average and the learned log Z. Data: standard normal points of the given dimension (the
@@ -31,7 +32,7 @@ import equinox as eqx
 import jax
 
 import numpyro_ebm as ebm
-from numpyro_ebm import train
+from numpyro_ebm import training
 
 BATCH, NUM_MCMC_STEPS = 1024, 20
 
@@ -40,21 +41,21 @@ def build(num_chains: int, dim: int, hidden: tuple[int, ...], steps_per_call: in
     """``(call, state, data, key)``: ``call(state, key, data)`` runs ``steps_per_call`` steps."""
     data = jax.random.normal(jax.random.key(0), (8192, dim))
     energy = ebm.energies.MLPEnergy(dim, hidden=hidden, key=jax.random.key(1))
-    config = train.TrainConfig(
-        optimizer=train.default_optimizer(1000),
+    config = ebm.TrainConfig(
+        optimizer=training.default_optimizer(1000),
         num_chains=num_chains,
         num_mcmc_steps=NUM_MCMC_STEPS,
         batch_size=BATCH,
         num_recorded_chains=0,
-    )
-    state = train.init(jax.random.key(2), energy, data, config)
+    ).resolve(schedule_steps=1000)
+    state = training.energy_init(jax.random.key(2), energy, data, config)
 
     @eqx.filter_jit
     def call(state, key, data):
         def body(state, step_key):
             k_rows, k_step = jax.random.split(step_key)
             rows = jax.random.randint(k_rows, (BATCH,), 0, data.shape[0])
-            return train.step(k_step, state, data[rows], config)[0], None
+            return training.energy_step(k_step, state, data[rows], config)[0], None
 
         return jax.lax.scan(body, state, jax.random.split(key, steps_per_call))[0]
 

@@ -34,7 +34,9 @@ import numpyro_ebm as ebm
 NUM_MCMC_STEPS, BATCH, STEPS_PER_CALL = 20, 1024, 100
 
 
-def hand_written(energy, data, key, optimizer, num_chains=1024, learn_log_z=True):
+def hand_written(
+    energy, data, key, optimizer, num_chains=1024, learn_log_z=True, schedule_steps=1000
+):
     """PCD + MALA (+ NCE log Z) in plain JAX: the loop a user would write without the library.
     Returns ``run(num_steps)``; the compiled call is built once and reused."""
     params, static = eqx.partition(energy, eqx.is_inexact_array)
@@ -99,7 +101,10 @@ def hand_written(energy, data, key, optimizer, num_chains=1024, learn_log_z=True
         def loss(p):
             e_data = jax.vmap(lambda x: e(p, x))(batch)
             e_neg = jax.vmap(lambda x: e(p, x))(negatives)
-            l2 = 0.01 * (jnp.mean(e_data**2) + jnp.mean(e_neg**2))
+            # fit's default energy_l2: 0.01, decayed to 10% over the schedule (cosine)
+            cosine = 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(t / schedule_steps, 1.0)))
+            weight = 0.01 * (0.1 + 0.9 * cosine)
+            l2 = weight * (jnp.mean(e_data**2) + jnp.mean(e_neg**2))
             return jnp.mean(e_data) - jnp.mean(e_neg) + l2
 
         grads = jax.grad(loss)(p)
@@ -150,7 +155,7 @@ def main() -> None:
     else:
         data = jax.random.normal(jax.random.key(0), (50_000, args.dim))
     energy = ebm.energies.MLPEnergy(args.dim, hidden=tuple(args.hidden), key=jax.random.key(1))
-    optimizer = ebm.train.default_optimizer(args.steps)
+    optimizer = ebm.training.default_optimizer(args.steps)
 
     def run_fit():
         res = ebm.fit(
@@ -161,8 +166,10 @@ def main() -> None:
         jax.block_until_ready(res.state)
 
     key = jax.random.key(2)
-    hand_run = hand_written(energy, data, key, optimizer, args.chains)
-    hand_no_log_z = hand_written(energy, data, key, optimizer, args.chains, learn_log_z=False)
+    hand_run = hand_written(energy, data, key, optimizer, args.chains, schedule_steps=args.steps)
+    hand_no_log_z = hand_written(
+        energy, data, key, optimizer, args.chains, learn_log_z=False, schedule_steps=args.steps
+    )
     rows = {
         "fit": run_fit,
         "hand-written JAX": lambda: hand_run(args.steps),

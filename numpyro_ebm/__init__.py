@@ -20,18 +20,26 @@ from numpyro_ebm import (
     negatives,
     plots,
     samplers,
-    train,
+    training,
     validation,
 )
 from numpyro_ebm.distribution import EnergyDistribution
-from numpyro_ebm.infer import MaximumLikelihood
-from numpyro_ebm.train import CheckpointError, FitResult, TrainingDivergedError, fit
+from numpyro_ebm.training import (
+    CheckpointError,
+    FitResult,
+    MaximumLikelihood,
+    TrainConfig,
+    TrainingDivergedError,
+    fit,
+    load,
+)
 
 __all__ = [
     "CheckpointError",
     "EnergyDistribution",
     "FitResult",
     "MaximumLikelihood",
+    "TrainConfig",
     "TrainingDivergedError",
     "datasets",
     "diagnostics",
@@ -39,11 +47,12 @@ __all__ = [
     "evaluate",
     "fit",
     "generator",
+    "load",
     "logz",
     "negatives",
     "plots",
     "samplers",
-    "train",
+    "training",
     "validation",
 ]
 __version__ = "0.1.0.dev0"

@@ -237,10 +237,10 @@ class EnergyDistribution(dist.Distribution):
         flat, lead_shape = self._flatten_events(value)
         if self.condition is None:
             return jax.vmap(self.energy)(flat).reshape(lead_shape)
-        conditions = self._conditions_for(lead_shape)
+        conditions = self.conditions_for(lead_shape)
         return jax.vmap(self.energy)(flat, conditions).reshape(lead_shape)
 
-    def _conditions_for(self, lead_shape) -> jax.Array:
+    def conditions_for(self, lead_shape) -> jax.Array:
         """``(prod(lead_shape), condition_size)``: the condition of every event."""
         size = self.condition.shape[-1]
         full = jnp.broadcast_to(self.condition, (*lead_shape, size))
@@ -336,7 +336,7 @@ class EnergyDistribution(dist.Distribution):
         """``prod(sample_shape)`` draws per condition, each condition with its own chains."""
         num_draws = math.prod(sample_shape)
         num_conditions = math.prod(self.batch_shape)
-        conditions = self._conditions_for(self.batch_shape)
+        conditions = self.conditions_for(self.batch_shape)
 
         def one(k, c):
             logdensity = _samplers.flat_logdensity(lambda x: self.energy(x, c), self.event_shape)

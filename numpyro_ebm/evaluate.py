@@ -1,11 +1,12 @@
 """Held-out log-likelihood and KL divergence to a known density.
 
-For 2-D energies ``log Z`` is computed by quadrature (``logz.grid``), so these numbers are
-exact up to Monte Carlo error on the test points (reported as a standard error).
+For 2-D energies ``log Z`` is computed by quadrature (``logz.grid`` over the toy's box from
+``logz.select.box``), so these numbers are exact up to Monte Carlo error on the test points
+(reported as a standard error).
 
 ``KL(data ‖ model) = E_data[log p_data(x) − log p_model(x)]`` is estimated with PAIRED
 differences on the same test points: the per-point difference has far less variance than either
-term, so the standard error is small enough to compare models that differ by 0.01 nats.
+term, so the standard error is small enough to tell apart models of nearly equal quality.
 """
 
 from __future__ import annotations
@@ -90,13 +91,11 @@ def kl_to_toy(
         num_samples: test points.
         num_points: grid points per dimension for ``log Z``.
         bounds: quadrature box; default the toy's bounds widened by ``padding`` of their width
-            on each side (the model may put mass where the data has none).
+            on each side (``logz.select.box``: the model may put mass where the data has none).
         padding: see ``bounds``.
     """
     if bounds is None:
-        bounds = np.asarray(toy.bounds, np.float64)
-        width = bounds[:, 1] - bounds[:, 0]
-        bounds = np.stack([bounds[:, 0] - padding * width, bounds[:, 1] + padding * width], 1)
+        bounds = _logz.select.box(toy_bounds=toy.bounds, padding=padding)
     log_z = _logz.grid(energy, bounds, num_points)
     x = toy.sample(key, num_samples)
     model = _model_log_prob(energy, x, log_z.value)

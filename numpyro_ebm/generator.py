@@ -17,10 +17,10 @@ and ``log Z_θ`` does not depend on φ, so its loss is ``mean E(G(z)) − H(P_φ
   so the generator must be noisy: ``x = G(z) + σ ⊙ ε`` with a learned ``σ`` (as in VERA,
   Grathwohl et al. 2021).
 
-Training (``numpyro_ebm.train`` with ``negatives="generator"`` or ``"hybrid"``) calls
-``generate`` (batch statistics, batch-norm running averages updated) and ``generator_loss``;
-a trained generator is sampled with ``generator(key, n)`` (running averages: one draw does not
-depend on the others).
+Training (``numpyro_ebm.negatives.GeneratorNegatives`` and ``Hybrid``: ``fit`` with
+``negatives="generator"`` or ``"hybrid"``) calls ``generate`` (batch statistics, batch-norm
+running averages updated) and ``generator_loss``; a trained generator is sampled with
+``generator(key, n)`` (running averages: one draw does not depend on the others).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ __all__ = [
     "GeneratorLoss",
     "NearestNeighbourEntropy",
     "Resampled",
+    "check_generator",
     "data_scale",
     "energy_distance",
     "generator_loss",
@@ -450,3 +451,34 @@ def generator_loss(
         amortization = distance / amortization_scale
     loss = e_mean - h + amortization_weight * amortization
     return loss, (GeneratorLoss(e_mean, h, amortization), updated, x)
+
+
+def check_generator(generator, event_shape, needs_noise: bool) -> Generator:
+    """``generator`` after checks: a ``Generator`` making events of ``event_shape``, whose
+    pytree leaves are all arrays (it is carried through the compiled loop whole), and noisy
+    (or with ``latent_dim >= D``) when ``needs_noise`` (the nearest-neighbour entropy needs an
+    output with a density in ``R^D``)."""
+    if not isinstance(generator, Generator):
+        raise TypeError(f"generator must be a numpyro_ebm.generator.Generator, got {generator!r}")
+    if tuple(generator.event_shape) != tuple(event_shape):
+        raise ValueError(
+            f"generator makes events of shape {generator.event_shape}, the data has "
+            f"{tuple(event_shape)}"
+        )
+    if needs_noise and not generator.noisy and generator.latent_dim < math.prod(event_shape):
+        raise ValueError(
+            "the nearest-neighbour entropy needs an output with a density in R^D: give the "
+            "generator noise_scale=... (or latent_dim >= D)"
+        )
+    bad = [
+        jax.tree_util.keystr(path)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(generator)
+        if not eqx.is_array(leaf)
+    ]
+    if bad:
+        raise TypeError(
+            f"generator has non-array pytree leaves at {', '.join(bad[:5])}: training needs array "
+            "leaves. Mark hyper-parameters static (eqx.field(static=True)) or wrap numbers in "
+            "jnp.asarray."
+        )
+    return generator

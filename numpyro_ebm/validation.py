@@ -126,30 +126,35 @@ def validate_data(
         raise TypeError(_TRACER_MSG.format(name=name))
     if event_shape is not None:
         event_shape = validate_event_shape(event_shape)
-
-    # --- conversion -----------------------------------------------------------------------
-    if isinstance(data, jax.Array):
-        arr = data
-    else:
-        try:
-            arr = np.asarray(data)
-        except jax.errors.TracerArrayConversionError as err:
-            raise TypeError(_TRACER_MSG.format(name=name)) from err
-        except (ValueError, TypeError) as err:
-            raise ValueError(
-                f"{name} could not be converted to an array ({err}). Pass a NumPy/JAX array "
-                "or rectangular nested lists of floats of shape (num_points, *event_shape)."
-            ) from err
-
-    # --- dtype ----------------------------------------------------------------------------
+    arr = _as_array(data, name)
     if not jnp.issubdtype(arr.dtype, jnp.floating):
         raise ValueError(
             f"{name} must have a floating-point dtype, got dtype {arr.dtype}. Energy-based "
             "models need continuous data: cast to float32, e.g. data.astype('float32') "
             "(dequantize discrete data first if it is integer-valued, e.g. pixels)."
         )
+    batch_shape = _batch_shape(arr, event_shape, name)
+    _check_finite(arr, batch_shape, name)
+    return jnp.asarray(arr)
 
-    # --- shape ----------------------------------------------------------------------------
+
+def _as_array(data, name: str):
+    if isinstance(data, jax.Array):
+        return data
+    try:
+        return np.asarray(data)
+    except jax.errors.TracerArrayConversionError as err:
+        raise TypeError(_TRACER_MSG.format(name=name)) from err
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"{name} could not be converted to an array ({err}). Pass a NumPy/JAX array "
+            "or rectangular nested lists of floats of shape (num_points, *event_shape)."
+        ) from err
+
+
+def _batch_shape(arr, event_shape: tuple[int, ...] | None, name: str) -> tuple[int, ...]:
+    """The leading (batch) shape of ``arr`` after checking its event shape and that it holds
+    at least one point."""
     shape = tuple(arr.shape)
     if event_shape is None:
         if arr.ndim < 2:
@@ -177,33 +182,34 @@ def validate_data(
                 "pass the right event_shape."
             )
         batch_shape = shape[: arr.ndim - len(event_shape)]
-    num_points = int(np.prod(batch_shape))
-    if num_points == 0:
+    if int(np.prod(batch_shape)) == 0:
         raise ValueError(
             f"{name} contains zero points (shape {shape}); pass at least one data point."
         )
+    return batch_shape
 
-    # --- finiteness -----------------------------------------------------------------------
+
+def _check_finite(arr, batch_shape: tuple[int, ...], name: str) -> None:
     xp = jnp if isinstance(arr, jax.Array) else np
     finite = xp.isfinite(arr)
-    if not bool(xp.all(finite)):
-        n_nan = int(xp.sum(xp.isnan(arr)))
-        n_bad = int(finite.size - xp.sum(finite))
-        n_inf = n_bad - n_nan
-        event_axes = tuple(range(len(batch_shape), arr.ndim))
-        bad_points = np.asarray(~xp.all(finite, axis=event_axes) if event_axes else ~finite)
-        n_bad_points = int(bad_points.sum())
-        first = np.unravel_index(int(np.argmax(bad_points.ravel())), batch_shape)
-        first_idx: int | tuple[int, ...] = (
-            int(first[0]) if len(first) == 1 else tuple(int(i) for i in first)
-        )
-        raise ValueError(
-            f"{name} contains {n_bad} non-finite value{'s' if n_bad != 1 else ''} "
-            f"({n_nan} NaN, {n_inf} inf) in {n_bad_points} of {num_points} points; first bad "
-            f"row at index {first_idx}. Remove or impute these rows before training, e.g. "
-            "data[np.isfinite(data).all(axis=tuple(range(1, data.ndim)))]."
-        )
-    return jnp.asarray(arr)
+    if bool(xp.all(finite)):
+        return
+    n_nan = int(xp.sum(xp.isnan(arr)))
+    n_bad = int(finite.size - xp.sum(finite))
+    n_inf = n_bad - n_nan
+    event_axes = tuple(range(len(batch_shape), arr.ndim))
+    bad_points = np.asarray(~xp.all(finite, axis=event_axes) if event_axes else ~finite)
+    n_bad_points = int(bad_points.sum())
+    first = np.unravel_index(int(np.argmax(bad_points.ravel())), batch_shape)
+    first_idx: int | tuple[int, ...] = (
+        int(first[0]) if len(first) == 1 else tuple(int(i) for i in first)
+    )
+    raise ValueError(
+        f"{name} contains {n_bad} non-finite value{'s' if n_bad != 1 else ''} "
+        f"({n_nan} NaN, {n_inf} inf) in {n_bad_points} of {int(np.prod(batch_shape))} points; "
+        f"first bad row at index {first_idx}. Remove or impute these rows before training, "
+        "e.g. data[np.isfinite(data).all(axis=tuple(range(1, data.ndim)))]."
+    )
 
 
 def _layout(event_shape: tuple[int, ...]) -> str:

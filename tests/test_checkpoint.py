@@ -5,7 +5,6 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,9 +17,10 @@ import pytest
 from files import snapshot
 
 import numpyro_ebm as ebm
-from numpyro_ebm import train
+from numpyro_ebm import training
 from numpyro_ebm._io import FolderLockedError, folder_lock
 from numpyro_ebm.energies import GaussianEnergy
+from numpyro_ebm.training import checkpoint, loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,19 +53,19 @@ def tiny_fit(folder=None, **kwargs):
 
 def fit_until(folder, step, **kwargs):
     """``tiny_fit`` interrupted (KeyboardInterrupt) just after its checkpoint of ``step``."""
-    real_save = train.save_checkpoint
+    real_save = checkpoint.save_checkpoint
 
     def save_then_stop(folder, state, history, meta):
         real_save(folder, state, history, meta)
         if meta["step"] == step:
             raise KeyboardInterrupt
 
-    train.save_checkpoint = save_then_stop
+    checkpoint.save_checkpoint = save_then_stop
     try:
         with pytest.raises(KeyboardInterrupt):
             tiny_fit(folder, **kwargs)
     finally:
-        train.save_checkpoint = real_save
+        checkpoint.save_checkpoint = real_save
 
 
 def state_bytes(state) -> bytes:
@@ -97,7 +97,7 @@ KILLER = textwrap.dedent(
     import os, shutil, signal, sys
     sys.path.insert(0, {tests!r})
     import test_checkpoint as t
-    from numpyro_ebm import train
+    from numpyro_ebm.training import checkpoint
 
     folder, kill_at = sys.argv[1], int(sys.argv[2])
     calls = []
@@ -118,7 +118,7 @@ KILLER = textwrap.dedent(
     for module, name in [(os, "fsync"), (os, "replace"), (os, "rename"), (os, "remove"),
                          (os, "unlink"), (os, "rmdir"), (shutil, "rmtree")]:
         hooked(module, name)
-    real_save = train.save_checkpoint
+    real_save = checkpoint.save_checkpoint
 
     def save(folder, state, history, meta):
         armed[0] = meta["step"] == 4
@@ -127,7 +127,7 @@ KILLER = textwrap.dedent(
         finally:
             armed[0] = False
 
-    train.save_checkpoint = save
+    checkpoint.save_checkpoint = save
     t.tiny_fit(folder)
     print("calls:", calls)
     """
@@ -162,7 +162,7 @@ def test_a_kill_at_every_file_boundary_of_a_checkpoint_loses_no_run(tmp_path, st
         if proc.returncode == 0:  # the save made fewer calls than kill_at: every one was hit
             break
         assert proc.returncode == -9, proc.stderr
-        step = train.checkpoint_step(str(folder))
+        step = training.checkpoint_step(str(folder))
         assert step in (2, 4), f"kill before call {kill_at}: checkpoint step {step}"
         resumed = tiny_fit(folder)
         assert_same_run(resumed, straight)
@@ -174,46 +174,42 @@ def test_a_checkpoint_is_one_folder_named_by_a_pointer_and_older_ones_are_remove
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "step-data").mkdir()  # not the library's naming pattern: never touched
     tiny_fit(tmp_path)
-    current = train.latest_checkpoint(str(tmp_path))
+    current = training.latest_checkpoint(str(tmp_path))
     assert os.path.basename(current) == "step-00000006"
     assert sorted(os.listdir(current)) == ["history.npz", "meta.json", "state.eqx"]
     names = set(os.listdir(tmp_path)) - {".lock"}
     assert names == {"latest", "step-00000006", "notes.txt", "step-data"}
     assert (tmp_path / "notes.txt").read_text() == "mine"
-    assert train.checkpoint_step(str(tmp_path)) == 6
-    assert train.checkpoint_step(str(tmp_path / "nothing-here")) is None
+    assert training.checkpoint_step(str(tmp_path)) == 6
+    assert training.checkpoint_step(str(tmp_path / "nothing-here")) is None
 
 
-def test_a_checkpoint_of_the_previous_layout_resumes(tmp_path, straight):
-    """Runs saved by the previous version (state, history and meta directly in the folder,
-    the sampler compared by its repr) resume on the same trajectory."""
+def test_a_checkpoint_of_an_earlier_format_is_refused_by_name_and_kept(tmp_path):
+    """Checkpoints written before the training core's state layout (format 2) cannot be read
+    into this version's state: resuming or loading one raises a CheckpointError naming its
+    meta data file and saying what to do, and nothing in the folder changes."""
     fit_until(tmp_path, 4)
-    current = train.latest_checkpoint(str(tmp_path))
-    for name in ("state.eqx", "history.npz", "meta.json"):
-        shutil.move(os.path.join(current, name), tmp_path / name)
-    os.rmdir(current)
-    os.remove(tmp_path / "latest")
-    meta = json.loads((tmp_path / "meta.json").read_text())
-    config = meta["config"]
-    config["sampler"] = repr(straight.config.sampler)
-    config["entropy"] = "None"
-    old = {
-        "num_steps": TINY["num_steps"],
-        "config": config,
-        "event_shape": meta["event_shape"],
-        "learning_rates": meta["learning_rates"],
-        "step": 4,
-    }
-    (tmp_path / "meta.json").write_text(json.dumps(old))
-    assert train.checkpoint_step(str(tmp_path)) == 4
-    assert_same_run(tiny_fit(tmp_path), straight)
+    meta_path = os.path.join(training.latest_checkpoint(str(tmp_path)), "meta.json")
+    meta = json.loads(open(meta_path).read())
+    assert meta.pop("format") == 2
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    before = snapshot(tmp_path)
+    for attempt in (
+        lambda: tiny_fit(tmp_path),
+        lambda: ebm.load(tmp_path, GaussianEnergy(jnp.zeros(2))),
+    ):
+        with pytest.raises(ebm.CheckpointError, match="earlier numpyro_ebm") as info:
+            attempt()
+        assert info.value.path == meta_path
+    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("damaged", ["state.eqx", "history.npz", "meta.json", "latest"])
 @pytest.mark.parametrize("how", ["truncated", "garbage"])
 def test_a_damaged_checkpoint_file_is_named_and_nothing_is_deleted(tmp_path, damaged, how):
     fit_until(tmp_path, 4)
-    current = train.latest_checkpoint(str(tmp_path))
+    current = training.latest_checkpoint(str(tmp_path))
     path = tmp_path / damaged if damaged == "latest" else os.path.join(current, damaged)
     data = open(path, "rb").read()
     with open(path, "wb") as f:
@@ -221,9 +217,9 @@ def test_a_damaged_checkpoint_file_is_named_and_nothing_is_deleted(tmp_path, dam
     before = snapshot(tmp_path)
     for attempt in (
         lambda: tiny_fit(tmp_path),
-        lambda: train.checkpoint_step(str(tmp_path)),
+        lambda: training.checkpoint_step(str(tmp_path)),
     ):
-        with pytest.raises(train.CheckpointError) as info:
+        with pytest.raises(ebm.CheckpointError) as info:
             attempt()
         assert info.value.path == str(path), info.value
     assert snapshot(tmp_path) == before
@@ -256,9 +252,9 @@ def test_a_setting_missing_from_an_old_checkpoint_matches_its_default(tmp_path, 
     """A library upgrade adds a setting: old checkpoints lack it, and resume if the run uses
     its default."""
     fit_until(tmp_path, 4)
-    meta_path = os.path.join(train.latest_checkpoint(str(tmp_path)), "meta.json")
+    meta_path = os.path.join(training.latest_checkpoint(str(tmp_path)), "meta.json")
     meta = json.loads(open(meta_path).read())
-    del meta["config"]["sampler"]["step_size_jitter"], meta["config"]["record_every"]
+    del meta["config"]["negatives"]["sampler"]["step_size_jitter"], meta["config"]["record_every"]
     with open(meta_path, "w") as f:
         json.dump(meta, f)
     with pytest.raises(ValueError, match=r"record_every: .*10.* 5"):
@@ -272,7 +268,7 @@ def test_a_finished_run_is_extended_on_its_schedule(tmp_path):
     extended run is the 10-step run with ``default_optimizer(6, ...)``."""
     tiny_fit(tmp_path)
     extended = tiny_fit(tmp_path, num_steps=10)
-    reference = tiny_fit(num_steps=10, optimizer=train.default_optimizer(6, 5e-3))
+    reference = tiny_fit(num_steps=10, optimizer=training.default_optimizer(6, 5e-3))
     assert int(extended.state.step) == 10
     assert state_bytes(extended.state) == state_bytes(reference.state)
     for name in ("loss", "energy_gap", "step_size"):
@@ -302,7 +298,7 @@ def test_a_diverged_run_never_finishes_however_often_it_is_rerun(tmp_path):
             )
         steps.append(int(info.value.state.step))
         assert "learning_rate" in str(info.value) and "energy_l2" in str(info.value)
-        assert train.checkpoint_step(str(tmp_path)) == steps[0]
+        assert training.checkpoint_step(str(tmp_path)) == steps[0]
     assert steps == [steps[0]] * 6 and steps[0] < settings["num_steps"]
     # the last accepted step: every row after it in the history was rejected
     history = info.value.history
@@ -312,15 +308,18 @@ def test_a_diverged_run_never_finishes_however_often_it_is_rerun(tmp_path):
 
 def test_a_rejected_step_does_not_advance_training_and_is_retried_with_a_new_key():
     key = jax.random.key(3)
-    first = train.attempt_key(key, jnp.int32(5), jnp.int32(0))
-    retry = train.attempt_key(key, jnp.int32(5), jnp.int32(1))
+    first = training.attempt_key(key, jnp.int32(5), jnp.int32(0))
+    retry = training.attempt_key(key, jnp.int32(5), jnp.int32(1))
     assert jnp.array_equal(
         jax.random.key_data(first), jax.random.key_data(jax.random.fold_in(key, 5))
     )  # runs without rejections keep their trajectory
     assert not jnp.array_equal(jax.random.key_data(first), jax.random.key_data(retry))
-    state = train.TrainState(*([jnp.int32(5)] + [None] * 6 + [jnp.int32(0)] + [None] * 5))
+    fields = dict.fromkeys(training.TrainState._fields)
+    state = training.TrainState(
+        **{**fields, "step": jnp.int32(5), "consecutive_nonfinite": jnp.int32(0)}
+    )
     proposed = state._replace(step=jnp.int32(6))
-    rejected = train.keep_if_finite(jnp.asarray(False), proposed, state)
+    rejected = training.keep_if_finite(jnp.asarray(False), proposed, state)
     assert int(rejected.step) == 5 and int(rejected.consecutive_nonfinite) == 1
 
 
@@ -331,7 +330,7 @@ def test_a_second_writer_is_refused_before_any_compute(tmp_path, monkeypatch):
     def no_compute(*args, **kwargs):
         raise AssertionError("computed before taking the lock")
 
-    monkeypatch.setattr(train, "_run_steps_jit", no_compute)
+    monkeypatch.setattr(loop, "run_steps", no_compute)
     with folder_lock(tmp_path):
         with pytest.raises(FolderLockedError, match=f"process {os.getpid()}"):
             tiny_fit(tmp_path)
@@ -342,7 +341,7 @@ def test_a_run_that_wrote_no_checkpoint_leaves_no_folder(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "_run_steps_jit", interrupted)
+    monkeypatch.setattr(loop, "run_steps", interrupted)
     with pytest.raises(KeyboardInterrupt):
         tiny_fit(tmp_path / "new")
     assert not (tmp_path / "new").exists()

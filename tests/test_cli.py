@@ -5,6 +5,7 @@ is reused across them (the command line hands `fit` the same optimizer object fo
 settings).
 """
 
+import importlib
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 import numpyro_ebm
-from numpyro_ebm import cli, train
+from numpyro_ebm import cli, training
 
 TINY = [
     "--steps", "40", "--chains", "64", "--batch-size", "64", "--mcmc-steps", "5",
@@ -27,7 +28,7 @@ NUM_ROWS = 300  # 270 training rows, 30 held out
 
 def checkpoint_file(run, name):
     """A file of the run folder's current checkpoint."""
-    return pathlib.Path(train.latest_checkpoint(str(run / "checkpoint"))) / name
+    return pathlib.Path(training.latest_checkpoint(str(run / "checkpoint"))) / name
 
 
 def gaussian(seed, n=NUM_ROWS, mean=MEAN, scale=SCALE):
@@ -176,14 +177,15 @@ def test_resume_after_an_interruption_repeats_the_uninterrupted_run(tmp_path, ca
     code, _, err = run_cli(capsys, *[full if a == resumed else a for a in command])
     assert code == 0, err
 
-    save = train.save_checkpoint
+    checkpoint = importlib.import_module("numpyro_ebm.training.checkpoint")
+    save = checkpoint.save_checkpoint
 
     def save_then_interrupt(folder, state, history, meta):
         save(folder, state, history, meta)
         if meta["step"] == 20:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_interrupt)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_interrupt)
     code, _, err = run_cli(capsys, *command)
     assert code == 130
     assert "step 20" in err and "same command" in err

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 
+import numpyro_ebm
 from numpyro_ebm import cli
 
 TINY = [
@@ -33,7 +34,7 @@ def points(seed=0, n=NUM_ROWS, d=2):
 
 def heldout_rows(n=NUM_ROWS, seed=0):
     """The held-out row indices of a run with --seed ``seed``: the split's contract."""
-    key = jax.random.fold_in(jax.random.key(seed), cli._SPLIT)
+    key = jax.random.fold_in(jax.random.key(seed), cli.data_files.KEY_SPLIT)
     return np.asarray(jax.random.permutation(key, n))[: round(n * FRACTION)]
 
 
@@ -80,7 +81,7 @@ def assert_refused(tmp_path, capsys, data, *options, what=()):
 def test_statistics_are_float64_over_the_training_rows():
     # float32 values far from 0: a float32 mean would be off by ~1e-4 of the spread
     x = (1e4 + points(1)).astype(np.float32)
-    data = cli._prepare(train_config(), x, None)
+    data = cli.data_files.prepare(train_config(), x, None)
     train = np.delete(x, heldout_rows(), axis=0).astype(np.float64)
     assert data.mean.dtype == np.float64 and data.std.dtype == np.float64
     np.testing.assert_allclose(data.mean, train.mean(axis=0), rtol=1e-15)
@@ -112,8 +113,8 @@ def test_extreme_scales_standardize_exactly(scale):
     x = points(2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        reference = cli._prepare(train_config(), x, None)
-        scaled = cli._prepare(train_config(), x * scale, None)
+        reference = cli.data_files.prepare(train_config(), x, None)
+        scaled = cli.data_files.prepare(train_config(), x * scale, None)
     # the same model data (float32 rounding of the same float64 values, up to a few ulps)
     np.testing.assert_allclose(scaled.train, reference.train, rtol=0, atol=1e-6)
     np.testing.assert_allclose(scaled.validation, reference.validation, rtol=0, atol=1e-6)
@@ -128,7 +129,7 @@ def test_statistics_at_a_power_of_two_scale_are_exact(exponent):
     # scaling by 2**e is exact in float64: so must the statistics be, bit for bit
     x = points(3)
     scale = 2.0**exponent
-    mean, std = cli._column_statistics(x * scale)
+    mean, std = cli.data_files.column_statistics(x * scale)
     np.testing.assert_array_equal(mean, x.mean(axis=0) * scale)
     np.testing.assert_array_equal(std, x.std(axis=0) * scale)
 
@@ -181,7 +182,9 @@ def test_scaling_the_data_by_1e_300_shifts_the_log_likelihood_by_the_jacobian(tm
         (entry,) = metrics["heldout"]["validation"].values()
         results[name] = entry
         run = json.loads((tmp_path / name / "run.json").read_text())
-        results[name]["data"] = cli._prepare(run["config"], x * scale, run["standardization"])
+        results[name]["data"] = cli.data_files.prepare(
+            run["config"], x * scale, run["standardization"]
+        )
     ref, tiny = results["reference"], results["tiny"]
     np.testing.assert_array_equal(tiny["data"].train, ref["data"].train)
     shift = tiny["log_jacobian"] - ref["log_jacobian"]
@@ -198,7 +201,7 @@ def test_big_endian_npy_is_trained_on(tmp_path, capsys):
     x = points(5)
     path = tmp_path / "big_endian.npy"
     np.save(path, x.astype(">f8"))
-    read, names = cli._read_points(str(path))
+    read, names = cli.data_files.read_points(str(path))
     assert names is None and read.dtype == np.dtype("=f8")
     np.testing.assert_array_equal(read, x)
     code, _, err = run_cli(capsys, "train", "--data", path, "--out", tmp_path / "run", *TINY)
@@ -210,8 +213,8 @@ def test_integer_npy_is_read_like_an_integer_csv(tmp_path, dtype):
     x = np.random.default_rng(6).integers(0, 100, (NUM_ROWS, 2)).astype(dtype)
     np.save(tmp_path / "data.npy", x)
     write_csv(tmp_path / "data.csv", ["a", "b"], x)
-    from_npy, _ = cli._read_points(str(tmp_path / "data.npy"))
-    from_csv, _ = cli._read_points(str(tmp_path / "data.csv"))
+    from_npy, _ = cli.data_files.read_points(str(tmp_path / "data.npy"))
+    from_csv, _ = cli.data_files.read_points(str(tmp_path / "data.csv"))
     assert from_npy.dtype == from_csv.dtype == np.float64
     np.testing.assert_array_equal(from_npy, from_csv)
 
@@ -331,7 +334,7 @@ def test_no_warning_reaches_stderr_before_the_error_line(tmp_path):
         [sys.executable, "-m", "numpyro_ebm.cli", "train", "--data", path, "--out", out_dir],
         capture_output=True,
         text=True,
-        cwd=os.path.dirname(os.path.dirname(cli.__file__)),
+        cwd=os.path.dirname(os.path.dirname(numpyro_ebm.__file__)),
         timeout=300,
     )
     assert result.returncode == 2, result.stderr

@@ -146,13 +146,13 @@ def test_a_diverged_run_stays_diverged(tmp_path, capsys):
     code, _, err = run_cli(capsys, *command)
     assert code == 1, err
     one_line(err, run, "diverged", "--learning-rate")
-    step = cli._checkpoint_step(str(run))
+    step = cli.run_folder.checkpoint_step(str(run))
     assert json.loads((run / "run.json").read_text())["diverged"]["step"] == step
     for _ in range(3):  # the advice used to be to rerun: each rerun moved the step counter on
         code, _, err = run_cli(capsys, *command)
         assert code == 1, err
         one_line(err, "diverged", "--learning-rate")
-        assert cli._checkpoint_step(str(run)) == step
+        assert cli.run_folder.checkpoint_step(str(run)) == step
     assert not (run / "metrics.json").exists()
     for name in ("evaluate", "sample", "report"):
         code, _, err = run_cli(capsys, *COMMANDS[name](run, tmp_path))
@@ -168,7 +168,7 @@ def test_internal_error_exits_3_and_writes_the_traceback_in_the_run(run_copy, ca
         raise RuntimeError("injected fault")
 
     run = run_copy / "run"
-    monkeypatch.setattr(cli, "_heldout", broken)
+    monkeypatch.setattr(cli.commands, "_heldout", broken)
     code, _, err = run_cli(capsys, "evaluate", run)
     assert code == 3
     line = one_line(err, "internal error", "injected fault", run / cli.TRACEBACK_FILE)
@@ -198,7 +198,7 @@ def test_an_interrupt_exits_130_and_changes_nothing(run_copy, capsys, monkeypatc
 
     run = run_copy / "run"
     before = snapshot(run)
-    monkeypatch.setattr(cli, "_heldout", interrupted)
+    monkeypatch.setattr(cli.commands, "_heldout", interrupted)
     code, _, err = run_cli(capsys, "evaluate", run)
     assert code == 130
     one_line(err, "interrupted")
@@ -268,7 +268,7 @@ def test_sample_and_report_refuse_an_existing_folder_as_out(run_copy, capsys, mo
     def no_compute(*args, **kwargs):
         raise AssertionError("computed before checking --out")
 
-    monkeypatch.setattr(cli, "_restore", no_compute)
+    monkeypatch.setattr(cli.commands, "_restore", no_compute)
     run = run_copy / "run"
     for command, name in (("sample", "s.npy"), ("report", "r.html")):
         (run_copy / name).mkdir()
@@ -301,7 +301,7 @@ def test_demo_checks_its_options_before_training(tmp_path, capsys, monkeypatch):
 def test_the_density_plot_box_holds_the_bulk_of_the_data_not_its_outliers():
     points = np.random.default_rng(0).normal(size=(1000, 2))
     points[0] = [1e20, -1e25]
-    box = cli._plot_box(points)
+    box = cli.commands._plot_box(points)
     # the N(0, 1) bulk: the 0.5% and 99.5% quantiles are near ∓2.58, and 15% padding is added
     assert box.shape == (2, 2)
     assert np.all((box[:, 0] < -2.5) & (box[:, 0] > -4.5))
@@ -312,7 +312,7 @@ def test_a_failing_density_plot_keeps_the_training_result(run_copy, capsys, monk
     def singular(*args, **kwargs):
         raise np.linalg.LinAlgError("Singular matrix")
 
-    monkeypatch.setattr(cli.plots, "density_figure", singular)
+    monkeypatch.setattr(numpyro_ebm.plots, "density_figure", singular)
     run = run_copy / "run"
     # train on a finished run recomputes the metrics, the report and the plot
     code, _, err = run_cli(capsys, *COMMANDS["train"](run, run_copy))

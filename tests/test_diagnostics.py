@@ -215,11 +215,16 @@ def test_recorded_persistent_chains_are_never_restarted():
     flat_data = jnp.full((10, 2), 100.0)
     bank = jnp.arange(12.0).reshape(6, 2)
     base = ebm.negatives.fit_base(jax.random.normal(jax.random.key(0), (50, 2)))
-    starts, _ = ebm.negatives.chain_starts(
-        jax.random.key(1), "persistent", bank, base, 6, 1.0, flat_data, num_kept=2
-    )
-    np.testing.assert_array_equal(starts[:2], bank[:2])
-    np.testing.assert_array_equal(starts[2:], 100.0)
+    persistent = ebm.negatives.Persistent(
+        num_chains=6, num_mcmc_steps=1, reinit_fraction=1.0, num_recorded_chains=2,
+        sampler=samplers.mala(step_size=1e-8),  # the chains barely move: finals show the starts
+    )  # fmt: skip
+    state = persistent.init(jax.random.key(1), flat_data, base)._replace(bank=bank)
+    target = ebm.negatives.Target(lambda z: 0.0 * jnp.sum(z), flat_data, base, (2,))
+    _, finals, info = persistent.sample(jax.random.key(2), state, target)
+    np.testing.assert_allclose(finals[:2], bank[:2], atol=1e-3)
+    np.testing.assert_allclose(finals[2:], 100.0, atol=1e-3)
+    np.testing.assert_array_equal(info.record.positions, finals[:2])
 
 
 def test_fit_without_recording_and_bad_settings(small_fit):

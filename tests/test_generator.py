@@ -13,8 +13,9 @@ from scipy.stats import norm
 
 import numpyro_ebm as ebm
 from numpyro_ebm import generator as gen
-from numpyro_ebm import train
+from numpyro_ebm import training
 from numpyro_ebm.energies import GaussianEnergy
+from numpyro_ebm.training import checkpoint
 
 
 def linear_generator(mean, scale_tril):
@@ -215,7 +216,7 @@ def test_generator_negatives_give_the_ml_gradient_when_the_generator_is_the_mode
         jax.random.key(12), jnp.array([1.0, -2.0]), jnp.eye(2), (256,)
     )
     n = 100_000
-    config = train.TrainConfig(
+    config = ebm.TrainConfig(
         optimizer=optax.sgd(1.0),  # the update is −gradient
         negatives="generator",
         num_chains=n,
@@ -224,10 +225,10 @@ def test_generator_negatives_give_the_ml_gradient_when_the_generator_is_the_mode
         ema_decay=None,
         generator_optimizer=optax.set_to_zero(),  # keep the generator equal to the model
         entropy=zero_entropy,
-    )
-    state = train.init(jax.random.key(13), model, data, config, generator)
-    new_state, _ = eqx.filter_jit(train.step)(jax.random.key(14), state, data, config)
-    got = jax.tree.map(lambda a, b: a - b, model, new_state.energy)
+    ).resolve(schedule_steps=1, generator=generator)
+    state = training.energy_init(jax.random.key(13), model, data, config)
+    new_state, _ = eqx.filter_jit(training.energy_step)(jax.random.key(14), state, data, config)
+    got = jax.tree.map(lambda a, b: a - b, model, new_state.params)
     exact = jax.grad(lambda e: jnp.mean(jax.vmap(e)(data)) + e.log_z)(model)
     # Monte Carlo standard error of the negative-phase term, from per-sample gradients
     samples = generator(jax.random.key(15), n)
@@ -238,7 +239,7 @@ def test_generator_negatives_give_the_ml_gradient_when_the_generator_is_the_mode
     ):
         np.testing.assert_array_less(np.abs(g - want), 5 * err + 1e-5)
     # the generator was not changed by its zero update
-    assert eqx.tree_equal(new_state.generator.layers, generator.layers)
+    assert eqx.tree_equal(new_state.negatives["x"].generator.layers, generator.layers)
 
 
 def test_generator_loss_is_minimised_by_the_model_among_gaussian_generators():
@@ -380,16 +381,16 @@ def test_hybrid_run_resumes_on_the_same_trajectory(tmp_path, monkeypatch):
     data = ebm.datasets.toy("8gaussians").sample(jax.random.key(35), 2000)
     settings = dict(negatives="hybrid", num_steps=20, steps_per_call=5, checkpoint_every=10)
     straight = small_fit(data, jax.random.key(36), **settings)
-    real_save = train.save_checkpoint
+    real_save = checkpoint.save_checkpoint
 
     def crash_after_first_save(*args, **kwargs):
         real_save(*args, **kwargs)
         raise KeyboardInterrupt("simulated crash")
 
-    monkeypatch.setattr(train, "save_checkpoint", crash_after_first_save)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", crash_after_first_save)
     with pytest.raises(KeyboardInterrupt):
         small_fit(data, jax.random.key(36), checkpoint_dir=tmp_path, **settings)
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     resumed = small_fit(data, jax.random.key(36), checkpoint_dir=tmp_path, **settings)
     for a, b in zip(
         jax.tree.leaves(straight.generator), jax.tree.leaves(resumed.generator), strict=True
@@ -429,7 +430,7 @@ def test_hybrid_generator_update_is_invariant_to_the_datas_units():
     )
 
     def one_step(energy, data, generator, step_size):
-        config = train.TrainConfig(
+        config = ebm.TrainConfig(
             optimizer=optax.sgd(0.0),
             sampler=ebm.samplers.mala(step_size=step_size),
             negatives="hybrid",
@@ -439,16 +440,17 @@ def test_hybrid_generator_update_is_invariant_to_the_datas_units():
             generator_optimizer=optax.sgd(1e-2),
             entropy=gen.NearestNeighbourEntropy(),
             num_recorded_chains=0,
-        )
-        state = train.init(jax.random.key(39), energy, data, config, generator)
-        new, info = train.step(jax.random.key(40), state, data[:64], config)
-        return new.generator.layers[0].weight - generator.layers[0].weight, info
+        ).resolve(schedule_steps=1, generator=generator)
+        state = training.energy_init(jax.random.key(39), energy, data, config)
+        new, info = training.energy_step(jax.random.key(40), state, data[:64], config)
+        moved = new.negatives["x"].generator.layers[0].weight - generator.layers[0].weight
+        return moved, info.sites["x"].metrics
 
     moved, info = one_step(energy, data, g, 0.05)
     moved_c, info_c = one_step(_Rescaled(energy, c), c * data, g_c, 0.05 * c**2)
-    assert float(info.resampling_ess) > 0.05  # the resampling ran, in both
-    np.testing.assert_allclose(info_c.resampling_ess, info.resampling_ess, rtol=1e-3)
+    assert float(info["resampling_ess"]) > 0.05  # the resampling ran, in both
+    np.testing.assert_allclose(info_c["resampling_ess"], info["resampling_ess"], rtol=1e-3)
     # float32 rounding of c·x and x/c is the only difference: agreement to 1e-3 of the update
     np.testing.assert_allclose(moved_c, moved, atol=1e-3 * float(jnp.max(jnp.abs(moved))))
     # the recorded term is the dimensionless one the weight multiplies
-    np.testing.assert_allclose(info_c.amortization, info.amortization, rtol=1e-3)
+    np.testing.assert_allclose(info_c["amortization"], info["amortization"], rtol=1e-3)

@@ -163,3 +163,103 @@ def test_grid_covering_grows_the_box_until_it_holds_the_mass():
     assert np.all(np.diff(est.info["bounds"], axis=1) > 8)  # grew from width 2
     with pytest.raises(ValueError, match="bounds"):
         ebm.logz.grid_covering(energy, [[0.0, jnp.nan], [0.0, 1.0]])
+
+
+@pytest.mark.parametrize("make", [ebm.samplers.mala, ebm.samplers.hmc])
+def test_ais_takes_the_training_sampler_objects(make):
+    """``sampler=`` takes the same kernel objects as training; each gives log Z within its
+    reported error (plus float32 round-off)."""
+    cheap = dict(num_particles=300, num_temperatures=30, num_runs=4)
+    est = ebm.logz.ais(GAUSS_2D, (2,), key=jax.random.key(13), sampler=make(), **cheap)
+    assert abs(est.value - float(GAUSS_2D.log_z)) < 4 * est.stderr + 1e-3
+    assert np.all(est.info["acceptance"] > 0.2)  # tuned toward the sampler's target
+    if make is ebm.samplers.hmc:  # and reverse AIS by the kernel's name
+        exact = jax.random.multivariate_normal(
+            jax.random.key(14), GAUSS_2D.mean, GAUSS_2D.covariance, (500,)
+        )
+        rev = ebm.logz.reverse_ais(GAUSS_2D, exact, key=jax.random.key(15), sampler="hmc", **cheap)
+        assert abs(rev.value - float(GAUSS_2D.log_z)) < 4 * rev.stderr + 1e-3
+
+
+def test_ais_refuses_a_kernel_without_a_metropolis_step():
+    for sampler in ("ula", ebm.samplers.ula()):
+        with pytest.raises(ValueError, match="Metropolis step"):
+            ebm.logz.ais(GAUSS_2D, (2,), key=jax.random.key(0), sampler=sampler)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        ebm.logz.ais(GAUSS_2D, (2,), key=jax.random.key(0), sampler="gibbs")
+
+
+def test_nce_loss_is_minimised_at_the_exact_log_z():
+    """With exact model samples the minimiser of ``nce_log_z_loss`` over ``log_z`` is log Z.
+
+    For n model and n noise draws the minimiser's variance is ``(1/I − 2)/n`` with
+    ``I = E_p[q/(p+q)]`` (the gradient's variance ``(I − 2I²)/n`` over its squared slope
+    ``I²``): the tolerance is 4 of those standard errors, with ``I`` estimated on the samples.
+    """
+    energy, n = GAUSS_2D, 20_000
+    k_model, k_noise = jax.random.split(jax.random.key(16))
+    model = jax.random.multivariate_normal(k_model, energy.mean, energy.covariance, (n,))
+    noise_tril = 1.5 * jnp.linalg.cholesky(energy.covariance)
+    base = ebm.gaussian.GaussianBase(
+        energy.mean + 0.3, noise_tril, jnp.linalg.inv(noise_tril)
+    )  # a noise distinct from the model: with q = p the loss would be flat in the noise
+    noise = base.sample(k_noise, n)
+
+    def loss(log_z):
+        return ebm.logz.nce_log_z_loss(log_z, energy, model, noise, base)
+
+    log_z = float(base.log_z)
+    for _ in range(20):  # Newton on a convex 1-D loss
+        log_z -= float(jax.grad(loss)(log_z) / jax.grad(jax.grad(loss))(log_z))
+    truth = float(energy.log_z)
+    log_ratio = -jax.vmap(energy)(model) - truth - base.log_prob(model)  # log p/q at p's draws
+    share = float(jnp.mean(jax.nn.sigmoid(-log_ratio)))  # I = E_p[q / (p + q)]
+    stderr = math.sqrt((1 / share - 2) / n)
+    assert 0.0 < stderr < 0.05
+    assert abs(log_z - truth) < 4 * stderr
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_select_uses_the_grid_up_to_three_dimensions(dims):
+    energy = GaussianEnergy(jnp.full(dims, 0.5), jnp.eye(dims) * 0.7)
+    data = energy.mean + jnp.sqrt(0.7) * jax.random.normal(jax.random.key(17), (300, dims))
+    est = ebm.logz.select.estimate(energy, (dims,), data=data)
+    assert est.method == "grid"
+    assert abs(est.value - float(energy.log_z)) < 1e-3
+    first = ebm.logz.select.box(data, padding=0.5)  # grid_covering's first box, then grown
+    grown = np.asarray(est.info["bounds"])
+    assert np.all(grown[:, 0] <= first[:, 0] + 1e-9) and np.all(grown[:, 1] >= first[:, 1] - 1e-9)
+
+
+def test_select_uses_ais_above_three_dimensions(monkeypatch):
+    calls = []
+
+    def fake_ais(energy, event_shape, *, key, data):
+        calls.append((event_shape, data))
+        return ebm.logz.LogZEstimate(0.0, 0.0, "ais")
+
+    monkeypatch.setattr(ebm.logz.select, "ais", fake_ais)
+    data = jnp.zeros((5, 2, 2))
+    energy = GaussianEnergy(jnp.zeros(4))
+    est = ebm.logz.select.estimate(energy, (2, 2), data=data, key=jax.random.key(0))
+    assert est.method == "ais" and calls[0][0] == (2, 2) and calls[0][1] is data
+    with pytest.raises(ValueError, match="key"):
+        ebm.logz.select.estimate(energy, (4,), data=data)
+
+
+def test_select_learned_box_and_errors():
+    learned = ebm.logz.LogZEstimate(1.5, float("nan"), "nce-learned")
+    got = ebm.logz.select.estimate(GAUSS_2D, (2,), method="learned", learned=learned)
+    assert got is learned
+    with pytest.raises(ValueError, match="unknown log Z method"):
+        ebm.logz.select.estimate(GAUSS_2D, (2,), method="quadrature", data=jnp.zeros((3, 2)))
+    with pytest.raises(ValueError, match="learned"):
+        ebm.logz.select.estimate(GAUSS_2D, (2,), method="learned")
+    with pytest.raises(ValueError, match="1 to 3 dimensions"):
+        energy = GaussianEnergy(jnp.zeros(4))
+        ebm.logz.select.estimate(energy, (4,), method="grid", bounds=[[0, 1]] * 4)
+    # a toy's bounds take precedence over the data's range
+    toy_box = ebm.logz.select.box(jnp.zeros((3, 2)), toy_bounds=[[-1.0, 1.0], [0.0, 4.0]])
+    assert toy_box.tolist() == [[-1.0, 1.0], [0.0, 4.0]]
+    with pytest.raises(ValueError, match="data or toy_bounds"):
+        ebm.logz.select.box()

@@ -16,9 +16,9 @@ SCRIPT = textwrap.dedent(
                   num_mcmc_steps=5, steps_per_call=20, progress_bar=False)
     sharded = ebm.fit(energy, data, **kwargs)
     single = ebm.fit(energy, data, devices=jax.devices()[:1], **kwargs)
-    shards = sharded.state.bank.sharding.device_set
+    shards = sharded.state.negatives["x"].bank.sharding.device_set
     assert len(shards) == 4, shards
-    assert len(single.state.bank.sharding.device_set) == 1
+    assert len(single.state.negatives["x"].bank.sharding.device_set) == 1
     diffs = [float(jnp.max(jnp.abs(a - b))) for a, b in
              zip(jax.tree.leaves(sharded.energy), jax.tree.leaves(single.energy))]
     chains = float(jnp.max(jnp.abs(sharded.chains - single.chains)))

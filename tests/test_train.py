@@ -10,8 +10,9 @@ import optax
 import pytest
 
 import numpyro_ebm as ebm
-from numpyro_ebm import train
+from numpyro_ebm import training
 from numpyro_ebm.energies import GaussianEnergy
+from numpyro_ebm.training import checkpoint, core, loop
 
 MEAN = jnp.array([1.0, -2.0])
 COV = jnp.array([[1.0, 0.5], [0.5, 0.8]])
@@ -39,7 +40,7 @@ def test_gradient_estimator_equals_the_ml_gradient_with_exact_negatives():
     )
 
     def estimate(e):
-        return train.surrogate_loss(e, data, negatives)[0]
+        return jnp.mean(training.LikelihoodObjective().terms(e, data, negatives).per_event)
 
     def exact_nll(e):
         return jnp.mean(jax.vmap(e)(data)) + e.log_z
@@ -95,7 +96,7 @@ def test_nce_loss_is_minimised_at_the_true_log_z():
     base = ebm.negatives.fit_base(jax.random.normal(jax.random.key(21), (5000, 2)) * 1.5)
     noise = base.sample(jax.random.key(22), n)
     grid = jnp.linspace(float(energy.log_z) - 0.3, float(energy.log_z) + 0.3, 601)
-    losses = jax.vmap(lambda c: train.nce_log_z_loss(c, energy, model, noise, base))(grid)
+    losses = jax.vmap(lambda c: ebm.logz.nce_log_z_loss(c, energy, model, noise, base))(grid)
     best = float(grid[jnp.argmin(losses)])
     # NCE's asymptotic standard error for c with n + n samples and a decent noise is ~1/sqrt(n)
     assert abs(best - float(energy.log_z)) < 5 / np.sqrt(n) + 1e-3
@@ -143,7 +144,7 @@ def test_bad_learning_rates_and_max_nonfinite_are_refused_before_compute(setting
     def no_compute(*args, **kwargs):
         raise AssertionError("reached the training step")
 
-    monkeypatch.setattr(train, "init", no_compute)
+    monkeypatch.setattr(core, "init", no_compute)
     energy = ebm.energies.MLPEnergy(2, hidden=(8,), key=jax.random.key(0))
     name = next(k for k in setting if k != "negatives")
     with pytest.raises(ValueError, match=name):
@@ -189,10 +190,10 @@ def test_the_default_energy_penalty_does_not_bias_the_gaussian_mle():
 
 def test_free_constants_are_the_additive_constants_of_the_energy():
     data = jax.random.normal(jax.random.key(32), (256, 2))
-    config = train.TrainConfig(optimizer=optax.adam(1e-3))
+    config = ebm.TrainConfig(optimizer=optax.adam(1e-3)).resolve(schedule_steps=1)
 
     def mask_of(energy):
-        return train.init(jax.random.key(33), energy, data, config).free_constant
+        return training.energy_init(jax.random.key(33), energy, data, config).free_constant["x"]
 
     mlp = mask_of(ebm.energies.MLPEnergy(2, hidden=(8, 8), key=jax.random.key(34)))
     *hidden, last = mlp.net.layers
@@ -205,7 +206,7 @@ def test_free_constants_are_the_additive_constants_of_the_energy():
         assert sum(float(leaf.sum()) for leaf in jax.tree.leaves(mask_of(energy))) == 0.0
 
 
-def test_the_penalty_pins_the_free_constant_and_moves_nothing_else():
+def test_the_stabiliser_acts_on_energies_with_a_free_constant():
     data = ebm.datasets.toy("8gaussians").sample(jax.random.key(36), 2000)
     energy = ebm.energies.MLPEnergy(2, hidden=(16, 16), key=jax.random.key(37))
     last = energy.net.layers[-1]
@@ -218,30 +219,55 @@ def test_the_penalty_pins_the_free_constant_and_moves_nothing_else():
     }
     # without the penalty the ML gradient of the output bias is exactly 0: the bias stays
     np.testing.assert_array_equal(runs[0.0].energy.net.layers[-1].bias, last.bias + 2.0)
-    # with it the centre ½(mean E(data) + mean E(neg)) is pulled down towards 0 (Adam moves the
-    # bias by at most ~ the learning rate per step: ~1 in these 300 steps) ...
+    # with it the energies are pulled towards 0 (Adam moves each parameter by at most ~ the
+    # learning rate per step)
     h = runs[0.01].history
     centre = 0.5 * (h["energy_data"] + h["energy_negatives"])
     assert centre[0] > 1.5 and centre[-20:].mean() < centre[0] - 0.8
-    assert float(runs[0.01].energy.net.layers[-1].bias[0]) < float(last.bias[0]) + 2.0 - 0.5
     assert bool(np.all(np.abs(h["energy_data"]) < 5)) and bool(np.all(h["is_finite"]))
-    # ... by the bias alone: one step from the same state moves every other parameter the same
-    moved = {}
-    for l2 in (0.0, 1.0):
-        config = train.TrainConfig(
-            optimizer=optax.sgd(1e-2), energy_l2=l2, num_chains=64, batch_size=64
-        )
-        state = train.init(jax.random.key(39), shifted, data, config)
-        moved[l2] = eqx.filter_jit(train.step)(jax.random.key(40), state, data[:64], config)[0]
 
-    def bias(e):
-        return e.net.layers[-1].bias
 
-    without = moved[0.0].energy
-    with_penalty = moved[1.0].energy
-    assert float(bias(with_penalty)[0]) < float(bias(without)[0])  # c > 0: the bias goes down
-    same = eqx.tree_at(bias, with_penalty, bias(without))
-    assert eqx.tree_equal(same, without)
+def _one_sgd_step(energy, data, energy_l2):
+    config = ebm.TrainConfig(
+        optimizer=optax.sgd(1e-2), energy_l2=energy_l2, num_chains=64, batch_size=64
+    ).resolve(schedule_steps=10)
+    state = training.energy_init(jax.random.key(39), energy, data, config)
+    return eqx.filter_jit(training.energy_step)(jax.random.key(40), state, data[:64], config)[0]
+
+
+def test_the_stabiliser_is_the_gradient_of_alpha_times_the_mean_squared_energies():
+    """One SGD step with ``energy_l2=1`` moves every parameter by ``−lr ∇(mean E(data)² +
+    mean E(neg)²)`` more than without (at step 0 the decay has not started)."""
+    data = ebm.datasets.toy("8gaussians").sample(jax.random.key(36), 2000)
+    energy = ebm.energies.MLPEnergy(2, hidden=(16, 16), key=jax.random.key(37))
+    without, with_penalty = (_one_sgd_step(energy, data, l2) for l2 in (0.0, 1.0))
+    negatives = without.negatives["x"].bank  # persistent chains: the step's negatives
+    np.testing.assert_array_equal(negatives, with_penalty.negatives["x"].bank)
+
+    def penalty(e):
+        return jnp.mean(jax.vmap(e)(data[:64]) ** 2) + jnp.mean(jax.vmap(e)(negatives) ** 2)
+
+    grad = eqx.filter_grad(penalty)(energy)
+    expected = jax.tree.map(lambda w, g: w - 1e-2 * g, eqx.filter(without.params, eqx.is_array),
+                            eqx.filter(grad, eqx.is_array))  # fmt: skip
+    got = eqx.filter(with_penalty.params, eqx.is_array)
+    for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6)
+
+
+def test_an_energy_without_a_free_constant_gets_no_stabiliser():
+    data = jax.random.normal(jax.random.key(41), (500, 2))
+    energy = ebm.energies.GaussianEnergy(jnp.ones(2), 2.0 * jnp.eye(2))
+    without, with_penalty = (_one_sgd_step(energy, data, l2) for l2 in (0.0, 1.0))
+    assert eqx.tree_equal(without.params, with_penalty.params)
+
+
+def test_the_stabiliser_decays_like_the_learning_rate():
+    config = ebm.TrainConfig(energy_l2=0.02).resolve(schedule_steps=100)
+    weights = [float(config.energy_l2_at(jnp.int32(t))) for t in (0, 50, 100, 400)]
+    np.testing.assert_allclose(weights, [0.02, 0.02 * 0.55, 0.002, 0.002], rtol=1e-6)
+    constant = config.replace(energy_l2_decay=None)
+    assert float(constant.energy_l2_at(jnp.int32(100))) == 0.02
 
 
 def nan_at(step_index):
@@ -261,19 +287,19 @@ def nan_at(step_index):
 def test_a_forced_non_finite_step_is_rejected():
     data = jax.random.normal(jax.random.key(4), (256, 2))
     energy = GaussianEnergy(jnp.zeros(2))
-    config = train.TrainConfig(
+    config = ebm.TrainConfig(
         optimizer=optax.adam(1e-2), num_chains=32, num_mcmc_steps=3, batch_size=8
-    )
-    state = train.init(jax.random.key(5), energy, data, config)
-    jit_step = eqx.filter_jit(train.step)
+    ).resolve(schedule_steps=1)
+    state = training.energy_init(jax.random.key(5), energy, data, config)
+    jit_step = eqx.filter_jit(training.energy_step)
     good, info = jit_step(jax.random.key(6), state, data[:8], config)
-    assert bool(info.is_finite) and not np.allclose(good.energy.mean, state.energy.mean)
+    assert bool(info.is_finite) and not np.allclose(good.params.mean, state.params.mean)
     poisoned = data[:8].at[2, 0].set(jnp.inf)  # what a corrupted batch would do
     after, info = jit_step(jax.random.key(7), good, poisoned, config)
     assert not bool(info.is_finite)
     # a rejected step is not a training step: the counter stays (see test_checkpoint.py)
     assert int(after.step) == int(good.step) and int(after.consecutive_nonfinite) == 1
-    for name in ("energy", "average_energy", "opt_state", "bank", "step_size"):
+    for name in ("params", "average_params", "opt_state", "negatives", "log_z"):
         for a, b in zip(
             jax.tree.leaves(getattr(after, name)), jax.tree.leaves(getattr(good, name)), strict=True
         ):
@@ -295,9 +321,9 @@ def test_repeated_non_finite_steps_stop_the_run_and_keep_the_last_good_state(tmp
             checkpoint_dir=tmp_path,
         )
     state = err.value.state
-    np.testing.assert_array_equal(state.energy.mean, energy.mean)  # never corrupted
+    np.testing.assert_array_equal(state.params.mean, energy.mean)  # never corrupted
     assert int(state.consecutive_nonfinite) >= 3
-    assert train.checkpoint_step(str(tmp_path)) == 0
+    assert training.checkpoint_step(str(tmp_path)) == 0
 
 
 class SiluMLPEnergy(eqx.Module):
@@ -322,7 +348,7 @@ def test_resumed_run_continues_the_same_trajectory(tmp_path, monkeypatch, make_e
     settings = dict(num_steps=30, steps_per_call=5, checkpoint_every=10)
     straight = small_fit(energy, data, jax.random.key(10), **settings)
 
-    real_save = train.save_checkpoint
+    real_save = checkpoint.save_checkpoint
     calls = []
 
     def crash_after_second_save(*args, **kwargs):
@@ -331,11 +357,11 @@ def test_resumed_run_continues_the_same_trajectory(tmp_path, monkeypatch, make_e
         if len(calls) == 2:
             raise KeyboardInterrupt("simulated crash")
 
-    monkeypatch.setattr(train, "save_checkpoint", crash_after_second_save)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", crash_after_second_save)
     with pytest.raises(KeyboardInterrupt):
         small_fit(energy, data, jax.random.key(10), checkpoint_dir=tmp_path, **settings)
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
-    assert train.load_checkpoint(str(tmp_path), straight.state)[2]["step"] == 20
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    assert training.load_checkpoint(str(tmp_path), straight.state)[2]["step"] == 20
     resumed = small_fit(energy, data, jax.random.key(10), checkpoint_dir=tmp_path, **settings)
 
     for a, b in zip(jax.tree.leaves(straight.energy), jax.tree.leaves(resumed.energy), strict=True):
@@ -377,7 +403,7 @@ def test_no_recompilation_across_steps():
 
     def count(num_steps):
         traces.clear()
-        train.default_optimizer.cache_clear()  # a new optimizer: every count compiles afresh
+        training.default_optimizer.cache_clear()  # a new optimizer: every count compiles afresh
         energy = jax.tree_util.Partial(energy_fn, {"mean": jnp.zeros(2)})
         small_fit(energy, data, jax.random.key(14), num_steps=num_steps)
         return len(traces)
@@ -389,13 +415,13 @@ def test_no_recompilation_across_steps():
 @pytest.mark.parametrize("precision", ["float32", "tensorfloat32"])
 def test_matmul_precision_is_set_while_the_step_is_compiled(precision, monkeypatch):
     seen = []
-    compiled = train._run_steps_jit
+    compiled = loop.run_steps
 
     def spy(*args):
         seen.append(jax.config.jax_default_matmul_precision)
         return compiled(*args)
 
-    monkeypatch.setattr(train, "_run_steps_jit", spy)
+    monkeypatch.setattr(loop, "run_steps", spy)
     data = jax.random.normal(jax.random.key(15), (128, 2))
     energy = ebm.energies.MLPEnergy(2, hidden=(8,), key=jax.random.key(16))
     small_fit(energy, data, jax.random.key(17), matmul_precision=precision)
@@ -478,8 +504,8 @@ def test_resuming_with_another_learning_rate_is_refused(tmp_path):
     data = jax.random.normal(jax.random.key(21), (128, 2))
     energy = ebm.energies.MLPEnergy(2, hidden=(8,), key=jax.random.key(22))
     small_fit(energy, data, jax.random.key(23), checkpoint_dir=tmp_path)
-    checkpoint = train.latest_checkpoint(str(tmp_path))
-    for path in (checkpoint, os.path.join(checkpoint, "meta.json")):
+    current = training.latest_checkpoint(str(tmp_path))
+    for path in (current, os.path.join(current, "meta.json")):
         assert oct(os.stat(path).st_mode & 0o777)[-2:] != "00"  # not private
     with pytest.raises(ValueError, match="different settings"):
         small_fit(energy, data, jax.random.key(23), checkpoint_dir=tmp_path, learning_rate=1e-3)
@@ -487,13 +513,13 @@ def test_resuming_with_another_learning_rate_is_refused(tmp_path):
 
 def test_a_second_fit_with_the_default_optimizer_reuses_the_compiled_step(monkeypatch):
     traces = []
-    run_steps = train._run_steps
+    step = core.step
 
     def spy(*args, **kwargs):
         traces.append(1)  # runs only while the compiled call is traced
-        return run_steps(*args, **kwargs)
+        return step(*args, **kwargs)
 
-    monkeypatch.setattr(train, "_run_steps", spy)
+    monkeypatch.setattr(core, "step", spy)
     data = jax.random.normal(jax.random.key(24), (128, 2))
     energy = ebm.energies.MLPEnergy(2, hidden=(8,), key=jax.random.key(25))
     for seed in (26, 27):  # another key and another fit: same configuration

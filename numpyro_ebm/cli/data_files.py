@@ -1,0 +1,453 @@
+"""The user's data file: reading ``.npy`` and ``.csv`` files, checking their columns, the run's
+random split and the standardization to model coordinates.
+
+Every check raises ``UsageError`` naming the file (and line or column) before any training;
+``prepare`` turns a run's settings into its data.
+
+Example:
+    >>> points, names = read_points("data.csv")            # (n, d) float64, column names
+    >>> check_columns(points, names, "data.csv", seed=0, fraction=0.1)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import hashlib
+import io
+import math
+import os
+import stat
+
+import jax
+import numpy as np
+
+from numpyro_ebm import datasets
+from numpyro_ebm.cli._common import (
+    KEY_DATA,
+    KEY_SPLIT,
+    MIN_HELDOUT_ROWS,
+    MIN_TRAIN_ROWS,
+    TOYS,
+    UsageError,
+)
+from numpyro_ebm.validation import validate_data
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_regular_file(path: str) -> None:
+    """Refuse a missing path, a folder, and what is not a regular file (a FIFO or a device
+    such as ``/dev/zero`` would block or never end), without opening it."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError as err:
+        raise UsageError(path, "no such file; check the path") from err
+    except OSError as err:
+        raise UsageError(path, f"cannot be read ({err.strerror}); check the path") from err
+    if stat.S_ISDIR(mode):
+        raise UsageError(path, "is a folder, not a file; pass a .npy or .csv file")
+    if not stat.S_ISREG(mode):
+        raise UsageError(
+            path, "is not a regular file (a pipe or a device); save the data to a file first"
+        )
+
+
+def _open_data(path: str):
+    """``path``, a regular file, opened for binary reading."""
+    _check_regular_file(path)
+    try:
+        return open(path, "rb")
+    except PermissionError as err:
+        raise UsageError(
+            path, "cannot be read: permission denied; make it readable (chmod u+r) or copy it"
+        ) from err
+    except OSError as err:
+        raise UsageError(path, f"cannot be read ({err.strerror}); check the file") from err
+
+
+def _as_float64(points: np.ndarray, path: str) -> np.ndarray:
+    """Floats and integers as native float64 (as a CSV's numbers are read); others refused."""
+    kind = points.dtype.kind
+    if kind == "f" and points.dtype.itemsize > 8:
+        raise UsageError(
+            path,
+            f"holds {points.dtype} values (extended precision), which JAX cannot hold; "
+            "save array.astype('float64')",
+        )
+    if kind not in "fiu":
+        raise UsageError(
+            path,
+            f"holds {points.dtype} values, not numbers; energy-based models need continuous "
+            "data: save array.astype('float64')",
+        )
+    return points.astype(np.float64)  # native byte order, whatever the file's
+
+
+def _read_npy(path: str) -> np.ndarray:
+    """A ``.npy`` file's 2-D array as float64, its header checked against the file's size
+    before any array is allocated."""
+    with _open_data(path) as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read_header(f)
+        except (OSError, ValueError, EOFError) as err:
+            raise UsageError(
+                path, f"is not a NumPy .npy file ({err}); save arrays with numpy.save(path, array)"
+            ) from err
+        if dtype.hasobject:
+            raise UsageError(
+                path, "holds Python objects, not numbers; save a float array with numpy.save"
+            )
+        if len(shape) != 2:
+            raise UsageError(
+                path,
+                f"holds an array of shape {shape}; need a 2-D array (num_points, "
+                "num_features): reshape it, e.g. array.reshape(len(array), -1)",
+            )
+        if shape[1] == 0:
+            raise UsageError(path, f"has no columns (shape {shape}); save the data's columns")
+        size = os.fstat(f.fileno()).st_size - f.tell()
+        if math.prod(shape) * dtype.itemsize > size:
+            raise UsageError(
+                path,
+                f"is truncated: its header promises an array of shape {shape} ({dtype}), the "
+                f"file holds {size} bytes of data; save it again with numpy.save",
+            )
+        try:
+            f.seek(0)
+            points = np.load(f, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            raise UsageError(
+                path, f"cannot be read as a NumPy array ({err}); save it with numpy.save"
+            ) from err
+    return _as_float64(points, path)
+
+
+def _read_csv(path: str, columns: list[str] | None, wanted_by: str) -> tuple[np.ndarray, list]:
+    """Numeric columns of a CSV file with a header row: ``(values (n, d) float64, names)``.
+
+    Errors name the file's line (1-based, as an editor counts them: the header, empty lines
+    and every line of a quoted multi-line field count)."""
+    lines = _csv_lines(path)
+    header = _csv_header(path, lines)
+    names = header if columns is None else columns
+    for name in names:
+        if name not in header:
+            subject, fix = (
+                ("--columns", "pick from those")
+                if wanted_by == "--columns"
+                else (path, "pass a file with the run's columns")
+            )
+            raise UsageError(
+                subject,
+                f"{path} has no column {name!r} (its columns: {', '.join(header)}); {fix}",
+            )
+    rows = lines[1:]
+    for number, row in rows:
+        if len(row) != len(header):
+            raise UsageError(
+                path,
+                f"line {number} has {len(row)} fields, the header has {len(header)}; fix or "
+                "remove that line",
+            )
+    index = [header.index(name) for name in names]
+    cells = np.char.strip(np.array([[row[i] for i in index] for _, row in rows], dtype=str))
+    cells = cells.reshape(len(rows), len(index))
+    return _csv_values(path, [number for number, _ in rows], cells, names, columns), list(names)
+
+
+def _csv_lines(path: str) -> list[tuple[int, list[str]]]:
+    """The non-empty rows of a CSV file, each with the number of the line it starts on."""
+    try:
+        with (
+            _open_data(path) as binary,
+            io.TextIOWrapper(binary, encoding="utf-8-sig", newline="") as f,
+        ):
+            reader, lines, first = csv.reader(f), [], 1
+            for row in reader:
+                if row:
+                    lines.append((first, row))
+                first = reader.line_num + 1
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise UsageError(
+            path, f"cannot be read as a CSV file ({err}); save it as UTF-8 text with commas"
+        ) from err
+    if not lines:
+        raise UsageError(path, "is empty; need a header row with column names and data rows")
+    return lines
+
+
+def _csv_header(path: str, lines: list[tuple[int, list[str]]]) -> list[str]:
+    """The column names of the first row, checked: commas, a header, distinct names."""
+    header = [name.strip() for name in lines[0][1]]
+    if len(header) == 1 and (";" in header[0] or "\t" in header[0]):
+        raise UsageError(path, "separates fields with ';' or tabs; save it with commas")
+    if all(_is_number(name) for name in header):
+        raise UsageError(
+            path,
+            "has no header row (the first line holds numbers); add a first line with the "
+            "column names, e.g. x,y",
+        )
+    if "" in header or len(set(header)) != len(header):
+        raise UsageError(path, "has empty or repeated column names; give every column its name")
+    return header
+
+
+def _csv_values(path: str, numbers: list[int], cells: np.ndarray, names, columns) -> np.ndarray:
+    """``cells`` (n, d) strings, on lines ``numbers``, as finite float64 values."""
+    try:
+        values = cells.astype(np.float64)
+    except ValueError:
+        values = None
+    if values is None:
+        for j, name in enumerate(names):
+            for number, cell in zip(numbers, cells[:, j], strict=True):
+                if cell == "":
+                    raise UsageError(
+                        path,
+                        f"column {name!r} has no value on line {number}; fill in or remove the "
+                        "rows with missing values",
+                    )
+                if not _is_number(cell):
+                    fix = (
+                        "choose the numeric columns with --columns, e.g. --columns "
+                        + ",".join(n for n in names if n != name)
+                        if columns is None
+                        else "fix or remove that line"
+                    )
+                    raise UsageError(
+                        path,
+                        f"column {name!r} holds {str(cell)!r} on line {number}, not a number; "
+                        f"{fix}",
+                    )
+        # numbers that Python reads but NumPy does not (e.g. "1_000")
+        values = np.vectorize(float, otypes=[np.float64])(cells)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise UsageError(
+            path,
+            f"column {names[j]!r} holds {str(cells[i, j])!r} on line {numbers[i]}, not a finite "
+            f"number (NaN or infinity; {int(bad.any(axis=1).sum())} such lines); remove or fill "
+            "in those lines",
+        )
+    return values
+
+
+def read_points(
+    path: str, columns: list[str] | None = None, *, wanted_by: str = "--columns"
+) -> tuple[np.ndarray, list | None]:
+    """A user's data file as ``(points (n, d) float64, column names or None)``, checked."""
+    kind = os.path.splitext(path)[1].lower()
+    if kind not in (".npy", ".csv"):
+        _check_regular_file(path)  # a missing file or a folder: say that first
+        raise UsageError(
+            path,
+            f"unsupported file type {kind or '(none)'!r}; pass a .npy array of shape "
+            "(num_points, num_features) or a .csv table with a header row",
+        )
+    if kind == ".npy":
+        if columns is not None and wanted_by == "--columns":
+            raise UsageError("--columns", "only applies to .csv files; leave it out for .npy")
+        points, names = _read_npy(path), None
+    else:
+        points, names = _read_csv(path, columns, wanted_by)
+    try:
+        with np.errstate(over="ignore"):  # its float32 copy of huge values is not used
+            validate_data(points, name="data")
+    except ValueError as err:
+        raise UsageError(path, str(err)) from err
+    return points, names
+
+
+def sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(functools.partial(f.read, 1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _heldout_count(num_points: int, fraction: float) -> int:
+    return round(num_points * fraction)
+
+
+def check_rows(num_points: int, fraction: float, subject: str) -> None:
+    num_heldout = _heldout_count(num_points, fraction)
+    if num_heldout < MIN_HELDOUT_ROWS or num_points - num_heldout < MIN_TRAIN_ROWS:
+        raise UsageError(
+            subject,
+            f"{num_points} rows are too few to hold out {fraction:g} of them: need at least "
+            f"{MIN_TRAIN_ROWS} training and {MIN_HELDOUT_ROWS} held-out rows; add rows or "
+            "change --validation-fraction",
+        )
+
+
+def _split(seed: int, num_points: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """The run's random split: ``(training row indices, held-out row indices)``."""
+    key = jax.random.fold_in(jax.random.key(seed), KEY_SPLIT)
+    order = np.asarray(jax.random.permutation(key, num_points))
+    num_heldout = _heldout_count(num_points, fraction)
+    return order[num_heldout:], order[:num_heldout]
+
+
+def _binary_scale(values: np.ndarray) -> np.ndarray:
+    """Powers of two ``2**e`` with ``values / 2**e`` in [1, 2) (1/2 for 0 and inf): dividing
+    by them is exact."""
+    return np.ldexp(1.0, np.frexp(values)[1] - 1)
+
+
+def column_statistics(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation (ddof 0) of each column of ``train`` (n, d), in float64.
+
+    ``train.mean(0)`` and ``train.std(0)`` when every standard deviation is in [1e-100, 1e100]
+    (no square comes near over- or underflow); otherwise the same computed on the columns
+    divided by powers of two, which is exact: values such as 1e-300 or 1e307, whose squares
+    over- or underflow, get the statistics of unit-scale values times their scale. A column
+    whose deviations from its mean overflow float64 gets an infinite standard deviation.
+    """
+    train = np.asarray(train, np.float64)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        mean, std = train.mean(axis=0), train.std(axis=0)
+        if np.all((std >= 1e-100) & (std <= 1e100)):
+            return mean, std  # the usual case: no square comes near over- or underflow
+        scale = _binary_scale(np.max(np.abs(train), axis=0))
+        mean = scale * np.mean(train / scale, axis=0)
+        deviation = train - mean
+        spread = _binary_scale(np.max(np.abs(deviation), axis=0))
+        std = spread * np.sqrt(np.mean(np.square(deviation / spread), axis=0))
+    return mean, np.where(np.isfinite(std), std, np.inf)
+
+
+def check_columns(points: np.ndarray, names, path: str, seed: int, fraction: float) -> None:
+    """Refuse a data file whose columns cannot be standardized with the statistics of the
+    training rows of the run's split (``seed``, ``fraction``): a column with at most 2
+    distinct values there (constant, or a flag: no continuous density), a spread float64
+    cannot hold, or a value (in any row) that lands beyond float32's range in model
+    coordinates."""
+    train = points[_split(seed, len(points), fraction)[0]]
+    drop = "leave it out with --columns" if names else "numpy.delete it (axis=1)"
+
+    def column(j) -> str:
+        return f"column {names[j]!r}" if names else f"column {j}"
+
+    low, high = train.min(axis=0), train.max(axis=0)
+    third_value = np.any((train > low) & (train < high), axis=0)
+    for j in range(points.shape[1]):
+        if low[j] == high[j]:
+            raise UsageError(
+                path,
+                f"{column(j)} is constant in the training rows (all {low[j]:g}), it cannot "
+                f"be standardized; {drop}",
+            )
+        if not third_value[j]:
+            raise UsageError(
+                path,
+                f"{column(j)} takes only 2 distinct values in the training rows ({low[j]:g} "
+                f"and {high[j]:g}: a flag?), it has no continuous density; {drop}",
+            )
+    mean, std = column_statistics(train)
+    for j in range(points.shape[1]):
+        if std[j] == np.inf:
+            raise UsageError(
+                path,
+                f"{column(j)} spans {low[j]:g} to {high[j]:g}: its deviations from the mean "
+                "overflow float64; divide the column by a power of 10",
+            )
+        if std[j] < np.finfo(np.float64).tiny:
+            raise UsageError(
+                path,
+                f"{column(j)} varies by {std[j]:g}, below float64's normal range (2.2e-308): "
+                "its digits are lost; multiply the column by a power of 10",
+            )
+    _check_standardizable(points, mean, std, names, path)
+
+
+def _check_standardizable(points: np.ndarray, mean, std, names, path: str) -> None:
+    """Refuse ``points`` (n, d) with a value that ``(x − mean) / std`` puts beyond float32."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        standardized = (points - mean) / std
+    beyond = ~(np.abs(standardized) <= np.finfo(np.float32).max)
+    if beyond.any():
+        i, j = np.argwhere(beyond)[0]
+        column = f"column {names[j]!r}" if names else f"column {j}"
+        row = "" if names else f" in row {i}"
+        raise UsageError(
+            path,
+            f"{column} holds {points[i, j]:g}{row}, beyond float32 in the model's coordinates "
+            f"((x − mean) / std = {standardized[i, j]:g}); remove that outlier",
+        )
+
+
+def file_to_model(data: Data, points: np.ndarray, names, path: str) -> np.ndarray:
+    """``data.to_model(points)`` for the points of a user's file, checked first."""
+    mean, std = (np.zeros(points.shape[1]), 1.0) if data.mean is None else (data.mean, data.std)
+    _check_standardizable(points, mean, np.broadcast_to(std, mean.shape), names, path)
+    return data.to_model(points)
+
+
+@dataclasses.dataclass
+class Data:
+    """A run's data in model coordinates (standardized for user files) and the map back."""
+
+    train: np.ndarray
+    validation: np.ndarray
+    toy: datasets.ToyDensity | None = None
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+
+    def to_model(self, points) -> np.ndarray:
+        points = np.asarray(points, np.float64)
+        if self.mean is not None:
+            points = (points - self.mean) / self.std
+        return points.astype(np.float32)
+
+    def to_original(self, points) -> np.ndarray:
+        points = np.asarray(points, np.float64)
+        return points if self.mean is None else self.mean + self.std * points
+
+    @property
+    def log_jacobian(self) -> float:
+        """``log |dz/dx| = −Σ log std``: add it to a model log-density to get the original
+        units' one (float64 logs of float64 standard deviations, correctly rounded sum)."""
+        return 0.0 if self.std is None else -math.fsum(np.log(self.std))
+
+
+def prepare(config: dict, points: np.ndarray | None, standardization: dict | None) -> Data:
+    """Sample/load, split and standardize the run's data (deterministic in ``config``)."""
+    key = jax.random.key(config["seed"])
+    name = config["data"]["name"]
+    if name == "digits":
+        digits = datasets.digits()
+        return Data(digits.train, digits.test)
+    toy = None
+    if name in TOYS:
+        toy = datasets.toy(name)
+        points = toy.sample(jax.random.fold_in(key, KEY_DATA), config["data"]["num_points"])
+    points = np.asarray(points)
+    train_rows, heldout_rows = _split(config["seed"], len(points), config["validation_fraction"])
+    train, validation = points[train_rows], points[heldout_rows]
+    if not config["data"]["standardized"]:
+        return Data(train.astype(np.float32), validation.astype(np.float32), toy)
+    if standardization is None:
+        # in float64; columns that cannot be standardized were refused (check_columns)
+        mean, std = column_statistics(train)
+    else:
+        mean = np.asarray(standardization["mean"], np.float64)
+        std = np.asarray(standardization["std"], np.float64)
+    data = Data(train, validation, None, mean, std)
+    data.train, data.validation = data.to_model(train), data.to_model(validation)
+    return data

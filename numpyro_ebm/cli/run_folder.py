@@ -1,0 +1,343 @@
+"""The run folder: ``run.json`` and ``metrics.json`` (reading, validating, writing), the
+comparison of a run's stored settings with new ones, and creating or cleaning up folders.
+
+A damaged or foreign file is a ``UsageError`` naming it; nothing here deletes what the user
+had: ``remove_created`` removes only what the failing command itself created.
+
+Example:
+    >>> run, points = load_run("runs/rings")     # a finished run, its data file checked
+    >>> update_metrics("runs/rings", run["config"]["steps"], {"note": "checked"})
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+
+import jax
+import numpy as np
+
+import numpyro_ebm as ebm
+from numpyro_ebm import _io, negatives, samplers, training
+from numpyro_ebm.cli._common import (
+    BUILTIN,
+    CHECKPOINT_DIR,
+    METRICS_FILE,
+    RUN_FILE,
+    RUN_FORMAT,
+    TOYS,
+    UsageError,
+    write_json,
+)
+from numpyro_ebm.cli.data_files import Data, read_points, sha256
+
+
+def checkpoint_step(folder: str) -> int | None:
+    """The step of the run's last checkpoint (None when there is none); ``CheckpointError``
+    naming the file when it is damaged."""
+    return training.checkpoint_step(os.path.join(folder, CHECKPOINT_DIR))
+
+
+def _damaged(path: str, problem: str) -> UsageError:
+    return UsageError(
+        path,
+        f"{problem}; the run folder is damaged (nothing was changed): restore the file from a "
+        "backup, or train into a new --out",
+    )
+
+
+def _read_json(path: str):
+    """The JSON value in ``path``; a file that cannot be read or parsed is a ``_damaged`` one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise _damaged(path, f"cannot be read ({err})") from err
+
+
+def _is_int(value, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _run_problem(run) -> str | None:
+    """What is wrong with a ``run.json`` value (missing keys, wrong types), or None."""
+    if not isinstance(run, dict):
+        return "does not hold a JSON object"
+    fields = {
+        "command": lambda v: isinstance(v, str),
+        "config": lambda v: isinstance(v, dict),
+        "data_path": lambda v: v is None or isinstance(v, str),
+        "standardization": lambda v: v is None or isinstance(v, dict),
+        "event_shape": lambda v: isinstance(v, list) and len(v) == 1 and _is_int(v[0], 1),
+        "diverged": lambda v: v is None or (isinstance(v, dict) and _is_int(v.get("step"))),
+    }
+    config_fields = {
+        "data": lambda v: isinstance(v, dict) and v.get("name") in (*BUILTIN, "file"),
+        "steps": lambda v: _is_int(v, 1),
+        "hidden": lambda v: isinstance(v, list) and v and all(_is_int(w, 1) for w in v),
+        "sampler": lambda v: v in samplers.KERNELS,
+        "negatives": lambda v: v in negatives.KINDS,
+        "chains": lambda v: _is_int(v, 1),
+        "mcmc_steps": lambda v: _is_int(v, 1),
+        "batch_size": lambda v: _is_int(v, 1),
+        "learning_rate": lambda v: _is_finite_number(v) and v > 0,
+        "validation_fraction": lambda v: v is None or (_is_finite_number(v) and 0 < v < 1),
+        "seed": lambda v: _is_int(v),
+    }
+    for name, ok in fields.items():
+        if name not in run and name != "diverged":
+            return f"has no {name!r} entry"
+        if not ok(run.get(name)):
+            return f"has a wrong {name!r} entry ({_short(run[name])})"
+    config = run["config"]
+    for name, ok in config_fields.items():
+        if name not in config:
+            return f"has no 'config.{name}' entry"
+        if not ok(config[name]):
+            return f"has a wrong 'config.{name}' entry ({_short(config[name])})"
+    data, dim = config["data"], run["event_shape"][0]
+    if data["name"] == "file":
+        ok = (
+            isinstance(data.get("sha256"), str)
+            and isinstance(run["data_path"], str)
+            and (data.get("columns") is None or isinstance(data["columns"], list))
+            and isinstance(run["standardization"], dict)
+            and all(
+                isinstance(v, list) and len(v) == dim and all(map(_is_finite_number, v))
+                for v in (run["standardization"].get(k) for k in ("mean", "std"))
+            )
+            and min(run["standardization"]["std"]) > 0
+        )
+        if not ok:
+            return "has a wrong 'config.data' or 'standardization' entry for a data file"
+    elif data["name"] in TOYS and not _is_int(data.get("num_points"), 1):
+        return "has a wrong 'config.data.num_points' entry"
+    return None
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _read_run_json(folder: str) -> dict:
+    path = os.path.join(folder, RUN_FILE)
+    run = _read_json(path)
+    if isinstance(run, dict) and run.get("format") != RUN_FORMAT:
+        raise UsageError(
+            path, f"is not a {RUN_FORMAT} file; pass the --out folder of `numpyro-ebm train`"
+        )
+    problem = _run_problem(run)
+    if problem is not None:
+        raise _damaged(path, problem)
+    _read_metrics(folder)  # a damaged metrics.json is reported before anything is computed
+    return run
+
+
+def _read_metrics(folder: str) -> dict:
+    """The run's ``metrics.json`` (empty when there is none yet)."""
+    path = os.path.join(folder, METRICS_FILE)
+    if not os.path.exists(path):
+        return {}
+    metrics = _read_json(path)
+    if not isinstance(metrics, dict) or not _is_int(metrics.get("step")):
+        raise _damaged(path, "is not a metrics file of numpyro-ebm (no step)")
+    return metrics
+
+
+def existing_run(out: str) -> dict | None:
+    """The run stored in ``out`` (None for a new or empty folder)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(out, "is a file; pass a folder for the run with --out")
+    if not os.path.isdir(out):
+        return None
+    if os.path.exists(os.path.join(out, RUN_FILE)):
+        return _read_run_json(out)
+    if set(os.listdir(out)) - {_io.LOCK_FILE}:
+        raise UsageError(
+            out, "exists and is not a numpyro-ebm run folder; pick another --out (a new folder)"
+        )
+    return None
+
+
+def diverged_message(out: str, step: int) -> str:
+    return (
+        f"numpyro-ebm: error: {out}: training diverged at step {step} (non-finite energies or "
+        "gradients many steps in a row); train into a new --out with a lower --learning-rate "
+        "(e.g. a tenth) or another --sampler"
+    )
+
+
+def load_run(folder: str) -> tuple[dict, np.ndarray | None]:
+    """A finished run's ``run.json`` and its data file's points (None for built-in data)."""
+    if not os.path.isdir(folder):
+        raise UsageError(
+            folder, "no such run folder; pass the --out folder of a `numpyro-ebm train` run"
+        )
+    if not os.path.exists(os.path.join(folder, RUN_FILE)):
+        raise UsageError(
+            folder,
+            f"is not a numpyro-ebm run folder (no {RUN_FILE}); pass the --out folder of a "
+            "`numpyro-ebm train` run",
+        )
+    run = _read_run_json(folder)
+    config = run["config"]
+    if run.get("diverged") is not None:
+        raise UsageError(
+            folder,
+            f"training diverged at step {run['diverged']['step']}, the run has no trained "
+            "model; train into a new --out with a lower --learning-rate",
+        )
+    step = checkpoint_step(folder)
+    if step is None or step < config["steps"]:
+        stopped = "before its first checkpoint" if step is None else f"at step {step}"
+        raise UsageError(
+            folder,
+            f"training stopped {stopped} of {config['steps']}; finish it by running the "
+            f"train command again: {run['command']}",
+        )
+    points = None
+    if config["data"]["name"] == "file":
+        path = run["data_path"]
+        if not os.path.isfile(path):
+            raise UsageError(
+                path, "the run's data file is missing; put it back (or retrain into a new --out)"
+            )
+        if sha256(path) != config["data"]["sha256"]:
+            raise UsageError(
+                path,
+                "changed since the run was trained (different contents); restore the original "
+                "file or train a new run",
+            )
+        points, _ = read_points(path, config["data"]["columns"], wanted_by="the run")
+    return run, points
+
+
+def update_metrics(folder: str, step: int, updates: dict) -> dict:
+    """Merge ``updates`` (``{"heldout": {data: {method: entry}}, ...}``) into metrics.json."""
+    path = os.path.join(folder, METRICS_FILE)
+    metrics = _read_metrics(folder)
+    if metrics.get("step") != step:
+        metrics = {"step": step}
+    for data_name, entries in updates.pop("heldout", {}).items():
+        metrics.setdefault("heldout", {}).setdefault(data_name, {}).update(entries)
+    metrics.update(updates)
+    write_json(path, metrics)
+    return metrics
+
+
+def _config_differences(stored: dict, config: dict) -> str:
+    changes = []
+    for name, value in config.items():
+        if stored.get(name) == value:
+            continue
+        if name == "data":
+            changes.append("--data: other data")
+        else:
+            old, new = (
+                ",".join(map(str, v)) if isinstance(v, list) else v
+                for v in (stored.get(name), value)
+            )
+            changes.append(f"--{name.replace('_', '-')} {old} -> {new}")
+    return ", ".join(changes)
+
+
+def make_folders(out: str) -> list[str]:
+    """Create ``out`` and its missing parents before any compute: the folders this call
+    created, outermost first. If one cannot be created, the others are removed again."""
+    missing, path = [], os.path.abspath(out)
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    created = []
+    try:
+        for folder in reversed(missing):
+            os.mkdir(folder)
+            created.append(folder)
+    except OSError as err:
+        remove_created(created, [])
+        raise UsageError(
+            "--out",
+            f"{out} cannot be created ({err.strerror}: {err.filename}); pick a folder you can "
+            "write to",
+        ) from err
+    return created
+
+
+def remove_created(folders: list[str], entries: list[str]) -> None:
+    """Remove what this invocation created: ``entries`` (paths inside a folder that existed)
+    and ``folders`` (whole, innermost first; they held nothing before this invocation)."""
+    for path in entries:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.remove(path)
+    for i, folder in enumerate(reversed(folders)):
+        if i == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+
+def check_settings(out: str, existing: dict | None, config: dict) -> None:
+    if existing is not None and existing["config"] != config:
+        raise UsageError(
+            out,
+            f"holds a run with other settings ({_config_differences(existing['config'], config)})"
+            f"; pick another --out, or delete {out} to start again",
+        )
+
+
+def started(out: str) -> bool:
+    """Whether the run in ``out`` has a checkpoint (a damaged one counts: it is kept)."""
+    try:
+        return checkpoint_step(out) is not None
+    except ebm.CheckpointError:
+        return True
+
+
+def new_run(config: dict, data: Data, argv: list[str], path: str | None) -> dict:
+    """The ``run.json`` of a new run."""
+    return {
+        "format": RUN_FORMAT,
+        "command": shlex.join(["numpyro-ebm", *argv]),
+        "config": config,
+        "data_path": path,
+        "standardization": None
+        if data.mean is None
+        else {"mean": data.mean.tolist(), "std": data.std.tolist()},
+        "event_shape": list(data.train.shape[1:]),
+        "split": {"train": len(data.train), "validation": len(data.validation)},
+        "versions": {
+            "numpyro_ebm": ebm.__version__,
+            "jax": jax.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+    }
+
+
+def check_output_file(path: str, example: str) -> None:
+    """``path`` can be written (checked before any compute): not a folder, in a writable one."""
+    if os.path.isdir(path):
+        raise UsageError(
+            "--out",
+            f"{path} is an existing folder; name a file, e.g. {os.path.join(path, example)}",
+        )
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError("--out", f"folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(
+            "--out", f"folder {folder} is not writable (permission denied); pick another"
+        )

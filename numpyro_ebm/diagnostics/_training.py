@@ -1,0 +1,211 @@
+"""Checks of a training history (``FitResult.history``), one function per check. The rules
+are in ``numpyro_ebm.diagnostics.checks``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from numpyro_ebm import samplers
+from numpyro_ebm.diagnostics._chains import acceptance_check
+from numpyro_ebm.diagnostics._shared import THRESHOLDS, Check, graded, window
+
+__all__ = ["training_checks"]
+
+
+def training_checks(history: dict, attrs: dict, data_entropy: float | None) -> list[Check]:
+    """The checks of ``history`` (columns of per-step metrics) that it has the columns for.
+
+    Args:
+        history: ``FitResult.history`` or the ``training`` group of its DataTree.
+        attrs: the run's settings (``fit_attrs``): which kernel, its target acceptance.
+        data_entropy: the data's entropy (nats per point) for ``entropy_bound``, or None.
+    """
+    checks = [
+        _nonfinite_check(history),
+        _step_size_check(history, attrs),
+        _train_acceptance_check(history, attrs),
+        _energy_gap_check(history),
+        _energy_drift_check(history),
+        _langevin_grad_check(history),
+        _log_z_check(history),
+        _heldout_nll_check(history),
+    ]
+    if data_entropy is not None:
+        nll = np.asarray(history.get("heldout_nll", []), float)
+        checks.append(_entropy_check(nll, data_entropy))
+    return [check for check in checks if check is not None]
+
+
+def _nonfinite_check(history: dict) -> Check | None:
+    finite = np.asarray(history.get("is_finite", []), bool)
+    if not finite.size:
+        return None
+    bad = int((~finite).sum())
+    return Check(
+        "nonfinite_steps",
+        "ok" if bad == 0 else "warn",
+        str(bad),
+        "0 ok",
+        "every step was finite"
+        if bad == 0
+        else "steps were rejected as non-finite: lower the learning rate or step size",
+    )
+
+
+def _step_size_check(history: dict, attrs: dict) -> Check | None:
+    step_size = np.asarray(history.get("step_size", []), float)
+    if attrs.get("kernel") in (None, "generator") or not step_size.size:
+        return None
+    final = float(step_size[-1])
+    lo, hi = samplers.STEP_SIZE_BOUNDS
+    at_bound = final <= lo * 1.01 or final >= hi * 0.99
+    return Check(
+        "step_size",
+        "fail" if at_bound else "ok",
+        f"{final:.3g}",
+        f"inside ({lo:g}, {hi:g})",
+        "the step size hit its clip range: the sampler cannot be tuned on this energy"
+        if at_bound
+        else "final sampler step size",
+    )
+
+
+def _train_acceptance_check(history: dict, attrs: dict) -> Check | None:
+    acceptance = np.asarray(history.get("acceptance_rate", []), float)
+    if not (acceptance.size and np.isfinite(acceptance).any()):
+        return None
+    recent = window(acceptance, 0.9, 1.0)
+    check = acceptance_check(float(recent.mean()), attrs, "negative-phase chains")
+    return Check("train_acceptance", *list(vars(check).values())[1:])
+
+
+def _energy_gap_check(history: dict) -> Check | None:
+    gap = np.asarray(history.get("energy_gap", []), float)
+    if not gap.size:
+        return None
+    recent = float(window(gap, 0.9, 1.0).mean())
+    where = (
+        "(negatives sit in deeper wells than the data: chains stuck or model too sharp)"
+        if recent > 0
+        else "(negatives sit where the model puts little mass: chains not at equilibrium)"
+    )
+    return graded(
+        "energy_gap",
+        abs(recent),
+        f"{recent:+.3f} nats",
+        "|gap| ≤ {ok} ok, ≤ {fail} warn",
+        "data and negatives have the same mean energy",
+        "the negatives do not look like the data to the model " + where,
+    )
+
+
+def _energy_drift_check(history: dict) -> Check | None:
+    drift = []
+    for column in ("energy_data", "energy_negatives"):
+        values = np.asarray(history.get(column, []), float)
+        if values.size >= 10:
+            drift.append(abs(window(values, 0.9, 1.0).mean() - window(values, 0.5, 0.6).mean()))
+    if not drift:
+        return None
+    value = float(max(drift))
+    return graded(
+        "energy_drift",
+        value,
+        f"{value:.3f} nats",
+        "≤ {ok} ok, ≤ {fail} warn",
+        "energy levels are stable over the second half",
+        "energies are still drifting: training has not converged or is becoming "
+        "unstable (raise energy_l2, lower the learning rate)",
+    )
+
+
+def _langevin_grad_check(history: dict) -> Check | None:
+    norm = np.asarray(history.get("langevin_grad_norm", []), float)
+    if not (norm.size >= 10 and np.isfinite(norm).any()):
+        return None
+    growth = float(window(norm, 0.9, 1.0).mean() / window(norm, 0.5, 0.6).mean())
+    return graded(
+        "langevin_grad",
+        growth,
+        f"×{growth:.2f}",
+        "≤ ×{ok} ok, ≤ ×{fail} warn",
+        "‖∇ₓE‖ at the negatives is stable",
+        "the energy is getting steeper where the chains are: the classic runaway of "
+        "EBM training (raise energy_l2, lower the learning rate)",
+        threshold="langevin_growth",
+    )
+
+
+def _log_z_check(history: dict) -> Check | None:
+    log_z = np.asarray(history.get("log_z", []), float)
+    if log_z.size < 10:
+        return None
+    recent = window(log_z, 0.9, 1.0)
+    change = float(abs(recent[-1] - recent[0]))
+    return graded(
+        "log_z",
+        change,
+        f"{log_z[-1]:.3f} (moved {change:.3f})",
+        "moved ≤ {ok} ok",
+        "the learned log Z has settled",
+        "the learned log Z is still moving: train longer, or calibrate it with "
+        "fit(..., calibrate_log_z=True)",
+        threshold="log_z_change",
+    )
+
+
+def _heldout_nll_check(history: dict) -> Check | None:
+    nll = np.asarray(history.get("heldout_nll", []), float)
+    if not (nll.size and np.isfinite(nll).any()):
+        return None
+    second = window(nll, 0.5, 1.0)
+    finite = nll[np.isfinite(nll)]
+    rise = float(finite[-1] - second.min()) if second.size else 0.0
+    shown = f"{finite[-1]:.3f}" + (f" (best {second.min():.3f})" if second.size else "")
+    return graded(
+        "heldout_nll",
+        rise,
+        shown,
+        "final ≤ best + {ok} ok",
+        "held-out NLL (nats per point, with the learned log Z)",
+        "held-out NLL rose late in training: over-fitting or instability",
+        threshold="heldout_rise",
+    )
+
+
+def _entropy_check(nll: np.ndarray, entropy: float) -> Check:
+    """The final held-out NLL against the data's entropy ``H``: ``E[−log q(x)] ≥ H`` for every
+    normalised density ``q`` (Gibbs' inequality), so only sampling noise of the held-out mean
+    can put it below."""
+    finite = nll[np.isfinite(nll)]
+    margin = THRESHOLDS["entropy_margin"]
+    rule = f"NLL ≥ H − {margin} ok, else fail"
+    if not finite.size:
+        return Check(
+            "entropy_bound",
+            "info",
+            "n/a",
+            rule,
+            "no held-out NLL recorded: train with fit(..., validation_data=...)",
+        )
+    final = float(finite[-1])
+    excess = final - entropy
+    if excess >= -margin:
+        return Check(
+            "entropy_bound",
+            "ok",
+            f"{excess:+.3f} nats",
+            rule,
+            f"held-out NLL − data entropy {entropy:.3f}: estimates KL(data ‖ model) if the "
+            "learned log Z is right",
+        )
+    return Check(
+        "entropy_bound",
+        "fail",
+        f"{excess:+.3f} nats",
+        rule,
+        f"held-out NLL {final:.3f} is {-excess:.3f} nats below the data's entropy "
+        f"{entropy:.3f}, impossible for a normalised density: the learned log Z is wrong (too "
+        "low); compute log Z with logz.grid (2-D), logz.ais or fit(..., calibrate_log_z=True) "
+        "and score with that",
+    )

@@ -1,0 +1,439 @@
+"""``log Z`` by annealed importance sampling (tempered SMC on BlackJAX), forward and reverse.
+
+Both walk the path ``p₀^{1−β} exp(−βE)`` between a normalised base ``p₀`` (β = 0) and
+``exp(−E)`` (β = 1) with the moves of a ``numpyro_ebm.samplers.Sampler`` (the same kernel
+objects as training), re-tuning the step size at every temperature toward the sampler's target
+acceptance. ``ais`` goes up from base draws (``E[log Ẑ] ≤ log Z``); ``reverse_ais`` comes down
+from exact samples (``E[log Ẑ] ≥ log Z``); together they bracket ``log Z``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+
+from numpyro_ebm.gaussian import fit_base
+from numpyro_ebm.logz.estimate import LogZEstimate, log_mean_exp
+from numpyro_ebm.samplers import Sampler, adapt_step_size_multiplicative, get_sampler
+from numpyro_ebm.validation import validate_data
+
+__all__ = ["ais", "reverse_ais"]
+
+
+def ais(
+    energy: Callable,
+    event_shape,
+    *,
+    key: jax.Array,
+    base=None,
+    data=None,
+    num_particles: int = 1000,
+    num_temperatures: int = 200,
+    num_mcmc_steps: int = 5,
+    num_runs: int = 8,
+    schedule_power: float = 4.0,
+    sampler: str | Sampler | None = None,
+    adaptive: bool = False,
+    target_ess: float = 0.5,
+    initial_step_size: float = 0.1,
+) -> LogZEstimate:
+    """``log Z`` by annealed importance sampling / tempered SMC on BlackJAX.
+
+    Anneals from a normalised base ``p₀`` to ``exp(−E)`` along ``p₀^{1−β} exp(−βE)`` (BlackJAX
+    ``tempered_smc`` with ``logprior = log p₀`` and ``loglikelihood = −E − log p₀``), moving the
+    particles with ``sampler.step``; the step size is re-tuned at every temperature from the
+    acceptance of the previous one, toward ``sampler.target``. ``Σ log_likelihood_increment``
+    of one run estimates ``log Z``. ``num_runs`` independent runs give the standard error: the
+    returned value is the log of the mean of their (unbiased) ``Ẑ``, with a delta-method error
+    bar.
+
+    Args:
+        energy: one event -> scalar.
+        event_shape: shape of one event.
+        key: PRNG key.
+        base: NumPyro distribution over FLAT events of size ``prod(event_shape)``; default
+            standard normal, or a Gaussian fitted to ``data`` when given.
+        data: ``(n, *event_shape)`` samples to fit the Gaussian base to.
+        num_particles: particles per run.
+        num_temperatures: temperatures of the fixed schedule ``β_t = (t/T)^schedule_power``.
+        num_mcmc_steps: MCMC moves per temperature.
+        num_runs: independent runs (≥ 2 for an error bar).
+        schedule_power: power of the fixed schedule (larger: more temperatures near β = 0).
+        sampler: the kernel that moves the particles: a ``numpyro_ebm.samplers.Sampler`` (e.g.
+            ``samplers.hmc(num_integration_steps=10)``) or a name (``"mala"``, ``"hmc"``,
+            ``"barker"``); default MALA. Its kernel, ``target`` acceptance and kernel settings
+            (HMC's integration steps and step-size jitter) are used; its ``step_size``,
+            ``adapt_step_size`` and draw settings are not. It needs a Metropolis step
+            (``"ula"`` is refused): the tempered path's weights assume each move leaves its
+            temperature's density invariant.
+        adaptive: choose temperatures adaptively (BlackJAX ``adaptive_tempered_smc``, each
+            step keeping the ESS at ``target_ess``) instead of the fixed schedule.
+        target_ess: see ``adaptive``.
+        initial_step_size: step size at ``β = 0``, then tuned at every temperature (it is not
+            taken from ``sampler.step_size``).
+
+    Returns:
+        ``LogZEstimate`` with ``info`` holding per-run estimates and, for the fixed schedule,
+        per-temperature ESS and acceptance of the first run.
+
+    Raises:
+        ValueError: a kernel without a Metropolis step, or non-finite energies at some
+            particles (reported with the temperature).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from numpyro_ebm import samplers
+        >>> from numpyro_ebm.energies import GaussianEnergy
+        >>> est = ais(GaussianEnergy(jnp.zeros(2)), (2,), key=jax.random.key(0),
+        ...           num_temperatures=50, sampler=samplers.hmc())
+        >>> abs(est.value - 1.8379) < 4 * est.stderr + 0.01   # log 2π
+        True
+    """
+    event_shape = tuple(int(n) for n in event_shape)
+    base = _base_distribution(base, data, event_shape)
+    cfg = _ais_config(
+        event_shape,
+        num_particles,
+        num_temperatures,
+        num_mcmc_steps,
+        num_runs,
+        schedule_power,
+        sampler,
+        adaptive,
+        target_ess,
+        initial_step_size,
+        reverse=False,
+    )
+    log_zs, infos = _ais_runs(energy, base, jax.random.split(key, num_runs), cfg)
+    log_zs = np.asarray(log_zs, np.float64)
+    _raise_if_not_finite(log_zs, infos, num_particles, num_runs)
+    return _forward_estimate(log_zs, infos, num_particles, adaptive)
+
+
+def _raise_if_not_finite(log_zs: np.ndarray, infos: dict, num_particles: int, num_runs: int):
+    """Name the first temperature where some particle's energy was not finite."""
+    if "nonfinite" in infos:
+        bad = np.asarray(infos["nonfinite"])
+        if bad.any():
+            run, t = np.argwhere(bad > 0)[0]
+            raise ValueError(
+                f"AIS: the energy is not finite at {int(bad[run, t])} of {num_particles} "
+                f"particles at temperature β = {float(infos['betas'][run, t]):.4g} "
+                f"(step {int(t)} of run {int(run)}); {int((bad > 0).any(1).sum())} of "
+                f"{num_runs} runs affected"
+            )
+    elif not np.all(np.isfinite(log_zs)):
+        raise ValueError(
+            f"AIS: the energy was not finite at some particles in "
+            f"{int((~np.isfinite(log_zs)).sum())} of {num_runs} adaptive runs"
+        )
+
+
+def _forward_estimate(
+    log_zs: np.ndarray, infos: dict, num_particles: int, adaptive: bool
+) -> LogZEstimate:
+    """``LogZEstimate`` of ``ais`` from the per-run ``log Ẑ`` and the runs' records."""
+    value, stderr, _ = log_mean_exp(log_zs)
+    info = {"log_z_runs": log_zs}
+    ess = None
+    if "ess" in infos:
+        info.update(
+            ess=np.asarray(infos["ess"][0]),
+            acceptance=np.asarray(infos["acceptance"][0]),
+            betas=np.asarray(infos["betas"][0]),
+        )
+        ess = float(np.mean(np.asarray(infos["ess"])[:, -1]) * num_particles)
+    else:
+        info["num_temperatures"] = np.asarray(infos["num_temperatures"])
+    return LogZEstimate(value, stderr, "ais-adaptive" if adaptive else "ais", ess, info)
+
+
+def reverse_ais(
+    energy: Callable,
+    exact_samples,
+    *,
+    key: jax.Array,
+    base=None,
+    data=None,
+    num_particles: int = 1000,
+    num_temperatures: int = 200,
+    num_mcmc_steps: int = 5,
+    num_runs: int = 8,
+    schedule_power: float = 4.0,
+    sampler: str | Sampler | None = None,
+    initial_step_size: float = 0.1,
+) -> LogZEstimate:
+    """Reverse AIS from EXACT samples of ``exp(−E)/Z``: the upper side of a BDMC sandwich.
+
+    Walks the same path as ``ais`` from β = 1 back to β = 0, starting from exact samples of the
+    target (available on simulated data, e.g. a model you sampled data from). Its weights
+    estimate ``1/Z`` without bias, so ``E[log Ẑ] ≥ log Z``: together with forward ``ais``
+    (``E[log Ẑ] ≤ log Z``) it brackets ``log Z`` (Grosse et al. 2015, "Sandwiching the marginal
+    likelihood using bidirectional Monte Carlo"). A wide gap means too few temperatures.
+
+    Args:
+        energy: one event -> scalar.
+        exact_samples: ``(n, *event_shape)`` exact draws from ``exp(−E)/Z``; each run uses
+            ``num_particles`` of them chosen at random.
+        key: PRNG key.
+        base: as for ``ais``.
+        data: as for ``ais``.
+        num_particles: as for ``ais``.
+        num_temperatures: as for ``ais``.
+        num_mcmc_steps: as for ``ais``.
+        num_runs: as for ``ais``.
+        schedule_power: as for ``ais``.
+        sampler: as for ``ais`` (default MALA).
+        initial_step_size: step size at ``β = 1``, then tuned at every temperature.
+
+    Returns:
+        ``LogZEstimate`` (method ``"reverse-ais"``): ``−log mean(1/Ẑ)`` over runs, delta-method
+        standard error.
+    """
+    exact_samples = jnp.asarray(exact_samples)
+    event_shape = tuple(int(n) for n in exact_samples.shape[1:])
+    if exact_samples.ndim < 2 or exact_samples.shape[0] < 2:
+        raise ValueError("exact_samples must have shape (n >= 2, *event_shape)")
+    if not bool(jnp.all(jnp.isfinite(exact_samples))):
+        raise ValueError("exact_samples contain NaN or inf")
+    cfg = _ais_config(
+        event_shape,
+        num_particles,
+        num_temperatures,
+        num_mcmc_steps,
+        num_runs,
+        schedule_power,
+        sampler,
+        False,
+        0.5,
+        initial_step_size,
+        reverse=True,
+    )
+    base = _base_distribution(base, data, event_shape)
+    k_pick, k_runs = jax.random.split(key)
+    flat = exact_samples.reshape(exact_samples.shape[0], -1)
+    rows = jax.random.randint(k_pick, (num_runs, num_particles), 0, flat.shape[0])
+    log_inv_z, infos = _ais_runs(energy, base, jax.random.split(k_runs, num_runs), cfg, flat[rows])
+    bad = np.asarray(infos["nonfinite"])
+    if bad.any():
+        raise ValueError(f"reverse AIS: the energy is not finite at {int(bad.max())} particles")
+    value, stderr, _ = log_mean_exp(np.asarray(log_inv_z, np.float64))
+    info = {"log_z_runs": -np.asarray(log_inv_z, np.float64)}
+    return LogZEstimate(-value, stderr, "reverse-ais", None, info)
+
+
+def _base_distribution(base, data, event_shape):
+    dim = math.prod(event_shape)
+    if base is not None:
+        return base
+    if data is None:
+        return dist.Normal(jnp.zeros(dim), 1.0).to_event(1)
+    data = validate_data(data, event_shape, name="data (for the AIS base)")
+    fitted = fit_base(jnp.reshape(data, (data.shape[0], -1)))
+    return dist.MultivariateNormal(fitted.mean, scale_tril=fitted.scale_tril)
+
+
+class _AISConfig(NamedTuple):
+    event_shape: tuple
+    num_particles: int
+    num_temperatures: int
+    num_mcmc_steps: int
+    schedule_power: float
+    sampler: Sampler
+    adaptive: bool
+    target_ess: float
+    initial_step_size: float
+    reverse: bool = False
+
+
+def _ais_config(
+    event_shape,
+    num_particles,
+    num_temperatures,
+    num_mcmc_steps,
+    num_runs,
+    schedule_power,
+    sampler,
+    adaptive,
+    target_ess,
+    initial_step_size,
+    *,
+    reverse,
+) -> _AISConfig:
+    """Checked, hashable AIS settings (shared by ``ais`` and ``reverse_ais``)."""
+    sampler = get_sampler(sampler)
+    if sampler.target is None:
+        raise ValueError(
+            f"AIS needs a kernel with a Metropolis step, got {sampler.kernel!r}: its moves "
+            "must leave every tempered density invariant (use 'mala', 'hmc' or 'barker')"
+        )
+    if num_runs < 1 or num_particles < 2 or num_temperatures < 1 or num_mcmc_steps < 1:
+        raise ValueError(
+            "num_runs >= 1, num_particles >= 2, num_temperatures >= 1 and num_mcmc_steps >= 1 "
+            "required"
+        )
+    return _AISConfig(
+        tuple(event_shape),
+        int(num_particles),
+        int(num_temperatures),
+        int(num_mcmc_steps),
+        float(schedule_power),
+        sampler,
+        bool(adaptive),
+        float(target_ess),
+        float(initial_step_size),
+        reverse,
+    )
+
+
+def retuned_step_size(step_size, acceptance_rate, target: float):
+    """AIS's step-size rule between two temperatures: ``h · exp(2 (acc − target))`` clipped to
+    ``samplers.STEP_SIZE_BOUNDS``, with ``acc`` the particles' mean acceptance (a NaN counts as
+    a rejection). Returns ``(new step size, acc)``."""
+    acc = jnp.mean(jnp.nan_to_num(acceptance_rate, nan=0.0))
+    return adapt_step_size_multiplicative(step_size, acc, target), acc
+
+
+class _Path(NamedTuple):
+    """The tempered path ``p₀^{1−β} exp(−βE)`` as BlackJAX's tempered SMC wants it."""
+
+    logprior: Callable
+    loglikelihood: Callable
+    neg_energy: Callable
+    sampler: Sampler
+
+    def params(self, step_size) -> dict:
+        """MCMC parameters shared by all particles (BlackJAX: a leading axis of length 1)."""
+        return {"step_size": jnp.reshape(step_size, (1,))}
+
+    def num_nonfinite(self, particles) -> jax.Array:
+        return jnp.sum(~jnp.isfinite(jax.vmap(self.neg_energy)(particles)))
+
+
+def _path(energy, base, cfg: _AISConfig) -> _Path:
+    def neg_energy(z):
+        return -energy(jnp.reshape(z, cfg.event_shape))
+
+    def loglikelihood(z):
+        return neg_energy(z) - base.log_prob(z)
+
+    return _Path(base.log_prob, loglikelihood, neg_energy, cfg.sampler)
+
+
+@eqx.filter_jit
+def _ais_runs(energy, base, keys, cfg: _AISConfig, start_particles=None):
+    """All runs of ``ais`` in one compiled call (compiled once per configuration: the energy
+    and base are traced arguments, so new parameters do not recompile)."""
+    path = _path(energy, base, cfg)
+    num_particles, dim = cfg.num_particles, math.prod(cfg.event_shape)
+
+    def one_run(run_key, start):
+        k_init, k_loop = jax.random.split(run_key)
+        if cfg.reverse:
+            particles = start.reshape(num_particles, dim)
+        else:
+            particles = base.sample(k_init, (num_particles,)).reshape(num_particles, dim)
+        if cfg.adaptive:
+            return _adaptive_run(path, cfg, particles, k_loop)
+        return _fixed_schedule_run(path, cfg, particles, k_loop)
+
+    if start_particles is None:
+        return jax.vmap(lambda k: one_run(k, None))(keys)
+    return jax.vmap(one_run)(keys, start_particles)
+
+
+def _schedule(cfg: _AISConfig) -> jax.Array:
+    """``β_t = (t/T)^power`` for t = 1..T, or for reverse runs T−1..0 (the same path, down)."""
+    t = jnp.arange(1, cfg.num_temperatures + 1)
+    if cfg.reverse:
+        t = jnp.arange(cfg.num_temperatures - 1, -1, -1)
+    return (t / cfg.num_temperatures) ** cfg.schedule_power
+
+
+def _fixed_schedule_run(path: _Path, cfg: _AISConfig, particles, key) -> tuple[Any, dict]:
+    """One run along the fixed schedule: ``(log Ẑ, per-temperature records)``."""
+    import blackjax
+    from blackjax.smc import resampling
+
+    sampler = path.sampler
+    smc = blackjax.tempered_smc(
+        path.logprior,
+        path.loglikelihood,
+        sampler.step,
+        sampler.init,
+        path.params(cfg.initial_step_size),
+        resampling.systematic,
+        num_mcmc_steps=cfg.num_mcmc_steps,
+    )
+    kernel_fn = blackjax.smc.tempered.build_kernel(
+        path.logprior, path.loglikelihood, sampler.step, sampler.init, resampling.systematic
+    )
+
+    def body(carry, xs):
+        state, h = carry
+        beta, k = xs
+        state, info = kernel_fn(k, state, cfg.num_mcmc_steps, beta, path.params(h))
+        h, acc = retuned_step_size(h, info.update_info.acceptance_rate, sampler.target)
+        ess = 1.0 / jnp.sum(state.weights**2) / cfg.num_particles
+        bad = path.num_nonfinite(state.particles)
+        return (state, h), (info.log_likelihood_increment, ess, acc, bad)
+
+    betas = _schedule(cfg)
+    keys = jax.random.split(key, cfg.num_temperatures)
+    start_state = smc.init(particles)
+    if cfg.reverse:
+        start_state = start_state._replace(
+            tempering_param=jnp.ones_like(start_state.tempering_param)
+        )
+    _, (increments, ess, acc, bad) = jax.lax.scan(
+        body, (start_state, jnp.asarray(cfg.initial_step_size)), (betas, keys)
+    )
+    return jnp.sum(increments), {"ess": ess, "acceptance": acc, "nonfinite": bad, "betas": betas}
+
+
+def _adaptive_run(path: _Path, cfg: _AISConfig, particles, key) -> tuple[Any, dict]:
+    """One run with temperatures chosen to keep the ESS at ``cfg.target_ess``.
+
+    BlackJAX's ``adaptive_tempered_smc`` keeps its MCMC parameters fixed, so the kernel is
+    rebuilt at every temperature with the re-tuned step size."""
+    import blackjax
+    from blackjax.smc import resampling
+
+    sampler = path.sampler
+
+    def smc(h):
+        return blackjax.adaptive_tempered_smc(
+            path.logprior,
+            path.loglikelihood,
+            sampler.step,
+            sampler.init,
+            path.params(h),
+            resampling.systematic,
+            cfg.target_ess,
+            num_mcmc_steps=cfg.num_mcmc_steps,
+        )
+
+    def cond(carry):
+        state, _, _, count, _ = carry
+        return (state.tempering_param < 1.0) & (count < 10 * cfg.num_temperatures)
+
+    def body(carry):
+        state, log_z, k, count, h = carry
+        k, sub = jax.random.split(k)
+        state, info = smc(h).step(sub, state)
+        h, _ = retuned_step_size(h, info.update_info.acceptance_rate, sampler.target)
+        bad = path.num_nonfinite(state.particles)
+        log_z = log_z + jnp.where(bad > 0, jnp.nan, info.log_likelihood_increment)
+        return state, log_z, k, count + 1, h
+
+    h0 = jnp.asarray(cfg.initial_step_size)
+    init_state = smc(cfg.initial_step_size).init(particles)
+    _, log_z, _, count, _ = jax.lax.while_loop(cond, body, (init_state, jnp.zeros(()), key, 0, h0))
+    return log_z, {"num_temperatures": count}

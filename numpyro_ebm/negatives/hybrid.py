@@ -1,0 +1,95 @@
+"""Hybrid negatives: a generator proposes, MCMC refines, and the refined samples train both.
+
+Each step the generator's samples are importance-resampled towards the model (which fixes how
+mass is shared between modes that short chains cannot cross), then ``num_mcmc_steps`` of the
+kernel refine them. The refined samples are the negatives; they also pull the generator
+(amortization) while its own KL objective keeps it on the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from numpyro_ebm import generator as _generator
+from numpyro_ebm.negatives._chains import ChainSettings
+from numpyro_ebm.negatives.base import NegativeInfo, Target
+from numpyro_ebm.negatives.generator import GeneratorNegatives, GeneratorState, generator_metrics
+
+__all__ = ["Hybrid"]
+
+
+@dataclass(frozen=True)
+class Hybrid(GeneratorNegatives, ChainSettings):
+    """Generator samples, resampled towards the model, refined by MCMC
+    (``fit(negatives="hybrid")``).
+
+    Attributes (besides ``GeneratorNegatives``' and ``ChainSettings``'):
+        amortization_weight: weight of the generator's pull towards the refined negatives: the
+            energy distance (``generator.energy_distance``) divided by the data's RMS standard
+            deviation (``generator.data_scale``), so it does not depend on the data's units.
+        resample: importance-resample a noisy generator's samples towards the model before
+            the chains start (``generator.resample_towards_model``).
+    """
+
+    name = "hybrid"
+    amortization_weight: float = 40.0
+    resample: bool = True
+
+    def __post_init__(self):
+        GeneratorNegatives.__post_init__(self)
+        ChainSettings.__post_init__(self)
+        if self.amortization_weight < 0:
+            raise ValueError(f"amortization_weight must be >= 0, got {self.amortization_weight}")
+
+    @property
+    def needs_noise(self) -> bool:
+        return True  # the default generator is noisy: the resampling needs its density
+
+    def starting_generator(self, event_shape, key) -> _generator.Generator:
+        if self.generator is None:
+            return super().starting_generator(event_shape, key)
+        return _generator.check_generator(
+            self.generator, event_shape, GeneratorNegatives.needs_noise.fget(self)
+        )
+
+    def initial_step_size(self) -> jax.Array:
+        return ChainSettings.initial_step_size(self)
+
+    def sample(self, key, state: GeneratorState, target: Target):
+        k_start, k_chains = jax.random.split(key)
+        generator = state.generator
+        z, eps = generator.sample_inputs(k_start, self.num_chains)
+        # one forward pass: the noise enters after the network, x = G(z) + σ ⊙ ε
+        means, _ = generator.generate(z, jnp.zeros_like(eps), train=True)
+        samples = means + jnp.exp(generator.log_noise_scale) * eps if generator.noisy else means
+        ess = jnp.full((), jnp.nan)
+        if self.resample and generator.noisy:
+            resampled = _generator.resample_towards_model(
+                jax.random.fold_in(k_start, 3),
+                target.energy,
+                means,
+                generator.log_noise_scale,
+                samples,
+            )
+            samples, ess = resampled.samples, resampled.ess
+        run = self.run(k_chains, samples, target, state.step_size)
+        new_generator, opt_state, terms = self.train_generator(
+            state, target, z, eps, run.finals, self.amortization_weight
+        )
+        new = GeneratorState(
+            run.finals,
+            self.adapted(state.step_size, run.acceptance_rate),
+            new_generator,
+            opt_state,
+        )
+        info = NegativeInfo(
+            run.acceptance_rate,
+            state.step_size,
+            run.langevin_grad_norm,
+            generator_metrics(terms, ess),
+            run.record,
+        )
+        return new, run.finals, info

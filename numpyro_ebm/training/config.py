@@ -1,0 +1,264 @@
+"""``TrainConfig``: every setting of a training run, in one hashable object.
+
+``fit(energy, data, key=key, config=TrainConfig(...), **overrides)`` and
+``MaximumLikelihood`` read it. The negative sampler, the objective and the optimizers can be
+given by name or as configured objects; ``resolve`` turns the names (and the flat settings
+such as ``num_chains``) into objects once the run's length is known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from numpyro_ebm import negatives as _negatives
+from numpyro_ebm import samplers as _samplers
+from numpyro_ebm.training.objective import Objective, build_objective
+
+__all__ = ["MATMUL_PRECISIONS", "TrainConfig", "check_learning_rate", "default_optimizer"]
+
+MATMUL_PRECISIONS = ("float32", "tensorfloat32", "bfloat16", "default")
+
+
+@functools.cache  # one object per setting: fit's compiled step is cached on the optimizer
+def default_optimizer(num_steps: int, learning_rate: float = 5e-3, clip: float = 1.0):
+    """Adam (β₁ = 0.5, as usual for EBMs) with gradient clipping and cosine decay to 10%.
+
+    The same arguments return the same object, so repeated ``fit`` calls with the default
+    optimizer reuse the compiled training step instead of compiling it again."""
+    schedule = optax.cosine_decay_schedule(learning_rate, max(num_steps, 1), alpha=0.1)
+    return optax.chain(optax.clip_by_global_norm(clip), optax.adam(schedule, b1=0.5, b2=0.999))
+
+
+def is_real(value) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+
+
+def check_learning_rate(name: str, value) -> None:
+    """A learning rate must be a finite number > 0 (a ``ValueError`` naming it otherwise)."""
+    if not (is_real(value) and 0 < value < math.inf):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything static about a training run (hashable: it is a ``jit`` static argument).
+
+    Attributes:
+        optimizer: optax transformation for the parameters; None: ``default_optimizer(
+            num_steps, learning_rate)`` (Adam β₁ = 0.5, clipping at 1, cosine decay).
+        learning_rate: peak learning rate of the default optimizer.
+        negatives: where the negatives come from: ``"persistent"``, ``"replay"``,
+            ``"short_run"``, ``"generator"``, ``"hybrid"``, ``"contrastive_divergence"``
+            (``numpyro_ebm.negatives``), or a configured ``NegativeSampler`` (then the chain
+            and generator settings below are its own, not these).
+        objective: ``"ml"`` (maximum likelihood) or an ``Objective``.
+        sampler: the kernel of the negative-phase chains (a name or ``samplers.Sampler``).
+        num_chains: negatives per step (chains, or generator samples).
+        num_mcmc_steps: sampler steps per training step.
+        batch_size: data points per step (``fit``: drawn with replacement).
+        energy_l2: weight ``α`` of the stabiliser ``α (mean E(data)² + mean E(neg)²)`` per
+            data point (the objective's ``penalty``), applied only to an energy with a free
+            additive constant (``free_constants``, e.g. an MLP's output bias; an energy
+            without one, ``GaussianEnergy`` or ``DeepEnergy``, gets none). Without it,
+            maximum-likelihood training of a flexible energy can run away: the energies'
+            scale grows until the chains freeze. It also flattens the density, in proportion
+            to its weight at the end of training (see ``energy_l2_decay`` and
+            ``benchmarks/energy_l2_bias.py``).
+        energy_l2_decay: the stabiliser's weight decays over the run like the default
+            learning rate, ``α (f + (1 − f)(1 + cos(π t / T)) / 2)`` with ``T`` the schedule
+            length, to the fraction ``f`` of ``energy_l2`` (default 0.1: the covariance of
+            an MLP energy fitted to Gaussian data is then within 1% of the data's); None
+            keeps it constant.
+        ema_decay: decay of the parameter moving average returned as the trained model
+            (``None``: the last iterate); the decay at step t is
+            ``min(ema_decay, (1 + t) / (10 + t))``.
+        buffer_size: replay bank size.
+        reinit_fraction: share of persistent/replay chains restarted at the batch each step.
+        step_size_gain: Robbins-Monro gain of the per-step step-size update.
+        log_z_learning_rate: Adam learning rate of the learned ``log Z``.
+        generator_optimizer: optax transformation for the generator (generator modes); None:
+            ``default_optimizer(num_steps, generator_learning_rate)``.
+        generator_learning_rate: peak learning rate of the generator's default optimizer.
+        entropy: the generator's entropy estimator (``numpyro_ebm.generator``).
+        amortization_weight: ``"hybrid"``: weight of the generator's pull towards the refined
+            negatives (scale-free, see ``negatives.Hybrid``).
+        resample: ``"hybrid"``: importance-resample the generator's samples towards the model.
+        num_recorded_chains: negative-phase chains recorded for diagnostics each step.
+        record_every: keep every ``record_every``-th record and compute the held-out NLL then.
+        matmul_precision: precision of float32 matrix products in the compiled step, one of
+            ``MATMUL_PRECISIONS`` (``jax.default_matmul_precision``). ``"float32"`` (default)
+            is true float32 everywhere: on NVIDIA GPUs since Ampere JAX would otherwise use
+            TensorFloat-32 for them. The CPU ignores the setting.
+        sharding: sharding of the chains' and the batch's leading axis across devices
+            (``fit`` builds it from ``devices``); None: leave placement to JAX.
+        conditional_negatives: the sampler of conditional sites when ``negatives`` cannot
+            handle conditions; None: contrastive divergence with the same kernel.
+        schedule_steps: the length ``T`` of the run's schedules (set by ``resolve``).
+    """
+
+    optimizer: optax.GradientTransformation | None = None
+    learning_rate: float = 5e-3
+    negatives: Any = "persistent"
+    objective: Any = "ml"
+    sampler: Any = "mala"
+    num_chains: int = 1024
+    num_mcmc_steps: int = 20
+    batch_size: int = 1024
+    energy_l2: float = 0.01
+    energy_l2_decay: float | None = 0.1
+    ema_decay: float | None = 0.995
+    buffer_size: int = 10_000
+    reinit_fraction: float = 0.1
+    step_size_gain: float = 0.2
+    log_z_learning_rate: float = 0.01
+    generator_optimizer: optax.GradientTransformation | None = None
+    generator_learning_rate: float = 1e-3
+    entropy: Any = "nearest_neighbour"
+    amortization_weight: float = 40.0
+    resample: bool = True
+    num_recorded_chains: int = 8
+    record_every: int = 10
+    matmul_precision: str = "float32"
+    sharding: Any = None
+    conditional_negatives: Any = None
+    schedule_steps: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "sampler", _samplers.get_sampler(self.sampler))
+        for name in ("num_chains", "num_mcmc_steps", "batch_size", "buffer_size", "record_every"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not (is_real(self.energy_l2) and 0 <= self.energy_l2 < math.inf):
+            raise ValueError(f"energy_l2 must be a finite number >= 0, got {self.energy_l2!r}")
+        for name in ("learning_rate", "log_z_learning_rate", "generator_learning_rate"):
+            check_learning_rate(name, getattr(self, name))
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be None or in [0, 1), got {self.ema_decay}")
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(
+                f"matmul_precision must be one of {MATMUL_PRECISIONS}, "
+                f"got {self.matmul_precision!r}"
+            )
+        if isinstance(self.negatives, str) and self.negatives not in _negatives.KINDS:
+            raise ValueError(
+                f"unknown negatives {self.negatives!r}; choose one of {_negatives.KINDS} or "
+                "pass a numpyro_ebm.negatives.NegativeSampler"
+            )
+        build_objective(self.objective)  # a clear error now for an unknown name
+
+    def replace(self, **changes) -> TrainConfig:
+        """A copy with some settings changed (unknown names: ``TypeError``)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def negatives_name(self) -> str:
+        """The negative sampler's name (``"persistent"``, ...)."""
+        return self.negatives if isinstance(self.negatives, str) else self.negatives.name
+
+    @property
+    def uses_generator(self) -> bool:
+        return self.negatives_name in ("generator", "hybrid")
+
+    @property
+    def runs_chains(self) -> bool:
+        return self.negatives_name != "generator"
+
+    def energy_l2_at(self, step):
+        """The ``energy_l2`` weight at training step ``step`` (see ``energy_l2_decay``)."""
+        if self.energy_l2_decay is None or self.schedule_steps is None:
+            return self.energy_l2
+        fraction = jnp.minimum(step.astype(jnp.float32) / self.schedule_steps, 1.0)
+        cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * fraction))
+        final = self.energy_l2_decay
+        return self.energy_l2 * (final + (1.0 - final) * cosine)
+
+    def log_z_optimizer(self) -> optax.GradientTransformation:
+        return optax.adam(self.log_z_learning_rate)
+
+    def resolve(self, schedule_steps: int, generator=None) -> TrainConfig:
+        """This config with the optimizer, the negative sampler and the objective as objects
+        (default optimizers over ``schedule_steps``; ``generator``: the starting network of
+        the generator modes, None for the default one)."""
+        optimizer = self.optimizer or default_optimizer(schedule_steps, self.learning_rate)
+        generator_optimizer = self.generator_optimizer
+        if generator_optimizer is None and self.uses_generator:
+            generator_optimizer = default_optimizer(schedule_steps, self.generator_learning_rate)
+        skip = ("optimizer", "negatives", "objective")
+        settings = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip
+        }
+        negatives = _negatives.build(
+            self.negatives, **settings, optimizer=generator_optimizer, generator=generator
+        )
+        return self.replace(
+            schedule_steps=schedule_steps,
+            optimizer=optimizer,
+            generator_optimizer=generator_optimizer,
+            negatives=negatives,
+            objective=build_objective(self.objective),
+        )
+
+    def describe_defaults(self) -> dict:
+        """``describe``'s shape with every setting at its default (for this negative sampler's
+        class): a checkpoint written before a setting existed matches it when the run uses
+        the default."""
+        defaults = {f.name: _field_default(f) for f in dataclasses.fields(self)}
+        negatives = {"name": self.negatives_name}
+        if isinstance(self.negatives, _negatives.NegativeSampler):
+            for f in dataclasses.fields(self.negatives):
+                if f.init and f.compare:
+                    negatives[f.name] = _negatives.describe_value(_field_default(f))
+        keep = (
+            "batch_size",
+            "energy_l2",
+            "energy_l2_decay",
+            "ema_decay",
+            "log_z_learning_rate",
+            "record_every",
+        )
+        return {
+            "negatives": negatives,
+            "objective": "ml",
+            **{name: defaults[name] for name in keep},
+            "matmul_precision": defaults["matmul_precision"],
+            "optimizer": "custom",
+        }
+
+    def describe(self) -> dict:
+        """JSON-able settings by name of a RESOLVED config (a resumed run's are compared with
+        its checkpoint's): the negative sampler's (``negatives.describe``), the objective's
+        name and the core's own; optimizers are ``"custom"`` (not comparable) and
+        ``sharding`` is left out (a run may resume on other devices)."""
+        negatives = self.negatives
+        objective = self.objective
+        return {
+            "negatives": _negatives.describe(negatives)
+            if isinstance(negatives, _negatives.NegativeSampler)
+            else negatives,
+            "objective": objective.name if isinstance(objective, Objective) else objective,
+            "batch_size": self.batch_size,
+            "energy_l2": self.energy_l2,
+            "energy_l2_decay": self.energy_l2_decay,
+            "ema_decay": self.ema_decay,
+            "log_z_learning_rate": self.log_z_learning_rate,
+            "record_every": self.record_every,
+            "matmul_precision": self.matmul_precision,
+            "optimizer": "custom",
+        }
+
+
+def _field_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None

@@ -1,0 +1,354 @@
+"""``fit``: train one energy on data, on top of the training core and loop; ``load`` a run.
+
+``fit(energy, data, key=key)`` trains with the defaults; ``config=TrainConfig(...)`` and
+keyword overrides of any of its fields change them. One energy on data is a *problem* with a
+single site (``EnergyProblem``); the core step, the loop and the checkpoints are the ones
+``MaximumLikelihood`` uses too.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from numpyro_ebm import logz as _logz
+from numpyro_ebm import samplers as _samplers
+from numpyro_ebm.distribution import EnergyDistribution
+from numpyro_ebm.training import checkpoint, core, loop
+from numpyro_ebm.training.config import TrainConfig
+from numpyro_ebm.training.inputs import (
+    chain_sharding,
+    checked_inputs,
+    config_from_meta,
+    placed,
+    schedule_steps,
+)
+
+__all__ = ["EnergyProblem", "FitResult", "energy_init", "energy_step", "fit", "load"]
+
+SITE = "x"  # the one site of an energy fitted to data
+
+
+@dataclass(frozen=True)
+class EnergyProblem:
+    """One energy trained on data: a single site, batches drawn with replacement.
+
+    ``data`` is the ``(N, *event_shape)`` array, or ``(points, conditions)`` for a conditional
+    energy ``E(x, c)``."""
+
+    batch_size: int
+    conditional: bool = False
+    prefix_sites: ClassVar[bool] = False  # the history names the site's metrics plainly
+
+    def batch(self, key, data):
+        points = data[0] if self.conditional else data
+        rows = jax.random.randint(key, (self.batch_size,), 0, points.shape[0])
+        return jax.tree.map(lambda a: a[rows], data)
+
+    def _split(self, batch):
+        return batch if self.conditional else (batch, None)
+
+    def sites(self, params, key, batch) -> dict:
+        points, conditions = self._split(batch)
+        return {SITE: core.Site(params, points, conditions)}
+
+    def loss(self, params, key, batch, objective, negatives):
+        points, conditions = self._split(batch)
+        terms = objective.terms(params, points, negatives[SITE], conditions)
+        return jnp.mean(terms.per_event), {SITE: core.SiteTerms(terms, 1.0)}
+
+    def heldout_nll(self, state, validation):
+        """``mean E(validation) + log Z`` of the averaged energy, learned ``log Z``."""
+        points, conditions = self._split(validation)
+        energy = state.average_params
+        args = (points,) if conditions is None else (points, conditions)
+        return jnp.mean(jax.vmap(energy)(*args)) + state.average_log_z[SITE]
+
+
+def _check_resolved(config: TrainConfig) -> None:
+    if isinstance(config.negatives, str) or config.optimizer is None:
+        raise ValueError(
+            "pass a resolved config: config.resolve(schedule_steps) turns the names of the "
+            "negatives, the objective and the default optimizers into objects"
+        )
+
+
+def energy_init(key: jax.Array, energy, data, config: TrainConfig) -> core.TrainState:
+    """``core.init`` for one energy on ``data`` (``(N, *event_shape)``, or ``(points,
+    conditions)``): the pure, jittable pair under ``fit``, for hand-written loops.
+
+    Example:
+        >>> import jax, optax, numpyro_ebm as ebm
+        >>> data = ebm.datasets.toy("8gaussians").sample(jax.random.key(0), 1000)
+        >>> energy = ebm.energies.MLPEnergy(2, hidden=(16,), key=jax.random.key(1))
+        >>> config = ebm.TrainConfig(num_chains=64, batch_size=64).resolve(schedule_steps=10)
+        >>> state = ebm.training.energy_init(jax.random.key(2), energy, data, config)
+        >>> state, info = ebm.training.energy_step(jax.random.key(3), state, data[:64], config)
+        >>> int(state.step)
+        1
+    """
+    _check_resolved(config)
+    problem = EnergyProblem(config.batch_size, isinstance(data, tuple))
+    return core.init(key, energy, data, problem, config)
+
+
+def energy_step(key: jax.Array, state: core.TrainState, batch, config: TrainConfig):
+    """``core.step`` for one energy: ``(new_state, StepInfo)`` after one update on ``batch``
+    (``(B, *event_shape)``, or ``(points, conditions)``). Jit it with ``eqx.filter_jit``."""
+    _check_resolved(config)
+    problem = EnergyProblem(config.batch_size, isinstance(batch, tuple))
+    return core.step(key, state, batch, problem, config)
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` (and ``load``) returns.
+
+    Attributes:
+        energy: the trained energy (parameter average if ``ema_decay`` is set).
+        last_energy: the last iterate's energy.
+        chains: the negative sampler's final samples or bank ``(rows, *event_shape)``
+            (None for a sampler whose state keeps none).
+        history: dict of ``(num_attempts,)`` numpy arrays, one per metric.
+        state: the final ``TrainState`` (for resuming or inspection).
+        config: the resolved ``TrainConfig`` used.
+        event_shape: shape of one event.
+        log_z: ``LogZEstimate`` of ``log Z`` learned during training by noise-contrastive
+            estimation (``stderr`` NaN: a stochastic-approximation iterate, not an estimator
+            with an error bar). Reliable in low dimension only (see docs/benchmarks.md); use
+            ``calibrate_log_z=True`` (AIS) beyond a few dimensions. None for a conditional
+            energy.
+        log_z_ais: AIS recalibration at the end (``fit(..., calibrate_log_z=True)``) or None.
+        generator: the trained ``numpyro_ebm.generator.Generator`` (generator negatives)
+            or None: ``generator(key, n)`` draws ``(n, *event_shape)`` fast samples.
+        recorded_chains: ``samplers.Draws`` (numpy) of the recorded negative-phase chains,
+            one draw every ``record_every`` training steps (``Draws.step``), or None. For
+            persistent negatives each is one chain followed through training; for the other
+            kinds a "chain" is a slot of the negative batch. See ``numpyro_ebm.diagnostics``.
+    """
+
+    energy: Any
+    last_energy: Any
+    chains: jax.Array | None
+    history: dict
+    state: core.TrainState
+    config: TrainConfig
+    event_shape: tuple[int, ...]
+    log_z: Any = None
+    log_z_ais: Any = None
+    generator: Any = None
+    recorded_chains: _samplers.Draws | None = None
+
+    def distribution(self, log_z=None) -> EnergyDistribution:
+        """``EnergyDistribution`` with the trained energy and ``log_z`` (default: the AIS
+        recalibration if it was run, else the learned ``log_z``); its chains start at the
+        generator's samples when there is a generator."""
+        if log_z is None:
+            best = self.log_z_ais if self.log_z_ais is not None else self.log_z
+            log_z = None if best is None else getattr(best, "value", best)
+        return EnergyDistribution(
+            self.energy,
+            self.event_shape,
+            log_z=log_z,
+            sampler=getattr(self.config.negatives, "sampler", self.config.sampler),
+            initializer=self.generator,
+        )
+
+
+@checkpoint.one_writer
+def fit(
+    energy,
+    data,
+    *,
+    key: jax.Array,
+    config: TrainConfig | None = None,
+    num_steps: int = 2000,
+    condition=None,
+    validation_data=None,
+    generator=None,
+    steps_per_call: int = 100,
+    max_nonfinite: int = 10,
+    progress_bar: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    devices: list | None = None,
+    calibrate_log_z: bool = False,
+    **settings,
+) -> FitResult:
+    """Train ``energy`` on ``data`` by maximum likelihood (see docs/guides/training.md).
+
+    Args:
+        energy: callable pytree, one event -> scalar (``E(x, c)`` with ``condition``): an
+            ``eqx.Module`` or ``jax.tree_util.Partial(fn, params)``. Its floating-point array
+            leaves are trained; every other leaf is static.
+        data: ``(num_points, *event_shape)`` float array, finite.
+        key: PRNG key (split once into an init key and a loop key; step t folds in t, so a
+            resumed run repeats the same trajectory).
+        config: a ``TrainConfig`` (default: ``TrainConfig()``); ``**settings`` override its
+            fields by name, e.g. ``negatives="hybrid"``, ``num_chains=256``,
+            ``sampler="hmc"``, ``learning_rate=1e-3`` (an unknown name is a ``TypeError``).
+        num_steps: accepted parameter updates (a larger one extends a checkpointed run; the
+            default optimizers keep the schedule of the ``num_steps`` it started with).
+        condition: ``(num_points, condition_size)``: the energy is ``E(x, c)``, trained by
+            contrastive divergence unless ``negatives`` handles conditions.
+        validation_data: held-out data (``(points, conditions)`` with ``condition``):
+            ``history["heldout_nll"]`` every ``record_every`` steps (learned ``log Z``).
+        generator: the generator modes' starting ``Generator`` (default: ``default_generator``).
+        steps_per_call, max_nonfinite, progress_bar: as for ``loop.train``.
+        checkpoint_dir: checkpoint folder (locked during the run): one of the same settings
+            there is resumed on the same trajectory.
+        checkpoint_every: steps between checkpoints (default: every ``steps_per_call``).
+        devices: devices to spread the chains and the batch over (default all).
+        calibrate_log_z: after training, also estimate ``log Z`` by AIS (``log_z_ais``).
+
+    Returns ``FitResult``.
+
+    Raises:
+        ValueError: bad data or settings (before any compute), or a checkpoint of other
+            settings (each one named) or beyond ``num_steps``.
+        TrainingDivergedError: ``max_nonfinite`` non-finite steps in a row (the last good
+            state is also checkpointed, marked diverged).
+        CheckpointError: a damaged or inconsistent checkpoint file (named).
+        FolderLockedError: another process is writing to ``checkpoint_dir``.
+
+    Example:
+        >>> import jax, numpyro_ebm as ebm
+        >>> data = ebm.datasets.toy("8gaussians").sample(jax.random.key(0), 5000)
+        >>> energy = ebm.energies.MLPEnergy(2, key=jax.random.key(1))
+        >>> res = ebm.fit(energy, data, key=jax.random.key(2), num_steps=200,
+        ...               progress_bar=False)  # doctest: +SKIP
+    """
+    config = (config or TrainConfig()).replace(**settings)
+    inputs, validation, event_shape = checked_inputs(
+        energy, data, condition, validation_data, num_steps, steps_per_call, max_nonfinite
+    )
+    stored = None if checkpoint_dir is None else checkpoint.stored_meta(checkpoint_dir)
+    schedule = schedule_steps(stored, num_steps, checkpoint_dir)
+    sharding = chain_sharding(devices, config.num_chains, config.batch_size)
+    given = config.replace(sharding=sharding)
+    config = given.resolve(schedule, generator)
+    problem = EnergyProblem(config.batch_size, condition is not None)
+    k_init, k_loop = jax.random.split(key)
+    state = core.init(k_init, energy, inputs, problem, config)
+    meta = run_meta(given, config, schedule, num_steps, inputs)
+    state, history, recorded = checkpoint.resume(checkpoint_dir, state, meta, stored)
+    state, inputs, validation = placed(state, inputs, validation, sharding)
+    state, history, recorded = loop.train(
+        state,
+        key=k_loop,
+        data=inputs,
+        problem=problem,
+        config=config,
+        num_steps=num_steps,
+        steps_per_call=steps_per_call,
+        max_nonfinite=max_nonfinite,
+        progress_bar=progress_bar,
+        history=history,
+        recorded=recorded,
+        validation=validation,
+        save=checkpoint.saver(checkpoint_dir, meta),
+        checkpoint_every=checkpoint_every,
+        sharding=sharding,
+    )
+    result = fit_result(state, history, recorded, config, event_shape, condition is not None)
+    if calibrate_log_z:
+        k_ais = jax.random.fold_in(k_init, 1)  # init consumed k_init itself; this is a new key
+        result.log_z_ais = _logz.ais(result.energy, event_shape, key=k_ais, data=data)
+    return result
+
+
+def run_meta(config: TrainConfig, resolved: TrainConfig, schedule: int, num_steps: int, inputs):
+    """The settings a checkpoint records (and a resumed run must match): ``config`` as given,
+    ``resolved`` as run."""
+    points, conditions = inputs if isinstance(inputs, tuple) else (inputs, None)
+    default_generator_optimizer = config.uses_generator and config.generator_optimizer is None
+    return {
+        "schedule_steps": schedule,
+        "num_steps": num_steps,
+        "config": resolved.describe(),
+        "defaults": resolved.describe_defaults(),
+        "event_shape": list(points.shape[1:]),
+        "conditional": conditions is not None,
+        "condition_shape": None if conditions is None else list(conditions.shape[1:]),
+        # a custom optimizer is not comparable; the default ones are, by their learning rates
+        "learning_rates": [
+            config.learning_rate if config.optimizer is None else None,
+            config.generator_learning_rate if default_generator_optimizer else None,
+        ],
+    }
+
+
+def fit_result(state, history, recorded, config, event_shape, conditional) -> FitResult:
+    """The ``FitResult`` of a final (or loaded) state."""
+    negatives = state.negatives[SITE]
+    bank = getattr(negatives, "bank", None)  # a sampler may keep no samples in its state
+    learned = None
+    if not conditional:
+        value = float(state.average_log_z[SITE])
+        learned = _logz.LogZEstimate(value, float("nan"), "nce-learned")
+    return FitResult(
+        energy=state.average_params,
+        last_energy=state.params,
+        chains=None if bank is None else jnp.reshape(bank, (-1, *event_shape)),
+        history=history,
+        state=state,
+        config=config,
+        event_shape=tuple(event_shape),
+        log_z=learned,
+        generator=getattr(negatives, "generator", None),
+        recorded_chains=loop.records_to_draws(recorded.get(SITE, {}), event_shape),
+    )
+
+
+def load(folder: str | os.PathLike, energy=None, *, config=None, generator=None) -> FitResult:
+    """The ``FitResult`` of a finished or interrupted run, from its latest checkpoint.
+
+    Args:
+        folder: a ``fit(checkpoint_dir=...)`` folder, or a finished ``numpyro-ebm train``
+            run folder (which records how to rebuild its energy: ``energy`` is then not
+            needed; an interrupted one is finished by rerunning its train command).
+        energy: an energy of the same architecture as the trained one (its values are
+            replaced by the checkpoint's), e.g. ``MLPEnergy(2, key=jax.random.key(0))``.
+        config: the run's ``TrainConfig``; needed only when the run used a custom optimizer
+            (else it is rebuilt from the checkpoint's settings).
+        generator: a ``Generator`` of the trained one's architecture (generator modes with
+            a custom generator).
+
+    Raises:
+        FileNotFoundError: no checkpoint in ``folder``.
+        CheckpointError: a damaged file, or a checkpoint of another format.
+    """
+    folder = os.fspath(folder)
+    if energy is None and os.path.isfile(os.path.join(folder, "run.json")):
+        from numpyro_ebm.cli.commands import fit_result as run_result  # knows its energy
+
+        return run_result(folder)
+    meta = checkpoint.stored_meta(folder)
+    if meta is None:
+        raise FileNotFoundError(f"{folder} holds no checkpoint")
+    if energy is None:
+        raise ValueError(
+            "load needs energy=: a freshly built energy of the trained one's architecture"
+        )
+    event_shape = tuple(meta["event_shape"])
+    config = config_from_meta(meta) if config is None else config
+    config = config.resolve(meta["schedule_steps"], generator)
+    problem = EnergyProblem(config.batch_size, bool(meta.get("conditional", False)))
+    stand_in = _stand_in_data(event_shape, problem.conditional, meta)
+    like = core.init(jax.random.key(0), energy, stand_in, problem, config)
+    state, history, recorded = checkpoint.resume(folder, like, None, meta)
+    return fit_result(state, history, recorded, config, event_shape, problem.conditional)
+
+
+def _stand_in_data(event_shape, conditional: bool, meta: dict):
+    """Data of the right shapes to build a state the checkpoint's values are read into."""
+    size = int(np.prod(event_shape))
+    points = jax.random.normal(jax.random.key(0), (size + 2, *event_shape))
+    if not conditional:
+        return points
+    return points, jnp.zeros((size + 2, *meta["condition_shape"]))

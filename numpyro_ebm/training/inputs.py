@@ -1,0 +1,170 @@
+"""What ``fit`` checks and prepares before training: data, settings, devices, the schedule."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from numpyro_ebm import generator as _generator
+from numpyro_ebm import samplers as _samplers
+from numpyro_ebm.distribution import check_energy
+from numpyro_ebm.training import checkpoint
+from numpyro_ebm.training.config import TrainConfig
+from numpyro_ebm.validation import validate_data
+
+__all__ = [
+    "chain_sharding",
+    "check_trainable",
+    "checked_inputs",
+    "config_from_meta",
+    "placed",
+    "schedule_steps",
+]
+
+
+def check_trainable(energy) -> None:
+    """Training updates the energy's floating-point array leaves (everything else, e.g. an
+    activation function or a Python number, is static, as in ``eqx.partition(energy,
+    eqx.is_inexact_array)``): an energy without any has nothing to train."""
+    import equinox as eqx
+
+    if not jax.tree_util.tree_leaves(eqx.filter(energy, eqx.is_inexact_array)):
+        raise ValueError(
+            f"energy {type(energy).__name__} has no floating-point array leaves, so training has "
+            "no parameters to fit. Pass the parameters as a pytree next to the function: "
+            "jax.tree_util.Partial(fn, params) with fn(params, x) -> scalar, or write the energy "
+            "as an eqx.Module whose parameters are float arrays."
+        )
+
+
+def _check_count(name: str, value) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def checked_inputs(energy, data, condition, validation_data, *counts):
+    """Validate everything ``fit`` is given before any compute.
+
+    ``counts`` are ``num_steps, steps_per_call, max_nonfinite``. Returns ``(inputs,
+    validation, event_shape)``: ``inputs`` is the data array, or ``(data, condition)`` for a
+    conditional energy (``validation`` likewise a pair then)."""
+    for name, value in zip(("num_steps", "steps_per_call", "max_nonfinite"), counts, strict=True):
+        _check_count(name, value)
+    check_trainable(energy)
+    data = validate_data(data)
+    event_shape = tuple(data.shape[1:])
+    condition_shape = None
+    if condition is not None:
+        condition = validate_data(condition, name="condition")
+        if condition.shape[0] != data.shape[0]:
+            raise ValueError(
+                f"condition has {condition.shape[0]} rows, data has {data.shape[0]}: one "
+                "condition per data point"
+            )
+        condition_shape = tuple(condition.shape[1:])
+    check_energy(energy, event_shape, condition_shape)
+    validation = None
+    if validation_data is not None:
+        if condition is None:
+            validation = validate_data(validation_data, event_shape, name="validation_data")
+        else:
+            points, conditions = validation_data
+            validation = (
+                validate_data(points, event_shape, name="validation_data"),
+                validate_data(conditions, condition_shape, name="validation conditions"),
+            )
+    inputs = data if condition is None else (data, condition)
+    return inputs, validation, event_shape
+
+
+def schedule_steps(stored_meta: dict | None, num_steps: int, folder) -> int:
+    """The length of the default optimizers' schedules: ``num_steps`` for a new run, the
+    stored one for a resumed or extended run (checked: ``num_steps`` cannot go back)."""
+    if stored_meta is None:
+        return num_steps
+    step = stored_meta["step"]
+    if step > num_steps:
+        raise ValueError(
+            f"{folder} holds a checkpoint at step {step}, beyond num_steps={num_steps}; pass "
+            f"num_steps >= {step} to resume or extend it, or use another checkpoint_dir"
+        )
+    steps = stored_meta.get("schedule_steps")
+    if not (isinstance(steps, int) and steps >= 1):
+        raise checkpoint.CheckpointError(
+            checkpoint.meta_path(folder),
+            f"records no schedule length (schedule_steps {steps!r})",
+        )
+    return steps
+
+
+def chain_sharding(devices, num_chains: int, batch_size: int):
+    """``NamedSharding`` splitting a leading chain/batch axis over ``devices`` (None for one)."""
+    devices = list(jax.devices() if devices is None else devices)
+    if len(devices) <= 1:
+        return None
+    n = len(devices)
+    if num_chains % n or batch_size % n:
+        raise ValueError(
+            f"with {n} devices, num_chains ({num_chains}) and batch_size ({batch_size}) must be "
+            f"multiples of {n}; or pass devices=jax.devices()[:1]"
+        )
+    mesh = jax.sharding.Mesh(np.array(devices), ("chains",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("chains"))
+
+
+def placed(state, inputs, validation, sharding):
+    """With a sharding: data and parameters replicated on every device, persistent chains
+    split over them (unchanged without one)."""
+    if sharding is None:
+        return state, inputs, validation
+    import equinox as eqx
+
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    inputs = jax.device_put(inputs, replicated)
+    if validation is not None:
+        validation = jax.device_put(validation, replicated)
+    arrays, static = eqx.partition(state, eqx.is_array)
+    state = eqx.combine(jax.device_put(arrays, replicated), static)
+    negatives = {}
+    for name, chains in state.negatives.items():
+        if (
+            getattr(chains, "bank", None) is not None
+            and chains.bank.shape[0] % len(sharding.mesh.devices.flat) == 0
+        ):
+            chains = chains._replace(bank=jax.device_put(chains.bank, sharding))
+        negatives[name] = chains
+    return state._replace(negatives=negatives), inputs, validation
+
+
+def config_from_meta(meta: dict) -> TrainConfig:
+    """The ``TrainConfig`` a checkpoint's settings describe (``load``). A run with a custom
+    optimizer recorded none: ``ValueError`` asking for ``config=``."""
+    from numpyro_ebm import negatives as _negatives
+
+    stored = dict(meta["config"])
+    learning_rate, generator_learning_rate = meta.get("learning_rates", [None, None])
+    if learning_rate is None:
+        raise ValueError(
+            "this run used a custom optimizer, which a checkpoint cannot record: pass "
+            "config=TrainConfig(optimizer=...) with the run's settings"
+        )
+    settings = dict(stored.pop("negatives"))
+    name = settings.pop("name")
+    if "sampler" in settings:
+        settings["sampler"] = _samplers.Sampler(**settings["sampler"])
+    if isinstance(settings.get("entropy"), dict):
+        entropy = dict(settings["entropy"])
+        classes = {cls.__name__: cls for cls in _generator.ENTROPY_ESTIMATORS.values()}
+        settings["entropy"] = classes[entropy.pop("name")](**entropy)
+    settings.pop("optimizer", None)
+    config = TrainConfig(
+        learning_rate=learning_rate,
+        generator_learning_rate=generator_learning_rate or 1e-3,
+        negatives=name,
+        objective=stored.get("objective", "ml"),
+        **{k: v for k, v in stored.items() if k not in ("objective", "optimizer")},
+        **{k: v for k, v in settings.items() if k in TrainConfig.__dataclass_fields__},
+    )
+    if name not in _negatives.KINDS:
+        raise ValueError(f"checkpoint names unknown negatives {name!r}")
+    return config

@@ -1,0 +1,388 @@
+"""The training package's composable pieces: ``fit`` on a ``TrainConfig`` with overrides,
+configured negative samplers, every negative sampler and checkpoints in ``MaximumLikelihood``,
+conditional energies in ``fit``, and ``load``."""
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import optax
+import pytest
+
+import numpyro_ebm as ebm
+from numpyro_ebm import generator as gen
+from numpyro_ebm.training import checkpoint, core
+
+TINY = dict(
+    num_steps=6,
+    num_chains=16,
+    num_mcmc_steps=2,
+    batch_size=16,
+    steps_per_call=2,
+    progress_bar=False,
+)
+
+
+def toy_data(n=512):
+    return jax.random.normal(jax.random.key(0), (n, 2)) * jnp.array([1.0, 2.0]) + 1.0
+
+
+def gaussian_energy():
+    return ebm.energies.GaussianEnergy(jnp.zeros(2))
+
+
+def crash_after_save(monkeypatch, step):
+    """Make the checkpoint writer raise KeyboardInterrupt just after it saved ``step``."""
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_stop(folder, state, history, meta):
+        real_save(folder, state, history, meta)
+        if meta["step"] == step:
+            raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_stop)
+
+
+def assert_trees_equal(a, b, **tolerance):
+    a_arrays, a_static = eqx.partition(a, eqx.is_array)
+    b_arrays, b_static = eqx.partition(b, eqx.is_array)
+    assert eqx.tree_equal(a_static, b_static)
+    for x, y in zip(jax.tree.leaves(a_arrays), jax.tree.leaves(b_arrays), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tolerance)
+
+
+# -- fit: a config plus keyword overrides ---------------------------------------------------------
+
+
+class Captured(Exception):
+    """Raised by a stand-in for ``core.init`` with the resolved config ``fit`` built."""
+
+    def __init__(self, config):
+        super().__init__("captured")
+        self.config = config
+
+
+@pytest.fixture
+def resolved_config_of(monkeypatch):
+    """``fit``'s resolved ``TrainConfig`` for the given settings, without any compute."""
+
+    def capture(key, params, data, problem, config):
+        raise Captured(config)
+
+    monkeypatch.setattr(core, "init", capture)
+
+    def resolved(**settings):
+        with pytest.raises(Captured) as info:
+            ebm.fit(gaussian_energy(), toy_data(), key=jax.random.key(1), **settings)
+        return info.value.config
+
+    return resolved
+
+
+SGD = optax.sgd(1e-3)
+GENERATOR_ADAM = optax.adam(1e-4)
+CD = ebm.negatives.ContrastiveDivergence(num_mcmc_steps=3)
+
+# field -> (value, negatives to run it with, where the resolved config must show it)
+FIELDS = {
+    "optimizer": (SGD, "persistent", lambda c: c.optimizer is SGD),
+    "learning_rate": (1e-3, "persistent", lambda c: c.learning_rate == 1e-3),
+    "negatives": ("replay", "replay", lambda c: isinstance(c.negatives, ebm.negatives.Replay)),
+    "objective": (
+        ebm.training.LikelihoodObjective(),
+        "persistent",
+        lambda c: c.objective == ebm.training.LikelihoodObjective(),
+    ),
+    "sampler": ("hmc", "persistent", lambda c: c.negatives.sampler.kernel == "hmc"),
+    "num_chains": (32, "persistent", lambda c: c.negatives.num_chains == 32),
+    "num_mcmc_steps": (3, "persistent", lambda c: c.negatives.num_mcmc_steps == 3),
+    "batch_size": (32, "persistent", lambda c: c.batch_size == 32),
+    "energy_l2": (0.5, "persistent", lambda c: c.energy_l2 == 0.5),
+    "energy_l2_decay": (None, "persistent", lambda c: c.energy_l2_decay is None),
+    "ema_decay": (0.9, "persistent", lambda c: c.ema_decay == 0.9),
+    "buffer_size": (77, "replay", lambda c: c.negatives.buffer_size == 77),
+    "reinit_fraction": (0.3, "persistent", lambda c: c.negatives.reinit_fraction == 0.3),
+    "step_size_gain": (0.05, "persistent", lambda c: c.negatives.step_size_gain == 0.05),
+    "log_z_learning_rate": (0.02, "persistent", lambda c: c.log_z_learning_rate == 0.02),
+    "generator_optimizer": (
+        GENERATOR_ADAM, "hybrid", lambda c: c.negatives.optimizer is GENERATOR_ADAM
+    ),
+    "generator_learning_rate": (1e-4, "generator", lambda c: c.generator_learning_rate == 1e-4),
+    "entropy": (
+        "batch_norm",
+        "generator",
+        lambda c: isinstance(c.negatives.entropy, gen.BatchNormEntropy),
+    ),
+    "amortization_weight": (10.0, "hybrid", lambda c: c.negatives.amortization_weight == 10.0),
+    "resample": (False, "hybrid", lambda c: c.negatives.resample is False),
+    "num_recorded_chains": (4, "persistent", lambda c: c.negatives.num_recorded_chains == 4),
+    "record_every": (5, "persistent", lambda c: c.record_every == 5),
+    "matmul_precision": (
+        "tensorfloat32", "persistent", lambda c: c.matmul_precision == "tensorfloat32"
+    ),
+    "conditional_negatives": (CD, "persistent", lambda c: c.conditional_negatives is CD),
+}  # fmt: skip
+
+
+def test_every_train_config_field_is_listed_here():
+    """A new ``TrainConfig`` field must be added to ``FIELDS`` (``sharding`` is built by ``fit``
+    from ``devices``, ``schedule_steps`` by ``resolve``)."""
+    names = {f.name for f in dataclasses.fields(ebm.TrainConfig)}
+    assert names == set(FIELDS) | {"sharding", "schedule_steps"}
+
+
+@pytest.mark.parametrize("name", sorted(FIELDS))
+def test_every_train_config_field_is_reachable_through_fit(name, resolved_config_of):
+    value, negatives, check = FIELDS[name]
+    settings = {"negatives": negatives, name: value}
+    assert check(resolved_config_of(**settings)), name
+    # the same through config=
+    config = ebm.TrainConfig(**settings)
+    assert check(resolved_config_of(config=config)), name
+
+
+def test_keyword_overrides_win_over_the_config(resolved_config_of):
+    config = ebm.TrainConfig(num_chains=64, batch_size=32, step_size_gain=0.0, learning_rate=0.1)
+    resolved = resolved_config_of(config=config, num_chains=16, learning_rate=0.2)
+    assert resolved.negatives.num_chains == 16 and resolved.num_chains == 16
+    assert resolved.batch_size == 32 and resolved.negatives.step_size_gain == 0.0
+    assert resolved.learning_rate == 0.2
+    assert config.num_chains == 64  # the caller's config is not changed
+
+
+def test_an_unknown_setting_is_a_type_error_before_compute(resolved_config_of):
+    with pytest.raises(TypeError, match="num_chain"):
+        resolved_config_of(num_chain=16)
+    with pytest.raises(TypeError, match="bogus"):
+        resolved_config_of(config=ebm.TrainConfig(), bogus=1)
+
+
+def test_fit_with_a_config_and_overrides_trains_with_them():
+    """A fixed step size (``step_size_gain=0``, settable only through the config before) keeps
+    the chains' step size; the override of ``num_chains`` sets the number of chains."""
+    config = ebm.TrainConfig(
+        num_chains=64, num_mcmc_steps=2, batch_size=16, step_size_gain=0.0
+    )  # fmt: skip
+    settings = dict(num_steps=6, steps_per_call=2, progress_bar=False)
+    res = ebm.fit(
+        gaussian_energy(), toy_data(), key=jax.random.key(2), config=config, num_chains=24,
+        **settings,
+    )  # fmt: skip
+    assert res.chains.shape == (24, 2)
+    np.testing.assert_allclose(res.history["step_size"], config.sampler.step_size, rtol=1e-6)
+    adapted = ebm.fit(gaussian_energy(), toy_data(), key=jax.random.key(2), **TINY)
+    assert np.ptp(adapted.history["step_size"]) > 0  # the default gain does move it
+
+
+def test_a_configured_negative_sampler_is_used_by_fit():
+    replay = ebm.negatives.Replay(num_chains=32, buffer_size=100)
+    res = ebm.fit(gaussian_energy(), toy_data(), key=jax.random.key(3), negatives=replay, **TINY)
+    assert res.config.negatives == replay
+    assert res.chains.shape == (100, 2)
+    assert res.state.negatives["x"].bank.shape == (100, 2)
+    assert bool(np.all(res.history["is_finite"]))
+
+
+# -- MaximumLikelihood: every negative sampler, checkpoints, recorded chains -------------------
+
+
+MEAN = jnp.array([1.0, -2.0])
+
+
+def scaled_energy(mu, log_sigma):
+    return jax.tree_util.Partial(
+        lambda m, s, x: 0.5 * jnp.sum((x - m) ** 2) * jnp.exp(-2 * s), mu, log_sigma
+    )
+
+
+def gaussian_model(x):
+    mu = numpyro.param("mu", jnp.zeros(2))
+    log_sigma = numpyro.param("log_sigma", jnp.zeros(()))
+    with numpyro.plate("data", x.shape[0]):
+        numpyro.sample("x", ebm.EnergyDistribution(scaled_energy(mu, log_sigma), (2,)), obs=x)
+
+
+def model_data():
+    return MEAN + 0.5 * jax.random.normal(jax.random.key(4), (500, 2))
+
+
+@pytest.mark.parametrize("negatives", ["generator", "hybrid"])
+def test_generator_negatives_train_a_numpyro_model(negatives):
+    x = model_data()
+    small = gen.Generator(2, 4, hidden=(16,), key=jax.random.key(5), noise_scale=0.1)
+    cls = ebm.negatives.Hybrid if negatives == "hybrid" else ebm.negatives.GeneratorNegatives
+    sampler = cls(optimizer=optax.adam(1e-3, b1=0.5), num_chains=64, generator=small)
+    if negatives == "hybrid":
+        sampler = sampler.replace(num_mcmc_steps=3)
+    learner = ebm.MaximumLikelihood(gaussian_model, optax.adam(0.05), negatives=sampler)
+    res = learner.run(jax.random.key(6), 40, x, progress_bar=False, steps_per_call=20)
+    h = res.history
+    assert bool(np.all(h["is_finite"]))
+    for column in ("x.generator_energy", "x.generator_entropy", "x.amortization"):
+        assert np.all(np.isfinite(h[column])), column
+    if negatives == "hybrid":
+        assert np.all(np.isfinite(h["x.acceptance_rate"]))
+        assert np.all((h["x.resampling_ess"] > 0) & (h["x.resampling_ess"] <= 1))
+    else:
+        assert np.all(np.isnan(h["x.acceptance_rate"]))  # no chains run
+    state = res.state.negatives["x"]
+    assert isinstance(state, ebm.negatives.GeneratorState) and state.bank.shape == (64, 2)
+    assert state.generator(jax.random.key(7), 3).shape == (3, 2)
+    # the energy moved towards the data (its mean starts at 0, ‖MEAN‖ ≈ 2.2 away)
+    assert float(jnp.linalg.norm(res.params["mu"] - MEAN)) < 0.7 * float(jnp.linalg.norm(MEAN))
+
+
+def ml_learner(**settings):
+    return ebm.MaximumLikelihood(
+        gaussian_model, optax.adam(0.05), num_chains=32, num_mcmc_steps=2, record_every=5,
+        num_recorded_chains=4, **settings,
+    )  # fmt: skip
+
+
+def test_maximum_likelihood_resumes_a_killed_run_on_the_same_trajectory(tmp_path, monkeypatch):
+    x = model_data()
+    settings = dict(progress_bar=False, steps_per_call=5)
+    straight = ml_learner().run(jax.random.key(8), 20, x, **settings)
+    crash_after_save(monkeypatch, 10)
+    with pytest.raises(KeyboardInterrupt):
+        ml_learner().run(jax.random.key(8), 20, x, checkpoint_dir=tmp_path, **settings)
+    assert ebm.training.checkpoint_step(tmp_path) == 10
+    monkeypatch.undo()
+    resumed = ml_learner().run(jax.random.key(8), 20, x, checkpoint_dir=tmp_path, **settings)
+    assert int(resumed.state.step) == 20 and ebm.training.checkpoint_step(tmp_path) == 20
+    for name in ("mu", "log_sigma"):
+        np.testing.assert_allclose(resumed.params[name], straight.params[name], rtol=1e-6)
+    assert sorted(resumed.history) == sorted(straight.history)
+    for name in ("loss", "x.energy_gap", "x.step_size"):
+        np.testing.assert_allclose(resumed.history[name], straight.history[name], rtol=1e-6)
+    np.testing.assert_allclose(
+        resumed.recorded_chains["x"].positions, straight.recorded_chains["x"].positions, rtol=1e-6
+    )
+    # a second writer of other settings is refused by name
+    with pytest.raises(ValueError, match=r"num_chains: 32 .*16"):
+        ebm.MaximumLikelihood(gaussian_model, optax.adam(0.05), num_chains=16).run(
+            jax.random.key(8), 20, x, checkpoint_dir=tmp_path, **settings
+        )
+
+
+def test_maximum_likelihood_records_its_chains():
+    x = model_data()
+    res = ml_learner().run(jax.random.key(9), 20, x, progress_bar=False, steps_per_call=10)
+    draws = res.recorded_chains["x"]
+    assert draws.positions.shape == (4, 4, 2)  # 4 chains, one draw every 5 of 20 steps
+    np.testing.assert_array_equal(draws.step, [5, 10, 15, 20])
+    assert draws.info.acceptance_rate.shape == (4, 4)
+    # persistent chains are followed through training: the last draw is the bank's first rows
+    np.testing.assert_array_equal(draws.positions[:, -1], res.state.negatives["x"].bank[:4])
+    tree = ebm.diagnostics.to_datatree(draws)
+    assert tree["posterior"]["x"].shape[:2] == (4, 4)
+
+
+# -- conditional energies in fit -------------------------------------------------------------
+
+
+def linear_gaussian(a, log_s):
+    """E(y | c) = ½ (y − a c)² / s²: the regression y ~ N(a c, s²)."""
+    return jax.tree_util.Partial(
+        lambda a, ls, y, c: 0.5 * jnp.sum((y - a * c) ** 2) * jnp.exp(-2 * ls), a, log_s
+    )
+
+
+def test_fit_learns_the_conditional_mean_of_a_conditional_gaussian():
+    c = jax.random.uniform(jax.random.key(10), (1000, 1), minval=-2, maxval=2)
+    y = 0.8 * c + 0.3 * jax.random.normal(jax.random.key(11), (1000, 1))
+    res = ebm.fit(
+        linear_gaussian(jnp.array(0.0), jnp.array(0.0)), y, condition=c, key=jax.random.key(12),
+        num_steps=400, batch_size=256, num_mcmc_steps=10, learning_rate=0.05,
+        steps_per_call=100, progress_bar=False,
+    )  # fmt: skip
+    a_hat = float(jnp.sum(c * y) / jnp.sum(c * c))  # least squares = the conditional MLE
+    s_hat = float(jnp.sqrt(jnp.mean((y - a_hat * c) ** 2)))
+    # Tolerance. The data term of one step's gradient in a has sd ≈ √E[c²]/s / √256 ≈ 0.24
+    # and the negatives' term as much again (0.34 together); the curvature E[c²]/s² ≈ 15
+    # turns that into ≈ 0.023 in a per step, which the decayed learning rate and the parameter
+    # average shrink several-fold. Contrastive divergence from the data is unbiased at the
+    # truth (a chain started at a draw of the model stays in it), which is within the MLE's
+    # own error s/√Σc² ≈ 0.008 of a_hat. 0.03 is > 1 per-step sd and ~4 MLE errors.
+    assert float(res.energy.args[0]) == pytest.approx(a_hat, abs=0.03)
+    assert float(jnp.exp(res.energy.args[1])) == pytest.approx(s_hat, abs=0.03)
+    # the conditional mean a·c it implies, over the conditions' range
+    grid = jnp.linspace(-2, 2, 5)
+    np.testing.assert_allclose(res.energy.args[0] * grid, a_hat * grid, atol=0.06)
+    assert res.log_z is None  # log Z depends on c: none is learned
+    assert bool(np.all(res.history["is_finite"]))
+    assert res.chains is None  # contrastive divergence keeps no samples between steps
+
+
+def test_a_conditional_fit_checks_its_conditions():
+    y = jnp.zeros((10, 1))
+    energy = linear_gaussian(jnp.array(0.0), jnp.array(0.0))
+    with pytest.raises(ValueError, match="one condition per data point"):
+        ebm.fit(energy, y, condition=jnp.zeros((9, 1)), key=jax.random.key(0), **TINY)
+
+
+# -- load ---------------------------------------------------------------------------------------
+
+
+def mlp(seed):
+    return ebm.energies.MLPEnergy(2, hidden=(8,), key=jax.random.key(seed))
+
+
+def test_load_returns_the_result_of_a_finished_run(tmp_path):
+    data = toy_data()
+    res = ebm.fit(
+        mlp(13), data, key=jax.random.key(14), checkpoint_dir=tmp_path, record_every=2, **TINY
+    )
+    loaded = ebm.load(tmp_path, energy=mlp(99))  # other values, same architecture
+    assert isinstance(loaded, ebm.FitResult)
+    assert_trees_equal(loaded.energy, res.energy, rtol=0, atol=0)
+    assert_trees_equal(loaded.last_energy, res.last_energy, rtol=0, atol=0)
+    np.testing.assert_array_equal(loaded.chains, res.chains)
+    assert sorted(loaded.history) == sorted(res.history)
+    for name in res.history:
+        np.testing.assert_array_equal(loaded.history[name], res.history[name], err_msg=name)
+    np.testing.assert_array_equal(loaded.recorded_chains.positions, res.recorded_chains.positions)
+    np.testing.assert_array_equal(loaded.recorded_chains.step, res.recorded_chains.step)
+    assert loaded.log_z.value == res.log_z.value
+    assert loaded.event_shape == res.event_shape == (2,)
+    assert int(loaded.state.step) == TINY["num_steps"]
+    assert loaded.config.describe() == res.config.describe()
+    x = jnp.zeros((3, 2))
+    np.testing.assert_array_equal(loaded.distribution().log_prob(x), res.distribution().log_prob(x))
+
+
+def test_load_returns_an_interrupted_run_at_its_last_checkpoint(tmp_path, monkeypatch):
+    crash_after_save(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        ebm.fit(mlp(13), toy_data(), key=jax.random.key(14), checkpoint_dir=tmp_path, **TINY)
+    monkeypatch.undo()
+    loaded = ebm.load(tmp_path, energy=mlp(0))
+    assert int(loaded.state.step) == 4 and len(loaded.history["loss"]) == 4
+    # and the run resumes from there to the uninterrupted result
+    finished = ebm.fit(mlp(13), toy_data(), key=jax.random.key(14), checkpoint_dir=tmp_path, **TINY)
+    straight = ebm.fit(mlp(13), toy_data(), key=jax.random.key(14), **TINY)
+    assert_trees_equal(finished.energy, straight.energy, rtol=1e-6, atol=1e-7)
+
+
+def test_load_of_a_generator_run_returns_its_generator(tmp_path):
+    generator = gen.Generator(2, 4, hidden=(8,), key=jax.random.key(15), noise_scale=0.1)
+    res = ebm.fit(
+        gaussian_energy(), toy_data(), key=jax.random.key(16), negatives="hybrid",
+        generator=generator, checkpoint_dir=tmp_path, **TINY,
+    )  # fmt: skip
+    other = gen.Generator(2, 4, hidden=(8,), key=jax.random.key(17), noise_scale=0.1)
+    loaded = ebm.load(tmp_path, energy=gaussian_energy(), generator=other)
+    assert_trees_equal(loaded.generator, res.generator, rtol=0, atol=0)
+    for name in ("generator_energy", "resampling_ess"):
+        np.testing.assert_array_equal(loaded.history[name], res.history[name])
+
+
+def test_load_needs_a_checkpoint_and_an_energy(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        ebm.load(tmp_path, energy=mlp(0))
+    ebm.fit(mlp(13), toy_data(), key=jax.random.key(14), checkpoint_dir=tmp_path, **TINY)
+    with pytest.raises(ValueError, match="energy="):
+        ebm.load(tmp_path)
