@@ -282,5 +282,5 @@ def _warn_rejected(num_bad: int, start_step: int) -> None:
             "(parameters kept, the step retried with a new key); lower the learning rate or "
             "step size, or raise energy_l2",
             RuntimeWarning,
-            stacklevel=4,  # the caller of fit / MaximumLikelihood.run
+            stacklevel=5,  # the caller of fit / MaximumLikelihood.run (through one_writer)
         )
