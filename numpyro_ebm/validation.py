@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["validate_data", "validate_event_shape"]
+__all__ = ["check_count", "validate_data", "validate_event_shape"]
 
 _TRACER_MSG = (
     "{name} is a JAX tracer: validate_data must be called outside jax.jit / jax.vmap / "
@@ -228,3 +228,10 @@ def _is_int(x: Any) -> bool:
     except TypeError:
         return False
     return True
+
+
+def check_count(name: str, value, low: int = 1) -> None:
+    """A count setting must be an integer (not a bool) ``>= low``: a ``ValueError`` naming it
+    otherwise."""
+    if not (isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= low):
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")

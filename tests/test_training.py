@@ -386,3 +386,9 @@ def test_load_needs_a_checkpoint_and_an_energy(tmp_path):
     ebm.fit(mlp(13), toy_data(), key=jax.random.key(14), checkpoint_dir=tmp_path, **TINY)
     with pytest.raises(ValueError, match="energy="):
         ebm.load(tmp_path)
+
+
+@pytest.mark.parametrize("decay", [-0.1, 1.5, float("nan"), "half", True])
+def test_a_bad_energy_l2_decay_is_refused_by_name(decay):
+    with pytest.raises(ValueError, match="energy_l2_decay"):
+        ebm.TrainConfig(energy_l2_decay=decay)

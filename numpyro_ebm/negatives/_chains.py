@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from numpyro_ebm import samplers as _samplers
 from numpyro_ebm.negatives.base import ChainRecord, NegativeSampler, Target
+from numpyro_ebm.validation import check_count
 
 
 class ChainState(NamedTuple):
@@ -29,11 +30,6 @@ class ChainRun(NamedTuple):
     acceptance_rate: jax.Array
     langevin_grad_norm: jax.Array
     record: ChainRecord | None
-
-
-def check_count(name: str, value, low: int = 1) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def check_chain_counts(num_chains, num_recorded_chains) -> None:

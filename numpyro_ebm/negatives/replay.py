@@ -14,12 +14,12 @@ import jax
 from numpyro_ebm.negatives._chains import (
     ChainSettings,
     ChainState,
-    check_count,
     flat,
     random_rows,
     reinitialised,
 )
 from numpyro_ebm.negatives.base import NegativeInfo, Target
+from numpyro_ebm.validation import check_count
 
 __all__ = ["Replay"]
 

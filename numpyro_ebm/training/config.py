@@ -21,6 +21,7 @@ import optax
 from numpyro_ebm import negatives as _negatives
 from numpyro_ebm import samplers as _samplers
 from numpyro_ebm.training.objective import Objective, build_objective
+from numpyro_ebm.validation import check_count
 
 __all__ = ["MATMUL_PRECISIONS", "TrainConfig", "check_learning_rate", "default_optimizer"]
 
@@ -134,9 +135,10 @@ class TrainConfig:
     def __post_init__(self):
         object.__setattr__(self, "sampler", _samplers.get_sampler(self.sampler))
         for name in ("num_chains", "num_mcmc_steps", "batch_size", "buffer_size", "record_every"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_count(name, getattr(self, name))
+        decay = self.energy_l2_decay
+        if decay is not None and not (is_real(decay) and 0.0 <= decay <= 1.0):
+            raise ValueError(f"energy_l2_decay must be None or a number in [0, 1], got {decay!r}")
         if not (is_real(self.energy_l2) and 0 <= self.energy_l2 < math.inf):
             raise ValueError(f"energy_l2 must be a finite number >= 0, got {self.energy_l2!r}")
         for name in ("learning_rate", "log_z_learning_rate", "generator_learning_rate"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import numpy as np
 
@@ -10,7 +11,7 @@ from numpyro_ebm import samplers as _samplers
 from numpyro_ebm.distribution import check_energy
 from numpyro_ebm.training import checkpoint
 from numpyro_ebm.training.config import TrainConfig
-from numpyro_ebm.validation import validate_data
+from numpyro_ebm.validation import check_count, validate_data
 
 __all__ = [
     "chain_sharding",
@@ -26,8 +27,6 @@ def check_trainable(energy) -> None:
     """Training updates the energy's floating-point array leaves (everything else, e.g. an
     activation function or a Python number, is static, as in ``eqx.partition(energy,
     eqx.is_inexact_array)``): an energy without any has nothing to train."""
-    import equinox as eqx
-
     if not jax.tree_util.tree_leaves(eqx.filter(energy, eqx.is_inexact_array)):
         raise ValueError(
             f"energy {type(energy).__name__} has no floating-point array leaves, so training has "
@@ -37,11 +36,6 @@ def check_trainable(energy) -> None:
         )
 
 
-def _check_count(name: str, value) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
 def checked_inputs(energy, data, condition, validation_data, *counts):
     """Validate everything ``fit`` is given before any compute.
 
@@ -49,7 +43,7 @@ def checked_inputs(energy, data, condition, validation_data, *counts):
     validation, event_shape)``: ``inputs`` is the data array, or ``(data, condition)`` for a
     conditional energy (``validation`` likewise a pair then)."""
     for name, value in zip(("num_steps", "steps_per_call", "max_nonfinite"), counts, strict=True):
-        _check_count(name, value)
+        check_count(name, value)
     check_trainable(energy)
     data = validate_data(data)
     event_shape = tuple(data.shape[1:])
@@ -117,8 +111,6 @@ def placed(state, inputs, validation, sharding):
     split over them (unchanged without one)."""
     if sharding is None:
         return state, inputs, validation
-    import equinox as eqx
-
     replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
     inputs = jax.device_put(inputs, replicated)
     if validation is not None:

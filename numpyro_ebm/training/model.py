@@ -45,7 +45,7 @@ from numpyro.infer.util import log_density, transform_fn
 from numpyro_ebm.distribution import EnergyDistribution
 from numpyro_ebm.training import checkpoint, core, loop
 from numpyro_ebm.training.config import TrainConfig
-from numpyro_ebm.validation import validate_data
+from numpyro_ebm.validation import check_count, validate_data
 
 __all__ = ["MLInfo", "MLState", "MaximumLikelihood", "MaximumLikelihoodResult", "ModelProblem"]
 
@@ -182,9 +182,10 @@ class MaximumLikelihoodResult(NamedTuple):
 
 
 def _trace_params(model, key, args, kwargs):
-    """The model's params (unconstrained), their inverse transforms and its EBM sites."""
+    """The model's params (unconstrained), their inverse transforms, its EBM sites' event
+    shapes and the names of the conditional ones."""
     trace = handlers.trace(handlers.seed(model, key)).get_trace(*args, **kwargs)
-    params, transforms, sites = {}, {}, {}
+    params, transforms, sites, conditional = {}, {}, {}, set()
     for name, site in trace.items():
         if site["type"] == "param":
             constraint = site["kwargs"].get("constraint", dist.constraints.real)
@@ -206,9 +207,11 @@ def _trace_params(model, key, args, kwargs):
                 observed = jnp.asarray(site["value"]).reshape(-1, size)
                 validate_data(observed, name=f"the observed values of site {name!r}")
                 sites[name] = tuple(base.event_shape)
+                if base.condition is not None:
+                    conditional.add(name)
     if not params:
         raise ValueError("the model has no numpyro.param / eqx_module sites to fit")
-    return params, transforms, sites
+    return params, transforms, sites, conditional
 
 
 class MaximumLikelihood:
@@ -283,11 +286,10 @@ class MaximumLikelihood:
         Raises:
             ValueError: the model has latent sample sites, or no EBM site and no param.
         """
-        params, transforms, sites = _trace_params(self.model, key, args, kwargs)
+        params, transforms, sites, conditional = _trace_params(self.model, key, args, kwargs)
         if self.problem is None or self.problem.event_shapes != sites:
             self.problem = ModelProblem(self.model, transforms, sites)
-        sites = self.problem.sites(params, key, (args, kwargs))
-        self.problem.conditional = {n for n, s in sites.items() if s.conditions is not None}
+        self.problem.conditional = conditional
         return core.init(key, params, (args, kwargs), self.problem, self.config)
 
     def get_params(self, state: core.TrainState) -> dict:
@@ -331,8 +333,7 @@ class MaximumLikelihood:
         Raises:
             TrainingDivergedError: ``max_nonfinite`` consecutive non-finite steps.
         """
-        if not (isinstance(num_steps, int) and not isinstance(num_steps, bool) and num_steps >= 1):
-            raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+        check_count("num_steps", num_steps)
         k_init, k_loop = jax.random.split(key)
         state = self.init(k_init, *args, **kwargs) if init_state is None else init_state
         target = int(state.step) + num_steps
