@@ -34,6 +34,7 @@ Example:
     (16, 2)
 """
 
+from numpyro_ebm.samplers import tempering
 from numpyro_ebm.samplers.adaptation import (
     STEP_SIZE_BOUNDS,
     WarmupInfo,
@@ -56,6 +57,19 @@ from numpyro_ebm.samplers.kernels import (
     mala,
     ula,
 )
+from numpyro_ebm.samplers.tempering import (
+    Ladder,
+    ReplicaState,
+    RoundInfo,
+    TemperingSummary,
+    adapt_ladder,
+    barrier,
+    init_replicas,
+    initial_ladder,
+    run_rounds,
+    suggested_replicas,
+    warmup_ladder,
+)
 
 __all__ = [
     "KERNELS",
@@ -66,18 +80,30 @@ __all__ = [
     "DrawSettings",
     "Draws",
     "Kernel",
+    "Ladder",
+    "ReplicaState",
+    "RoundInfo",
     "Sampler",
+    "TemperingSummary",
     "WarmupInfo",
+    "adapt_ladder",
     "adapt_step_size",
     "adapt_step_size_multiplicative",
     "barker",
+    "barrier",
     "flat_logdensity",
     "get_sampler",
     "hmc",
+    "init_replicas",
+    "initial_ladder",
     "mala",
     "run_chains",
+    "run_rounds",
     "sample_chains",
+    "suggested_replicas",
     "summarize",
+    "tempering",
     "ula",
     "warmup",
+    "warmup_ladder",
 ]

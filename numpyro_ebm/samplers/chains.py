@@ -116,8 +116,11 @@ class Draws(NamedTuple):
             covers the steps since the previous draw (see ``run_chains``).
         step: ``(num_draws,)`` the step each draw was recorded at (sampler steps after
             warm-up; training steps for the chains ``fit`` records).
+        tempering: ``samplers.TemperingSummary`` when the chains were parallel-tempering
+            ladders (their model slots' draws), else None.
     """
 
     positions: Any
     info: ChainInfo
     step: Any
+    tempering: Any = None

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from numpyro_ebm.samplers.adaptation import warmup
 from numpyro_ebm.samplers.chains import Draws, run_chains
 from numpyro_ebm.samplers.kernels import Sampler
+from numpyro_ebm.samplers.tempering import isotropic_base, sample_tempered
 
 __all__ = ["DrawSettings", "sample_chains"]
 
@@ -43,17 +44,24 @@ class DrawSettings:
             distribution); ``None`` runs one chain per requested draw.
         init_scale: chains start from ``Normal(0, init_scale²)`` in every coordinate (when
             the distribution has no initializer).
+        num_temperatures: 1 (default) runs plain chains. ``K >= 2`` makes every chain a
+            ladder of parallel tempering (``samplers.tempering``) between the base
+            ``Normal(0, init_scale² I)`` and the model, so draws cross between separated modes
+            and get their weights right: each step is one round (a kernel transition at every
+            temperature, then swaps), costing ``K`` energy gradients per chain; the warm-up
+            also places the temperatures. Draws come from the model's slot.
 
     Example:
         >>> from numpyro_ebm import samplers
         >>> samplers.DrawSettings(num_chains=4).replace(thinning=10)
-        DrawSettings(num_warmup=1000, thinning=10, num_chains=4, init_scale=1.0)
+        DrawSettings(num_warmup=1000, thinning=10, num_chains=4, init_scale=1.0, num_temperatures=1)
     """
 
     num_warmup: int = 1000
     thinning: int = 1
     num_chains: int | None = None
     init_scale: float = 1.0
+    num_temperatures: int = 1
 
     def __post_init__(self):
         if not (isinstance(self.thinning, int) and self.thinning >= 1):
@@ -66,6 +74,10 @@ class DrawSettings:
             raise ValueError(f"num_chains must be None or an integer >= 1, got {self.num_chains}")
         if not self.init_scale > 0:
             raise ValueError(f"init_scale must be positive, got {self.init_scale!r}")
+        if not (isinstance(self.num_temperatures, int) and self.num_temperatures >= 1):
+            raise ValueError(
+                f"num_temperatures must be an integer >= 1, got {self.num_temperatures!r}"
+            )
 
     def replace(self, **changes) -> DrawSettings:
         """A copy with some fields changed, e.g. ``draws.replace(num_warmup=200)``."""
@@ -113,6 +125,10 @@ def sample_chains(
         raise ValueError(f"num_draws must be an integer >= 1, got {num_draws!r}")
     num_chains, dim = positions.shape
     event_shape = (dim,) if event_shape is None else tuple(event_shape)
+    if settings.num_temperatures > 1:
+        return _sample_tempered(
+            key, sampler, logdensity_fn, positions, num_draws, settings, event_shape
+        )
     key_warmup, key_draws = jax.random.split(key)
     states = sampler.init_chains(positions, logdensity_fn)
     states, step_size, _ = warmup(key_warmup, sampler, logdensity_fn, states, settings.num_warmup)
@@ -130,3 +146,23 @@ def sample_chains(
     recorded = jnp.swapaxes(recorded, 0, 1).reshape(num_chains, num_draws, *event_shape)
     step = settings.thinning * (1 + jnp.arange(num_draws))
     return Draws(recorded, chain_major, step), step_size
+
+
+def _sample_tempered(key, sampler, logdensity_fn, positions, num_draws, settings, event_shape):
+    """``sample_chains`` with every chain a tempering ladder (``settings.num_temperatures``)."""
+    num_chains, dim = positions.shape
+    base = isotropic_base(dim, settings.init_scale, positions.dtype)
+    recorded, info, step_size, summary = sample_tempered(
+        key,
+        sampler,
+        logdensity_fn,
+        positions,
+        num_draws,
+        num_temperatures=settings.num_temperatures,
+        thinning=settings.thinning,
+        num_warmup=settings.num_warmup,
+        base=base,
+    )
+    step = settings.thinning * (1 + jnp.arange(num_draws))
+    recorded = recorded.reshape(num_chains, num_draws, *event_shape)
+    return Draws(recorded, info, step, summary), step_size
