@@ -11,8 +11,10 @@ jittable). The implementations:
   the data each step. Good samples, NOT a valid density.
 * ``GeneratorNegatives`` (``"generator"``; Kim & Bengio 2016): a generator's samples, no MCMC.
 * ``Hybrid`` (``"hybrid"``): generator samples resampled towards the model and refined by MCMC.
-* ``ContrastiveDivergence`` (``"contrastive_divergence"``): one chain from each batch row; the
-  one that handles conditional energies.
+* ``ContrastiveDivergence`` (``"contrastive_divergence"``): one chain from each batch row;
+  the default for conditional energies.
+* ``ParallelTempering`` (``"parallel_tempering"``): ladders of tempered replicas between the
+  data's Gaussian and the model, so chains cross between separated modes (also conditional).
 
 ``fit(negatives="persistent")`` and the other names map to default-configured objects
 (``build``); a configured object is accepted too.
@@ -35,6 +37,7 @@ from numpyro_ebm.negatives.hybrid import Hybrid
 from numpyro_ebm.negatives.persistent import Persistent
 from numpyro_ebm.negatives.replay import Replay
 from numpyro_ebm.negatives.short_run import ShortRun
+from numpyro_ebm.negatives.tempering import ParallelTempering, TemperingState
 
 __all__ = [
     "KINDS",
@@ -46,10 +49,12 @@ __all__ = [
     "Hybrid",
     "NegativeInfo",
     "NegativeSampler",
+    "ParallelTempering",
     "Persistent",
     "Replay",
     "ShortRun",
     "Target",
+    "TemperingState",
     "build",
     "default_generator",
     "describe",
@@ -57,7 +62,15 @@ __all__ = [
     "fit_base",
 ]
 
-_CLASSES = (Persistent, Replay, ShortRun, GeneratorNegatives, Hybrid, ContrastiveDivergence)
+_CLASSES = (
+    Persistent,
+    Replay,
+    ShortRun,
+    GeneratorNegatives,
+    Hybrid,
+    ContrastiveDivergence,
+    ParallelTempering,
+)
 REGISTRY = {cls.name: cls for cls in _CLASSES}
 KINDS = tuple(REGISTRY)
 

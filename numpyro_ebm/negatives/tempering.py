@@ -1,0 +1,160 @@
+"""Parallel tempering negatives: ladders between the data's Gaussian and the model, so the
+negative phase crosses between separated modes and measures how mass is shared between them.
+
+Persistent chains that cannot cross from one mode to another keep the share of chains each
+mode started with, so the likelihood gradient says nothing about the modes' weights. Here each
+negative is the model slot of a ladder of ``num_temperatures`` replicas on the geometric path
+``q^{1−β} exp(−βE)`` from the Gaussian ``q`` fitted to the training data (sampled exactly) to
+the model, with non-reversible even/odd swaps (``numpyro_ebm.samplers.tempering``). A replica
+that climbs down from the base arrives at the model wherever the model puts mass. The ladders
+persist across training steps like persistent chains; each step refreshes their cached
+energies under the new parameters, runs ``num_mcmc_steps`` rounds, retunes each temperature's
+step size and moves the temperatures towards equal swap rejection rates (``ladder_gain``).
+
+A conditional energy ``E(x | c)`` gets one ladder per batch row, under that row's condition,
+started at the observed response in every slot (the base is the Gaussian fitted to all
+responses); these ladders do not persist (the batch changes each step), the temperatures and
+step sizes do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from numpyro_ebm import samplers as _samplers
+from numpyro_ebm.negatives._chains import ChainSettings, flat, random_rows
+from numpyro_ebm.negatives.base import ChainRecord, NegativeInfo, Target
+from numpyro_ebm.samplers import tempering as _tempering
+from numpyro_ebm.validation import check_count
+
+__all__ = ["ParallelTempering", "TemperingState"]
+
+
+class TemperingState(NamedTuple):
+    """State of ``ParallelTempering``.
+
+    Attributes:
+        replicas: ``samplers.ReplicaState`` of the ``num_chains`` persistent ladders
+            (unused by conditional sites).
+        ladder: ``samplers.Ladder``: the temperatures and each slot's step size.
+        swap_acceptance: ``(K − 1,)`` the last step's mean swap acceptance of each pair.
+    """
+
+    replicas: _tempering.ReplicaState
+    ladder: _tempering.Ladder
+    swap_acceptance: jax.Array
+
+
+@dataclass(frozen=True)
+class ParallelTempering(ChainSettings):
+    """Parallel-tempering ladders as the negative phase (``fit(negatives="parallel_tempering")``).
+
+    Attributes (besides ``ChainSettings``'; ``num_chains`` is the number of ladders, one
+    negative each; ``num_mcmc_steps`` the rounds per training step, each a kernel transition at
+    every temperature and one set of swaps, so a step costs ``num_temperatures`` times the
+    energy gradients of ``Persistent`` with the same settings):
+        num_temperatures: replicas per ladder ``K >= 2``, from the model (β = 1) to the base
+            (β = 0). ``FitResult``'s diagnostics report the barrier ``Λ`` and the number it
+            suggests (``samplers.suggested_replicas``).
+        adapt_temperatures: move the temperatures towards equal swap rejection each step.
+        ladder_gain: how far each step moves them (1: all the way to the schedule estimated
+            from this step's swaps; smaller values average over steps).
+
+    Example:
+        >>> import numpyro_ebm as ebm
+        >>> negatives = ebm.negatives.ParallelTempering(num_chains=256, num_temperatures=8)
+        >>> # ebm.fit(energy, data, key=key, negatives=negatives)
+    """
+
+    name = "parallel_tempering"
+    supports_conditions = True
+    num_temperatures: int = 8
+    adapt_temperatures: bool = True
+    ladder_gain: float = 0.1
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_count("num_temperatures", self.num_temperatures, low=2)
+        if not 0.0 < self.ladder_gain <= 1.0:
+            raise ValueError(f"ladder_gain must be in (0, 1], got {self.ladder_gain}")
+
+    def init(self, key, data, base) -> TemperingState:
+        rows = random_rows(key, flat(data), self.num_chains * self.num_temperatures)
+        positions = rows.reshape(self.num_chains, self.num_temperatures, -1)
+        replicas = _tempering.init_replicas(base, _zero_energy, positions)
+        ladder = _tempering.initial_ladder(
+            self.num_temperatures, self.sampler.step_size, positions.dtype
+        )
+        return TemperingState(replicas, ladder, jnp.ones_like(ladder.step_sizes))
+
+    def sample(self, key, state: TemperingState, target: Target):
+        energy = _ladder_energy(target)
+        if target.conditions is None:
+            replicas = _tempering.refresh(target.base, energy, state.replicas)
+            conditions = None
+        else:
+            starts = jnp.broadcast_to(
+                target.batch[:, None], (target.batch.shape[0], *state.replicas.position.shape[1:])
+            )
+            replicas = _tempering.init_replicas(target.base, energy, starts, target.conditions)
+            conditions = target.conditions
+        replicas = replicas._replace(position=target.place(replicas.position))
+        new_replicas, _, info = _tempering.run_rounds(
+            key, self.sampler, target.base, energy, replicas, state.ladder,
+            self.num_mcmc_steps, conditions,
+        )  # fmt: skip
+        negatives = jax.lax.stop_gradient(new_replicas.position[:, 0])
+        acceptance = jnp.mean(jnp.nan_to_num(info.acceptance_rate), axis=(0, 1))
+        swap_acceptance = jnp.mean(info.swap_acceptance, axis=(0, 1))
+        ladder = _tempering.adapt_step_sizes(
+            state.ladder, acceptance, self.sampler, self.step_size_gain
+        )
+        if self.adapt_temperatures:
+            ladder = _tempering.adapt_ladder(ladder, swap_acceptance, self.ladder_gain)
+        if target.conditions is not None:
+            new_replicas = state.replicas  # per-batch ladders do not persist
+        new = TemperingState(new_replicas, ladder, swap_acceptance)
+        return new, negatives, self._info(state, replicas, new_replicas, info, target)
+
+    def _info(self, state, start, end, info, target) -> NegativeInfo:
+        # ∇ₓE at the negatives from the cached ∇ℓ = −∇E − ∇log q
+        x = end.position[:, 0]
+        base_grad = jax.vmap(jax.grad(lambda z: target.base.log_prob(z[None])[0]))(x)
+        grad_norm = jnp.mean(jnp.linalg.norm(end.log_ratio_grad[:, 0] + base_grad, axis=1))
+        swap_acceptance = jnp.mean(info.swap_acceptance, axis=(0, 1))
+        num_ladders = end.position.shape[0]
+        trips = (jnp.sum(end.round_trips) - jnp.sum(start.round_trips)) / num_ladders
+        metrics = {
+            "barrier": _tempering.barrier(swap_acceptance),
+            "swap_acceptance_min": jnp.min(swap_acceptance),
+            "round_trips": trips.astype(jnp.float32),
+        }
+        record = None
+        if self.num_recorded_chains:
+            kept = jax.tree.map(lambda a: a[:, : self.num_recorded_chains], info.model)
+            record = ChainRecord(
+                jax.lax.stop_gradient(x[: self.num_recorded_chains]), _samplers.summarize(kept)
+            )
+        return NegativeInfo(
+            jnp.mean(jnp.nan_to_num(info.acceptance_rate[..., 0])),
+            state.ladder.step_sizes[0],
+            grad_norm,
+            metrics,
+            record,
+        )
+
+
+def _zero_energy(x, condition):
+    """Placeholder energy for ``init`` (the first ``sample`` refreshes under the model)."""
+    return jnp.zeros((), x.dtype)
+
+
+def _ladder_energy(target: Target):
+    """The target's energy as the tempering engine calls it, ``(x, c) -> E``."""
+    if target.conditions is None:
+        return lambda x, c: target.energy(x)
+    return target.energy
