@@ -181,3 +181,22 @@ def test_fit_and_conditional_sites_train_with_parallel_tempering():
     res = ebm.fit(cond_energy, data, condition=condition, key=jax.random.key(5), num_steps=4,
                   batch_size=32, negatives=pt, progress_bar=False)  # fmt: skip
     assert res.history["round_trips"].shape == (4,)
+
+
+def test_datatree_and_diagnose_report_the_ladders():
+    energy = jax.tree_util.Partial(two_modes)
+    draws = ebm.samplers.DrawSettings(num_chains=8, num_warmup=200, init_scale=6.0)
+    d = ebm.EnergyDistribution(energy, (2,), draws=draws.replace(num_temperatures=5))
+    _, trace = d.sample_with_trace(jax.random.key(0), (8 * 100,))
+    dt = ebm.diagnostics.to_datatree(trace)
+    ds = dt["tempering"].to_dataset()
+    assert ds["beta"].shape == (5,) and ds["swap_acceptance"].shape == (4,)
+    assert ds["round_trips"].shape == (8, 5) and int(ds["rounds"]) == 100
+    assert int(ds["suggested_replicas"]) == samplers.suggested_replicas(float(ds["barrier"]))
+    diagnosis = ebm.diagnostics.diagnose(dt, verbose=False)
+    assert diagnosis["round_trips"].status == "ok"
+    assert "barrier" in diagnosis["swap_acceptance"].message
+    # a ladder whose replicas never come back fails
+    stuck = dt.copy()
+    stuck["tempering"] = stuck["tempering"].to_dataset().assign(round_trips=ds["round_trips"] * 0)
+    assert ebm.diagnostics.diagnose(stuck, verbose=False)["round_trips"].status == "fail"

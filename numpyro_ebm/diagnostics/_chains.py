@@ -8,6 +8,7 @@ import math
 import numpy as np
 
 from numpyro_ebm.diagnostics._shared import THRESHOLDS, Check, grade
+from numpyro_ebm.diagnostics._tempering import tempering_checks
 
 __all__ = ["acceptance_check", "chain_checks"]
 
@@ -37,6 +38,8 @@ def chain_checks(dt, *, training: bool) -> list[Check]:
     if "acceptance_rate" in stats:
         acceptance = float(np.nanmean(stats["acceptance_rate"].values))
         checks.append(acceptance_check(acceptance, dt.attrs, what))
+    if "tempering" in dt.children:
+        checks.extend(tempering_checks(dt["tempering"].to_dataset()))
     return checks
 
 

@@ -39,6 +39,8 @@ THRESHOLDS = {
     "log_z_change": 0.05,
     "heldout_rise": 0.05,
     "entropy_margin": 0.15,
+    "round_trips": (5.0, 1.0),
+    "swap_acceptance": 0.2,
 }
 """The numbers ``diagnose`` compares against (see ``numpyro_ebm.diagnostics.checks`` for the
 rules)."""

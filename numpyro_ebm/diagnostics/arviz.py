@@ -26,6 +26,7 @@ import numpy as np
 
 from numpyro_ebm import samplers
 from numpyro_ebm.diagnostics._shared import FitResult, fit_attrs
+from numpyro_ebm.diagnostics._tempering import tempering_dataset
 
 __all__ = ["to_datatree"]
 
@@ -64,6 +65,10 @@ def to_datatree(
         draw, and ``energy`` = the Hamiltonian for HMC), plus for a ``FitResult`` the groups
         ``warmup_posterior``, ``warmup_sample_stats`` and ``training`` (every history column
         that is not all NaN, dimension ``step``) and run settings in the root's ``attrs``.
+        Parallel-tempering chains (``DrawSettings(num_temperatures=K)``, or
+        ``negatives="parallel_tempering"``) add a group ``tempering``: the temperatures
+        ``beta``, ``swap_acceptance`` per adjacent pair, ``round_trips`` per replica, the
+        barrier ``Λ`` and the number of temperatures it suggests.
         Statistics that a sampler does not have (acceptance of generator negatives, the
         Hamiltonian of MALA) are left out.
 
@@ -110,6 +115,8 @@ def to_datatree(
     _set_draw_steps(dt, draw_coords)
     if isinstance(obj, FitResult):
         dt["training"] = xr.DataTree(_training_dataset(obj.history))
+    if getattr(draws, "tempering", None) is not None:
+        dt["tempering"] = xr.DataTree(tempering_dataset(draws.tempering))
     dt.attrs.update(attrs)
     return dt
 

@@ -42,6 +42,10 @@ entropy_bound     with ``data_entropy`` H: final held-out NLL ≥ H − 0.15 nat
                   is 3.4 standard errors of a 500-point held-out mean when log p has a
                   standard deviation of 1 nat, as for a 2-D Gaussian (½χ²₂): further
                   below, the learned log Z is wrong)
+round_trips       parallel tempering: mean base → model → base round trips per ladder
+                  ≥ 5 ok, ≥ 1 warn, else fail (the model slots got nothing from the base)
+swap_acceptance   parallel tempering: lowest adjacent-pair swap acceptance ≥ 0.2 ok, else
+                  warn; reports the barrier Λ and the temperatures it suggests (2Λ + 1)
 ================  ====================================================================
 
 Chains recorded during training follow a target that moves with the parameters, so only the

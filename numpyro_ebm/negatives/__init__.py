@@ -37,7 +37,7 @@ from numpyro_ebm.negatives.hybrid import Hybrid
 from numpyro_ebm.negatives.persistent import Persistent
 from numpyro_ebm.negatives.replay import Replay
 from numpyro_ebm.negatives.short_run import ShortRun
-from numpyro_ebm.negatives.tempering import ParallelTempering, TemperingState
+from numpyro_ebm.negatives.tempering import ParallelTempering, TemperingState, tempering_summary
 
 __all__ = [
     "KINDS",
@@ -60,6 +60,7 @@ __all__ = [
     "describe",
     "describe_value",
     "fit_base",
+    "tempering_summary",
 ]
 
 _CLASSES = (

@@ -31,7 +31,7 @@ from numpyro_ebm.negatives.base import ChainRecord, NegativeInfo, Target
 from numpyro_ebm.samplers import tempering as _tempering
 from numpyro_ebm.validation import check_count
 
-__all__ = ["ParallelTempering", "TemperingState"]
+__all__ = ["ParallelTempering", "TemperingState", "tempering_summary"]
 
 
 class TemperingState(NamedTuple):
@@ -158,3 +158,9 @@ def _ladder_energy(target: Target):
     if target.conditions is None:
         return lambda x, c: target.energy(x)
     return target.energy
+
+
+def tempering_summary(state: TemperingState) -> _tempering.TemperingSummary:
+    """The ladders' ``samplers.TemperingSummary`` after training: the last temperatures and swap
+    acceptances, round trips counted over the whole run."""
+    return _tempering.summary(state.ladder, state.replicas, state.swap_acceptance)

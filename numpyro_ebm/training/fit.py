@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from numpyro_ebm import logz as _logz
+from numpyro_ebm import negatives as _negatives
 from numpyro_ebm import samplers as _samplers
 from numpyro_ebm.distribution import EnergyDistribution
 from numpyro_ebm.training import checkpoint, core, loop
@@ -287,6 +288,9 @@ def fit_result(state, history, recorded, config, event_shape, conditional) -> Fi
     """The ``FitResult`` of a final (or loaded) state."""
     negatives = state.negatives[SITE]
     bank = getattr(negatives, "bank", None)  # a sampler may keep no samples in its state
+    tempering = None
+    if isinstance(negatives, _negatives.TemperingState) and not conditional:
+        bank, tempering = negatives.replicas.position[:, 0], _negatives.tempering_summary(negatives)
     learned = None
     if not conditional:
         value = float(state.average_log_z[SITE])
@@ -301,7 +305,7 @@ def fit_result(state, history, recorded, config, event_shape, conditional) -> Fi
         event_shape=tuple(event_shape),
         log_z=learned,
         generator=getattr(negatives, "generator", None),
-        recorded_chains=loop.records_to_draws(recorded.get(SITE, {}), event_shape),
+        recorded_chains=loop.records_to_draws(recorded.get(SITE, {}), event_shape, tempering),
     )
 
 

@@ -144,8 +144,9 @@ def _append_records(recorded: dict, record, active, accepted, start_step: int, r
     return {k: np.concatenate([recorded[k], new[k]]) for k in new}
 
 
-def records_to_draws(recorded: dict, event_shape) -> _samplers.Draws | None:
-    """Draw-major records -> chain-major ``samplers.Draws`` (None when nothing was kept)."""
+def records_to_draws(recorded: dict, event_shape, tempering=None) -> _samplers.Draws | None:
+    """Draw-major records -> chain-major ``samplers.Draws`` (None when nothing was kept),
+    with ``tempering`` (a ``samplers.TemperingSummary``) attached."""
     if not recorded or len(recorded["step"]) == 0:
         return None
     num_draws, num_chains = recorded["positions"].shape[:2]
@@ -155,7 +156,7 @@ def records_to_draws(recorded: dict, event_shape) -> _samplers.Draws | None:
     info = _samplers.ChainInfo(
         *(np.swapaxes(recorded[name], 0, 1) for name in _samplers.ChainInfo._fields)
     )
-    return _samplers.Draws(positions, info, recorded["step"])
+    return _samplers.Draws(positions, info, recorded["step"], tempering)
 
 
 def _progress(bar, chunk: dict, accepted) -> None:
