@@ -42,6 +42,7 @@ from numpyro import handlers
 from numpyro.distributions.transforms import biject_to
 from numpyro.infer.util import log_density, transform_fn
 
+from numpyro_ebm import negatives as _negatives
 from numpyro_ebm.distribution import EnergyDistribution
 from numpyro_ebm.training import checkpoint, core, loop
 from numpyro_ebm.training.config import TrainConfig
@@ -358,10 +359,21 @@ class MaximumLikelihood:
 
     def _result(self, state, history, recorded) -> MaximumLikelihoodResult:
         shapes = self.problem.event_shapes
-        draws = {name: loop.records_to_draws(r, shapes[name]) for name, r in recorded.items()}
+        draws = {
+            name: loop.records_to_draws(r, shapes[name], _tempering(state, name, self))
+            for name, r in recorded.items()
+        }
         log_z = {
             name: float(v)
             for name, v in state.average_log_z.items()
             if name not in self.problem.conditional
         }
         return MaximumLikelihoodResult(self.get_params(state), state, history, draws, log_z)
+
+
+def _tempering(state, name: str, model: MaximumLikelihood):
+    """The ladders' summary of an unconditional site trained with parallel tempering."""
+    negatives = state.negatives[name]
+    if isinstance(negatives, _negatives.TemperingState) and name not in model.problem.conditional:
+        return _negatives.tempering_summary(negatives)
+    return None
