@@ -166,21 +166,47 @@ def test_parallel_tempering_negatives_cross_between_modes_in_one_step():
     assert state.ladder.betas.shape == (6,)
 
 
-def test_fit_and_conditional_sites_train_with_parallel_tempering():
+def test_fit_with_parallel_tempering_records_and_diagnoses_the_ladders():
     data = jax.random.normal(jax.random.key(0), (256, 2))
     energy = ebm.energies.MLPEnergy(2, key=jax.random.key(1), hidden=(16,))
-    pt = negatives.ParallelTempering(num_chains=16, num_temperatures=3, num_mcmc_steps=4)
+    pt = negatives.ParallelTempering(
+        num_chains=16, num_temperatures=3, num_mcmc_steps=4, num_recorded_chains=4
+    )
     res = ebm.fit(energy, data, key=jax.random.key(2), num_steps=6, batch_size=64,
-                  negatives=pt, progress_bar=False)  # fmt: skip
+                  negatives=pt, record_every=1, progress_bar=False)  # fmt: skip
     assert {"barrier", "swap_acceptance_min", "round_trips"} <= set(res.history)
     assert np.all(np.isfinite(res.history["barrier"]))
-    # conditional: one ladder per batch row
-    condition = jax.random.normal(jax.random.key(3), (256, 1))
-    net = ebm.energies.MLPEnergy(3, key=jax.random.key(4), hidden=(16,))
-    cond_energy = jax.tree_util.Partial(lambda n, y, c: n(jnp.concatenate([y, c])), net)
-    res = ebm.fit(cond_energy, data, condition=condition, key=jax.random.key(5), num_steps=4,
-                  batch_size=32, negatives=pt, progress_bar=False)  # fmt: skip
-    assert res.history["round_trips"].shape == (4,)
+    assert res.chains.shape == (16, 2)  # the model slots
+    summary = res.recorded_chains.tempering
+    assert summary.betas.shape == (3,) and int(summary.rounds) == 6 * 4
+    diagnosis = ebm.diagnostics.diagnose(res, verbose=False)
+    assert diagnosis["swap_acceptance"].status in ("ok", "warn")
+
+
+def test_conditional_ladders_reach_the_branch_no_row_was_observed_on():
+    """E(y | c): two branches y = ±c, equal weights; every batch row observed on the + branch.
+    After a few steps (which tune the ladder and step sizes), a step's ladders, started at the
+    observed y, put half of the negatives on each."""
+
+    def energy(y, c):
+        log_terms = -0.5 * ((y[0] - jnp.array([1.0, -1.0]) * 4 * c[0]) / 0.3) ** 2
+        return -jax.scipy.special.logsumexp(log_terms)
+
+    conditions = jax.random.uniform(jax.random.key(0), (200, 1), minval=1.0, maxval=2.0)
+    observed = 4 * conditions + 0.3 * jax.random.normal(jax.random.key(1), (200, 1))
+    both = jnp.concatenate([observed, -observed])
+    sampler = negatives.ParallelTempering(num_chains=8, num_temperatures=6, num_mcmc_steps=80)
+    state = sampler.init(jax.random.key(2), both, fit_base(both))
+    target = negatives.Target(energy, observed, fit_base(both), (1,), conditions)
+    sample = jax.jit(lambda k, s: sampler.sample(k, s, target))
+    shares = []
+    for key in jax.random.split(jax.random.key(3), 8):
+        state, draws, _ = sample(key, state)
+        shares.append(float(jnp.mean(draws[:, 0] < 0)))
+    assert draws.shape == (200, 1)  # one negative per batch row
+    # the last 4 steps' ladders are independent: 800 draws
+    share = np.mean(shares[4:])
+    assert abs(share - 0.5) < 4 * np.sqrt(0.25 / 800), shares
 
 
 def test_datatree_and_diagnose_report_the_ladders():

@@ -11,10 +11,11 @@ persist across training steps like persistent chains; each step refreshes their 
 energies under the new parameters, runs ``num_mcmc_steps`` rounds, retunes each temperature's
 step size and moves the temperatures towards equal swap rejection rates (``ladder_gain``).
 
-A conditional energy ``E(x | c)`` gets one ladder per batch row, under that row's condition,
-started at the observed response in every slot (the base is the Gaussian fitted to all
-responses); these ladders do not persist (the batch changes each step), the temperatures and
-step sizes do.
+A conditional energy ``E(x | c)`` gets one ladder per batch row, under that row's condition:
+the model slot starts at the observed response, the others at fresh draws of the base (the
+Gaussian fitted to all responses). These ladders do not persist (the batch changes each step),
+the temperatures and step sizes do; a ladder needs a few times ``num_temperatures`` rounds to
+forget its start, so conditional sites want more ``num_mcmc_steps`` than persistent ones.
 """
 
 from __future__ import annotations
@@ -97,9 +98,8 @@ class ParallelTempering(ChainSettings):
             replicas = _tempering.refresh(target.base, energy, state.replicas)
             conditions = None
         else:
-            starts = jnp.broadcast_to(
-                target.batch[:, None], (target.batch.shape[0], *state.replicas.position.shape[1:])
-            )
+            starts = _conditional_starts(key, state, target)
+            key = jax.random.fold_in(key, 1)
             replicas = _tempering.init_replicas(target.base, energy, starts, target.conditions)
             conditions = target.conditions
         replicas = replicas._replace(position=target.place(replicas.position))
@@ -146,6 +146,17 @@ class ParallelTempering(ChainSettings):
             metrics,
             record,
         )
+
+
+def _conditional_starts(key, state: TemperingState, target: Target) -> jax.Array:
+    """``(B, K, D)``: slot 0 at each row's observed response, the other slots at fresh draws
+    of the base (the tempered targets are closer to the base the smaller their β, so the
+    ladder starts nearer its equilibrium than with every slot at the response)."""
+    num_rows, dim = target.batch.shape
+    num_slots = state.ladder.betas.shape[0]
+    fresh = target.base.sample(key, num_rows * (num_slots - 1))
+    fresh = fresh.reshape(num_rows, num_slots - 1, dim)
+    return jnp.concatenate([target.batch[:, None], fresh], axis=1)
 
 
 def _zero_energy(x, condition):
