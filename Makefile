@@ -21,7 +21,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	NUMPYRO_EBM_SMALL=1 MPLBACKEND=Agg $(BIN)/python -m pytest -q --nbmake tests notebooks
+	NUMPYRO_EBM_SMALL=1 MPLBACKEND=Agg $(BIN)/python -m pytest -q -n 2 --dist loadfile --nbmake tests notebooks
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site -q
 
 lint: $(STAMP)

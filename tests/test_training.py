@@ -118,6 +118,11 @@ FIELDS = {
     ),
     "amortization_weight": (10.0, "hybrid", lambda c: c.negatives.amortization_weight == 10.0),
     "resample": (False, "hybrid", lambda c: c.negatives.resample is False),
+    "num_temperatures": (3, "parallel_tempering", lambda c: c.negatives.num_temperatures == 3),
+    "adapt_temperatures": (
+        False, "parallel_tempering", lambda c: c.negatives.adapt_temperatures is False
+    ),
+    "ladder_gain": (0.5, "parallel_tempering", lambda c: c.negatives.ladder_gain == 0.5),
     "num_recorded_chains": (4, "persistent", lambda c: c.negatives.num_recorded_chains == 4),
     "record_every": (5, "persistent", lambda c: c.record_every == 5),
     "matmul_precision": (

@@ -57,9 +57,9 @@ class TrainConfig:
             num_steps, learning_rate)`` (Adam β₁ = 0.5, clipping at 1, cosine decay).
         learning_rate: peak learning rate of the default optimizer.
         negatives: where the negatives come from: ``"persistent"``, ``"replay"``,
-            ``"short_run"``, ``"generator"``, ``"hybrid"``, ``"contrastive_divergence"``
-            (``numpyro_ebm.negatives``), or a configured ``NegativeSampler`` (then the chain
-            and generator settings below are its own, not these).
+            ``"short_run"``, ``"generator"``, ``"hybrid"``, ``"contrastive_divergence"``,
+            ``"parallel_tempering"`` (``numpyro_ebm.negatives``), or a configured
+            ``NegativeSampler`` (then the chain and generator settings below are its own).
         objective: ``"ml"`` (maximum likelihood) or an ``Objective``.
         sampler: the kernel of the negative-phase chains (a name or ``samplers.Sampler``).
         num_chains: negatives per step (chains, or generator samples).
@@ -92,6 +92,12 @@ class TrainConfig:
         amortization_weight: ``"hybrid"``: weight of the generator's pull towards the refined
             negatives (scale-free, see ``negatives.Hybrid``).
         resample: ``"hybrid"``: importance-resample the generator's samples towards the model.
+        num_temperatures: ``"parallel_tempering"``: replicas per ladder, from the model to the
+            Gaussian fitted to the data (``num_chains`` ladders, ``num_mcmc_steps`` rounds).
+        adapt_temperatures: ``"parallel_tempering"``: move the temperatures towards equal swap
+            rejection each step.
+        ladder_gain: ``"parallel_tempering"``: how far each step moves them (see
+            ``negatives.ParallelTempering``).
         num_recorded_chains: negative-phase chains recorded for diagnostics each step.
         record_every: keep every ``record_every``-th record and compute the held-out NLL then.
         matmul_precision: precision of float32 matrix products in the compiled step, one of
@@ -125,6 +131,9 @@ class TrainConfig:
     entropy: Any = "nearest_neighbour"
     amortization_weight: float = 40.0
     resample: bool = True
+    num_temperatures: int = 8
+    adapt_temperatures: bool = True
+    ladder_gain: float = 0.1
     num_recorded_chains: int = 8
     record_every: int = 10
     matmul_precision: str = "float32"
