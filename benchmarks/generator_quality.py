@@ -3,6 +3,8 @@
     python benchmarks/generator_quality.py                       # all modes, three toys
     python benchmarks/generator_quality.py --toys 8gaussians --modes hybrid --steps 500
     python benchmarks/generator_quality.py --energies mlp deep --modes hybrid pcd
+    python benchmarks/generator_quality.py --toys checkerboard --energies deep --modes hybrid pcd \
+        --seeds 0 1 2                                             # across training seeds
 
 Modes (each trains a fresh energy, `MLPEnergy` (hidden 128×3) and/or `DeepEnergy` (Kim & Bengio's
 product of experts, σ = 1), with `fit`'s defaults otherwise: 2000 steps, 1024 negatives per step,
@@ -30,6 +32,15 @@ nearest centre).
 When both hybrid and pcd ran, a second table gives, per toy and energy, the paired difference
 KL(hybrid) − KL(pcd) on the same test points with its standard error, and whether the hybrid is
 no worse than persistent chains: difference ≤ 2 standard errors.
+
+That standard error covers only the test points: it holds the trained models fixed. A method
+comparison must also include the training randomness (data, initial weights, chains, generator):
+two trainings of the same method with different seeds can differ by far more. With ``--seeds``
+(two or more), every row is trained once per seed, the per-seed tables are printed as above, and
+a last table gives, per toy and energy, the mean over seeds of the per-seed difference
+KL(hybrid) − KL(pcd), its standard error across seeds (sample standard deviation / √seeds), the
+per-seed differences, and the verdict across seeds: the hybrid is no worse when the mean
+difference is ≤ 2 standard errors across seeds.
 """
 
 from __future__ import annotations
@@ -124,52 +135,102 @@ def run(toy_name: str, energy_name: str, mode: str, steps: int, seed: int = 0) -
     return row
 
 
+def paired_difference(hybrid: dict, pcd: dict) -> tuple[float, float]:
+    """KL(hybrid) − KL(pcd) and 2 standard errors over the same test points (one training).
+
+    KL(h) − KL(p) = mean(log p_pcd − log p_hybrid) over the test points: paired."""
+    difference = pcd["log_p"] - hybrid["log_p"]
+    return float(difference.mean()), float(2 * difference.std(ddof=1) / np.sqrt(difference.size))
+
+
+def across_seeds(differences: list[float]) -> tuple[float, float]:
+    """Mean of the per-seed differences and 2 standard errors across seeds (training included)."""
+    values = np.asarray(differences, np.float64)
+    return float(values.mean()), float(2 * values.std(ddof=1) / np.sqrt(values.size))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--toys", nargs="+", default=list(TOYS), choices=TOYS)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--energies", nargs="+", default=["mlp"], choices=list(ENERGIES))
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0)
+    seeds.add_argument(
+        "--seeds", type=int, nargs="+", help="train every row once per seed (two or more)"
+    )
     args = parser.parse_args()
+    seed_list = args.seeds or [args.seed]
+    if len(set(seed_list)) != len(seed_list):
+        parser.error(f"--seeds must be distinct, got {seed_list}")
+    several = len(seed_list) > 1
     print(
         f"# generator_quality: {platform.processor() or platform.machine()}, "
         f"{jax.device_count()}× {jax.devices()[0].device_kind}, jax {jax.__version__}"
     )
+    seed_column = "seed | " if several else ""
     print(
-        "| toy | energy | mode | steps | KL (nats) | time (s) | energy-gradient evals | "
-        "rejected steps | generator energy distance | generator max share error |"
+        f"| toy | energy | mode | {seed_column}steps | KL (nats) | time (s) | "
+        "energy-gradient evals | rejected steps | generator energy distance | "
+        "generator max share error |"
     )
-    print("|---" * 10 + "|")
+    print("|---" * (10 + several) + "|")
     rows = {}
-    for toy_name in args.toys:
-        for energy_name in args.energies:
-            for mode in args.modes:
-                r = run(toy_name, energy_name, mode, args.steps, args.seed)
-                rows[toy_name, energy_name, mode] = r
-                print(
-                    f"| {r['toy']} | {r['energy']} | {r['mode']} | {r['steps']} | "
-                    f"{r['kl']:.4f} ± {r['kl_se']:.4f} | {r['seconds']:.1f} | "
-                    f"{r['grads'] / 1e6:.1f} M | {r['rejected']} | {r['gen_ed']:.4f} | "
-                    f"{r['share']:.3f} |",
-                    flush=True,
-                )
+    for seed in seed_list:
+        for toy_name in args.toys:
+            for energy_name in args.energies:
+                for mode in args.modes:
+                    r = run(toy_name, energy_name, mode, args.steps, seed)
+                    rows[toy_name, energy_name, mode, seed] = r
+                    seed_cell = f"{seed} | " if several else ""
+                    print(
+                        f"| {r['toy']} | {r['energy']} | {r['mode']} | {seed_cell}{r['steps']} | "
+                        f"{r['kl']:.4f} ± {r['kl_se']:.4f} | {r['seconds']:.1f} | "
+                        f"{r['grads'] / 1e6:.1f} M | {r['rejected']} | {r['gen_ed']:.4f} | "
+                        f"{r['share']:.3f} |",
+                        flush=True,
+                    )
     if not {"hybrid", "pcd"} <= set(args.modes):
         return
-    print("\n| toy | energy | KL(hybrid) − KL(pcd) | 2 SE | hybrid no worse |")
-    print("|---" * 5 + "|")
+    print(
+        f"\n| toy | energy | {seed_column}KL(hybrid) − KL(pcd) | 2 SE (test points) | "
+        "hybrid no worse |"
+    )
+    print("|---" * (5 + several) + "|")
+    differences = {}
     for toy_name in args.toys:
         for energy_name in args.energies:
-            hybrid, pcd = rows[toy_name, energy_name, "hybrid"], rows[toy_name, energy_name, "pcd"]
-            # KL(h) − KL(p) = mean(log p_pcd − log p_hybrid) over the same test points: paired
-            difference = pcd["log_p"] - hybrid["log_p"]
-            mean = difference.mean()
-            two_se = 2 * difference.std(ddof=1) / np.sqrt(difference.size)
-            print(
-                f"| {toy_name} | {energy_name} | {mean:+.4f} | {two_se:.4f} | "
-                f"{'yes' if mean <= two_se else 'NO'} |",
-                flush=True,
-            )
+            for seed in seed_list:
+                hybrid = rows[toy_name, energy_name, "hybrid", seed]
+                pcd = rows[toy_name, energy_name, "pcd", seed]
+                mean, two_se = paired_difference(hybrid, pcd)
+                differences.setdefault((toy_name, energy_name), []).append(mean)
+                seed_cell = f"{seed} | " if several else ""
+                print(
+                    f"| {toy_name} | {energy_name} | {seed_cell}{mean:+.4f} | {two_se:.4f} | "
+                    f"{'yes' if mean <= two_se else 'NO'} |",
+                    flush=True,
+                )
+    if not several:
+        return
+    print(
+        f"\nAcross {len(seed_list)} training seeds {seed_list}: mean of the per-seed "
+        "differences, 2 standard errors across seeds."
+    )
+    print(
+        "\n| toy | energy | mean KL(hybrid) − KL(pcd) | 2 SE (seeds) | per-seed differences | "
+        "hybrid no worse |"
+    )
+    print("|---" * 6 + "|")
+    for (toy_name, energy_name), values in differences.items():
+        mean, two_se = across_seeds(values)
+        listed = ", ".join(f"{v:+.4f}" for v in values)
+        print(
+            f"| {toy_name} | {energy_name} | {mean:+.4f} | {two_se:.4f} | {listed} | "
+            f"{'yes' if mean <= two_se else 'NO'} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
