@@ -27,7 +27,10 @@ gradient's data and negative points; the hybrid's resampling adds 1024 energy ev
 step without a gradient); for the trained generator, the energy distance of 20 000
 of its samples to 20 000 test points (lower is better, 0 when equal in distribution) and, on
 8gaussians, its largest deviation from the true 1/8 share per mode (samples assigned to the
-nearest centre).
+nearest centre); the far-field gap (``far_field_gap``): the lowest energy on rays beyond the
+KL's quadrature box (out to 5 times its half-width) minus the lowest inside it. A negative gap
+is a well the grid does not see: the model's mass lies outside the box and its KL is then
+only a lower bound.
 
 When both hybrid and pcd ran, a second table gives, per toy and energy, the paired difference
 KL(hybrid) − KL(pcd) on the same test points with its standard error, and whether the hybrid is
@@ -86,6 +89,28 @@ def mode_share_error(samples: np.ndarray) -> float:
     return float(np.max(np.abs(shares - 1 / 8)))
 
 
+def far_field_gap(energy, bounds, num_rays: int = 64, reach: float = 5.0) -> float:
+    """Lowest energy beyond the KL's quadrature box minus the lowest inside it.
+
+    The energy is evaluated on ``num_rays`` rays from the box's centre, from its edge out to
+    ``reach`` times its half-width (400 points each), and on a 256² grid inside the box. A
+    negative gap is a well outside the box that the grid's log Z does not see: the KL is then a
+    lower bound (the model's mass is elsewhere)."""
+    bounds = np.asarray(bounds, np.float64)
+    centre, half = bounds.mean(axis=1), (bounds[:, 1] - bounds[:, 0]) / 2
+    angles = np.linspace(0.0, 2 * np.pi, num_rays, endpoint=False)
+    unit = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    edge = 1.0 / np.max(np.abs(unit) / half, axis=1)  # distance to the box's edge per ray
+    t = np.linspace(1.0, reach, 400)
+    outside = centre + (edge[:, None, None] * t[None, :, None]) * unit[:, None, :]
+    grids = [np.linspace(lo, hi, 256) for lo, hi in bounds]
+    inside = np.stack([g.ravel() for g in np.meshgrid(*grids)], axis=1)
+    batched = jax.jit(jax.vmap(energy))
+    e_out = np.asarray(batched(jnp.asarray(outside.reshape(-1, 2), jnp.float32)))
+    e_in = np.asarray(batched(jnp.asarray(inside, jnp.float32)))
+    return float(e_out.min() - e_in.min())
+
+
 def run(toy_name: str, energy_name: str, mode: str, steps: int, seed: int = 0) -> dict:
     toy = ebm.datasets.toy(toy_name)
     k_data, k_energy, k_fit, k_test, k_gen, k_ref = jax.random.split(jax.random.key(seed), 6)
@@ -120,6 +145,8 @@ def run(toy_name: str, energy_name: str, mode: str, steps: int, seed: int = 0) -
         "seconds": seconds,
         "grads": gradient_evaluations(options["negatives"], steps),
         "rejected": int(np.sum(~res.history["is_finite"].astype(bool))),
+        # the box kl_to_toy integrates over (its default: the toy's bounds, padding 0.5)
+        "far": far_field_gap(res.energy, ebm.logz.select.box(toy_bounds=toy.bounds, padding=0.5)),
         "gen_ed": float("nan"),
         "share": float("nan"),
     }
@@ -188,7 +215,7 @@ def main() -> None:
                         f"| {r['toy']} | {r['energy']} | {r['mode']} | {seed_cell}{r['steps']} | "
                         f"{r['kl']:.4f} ± {r['kl_se']:.4f} | {r['seconds']:.1f} | "
                         f"{r['grads'] / 1e6:.1f} M | {r['rejected']} | {r['gen_ed']:.4f} | "
-                        f"{r['share']:.3f} |",
+                        f"{r['share']:.3f} | {r['far']:+.1f} |",
                         flush=True,
                     )
     if not {"hybrid", "pcd"} <= set(args.modes):
