@@ -200,9 +200,9 @@ def main() -> None:
     print(
         f"| toy | energy | mode | {seed_column}steps | KL (nats) | time (s) | "
         "energy-gradient evals | rejected steps | generator energy distance | "
-        "generator max share error |"
+        "generator max share error | far-field gap |"
     )
-    print("|---" * (10 + several) + "|")
+    print("|---" * (11 + several) + "|")
     rows = {}
     for seed in seed_list:
         for toy_name in args.toys:
