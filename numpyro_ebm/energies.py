@@ -127,7 +127,7 @@ class DeepEnergy(eqx.Module):
 
     The features' default activation is ``tanh``: bounded, so each expert is at most
     ``softplus(‖wᵢ‖₁ + cᵢ)`` and ``E(x) ≥ ‖x‖²/σ² − bᵀx − Σᵢ softplus(‖wᵢ‖₁ + cᵢ)``: the quadratic
-    term confines the density at a radius set by the trained weights, close to the data. With
+    term confines the density within a radius that the trained weights bound. With
     an unbounded activation (e.g. SiLU) the experts grow linearly in ``‖x‖`` with a slope the
     data does not limit: to cancel the quadratic term on data a few σ wide they need steep
     slopes, and beyond the data those slopes can outgrow ``‖x‖²/σ²`` out to a radius
