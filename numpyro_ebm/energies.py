@@ -122,9 +122,20 @@ class DeepEnergy(eqx.Module):
     """Kim & Bengio's deep product-of-experts energy.
 
     ``E(x) = ‖x‖²/σ² − bᵀx − Σᵢ softplus(wᵢᵀ f(x) + cᵢ)`` where ``f`` is an MLP feature
-    extractor and each softplus term is one "expert". The experts grow at most linearly in
-    ``‖x‖``, so the quadratic term keeps ``exp(−E)`` integrable. No batch normalisation.
-    (Note ``1/σ²``, not ``1/(2σ²)``: this follows the paper's formula.)
+    extractor and each softplus term is one "expert". No batch normalisation. (Note ``1/σ²``,
+    not ``1/(2σ²)``: this follows the paper's formula.)
+
+    The features' default activation is ``tanh``: bounded, so each expert is at most
+    ``softplus(‖wᵢ‖₁ + cᵢ)`` and ``E(x) ≥ ‖x‖²/σ² − bᵀx − Σᵢ softplus(‖wᵢ‖₁ + cᵢ)``: the quadratic
+    term confines the density within a radius that the trained weights bound. With
+    an unbounded activation (e.g. SiLU) the experts grow linearly in ``‖x‖`` with a slope the
+    data does not limit: to cancel the quadratic term on data a few σ wide they need steep
+    slopes, and beyond the data those slopes can outgrow ``‖x‖²/σ²`` out to a radius
+    proportional to slope · σ², a deep well far from the data. Negatives restarted near the data
+    every step (``negatives="hybrid"``) never visit it: on the checkerboard (data in
+    ``[−4, 4]²``, σ = 1) one of three hybrid trainings with SiLU features ended with energy −26
+    on the data and −93 at radius 17.5, nearly all its mass far from the data
+    (docs/benchmarks.md, issue 15 item 3b). ``exp(−E)`` is integrable with either activation.
 
     Args:
         dim: number of values in one event.
@@ -132,7 +143,8 @@ class DeepEnergy(eqx.Module):
         hidden: widths of the feature MLP ``f`` (its output has width ``hidden[-1]``).
         num_experts: number of softplus experts.
         sigma: scale of the quadratic term.
-        activation: smooth activation of ``f``.
+        activation: smooth activation of ``f`` (default ``tanh``; a bounded one keeps the
+            experts bounded, see above).
 
     Example:
         >>> import jax
@@ -155,7 +167,7 @@ class DeepEnergy(eqx.Module):
         hidden: Sequence[int] = (128, 128),
         num_experts: int = 64,
         sigma: float = 1.0,
-        activation: Callable = jax.nn.silu,
+        activation: Callable = jnp.tanh,
     ):
         self.dim = _check_dim(dim)
         if not hidden:

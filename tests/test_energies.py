@@ -102,3 +102,26 @@ def test_deep_energy_formula():
     feats = energy.features(x)
     expected = (x @ x) / 4.0 - energy.bias @ x - jnp.sum(jax.nn.softplus(energy.experts(feats)))
     np.testing.assert_allclose(energy(x), expected, rtol=1e-6)
+
+
+def test_deep_energy_experts_are_bounded_by_default():
+    """Bounded (tanh) features bound every expert by softplus(‖wᵢ‖₁ + cᵢ), so
+    E(x) ≥ ‖x‖²/σ² − bᵀx − Σᵢ softplus(‖wᵢ‖₁ + cᵢ) everywhere, however steep the weights:
+    the quadratic term confines the density near the data, with no well far from it (with
+    SiLU features the experts grow linearly and, steep enough, break this bound)."""
+    energy = DeepEnergy(2, hidden=(16, 16), num_experts=8, key=jax.random.key(8))
+    # steep weights, as after fitting data several σ wide: every weight matrix times 10
+    energy = jax.tree_util.tree_map(lambda a: 10.0 * a if a.ndim == 2 else a, energy)
+    w, c = energy.experts.weight, energy.experts.bias
+    cap = float(jnp.sum(jax.nn.softplus(jnp.sum(jnp.abs(w), axis=1) + c)))
+    directions = jax.random.normal(jax.random.key(9), (256, 2))
+    directions /= jnp.linalg.norm(directions, axis=1, keepdims=True)
+    radii = jnp.array([1.0, 3.0, 10.0, 30.0, 100.0])
+    x = (radii[:, None, None] * directions[None]).reshape(-1, 2)
+    energies = jax.vmap(energy)(x)
+    bound = jnp.sum(x**2, axis=1) / energy.sigma**2 - x @ energy.bias - cap
+    assert bool(jnp.all(energies >= bound - 1e-3 * jnp.abs(bound)))
+    # hence (b = 0 here) no point beyond radius √(cap + min E) is as low as the lowest energy
+    lowest = float(jnp.min(energies))
+    far = jnp.linalg.norm(x, axis=1) > math.sqrt(max(cap + lowest, 0.0)) + 1.0
+    assert bool(jnp.any(far)) and bool(jnp.all(energies[far] > lowest))
