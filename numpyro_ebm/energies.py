@@ -132,10 +132,8 @@ class DeepEnergy(eqx.Module):
     data does not limit: to cancel the quadratic term on data a few σ wide they need steep
     slopes, and beyond the data those slopes can outgrow ``‖x‖²/σ²`` out to a radius
     proportional to slope · σ², a deep well far from the data. Negatives restarted near the data
-    every step (``negatives="hybrid"``) never visit it: on the checkerboard (data in
-    ``[−4, 4]²``, σ = 1) one of three hybrid trainings with SiLU features ended with energy −26
-    on the data and −93 at radius 17.5, nearly all its mass far from the data
-    (docs/benchmarks.md, issue 15 item 3b). ``exp(−E)`` is integrable with either activation.
+    every step (``negatives="hybrid"``) never visit it, so training never raises it (measured:
+    docs/benchmarks.md, issue 15 item 3b). ``exp(−E)`` is integrable with either activation.
 
     Args:
         dim: number of values in one event.
