@@ -46,17 +46,28 @@ import numpyro_ebm as ebm
 NOISE = 0.2
 
 
+GAP = None  # None: branches y = ±x (crossing at 0); a float g: parallel branches y = x ± g
+Y_RANGE = 4.0  # quadrature over y in [−Y_RANGE, Y_RANGE] (6 for the parallel branches)
+
+
+def branches(x):
+    """The two branch means at ``x``: ``(x, −x)``, or ``(x + GAP, x − GAP)`` with ``--gap``."""
+    return (x, -x) if GAP is None else (x + GAP, x - GAP)
+
+
 def sample(key, n):
     k_x, k_branch, k_noise = jax.random.split(key, 3)
     x = jax.random.uniform(k_x, (n, 1), minval=-2.0, maxval=2.0)
-    sign = jnp.where(jax.random.bernoulli(k_branch, 0.5, (n, 1)), 1.0, -1.0)
-    return x, sign * x + NOISE * jax.random.normal(k_noise, (n, 1))
+    upper, lower = branches(x)
+    mean = jnp.where(jax.random.bernoulli(k_branch, 0.5, (n, 1)), upper, lower)
+    return x, mean + NOISE * jax.random.normal(k_noise, (n, 1))
 
 
 def true_log_density(x, y):
     norm = jax.scipy.stats.norm
+    upper, lower = branches(x)
     return jnp.logaddexp(
-        norm.logpdf(y, x, NOISE) + jnp.log(0.5), norm.logpdf(y, -x, NOISE) + jnp.log(0.5)
+        norm.logpdf(y, upper, NOISE) + jnp.log(0.5), norm.logpdf(y, lower, NOISE) + jnp.log(0.5)
     )[:, 0]
 
 
@@ -65,8 +76,9 @@ def conditional_energy(net):
 
 
 def heldout_nll(energy, x, y, num_points: int = 1024) -> np.ndarray:
-    """Per-point −log p(y | x), with log Z(x) by the midpoint rule over y ∈ [−4, 4]."""
-    edges = jnp.linspace(-4.0, 4.0, num_points + 1)
+    """Per-point −log p(y | x), with log Z(x) by the midpoint rule over y ∈ [−4, 4]
+    (``Y_RANGE``)."""
+    edges = jnp.linspace(-Y_RANGE, Y_RANGE, num_points + 1)
     grid = 0.5 * (edges[1:] + edges[:-1])[:, None]
     cell = float(edges[1] - edges[0])
 
@@ -82,15 +94,16 @@ WEIGHT_X = (-2.0, -1.5, -1.0, 1.0, 1.5, 2.0)
 
 
 def upper_mass(energy, x_values, num_points: int = 1024) -> np.ndarray:
-    """The normalised model's mass on y > 0 at each condition, by the midpoint rule on
-    [−4, 4] (the midpoint between the branches y = ±x is y = 0, a cell edge)."""
-    edges = jnp.linspace(-4.0, 4.0, num_points + 1)
+    """The normalised model's mass above the midpoint between the branches (y > 0, or y > x
+    with ``--gap``) at each condition, by the midpoint rule on [−Y_RANGE, Y_RANGE]."""
+    edges = jnp.linspace(-Y_RANGE, Y_RANGE, num_points + 1)
     grid = 0.5 * (edges[1:] + edges[:-1])[:, None]
 
     def one(c):
         neg = -jax.vmap(lambda g: energy(g, c))(grid)
         w = jax.nn.softmax(neg)
-        return jnp.sum(jnp.where(grid[:, 0] > 0, w, 0.0))
+        upper, lower = branches(c[0])
+        return jnp.sum(jnp.where(grid[:, 0] > 0.5 * (upper + lower), w, 0.0))
 
     conditions = jnp.asarray(x_values, jnp.float32)[:, None]
     return np.asarray(jax.jit(jax.vmap(one))(conditions), np.float64)
@@ -124,7 +137,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--negatives", nargs="+", choices=("cd", "pt"), default=["cd"])
     parser.add_argument("--temps", type=int, default=8, help="replicas per ladder (pt)")
+    parser.add_argument(
+        "--gap", type=float, default=None, help="parallel branches y = x ± GAP (with --negatives)"
+    )
     args = parser.parse_args()
+    global GAP, Y_RANGE
+    if args.gap is not None:
+        if args.negatives == ["cd"]:
+            parser.error("--gap goes with the --negatives table (e.g. --negatives cd pt)")
+        GAP, Y_RANGE = args.gap, 6.0
     if args.negatives != ["cd"]:
         tempering(args)
         return
@@ -180,8 +201,10 @@ def tempering(args) -> None:
     x_test, y_test = sample(k_test, 2000)
     template = ebm.energies.MLPEnergy(2, hidden=(64, 64), key=k_net)
     true_nll = -np.asarray(true_log_density(x_test, y_test), np.float64)
+    data = "y = ±x" if GAP is None else f"y = x ± {GAP:g}"
     print(
-        f"# conditional EBM, {args.steps} steps, seed {args.seed}, on "
+        f"# conditional EBM, branches {data} (noise {NOISE}), {args.steps} steps, "
+        f"seed {args.seed}, on "
         f"{jax.devices()[0].platform} ({platform.machine()}), jax {jax.__version__}, float32"
     )
     rows, weights = [], []
@@ -205,6 +228,8 @@ def tempering(args) -> None:
         )
         w = upper_mass(trained, WEIGHT_X)
         dense = np.concatenate([np.linspace(-2, -1, 21), np.linspace(1, 2, 21)])
+        if GAP is not None:
+            dense = np.linspace(-2, 2, 41)
         off = np.abs(upper_mass(trained, dense) - 0.5)
         weights.append(
             f"| {name} | "
@@ -221,8 +246,12 @@ def tempering(args) -> None:
     print()
     print(
         "| negatives | "
-        + " | ".join(f"mass y > 0 at x = {v:+g}" for v in WEIGHT_X)
-        + " | mean abs(w − 0.5), abs(x) in [1, 2] | max |"
+        + " | ".join(f"upper mass at x = {v:+g}" for v in WEIGHT_X)
+        + (
+            " | mean abs(w − 0.5), abs(x) in [1, 2] | max |"
+            if GAP is None
+            else " | mean abs(w − 0.5), x in [−2, 2] | max |"
+        )
     )
     print("|---" * (len(WEIGHT_X) + 3) + "|")
     print(*weights, sep="\n")
