@@ -140,6 +140,11 @@ def main() -> None:
     parser.add_argument(
         "--gap", type=float, default=None, help="parallel branches y = x ± GAP (with --negatives)"
     )
+    parser.add_argument(
+        "--notebook-keys",
+        action="store_true",
+        help="split the seed's key as notebooks/conditional.ipynb does (with --negatives)",
+    )
     args = parser.parse_args()
     global GAP, Y_RANGE
     if args.gap is not None:
@@ -197,6 +202,8 @@ def main() -> None:
 
 def tempering(args) -> None:
     k_train, k_test, k_net, k_run = jax.random.split(jax.random.key(args.seed), 4)
+    if args.notebook_keys:  # notebooks/conditional.ipynb's data, network and run keys
+        k_train, k_test, k_net, k_run = jax.random.split(jax.random.key(args.seed), 6)[:4]
     x, y = sample(k_train, 5000)
     x_test, y_test = sample(k_test, 2000)
     template = ebm.energies.MLPEnergy(2, hidden=(64, 64), key=k_net)
@@ -204,7 +211,7 @@ def tempering(args) -> None:
     data = "y = ±x" if GAP is None else f"y = x ± {GAP:g}"
     print(
         f"# conditional EBM, branches {data} (noise {NOISE}), {args.steps} steps, "
-        f"seed {args.seed}, on "
+        f"seed {args.seed}{' (notebook keys)' if args.notebook_keys else ''}, on "
         f"{jax.devices()[0].platform} ({platform.machine()}), jax {jax.__version__}, float32"
     )
     rows, weights = [], []
