@@ -154,7 +154,7 @@ def main() -> None:
         "| K | ladders × K | ms/step | "
         + " | ".join(f"KL @ {s} (time s)" for s in steps)
         + " | acceptance | Λ | min swap acc. | round trips / ladder / step | "
-        "mass on the squares | max square deviation | KL between squares |"
+        "mass on the squares | max square deviation | 9-bin KL |"
     )
     print("|---" * (len(steps) + 10) + "|")
     for temps in args.temps:
