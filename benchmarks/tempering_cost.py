@@ -19,9 +19,10 @@ writer (``training.checkpoint.saver``, replaced here) that is called every
 point is measured from the call to `fit` and EXCLUDES the evaluations (their time is
 subtracted); it includes compilation. ms/step is (t(2000) − t(250)) / 1750: after
 compilation. The last three columns split the final KL (``cell_split``): the model's mass on
-the 8 squares, the largest deviation of one square's mass from their mean, and the KL
-between the squares' masses alone. Λ, minimum swap acceptance and round trips (per ladder,
-summed over its replicas, per step) are means over the last 100 steps.
+the 8 squares, the largest deviation of one square's mass from their mean, and the KL of the
+9-bin histogram (8 squares + everything else) = −log(mass on the squares) + the KL of the
+squares' relative shares. Λ, minimum swap acceptance and round trips (per ladder, summed over
+its replicas, per step) are means over the last 100 steps.
 """
 
 from __future__ import annotations
