@@ -22,6 +22,12 @@ Energy-Based Models" (Nijkamp et al., 2020):
 * ``"rings"`` - an equal mixture of 4 rings: radius ``r = r_k + 0.15 * eps`` with
   ``r_k in {1, 2, 3, 4}`` and ``eps ~ N(0, 1)``, angle uniform on ``[0, 2 pi)``.
   ``-H = -3.5345`` nats (usually quoted as about -3.533).
+* ``"bimodal"`` - two isotropic Gaussians with standard deviation ``1 / 3`` and UNEQUAL
+  weights, ``0.7`` at ``(-1.2, 0)`` and ``0.3`` at ``(2.8, 0)`` (mean 0; centres 4 = 12
+  standard deviations apart, so the modes share no mass: the split at ``x = 0.8`` leaves
+  ~1e-9 of either on the wrong side). Samplers that cannot cross between the modes cannot
+  measure their weights (issue 17). ``-H = -1.2515`` nats (``H`` = the weights' entropy +
+  a Gaussian's, up to ~1e-8).
 
 **Digits** (``digits``): the 1797 8x8 handwritten digits of the UCI optical recognition
 data set, as shipped with scikit-learn (no download). The integer pixels in ``{0..16}`` are
@@ -52,6 +58,7 @@ import numpy as np
 from jax.scipy.special import logsumexp as _jax_logsumexp
 
 __all__ = [
+    "BIMODAL_SPLIT",
     "TOY_NAMES",
     "Digits",
     "ToyDensity",
@@ -60,7 +67,7 @@ __all__ = [
     "toy",
 ]
 
-TOY_NAMES: tuple[str, ...] = ("8gaussians", "checkerboard", "rings")
+TOY_NAMES: tuple[str, ...] = ("8gaussians", "checkerboard", "rings", "bimodal")
 """Names accepted by ``toy``."""
 
 # --- 8gaussians -----------------------------------------------------------------------------
@@ -82,14 +89,23 @@ _CB_LOG_DENSITY = -math.log(32.0)
 _RINGS_RADII = np.array([1.0, 2.0, 3.0, 4.0])
 _RINGS_STD = 0.15
 
+# --- bimodal --------------------------------------------------------------------------------
+_BI_WEIGHTS = np.array([0.7, 0.3])
+_BI_CENTRES = np.array([[-1.2, 0.0], [2.8, 0.0]])  # weighted mean 0
+_BI_STD = 1.0 / 3.0
+BIMODAL_SPLIT = 0.8
+"""``x``-coordinate of the midpoint between ``"bimodal"``'s centres: mode 0 (weight 0.7) lies
+left of it, mode 1 (weight 0.3) right."""
+
 _BOUNDS = {
     "8gaussians": ((-5.0, 5.0), (-5.0, 5.0)),
     "checkerboard": ((-4.0, 4.0), (-4.0, 4.0)),
     "rings": ((-5.0, 5.0), (-5.0, 5.0)),
+    "bimodal": ((-5.0, 5.0), (-5.0, 5.0)),
 }
 # Half-width of the square [-L, L]^2 used for the entropy quadrature: the mass outside it is
 # below 1e-12 (> 7 standard deviations beyond the outermost centre / ring).
-_QUAD_HALF_WIDTH = {"8gaussians": 6.0, "rings": 5.5}
+_QUAD_HALF_WIDTH = {"8gaussians": 6.0, "rings": 5.5, "bimodal": 6.0}
 _QUAD_STEP = 0.02
 
 
@@ -132,10 +148,19 @@ def _log_prob_rings(x: Any, xp: Any, logsumexp: Callable) -> Any:
     return log_radial - math.log(2.0 * math.pi) - xp.log(rho[..., 0])
 
 
+def _log_prob_bimodal(x: Any, xp: Any, logsumexp: Callable) -> Any:
+    centres = xp.asarray(_BI_CENTRES, dtype=x.dtype)
+    sq_dist = xp.sum((x[..., None, :] - centres) ** 2, axis=-1)  # (..., 2)
+    log_weights = xp.asarray(np.log(_BI_WEIGHTS), dtype=x.dtype)
+    log_norm = math.log(2.0 * math.pi * _BI_STD**2)
+    return logsumexp(log_weights - 0.5 * sq_dist / _BI_STD**2, axis=-1) - log_norm
+
+
 _LOG_PROBS: dict[str, Callable[[Any, Any, Callable], Any]] = {
     "8gaussians": _log_prob_8gaussians,
     "checkerboard": _log_prob_checkerboard,
     "rings": _log_prob_rings,
+    "bimodal": _log_prob_bimodal,
 }
 
 
@@ -175,10 +200,18 @@ def _sample_rings(key: jax.Array, n: int) -> jax.Array:
     return radius[:, None] * jnp.stack([jnp.cos(angle), jnp.sin(angle)], axis=-1)
 
 
+def _sample_bimodal(key: jax.Array, n: int) -> jax.Array:
+    k_comp, k_noise = jax.random.split(key)
+    comp = (jax.random.uniform(k_comp, (n,)) >= _BI_WEIGHTS[0]).astype(jnp.int32)
+    centres = jnp.asarray(_BI_CENTRES, dtype=jnp.float32)
+    return centres[comp] + _BI_STD * jax.random.normal(k_noise, (n, 2), dtype=jnp.float32)
+
+
 _SAMPLERS: dict[str, Callable[[jax.Array, int], jax.Array]] = {
     "8gaussians": _sample_8gaussians,
     "checkerboard": _sample_checkerboard,
     "rings": _sample_rings,
+    "bimodal": _sample_bimodal,
 }
 
 
@@ -238,7 +271,8 @@ class ToyDensity:
     def bounds(self) -> np.ndarray:
         """Plotting / quadrature box ``[[xlo, xhi], [ylo, yhi]]``, shape ``(2, 2)``.
 
-        ``[-5, 5]^2`` for ``"8gaussians"`` and ``"rings"`` (holding all but ~1e-9 of the mass),
+        ``[-5, 5]^2`` for ``"8gaussians"``, ``"rings"`` and ``"bimodal"`` (holding all but ~1e-9
+        of the mass),
         ``[-4, 4]^2`` (the exact support) for ``"checkerboard"``. A fresh array each call.
         """
         return np.array(_BOUNDS[self.name], dtype=np.float64)
@@ -313,7 +347,7 @@ class ToyDensity:
         Exact (``log 32``) for ``"checkerboard"``; for the others computed once (and cached)
         by float64 midpoint quadrature of ``-p log p`` on a 0.02-spaced grid over a box
         holding all but ~1e-12 of the mass (accurate to ~1e-9): ``-H = -2.83158`` for
-        ``"8gaussians"`` and ``-3.53453`` for ``"rings"``.
+        ``"8gaussians"``, ``-3.53453`` for ``"rings"`` and ``-1.25152`` for ``"bimodal"``.
 
         Returns:
             The entropy as a Python float. ``-entropy()`` is the best achievable expected
@@ -330,8 +364,8 @@ def toy(name: str) -> ToyDensity:
     """Look up a 2-D toy density by name.
 
     Args:
-        name: One of ``"8gaussians"``, ``"checkerboard"``, ``"rings"`` (see the module
-            docstring for the definitions).
+        name: One of ``"8gaussians"``, ``"checkerboard"``, ``"rings"``, ``"bimodal"`` (see the
+            module docstring for the definitions).
 
     Returns:
         The ``ToyDensity``.

@@ -26,7 +26,17 @@ G8_STD = 0.5 / math.sqrt(2.0)
 RINGS_RADII = np.array([1.0, 2.0, 3.0, 4.0])
 RINGS_STD = 0.15
 # -H from the literature notes (FFJORD / VERA / "anatomy of MCMC" toys).
-LITERATURE_NEG_ENTROPY = {"8gaussians": -2.833, "checkerboard": -math.log(32.0), "rings": -3.533}
+LITERATURE_NEG_ENTROPY = {
+    "8gaussians": -2.833,
+    "checkerboard": -math.log(32.0),
+    "rings": -3.533,
+    # Disjoint modes: H = H(0.7, 0.3) + log(2 pi e sigma^2), sigma = 1/3 (closed form, not
+    # literature).
+    "bimodal": 0.7 * math.log(0.7) + 0.3 * math.log(0.3) - 1 - math.log(2 * math.pi / 9),
+}
+BIMODAL_WEIGHTS = (0.7, 0.3)
+BIMODAL_CENTRES = np.array([[-1.2, 0.0], [2.8, 0.0]])
+BIMODAL_STD = 1 / 3
 
 
 @pytest.fixture(scope="module", params=TOY_NAMES)
@@ -68,6 +78,14 @@ def _exact_moments(name: str) -> tuple[np.ndarray, np.ndarray]:
         e_rho4 = np.mean(RINGS_RADII**4 + 6 * RINGS_RADII**2 * s2 + 3 * s2**2)
         m2 = 0.5 * e_rho2 * np.eye(2)  # E[cos^2] = 1/2, E[cos sin] = 0
         m4 = e_rho4 * np.array([[3 / 8, 1 / 8], [1 / 8, 3 / 8]])  # E[cos^4], E[cos^2 sin^2]
+    elif name == "bimodal":
+        # Component k: x = c_k + s z, coordinates independent given k.
+        s2 = BIMODAL_STD**2
+        for w, c in zip(BIMODAL_WEIGHTS, BIMODAL_CENTRES, strict=True):
+            sec = c**2 + s2
+            fourth = c**4 + 6 * c**2 * s2 + 3 * s2**2
+            m2 += w * (np.outer(c, c) + s2 * np.eye(2))
+            m4 += w * (np.outer(sec, sec) * (1 - np.eye(2)) + np.diag(fourth))
     else:  # pragma: no cover
         raise AssertionError(name)
     return m2, m4
@@ -100,6 +118,7 @@ def test_toy_attributes():
     np.testing.assert_array_equal(toy("8gaussians").bounds, [[-5, 5], [-5, 5]])
     np.testing.assert_array_equal(toy("rings").bounds, [[-5, 5], [-5, 5]])
     np.testing.assert_array_equal(toy("checkerboard").bounds, [[-4, 4], [-4, 4]])
+    np.testing.assert_array_equal(toy("bimodal").bounds, [[-5, 5], [-5, 5]])
 
 
 def test_unknown_toy_lists_valid_names():
@@ -169,6 +188,37 @@ def test_checkerboard_samples_in_support():
     assert np.all(np.abs(counts - p * len(x)) < K_SE * np.sqrt(len(x) * p * (1 - p)))
 
 
+def test_bimodal_samples_match_the_weights():
+    # Each side of the midpoint x = 0.8 holds one mode (12 standard deviations apart): the
+    # share left of it is binomial(n, 0.7), within 5 binomial standard errors.
+    from numpyro_ebm.datasets import BIMODAL_SPLIT
+
+    assert BIMODAL_SPLIT == pytest.approx(BIMODAL_CENTRES[:, 0].mean())
+    n = 100_000
+    x = np.asarray(toy("bimodal").sample(jax.random.key(3), n))
+    left = np.mean(x[:, 0] < BIMODAL_SPLIT)
+    assert abs(left - 0.7) < K_SE * math.sqrt(0.7 * 0.3 / n)
+    # and each side looks like its Gaussian (mean within 5 se, standard deviation within 2%)
+    for side, centre in ((x[:, 0] < BIMODAL_SPLIT, 0), (x[:, 0] >= BIMODAL_SPLIT, 1)):
+        pts = x[side]
+        se = BIMODAL_STD / math.sqrt(len(pts))
+        np.testing.assert_array_less(np.abs(pts.mean(0) - BIMODAL_CENTRES[centre]), K_SE * se)
+        np.testing.assert_allclose(pts.std(0), BIMODAL_STD, rtol=0.02)
+
+
+def test_bimodal_log_prob_mass_per_side():
+    # The density integrates to 1 on its box, 0.7 left of the split and 0.3 right of it.
+    from numpyro_ebm.datasets import BIMODAL_SPLIT
+
+    lo, hi = toy("bimodal").bounds[0]
+    h = 0.02
+    grid = _midpoint_grid(lo, hi, h)
+    p = np.exp(np.asarray(jax.jit(toy("bimodal").log_prob)(grid), dtype=np.float64)) * h * h
+    assert abs(p.sum() - 1.0) < 1e-6
+    left = p[grid[..., 0] < BIMODAL_SPLIT].sum()
+    assert abs(left - 0.7) < 1e-6
+
+
 # --------------------------------------------------------------------------------------------
 # Log-densities
 # --------------------------------------------------------------------------------------------
@@ -186,6 +236,7 @@ def _midpoint_grid(lo: float, hi: float, h: float) -> np.ndarray:
     [
         ("8gaussians", 6.0, 0.02),
         ("rings", 6.0, 0.02),
+        ("bimodal", 6.0, 0.02),
         # Cell edges (even integers) are grid edges, so the midpoint rule is exact.
         ("checkerboard", 5.0, 0.1),
     ],
