@@ -59,7 +59,8 @@ class ParallelTempering(ChainSettings):
     every temperature and one set of swaps, so a step costs ``num_temperatures`` times the
     energy gradients of ``Persistent`` with the same settings):
         num_temperatures: replicas per ladder ``K >= 2``, from the model (β = 1) to the base
-            (β = 0). ``FitResult``'s diagnostics report the barrier ``Λ`` and the number it
+            (β = 0). The default 4 suits barriers ``Λ`` up to about 1.5, what the 2-D toys
+            measure (docs/benchmarks.md). ``FitResult``'s diagnostics report the barrier ``Λ`` and the number it
             suggests (``samplers.suggested_replicas``).
         adapt_temperatures: move the temperatures towards equal swap rejection each step.
         ladder_gain: how far each step moves them (1: all the way to the schedule estimated
@@ -73,7 +74,7 @@ class ParallelTempering(ChainSettings):
 
     name = "parallel_tempering"
     supports_conditions = True
-    num_temperatures: int = 8
+    num_temperatures: int = 4
     adapt_temperatures: bool = True
     ladder_gain: float = 0.1
 

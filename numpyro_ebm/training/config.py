@@ -131,7 +131,7 @@ class TrainConfig:
     entropy: Any = "nearest_neighbour"
     amortization_weight: float = 40.0
     resample: bool = True
-    num_temperatures: int = 8
+    num_temperatures: int = 4
     adapt_temperatures: bool = True
     ladder_gain: float = 0.1
     num_recorded_chains: int = 8
