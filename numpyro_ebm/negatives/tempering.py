@@ -60,8 +60,8 @@ class ParallelTempering(ChainSettings):
     energy gradients of ``Persistent`` with the same settings):
         num_temperatures: replicas per ladder ``K >= 2``, from the model (β = 1) to the base
             (β = 0). The default 4 suits barriers ``Λ`` up to about 1.5, what the 2-D toys
-            measure (docs/benchmarks.md). ``FitResult``'s diagnostics report the barrier ``Λ`` and the number it
-            suggests (``samplers.suggested_replicas``).
+            measure (docs/benchmarks.md). ``FitResult``'s diagnostics report the barrier
+            ``Λ`` and the number it suggests (``samplers.suggested_replicas``).
         adapt_temperatures: move the temperatures towards equal swap rejection each step.
         ladder_gain: how far each step moves them (1: all the way to the schedule estimated
             from this step's swaps; smaller values average over steps).
