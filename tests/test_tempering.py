@@ -134,6 +134,8 @@ def test_settings_are_checked():
         negatives.ParallelTempering(num_temperatures=1)
     with pytest.raises(ValueError, match="ladder_gain"):
         negatives.ParallelTempering(ladder_gain=0.0)
+    with pytest.raises(ValueError, match="negatives_per_ladder"):
+        negatives.ParallelTempering(num_mcmc_steps=4, negatives_per_ladder=5)
     with pytest.raises(ValueError, match="num_temperatures"):
         samplers.DrawSettings(num_temperatures=0)
     with pytest.raises(ValueError, match="num_temperatures"):
@@ -164,6 +166,12 @@ def test_parallel_tempering_negatives_cross_between_modes_in_one_step():
     assert set(info.metrics) == {"barrier", "swap_acceptance_min", "round_trips"}
     assert float(info.metrics["round_trips"]) > 0
     assert state.ladder.betas.shape == (6,)
+    # the model slot after each of the last 3 rounds: 3 negatives per ladder, the last the
+    # ladders' state
+    three = sampler.replace(negatives_per_ladder=3)
+    new, draws, _ = jax.jit(lambda k, s: three.sample(k, s, target))(jax.random.key(5), state)
+    assert draws.shape == (3 * 128, 2)
+    np.testing.assert_array_equal(draws[-128:], new.replicas.position[:, 0])
 
 
 def test_fit_with_parallel_tempering_records_and_diagnoses_the_ladders():

@@ -123,6 +123,9 @@ FIELDS = {
         False, "parallel_tempering", lambda c: c.negatives.adapt_temperatures is False
     ),
     "ladder_gain": (0.5, "parallel_tempering", lambda c: c.negatives.ladder_gain == 0.5),
+    "negatives_per_ladder": (
+        2, "parallel_tempering", lambda c: c.negatives.negatives_per_ladder == 2
+    ),
     "num_recorded_chains": (4, "persistent", lambda c: c.negatives.num_recorded_chains == 4),
     "record_every": (5, "persistent", lambda c: c.record_every == 5),
     "matmul_precision": (

@@ -65,6 +65,11 @@ class ParallelTempering(ChainSettings):
         adapt_temperatures: move the temperatures towards equal swap rejection each step.
         ladder_gain: how far each step moves them (1: all the way to the schedule estimated
             from this step's swaps; smaller values average over steps).
+        negatives_per_ladder: the model slot's states after each of the step's last
+            ``negatives_per_ladder`` rounds are all negatives (``negatives_per_ladder ·
+            num_chains`` per step): consecutive states of one ladder are correlated, but they
+            cost no extra sampling, and more negatives make the gradient less noisy.
+            Conditional sites use the last round's only (one negative per batch row).
 
     Example:
         >>> import numpyro_ebm as ebm
@@ -77,10 +82,17 @@ class ParallelTempering(ChainSettings):
     num_temperatures: int = 4
     adapt_temperatures: bool = True
     ladder_gain: float = 0.1
+    negatives_per_ladder: int = 1
 
     def __post_init__(self):
         super().__post_init__()
         check_count("num_temperatures", self.num_temperatures, low=2)
+        check_count("negatives_per_ladder", self.negatives_per_ladder)
+        if self.negatives_per_ladder > self.num_mcmc_steps:
+            raise ValueError(
+                f"negatives_per_ladder ({self.negatives_per_ladder}) cannot exceed the rounds "
+                f"per step, num_mcmc_steps ({self.num_mcmc_steps})"
+            )
         if not 0.0 < self.ladder_gain <= 1.0:
             raise ValueError(f"ladder_gain must be in (0, 1], got {self.ladder_gain}")
 
@@ -104,11 +116,17 @@ class ParallelTempering(ChainSettings):
             replicas = _tempering.init_replicas(target.base, energy, starts, target.conditions)
             conditions = target.conditions
         replicas = replicas._replace(position=target.place(replicas.position))
+        many = self.negatives_per_ladder > 1 and target.conditions is None
         new_replicas, _, info = _tempering.run_rounds(
             key, self.sampler, target.base, energy, replicas, state.ladder,
-            self.num_mcmc_steps, conditions,
+            self.num_mcmc_steps, conditions, keep_model_positions=many,
         )  # fmt: skip
-        negatives = jax.lax.stop_gradient(new_replicas.position[:, 0])
+        negatives = new_replicas.position[:, 0]
+        if many:
+            info, history = info
+            last = history[-self.negatives_per_ladder :]
+            negatives = jnp.reshape(last, (-1, last.shape[-1]))
+        negatives = jax.lax.stop_gradient(negatives)
         acceptance = jnp.mean(jnp.nan_to_num(info.acceptance_rate), axis=(0, 1))
         swap_acceptance = jnp.mean(info.swap_acceptance, axis=(0, 1))
         ladder = _tempering.adapt_step_sizes(

@@ -98,6 +98,8 @@ class TrainConfig:
             rejection each step.
         ladder_gain: ``"parallel_tempering"``: how far each step moves them (see
             ``negatives.ParallelTempering``).
+        negatives_per_ladder: ``"parallel_tempering"``: negatives per ladder and step, the
+            model slot after each of the last rounds.
         num_recorded_chains: negative-phase chains recorded for diagnostics each step.
         record_every: keep every ``record_every``-th record and compute the held-out NLL then.
         matmul_precision: precision of float32 matrix products in the compiled step, one of
@@ -134,6 +136,7 @@ class TrainConfig:
     num_temperatures: int = 4
     adapt_temperatures: bool = True
     ladder_gain: float = 0.1
+    negatives_per_ladder: int = 1
     num_recorded_chains: int = 8
     record_every: int = 10
     matmul_precision: str = "float32"
