@@ -109,7 +109,9 @@ def upper_mass(energy, x_values, num_points: int = 1024) -> np.ndarray:
     return np.asarray(jax.jit(jax.vmap(one))(conditions), np.float64)
 
 
-def train(kind: str, args, template, x, y, key):
+def regression_model(template):
+    """The NumPyro model: y | x an EBM site, 512 points per step."""
+
     def model(x, y):
         net = eqx_module("energy", template)
         with numpyro.plate("data", x.shape[0], subsample_size=512) as rows:
@@ -119,6 +121,11 @@ def train(kind: str, args, template, x, y, key):
                 obs=y[rows],
             )
 
+    return model
+
+
+def train(kind: str, args, template, x, y, key):
+    model = regression_model(template)
     negatives = "persistent"  # a conditional site: contrastive divergence from the data
     if kind == "pt":
         negatives = ebm.negatives.ParallelTempering(num_temperatures=args.temps)
@@ -160,15 +167,7 @@ def main() -> None:
     x_test, y_test = sample(k_test, 2000)
     template = ebm.energies.MLPEnergy(2, hidden=(64, 64), key=k_net)
 
-    def model(x, y):
-        net = eqx_module("energy", template)
-        with numpyro.plate("data", x.shape[0], subsample_size=512) as rows:
-            numpyro.sample(
-                "y",
-                ebm.EnergyDistribution(conditional_energy(net), (1,), condition=x[rows]),
-                obs=y[rows],
-            )
-
+    model = regression_model(template)
     schedule = optax.cosine_decay_schedule(3e-3, args.steps, alpha=0.1)
     learner = ebm.MaximumLikelihood(model, optax.adam(schedule, b1=0.5))
     start = time.perf_counter()
