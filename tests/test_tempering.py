@@ -174,14 +174,15 @@ def test_parallel_tempering_negatives_cross_between_modes_in_one_step():
     np.testing.assert_array_equal(draws[-128:], new.replicas.position[:, 0])
 
 
-def test_fit_with_parallel_tempering_records_and_diagnoses_the_ladders():
+def test_fit_with_parallel_tempering_records_and_diagnoses_the_ladders(tmp_path):
     data = jax.random.normal(jax.random.key(0), (256, 2))
     energy = ebm.energies.MLPEnergy(2, key=jax.random.key(1), hidden=(16,))
     pt = negatives.ParallelTempering(
         num_chains=16, num_temperatures=3, num_mcmc_steps=4, num_recorded_chains=4
     )
     res = ebm.fit(energy, data, key=jax.random.key(2), num_steps=6, batch_size=64,
-                  negatives=pt, record_every=1, progress_bar=False)  # fmt: skip
+                  negatives=pt, record_every=1, progress_bar=False,
+                  checkpoint_dir=tmp_path / "run")  # fmt: skip
     assert {"barrier", "swap_acceptance_min", "round_trips"} <= set(res.history)
     assert np.all(np.isfinite(res.history["barrier"]))
     assert res.chains.shape == (16, 2)  # the model slots
@@ -189,6 +190,11 @@ def test_fit_with_parallel_tempering_records_and_diagnoses_the_ladders():
     assert summary.betas.shape == (3,) and int(summary.rounds) == 6 * 4
     diagnosis = ebm.diagnostics.diagnose(res, verbose=False)
     assert diagnosis["swap_acceptance"].status in ("ok", "warn")
+    # the checkpoint rebuilds the same sampler (its settings are TrainConfig fields)
+    loaded = ebm.load(tmp_path / "run", energy)
+    assert loaded.config.negatives == pt
+    np.testing.assert_array_equal(loaded.chains, res.chains)
+    np.testing.assert_array_equal(loaded.recorded_chains.tempering.betas, summary.betas)
 
 
 def test_conditional_ladders_reach_the_branch_no_row_was_observed_on():
