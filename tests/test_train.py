@@ -84,9 +84,12 @@ def test_gaussian_energy_trained_on_gaussian_data_recovers_mean_and_covariance()
     np.testing.assert_allclose(res.energy.covariance, mle_cov, atol=0.05)
     assert bool(np.all(res.history["is_finite"]))
     assert res.history["loss"].shape == (600,)
-    # the log Z learned on the way (NCE) matches the trained Gaussian's exact log Z
-    assert abs(res.log_z.value - float(res.energy.log_z)) < 0.05
-    assert res.log_z.method == "nce-learned"
+    # the log Z tracked on the way matches the trained Gaussian's exact log Z within its error
+    # bar, and so does the noise-contrastive one learned beside it
+    error = res.log_z.value - float(res.energy.log_z)
+    assert res.log_z.method == "tracked"
+    assert abs(error) < min(0.05, 3 * res.log_z.stderr), (error, res.log_z.stderr)
+    assert abs(res.log_z.info["nce"] - float(res.energy.log_z)) < 0.05
 
 
 def test_nce_loss_is_minimised_at_the_true_log_z():

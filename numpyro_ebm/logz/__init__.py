@@ -10,17 +10,19 @@
   delta-method standard error and effective sample size.
 * ``ais``: a normalised base and enough temperatures; ``E[log Ẑ] ≤ log Z``; standard error
   from independent runs. ``reverse_ais`` from exact samples: ``E[log Ẑ] ≥ log Z``.
-* ``nce_log_z_loss``: the noise-contrastive loss of the ``log Z`` that ``fit`` learns.
+* ``tracking``: ``log Z`` followed through training by SMC along the trained energies (what
+  ``fit`` reports, with a standard error); ``start``/``advance`` over ``TrackerState``.
+* ``nce_log_z_loss``: the noise-contrastive loss of the ``log Z`` that ``fit`` also learns.
 * ``select``: the one rule for which estimator over which box (``select.estimate``).
 
 Importance sampling and AIS produce an UNBIASED estimate of Z, hence a downward-biased (on
 average) log Z, hence optimistic log-likelihoods ``−E(x) − log Ẑ``. Report their standard errors.
 
 Modules: ``estimate`` (``LogZEstimate``), ``quadrature``, ``importance``, ``ais``, ``nce``,
-``select``.
+``tracking``, ``select``.
 """
 
-from numpyro_ebm.logz import select
+from numpyro_ebm.logz import select, tracking
 from numpyro_ebm.logz.ais import ais, reverse_ais
 from numpyro_ebm.logz.estimate import LogZEstimate
 from numpyro_ebm.logz.importance import importance
@@ -45,4 +47,5 @@ __all__ = [
     "nce_log_z_loss",
     "reverse_ais",
     "select",
+    "tracking",
 ]

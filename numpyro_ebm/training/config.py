@@ -20,6 +20,7 @@ import optax
 
 from numpyro_ebm import negatives as _negatives
 from numpyro_ebm import samplers as _samplers
+from numpyro_ebm.logz.tracking import TrackerSettings
 from numpyro_ebm.training.objective import Objective, build_objective
 from numpyro_ebm.validation import check_count
 
@@ -84,7 +85,14 @@ class TrainConfig:
         buffer_size: replay bank size.
         reinit_fraction: share of persistent/replay chains restarted at the batch each step.
         step_size_gain: Robbins-Monro gain of the per-step step-size update.
-        log_z_learning_rate: Adam learning rate of the learned ``log Z``.
+        log_z_learning_rate: Adam learning rate of the noise-contrastive ``log Z`` (kept
+            beside the tracked one, history column ``log_z_nce``).
+        track_log_z: follow ``log Z`` of the averaged energy through training by sequential
+            Monte Carlo along the trained energies (``logz.tracking``; history columns
+            ``log_z``, ``log_z_stderr``, ``log_z_min_ess``, ``log_z_bridge_steps``).
+        log_z_particles: the tracker's particles (each moved once per step).
+        log_z_groups: its independent groups (their spread is the standard error).
+        log_z_bridge_steps: the most sub-steps it splits one large update into.
         generator_optimizer: optax transformation for the generator (generator modes); None:
             ``default_optimizer(num_steps, generator_learning_rate)``.
         generator_learning_rate: peak learning rate of the generator's default optimizer.
@@ -128,6 +136,10 @@ class TrainConfig:
     reinit_fraction: float = 0.1
     step_size_gain: float = 0.2
     log_z_learning_rate: float = 0.01
+    track_log_z: bool = True
+    log_z_particles: int = 512
+    log_z_groups: int = 8
+    log_z_bridge_steps: int = 8
     generator_optimizer: optax.GradientTransformation | None = None
     generator_learning_rate: float = 1e-3
     entropy: Any = "nearest_neighbour"
@@ -146,7 +158,8 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "sampler", _samplers.get_sampler(self.sampler))
-        for name in ("num_chains", "num_mcmc_steps", "batch_size", "buffer_size", "record_every"):
+        counts = ("num_chains", "num_mcmc_steps", "batch_size", "buffer_size", "record_every")
+        for name in (*counts, "log_z_particles", "log_z_groups", "log_z_bridge_steps"):
             check_count(name, getattr(self, name))
         decay = self.energy_l2_decay
         if decay is not None and not (is_real(decay) and 0.0 <= decay <= 1.0):
@@ -168,6 +181,8 @@ class TrainConfig:
                 "pass a numpyro_ebm.negatives.NegativeSampler"
             )
         build_objective(self.objective)  # a clear error now for an unknown name
+        if self.track_log_z:
+            self.log_z_tracker()  # a clear error now for bad tracker settings
 
     def replace(self, **changes) -> TrainConfig:
         """A copy with some settings changed (unknown names: ``TypeError``)."""
@@ -197,6 +212,14 @@ class TrainConfig:
 
     def log_z_optimizer(self) -> optax.GradientTransformation:
         return optax.adam(self.log_z_learning_rate)
+
+    def log_z_tracker(self) -> TrackerSettings:
+        """The ``logz.tracking`` settings of this run."""
+        return TrackerSettings(
+            num_particles=self.log_z_particles,
+            num_groups=self.log_z_groups,
+            max_bridge_steps=self.log_z_bridge_steps,
+        ).check()
 
     def resolve(self, schedule_steps: int, generator=None) -> TrainConfig:
         """This config with the optimizer, the negative sampler and the objective as objects

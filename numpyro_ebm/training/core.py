@@ -27,10 +27,11 @@ from typing import Any, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from numpyro_ebm.gaussian import fit_base
-from numpyro_ebm.logz import nce_log_z_loss
+from numpyro_ebm.logz import LogZEstimate, nce_log_z_loss, tracking
 from numpyro_ebm.negatives import ContrastiveDivergence, NegativeInfo, NegativeSampler, Target
 from numpyro_ebm.training.config import TrainConfig
 from numpyro_ebm.training.objective import ObjectiveTerms
@@ -46,6 +47,8 @@ __all__ = [
     "free_constants",
     "init",
     "keep_if_finite",
+    "learned_log_z",
+    "log_z_of",
     "moving_average",
     "select",
     "step",
@@ -98,6 +101,9 @@ class TrainState(NamedTuple):
         log_z_opt_state: per site, its Adam state.
         free_constant: per site, a mask like the trained parameters: 1.0 where an element is
             a free additive constant of that site's energy (``free_constants``), else 0.0.
+        log_z_tracker: per site, the ``logz.tracking.TrackerState`` that follows the averaged
+            energy's ``log Z`` through training (None for a conditional site, or without
+            ``config.track_log_z``).
     """
 
     step: jax.Array
@@ -111,6 +117,7 @@ class TrainState(NamedTuple):
     average_log_z: dict
     log_z_opt_state: dict
     free_constant: dict
+    log_z_tracker: dict
 
 
 class SiteInfo(NamedTuple):
@@ -120,9 +127,12 @@ class SiteInfo(NamedTuple):
         acceptance_rate: mean Metropolis acceptance of the negative-phase chains (NaN without).
         step_size: the chains' step size in this step.
         langevin_grad_norm: mean ``‖∇ₓE‖`` at the negatives.
-        log_z: the learned ``log Z`` (moving average) after this step.
+        log_z: the ``log Z`` of the averaged energy after this step: tracked
+            (``logz.tracking``) when the site has a tracker, else the noise-contrastive one.
         metrics: the objective's metrics (``energy_gap``, ``energy_data``,
-            ``energy_negatives`` for maximum likelihood) and the negative sampler's.
+            ``energy_negatives`` for maximum likelihood), the negative sampler's and, with a
+            tracker, ``log_z_stderr``, ``log_z_min_ess``, ``log_z_bridge_steps`` and
+            ``log_z_nce`` (the noise-contrastive estimate).
         recorded: the negative sampler's ``ChainRecord`` (or None).
     """
 
@@ -288,7 +298,7 @@ def init(key: jax.Array, params, data, problem, config: TrainConfig) -> TrainSta
     trainable, static = eqx.partition(params, eqx.is_inexact_array)
     sites = problem.sites(params, _model_key(key), data)
     keys = _site_keys(key, tuple(sites))
-    negatives, bases, free, log_z = {}, {}, {}, {}
+    negatives, bases, free, log_z, trackers = {}, {}, {}, {}, {}
     for name, site in sites.items():
         flat = _flat(site.observed)
         bases[name] = fit_base(flat)
@@ -299,6 +309,12 @@ def init(key: jax.Array, params, data, problem, config: TrainConfig) -> TrainSta
         # a conditional energy has a log Z per condition: none is learned (0 stays 0)
         start = bases[name].log_z if site.conditions is None else 0.0
         log_z[name] = jnp.asarray(start, jnp.float32)
+        trackers[name] = None
+        if site.conditions is None and config.track_log_z:
+            tracker_key = jax.random.fold_in(keys[name], 2)
+            trackers[name] = _start_tracker(
+                tracker_key, bases[name], site.energy, site.event_shape, config.log_z_tracker()
+            )
     adam = config.log_z_optimizer()
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -312,7 +328,20 @@ def init(key: jax.Array, params, data, problem, config: TrainConfig) -> TrainSta
         average_log_z=dict(log_z),
         log_z_opt_state={name: adam.init(jnp.zeros((), jnp.float32)) for name in sites},
         free_constant=free,
+        log_z_tracker=trackers,
     )
+
+
+@eqx.filter_jit
+def _start_tracker(key, base, energy, event_shape, settings) -> tracking.TrackerState:
+    """``tracking.start`` for ``energy`` (compiled; an equinox energy is a traced argument, so
+    another run with the same architecture reuses the compilation)."""
+    state, _ = tracking.start(key, base, _log_density(energy, event_shape), settings)
+    return state
+
+
+def _log_density(energy: Callable, event_shape) -> Callable:
+    return lambda z: -energy(jnp.reshape(z, event_shape))
 
 
 def _site_free_constants(problem, trainable, static, data, key, name, probes):
@@ -374,9 +403,11 @@ def step(key: jax.Array, state: TrainState, batch, problem, config: TrainConfig)
         config.ema_decay,
     )
     average_params = eqx.combine(average, static)
+    averaged = problem.sites(average_params, k_model, batch)
     log_z, average_log_z, log_z_opt_state = _learn_log_z(
-        keys, state, problem, average_params, k_model, batch, draws, sites, config, decay
+        keys, state, averaged, draws, sites, config, decay
     )
+    trackers, tracked = _track_log_z(keys, state, problem, averaged, k_model, batch, config)
     proposed = TrainState(
         step=state.step + 1,
         params=eqx.combine(new_params, static),
@@ -389,6 +420,7 @@ def step(key: jax.Array, state: TrainState, batch, problem, config: TrainConfig)
         average_log_z=average_log_z,
         log_z_opt_state=log_z_opt_state,
         free_constant=state.free_constant,
+        log_z_tracker=trackers,
     )
     finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(proposed)
     new_state = keep_if_finite(finite, proposed, state)
@@ -401,7 +433,10 @@ def step(key: jax.Array, state: TrainState, batch, problem, config: TrainConfig)
             name: _site_info(
                 infos[name],
                 site_terms[name],
-                new_state.average_log_z[name] if site.conditions is None else jnp.nan,
+                new_state,
+                name,
+                tracked.get(name),
+                site.conditions is not None,
                 config,
             )
             for name, site in sites.items()
@@ -410,7 +445,43 @@ def step(key: jax.Array, state: TrainState, batch, problem, config: TrainConfig)
     return new_state, info
 
 
-def _site_info(info: NegativeInfo, site_terms: SiteTerms, log_z, config) -> SiteInfo:
+def log_z_of(state: TrainState, name: str) -> tuple[jax.Array, jax.Array]:
+    """``(log Z, standard error)`` of site ``name``'s averaged energy in ``state``: the
+    tracked estimate when the site has a tracker, else the noise-contrastive one (standard
+    error NaN); ``(NaN, NaN)`` for a conditional site."""
+    tracker = state.log_z_tracker.get(name)
+    if tracker is not None:
+        return tracking.estimate(tracker)
+    return state.average_log_z[name], jnp.full((), jnp.nan)
+
+
+def learned_log_z(state: TrainState, name: str) -> LogZEstimate:
+    """The ``LogZEstimate`` of site ``name``'s averaged energy: ``"tracked"`` (with its
+    standard error; ``info`` holds the noise-contrastive value and the groups' estimates) when
+    the run tracked it, else ``"nce-learned"`` (standard error NaN)."""
+    nce = float(state.average_log_z[name])
+    tracker = state.log_z_tracker.get(name)
+    if tracker is None:
+        return LogZEstimate(nce, float("nan"), "nce-learned")
+    value, stderr = (float(v) for v in tracking.estimate(tracker))
+    info = {"nce": nce, "group_log_z": np.asarray(tracker.group_log_z)}
+    return LogZEstimate(value, stderr, "tracked", None, info)
+
+
+def _site_info(
+    info: NegativeInfo, site_terms: SiteTerms, state, name, tracked, conditional, config
+) -> SiteInfo:
+    log_z, stderr = log_z_of(state, name)
+    if conditional:
+        log_z = jnp.full((), jnp.nan)
+    metrics = {**site_terms.terms.metrics, **info.metrics}
+    if tracked is not None:
+        metrics.update(
+            log_z_stderr=stderr,
+            log_z_min_ess=tracked.min_ess,
+            log_z_bridge_steps=tracked.bridge_steps,
+            log_z_nce=state.average_log_z[name],
+        )
     recorded = info.record
     if config.sharding is not None and recorded is not None:
         # the host reads the records: with several processes each needs the whole of them
@@ -421,7 +492,7 @@ def _site_info(info: NegativeInfo, site_terms: SiteTerms, log_z, config) -> Site
         step_size=info.step_size,
         langevin_grad_norm=info.langevin_grad_norm,
         log_z=log_z,
-        metrics={**site_terms.terms.metrics, **info.metrics},
+        metrics=metrics,
         recorded=recorded,
     )
 
@@ -450,11 +521,10 @@ def _has_free_constant(mask) -> jax.Array:
     return jnp.any(jnp.stack(leaves)).astype(jnp.float32) if leaves else jnp.zeros(())
 
 
-def _learn_log_z(keys, state, problem, average_params, key, batch, draws, sites, config, decay):
+def _learn_log_z(keys, state, averaged, draws, sites, config, decay):
     """One Adam step of each unconditional site's learned ``log Z`` (of the AVERAGED energy,
     the one returned; the chains sample the current one, which the average follows closely
     once the learning rate has decayed)."""
-    averaged = problem.sites(average_params, key, batch)
     adam = config.log_z_optimizer()
     log_z, average_log_z, opt_states = {}, {}, {}
     for name, site in sites.items():
@@ -472,3 +542,24 @@ def _learn_log_z(keys, state, problem, average_params, key, batch, draws, sites,
         log_z[name] = state.log_z[name] + update
         average_log_z[name] = decay * state.average_log_z[name] + (1 - decay) * log_z[name]
     return log_z, average_log_z, opt_states
+
+
+def _track_log_z(keys, state, problem, averaged, key, batch, config):
+    """Each tracker carried from the previous averaged energy to the new one
+    (``tracking.advance``): ``({site: TrackerState or None}, {site: TrackInfo})``."""
+    trackers, infos = dict(state.log_z_tracker), {}
+    previous = None
+    for name, tracker in state.log_z_tracker.items():
+        if tracker is None:
+            continue
+        if previous is None:
+            previous = problem.sites(state.average_params, key, batch)
+        shape = averaged[name].event_shape
+        trackers[name], infos[name] = tracking.advance(
+            jax.random.fold_in(keys[name], 2),
+            tracker,
+            _log_density(previous[name].energy, shape),
+            _log_density(averaged[name].energy, shape),
+            config.log_z_tracker(),
+        )
+    return trackers, infos

@@ -64,11 +64,12 @@ class EnergyProblem:
         return jnp.mean(terms.per_event), {SITE: core.SiteTerms(terms, 1.0)}
 
     def heldout_nll(self, state, validation):
-        """``mean E(validation) + log Z`` of the averaged energy, learned ``log Z``."""
+        """``mean E(validation) + log Z`` of the averaged energy (``core.log_z_of``: tracked
+        when there is a tracker, else noise-contrastive)."""
         points, conditions = self._split(validation)
         energy = state.average_params
         args = (points,) if conditions is None else (points, conditions)
-        return jnp.mean(jax.vmap(energy)(*args)) + state.average_log_z[SITE]
+        return jnp.mean(jax.vmap(energy)(*args)) + core.log_z_of(state, SITE)[0]
 
 
 def _check_resolved(config: TrainConfig) -> None:
@@ -291,10 +292,7 @@ def fit_result(state, history, recorded, config, event_shape, conditional) -> Fi
     tempering = None
     if isinstance(negatives, _negatives.TemperingState) and not conditional:
         bank, tempering = negatives.replicas.position[:, 0], _negatives.tempering_summary(negatives)
-    learned = None
-    if not conditional:
-        value = float(state.average_log_z[SITE])
-        learned = _logz.LogZEstimate(value, float("nan"), "nce-learned")
+    learned = None if conditional else core.learned_log_z(state, SITE)
     return FitResult(
         energy=state.average_params,
         last_energy=state.params,

@@ -173,7 +173,8 @@ class MaximumLikelihoodResult(NamedTuple):
     """What ``run`` returns: constrained ``params`` (the parameter average), the final
     ``state``, ``history`` (dict of per-step numpy arrays; site metrics as
     ``"<site>.<metric>"``), the recorded chains per site (``samplers.Draws``) and the learned
-    ``log Z`` per unconditional site."""
+    ``log Z`` per unconditional site (a ``logz.LogZEstimate``: tracked, with a standard error,
+    see ``core.learned_log_z``)."""
 
     params: dict
     state: core.TrainState
@@ -364,8 +365,8 @@ class MaximumLikelihood:
             for name, r in recorded.items()
         }
         log_z = {
-            name: float(v)
-            for name, v in state.average_log_z.items()
+            name: core.learned_log_z(state, name)
+            for name in state.average_log_z
             if name not in self.problem.conditional
         }
         return MaximumLikelihoodResult(self.get_params(state), state, history, draws, log_z)

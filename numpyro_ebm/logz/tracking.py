@@ -1,0 +1,359 @@
+"""``log Z`` tracked through training: sequential Monte Carlo along the trained energies.
+
+Training produces a sequence of energies ``E₀, E₁, …`` (one per update). The tracker carries its
+own weighted particles along that sequence and, after every update ``Eₜ → Eₜ₊₁``,
+
+1. reweights them by ``exp(Eₜ(x) − Eₜ₊₁(x))``: the weighted mean of this ratio estimates
+   ``Zₜ₊₁ / Zₜ`` (``log Zₜ₊₁ − log Zₜ = log E_{pₜ}[exp(Eₜ − Eₜ₊₁)]``);
+2. resamples a group whose effective sample size fell below ``resample_ess``;
+3. moves them by a Metropolis kernel that leaves ``exp(−Eₜ₊₁)`` invariant.
+
+This is annealed importance sampling, or SMC with resampling, whose path is the training
+trajectory (Neal 2001; Desjardins, Courville & Bengio 2011; Béreux et al. 2024). Given the
+trajectory, each group's ``Ẑ`` is an unbiased estimate of ``Z`` whatever the kernel's mixing
+(poor mixing costs variance, not bias): there is no drift to correct. The groups are
+independent SMC runs; the estimate is the log of the mean of their ``Ẑ`` and its standard error
+the delta-method error over groups, as ``logz.ais`` does over runs.
+
+**Large updates.** When one reweighting would leave a group with a conditional effective sample
+size (Zhou, Johansen & Aston 2016) below ``target_ess``, the update is bridged: the geometric
+path ``(1 − s) Eₜ + s Eₜ₊₁`` is walked in sub-steps chosen by bisection to keep it at
+``target_ess``, with a move at each sub-step (at most ``max_bridge_steps``; the last one goes
+to ``s = 1`` whatever its ESS, and ``TrackInfo.min_ess`` reports it).
+
+**Start.** The same bridge from the normalised base ``q`` (``log Z_q = 0``: the Gaussian fitted
+to the data) to ``E₀``, with ``start_moves`` moves per sub-step: AIS once, at initialisation.
+
+**Why its own particles.** The negative phase's chains are not a valid SMC system for this: they
+follow the current parameters while the model returned is their moving average, their positions
+shape the update they would weight, and most negative samplers restart them every step.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from numpyro_ebm.gaussian import fit_base
+    >>> from numpyro_ebm.logz import tracking
+    >>> base = fit_base(jax.random.normal(jax.random.key(0), (1000, 2)))
+    >>> settings = tracking.TrackerSettings(num_particles=256, num_groups=4)
+    >>> def gaussian(scale):   # log-density of exp(−‖x‖² / (2 scale²)), log Z = 2 log(√(2π) scale)
+    ...     return lambda x: -0.5 * jnp.sum(x**2) / scale**2
+    >>> state, info = tracking.start(jax.random.key(1), base, gaussian(1.0), settings)
+    >>> state, info = tracking.advance(
+    ...     jax.random.key(2), state, gaussian(1.0), gaussian(1.2), settings)
+    >>> exact = 2 * jnp.log(jnp.sqrt(2 * jnp.pi) * 1.2)
+    >>> bool(abs(info.log_z - exact) < 4 * info.stderr + 0.01)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from blackjax.smc import resampling
+from jax.scipy.special import logsumexp
+
+from numpyro_ebm.samplers import Sampler, adapt_step_size_multiplicative, get_sampler, run_chains
+
+__all__ = ["TrackInfo", "TrackerSettings", "TrackerState", "advance", "estimate", "start"]
+
+BISECTION_STEPS = 30  # the sub-step's length to 2⁻³⁰ of what is left of the update
+
+
+class TrackerSettings(NamedTuple):
+    """How the tracker runs (hashable: part of the static training configuration).
+
+    Attributes:
+        num_particles: particles in all (``num_groups`` groups of equal size).
+        num_groups: independent SMC runs; their spread gives the standard error (≥ 2).
+        max_bridge_steps: most sub-steps per training update (1: never bridge).
+        target_ess: conditional ESS (a fraction) each bridging sub-step keeps.
+        resample_ess: a group is resampled (systematic) when its ESS fraction falls below this.
+        num_moves: kernel moves per training update.
+        bridge_moves: kernel moves at each intermediate sub-step of a bridged update (the
+            particles must follow a large change).
+        start_bridge_steps: most sub-steps of the start (base → initial energy).
+        start_ess: the conditional ESS each sub-step of the start keeps (higher than
+            ``target_ess``: the start is the one long bridge, and its moves must spread the
+            particles from the base to the initial energy).
+        start_moves: kernel moves per sub-step of the start.
+        start_factor: the start runs with this many times more particles per group, then
+            resamples each group down (the start's error is most of the tracker's: this
+            divides its variance by about ``start_factor``).
+        sampler: the kernel (with a Metropolis step); its ``step_size`` is the first one, then
+            tuned toward its target acceptance after every move.
+    """
+
+    num_particles: int = 512
+    num_groups: int = 8
+    max_bridge_steps: int = 8
+    target_ess: float = 0.5
+    resample_ess: float = 0.5
+    num_moves: int = 1
+    bridge_moves: int = 10
+    start_bridge_steps: int = 1000
+    start_ess: float = 0.9
+    start_moves: int = 10
+    start_factor: int = 8
+    sampler: Sampler = get_sampler("mala")
+
+    def check(self) -> TrackerSettings:
+        """The settings, or a ``ValueError`` naming the bad one."""
+        if self.num_groups < 2 or self.num_particles % self.num_groups:
+            raise ValueError(
+                f"the log Z tracker needs num_groups >= 2 dividing num_particles, got "
+                f"{self.num_particles} particles in {self.num_groups} groups"
+            )
+        if self.num_particles // self.num_groups < 2:
+            raise ValueError("the log Z tracker needs at least 2 particles per group")
+        counts = ("max_bridge_steps", "num_moves", "bridge_moves", "start_bridge_steps")
+        counts = (*counts, "start_moves")
+        for name in (*counts, "start_factor"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("target_ess", "resample_ess", "start_ess"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+        if self.sampler.target is None:
+            raise ValueError(
+                f"the log Z tracker needs a kernel with a Metropolis step, got "
+                f"{self.sampler.kernel!r}"
+            )
+        return self
+
+
+class TrackerState(NamedTuple):
+    """The tracker's particles (a pytree; checkpointed with the training state).
+
+    Attributes:
+        position: ``(N, D)`` particles (flat events).
+        logdensity: ``(N,)`` the tracked log-density ``−E(x)`` at them (cached by the last move).
+        log_weight: ``(G, N/G)`` unnormalised log-weights within each group.
+        group_log_z: ``(G,)`` each group's running ``log Ẑ``.
+        step_size: the kernel's step size.
+    """
+
+    position: jax.Array
+    logdensity: jax.Array
+    log_weight: jax.Array
+    group_log_z: jax.Array
+    step_size: jax.Array
+
+
+class TrackInfo(NamedTuple):
+    """What one ``start`` or ``advance`` reports (scalars).
+
+    Attributes:
+        log_z: the estimate after it (``estimate``).
+        stderr: its standard error.
+        min_ess: the lowest conditional ESS fraction of its reweightings (below
+            ``target_ess`` only when the sub-steps ran out).
+        bridge_steps: sub-steps it took (1: the update needed no bridge).
+        acceptance: mean acceptance of its last moves.
+    """
+
+    log_z: jax.Array
+    stderr: jax.Array
+    min_ess: jax.Array
+    bridge_steps: jax.Array
+    acceptance: jax.Array
+
+
+def estimate(state: TrackerState) -> tuple[jax.Array, jax.Array]:
+    """``(log Ẑ, standard error)``: the log of the mean of the groups' ``Ẑ`` and the
+    delta-method error ``std(Ẑ_g) / (√G mean(Ẑ_g))`` over the groups."""
+    group = state.group_log_z
+    count = group.shape[0]
+    value = logsumexp(group) - jnp.log(count)
+    w = jnp.exp(group - jnp.max(group))
+    stderr = jnp.std(w, ddof=1) / (jnp.sqrt(count) * jnp.mean(w))
+    return value, stderr
+
+
+def start(
+    key: jax.Array, base, logdensity: Callable, settings: TrackerSettings
+) -> tuple[TrackerState, TrackInfo]:
+    """Particles for the energy at initialisation: base draws carried by the bridge from the
+    normalised ``base`` (a ``gaussian.GaussianBase``) to ``logdensity`` (``−E₀`` of one flat
+    event).
+
+    Returns:
+        ``(state, info)``; ``info.log_z`` is the estimate of ``log Z₀``.
+    """
+    settings = settings.check()
+    k_draw, k_bridge, k_thin = jax.random.split(key, 3)
+    group_size = settings.num_particles // settings.num_groups
+    position = base.sample(k_draw, settings.num_particles * settings.start_factor)
+    state = TrackerState(
+        position,
+        base.log_prob(position),
+        jnp.zeros((settings.num_groups, group_size * settings.start_factor), position.dtype),
+        jnp.zeros((settings.num_groups,), position.dtype),
+        jnp.asarray(settings.sampler.step_size, position.dtype),
+    )
+    state, info = _bridge(
+        k_bridge,
+        state,
+        base.log_prob,
+        logdensity,
+        settings,
+        settings.start_bridge_steps,
+        (settings.start_moves, settings.start_moves),
+        settings.start_ess,
+    )
+    # each group resampled down to its size: still an unbiased SMC step
+    keys = jax.random.split(k_thin, settings.num_groups)
+    local = jax.vmap(lambda k, lw: resampling.systematic(k, jax.nn.softmax(lw), group_size))(
+        keys, state.log_weight
+    )
+    index = local + group_size * settings.start_factor * jnp.arange(settings.num_groups)[:, None]
+    index = index.reshape(-1)
+    thinned = state._replace(
+        position=state.position[index],
+        logdensity=state.logdensity[index],
+        log_weight=jnp.zeros((settings.num_groups, group_size), position.dtype),
+    )
+    return thinned, info
+
+
+def advance(
+    key: jax.Array,
+    state: TrackerState,
+    old_logdensity: Callable,
+    new_logdensity: Callable,
+    settings: TrackerSettings,
+) -> tuple[TrackerState, TrackInfo]:
+    """Carry the particles from ``old_logdensity`` (the one ``state`` tracks, ``−Eₜ``) to
+    ``new_logdensity`` (``−Eₜ₊₁``): reweight, resample where needed, move; bridged when the
+    update is large. One log-density evaluation and ``1 + num_moves`` gradients per particle
+    when no bridge is needed."""
+    return _bridge(
+        key,
+        state,
+        old_logdensity,
+        new_logdensity,
+        settings,
+        settings.max_bridge_steps,
+        (settings.bridge_moves, settings.num_moves),
+        settings.target_ess,
+    )
+
+
+def _conditional_ess(log_weight: jax.Array, log_ratio: jax.Array) -> jax.Array:
+    """Per group, the conditional ESS fraction ``(Σ Wᵢ rᵢ)² / Σ Wᵢ rᵢ²`` of log-ratios
+    ``log_ratio`` under normalised weights ``W ∝ exp(log_weight)``."""
+    log_w = log_weight - logsumexp(log_weight, axis=1, keepdims=True)
+    first = logsumexp(log_w + log_ratio, axis=1)
+    second = logsumexp(log_w + 2.0 * log_ratio, axis=1)
+    return jnp.exp(2.0 * first - second)
+
+
+def _fraction(log_weight, difference, remaining, target_ess):
+    """The largest part ``δ ≤ remaining`` of the update whose reweighting by
+    ``δ · difference`` keeps every group's conditional ESS at ``target_ess`` (bisection)."""
+
+    def ok(delta):
+        return jnp.min(_conditional_ess(log_weight, delta * difference)) >= target_ess
+
+    def halve(_, bounds):
+        low, high = bounds
+        middle = 0.5 * (low + high)
+        good = ok(middle)
+        return jnp.where(good, middle, low), jnp.where(good, high, middle)
+
+    low, _ = jax.lax.fori_loop(0, BISECTION_STEPS, halve, (jnp.zeros_like(remaining), remaining))
+    smallest = remaining * 2.0**-BISECTION_STEPS  # always some progress
+    return jnp.where(ok(remaining), remaining, jnp.maximum(low, smallest))
+
+
+def _resample(key, log_weight, threshold):
+    """Global particle indices after systematic resampling of the groups whose ESS fraction
+    is below ``threshold`` (the others keep theirs), and which groups were resampled."""
+    num_groups, group_size = log_weight.shape
+    ess = jnp.exp(2.0 * logsumexp(log_weight, axis=1) - logsumexp(2.0 * log_weight, axis=1))
+    redo = ess / group_size < threshold
+    keys = jax.random.split(key, num_groups)
+    picked = jax.vmap(lambda k, lw: resampling.systematic(k, jax.nn.softmax(lw), group_size))(
+        keys, log_weight
+    )
+    local = jnp.where(redo[:, None], picked, jnp.arange(group_size)[None, :])
+    return (local + group_size * jnp.arange(num_groups)[:, None]).reshape(-1), redo
+
+
+def _moves(key, position, logdensity, step_size, sampler, num_moves):
+    """``num_moves`` kernel moves of every particle under ``logdensity``: new positions, the
+    log-density there, the tuned step size and the mean acceptance."""
+    states = sampler.init_chains(position, logdensity)
+    states, trace, _ = run_chains(key, sampler, logdensity, states, step_size, num_moves)
+    acceptance = jnp.mean(jnp.nan_to_num(trace.acceptance_rate, nan=0.0))
+    new_step = adapt_step_size_multiplicative(step_size, acceptance, sampler.target)
+    return states.position, states.logdensity, new_step.astype(step_size.dtype), acceptance
+
+
+def _bridge(key, state, old_logdensity, new_logdensity, settings, max_steps, moves, target_ess):
+    """Reweight/resample/move from ``old_logdensity`` (cached in ``state.logdensity``) to
+    ``new_logdensity`` in at most ``max_steps`` sub-steps keeping the conditional ESS at
+    ``target_ess``; ``moves``: kernel moves at each intermediate sub-step and at the end."""
+    bridge_moves, final_moves = moves
+    sampler = settings.sampler
+    old_all = jax.vmap(old_logdensity)
+    new_all = jax.vmap(new_logdensity)
+    shape = state.log_weight.shape
+    dtype = state.position.dtype
+
+    def body(carry):
+        s, count, key, position, old, new, log_weight, group_log_z, step, min_ess, acc = carry
+        key, k_resample, k_move = jax.random.split(key, 3)
+        difference = jnp.reshape(new - old, shape)
+        remaining = 1.0 - s
+        last = count + 1 >= max_steps
+        delta = jnp.where(last, remaining, _fraction(log_weight, difference, remaining, target_ess))
+        min_ess = jnp.minimum(min_ess, jnp.min(_conditional_ess(log_weight, delta * difference)))
+        weighted = log_weight + delta * difference
+        group_log_z = group_log_z + logsumexp(weighted, axis=1) - logsumexp(log_weight, axis=1)
+        index, redo = _resample(k_resample, weighted, settings.resample_ess)
+        log_weight = jnp.where(redo[:, None], 0.0, weighted).astype(dtype)
+        position, old, new = position[index], old[index], new[index]
+        s = jnp.where(last | (delta >= remaining), 1.0, s + delta).astype(dtype)
+
+        def bridge_move(args):
+            position, _, _, step, acc = args
+
+            def between(x):
+                return (1.0 - s) * old_logdensity(x) + s * new_logdensity(x)
+
+            position, _, step, acc = _moves(k_move, position, between, step, sampler, bridge_moves)
+            return position, old_all(position), new_all(position), step, acc
+
+        position, old, new, step, acc = jax.lax.cond(
+            s < 1.0, bridge_move, lambda args: args, (position, old, new, step, acc)
+        )
+        return s, count + 1, key, position, old, new, log_weight, group_log_z, step, min_ess, acc
+
+    def unfinished(carry):
+        return carry[0] < 1.0
+
+    k_bridge, k_final = jax.random.split(key)
+    zero = jnp.zeros((), dtype)
+    carry = (
+        zero,
+        jnp.zeros((), jnp.int32),
+        k_bridge,
+        state.position,
+        state.logdensity,
+        new_all(state.position),
+        state.log_weight,
+        state.group_log_z,
+        state.step_size,
+        jnp.ones((), dtype),
+        zero,
+    )
+    carry = jax.lax.while_loop(unfinished, body, carry)
+    _, count, _, position, _, _, log_weight, group_log_z, step, min_ess, _ = carry
+    position, logdensity, step, acceptance = _moves(
+        k_final, position, new_logdensity, step, sampler, final_moves
+    )
+    new_state = TrackerState(position, logdensity, log_weight, group_log_z, step)
+    value, stderr = estimate(new_state)
+    return new_state, TrackInfo(value, stderr, min_ess, count, acceptance)

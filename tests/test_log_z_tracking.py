@@ -1,0 +1,166 @@
+"""The tracked log Z (``logz.tracking``): SMC along a sequence of energies, and ``fit``'s use of it.
+
+Every check is against a closed form: Gaussian energies along a path of scales and shifts
+(``log Z = D log(√(2π) s)``), and trained ``GaussianEnergy``s (``energy.log_z``).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import numpyro_ebm as ebm
+from numpyro_ebm.energies import GaussianEnergy
+from numpyro_ebm.gaussian import fit_base
+from numpyro_ebm.logz import tracking
+
+DIM = 16
+
+
+def gaussian(scale, shift):
+    """Log-density of exp(−‖x − shift‖² / (2 scale²)) (one flat event)."""
+    return lambda x: -0.5 * jnp.sum((x - shift) ** 2) / scale**2
+
+
+def exact_log_z(scale, dim=DIM):
+    return dim * np.log(np.sqrt(2 * np.pi) * scale)
+
+
+def tracked_path(key, scales, shifts, settings, dim=DIM):
+    """Start at (scales[0], shifts[0]) from a data-fitted base, then one ``advance`` per step
+    of the path, all in one compiled scan; returns the final ``TrackInfo``."""
+    data = jax.random.normal(jax.random.key(0), (4000, dim)) * 0.8 + 0.3
+    base = fit_base(data)
+    k_start, k_path = jax.random.split(key)
+    state, _ = tracking.start(k_start, base, gaussian(scales[0], shifts[0]), settings)
+
+    def one(state, xs):
+        k, a, b, c, d = xs
+        return tracking.advance(k, state, gaussian(a, c), gaussian(b, d), settings)
+
+    steps = len(scales) - 1
+    xs = (
+        jax.random.split(k_path, steps),
+        scales[:-1],
+        scales[1:],
+        shifts[:-1],
+        shifts[1:],
+    )
+    _, infos = jax.lax.scan(one, state, xs)
+    return jax.tree.map(lambda v: v[-1], infos), infos
+
+
+SETTINGS = tracking.TrackerSettings(num_particles=256, num_groups=8, start_factor=4)
+
+
+def test_tracked_log_z_follows_a_path_of_gaussians_within_its_error_bar():
+    scales = jnp.linspace(1.5, 0.8, 101)
+    shifts = jnp.linspace(0.0, 1.0, 101)
+    final, infos = jax.jit(lambda k: tracked_path(k, scales, shifts, SETTINGS))(jax.random.key(1))
+    error = float(final.log_z) - exact_log_z(0.8)
+    # log Z moves by 10 nats along the path; the tracker follows it within its standard error
+    assert abs(error) < 4 * float(final.stderr), (error, float(final.stderr))
+    assert 0 < float(final.stderr) < 0.3
+    # small updates need no bridge
+    assert int(jnp.max(infos.bridge_steps)) == 1
+    assert float(jnp.min(infos.min_ess)) > 0.5
+
+
+def test_error_bar_is_calibrated_over_seeds():
+    """20 independent runs (start + 40 steps): the standardised errors behave like N(0, 1)
+    up to the t-distribution of 8 groups: at least 17 of 20 within 3 standard errors (a
+    t₇ variable exceeds 3 with probability 0.02; 4 or more of 20 then has probability < 1e-3)."""
+    scales = jnp.linspace(1.2, 0.9, 41)
+    shifts = jnp.linspace(0.0, 0.5, 41)
+    run = jax.jit(jax.vmap(lambda k: tracked_path(k, scales, shifts, SETTINGS)[0]))
+    final = run(jax.random.split(jax.random.key(7), 20))
+    z = (np.asarray(final.log_z) - exact_log_z(0.9)) / np.asarray(final.stderr)
+    assert np.sum(np.abs(z) <= 3) >= 17, z
+    # and the error bar is not inflated: the errors are not all far inside it
+    assert np.mean(np.abs(z)) > 0.25, z
+
+
+def test_a_large_update_is_bridged_and_stays_exact():
+    """One update that shrinks the scale from 1 to 0.4 in 16-D: reweighting in one go leaves a
+    degenerate ESS; the bridge splits it into sub-steps and keeps the estimate exact."""
+    scales = jnp.array([1.0, 0.4])
+    shifts = jnp.array([0.0, 0.0])
+    bridged, _ = jax.jit(lambda k: tracked_path(k, scales, shifts, SETTINGS))(jax.random.key(3))
+    assert int(bridged.bridge_steps) > 1
+    assert float(bridged.min_ess) >= SETTINGS.target_ess - 0.01
+    error = float(bridged.log_z) - exact_log_z(0.4)
+    assert abs(error) < 4 * float(bridged.stderr) + 0.05, (error, float(bridged.stderr))
+    one_go = SETTINGS._replace(max_bridge_steps=1)
+    direct, _ = jax.jit(lambda k: tracked_path(k, scales, shifts, one_go))(jax.random.key(3))
+    assert int(direct.bridge_steps) == 1
+    assert float(direct.min_ess) < 0.1  # what the bridge avoided
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="num_groups"):
+        tracking.TrackerSettings(num_particles=100, num_groups=8).check()
+    with pytest.raises(ValueError, match="Metropolis"):
+        tracking.TrackerSettings(sampler=ebm.samplers.ula()).check()
+    with pytest.raises(ValueError, match="target_ess"):
+        tracking.TrackerSettings(target_ess=1.0).check()
+    with pytest.raises(ValueError, match="log_z_groups"):
+        ebm.TrainConfig(log_z_groups=0)
+
+
+def _skewed_data(key, dim, n=20_000):
+    """Non-Gaussian data: a skewed, correlated mixture (exponential and Gaussian parts)."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    skew = jax.random.exponential(k1, (n, dim)) - 1.0
+    mix = jax.random.normal(k2, (n, dim)) * 0.5
+    pick = jax.random.bernoulli(k3, 0.5, (n, 1))
+    mixing = jnp.eye(dim) + 0.3 * jnp.eye(dim, k=1)
+    return jnp.where(pick, skew, mix) @ mixing
+
+
+def test_fit_tracks_the_exact_log_z_of_a_trained_gaussian_in_16_dims():
+    """Trained on non-Gaussian data, whatever the training did, a ``GaussianEnergy``'s
+    ``log Z`` is exact: the tracked value must be within 0.5 nats and 3 standard errors."""
+    data = _skewed_data(jax.random.key(11), DIM)
+    res = ebm.fit(
+        GaussianEnergy(jnp.zeros(DIM)),
+        data,
+        key=jax.random.key(12),
+        num_steps=300,
+        num_chains=256,
+        num_mcmc_steps=5,
+        batch_size=256,
+        learning_rate=2e-2,
+        log_z_particles=256,
+        progress_bar=False,
+    )
+    exact = float(res.energy.log_z)
+    assert res.log_z.method == "tracked"
+    assert np.isfinite(res.log_z.stderr) and 0 < res.log_z.stderr < 0.5
+    error = res.log_z.value - exact
+    assert abs(error) < 0.5 and abs(error) <= 3 * res.log_z.stderr, (error, res.log_z.stderr)
+    # the history carries the tracked value and its error bar at every step
+    history = res.history
+    assert np.all(np.isfinite(history["log_z"])) and np.all(history["log_z_stderr"] > 0)
+    assert history["log_z"][-1] == pytest.approx(res.log_z.value, abs=1e-4)
+    assert np.all(history["log_z_bridge_steps"] >= 1)
+    assert "log_z_nce" in history and "log_z_min_ess" in history
+
+
+def test_fit_without_tracking_keeps_the_noise_contrastive_log_z():
+    data = jax.random.normal(jax.random.key(1), (2000, 2))
+    res = ebm.fit(
+        GaussianEnergy(jnp.zeros(2)),
+        data,
+        key=jax.random.key(2),
+        num_steps=5,
+        num_chains=32,
+        num_mcmc_steps=2,
+        batch_size=32,
+        track_log_z=False,
+        progress_bar=False,
+    )
+    assert res.log_z.method == "nce-learned" and np.isnan(res.log_z.stderr)
+    assert res.state.log_z_tracker == {"x": None} or all(
+        v is None for v in res.state.log_z_tracker.values()
+    )
+    assert "log_z_stderr" not in res.history
