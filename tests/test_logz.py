@@ -247,6 +247,28 @@ def test_select_uses_ais_above_three_dimensions(monkeypatch):
         ebm.logz.select.estimate(energy, (4,), data=data)
 
 
+def test_select_auto_uses_a_sure_tracked_log_z_above_three_dims(monkeypatch):
+    calls = []
+
+    def fake_ais(energy, event_shape, *, key, data):
+        calls.append(event_shape)
+        return ebm.logz.LogZEstimate(0.0, 0.01, "ais")
+
+    monkeypatch.setattr(ebm.logz.select, "ais", fake_ais)
+    energy, key = GaussianEnergy(jnp.zeros(4)), jax.random.key(0)
+    sure = ebm.logz.LogZEstimate(3.0, ebm.logz.select.TRACKED_MAX_STDERR, "tracked")
+    unsure = sure._replace(stderr=1.01 * ebm.logz.select.TRACKED_MAX_STDERR)
+    nce = ebm.logz.LogZEstimate(3.0, float("nan"), "nce-learned")
+    assert ebm.logz.select.estimate(energy, (4,), key=key, learned=sure) is sure
+    assert not calls
+    for learned in (unsure, nce, None):
+        assert ebm.logz.select.estimate(energy, (4,), key=key, learned=learned).method == "ais"
+    assert len(calls) == 3
+    # up to three dimensions the grid wins even over a sure tracked value
+    got = ebm.logz.select.estimate(GAUSS_2D, (2,), data=jnp.zeros((3, 2)), learned=sure)
+    assert got.method == "grid"
+
+
 def test_select_learned_box_and_errors():
     learned = ebm.logz.LogZEstimate(1.5, float("nan"), "nce-learned")
     got = ebm.logz.select.estimate(GAUSS_2D, (2,), method="learned", learned=learned)

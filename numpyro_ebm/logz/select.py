@@ -2,8 +2,10 @@
 
 ``estimate(..., method="auto")`` uses grid quadrature when an event has at most
 ``GRID_MAX_DIMS`` coordinates (exact up to discretisation, on a box grown until it holds the
-mass: ``quadrature.grid_covering``) and AIS with a Gaussian base fitted to the data otherwise;
-``method="learned"`` returns the estimate ``fit`` learned. ``box`` is the region the density's
+mass: ``quadrature.grid_covering``); above that the log Z ``fit`` tracked through training
+(``tracking``) when it is given and its standard error is at most ``TRACKED_MAX_STDERR``, else
+AIS with a Gaussian base fitted to the data; ``method="learned"`` returns the estimate ``fit``
+learned. ``box`` is the region the density's
 mass is expected in: a toy's bounds, else the data's per-coordinate range.
 
 Example:
@@ -34,6 +36,7 @@ __all__ = [
     "GRID_MAX_DOUBLINGS",
     "GRID_POINTS",
     "METHODS",
+    "TRACKED_MAX_STDERR",
     "box",
     "estimate",
 ]
@@ -44,6 +47,19 @@ GRID_MAX_DIMS = 3  # "auto" uses the grid up to here, AIS above
 GRID_POINTS = {1: 4096, 2: 512, 3: 96}
 GRID_EDGE_MASS = 1e-3  # largest share of the grid's mass allowed in the box's outer shell
 GRID_MAX_DOUBLINGS = 5  # six boxes at most
+# "auto" uses a tracked log Z this sure (nats) above GRID_MAX_DIMS: every log-likelihood shifts
+# by the error of log Z, and a tenth of a nat per point is below what model comparisons resolve
+TRACKED_MAX_STDERR = 0.1
+
+
+def _sure(learned: LogZEstimate | None) -> bool:
+    """A tracked estimate whose standard error is finite and at most ``TRACKED_MAX_STDERR``."""
+    return (
+        learned is not None
+        and learned.method == "tracked"
+        and math.isfinite(learned.stderr)
+        and learned.stderr <= TRACKED_MAX_STDERR
+    )
 
 
 def box(data=None, *, toy_bounds=None, padding: float = 0.0) -> np.ndarray:
@@ -93,17 +109,20 @@ def estimate(
     Args:
         energy: one event -> scalar.
         event_shape: shape of one event.
-        method: ``"auto"`` (``"grid"`` for at most ``GRID_MAX_DIMS`` coordinates, else
-            ``"ais"``), ``"grid"`` (``quadrature.grid_covering`` from ``bounds`` with
-            ``GRID_POINTS`` per axis, ``GRID_EDGE_MASS`` and ``GRID_MAX_DOUBLINGS``), ``"ais"``
-            (``ais`` with a Gaussian base fitted to ``data``, or N(0, I) without data) or
-            ``"learned"`` (returns ``learned``, e.g. ``FitResult.log_z``).
+        method: ``"auto"`` (``"grid"`` for at most ``GRID_MAX_DIMS`` coordinates; else
+            ``learned`` when it is a tracked estimate with a standard error at most
+            ``TRACKED_MAX_STDERR``; else ``"ais"``), ``"grid"``
+            (``quadrature.grid_covering`` from ``bounds`` with ``GRID_POINTS`` per axis,
+            ``GRID_EDGE_MASS`` and ``GRID_MAX_DOUBLINGS``), ``"ais"`` (``ais`` with a
+            Gaussian base fitted to ``data``, or N(0, I) without data) or ``"learned"``
+            (returns ``learned``, e.g. ``FitResult.log_z``).
         data: ``(n, *event_shape)`` training points: the grid's box when ``bounds`` is None,
             and the AIS base.
         bounds: ``(dims, 2)`` box the grid starts from (e.g. ``box(toy_bounds=toy.bounds)``);
             default ``box(data)``.
         key: PRNG key (``"ais"`` only).
-        learned: the estimate ``"learned"`` returns.
+        learned: the estimate ``"learned"`` returns (``FitResult.log_z``), and that ``"auto"``
+            uses when it is tracked and sure enough.
 
     Returns:
         the ``LogZEstimate`` of the chosen estimator.
@@ -117,6 +136,8 @@ def estimate(
     dims = math.prod(event_shape)
     if method == "auto":
         method = "grid" if dims <= GRID_MAX_DIMS else "ais"
+        if method == "ais" and _sure(learned):
+            return learned
     if method == "learned":
         if learned is None:
             raise ValueError("method='learned' needs the learned estimate (learned=...)")
