@@ -117,11 +117,10 @@ def _skewed_data(key, dim, n=20_000):
     return jnp.where(pick, skew, mix) @ mixing
 
 
-def test_fit_tracks_the_exact_log_z_of_a_trained_gaussian_in_16_dims():
-    """Trained on non-Gaussian data, whatever the training did, a ``GaussianEnergy``'s
-    ``log Z`` is exact: the tracked value must be within 0.5 nats and 3 standard errors."""
+@pytest.fixture(scope="module")
+def trained16():
     data = _skewed_data(jax.random.key(11), DIM)
-    res = ebm.fit(
+    return ebm.fit(
         GaussianEnergy(jnp.zeros(DIM)),
         data,
         key=jax.random.key(12),
@@ -133,6 +132,12 @@ def test_fit_tracks_the_exact_log_z_of_a_trained_gaussian_in_16_dims():
         log_z_particles=256,
         progress_bar=False,
     )
+
+
+def test_fit_tracks_the_exact_log_z_of_a_trained_gaussian_in_16_dims(trained16):
+    """Trained on non-Gaussian data, whatever the training did, a ``GaussianEnergy``'s
+    ``log Z`` is exact: the tracked value must be within 0.5 nats and 3 standard errors."""
+    res = trained16
     exact = float(res.energy.log_z)
     assert res.log_z.method == "tracked"
     assert np.isfinite(res.log_z.stderr) and 0 < res.log_z.stderr < 0.5
@@ -164,3 +169,18 @@ def test_fit_without_tracking_keeps_the_noise_contrastive_log_z():
         v is None for v in res.state.log_z_tracker.values()
     )
     assert "log_z_stderr" not in res.history
+
+
+def test_diagnose_compares_the_tracked_log_z_with_ais(trained16):
+    res = trained16
+    exact = float(res.energy.log_z)
+    check = ebm.diagnostics.diagnose(res, verbose=False)["log_z_tracking"]
+    assert check.status == ("ok" if res.log_z.stderr <= 0.1 else "warn")
+    agreeing = ebm.logz.LogZEstimate(exact, 0.01, "ais")
+    res.log_z_ais = agreeing
+    assert ebm.diagnostics.diagnose(res, verbose=False)["log_z_tracking"].status == "ok"
+    gap = 3 * float(np.hypot(res.log_z.stderr, 0.01)) + 0.05
+    res.log_z_ais = agreeing._replace(value=res.log_z.value + gap)
+    failed = ebm.diagnostics.diagnose(res, verbose=False)["log_z_tracking"]
+    assert failed.status == "fail" and "disagree" in failed.message
+    res.log_z_ais = None

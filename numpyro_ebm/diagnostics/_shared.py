@@ -41,6 +41,9 @@ THRESHOLDS = {
     "entropy_margin": 0.15,
     "round_trips": (5.0, 1.0),
     "swap_acceptance": 0.2,
+    "log_z_stderr": 0.1,
+    "log_z_agreement": 3.0,
+    "log_z_min_ess": 0.1,
 }
 """The numbers ``diagnose`` compares against (see ``numpyro_ebm.diagnostics.checks`` for the
 rules)."""

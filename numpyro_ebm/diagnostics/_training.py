@@ -9,7 +9,7 @@ from numpyro_ebm import samplers
 from numpyro_ebm.diagnostics._chains import acceptance_check
 from numpyro_ebm.diagnostics._shared import THRESHOLDS, Check, graded, window
 
-__all__ = ["training_checks"]
+__all__ = ["log_z_tracking_check", "training_checks"]
 
 
 def training_checks(history: dict, attrs: dict, data_entropy: float | None) -> list[Check]:
@@ -147,10 +147,53 @@ def _log_z_check(history: dict) -> Check | None:
         change,
         f"{log_z[-1]:.3f} (moved {change:.3f})",
         "moved ≤ {ok} ok",
-        "the learned log Z has settled",
-        "the learned log Z is still moving: train longer, or calibrate it with "
-        "fit(..., calibrate_log_z=True)",
+        "the log Z has settled",
+        "the log Z is still moving (the energy still changes): train longer",
         threshold="log_z_change",
+    )
+
+
+def log_z_tracking_check(log_z, log_z_ais, history: dict) -> Check | None:
+    """The tracked ``log Z`` (``FitResult.log_z``) against the AIS of the same energy
+    (``log_z_ais``) when there is one, else against its own error bar and bridges."""
+    if log_z is None or log_z.method != "tracked":
+        return None
+    shown = f"{log_z.value:.3f} ± {log_z.stderr:.2g}"
+    if log_z_ais is not None:
+        combined = float(np.hypot(log_z.stderr, log_z_ais.stderr))
+        gap = abs(log_z.value - log_z_ais.value)
+        bound = THRESHOLDS["log_z_agreement"] * combined
+        agree = gap <= bound
+        return Check(
+            "log_z_tracking",
+            "ok" if agree else "fail",
+            f"{shown} vs AIS {log_z_ais.value:.3f} ± {log_z_ais.stderr:.2g}",
+            f"|tracked − AIS| ≤ {THRESHOLDS['log_z_agreement']:g} combined SE ok, else fail",
+            "the tracked log Z agrees with AIS"
+            if agree
+            else f"the tracked log Z and AIS disagree by {gap:.3f} nats, beyond their errors "
+            f"({bound:.3f}): trust neither; rerun AIS with more temperatures",
+        )
+    min_ess = np.asarray(history.get("log_z_min_ess", []), float)
+    lowest = float(np.nanmin(min_ess)) if min_ess.size else 1.0
+    sure = log_z.stderr <= THRESHOLDS["log_z_stderr"]
+    bridged = lowest >= THRESHOLDS["log_z_min_ess"]
+    if sure and bridged:
+        message = "the tracked log Z is sure enough for likelihoods (evaluate uses it)"
+    elif not bridged:
+        message = (
+            f"an update left the tracker's ESS at {lowest:.2g}: its error bar may be too "
+            "small; raise log_z_bridge_steps or check with fit(..., calibrate_log_z=True)"
+        )
+    else:
+        message = "the tracked log Z is uncertain: use AIS (fit(..., calibrate_log_z=True))"
+    return Check(
+        "log_z_tracking",
+        "ok" if sure and bridged else "warn",
+        f"{shown} (lowest ESS {lowest:.2g})",
+        f"SE ≤ {THRESHOLDS['log_z_stderr']:g} and every update's ESS ≥ "
+        f"{THRESHOLDS['log_z_min_ess']:g} ok, else warn",
+        message,
     )
 
 

@@ -35,7 +35,11 @@ energy_drift      change of the mean energies between the 6th and the last tenth
                   training ≤ 0.5 nats ok, ≤ 5 warn, else fail
 langevin_grad     growth of mean ‖∇ₓE‖ at the negatives over the same span ≤ ×2 ok,
                   ≤ ×10 warn, else fail
-log_z             learned log Z moved ≤ 0.05 nats over the last 10% of steps ok, else warn
+log_z             log Z moved ≤ 0.05 nats over the last 10% of steps ok, else warn
+log_z_tracking    the tracked log Z (``FitResult.log_z``): with an AIS of the same energy
+                  (``fit(..., calibrate_log_z=True)``), |tracked − AIS| ≤ 3 combined
+                  standard errors ok, else fail; without, standard error ≤ 0.1 nats and
+                  every update's conditional ESS ≥ 0.1 ok, else warn
 heldout_nll       final held-out NLL ≤ best of the second half + 0.05 nats ok, else warn
 entropy_bound     with ``data_entropy`` H: final held-out NLL ≥ H − 0.15 nats ok, else
                   fail (no normalised density scores below H in expectation; the margin
@@ -67,7 +71,7 @@ from dataclasses import dataclass, field
 
 from numpyro_ebm.diagnostics._chains import chain_checks
 from numpyro_ebm.diagnostics._shared import STATUS_ORDER, THRESHOLDS, Check, FitResult, fit_attrs
-from numpyro_ebm.diagnostics._training import training_checks
+from numpyro_ebm.diagnostics._training import log_z_tracking_check, training_checks
 from numpyro_ebm.diagnostics.arviz import to_datatree
 
 __all__ = ["THRESHOLDS", "Check", "Diagnosis", "diagnose"]
@@ -177,6 +181,9 @@ def diagnose(
     if history is not None:
         attrs = dict(dt.attrs) if dt is not None else fit_attrs(obj)
         diagnosis.checks.extend(training_checks(history, attrs, data_entropy))
+    if isinstance(obj, FitResult):
+        check = log_z_tracking_check(obj.log_z, obj.log_z_ais, obj.history)
+        diagnosis.checks.extend([] if check is None else [check])
     if not diagnosis.checks:
         raise ValueError("nothing to diagnose: no chains and no training history")
     if verbose:
