@@ -18,6 +18,8 @@ Closed-form energies (test targets with a known normaliser):
 * ``GaussianEnergy``: ``½ (x−μ)ᵀ Σ⁻¹ (x−μ)`` with ``log Z = ½ D log 2π + log|L|``.
 * ``GaussianMixtureEnergy``: ``−log Σₖ exp(aₖ) N(x; μₖ, Σₖ)`` with
   ``log Z = logsumexp(a)``.
+* ``SeparableEnergy``: ``Σ_d [x_d²/(2σ²) + f_d(x_d)]`` with a trainable 1-D tanh MLP ``f_d`` per
+  coordinate; ``log Z`` is a sum of 1-D integrals, exact (by quadrature) whatever the weights.
 """
 
 from __future__ import annotations
