@@ -349,9 +349,16 @@ class SeparableEnergy(eqx.Module):
     reintroduce an algebraic error term. ``L = σ √(2 (2B + log 10¹²))`` with ``B = max_d B_d``:
     from ``f_d ≥ −B_d``, the mass beyond ``L`` is at most ``exp(B_d) · 2σ²/L · exp(−L²/(2σ²))``,
     while the integral is at least ``exp(−B_d) √(2π) σ erf(L/(σ√2))``; with this ``L`` their
-    ratio is below 1e-12. The sum over the grid is a log-sum-exp, stable in float32. Measured
-    against ``scipy.integrate.quad`` (float64) with the default 4097 points: see
-    ``tests/test_energies.py``.
+    ratio is below 1e-12. The sum over the grid is a log-sum-exp, stable in float32.
+
+    Accuracy measured against ``scipy.integrate.quad`` in float64 with the default 4097 points
+    (``tests/test_energies.py``): per coordinate ≤ 5.3e-7 for random weights and for
+    first-layer weights ×10 or ×100 (float32 round-off); with every layer ×10 (``B_d`` up to
+    28) within the float32 resolution of the energy itself (≤ 1.4 ε·B_d = 4.2e-6); with the
+    first layer ×300 the grid no longer resolves ``f_d`` (errors 1.5e-5 to 2.7e-5 on three
+    random energies; raise ``quadrature_points``). After a 2000-step ``fit`` at D = 64
+    (bimodal data): ≤ 7.4e-7 per coordinate, 1.3e-5 for ``log_z``. ``quadrature_error``
+    estimates the error from the same grid.
 
     Args:
         dim: number of values in one event (the event is flattened).
