@@ -101,9 +101,10 @@ class EnergyDistribution(dist.Distribution):
     sampler (``has_rsample`` is False).
 
     ``log_z`` when not given (``None``): an energy with a ``log_z`` attribute (the closed-form
-    ``energies.GaussianEnergy`` and ``energies.GaussianMixtureEnergy``, whose ``log_z`` is exact
-    and follows their traced parameters) supplies it, so ``log_prob`` is the normalised density
-    and ``numpyro.infer.log_likelihood`` / ``az.loo`` see the true likelihood. Any other energy
+    ``energies.GaussianEnergy`` and ``energies.GaussianMixtureEnergy`` and the quadrature-exact
+    ``energies.SeparableEnergy``, whose ``log_z`` follows their traced parameters) supplies it,
+    so ``log_prob`` is the normalised density and ``numpyro.infer.log_likelihood`` /
+    ``az.loo`` see the true likelihood. Any other energy
     gets 0 (the density is then correct up to a constant). A conditional distribution never
     reads ``energy.log_z``: its log Z depends on the condition, so pass ``log_z`` per condition
     (default 0). An explicit ``log_z`` always wins.

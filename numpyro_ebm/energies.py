@@ -18,10 +18,13 @@ Closed-form energies (test targets with a known normaliser):
 * ``GaussianEnergy``: ``½ (x−μ)ᵀ Σ⁻¹ (x−μ)`` with ``log Z = ½ D log 2π + log|L|``.
 * ``GaussianMixtureEnergy``: ``−log Σₖ exp(aₖ) N(x; μₖ, Σₖ)`` with
   ``log Z = logsumexp(a)``.
+* ``SeparableEnergy``: ``Σ_d [x_d²/(2σ²) + f_d(x_d)]`` with a trainable 1-D tanh MLP ``f_d`` per
+  coordinate; ``log Z`` is a sum of 1-D integrals, exact (by quadrature) whatever the weights.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import equinox as eqx
@@ -30,7 +33,13 @@ import jax.numpy as jnp
 
 from numpyro_ebm.gaussian import log_normalizer
 
-__all__ = ["DeepEnergy", "GaussianEnergy", "GaussianMixtureEnergy", "MLPEnergy"]
+__all__ = [
+    "DeepEnergy",
+    "GaussianEnergy",
+    "GaussianMixtureEnergy",
+    "MLPEnergy",
+    "SeparableEnergy",
+]
 
 
 def _check_dim(dim) -> int:
@@ -312,3 +321,154 @@ class GaussianMixtureEnergy(eqx.Module):
         maha = jax.vmap(_mahalanobis, in_axes=(None, 0, 0))(x, self.means, self.scale_trils)
         log_normal = -0.5 * maha - log_normalizer(self.scale_trils)
         return -jax.nn.logsumexp(self.log_weights + log_normal)
+
+
+# log(1e12): the quadrature's truncated tails carry less than 1e-12 of each coordinate's mass.
+_TAIL_LOG = 12.0 * math.log(10.0)
+
+
+class SeparableEnergy(eqx.Module):
+    """Sum of trainable 1-D energies ``E(x) = Σ_d [x_d² / (2σ²) + f_d(x_d)]``; exact ``log Z``.
+
+    Each ``f_d`` is its own small MLP ``1 → hidden → 1`` with ``tanh`` hidden activations and a
+    linear output, so ``|f_d| ≤ B_d = Σ|w_out,d| + |b_out,d|`` (bounded whatever the weights) and
+    the quadratic term confines the density. The density factorises over coordinates, so
+
+    ``log Z = Σ_d log ∫ exp(−x_d²/(2σ²) − f_d(x_d)) dx_d``
+
+    is a sum of 1-D integrals, computed by quadrature (``log_z``): exact to about 1e-6 however
+    training moved the weights, which makes this a neural, non-Gaussian test target for log Z
+    estimators in any dimension. The ``D`` MLPs are stored as ONE module whose every leaf has a
+    leading axis of size ``D`` (built and evaluated with ``eqx.filter_vmap``), so one call is a
+    single vectorised evaluation.
+
+    Quadrature (``log_z``): the trapezoidal rule on one grid of ``quadrature_points`` points on
+    ``[−L, L]`` shared by all coordinates. The trapezoidal rule, not Simpson's: for an analytic
+    integrand that is negligible at both ends its error decreases exponentially in the number of
+    points (Trefethen & Weideman 2014), faster than Simpson's rule, whose unequal weights
+    reintroduce an algebraic error term. ``L = σ √(2 (2B + log 10¹²))`` with ``B = max_d B_d``:
+    from ``f_d ≥ −B_d``, the mass beyond ``L`` is at most ``exp(B_d) · 2σ²/L · exp(−L²/(2σ²))``,
+    while the integral is at least ``exp(−B_d) √(2π) σ erf(L/(σ√2))``; with this ``L`` their
+    ratio is below 1e-12. The sum over the grid is a log-sum-exp, stable in float32.
+
+    Accuracy measured against ``scipy.integrate.quad`` in float64 with the default 4097 points
+    (``tests/test_energies.py``): per coordinate ≤ 5.3e-7 for random weights and for
+    first-layer weights ×10 or ×100 (float32 round-off); with every layer ×10 (``B_d`` up to
+    28) within the float32 resolution of the energy itself (≤ 1.4 ε·B_d = 4.2e-6); with the
+    first layer ×300 the grid no longer resolves ``f_d`` (errors 1.5e-5 to 2.7e-5 on three
+    random energies; raise ``quadrature_points``). After a 2000-step ``fit`` at D = 64
+    (bimodal data): ≤ 7.4e-7 per coordinate, 1.3e-5 for ``log_z``. ``quadrature_error``
+    estimates the error from the same grid.
+
+    Args:
+        dim: number of values in one event (the event is flattened).
+        key: PRNG key for the initial weights.
+        hidden: widths of the hidden layers of every ``f_d`` (at least one layer).
+        sigma: scale ``σ > 0`` of the quadratic confinement.
+        quadrature_points: number of grid points of ``log_z``'s trapezoidal rule (odd, ≥ 3).
+
+    Example:
+        >>> import math
+        >>> import jax
+        >>> import jax.numpy as jnp
+        >>> energy = SeparableEnergy(3, key=jax.random.key(0))
+        >>> energy(jnp.zeros(3)).shape
+        ()
+        >>> # f_d = 0 would give the Gaussian's 3 · log(√(2π) σ) = 4.84; |f_d| ≤ B_d bounds the gap
+        >>> gap = abs(float(energy.log_z) - 3 * math.log(math.sqrt(2 * math.pi) * 2.0))
+        >>> gap <= float(jnp.sum(energy.output_bounds))
+        True
+    """
+
+    coordinates: MLP
+    sigma: float = eqx.field(static=True)
+    dim: int = eqx.field(static=True)
+    quadrature_points: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        key: jax.Array,
+        hidden: Sequence[int] = (16, 16),
+        sigma: float = 2.0,
+        quadrature_points: int = 4097,
+    ):
+        self.dim = _check_dim(dim)
+        hidden = tuple(hidden)
+        if not hidden or not all(isinstance(h, int) and h >= 1 for h in hidden):
+            raise ValueError(
+                f"hidden must name at least one positive layer width (tanh keeps f_d bounded), "
+                f"got {hidden!r}"
+            )
+        if not 0 < float(sigma) < math.inf:
+            raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
+        n = quadrature_points
+        if not (isinstance(n, int) and n >= 3 and n % 2 == 1):
+            raise ValueError(
+                f"quadrature_points must be an odd integer >= 3 (the error estimate uses every "
+                f"other point), got {quadrature_points!r}"
+            )
+        keys = jax.random.split(key, dim)
+        self.coordinates = eqx.filter_vmap(lambda k: MLP((1, *hidden, 1), jnp.tanh, key=k))(keys)
+        self.sigma = float(sigma)
+        self.quadrature_points = quadrature_points
+
+    @property
+    def output_bounds(self) -> jax.Array:
+        """``(D,)`` bounds ``B_d = Σ|w_out,d| + |b_out,d|`` with ``|f_d| ≤ B_d`` everywhere."""
+        last = self.coordinates.layers[-1]
+        return jnp.sum(jnp.abs(last.weight), axis=(1, 2)) + jnp.abs(last.bias[:, 0])
+
+    def coordinate_energies(self, x: jax.Array) -> jax.Array:
+        """``(D,)`` terms ``e_d(x_d) = x_d²/(2σ²) + f_d(x_d)`` of one event (they sum to E)."""
+        x = _flatten_event(x, self.dim)
+        f = eqx.filter_vmap(lambda mlp, t: mlp(t[None])[0])(self.coordinates, x)
+        return x**2 / (2.0 * self.sigma**2) + f
+
+    def _log_trapezoids(self) -> tuple[jax.Array, jax.Array]:
+        """``(D,)`` log-integrals by the trapezoidal rule on the grid and on every other point."""
+        bound = jax.lax.stop_gradient(jnp.max(self.output_bounds))
+        half_width = self.sigma * jnp.sqrt(2.0 * (2.0 * bound + _TAIL_LOG))
+        n = self.quadrature_points
+        grid = jnp.linspace(-half_width, half_width, n)
+        log_step = jnp.log(2.0 * half_width / (n - 1))
+
+        def neg_energies(mlp):
+            f = jax.vmap(lambda t: mlp(t[None])[0])(grid)
+            return -(grid**2) / (2.0 * self.sigma**2) - f
+
+        log_integrand = eqx.filter_vmap(neg_energies)(self.coordinates)  # (D, n)
+
+        def trapezoid(values, log_h):
+            m = values.shape[-1]
+            log_w = jnp.full(m, log_h).at[jnp.array([0, m - 1])].add(-math.log(2.0))
+            return jax.nn.logsumexp(values + log_w, axis=-1)
+
+        fine = trapezoid(log_integrand, log_step)
+        coarse = trapezoid(log_integrand[:, ::2], log_step + math.log(2.0))
+        return fine, coarse
+
+    @property
+    def coordinate_log_z(self) -> jax.Array:
+        """``(D,)`` per-coordinate ``log ∫ exp(−e_d(t)) dt`` by the trapezoidal rule (see above)."""
+        return self._log_trapezoids()[0]
+
+    @property
+    def quadrature_error(self) -> jax.Array:
+        """Conservative estimate of ``log_z``'s quadrature error: ``Σ_d`` of the change in
+        ``coordinate_log_z`` when the rule uses every other grid point only.
+
+        The trapezoidal error falls exponentially with the number of points, so this (the
+        coarser rule's error, roughly) bounds the error of ``log_z`` once the rule has converged;
+        it stays near float32 round-off (~1e-6 at D = 64) unless the weights are very steep."""
+        fine, coarse = self._log_trapezoids()
+        return jnp.sum(jnp.abs(fine - coarse))
+
+    @property
+    def log_z(self) -> jax.Array:
+        """``log ∫ exp(−E(x)) dx = Σ_d coordinate_log_z``: exact up to quadrature error."""
+        return jnp.sum(self.coordinate_log_z)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.sum(self.coordinate_energies(x))

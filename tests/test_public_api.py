@@ -54,8 +54,11 @@ def test_energy_distribution():
 def test_energies():
     mlp = ebm.energies.MLPEnergy(2, hidden=(8, 8), key=jax.random.key(4))
     deep = ebm.energies.DeepEnergy(2, key=jax.random.key(5))
-    for energy in (mlp, ebm.energies.MLPEnergy(2, key=jax.random.key(4)), deep):
+    separable = ebm.energies.SeparableEnergy(2, key=jax.random.key(5))
+    for energy in (mlp, ebm.energies.MLPEnergy(2, key=jax.random.key(4)), deep, separable):
         assert energy(jnp.zeros(2)).shape == ()
+    assert "SeparableEnergy" in ebm.energies.__all__
+    assert ebm.EnergyDistribution(separable, (2,)).log_z == separable.log_z
 
 
 @pytest.mark.parametrize("sampler", ["mala", "hmc", "ula", "barker", ebm.samplers.mala()])
