@@ -107,6 +107,14 @@ FIELDS = {
     "reinit_fraction": (0.3, "persistent", lambda c: c.negatives.reinit_fraction == 0.3),
     "step_size_gain": (0.05, "persistent", lambda c: c.negatives.step_size_gain == 0.05),
     "log_z_learning_rate": (0.02, "persistent", lambda c: c.log_z_learning_rate == 0.02),
+    "track_log_z": (False, "persistent", lambda c: c.track_log_z is False),
+    "log_z_particles": (
+        128, "persistent", lambda c: c.log_z_tracker().num_particles == 128
+    ),
+    "log_z_groups": (4, "persistent", lambda c: c.log_z_tracker().num_groups == 4),
+    "log_z_bridge_steps": (
+        3, "persistent", lambda c: c.log_z_tracker().max_bridge_steps == 3
+    ),
     "generator_optimizer": (
         GENERATOR_ADAM, "hybrid", lambda c: c.negatives.optimizer is GENERATOR_ADAM
     ),
