@@ -68,7 +68,9 @@ class TrackerSettings(NamedTuple):
         num_particles: particles in all (``num_groups`` groups of equal size).
         num_groups: independent SMC runs; their spread gives the standard error (≥ 2).
         max_bridge_steps: most sub-steps per training update (1: never bridge).
-        target_ess: conditional ESS (a fraction) each bridging sub-step keeps.
+        target_ess: conditional ESS (a fraction) each bridging sub-step keeps. High, so that
+            the fast early updates of training get sub-steps with moves (measured on a 64-D
+            ``SeparableEnergy``, 300 steps: standard error 0.34 nats at 0.5, 0.12 at 0.99).
         resample_ess: a group is resampled (systematic) when its ESS fraction falls below this.
         num_moves: kernel moves per training update.
         bridge_moves: kernel moves at each intermediate sub-step of a bridged update (the
@@ -88,7 +90,7 @@ class TrackerSettings(NamedTuple):
     num_particles: int = 512
     num_groups: int = 8
     max_bridge_steps: int = 8
-    target_ess: float = 0.5
+    target_ess: float = 0.99
     resample_ess: float = 0.5
     num_moves: int = 1
     bridge_moves: int = 10
