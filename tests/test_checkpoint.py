@@ -191,7 +191,7 @@ def test_a_checkpoint_of_an_earlier_format_is_refused_by_name_and_kept(tmp_path)
     fit_until(tmp_path, 4)
     meta_path = os.path.join(training.latest_checkpoint(str(tmp_path)), "meta.json")
     meta = json.loads(open(meta_path).read())
-    assert meta.pop("format") == 2
+    assert meta.pop("format") == 3
     with open(meta_path, "w") as f:
         json.dump(meta, f)
     before = snapshot(tmp_path)
@@ -203,6 +203,28 @@ def test_a_checkpoint_of_an_earlier_format_is_refused_by_name_and_kept(tmp_path)
             attempt()
         assert info.value.path == meta_path
     assert snapshot(tmp_path) == before
+
+
+def test_a_checkpoint_from_before_the_log_z_tracker_resumes_without_one(tmp_path):
+    """Format 2 (before the tracker) is this version's state without a tracker: such a run
+    resumes with ``track_log_z=False`` (with the default, a clear settings error says so, and
+    nothing changes), and ``ebm.load`` rebuilds it with the noise-contrastive log Z."""
+    fit_until(tmp_path, 4, track_log_z=False)
+    meta_path = os.path.join(training.latest_checkpoint(str(tmp_path)), "meta.json")
+    meta = json.loads(open(meta_path).read())
+    meta["format"] = 2  # as the previous version wrote it: no tracker settings recorded
+    for name in ("track_log_z", "log_z_particles", "log_z_groups"):
+        del meta["config"][name], meta["defaults"][name]
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match="track_log_z: False -> True"):
+        tiny_fit(tmp_path)
+    assert snapshot(tmp_path) == before
+    loaded = ebm.load(tmp_path, GaussianEnergy(jnp.zeros(2)))
+    assert int(loaded.state.step) == 4 and loaded.log_z.method == "nce-learned"
+    resumed = tiny_fit(tmp_path, track_log_z=False)
+    assert int(resumed.state.step) == TINY["num_steps"]
 
 
 @pytest.mark.parametrize("damaged", ["state.eqx", "history.npz", "meta.json", "latest"])

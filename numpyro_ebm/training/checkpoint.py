@@ -43,8 +43,10 @@ __all__ = [
     "stored_meta",
 ]
 
-# The state's layout: checkpoints of another format cannot be read into this version's state.
-FORMAT = 2
+# The state's layout: checkpoints of another format cannot be read into this version's state,
+# except format 2 (before the log Z tracker): its state is this version's without a tracker.
+FORMAT = 3
+UNTRACKED_FORMAT = 2
 STATE_FILE = "state.eqx"
 RECORDED_PREFIX = "recorded."  # recorded-chain arrays share history.npz under this prefix
 HISTORY_FILE = "history.npz"
@@ -167,6 +169,9 @@ def read_meta(checkpoint: str) -> dict:
             raise TypeError("its 'files' entry is not a JSON object")
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(path, f"cannot be read ({type(err).__name__}: {err})") from err
+    if meta.get("format") == UNTRACKED_FORMAT and isinstance(meta.get("config"), dict):
+        # written before the log Z tracker existed: the run had none, and resumes without one
+        meta["config"].setdefault("track_log_z", False)
     return meta
 
 
@@ -230,7 +235,7 @@ def load_checkpoint(
     if checkpoint is None:
         return None
     meta = read_meta(checkpoint)
-    if meta.get("format", 1) != FORMAT:
+    if meta.get("format", 1) not in (FORMAT, UNTRACKED_FORMAT):
         raise CheckpointError(
             os.path.join(checkpoint, META_FILE),
             f"was written by an earlier numpyro_ebm (state format {meta.get('format', 1)}; this "

@@ -260,6 +260,9 @@ class TrainConfig:
             "energy_l2_decay",
             "ema_decay",
             "log_z_learning_rate",
+            "track_log_z",
+            "log_z_particles",
+            "log_z_groups",
             "record_every",
         )
         return {
@@ -287,6 +290,10 @@ class TrainConfig:
             "energy_l2_decay": self.energy_l2_decay,
             "ema_decay": self.ema_decay,
             "log_z_learning_rate": self.log_z_learning_rate,
+            # the tracker's state has these shapes: a resumed run must match them
+            "track_log_z": self.track_log_z,
+            "log_z_particles": self.log_z_particles,
+            "log_z_groups": self.log_z_groups,
             "record_every": self.record_every,
             "matmul_precision": self.matmul_precision,
             "optimizer": "custom",
