@@ -32,8 +32,8 @@ import numpy as np
 
 import numpyro_ebm as ebm
 from numpyro_ebm.training import core, loop
-from numpyro_ebm.training import fit as fit_module
 from numpyro_ebm.training.config import default_optimizer
+from numpyro_ebm.training.fit import EnergyProblem
 
 CHUNK = 50  # steps per compiled call in ``overhead``
 
@@ -111,7 +111,7 @@ def digits(args) -> None:
     k_energy, k_fit, k_ais = jax.random.split(jax.random.key(args.seed), 3)
     energy = ebm.energies.MLPEnergy(64, hidden=(256, 256), key=k_energy)
     config = ebm.TrainConfig(energy_l2=args.energy_l2).resolve(schedule_steps=args.steps)
-    problem = fit_module.EnergyProblem(config.batch_size, False)
+    problem = EnergyProblem(config.batch_size, False)
     k_init, k_loop = jax.random.split(k_fit)
     start = time.perf_counter()
     state = core.init(k_init, energy, train, problem, config)
