@@ -117,21 +117,26 @@ def _skewed_data(key, dim, n=20_000):
     return jnp.where(pick, skew, mix) @ mixing
 
 
-@pytest.fixture(scope="module")
-def trained16():
-    data = _skewed_data(jax.random.key(11), DIM)
+def tracked_fit(energy, data_key, fit_key, **settings):
+    """A short ``fit`` (300 steps, 256 chains and tracker particles) on ``_skewed_data``."""
     return ebm.fit(
-        GaussianEnergy(jnp.zeros(DIM)),
-        data,
-        key=jax.random.key(12),
+        energy,
+        _skewed_data(data_key, DIM),
+        key=fit_key,
         num_steps=300,
         num_chains=256,
         num_mcmc_steps=5,
         batch_size=256,
-        learning_rate=2e-2,
         log_z_particles=256,
         progress_bar=False,
+        **settings,
     )
+
+
+@pytest.fixture(scope="module")
+def trained16():
+    energy = GaussianEnergy(jnp.zeros(DIM))
+    return tracked_fit(energy, jax.random.key(11), jax.random.key(12), learning_rate=2e-2)
 
 
 def test_fit_tracks_the_exact_log_z_of_a_trained_gaussian_in_16_dims(trained16):
@@ -189,18 +194,8 @@ def test_diagnose_compares_the_tracked_log_z_with_ais(trained16):
 def test_fit_tracks_the_exact_log_z_of_a_trained_separable_mlp_energy():
     """A neural energy whose log Z is exact by 1-D quadrature (``SeparableEnergy``), trained on
     non-Gaussian data: tracked within 0.5 nats and 3 standard errors of it."""
-    data = _skewed_data(jax.random.key(21), DIM)
-    res = ebm.fit(
-        ebm.energies.SeparableEnergy(DIM, key=jax.random.key(22)),
-        data,
-        key=jax.random.key(23),
-        num_steps=300,
-        num_chains=256,
-        num_mcmc_steps=5,
-        batch_size=256,
-        log_z_particles=256,
-        progress_bar=False,
-    )
+    energy = ebm.energies.SeparableEnergy(DIM, key=jax.random.key(22))
+    res = tracked_fit(energy, jax.random.key(21), jax.random.key(23))
     exact = float(res.energy.log_z)
     error = res.log_z.value - exact
     assert abs(error) < 0.5 and abs(error) <= 3 * res.log_z.stderr, (error, res.log_z.stderr)
