@@ -36,7 +36,7 @@ def tracked_path(key, scales, shifts, settings, dim=DIM):
 
     def one(state, xs):
         k, a, b, c, d = xs
-        return tracking.advance(k, state, gaussian(a, c), gaussian(b, d), settings)
+        return tracking.advance(k, state, gaussian(a, c), gaussian(b, d), settings, base)
 
     steps = len(scales) - 1
     xs = (
@@ -85,15 +85,28 @@ def test_a_large_update_is_bridged_and_stays_exact():
     degenerate ESS; the bridge splits it into sub-steps and keeps the estimate exact."""
     scales = jnp.array([1.0, 0.4])
     shifts = jnp.array([0.0, 0.0])
-    bridged, _ = jax.jit(lambda k: tracked_path(k, scales, shifts, SETTINGS))(jax.random.key(3))
+    generous = SETTINGS._replace(max_bridge_steps=64)
+    bridged, _ = jax.jit(lambda k: tracked_path(k, scales, shifts, generous))(jax.random.key(3))
     assert int(bridged.bridge_steps) > 1
-    assert float(bridged.min_ess) >= SETTINGS.target_ess - 0.01
+    assert float(bridged.min_ess) >= generous.target_ess - 0.01
     error = float(bridged.log_z) - exact_log_z(0.4)
     assert abs(error) < 4 * float(bridged.stderr) + 0.05, (error, float(bridged.stderr))
-    one_go = SETTINGS._replace(max_bridge_steps=1)
-    direct, _ = jax.jit(lambda k: tracked_path(k, scales, shifts, one_go))(jax.random.key(3))
-    assert int(direct.bridge_steps) == 1
-    assert float(direct.min_ess) < 0.1  # what the bridge avoided
+
+
+def test_an_update_beyond_the_bridge_loses_the_track_then_restarts():
+    """Without room to bridge it, the same update leaves a degenerate ESS: the tracker says it
+    lost the track (NaN, standard error inf) instead of a confident wrong value, waits
+    ``restart_after`` updates, restarts from the base, and is exact again."""
+    settings = SETTINGS._replace(max_bridge_steps=1, restart_after=3)
+    scales = jnp.array([1.0, 0.4, 0.4, 0.4, 0.4, 0.45])
+    shifts = jnp.zeros(6)
+    _, infos = jax.jit(lambda k: tracked_path(k, scales, shifts, settings))(jax.random.key(3))
+    log_z, stderr = np.asarray(infos.log_z), np.asarray(infos.stderr)
+    assert float(infos.min_ess[0]) < settings.lost_ess
+    assert np.all(np.isnan(log_z[:3])) and np.all(np.isinf(stderr[:3]))
+    for step, scale in ((3, 0.4), (4, 0.45)):
+        error = log_z[step] - exact_log_z(scale)
+        assert abs(error) < 4 * stderr[step] + 0.05, (step, error, stderr[step])
 
 
 def test_settings_are_checked():

@@ -38,7 +38,7 @@ Example:
     ...     return lambda x: -0.5 * jnp.sum(x**2) / scale**2
     >>> state, info = tracking.start(jax.random.key(1), base, gaussian(1.0), settings)
     >>> state, info = tracking.advance(
-    ...     jax.random.key(2), state, gaussian(1.0), gaussian(1.2), settings)
+    ...     jax.random.key(2), state, gaussian(1.0), gaussian(1.2), settings, base)
     >>> exact = 2 * jnp.log(jnp.sqrt(2 * jnp.pi) * 1.2)
     >>> bool(abs(info.log_z - exact) < 4 * info.stderr + 0.01)
     True
@@ -83,6 +83,13 @@ class TrackerSettings(NamedTuple):
         start_factor: the start runs with this many times more particles per group, then
             resamples each group down (the start's error is most of the tracker's: this
             divides its variance by about ``start_factor``).
+        lost_ess: an update whose last sub-step leaves a conditional ESS below this loses the
+            track: its weights are degenerate, and the estimate would be far lower than
+            ``log Z`` with an error bar that does not show it. The tracker then reports NaN
+            (standard error inf) until it restarts.
+        restart_after: updates after a loss at which the tracker restarts from the base at
+            the current energy (``start``); training early on can change the energy faster
+            than any bridge follows, and this bounds the cost of waiting it out.
         sampler: the kernel (with a Metropolis step); its ``step_size`` is the first one, then
             tuned toward its target acceptance after every move.
     """
@@ -98,6 +105,8 @@ class TrackerSettings(NamedTuple):
     start_ess: float = 0.9
     start_moves: int = 10
     start_factor: int = 8
+    lost_ess: float = 0.1
+    restart_after: int = 100
     sampler: Sampler = get_sampler("mala")
 
     def check(self) -> TrackerSettings:
@@ -111,10 +120,10 @@ class TrackerSettings(NamedTuple):
             raise ValueError("the log Z tracker needs at least 2 particles per group")
         counts = ("max_bridge_steps", "num_moves", "bridge_moves", "start_bridge_steps")
         counts = (*counts, "start_moves")
-        for name in (*counts, "start_factor"):
+        for name in (*counts, "start_factor", "restart_after"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("target_ess", "resample_ess", "start_ess"):
+        for name in ("target_ess", "resample_ess", "start_ess", "lost_ess"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
         if self.sampler.target is None:
@@ -134,6 +143,8 @@ class TrackerState(NamedTuple):
         log_weight: ``(G, N/G)`` unnormalised log-weights within each group.
         group_log_z: ``(G,)`` each group's running ``log Ẑ``.
         step_size: the kernel's step size.
+        updates_lost: 0 while on track; else how many updates ago the track was lost
+            (``TrackerSettings.lost_ess``).
     """
 
     position: jax.Array
@@ -141,6 +152,7 @@ class TrackerState(NamedTuple):
     log_weight: jax.Array
     group_log_z: jax.Array
     step_size: jax.Array
+    updates_lost: jax.Array
 
 
 class TrackInfo(NamedTuple):
@@ -164,13 +176,15 @@ class TrackInfo(NamedTuple):
 
 def estimate(state: TrackerState) -> tuple[jax.Array, jax.Array]:
     """``(log Ẑ, standard error)``: the log of the mean of the groups' ``Ẑ`` and the
-    delta-method error ``std(Ẑ_g) / (√G mean(Ẑ_g))`` over the groups."""
+    delta-method error ``std(Ẑ_g) / (√G mean(Ẑ_g))`` over the groups; ``(NaN, inf)`` while
+    the track is lost."""
     group = state.group_log_z
     count = group.shape[0]
     value = logsumexp(group) - jnp.log(count)
     w = jnp.exp(group - jnp.max(group))
     stderr = jnp.std(w, ddof=1) / (jnp.sqrt(count) * jnp.mean(w))
-    return value, stderr
+    lost = state.updates_lost > 0
+    return jnp.where(lost, jnp.nan, value), jnp.where(lost, jnp.inf, stderr)
 
 
 def start(
@@ -193,6 +207,7 @@ def start(
         jnp.zeros((settings.num_groups, group_size * settings.start_factor), position.dtype),
         jnp.zeros((settings.num_groups,), position.dtype),
         jnp.asarray(settings.sampler.step_size, position.dtype),
+        jnp.zeros((), jnp.int32),
     )
     state, info = _bridge(
         k_bridge,
@@ -225,21 +240,49 @@ def advance(
     old_logdensity: Callable,
     new_logdensity: Callable,
     settings: TrackerSettings,
+    base,
 ) -> tuple[TrackerState, TrackInfo]:
     """Carry the particles from ``old_logdensity`` (the one ``state`` tracks, ``−Eₜ``) to
     ``new_logdensity`` (``−Eₜ₊₁``): reweight, resample where needed, move; bridged when the
     update is large. One log-density evaluation and ``1 + num_moves`` gradients per particle
-    when no bridge is needed."""
-    return _bridge(
-        key,
-        state,
-        old_logdensity,
-        new_logdensity,
-        settings,
-        settings.max_bridge_steps,
-        (settings.bridge_moves, settings.num_moves),
-        settings.target_ess,
+    when no bridge is needed.
+
+    An update the bridge cannot follow (its last sub-step's ESS below ``lost_ess``) loses
+    the track; ``restart_after`` updates later the tracker restarts from ``base`` (the
+    normalised base of ``start``) at the energy of that moment.
+    """
+
+    def follow(key):
+        new, info = _bridge(
+            key,
+            state,
+            old_logdensity,
+            new_logdensity,
+            settings,
+            settings.max_bridge_steps,
+            (settings.bridge_moves, settings.num_moves),
+            settings.target_ess,
+        )
+        lost = info.min_ess < settings.lost_ess
+        new = new._replace(updates_lost=lost.astype(jnp.int32))
+        return new, info
+
+    def wait(key):
+        waited = state._replace(updates_lost=state.updates_lost + 1)
+        nan = jnp.full((), jnp.nan, state.position.dtype)
+        return waited, TrackInfo(
+            nan, jnp.full_like(nan, jnp.inf), nan, jnp.zeros((), jnp.int32), nan
+        )
+
+    def restart(key):
+        return start(key, base, new_logdensity, settings)
+
+    branch = jnp.where(
+        state.updates_lost == 0, 0, jnp.where(state.updates_lost >= settings.restart_after, 2, 1)
     )
+    new, info = jax.lax.switch(branch, (follow, wait, restart), key)
+    value, stderr = estimate(new)
+    return new, info._replace(log_z=value, stderr=stderr)
 
 
 def _conditional_ess(log_weight: jax.Array, log_ratio: jax.Array) -> jax.Array:
@@ -356,6 +399,8 @@ def _bridge(key, state, old_logdensity, new_logdensity, settings, max_steps, mov
     position, logdensity, step, acceptance = _moves(
         k_final, position, new_logdensity, step, sampler, final_moves
     )
-    new_state = TrackerState(position, logdensity, log_weight, group_log_z, step)
+    new_state = TrackerState(
+        position, logdensity, log_weight, group_log_z, step, state.updates_lost
+    )
     value, stderr = estimate(new_state)
     return new_state, TrackInfo(value, stderr, min_ess, count, acceptance)

@@ -561,5 +561,6 @@ def _track_log_z(keys, state, problem, averaged, key, batch, config):
             _log_density(previous[name].energy, shape),
             _log_density(averaged[name].energy, shape),
             config.log_z_tracker(),
+            state.bases[name],
         )
     return trackers, infos
