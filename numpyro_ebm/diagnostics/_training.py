@@ -158,6 +158,15 @@ def log_z_tracking_check(log_z, log_z_ais, history: dict) -> Check | None:
     (``log_z_ais``) when there is one, else against its own error bar and bridges."""
     if log_z is None or log_z.method != "tracked":
         return None
+    if not np.isfinite(log_z.value):
+        return Check(
+            "log_z_tracking",
+            "fail",
+            "lost",
+            "a tracked value at the end",
+            "an update was too large for the tracker's bridge and it had not restarted by the "
+            "end: estimate log Z with fit(..., calibrate_log_z=True) or logz.ais",
+        )
     shown = f"{log_z.value:.3f} ± {log_z.stderr:.2g}"
     if log_z_ais is not None:
         combined = float(np.hypot(log_z.stderr, log_z_ais.stderr))
@@ -175,7 +184,7 @@ def log_z_tracking_check(log_z, log_z_ais, history: dict) -> Check | None:
             f"({bound:.3f}): trust neither; rerun AIS with more temperatures",
         )
     min_ess = np.asarray(history.get("log_z_min_ess", []), float)
-    lowest = float(np.nanmin(min_ess)) if min_ess.size else 1.0
+    lowest = float(np.nanmin(min_ess)) if np.isfinite(min_ess).any() else 1.0
     sure = log_z.stderr <= THRESHOLDS["log_z_stderr"]
     bridged = lowest >= THRESHOLDS["log_z_min_ess"]
     if sure and bridged:

@@ -120,11 +120,13 @@ class FitResult:
         state: the final ``TrainState`` (for resuming or inspection).
         config: the resolved ``TrainConfig`` used.
         event_shape: shape of one event.
-        log_z: ``LogZEstimate`` of ``log Z`` learned during training by noise-contrastive
-            estimation (``stderr`` NaN: a stochastic-approximation iterate, not an estimator
-            with an error bar). Reliable in low dimension only (see docs/benchmarks.md); use
-            ``calibrate_log_z=True`` (AIS) beyond a few dimensions. None for a conditional
-            energy.
+        log_z: ``LogZEstimate`` of the energy's ``log Z`` tracked through training
+            (``logz.tracking``, method ``"tracked"``, with its standard error; ``info["nce"]``
+            is the noise-contrastive value learned beside it). NaN with ``stderr`` inf when the
+            tracker lost the track at the end (``diagnose`` says so; use
+            ``calibrate_log_z=True``). With ``track_log_z=False``, the noise-contrastive value
+            (``"nce-learned"``, no error bar, reliable in low dimension only). None for a
+            conditional energy.
         log_z_ais: AIS recalibration at the end (``fit(..., calibrate_log_z=True)``) or None.
         generator: the trained ``numpyro_ebm.generator.Generator`` (generator negatives)
             or None: ``generator(key, n)`` draws ``(n, *event_shape)`` fast samples.
@@ -148,8 +150,9 @@ class FitResult:
 
     def distribution(self, log_z=None) -> EnergyDistribution:
         """``EnergyDistribution`` with the trained energy and ``log_z`` (default: the AIS
-        recalibration if it was run, else the learned ``log_z``); its chains start at the
-        generator's samples when there is a generator."""
+        recalibration if it was run, else the tracked ``log_z``, NaN if the tracker lost the
+        track: then ``log_prob`` is NaN rather than wrongly normalised, and sampling is
+        unaffected); its chains start at the generator's samples when there is a generator."""
         if log_z is None:
             best = self.log_z_ais if self.log_z_ais is not None else self.log_z
             log_z = None if best is None else getattr(best, "value", best)
