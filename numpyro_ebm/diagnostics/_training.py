@@ -141,6 +141,8 @@ def _log_z_check(history: dict) -> Check | None:
     if log_z.size < 10:
         return None
     recent = window(log_z, 0.9, 1.0)
+    if not np.isfinite(recent).all():  # the tracker lost the track: log_z_tracking says so
+        return None
     change = float(abs(recent[-1] - recent[0]))
     return graded(
         "log_z",
