@@ -202,6 +202,10 @@ def test_diagnose_compares_the_tracked_log_z_with_ais(trained16):
     failed = ebm.diagnostics.diagnose(res, verbose=False)["log_z_tracking"]
     assert failed.status == "fail" and "disagree" in failed.message
     res.log_z_ais = None
+    tracked, res.log_z = res.log_z, res.log_z._replace(value=float("nan"), stderr=float("inf"))
+    lost = ebm.diagnostics.diagnose(res, verbose=False)["log_z_tracking"]
+    assert lost.status == "fail" and "calibrate_log_z" in lost.message
+    res.log_z = tracked
 
 
 def test_fit_tracks_the_exact_log_z_of_a_trained_separable_mlp_energy():
