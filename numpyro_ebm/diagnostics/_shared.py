@@ -43,7 +43,7 @@ THRESHOLDS = {
     "swap_acceptance": 0.2,
     "log_z_stderr": 0.1,
     "log_z_agreement": 3.0,
-    "log_z_min_ess": 0.1,
+    "log_z_min_ess": 0.5,
 }
 """The numbers ``diagnose`` compares against (see ``numpyro_ebm.diagnostics.checks`` for the
 rules)."""

@@ -39,7 +39,7 @@ log_z             log Z moved ≤ 0.05 nats over the last 10% of steps ok, else 
 log_z_tracking    the tracked log Z (``FitResult.log_z``): with an AIS of the same energy
                   (``fit(..., calibrate_log_z=True)``), |tracked − AIS| ≤ 3 combined
                   standard errors ok, else fail; without, standard error ≤ 0.1 nats and
-                  every update's conditional ESS ≥ 0.1 ok, else warn
+                  every update's conditional ESS ≥ 0.5 ok, else warn
 heldout_nll       final held-out NLL ≤ best of the second half + 0.05 nats ok, else warn
 entropy_bound     with ``data_entropy`` H: final held-out NLL ≥ H − 0.15 nats ok, else
                   fail (no normalised density scores below H in expectation; the margin

@@ -96,7 +96,7 @@ class TrackerSettings(NamedTuple):
 
     num_particles: int = 512
     num_groups: int = 8
-    max_bridge_steps: int = 8
+    max_bridge_steps: int = 32
     target_ess: float = 0.99
     resample_ess: float = 0.5
     num_moves: int = 1
@@ -105,7 +105,7 @@ class TrackerSettings(NamedTuple):
     start_ess: float = 0.9
     start_moves: int = 10
     start_factor: int = 8
-    lost_ess: float = 0.1
+    lost_ess: float = 0.5
     restart_after: int = 100
     sampler: Sampler = get_sampler("mala")
 

@@ -139,7 +139,7 @@ class TrainConfig:
     track_log_z: bool = True
     log_z_particles: int = 512
     log_z_groups: int = 8
-    log_z_bridge_steps: int = 8
+    log_z_bridge_steps: int = 32
     generator_optimizer: optax.GradientTransformation | None = None
     generator_learning_rate: float = 1e-3
     entropy: Any = "nearest_neighbour"
