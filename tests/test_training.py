@@ -3,6 +3,7 @@ configured negative samplers, every negative sampler and checkpoints in ``Maximu
 conditional energies in ``fit``, and ``load``."""
 
 import dataclasses
+import math
 
 import equinox as eqx
 import jax
@@ -362,7 +363,7 @@ def test_load_returns_the_result_of_a_finished_run(tmp_path):
         np.testing.assert_array_equal(loaded.history[name], res.history[name], err_msg=name)
     np.testing.assert_array_equal(loaded.recorded_chains.positions, res.recorded_chains.positions)
     np.testing.assert_array_equal(loaded.recorded_chains.step, res.recorded_chains.step)
-    assert loaded.log_z.value == res.log_z.value
+    assert loaded.log_z.value == res.log_z.value and loaded.log_z.stderr == res.log_z.stderr
     assert loaded.event_shape == res.event_shape == (2,)
     assert int(loaded.state.step) == TINY["num_steps"]
     assert loaded.config.describe() == res.config.describe()
@@ -408,3 +409,18 @@ def test_load_needs_a_checkpoint_and_an_energy(tmp_path):
 def test_a_bad_energy_l2_decay_is_refused_by_name(decay):
     with pytest.raises(ValueError, match="energy_l2_decay"):
         ebm.TrainConfig(energy_l2_decay=decay)
+
+
+def test_maximum_likelihood_tracks_each_sites_log_z_with_an_error_bar():
+    """The site's energy is ½‖x − μ‖²/σ²: log Z = log(2π) + 2 log σ, exact whatever training
+    did; the tracked value of the averaged parameters must match it within its error bar."""
+    learner = ebm.MaximumLikelihood(
+        gaussian_model, optax.adam(0.05), num_chains=128, num_mcmc_steps=5, log_z_particles=256
+    )
+    res = learner.run(jax.random.key(8), 200, model_data(), progress_bar=False)
+    estimate = res.log_z["x"]
+    assert isinstance(estimate, ebm.logz.LogZEstimate) and estimate.method == "tracked"
+    exact = math.log(2 * math.pi) + 2 * float(res.params["log_sigma"])
+    error = estimate.value - exact
+    assert 0 < estimate.stderr < 0.1 and abs(error) <= 3 * estimate.stderr, (error, estimate)
+    assert np.isfinite(res.history["x.log_z_stderr"]).all()
