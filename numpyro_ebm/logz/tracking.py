@@ -249,23 +249,41 @@ def advance(
 
     An update the bridge cannot follow (its last sub-step's ESS below ``lost_ess``) loses
     the track; ``restart_after`` updates later the tracker restarts from ``base`` (the
-    normalised base of ``start``) at the energy of that moment.
+    normalised base of ``start``) at the energy of that moment, with the start's ESS and
+    sub-steps but ``num_particles`` particles and ``num_moves`` final moves.
     """
 
+    restart = state.updates_lost >= settings.restart_after
+
     def follow(key):
+        # a restart is the same bridge from fresh base draws (one compiled bridge for both)
+        k_draw, k_bridge = jax.random.split(key)
+        position = base.sample(k_draw, state.position.shape[0]).astype(state.position.dtype)
+        fresh = TrackerState(
+            position,
+            base.log_prob(position),
+            jnp.zeros_like(state.log_weight),
+            jnp.zeros_like(state.group_log_z),
+            state.step_size,
+            state.updates_lost,
+        )
+        source = jax.tree.map(lambda a, b: jnp.where(restart, a, b), fresh, state)
+
+        def old(x):
+            return jnp.where(restart, base.log_prob(x), old_logdensity(x))
+
         new, info = _bridge(
-            key,
-            state,
-            old_logdensity,
+            k_bridge,
+            source,
+            old,
             new_logdensity,
             settings,
-            settings.max_bridge_steps,
+            jnp.where(restart, settings.start_bridge_steps, settings.max_bridge_steps),
             (settings.bridge_moves, settings.num_moves),
-            settings.target_ess,
+            jnp.where(restart, settings.start_ess, settings.target_ess),
         )
         lost = info.min_ess < settings.lost_ess
-        new = new._replace(updates_lost=lost.astype(jnp.int32))
-        return new, info
+        return new._replace(updates_lost=lost.astype(jnp.int32)), info
 
     def wait(key):
         waited = state._replace(updates_lost=state.updates_lost + 1)
@@ -274,13 +292,8 @@ def advance(
             nan, jnp.full_like(nan, jnp.inf), nan, jnp.zeros((), jnp.int32), nan
         )
 
-    def restart(key):
-        return start(key, base, new_logdensity, settings)
-
-    branch = jnp.where(
-        state.updates_lost == 0, 0, jnp.where(state.updates_lost >= settings.restart_after, 2, 1)
-    )
-    new, info = jax.lax.switch(branch, (follow, wait, restart), key)
+    waiting = (state.updates_lost > 0) & ~restart
+    new, info = jax.lax.cond(waiting, wait, follow, key)
     value, stderr = estimate(new)
     return new, info._replace(log_z=value, stderr=stderr)
 
