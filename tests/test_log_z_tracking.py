@@ -50,7 +50,7 @@ def tracked_path(key, scales, shifts, settings, dim=DIM):
     return jax.tree.map(lambda v: v[-1], infos), infos
 
 
-SETTINGS = tracking.TrackerSettings(num_particles=256, num_groups=8, start_factor=4)
+SETTINGS = tracking.TrackerSettings(num_particles=256, num_groups=8, start_factor=4, first_anchor=0)
 
 
 def test_tracked_log_z_follows_a_path_of_gaussians_within_its_error_bar():
@@ -107,6 +107,21 @@ def test_an_update_beyond_the_bridge_loses_the_track_then_restarts():
     for step, scale in ((3, 0.4), (4, 0.41)):
         error = log_z[step] - exact_log_z(scale)
         assert abs(error) < 4 * stderr[step] + 0.05, (step, error, stderr[step])
+
+
+def test_re_anchoring_restarts_from_the_base_on_schedule_and_stays_exact():
+    """With ``first_anchor=10`` the tracker restarts from the base at updates 10 and 20 (a
+    start: many sub-steps), and its estimate stays exact before and after."""
+    settings = SETTINGS._replace(first_anchor=10)
+    scales = jnp.linspace(1.05, 0.98, 26)  # updates small enough to need no bridge
+    shifts = jnp.linspace(0.0, 0.1, 26)
+    _, infos = jax.jit(lambda k: tracked_path(k, scales, shifts, settings))(jax.random.key(5))
+    steps = np.asarray(infos.bridge_steps)
+    assert steps[9] > 1 and steps[19] > 1  # updates 10 and 20
+    assert np.all(np.delete(steps, [9, 19]) == 1)
+    for update in (9, 19, 24):
+        error = float(infos.log_z[update]) - exact_log_z(float(scales[update + 1]))
+        assert abs(error) < 4 * float(infos.stderr[update]) + 0.02, (update, error)
 
 
 def test_settings_are_checked():

@@ -113,6 +113,9 @@ FIELDS = {
         128, "persistent", lambda c: c.log_z_tracker().num_particles == 128
     ),
     "log_z_groups": (4, "persistent", lambda c: c.log_z_tracker().num_groups == 4),
+    "log_z_first_anchor": (
+        50, "persistent", lambda c: c.log_z_tracker().first_anchor == 50
+    ),
     "log_z_bridge_steps": (
         3, "persistent", lambda c: c.log_z_tracker().max_bridge_steps == 3
     ),

@@ -131,7 +131,8 @@ class SiteInfo(NamedTuple):
             (``logz.tracking``) when the site has a tracker, else the noise-contrastive one.
         metrics: the objective's metrics (``energy_gap``, ``energy_data``,
             ``energy_negatives`` for maximum likelihood), the negative sampler's and, with a
-            tracker, ``log_z_stderr``, ``log_z_min_ess``, ``log_z_bridge_steps`` and
+            tracker, ``log_z_stderr``, ``log_z_min_ess``, ``log_z_bridge_steps``,
+            ``log_z_acceptance`` (its moves' mean acceptance) and
             ``log_z_nce`` (the noise-contrastive estimate).
         recorded: the negative sampler's ``ChainRecord`` (or None).
     """
@@ -480,6 +481,7 @@ def _site_info(
             log_z_stderr=stderr,
             log_z_min_ess=tracked.min_ess,
             log_z_bridge_steps=tracked.bridge_steps,
+            log_z_acceptance=tracked.acceptance,
             log_z_nce=state.average_log_z[name],
         )
     recorded = info.record
