@@ -2,7 +2,8 @@
 
     python benchmarks/log_z_tracking.py calibration [--energies gaussian separable]
         [--dims 16 32 64] [--seeds 20] [--steps 300]
-    python benchmarks/log_z_tracking.py digits [--steps 2000] [--points 5] [--ais-temperatures 1000]
+    python benchmarks/log_z_tracking.py digits [--steps 2000] [--points 5 | --at 300 600 ...]
+        [--ais-temperatures 1000]
     python benchmarks/log_z_tracking.py overhead [--steps 100]
 
 ``calibration``: energies whose log Z is exact whatever the training did (a trainable
@@ -130,7 +131,7 @@ def digits(args) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     history = None
-    points = [round(args.steps * (i + 1) / args.points) for i in range(args.points)]
+    points = args.at or [round(args.steps * (i + 1) / args.points) for i in range(args.points)]
     for i, point in enumerate(points):
         state, history, _ = loop.train(
             state,
@@ -238,6 +239,7 @@ def main() -> None:
     dig = sub.add_parser("digits")
     dig.add_argument("--steps", type=int, default=2000)
     dig.add_argument("--points", type=int, default=5)
+    dig.add_argument("--at", type=int, nargs="+", help="the steps to compare at (else evenly)")
     dig.add_argument("--energy-l2", type=float, default=1e-4)
     dig.add_argument("--ais-temperatures", type=int, default=1000)
     dig.add_argument("--ais-runs", type=int, default=8)
