@@ -420,10 +420,12 @@ def test_maximum_likelihood_tracks_each_sites_log_z_with_an_error_bar():
     learner = ebm.MaximumLikelihood(
         gaussian_model, optax.adam(0.05), num_chains=128, num_mcmc_steps=5, log_z_particles=256
     )
-    res = learner.run(jax.random.key(8), 200, model_data(), progress_bar=False)
+    # 150 steps: tracked for 50 updates since the re-anchor at update 100
+    res = learner.run(jax.random.key(8), 150, model_data(), progress_bar=False)
     estimate = res.log_z["x"]
     assert isinstance(estimate, ebm.logz.LogZEstimate) and estimate.method == "tracked"
     exact = math.log(2 * math.pi) + 2 * float(res.params["log_sigma"])
     error = estimate.value - exact
-    assert 0 < estimate.stderr < 0.1 and abs(error) <= 3 * estimate.stderr, (error, estimate)
+    # the standard error comes from 8 groups: |t₇| > 4 has probability 0.5%
+    assert 0 < estimate.stderr < 0.1 and abs(error) <= 4 * estimate.stderr, (error, estimate)
     assert np.isfinite(res.history["x.log_z_stderr"]).all()
