@@ -16,8 +16,8 @@ errors and within 0.5 nats.
 on the 64-D digits; at ``--points`` evenly spaced steps the tracked log Z of the averaged
 energy against a long AIS of the same energy (``logz.ais`` with ``--ais-temperatures``).
 
-``overhead``: milliseconds per training step with and without tracking (compiled, after a
-warm-up call), 1024 chains, 20 MALA steps, on 2-D toy data and on digits.
+``overhead``: milliseconds per compiled training step with and without the tracker, from the
+same state after 250 steps, 1024 chains, 20 MALA steps, on 2-D toy data and on digits.
 """
 
 from __future__ import annotations
@@ -27,16 +27,14 @@ import math
 import platform
 import time
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import numpyro_ebm as ebm
 from numpyro_ebm.training import core, loop
-from numpyro_ebm.training.config import default_optimizer
 from numpyro_ebm.training.fit import EnergyProblem
-
-CHUNK = 50  # steps per compiled call in ``overhead``
 
 
 def machine() -> str:
@@ -170,57 +168,54 @@ def digits(args) -> None:
         )
 
 
-def timed_fit(make, data, track: bool, steps: int) -> float:
-    """Seconds of a ``fit`` of ``steps`` steps (one fixed optimizer object and chunk length,
-    so runs of different lengths share one compilation)."""
-    start = time.perf_counter()
-    res = ebm.fit(
-        make(),
-        data,
-        key=jax.random.key(2),
-        num_steps=steps,
-        steps_per_call=CHUNK,
-        optimizer=default_optimizer(10_000),
-        track_log_z=track,
-        progress_bar=False,
-    )
-    jax.block_until_ready(res.state.params)
-    return time.perf_counter() - start
+STEP = eqx.filter_jit(core.step)  # problem and config are static (hashable) arguments
 
 
 def overhead(args) -> None:
+    """Milliseconds per compiled training step with and without the tracker, from the same
+    state after ``--warmup`` steps (past the early bridging and the re-anchors at 100 and 200),
+    alternating the two ``--repeats`` times and keeping each one's fastest."""
     print(
-        f"# log_z_tracking overhead: {machine()}; 1024 chains, 20 MALA steps, "
-        f"{args.steps} steps: the time difference of runs of 50 and 50 + steps steps"
+        f"# log_z_tracking overhead: {machine()}; 1024 chains, 20 MALA steps, batch 1024; "
+        f"{args.steps} steps timed from the state after {args.warmup} steps, best of "
+        f"{args.repeats} alternating rounds"
     )
     print("| data | energy | tracking off (ms/step) | tracking on (ms/step) | overhead |")
     print("|---|---|---|---|---|")
     cases = [
-        (
-            "8gaussians (2-D)",
-            ebm.datasets.toy("8gaussians").sample(jax.random.key(0), 20_000),
-            lambda: ebm.energies.MLPEnergy(2, hidden=(128, 128, 128), key=jax.random.key(1)),
-        ),
-        (
-            "digits (64-D)",
-            jnp.asarray(ebm.datasets.digits().train),
-            lambda: ebm.energies.MLPEnergy(64, hidden=(256, 256), key=jax.random.key(1)),
-        ),
-    ]
-    for label, data, make in cases:
-        times = {}
-        for track in (False, True):
-            timed_fit(make, data, track, CHUNK)  # compiles
-            # the difference of two run lengths: the step's cost without init (tracker start)
-            best = min(
-                timed_fit(make, data, track, CHUNK + args.steps)
-                - timed_fit(make, data, track, CHUNK)
-                for _ in range(args.repeats)
-            )
-            times[track] = 1000 * best / args.steps
+        ("8gaussians (2-D)", ebm.datasets.toy("8gaussians").sample(jax.random.key(0), 20_000),
+         ebm.energies.MLPEnergy(2, hidden=(128, 128, 128), key=jax.random.key(1)), 0.01),
+        ("digits (64-D)", jnp.asarray(ebm.datasets.digits().train),
+         ebm.energies.MLPEnergy(64, hidden=(256, 256), key=jax.random.key(1)), 1e-4),
+    ]  # fmt: skip
+    for label, data, energy, energy_l2 in cases:
+        on = ebm.TrainConfig(energy_l2=energy_l2).resolve(schedule_steps=2000)
+        off = on.replace(track_log_z=False)
+        problem = EnergyProblem(on.batch_size, False)
+        state = core.init(jax.random.key(2), energy, data, problem, on)
+        state, _, _ = loop.train(
+            state, key=jax.random.key(3), data=data, problem=problem, config=on,
+            num_steps=args.warmup, progress_bar=False,
+        )  # fmt: skip
+        untracked = state._replace(log_z_tracker={k: None for k in state.log_z_tracker})
+        rows = jax.random.randint(jax.random.key(6), (4, 1024), 0, data.shape[0])
+        batches = [data[r] for r in rows]  # batches with replacement, as fit draws them
+        times = {True: math.inf, False: math.inf}
+        starts = {True: (on, state), False: (off, untracked)}
+        for config, start_state in starts.values():  # compile
+            jax.block_until_ready(STEP(jax.random.key(4), start_state, batches[0], problem, config))
+        for _ in range(args.repeats):
+            for track, (config, current) in starts.items():
+                start = time.perf_counter()
+                for t in range(args.steps):
+                    current, _ = STEP(
+                        jax.random.key(5 + t), current, batches[t % 4], problem, config
+                    )
+                jax.block_until_ready(current.step)
+                times[track] = min(times[track], (time.perf_counter() - start) / args.steps)
+        off_ms, on_ms = 1000 * times[False], 1000 * times[True]
         print(
-            f"| {label} | MLPEnergy | {times[False]:.1f} | {times[True]:.1f} | "
-            f"{times[True] / times[False] - 1:+.1%} |",
+            f"| {label} | MLPEnergy | {off_ms:.1f} | {on_ms:.1f} | {on_ms / off_ms - 1:+.1%} |",
             flush=True,
         )
 
@@ -245,8 +240,9 @@ def main() -> None:
     dig.add_argument("--ais-runs", type=int, default=8)
     dig.add_argument("--seed", type=int, default=0)
     over = sub.add_parser("overhead")
-    over.add_argument("--steps", type=int, default=100)
-    over.add_argument("--repeats", type=int, default=2)
+    over.add_argument("--steps", type=int, default=20)
+    over.add_argument("--repeats", type=int, default=3)
+    over.add_argument("--warmup", type=int, default=250)
     args = parser.parse_args()
     {"calibration": calibration, "digits": digits, "overhead": overhead}[args.part](args)
 
