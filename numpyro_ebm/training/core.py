@@ -33,6 +33,7 @@ import optax
 from numpyro_ebm.gaussian import fit_base
 from numpyro_ebm.logz import LogZEstimate, nce_log_z_loss, tracking
 from numpyro_ebm.negatives import ContrastiveDivergence, NegativeInfo, NegativeSampler, Target
+from numpyro_ebm.samplers import flat_logdensity
 from numpyro_ebm.training.config import TrainConfig
 from numpyro_ebm.training.objective import ObjectiveTerms
 
@@ -337,12 +338,8 @@ def init(key: jax.Array, params, data, problem, config: TrainConfig) -> TrainSta
 def _start_tracker(key, base, energy, event_shape, settings) -> tracking.TrackerState:
     """``tracking.start`` for ``energy`` (compiled; an equinox energy is a traced argument, so
     another run with the same architecture reuses the compilation)."""
-    state, _ = tracking.start(key, base, _log_density(energy, event_shape), settings)
+    state, _ = tracking.start(key, base, flat_logdensity(energy, event_shape), settings)
     return state
-
-
-def _log_density(energy: Callable, event_shape) -> Callable:
-    return lambda z: -energy(jnp.reshape(z, event_shape))
 
 
 def _site_free_constants(problem, trainable, static, data, key, name, probes):
@@ -449,7 +446,8 @@ def step(key: jax.Array, state: TrainState, batch, problem, config: TrainConfig)
 def log_z_of(state: TrainState, name: str) -> tuple[jax.Array, jax.Array]:
     """``(log Z, standard error)`` of site ``name``'s averaged energy in ``state``: the
     tracked estimate when the site has a tracker, else the noise-contrastive one (standard
-    error NaN); ``(NaN, NaN)`` for a conditional site."""
+    error NaN; for a conditional site its unlearned starting value, which ``StepInfo``
+    reports as NaN)."""
     tracker = state.log_z_tracker.get(name)
     if tracker is not None:
         return tracking.estimate(tracker)
@@ -560,8 +558,8 @@ def _track_log_z(keys, state, problem, averaged, key, batch, config):
         trackers[name], infos[name] = tracking.advance(
             jax.random.fold_in(keys[name], 2),
             tracker,
-            _log_density(previous[name].energy, shape),
-            _log_density(averaged[name].energy, shape),
+            flat_logdensity(previous[name].energy, shape),
+            flat_logdensity(averaged[name].energy, shape),
             config.log_z_tracker(),
             state.bases[name],
         )
