@@ -25,7 +25,10 @@ from numpyro_ebm.training import checkpoint, loop
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # tiny settings: every test here is about files and trajectories, not about the fit's quality
+# (nor its log Z: the tracker's compilation would double each test's time; the tracker's state
+# through checkpoints is tested in test_training.py)
 TINY = dict(
+    track_log_z=False,
     num_steps=6,
     num_chains=16,
     num_mcmc_steps=2,
@@ -209,7 +212,7 @@ def test_a_checkpoint_from_before_the_log_z_tracker_resumes_without_one(tmp_path
     """Format 2 (before the tracker) is this version's state without a tracker: such a run
     resumes with ``track_log_z=False`` (with the default, a clear settings error says so, and
     nothing changes), and ``ebm.load`` rebuilds it with the noise-contrastive log Z."""
-    fit_until(tmp_path, 4, track_log_z=False)
+    fit_until(tmp_path, 4)  # TINY: track_log_z=False
     meta_path = os.path.join(training.latest_checkpoint(str(tmp_path)), "meta.json")
     meta = json.loads(open(meta_path).read())
     meta["format"] = 2  # as the previous version wrote it: no tracker settings recorded
@@ -219,11 +222,11 @@ def test_a_checkpoint_from_before_the_log_z_tracker_resumes_without_one(tmp_path
         json.dump(meta, f)
     before = snapshot(tmp_path)
     with pytest.raises(ValueError, match="track_log_z: False -> True"):
-        tiny_fit(tmp_path)
+        tiny_fit(tmp_path, track_log_z=True)
     assert snapshot(tmp_path) == before
     loaded = ebm.load(tmp_path, GaussianEnergy(jnp.zeros(2)))
     assert int(loaded.state.step) == 4 and loaded.log_z.method == "nce-learned"
-    resumed = tiny_fit(tmp_path, track_log_z=False)
+    resumed = tiny_fit(tmp_path)
     assert int(resumed.state.step) == TINY["num_steps"]
 
 

@@ -124,6 +124,51 @@ def test_re_anchoring_restarts_from_the_base_on_schedule_and_stays_exact():
         assert abs(error) < 4 * float(infos.stderr[update]) + 0.02, (update, error)
 
 
+def tracker_state(group_log_z, position, logdensity):
+    groups = group_log_z.shape[0]
+    zero = jnp.zeros((), jnp.int32)
+    return tracking.TrackerState(
+        position, logdensity, jnp.zeros((groups, position.shape[0] // groups)), group_log_z,
+        jnp.ones(()), zero, zero, zero,
+    )  # fmt: skip
+
+
+def test_a_re_anchor_fuses_an_agreeing_carried_estimate_and_keeps_only_a_fresh_one_else():
+    """At a re-anchor the carried estimate, carried through the update by one reweighting,
+    and the fresh one are combined by inverse variances when they agree within
+    ``FUSE_SIGMAS`` combined standard errors; otherwise the larger one goes on alone."""
+    position = jax.random.normal(jax.random.key(0), (64, 3))
+    old = gaussian(1.0, 0.0)
+    shift = 0.7  # the update adds a constant to the log-density: log Z grows by exactly that
+    new = lambda x: old(x) + shift
+    spread = jnp.array([-0.3, 0.1, 0.25, -0.05, 0.2, -0.15, 0.05, -0.1])
+    fresh = tracker_state(5.0 + 2.0 * spread, position, jax.vmap(new)(position))
+
+    def fused_with(carried_log_z):
+        carried = tracker_state(carried_log_z, position, jax.vmap(old)(position))
+        return tracking._fuse(carried, fresh, new)
+
+    # agreeing: carried 4.3 + 0.7 = 5.0 up to its spread; the fresh one's spread is twice as big
+    fused = fused_with(4.3 + spread)
+    value_c, stderr_c = tracking.estimate(tracker_state(5.0 + spread, position, position[:, 0]))
+    value_f, stderr_f = tracking.estimate(fresh)
+    var_c, var_f = float(stderr_c) ** 2, float(stderr_f) ** 2
+    value, stderr = tracking.estimate(fused)
+    expected = (var_f * float(value_c) + var_c * float(value_f)) / (var_c + var_f)
+    assert float(value) == pytest.approx(expected, abs=1e-5)
+    assert float(stderr) == pytest.approx(np.sqrt(var_c * var_f / (var_c + var_f)), rel=0.05)
+    assert float(stderr) < min(float(stderr_c), float(stderr_f))
+    # disagreeing: the larger estimate goes on alone (the smaller one missed mass)
+    gap = 4 * np.hypot(float(stderr_c), float(stderr_f))
+    low = fused_with(float(value_f) - shift - gap + spread)  # the carried track missed mass
+    np.testing.assert_array_equal(low.group_log_z, fresh.group_log_z)
+    np.testing.assert_array_equal(low.position, fresh.position)
+    high = fused_with(float(value_f) - shift + gap + spread)  # the fresh AIS missed mass
+    np.testing.assert_allclose(high.group_log_z, float(value_f) + gap + spread, rtol=1e-6)
+    np.testing.assert_array_equal(high.position, position)  # reweighted, not moved
+    np.testing.assert_allclose(high.logdensity, jax.vmap(new)(position), rtol=1e-6)
+
+
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="num_groups"):
         tracking.TrackerSettings(num_particles=100, num_groups=8).check()

@@ -19,7 +19,10 @@ COV = jnp.array([[1.0, 0.5], [0.5, 0.8]])
 
 
 def small_fit(energy, data, key, **kwargs):
+    """A short ``fit``; the log Z tracker is off unless asked for (its compilation would double
+    most tests' time; the tests that need it say so)."""
     defaults = dict(
+        track_log_z=False,
         num_steps=20,
         num_chains=64,
         num_mcmc_steps=5,
@@ -348,7 +351,9 @@ def test_resumed_run_continues_the_same_trajectory(tmp_path, monkeypatch, make_e
         energy = SiluMLPEnergy(2, key=jax.random.key(9))
     else:
         energy = ebm.energies.MLPEnergy(2, hidden=(16, 16), key=jax.random.key(9))
-    settings = dict(num_steps=30, steps_per_call=5, checkpoint_every=10)
+    # the tracker's particles go through the checkpoint too (one energy is enough for that)
+    tracked = make_energy is ebm.energies.MLPEnergy
+    settings = dict(num_steps=30, steps_per_call=5, checkpoint_every=10, track_log_z=tracked)
     straight = small_fit(energy, data, jax.random.key(10), **settings)
 
     real_save = checkpoint.save_checkpoint
@@ -377,7 +382,8 @@ def test_resumed_run_continues_the_same_trajectory(tmp_path, monkeypatch, make_e
                              eqx.filter(straight.energy, eqx.is_array))  # fmt: skip
         assert any(jax.tree.leaves(moved))
     np.testing.assert_allclose(straight.chains, resumed.chains, rtol=1e-6, atol=1e-6)
-    for name in ("loss", "energy_gap", "step_size"):
+    names = ("loss", "energy_gap", "step_size") + (("log_z", "log_z_stderr") if tracked else ())
+    for name in names:
         np.testing.assert_allclose(straight.history[name], resumed.history[name], rtol=1e-6)
     assert not any(name.startswith(".tmp") for name in os.listdir(tmp_path))
 
@@ -408,7 +414,7 @@ def test_no_recompilation_across_steps():
         traces.clear()
         training.default_optimizer.cache_clear()  # a new optimizer: every count compiles afresh
         energy = jax.tree_util.Partial(energy_fn, {"mean": jnp.zeros(2)})
-        small_fit(energy, data, jax.random.key(14), num_steps=num_steps)
+        small_fit(energy, data, jax.random.key(14), num_steps=num_steps, track_log_z=True)
         return len(traces)
 
     count(5)  # warm any caches shared between runs
@@ -526,5 +532,7 @@ def test_a_second_fit_with_the_default_optimizer_reuses_the_compiled_step(monkey
     data = jax.random.normal(jax.random.key(24), (128, 2))
     energy = ebm.energies.MLPEnergy(2, hidden=(8,), key=jax.random.key(25))
     for seed in (26, 27):  # another key and another fit: same configuration
-        small_fit(energy, data, jax.random.key(seed), num_chains=24, batch_size=24)
+        small_fit(
+            energy, data, jax.random.key(seed), num_chains=24, batch_size=24, track_log_z=True
+        )
     assert len(traces) == 1
