@@ -223,14 +223,15 @@ def _fuse(carried: TrackerState, fresh: TrackerState, new_logdensity: Callable) 
     without a move).
 
     When the two estimates agree within ``FUSE_SIGMAS`` combined standard errors, ``fresh``
-    with its groups moved to their inverse-variance combination: its groups' deviations are
-    shrunk by ``√(v_c / (v_c + v_f))`` and centred on the combination, so that ``estimate``
-    returns it with standard error ``√(v_c v_f / (v_c + v_f))``, and the updates that follow
-    add their own spread. When they disagree, the one with the larger estimate goes on alone:
-    each group's ``Ẑ`` is unbiased, so ``log Ẑ`` exceeds ``log Z`` by ``t`` nats with
-    probability at most ``e⁻ᵗ`` (Markov), while mass the particles never reached makes it fall
-    short by any amount, with an error bar that does not show it (early in training the
-    carried track misses mass; late, a re-anchor's short AIS does)."""
+    with its groups shifted to their inverse-variance combination. The error bar stays the
+    fresh one's, not ``√(v_c v_f / (v_c + v_f))``: the two are AIS-type estimates that miss
+    the same hard-to-reach mass, which neither spread shows (measured over 20 seeds of a 32-D
+    ``SeparableEnergy``: the shrunk error bar covered 85% of the errors within 3 standard
+    errors, this one 90%, with the same RMS error). When they disagree, the one with the
+    larger estimate goes on alone: each group's ``Ẑ`` is unbiased, so ``log Ẑ`` exceeds
+    ``log Z`` by ``t`` nats with probability at most ``e⁻ᵗ`` (Markov), while mass the particles
+    never reached makes it fall short by any amount, with an error bar that does not show it
+    (early in training the carried track misses mass; late, a re-anchor's short AIS does)."""
     shape = carried.log_weight.shape
     logdensity = jax.vmap(new_logdensity)(carried.position)
     log_weight = carried.log_weight + jnp.reshape(logdensity - carried.logdensity, shape)
@@ -246,9 +247,8 @@ def _fuse(carried: TrackerState, fresh: TrackerState, new_logdensity: Callable) 
     keep_carried = usable & ~agree & (value_c > value_f)
     total = jnp.where(fuse, var_c + var_f, 1.0)
     combined = (var_f * value_c + var_c * value_f) / total
-    shrunk = value_f + jnp.sqrt(var_c / total) * (fresh.group_log_z - value_f)
-    shrunk = shrunk + combined - _over_groups(shrunk)[0]
-    fused = fresh._replace(group_log_z=jnp.where(fuse, shrunk, fresh.group_log_z))
+    shifted = fresh.group_log_z + combined - value_f
+    fused = fresh._replace(group_log_z=jnp.where(fuse, shifted, fresh.group_log_z))
     advanced = carried._replace(
         logdensity=logdensity.astype(carried.logdensity.dtype),
         log_weight=log_weight.astype(carried.log_weight.dtype),
