@@ -164,7 +164,10 @@ def test_a_re_anchor_fuses_an_agreeing_carried_estimate_and_keeps_only_a_fresh_o
     np.testing.assert_array_equal(low.group_log_z, fresh.group_log_z)
     np.testing.assert_array_equal(low.position, fresh.position)
     high = fused_with(float(value_f) - shift + gap + spread)  # the fresh AIS missed mass
-    np.testing.assert_allclose(high.group_log_z, float(value_f) + gap + spread, rtol=1e-6)
+    high_value, high_stderr = tracking.estimate(high)
+    assert float(high_value) == pytest.approx(float(value_f) + gap + float(value_c) - 5.0, 1e-5)
+    # its error bar widened to about √(v_c + (gap / 2)²): it may be the outlier
+    assert float(high_stderr) == pytest.approx(np.hypot(float(stderr_c), gap / 2), rel=0.25)
     np.testing.assert_array_equal(high.position, position)  # reweighted, not moved
     np.testing.assert_allclose(high.logdensity, jax.vmap(new)(position), rtol=1e-6)
 
