@@ -415,9 +415,14 @@ def _fraction(log_weight, difference, remaining, target_ess):
         good = ok(middle)
         return jnp.where(good, middle, low), jnp.where(good, high, middle)
 
-    low, _ = jax.lax.fori_loop(0, BISECTION_STEPS, halve, (jnp.zeros_like(remaining), remaining))
-    smallest = remaining * 2.0**-BISECTION_STEPS  # always some progress
-    return jnp.where(ok(remaining), remaining, jnp.maximum(low, smallest))
+    def bisect(remaining):
+        low, _ = jax.lax.fori_loop(
+            0, BISECTION_STEPS, halve, (jnp.zeros_like(remaining), remaining)
+        )
+        return jnp.maximum(low, remaining * 2.0**-BISECTION_STEPS)  # always some progress
+
+    # most updates fit in one reweighting: the bisection runs only for those that do not
+    return jax.lax.cond(ok(remaining), lambda r: r, bisect, remaining)
 
 
 def _resample(key, log_weight, threshold):
