@@ -210,7 +210,15 @@ def estimate(state: TrackerState) -> tuple[jax.Array, jax.Array]:
     return jnp.where(lost, jnp.nan, value), jnp.where(lost, jnp.inf, stderr)
 
 
+def _reweight(log_weight, group_log_z, log_ratio):
+    """Weights ``(G, N/G)`` times ``exp(log_ratio)``, and each group's running ``log Ẑ``
+    advanced by the log of its weighted mean ratio: ``(log_weight, group_log_z)``."""
+    weighted = log_weight + log_ratio
+    return weighted, group_log_z + logsumexp(weighted, axis=1) - logsumexp(log_weight, axis=1)
+
+
 def _over_groups(group_log_z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``estimate``'s value and standard error of ``(G,)`` groups' ``log Ẑ``."""
     count = group_log_z.shape[0]
     value = logsumexp(group_log_z) - jnp.log(count)
     w = jnp.exp(group_log_z - jnp.max(group_log_z))
@@ -237,15 +245,17 @@ def _fuse(carried: TrackerState, fresh: TrackerState, new_logdensity: Callable) 
     groups are spread until its standard error is about ``√(v_c + (gap / 2)²)``."""
     shape = carried.log_weight.shape
     logdensity = jax.vmap(new_logdensity)(carried.position)
-    log_weight = carried.log_weight + jnp.reshape(logdensity - carried.logdensity, shape)
-    groups = (
-        carried.group_log_z + logsumexp(log_weight, axis=1) - logsumexp(carried.log_weight, axis=1)
+    log_weight, groups = _reweight(
+        carried.log_weight,
+        carried.group_log_z,
+        jnp.reshape(logdensity - carried.logdensity, shape),
     )
     value_c, stderr_c = _over_groups(groups)
     value_f, stderr_f = _over_groups(fresh.group_log_z)
     var_c, var_f = stderr_c**2, stderr_f**2
+    gap = jnp.abs(value_c - value_f)
     usable = jnp.isfinite(value_c) & jnp.isfinite(var_c)
-    agree = jnp.abs(value_c - value_f) <= FUSE_SIGMAS * jnp.sqrt(var_c + var_f)
+    agree = gap <= FUSE_SIGMAS * jnp.sqrt(var_c + var_f)
     fuse = usable & agree & (var_c + var_f > 0)
     keep_carried = usable & ~agree & (value_c > value_f)
     total = jnp.where(fuse, var_c + var_f, 1.0)
@@ -254,7 +264,6 @@ def _fuse(carried: TrackerState, fresh: TrackerState, new_logdensity: Callable) 
     fused = fresh._replace(group_log_z=jnp.where(fuse, shifted, fresh.group_log_z))
     # kept over a smaller fresh estimate, the carried one may be the outlier (an upward fluke):
     # its groups are spread until the error bar is about √(v_c + (gap / 2)²)
-    gap = jnp.abs(value_c - value_f)
     widen = jnp.sqrt(1.0 + (0.5 * gap / jnp.maximum(stderr_c, 1e-6)) ** 2)
     widened = value_c + widen * (groups - jnp.mean(groups))
     widened = widened + value_c - _over_groups(widened)[0]
@@ -379,7 +388,7 @@ def advance(
 
     waiting = (state.updates_lost > 0) & ~restart
     new, info = jax.lax.cond(waiting, wait, follow, key)
-    # a re-anchor of a track that was not lost: the fresh estimate is fused with the carried one
+    # a re-anchor of a track that was not lost: the fresh estimate against the carried one
     new = jax.lax.cond(
         anchor & (state.updates_lost == 0),
         lambda fresh: _fuse(state, fresh, new_logdensity),
@@ -468,8 +477,7 @@ def _bridge(key, state, old_logdensity, new_logdensity, settings, max_steps, mov
         last = count + 1 >= max_steps
         delta = jnp.where(last, remaining, _fraction(log_weight, difference, remaining, target_ess))
         min_ess = jnp.minimum(min_ess, jnp.min(_conditional_ess(log_weight, delta * difference)))
-        weighted = log_weight + delta * difference
-        group_log_z = group_log_z + logsumexp(weighted, axis=1) - logsumexp(log_weight, axis=1)
+        weighted, group_log_z = _reweight(log_weight, group_log_z, delta * difference)
         index, redo = _resample(k_resample, weighted, settings.resample_ess)
         log_weight = jnp.where(redo[:, None], 0.0, weighted).astype(dtype)
         position, old, new = position[index], old[index], new[index]
