@@ -18,10 +18,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	MPLBACKEND=Agg $(BIN)/python -m numpyro_ebm.cli demo $(ARGS)
 
+# The compilation cache shares compiled programs between the test processes (the notebooks'
+# kernels and the CLI subprocesses compile many of the tests' programs again). The notebooks,
+# the longest files, go first so that the short test files fill the end of both workers.
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	NUMPYRO_EBM_SMALL=1 MPLBACKEND=Agg $(BIN)/python -m pytest -q -n 2 --dist loadfile --nbmake tests notebooks
+	JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.cache/jax NUMPYRO_EBM_SMALL=1 MPLBACKEND=Agg \
+		$(BIN)/python -m pytest -q -n 2 --dist loadfile --nbmake notebooks tests
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site -q
 
 lint: $(STAMP)
