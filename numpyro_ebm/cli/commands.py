@@ -77,6 +77,7 @@ def _fit(config: dict, data: Data, folder: str, *, progress_bar=False, checkpoin
         num_steps=config["steps"],
         sampler=config["sampler"],
         negatives=config["negatives"],
+        objective=config.get("objective", "ml"),  # runs from before --objective: "ml"
         num_chains=config["chains"],
         num_mcmc_steps=config["mcmc_steps"],
         batch_size=config["batch_size"],
@@ -340,8 +341,8 @@ def _write_or_warn(name: str, write) -> None:
 def _write_report(res, data: Data, config: dict, path: str) -> str:
     coordinates = ", standardized coordinates" if data.mean is not None else ""
     title = (
-        f"numpyro-ebm run on {config['data']['name']}: {config['negatives']} negatives, "
-        f"{config['sampler']}{coordinates}"
+        f"numpyro-ebm run on {config['data']['name']}: {res.config.objective.name} objective, "
+        f"{res.config.negatives_name} negatives, {config['sampler']}{coordinates}"
     )
     key = _run_key(config, KEY_KL) if data.toy is not None else None
     return diagnostics.report(res, path, data=data.train, toy=data.toy, key=key, title=title)

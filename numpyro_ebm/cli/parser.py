@@ -21,6 +21,7 @@ from numpyro_ebm import logz, samplers
 from numpyro_ebm.cli._common import BUILTIN, TOYS, UsageError, jsonable
 from numpyro_ebm.cli.data_files import check_columns, check_rows, read_points, sha256
 from numpyro_ebm.negatives import KINDS as NEGATIVES
+from numpyro_ebm.training.objective import OBJECTIVES
 
 
 def _parse_hidden(text: str) -> list[int]:
@@ -115,6 +116,7 @@ def train_config(args: argparse.Namespace) -> tuple[dict, np.ndarray | None, str
         "steps": args.steps,
         "hidden": hidden,
         "sampler": args.sampler,
+        "objective": args.objective,
         "negatives": args.negatives,
         "chains": args.chains,
         "mcmc_steps": args.mcmc_steps,
@@ -241,10 +243,18 @@ def _add_training_settings(train: argparse.ArgumentParser) -> None:
         help="negative-phase kernel (default: %(default)s)",
     )
     train.add_argument(
+        "--objective",
+        default="ml",
+        choices=OBJECTIVES,
+        help="training objective: maximum likelihood, or (sliced / denoising) score matching "
+        "(default: %(default)s)",
+    )
+    train.add_argument(
         "--negatives",
-        default="persistent",
-        choices=NEGATIVES,
-        help="where negatives come from (default: %(default)s)",
+        default="auto",
+        choices=("auto", *NEGATIVES),
+        help="where negatives come from; auto: persistent chains for ml, none for score "
+        "matching (default: %(default)s)",
     )
     train.add_argument(
         "--chains",

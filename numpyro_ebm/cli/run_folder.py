@@ -85,7 +85,7 @@ def _run_problem(run) -> str | None:
         "steps": lambda v: _is_int(v, 1),
         "hidden": lambda v: isinstance(v, list) and v and all(_is_int(w, 1) for w in v),
         "sampler": lambda v: v in samplers.KERNELS,
-        "negatives": lambda v: v in negatives.KINDS,
+        "negatives": lambda v: v in ("auto", *negatives.KINDS),
         "chains": lambda v: _is_int(v, 1),
         "mcmc_steps": lambda v: _is_int(v, 1),
         "batch_size": lambda v: _is_int(v, 1),
@@ -99,6 +99,8 @@ def _run_problem(run) -> str | None:
         if not ok(run.get(name)):
             return f"has a wrong {name!r} entry ({_short(run[name])})"
     config = run["config"]
+    if config.get("objective", "ml") not in training.objective.OBJECTIVES:
+        return f"has a wrong 'config.objective' entry ({_short(config.get('objective'))})"
     for name, ok in config_fields.items():
         if name not in config:
             return f"has no 'config.{name}' entry"

@@ -15,6 +15,8 @@ jittable). The implementations:
   the default for conditional energies.
 * ``ParallelTempering`` (``"parallel_tempering"``): ladders of tempered replicas between the
   data's Gaussian and the model, so chains cross between separated modes (also conditional).
+* ``NoNegatives`` (``"none"``): nothing, for the objectives that need no negatives (score
+  matching; the default there).
 
 ``fit(negatives="persistent")`` and the other names map to default-configured objects
 (``build``); a configured object is accepted too.
@@ -34,6 +36,7 @@ from numpyro_ebm.negatives.base import (
 from numpyro_ebm.negatives.contrastive import ContrastiveDivergence
 from numpyro_ebm.negatives.generator import GeneratorNegatives, GeneratorState, default_generator
 from numpyro_ebm.negatives.hybrid import Hybrid
+from numpyro_ebm.negatives.none import NoNegatives
 from numpyro_ebm.negatives.persistent import Persistent
 from numpyro_ebm.negatives.replay import Replay
 from numpyro_ebm.negatives.short_run import ShortRun
@@ -49,6 +52,7 @@ __all__ = [
     "Hybrid",
     "NegativeInfo",
     "NegativeSampler",
+    "NoNegatives",
     "ParallelTempering",
     "Persistent",
     "Replay",
@@ -71,6 +75,7 @@ _CLASSES = (
     Hybrid,
     ContrastiveDivergence,
     ParallelTempering,
+    NoNegatives,
 )
 REGISTRY = {cls.name: cls for cls in _CLASSES}
 KINDS = tuple(REGISTRY)

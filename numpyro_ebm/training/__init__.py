@@ -50,15 +50,19 @@ from numpyro_ebm.training.model import (
     ModelProblem,
 )
 from numpyro_ebm.training.objective import (
+    DenoisingScoreMatching,
     LikelihoodObjective,
     Objective,
     ObjectiveTerms,
+    ScoreMatching,
+    SlicedScoreMatching,
     build_objective,
 )
 
 __all__ = [
     "MATMUL_PRECISIONS",
     "CheckpointError",
+    "DenoisingScoreMatching",
     "EnergyProblem",
     "FitResult",
     "LikelihoodObjective",
@@ -69,9 +73,11 @@ __all__ = [
     "ModelProblem",
     "Objective",
     "ObjectiveTerms",
+    "ScoreMatching",
     "Site",
     "SiteInfo",
     "SiteTerms",
+    "SlicedScoreMatching",
     "StepInfo",
     "TrainConfig",
     "TrainState",

@@ -21,7 +21,7 @@ import optax
 from numpyro_ebm import negatives as _negatives
 from numpyro_ebm import samplers as _samplers
 from numpyro_ebm.logz.tracking import TrackerSettings
-from numpyro_ebm.training.objective import Objective, build_objective
+from numpyro_ebm.training.objective import build_objective, describe_objective
 from numpyro_ebm.validation import check_count
 
 __all__ = ["MATMUL_PRECISIONS", "TrainConfig", "check_learning_rate", "default_optimizer"]
@@ -59,17 +59,24 @@ class TrainConfig:
         learning_rate: peak learning rate of the default optimizer.
         negatives: where the negatives come from: ``"persistent"``, ``"replay"``,
             ``"short_run"``, ``"generator"``, ``"hybrid"``, ``"contrastive_divergence"``,
-            ``"parallel_tempering"`` (``numpyro_ebm.negatives``), or a configured
+            ``"parallel_tempering"``, ``"none"`` (``numpyro_ebm.negatives``), or a configured
             ``NegativeSampler`` (then the chain and generator settings below are its own).
-        objective: ``"ml"`` (maximum likelihood) or an ``Objective``.
+            ``"auto"`` (default): ``"persistent"`` for an objective that needs negatives,
+            ``"none"`` for one that does not (a sampler named for score matching runs its
+            chains for their health metrics only).
+        objective: ``"ml"`` (maximum likelihood), ``"sm"`` (score matching), ``"ssm"``
+            (sliced score matching), ``"dsm"`` (denoising score matching), or an
+            ``Objective`` (``training.objective``; e.g. ``DenoisingScoreMatching(0.3)``).
         sampler: the kernel of the negative-phase chains (a name or ``samplers.Sampler``).
         num_chains: negatives per step (chains, or generator samples).
         num_mcmc_steps: sampler steps per training step.
         batch_size: data points per step (``fit``: drawn with replacement).
         energy_l2: weight ``α`` of the stabiliser ``α (mean E(data)² + mean E(neg)²)`` per
-            data point (the objective's ``penalty``), applied only to an energy with a free
-            additive constant (``free_constants``, e.g. an MLP's output bias; an energy
-            without one, ``GaussianEnergy`` or ``DeepEnergy``, gets none). Without it,
+            data point (the objective's ``penalty``; score matching's is ``α mean E(data)²``,
+            which only pins the free constant the score cannot see), applied only to an
+            energy with a free additive constant (``free_constants``, e.g. an MLP's output
+            bias; an energy without one, ``GaussianEnergy`` or ``DeepEnergy``, gets none).
+            Without it,
             maximum-likelihood training of a flexible energy can run away: the energies'
             scale grows until the chains freeze. It also flattens the density, in proportion
             to its weight at the end of training (see ``energy_l2_decay`` and
@@ -125,7 +132,7 @@ class TrainConfig:
 
     optimizer: optax.GradientTransformation | None = None
     learning_rate: float = 5e-3
-    negatives: Any = "persistent"
+    negatives: Any = "auto"
     objective: Any = "ml"
     sampler: Any = "mala"
     num_chains: int = 1024
@@ -179,12 +186,17 @@ class TrainConfig:
                 f"matmul_precision must be one of {MATMUL_PRECISIONS}, "
                 f"got {self.matmul_precision!r}"
             )
-        if isinstance(self.negatives, str) and self.negatives not in _negatives.KINDS:
+        if isinstance(self.negatives, str) and self.negatives not in ("auto", *_negatives.KINDS):
             raise ValueError(
                 f"unknown negatives {self.negatives!r}; choose one of {_negatives.KINDS} or "
                 "pass a numpyro_ebm.negatives.NegativeSampler"
             )
-        build_objective(self.objective)  # a clear error now for an unknown name
+        objective = build_objective(self.objective)  # a clear error now for an unknown name
+        if objective.needs_negatives and self.negatives_name == "none":
+            raise ValueError(
+                f"the {objective.name!r} objective needs negatives: choose a sampler other "
+                "than 'none' (or a score-matching objective)"
+            )
         if self.track_log_z:
             self.log_z_tracker()  # a clear error now for bad tracker settings
 
@@ -194,7 +206,9 @@ class TrainConfig:
 
     @property
     def negatives_name(self) -> str:
-        """The negative sampler's name (``"persistent"``, ...)."""
+        """The negative sampler's name (``"persistent"``, ...; ``"auto"`` resolved)."""
+        if self.negatives == "auto":
+            return "persistent" if build_objective(self.objective).needs_negatives else "none"
         return self.negatives if isinstance(self.negatives, str) else self.negatives.name
 
     @property
@@ -203,7 +217,7 @@ class TrainConfig:
 
     @property
     def runs_chains(self) -> bool:
-        return self.negatives_name != "generator"
+        return self.negatives_name not in ("generator", "none")
 
     def energy_l2_at(self, step):
         """The ``energy_l2`` weight at training step ``step`` (see ``energy_l2_decay``)."""
@@ -238,8 +252,12 @@ class TrainConfig:
         settings = {
             f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip
         }
+        negatives = self.negatives
         negatives = _negatives.build(
-            self.negatives, **settings, optimizer=generator_optimizer, generator=generator
+            self.negatives_name if negatives == "auto" else negatives,
+            **settings,
+            optimizer=generator_optimizer,
+            generator=generator,
         )
         return self.replace(
             schedule_steps=schedule_steps,
@@ -289,7 +307,7 @@ class TrainConfig:
             "negatives": _negatives.describe(negatives)
             if isinstance(negatives, _negatives.NegativeSampler)
             else negatives,
-            "objective": objective.name if isinstance(objective, Objective) else objective,
+            "objective": describe_objective(build_objective(objective)),
             "batch_size": self.batch_size,
             "energy_l2": self.energy_l2,
             "energy_l2_decay": self.energy_l2_decay,

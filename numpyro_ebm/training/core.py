@@ -51,6 +51,7 @@ __all__ = [
     "learned_log_z",
     "log_z_of",
     "moving_average",
+    "objective_key",
     "select",
     "step",
 ]
@@ -252,6 +253,12 @@ def _site_keys(key: jax.Array, names) -> dict:
 
 def _model_key(key: jax.Array) -> jax.Array:
     return jax.random.fold_in(key, 0x6D6F64)  # the model's own stream (e.g. its subsampling)
+
+
+def objective_key(model_key: jax.Array) -> jax.Array:
+    """The objective's PRNG key (its projections or noise) from the key a problem's ``loss``
+    gets: a stream of its own, apart from the model's."""
+    return jax.random.fold_in(model_key, 0x6F626A)
 
 
 def sampler_for(site: Site, config: TrainConfig) -> NegativeSampler:
@@ -524,7 +531,9 @@ def _has_free_constant(mask) -> jax.Array:
 def _learn_log_z(keys, state, averaged, draws, sites, config, decay):
     """One Adam step of each unconditional site's learned ``log Z`` (of the AVERAGED energy,
     the one returned; the chains sample the current one, which the average follows closely
-    once the learning rate has decayed)."""
+    once the learning rate has decayed). Without negatives (score matching) the data batch
+    stands in for the model's samples: classic noise-contrastive estimation, exact only as
+    far as the model fits the data."""
     adam = config.log_z_optimizer()
     log_z, average_log_z, opt_states = {}, {}, {}
     for name, site in sites.items():
@@ -534,7 +543,7 @@ def _learn_log_z(keys, state, averaged, draws, sites, config, decay):
             opt_states[name] = state.log_z_opt_state[name]
             continue
         base = state.bases[name]
-        flat_neg = _flat(draws[name])
+        flat_neg = _flat(draws[name] if draws[name].shape[0] else site.observed)
         noise = base.sample(jax.random.fold_in(keys[name], 1), flat_neg.shape[0])
         energy = _flat_energy(averaged[name])
         grad = jax.grad(nce_log_z_loss)(state.log_z[name], energy, flat_neg, noise, base)

@@ -60,7 +60,9 @@ class EnergyProblem:
 
     def loss(self, params, key, batch, objective, negatives):
         points, conditions = self._split(batch)
-        terms = objective.terms(params, points, negatives[SITE], conditions)
+        terms = objective.terms(
+            params, points, negatives[SITE], conditions, key=core.objective_key(key)
+        )
         return jnp.mean(terms.per_event), {SITE: core.SiteTerms(terms, 1.0)}
 
     def heldout_nll(self, state, validation):

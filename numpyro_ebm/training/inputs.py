@@ -11,6 +11,7 @@ from numpyro_ebm import samplers as _samplers
 from numpyro_ebm.distribution import check_energy
 from numpyro_ebm.training import checkpoint
 from numpyro_ebm.training.config import TrainConfig
+from numpyro_ebm.training.objective import objective_from_description
 from numpyro_ebm.validation import check_count, validate_data
 
 __all__ = [
@@ -153,7 +154,7 @@ def config_from_meta(meta: dict) -> TrainConfig:
         learning_rate=learning_rate,
         generator_learning_rate=generator_learning_rate or 1e-3,
         negatives=name,
-        objective=stored.get("objective", "ml"),
+        objective=objective_from_description(stored.get("objective", "ml")),
         **{k: v for k, v in stored.items() if k not in ("objective", "optimizer")},
         **{k: v for k, v in settings.items() if k in TrainConfig.__dataclass_fields__},
     )

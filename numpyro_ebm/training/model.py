@@ -105,8 +105,9 @@ class _ObjectiveSites(handlers.Messenger):
     """At each EBM site: replace its log-density by the objective's per-event loss given the
     site's negatives; the terms land in ``self.terms``."""
 
-    def __init__(self, fn, sites, objective, negatives):
+    def __init__(self, fn, sites, objective, negatives, key):
         self.sites, self.objective, self.negatives = sites, objective, negatives
+        self.key = key
         self.terms: dict = {}
         super().__init__(fn)
 
@@ -116,7 +117,8 @@ class _ObjectiveSites(handlers.Messenger):
         name = msg["name"]
         base = energy_distribution(msg["fn"])
         events, conditions, lead_shape = _site_events(msg, base)
-        terms = self.objective.terms(base.energy, events, self.negatives[name], conditions)
+        key = jax.random.fold_in(self.key, self.sites.index(name))
+        terms = self.objective.terms(base.energy, events, self.negatives[name], conditions, key=key)
         scale = msg.get("scale")
         count = terms.per_event.size * (1.0 if scale is None else scale)
         self.terms[name] = core.SiteTerms(terms, count)
@@ -160,7 +162,11 @@ class ModelProblem:
     def loss(self, params, key, data, objective, negatives):
         args, kwargs = data
         model = _ObjectiveSites(
-            handlers.seed(self.model, key), self.site_names, objective, negatives
+            handlers.seed(self.model, key),
+            self.site_names,
+            objective,
+            negatives,
+            core.objective_key(key),
         )
         log_joint, _ = log_density(model, args, kwargs, self.constrain(params))
         return -log_joint, model.terms
