@@ -279,6 +279,25 @@ def test_train_on_a_builtin_toy_reports_the_kl(tmp_path, capsys):
     assert set(heldout(run)) == set(learned)
 
 
+def test_train_with_a_score_matching_objective_runs_no_chains(tmp_path, capsys):
+    run = tmp_path / "run"
+    command = ["train", "--data", "8gaussians", "--num-data", NUM_ROWS, "--out", run, *TINY]
+    code, _, err = run_cli(capsys, *command, "--objective", "ssm", "--no-report")
+    assert code == 0, err
+    stored = json.loads((run / "run.json").read_text())
+    assert stored["config"]["objective"] == "ssm" and stored["config"]["negatives"] == "auto"
+    val = heldout(run)
+    assert np.isfinite(val["log_likelihood"])
+    energy = cli.commands._energy(stored["config"], 2)
+    res = numpyro_ebm.load(str(run / "checkpoint"), energy=energy)
+    assert res.config.negatives_name == "none"
+    assert np.isfinite(res.history["score_matching_loss"]).all()
+    assert np.isnan(res.history["acceptance_rate"]).all()
+    # the same folder with another objective is another run: refused, the setting named
+    code, _, err = run_cli(capsys, *command, "--objective", "dsm", "--no-report")
+    assert_user_error(code, err, "objective")
+
+
 # -- user errors: one line, exit code 2, nothing written -------------------------------------
 
 

@@ -113,7 +113,7 @@ def test_replay_writes_the_finals_back_at_the_rows_it_drew():
 def test_build_maps_names_to_configured_samplers():
     assert set(negatives.KINDS) == {
         "persistent", "replay", "short_run", "generator", "hybrid", "contrastive_divergence",
-        "parallel_tempering",
+        "parallel_tempering", "none",
     }  # fmt: skip
     replay = negatives.build("replay", num_chains=32, buffer_size=100, entropy="batch_norm")
     assert isinstance(replay, negatives.Replay)
