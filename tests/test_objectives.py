@@ -3,6 +3,8 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
+import optax
 import pytest
 
 import numpyro_ebm as ebm
@@ -179,3 +181,28 @@ def test_objective_settings_are_checked_before_any_compute():
         DenoisingScoreMatching((0.3, 0.1)).terms(wrong_level, x, None, key=jax.random.key(0))
     assert ebm.TrainConfig(objective="dsm").negatives_name == "none"
     assert ebm.TrainConfig().negatives_name == "persistent"
+
+
+def test_maximum_likelihood_learner_takes_a_score_matching_objective():
+    def energy_of(params, x):
+        mu, log_sigma = params
+        return 0.5 * jnp.sum((x - mu) ** 2) * jnp.exp(-2 * log_sigma)
+
+    def model(x):
+        mu = numpyro.param("mu", jnp.zeros(2))
+        log_sigma = numpyro.param("log_sigma", jnp.zeros(()))
+        energy = jax.tree_util.Partial(energy_of, (mu, log_sigma))
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("x", ebm.EnergyDistribution(energy, (2,)), obs=x)
+
+    x = jnp.array([1.0, -2.0]) + 0.5 * jax.random.normal(jax.random.key(15), (2000, 2))
+    learner = ebm.MaximumLikelihood(model, optax.adam(0.03, b1=0.5), objective="sm")
+    res = learner.run(jax.random.key(16), 600, x, progress_bar=False)
+    # the whole data every step: the gradient is exact, and score matching's optimum for an
+    # isotropic Gaussian is the MLE (mean; root mean squared deviation)
+    mle_mu = jnp.mean(x, axis=0)
+    mle_sigma = jnp.sqrt(jnp.mean((x - mle_mu) ** 2))
+    np.testing.assert_allclose(res.params["mu"], mle_mu, atol=0.01)
+    assert abs(float(jnp.exp(res.params["log_sigma"])) - float(mle_sigma)) < 0.01
+    assert res.state.negatives["x"] == ()  # no chains
+    assert np.isfinite(res.history["x.score_matching_loss"]).all()

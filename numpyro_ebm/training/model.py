@@ -234,7 +234,8 @@ class MaximumLikelihood:
         sampler: negative-phase kernel (a name or ``samplers.Sampler``).
         negatives: a negative sampler (name or object, as in ``fit``); each EBM site has its
             own state. Conditional sites use contrastive divergence unless it handles
-            conditions.
+            conditions. ``"auto"``: persistent chains, or none for a score-matching
+            ``objective=`` (a ``TrainConfig`` field, passed in ``settings``).
         num_chains, num_mcmc_steps, reinit_fraction, buffer_size, energy_l2, ema_decay,
             step_size_gain: as in ``TrainConfig`` (``energy_l2`` per observed point of each
             EBM site whose energy has a free additive constant).
@@ -250,7 +251,7 @@ class MaximumLikelihood:
         optimizer: optax.GradientTransformation,
         *,
         sampler="mala",
-        negatives="persistent",
+        negatives="auto",
         num_chains: int = 1024,
         num_mcmc_steps: int = 20,
         reinit_fraction: float = 0.1,
