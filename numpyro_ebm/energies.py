@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from numpyro_ebm.gaussian import log_normalizer
+from numpyro_ebm.validation import check_positive
 
 __all__ = [
     "DeepEnergy",
@@ -167,12 +168,10 @@ class NoiseConditionalEnergy(eqx.Module):
         confinement: float = 0.01,
     ):
         self.dim = _check_dim(dim)
-        if not (isinstance(noise_scale, int | float) and 0 < noise_scale < float("inf")):
-            raise ValueError(f"noise_scale must be a finite number > 0, got {noise_scale!r}")
+        self.noise_scale = check_positive("noise_scale", noise_scale)
         if confinement < 0:
             raise ValueError(f"confinement must be >= 0, got {confinement}")
         self.net = MLP((dim + 1, *hidden, 1), activation, key=key)
-        self.noise_scale = float(noise_scale)
         self.confinement = float(confinement)
 
     def __call__(self, x: jax.Array) -> jax.Array:

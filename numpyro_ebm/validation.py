@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["check_count", "validate_data", "validate_event_shape"]
+__all__ = ["check_count", "check_positive", "validate_data", "validate_event_shape"]
 
 _TRACER_MSG = (
     "{name} is a JAX tracer: validate_data must be called outside jax.jit / jax.vmap / "
@@ -235,3 +235,12 @@ def check_count(name: str, value, low: int = 1) -> None:
     otherwise."""
     if not (isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= low):
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def check_positive(name: str, value) -> float:
+    """A scale setting must be a finite real number ``> 0`` (not a bool): the value as a
+    ``float``, or a ``ValueError`` naming it."""
+    real = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+    if not (real and 0 < value < float("inf")):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)

@@ -26,11 +26,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from numbers import Real
 from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from numpyro_ebm.validation import check_count, check_positive
 
 __all__ = [
     "DenoisingScoreMatching",
@@ -204,9 +205,7 @@ class SlicedScoreMatching(Objective):
     projection: str = "rademacher"
 
     def __post_init__(self):
-        n = self.num_projections
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"num_projections must be an integer >= 1, got {n!r}")
+        check_count("num_projections", self.num_projections)
         if self.projection not in PROJECTIONS:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
 
@@ -262,13 +261,10 @@ class DenoisingScoreMatching(Objective):
     def __post_init__(self):
         scales = self.noise_scales
         scales = tuple(scales) if isinstance(scales, tuple | list) else (scales,)
-        for sigma in scales:
-            real = isinstance(sigma, Real) and not isinstance(sigma, bool)
-            if not (real and 0 < sigma < float("inf")):
-                raise ValueError(f"noise scales must be finite numbers > 0, got {sigma!r}")
         if not scales:
             raise ValueError("noise_scales must name at least one noise scale")
-        value = scales[0] if len(scales) == 1 else tuple(float(s) for s in scales)
+        scales = tuple(check_positive("noise scales", sigma) for sigma in scales)
+        value = scales[0] if len(scales) == 1 else scales
         object.__setattr__(self, "noise_scales", value)
 
     @property
