@@ -55,6 +55,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from blackjax.smc import resampling
@@ -201,6 +202,7 @@ class TrackInfo(NamedTuple):
     acceptance: jax.Array
 
 
+@eqx.filter_jit
 def estimate(state: TrackerState) -> tuple[jax.Array, jax.Array]:
     """``(log Ẑ, standard error)``: the log of the mean of the groups' ``Ẑ`` and the
     delta-method error ``std(Ẑ_g) / (√G mean(Ẑ_g))`` over the groups; ``(NaN, inf)`` while

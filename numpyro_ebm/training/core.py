@@ -197,8 +197,10 @@ def free_constants(energy_of: Callable, params, probes, rtol: float = 1e-4):
 
 def all_finite(tree) -> jax.Array:
     """Whether every array leaf of ``tree`` is finite (a scalar bool)."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array))]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+    # One reduction over all the floating-point leaves, not one per leaf: a training state has
+    # hundreds of leaves, and a reduction each made the step's XLA compilation ~35% slower.
+    leaves = [jnp.ravel(x) for x in jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))]
+    return jnp.all(jnp.isfinite(jnp.concatenate(leaves))) if leaves else jnp.array(True)
 
 
 def moving_average(average, params, step, ema_decay: float | None):
