@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,11 +72,6 @@ class EnergyProblem:
         energy = state.average_params
         args = (points,) if conditions is None else (points, conditions)
         return jnp.mean(jax.vmap(energy)(*args)) + core.log_z_of(state, SITE)[0]
-
-
-# One compiled program for the whole set-up (Gaussian base, chains, free constants, optimizer
-# state), not dozens of eagerly dispatched operations that each compile on first use.
-_compiled_init = eqx.filter_jit(lambda *args: core.init(*args))  # core.init read when traced
 
 
 def _check_resolved(config: TrainConfig) -> None:
@@ -247,7 +241,7 @@ def fit(
     config = given.resolve(schedule, generator)
     problem = EnergyProblem(config.batch_size, condition is not None)
     k_init, k_loop = jax.random.split(key)
-    state = _compiled_init(k_init, energy, inputs, problem, config)
+    state = core.init(k_init, energy, inputs, problem, config)
     meta = run_meta(given, config, schedule, num_steps, inputs)
     state, history, recorded = checkpoint.resume(checkpoint_dir, state, meta, stored)
     state, inputs, validation = placed(state, inputs, validation, sharding)

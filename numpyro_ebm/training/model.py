@@ -299,11 +299,7 @@ class MaximumLikelihood:
         if self.problem is None or self.problem.event_shapes != sites:
             self.problem = ModelProblem(self.model, transforms, sites)
         self.problem.conditional = conditional
-        problem, config = self.problem, self.config
-        # one compiled set-up rather than dozens of eager operations (see fit.py); the model's
-        # arguments are traced, as they are in the training step
-        compiled = eqx.filter_jit(lambda k, p, data: core.init(k, p, data, problem, config))
-        return compiled(key, params, (args, kwargs))
+        return core.init(key, params, (args, kwargs), self.problem, self.config)
 
     def get_params(self, state: core.TrainState) -> dict:
         """Constrained parameters: the average when ``ema_decay`` is set, else the iterate."""
