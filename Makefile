@@ -18,21 +18,22 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	MPLBACKEND=Agg $(BIN)/python -m numpyro_ebm.cli demo $(ARGS)
 
-# CI time is mostly XLA compiling: the tests compile at optimisation level 1 (2 by default;
-# test_public_api.py + test_training.py took 217 s against 294 s at level 2), and the
-# compilation cache shares compiled programs between the test processes (the notebooks'
+# CI time is mostly XLA compiling: the tests compile with most of XLA's optimisations off
+# (JAX_DISABLE_MOST_OPTIMIZATIONS: backend level 0, no expensive LLVM passes; test_infer.py
+# took 188 s against 220 s at level 1 and more at the default level 2), and the compilation
+# cache shares compiled programs between the test processes (the notebooks'
 # kernels and the CLI subprocesses compile many of the tests' programs again). The longest
 # files go first (pytest collects each file once), so the short ones fill the end of both
-# workers.
+# workers. --durations lists the slowest tests at the end of every run.
 LONG_TESTS := notebooks tests/test_train.py tests/test_training.py tests/test_infer.py \
 	tests/test_logz.py tests/test_generator.py tests/test_log_z_tracking.py tests/test_sharding.py \
 	tests/test_cli.py tests/test_checkpoint.py tests/test_tempering.py
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	XLA_FLAGS="--xla_backend_optimization_level=1 $$XLA_FLAGS" \
+	JAX_DISABLE_MOST_OPTIMIZATIONS=1 \
 	JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.cache/jax NUMPYRO_EBM_SMALL=1 MPLBACKEND=Agg \
-		$(BIN)/python -m pytest -q -n 2 --dist loadfile --nbmake $(LONG_TESTS) tests
+		$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25 --nbmake $(LONG_TESTS) tests
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site -q
 
 lint: $(STAMP)

@@ -267,7 +267,9 @@ def test_generator_loss_is_minimised_by_the_model_among_gaussian_generators():
 
 
 def small_fit(data, key, **kwargs):
+    # about the negative phase, not log Z: no tracker (its compilation doubles a small fit's)
     defaults = dict(
+        track_log_z=False,
         num_steps=20,
         num_chains=64,
         num_mcmc_steps=5,

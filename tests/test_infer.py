@@ -13,6 +13,10 @@ from numpyro.contrib.module import eqx_module
 
 import numpyro_ebm as ebm
 
+# The learners below are about parameters and gradients, not log Z: they run without the log Z
+# tracker (``track_log_z=False``), whose compilation would double each test's time. The
+# tracker in ``MaximumLikelihood`` is tested in test_training.py.
+
 
 def scaled_energy(mu, log_sigma):
     """E(x) = ½‖x − μ‖² / σ²: log Z = d log σ + (d/2) log 2π depends on σ."""
@@ -39,7 +43,12 @@ def test_update_follows_the_exact_ml_gradient():
     x = 0.7 * jax.random.normal(jax.random.key(0), (n, 2))  # model at mu=0, sigma=0.7
     y = 1.0 + jax.random.normal(jax.random.key(1), (50,))
     learner = ebm.MaximumLikelihood(
-        gaussian_model, optax.sgd(lr), num_chains=num_chains, ema_decay=None, energy_l2=0.0
+        gaussian_model,
+        optax.sgd(lr),
+        num_chains=num_chains,
+        ema_decay=None,
+        energy_l2=0.0,
+        track_log_z=False,
     )
     state = learner.init(jax.random.key(2), x, y)
     state = state._replace(params={**state.params, "log_sigma": jnp.log(0.7)})
@@ -66,7 +75,9 @@ def test_run_recovers_the_gaussian_mle():
     x = jnp.array([1.0, -2.0]) + 0.5 * jax.random.normal(key, (2000, 2))
     y = jnp.zeros((1,))
 
-    learner = ebm.MaximumLikelihood(gaussian_model, optax.adam(0.03, b1=0.5), num_chains=256)
+    learner = ebm.MaximumLikelihood(
+        gaussian_model, optax.adam(0.03, b1=0.5), num_chains=256, track_log_z=False
+    )
     res = learner.run(jax.random.key(5), 600, x, y, progress_bar=False)
     mle_mu = jnp.mean(x, axis=0)
     mle_sigma = jnp.sqrt(jnp.mean((x - mle_mu) ** 2))
@@ -88,7 +99,9 @@ def test_eqx_module_sites_and_subsampling_train():
             numpyro.sample("x", ebm.EnergyDistribution(energy, (2,)), obs=batch)
 
     data = ebm.datasets.toy("8gaussians").sample(jax.random.key(1), 1000)
-    learner = ebm.MaximumLikelihood(model, optax.adam(1e-3), num_chains=64, num_mcmc_steps=5)
+    learner = ebm.MaximumLikelihood(
+        model, optax.adam(1e-3), num_chains=64, num_mcmc_steps=5, track_log_z=False
+    )
     res = learner.run(jax.random.key(2), 30, data, progress_bar=False, steps_per_call=10)
     before = learner.init(jax.random.key(2), data).params["energy$params"]
     changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), before, res.params["energy$params"])
@@ -128,7 +141,7 @@ def test_constrained_params_are_optimised_unconstrained():
             numpyro.sample("x", ebm.EnergyDistribution(energy, (1,)), obs=x)
 
     x = 3.0 * jax.random.normal(jax.random.key(0), (500, 1))
-    learner = ebm.MaximumLikelihood(model, optax.adam(0.05), num_chains=256)
+    learner = ebm.MaximumLikelihood(model, optax.adam(0.05), num_chains=256, track_log_z=False)
     res = learner.run(jax.random.key(1), 300, x, progress_bar=False)
     assert float(res.params["scale"]) == pytest.approx(float(jnp.std(x)), abs=0.3)
     assert float(res.params["scale"]) > 0
@@ -243,7 +256,9 @@ def test_predictive_uses_the_trained_params():
             numpyro.sample("x", d, obs=x)
 
     x = jnp.array([2.0, -1.0]) + 0.5 * jax.random.normal(jax.random.key(9), (1000, 2))
-    learner = ebm.MaximumLikelihood(model, optax.adam(0.03, b1=0.5), num_chains=256)
+    learner = ebm.MaximumLikelihood(
+        model, optax.adam(0.03, b1=0.5), num_chains=256, track_log_z=False
+    )
     res = learner.run(jax.random.key(10), 400, 1000, x, progress_bar=False)
     out = numpyro.infer.Predictive(model, params=res.params, num_samples=1)(
         jax.random.key(11), 2000
@@ -373,7 +388,12 @@ def test_energy_l2_leaves_the_density_parameters_the_pure_ml_gradient():
     steps = {}
     for l2 in (0.0, 1.0):
         learner = ebm.MaximumLikelihood(
-            gaussian_model, optax.sgd(1e-3), num_chains=64, ema_decay=None, energy_l2=l2
+            gaussian_model,
+            optax.sgd(1e-3),
+            num_chains=64,
+            ema_decay=None,
+            energy_l2=l2,
+            track_log_z=False,
         )
         state = learner.init(jax.random.key(41), x, y)
         steps[l2] = learner.update(jax.random.key(42), state, x, y)[0].params
@@ -397,7 +417,13 @@ def test_energy_l2_is_per_data_point_as_in_fit():
     new = {}
     for l2 in (0.0, alpha):
         learner = ebm.MaximumLikelihood(
-            model, optax.sgd(lr), num_chains=32, num_mcmc_steps=3, ema_decay=None, energy_l2=l2
+            model,
+            optax.sgd(lr),
+            num_chains=32,
+            num_mcmc_steps=3,
+            ema_decay=None,
+            energy_l2=l2,
+            track_log_z=False,
         )
         state = learner.init(jax.random.key(45), data)
         new[l2] = learner.update(jax.random.key(46), state, data)[0]
@@ -444,7 +470,9 @@ def test_maximum_likelihood_trains_an_eqx_nn_mlp_energy():
             numpyro.sample("x", ebm.EnergyDistribution(energy, (2,)), obs=data)
 
     data = jax.random.normal(jax.random.key(51), (128, 2))
-    learner = ebm.MaximumLikelihood(model, optax.adam(1e-3), num_chains=32, num_mcmc_steps=3)
+    learner = ebm.MaximumLikelihood(
+        model, optax.adam(1e-3), num_chains=32, num_mcmc_steps=3, track_log_z=False
+    )
     res = learner.run(jax.random.key(52), 20, data, progress_bar=False, steps_per_call=10)
     before = learner.init(jax.random.key(52), data).params["energy$params"]
     moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), before, res.params["energy$params"])

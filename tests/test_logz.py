@@ -59,18 +59,28 @@ def test_ais_2d_within_0_02():
     assert est.info["ess"].shape == (200,) and est.info["acceptance"].shape == (200,)
 
 
+# The AIS defaults (1000 particles × 8 runs) at 10 and 32 dimensions are measured in
+# benchmarks/logz_accuracy.py; the tests below run a quarter of the particles and half of the
+# runs, and check the estimate against the truth within its own error bar, which must be small.
+
+
 def test_ais_32d_correlated_gaussian_within_0_05():
     energy = correlated_gaussian(32)
-    est = ebm.logz.ais(energy, (32,), key=jax.random.key(2))
-    assert abs(est.value - float(energy.log_z)) <= 0.05
+    est = ebm.logz.ais(energy, (32,), key=jax.random.key(2), num_particles=250, num_runs=4)
+    error = est.value - float(energy.log_z)
+    assert abs(error) <= min(0.05, 4 * est.stderr + 1e-3) and est.stderr < 0.03, (error, est)
 
 
 def test_ais_10d_mixture_with_a_base_fitted_to_samples():
     energy = mixture_10d()
     comp = jax.random.categorical(jax.random.key(3), energy.log_weights, shape=(5000,))
     samples = energy.means[comp] + math.sqrt(0.5) * jax.random.normal(jax.random.key(4), (5000, 10))
-    est = ebm.logz.ais(energy, (10,), key=jax.random.key(5), data=samples)
-    assert abs(est.value - float(energy.log_z)) <= 0.05
+    est = ebm.logz.ais(
+        energy, (10,), key=jax.random.key(5), data=samples, num_temperatures=100,
+        num_particles=250, num_runs=4,
+    )  # fmt: skip
+    error = est.value - float(energy.log_z)
+    assert abs(error) <= min(0.05, 4 * est.stderr + 1e-3) and est.stderr < 0.02, (error, est)
 
 
 def test_ais_adaptive_schedule():
