@@ -5,6 +5,8 @@
     python benchmarks/generator_quality.py --energies mlp deep --modes hybrid pcd
     python benchmarks/generator_quality.py --toys checkerboard --energies deep --modes hybrid pcd \
         --seeds 0 1 2                                             # across training seeds
+    python benchmarks/generator_quality.py --modes hybrid --restart-fraction 0.1
+                                          # a hybrid whose chains mostly persist (see below)
 
 Modes (each trains a fresh energy, `MLPEnergy` (hidden 128×3) and/or `DeepEnergy` (Kim & Bengio's
 product of experts, σ = 1), with `fit`'s defaults otherwise: 2000 steps, 1024 negatives per step,
@@ -16,7 +18,9 @@ batch 1024, 50 000 training points):
   k-nearest-neighbour entropy estimate of its output.
 * hybrid: `negatives="hybrid"`: generator samples (improved entropy), importance-resampled
   towards the model, start 20 MALA steps; the refined samples are the negatives and also pull
-  the generator (amortization).
+  the generator (amortization). With ``--restart-fraction f`` < 1, each chain restarts from
+  the generator's samples with probability f per step and otherwise continues from its last
+  negative (``negatives.Hybrid(restart_fraction=f)``, all other settings fit's).
 * pcd: persistent MALA chains (the training issue's default), for reference.
 
 Columns: KL(data ‖ model) ± one standard error with grid-exact log Z (512² grid, 20 000 fresh
@@ -111,12 +115,20 @@ def far_field_gap(energy, bounds, num_rays: int = 64, reach: float = 5.0) -> flo
     return float(e_out.min() - e_in.min())
 
 
-def run(toy_name: str, energy_name: str, mode: str, steps: int, seed: int = 0) -> dict:
+def run(
+    toy_name: str, energy_name: str, mode: str, steps: int, seed: int = 0, restart: float = 1.0
+) -> dict:
     toy = ebm.datasets.toy(toy_name)
     k_data, k_energy, k_fit, k_test, k_gen, k_ref = jax.random.split(jax.random.key(seed), 6)
     data = toy.sample(k_data, 50_000)
     energy = ENERGIES[energy_name](2, key=k_energy)
     options = MODES[mode]
+    kind = options["negatives"]
+    if mode == "hybrid" and restart < 1.0:  # fit's hybrid, with only that setting changed
+        resolved = ebm.TrainConfig(
+            num_chains=NUM_CHAINS, num_mcmc_steps=NUM_MCMC_STEPS, batch_size=BATCH, negatives=kind
+        ).resolve(steps)
+        options = {"negatives": resolved.negatives.replace(restart_fraction=restart)}
     start = time.perf_counter()
     res = ebm.fit(
         energy,
@@ -143,7 +155,7 @@ def run(toy_name: str, energy_name: str, mode: str, steps: int, seed: int = 0) -
         "kl": out.kl,
         "kl_se": out.kl_stderr,
         "seconds": seconds,
-        "grads": gradient_evaluations(options["negatives"], steps),
+        "grads": gradient_evaluations(kind, steps),
         "rejected": int(np.sum(~res.history["is_finite"].astype(bool))),
         # the box kl_to_toy integrates over (its default: the toy's bounds, padding 0.5)
         "far": far_field_gap(res.energy, ebm.logz.select.box(toy_bounds=toy.bounds, padding=0.5)),
@@ -187,6 +199,12 @@ def main() -> None:
     seeds.add_argument(
         "--seeds", type=int, nargs="+", help="train every row once per seed (two or more)"
     )
+    parser.add_argument(
+        "--restart-fraction",
+        type=float,
+        default=1.0,
+        help="the hybrid's restart_fraction (1: every chain restarts from the generator)",
+    )
     args = parser.parse_args()
     seed_list = args.seeds or [args.seed]
     if len(set(seed_list)) != len(seed_list):
@@ -194,7 +212,8 @@ def main() -> None:
     several = len(seed_list) > 1
     print(
         f"# generator_quality: {platform.processor() or platform.machine()}, "
-        f"{jax.device_count()}× {jax.devices()[0].device_kind}, jax {jax.__version__}"
+        f"{jax.device_count()}× {jax.devices()[0].device_kind}, jax {jax.__version__}; "
+        f"hybrid restart_fraction {args.restart_fraction}"
     )
     seed_column = "seed | " if several else ""
     print(
@@ -208,7 +227,7 @@ def main() -> None:
         for toy_name in args.toys:
             for energy_name in args.energies:
                 for mode in args.modes:
-                    r = run(toy_name, energy_name, mode, args.steps, seed)
+                    r = run(toy_name, energy_name, mode, args.steps, seed, args.restart_fraction)
                     rows[toy_name, energy_name, mode, seed] = r
                     seed_cell = f"{seed} | " if several else ""
                     print(

@@ -456,3 +456,35 @@ def test_hybrid_generator_update_is_invariant_to_the_datas_units():
     np.testing.assert_allclose(moved_c, moved, atol=1e-3 * float(jnp.max(jnp.abs(moved))))
     # the recorded term is the dimensionless one the weight multiplies
     np.testing.assert_allclose(info_c["amortization"], info["amortization"], rtol=1e-3)
+
+
+@pytest.mark.parametrize("fraction", [0.3, 1.0])
+def test_hybrid_chains_that_are_not_restarted_continue_from_their_last_negative(fraction):
+    """``restart_fraction``: each chain starts from the generator with that probability and
+    otherwise from its last negative. The generator draws near (50, 50), the last negatives
+    are data rows near 0, and the chains barely move (step size 1e-6): after one step the
+    share of negatives near the generator is the fraction within 4 binomial standard errors,
+    and the others are the previous negatives."""
+    data = jax.random.normal(jax.random.key(60), (512, 2))
+    g = gen.Generator(2, 4, hidden=(16,), key=jax.random.key(61), noise_scale=0.1)
+    g = eqx.tree_at(lambda g: g.layers[-1].bias, g, jnp.full(2, 50.0))
+    config = ebm.TrainConfig(
+        sampler=ebm.samplers.mala(step_size=1e-6),
+        negatives="hybrid",
+        num_chains=256,
+        num_mcmc_steps=1,
+        batch_size=64,
+        num_recorded_chains=0,
+        track_log_z=False,
+    ).resolve(schedule_steps=1, generator=g)
+    config = config.replace(negatives=config.negatives.replace(restart_fraction=fraction))
+    energy = GaussianEnergy(jnp.zeros(2), scale_tril=30.0 * jnp.eye(2))
+    state = training.energy_init(jax.random.key(62), energy, data, config)
+    new, _ = training.energy_step(jax.random.key(63), state, data[:64], config)
+    before, after = state.negatives["x"].bank, new.negatives["x"].bank
+    restarted = np.asarray(jnp.linalg.norm(after - 50.0, axis=1) < 10.0)
+    share = restarted.mean()
+    assert abs(share - fraction) <= 4 * np.sqrt(fraction * (1 - fraction) / 256) + 1e-9, share
+    np.testing.assert_allclose(after[~restarted], before[~restarted], atol=1e-2)
+    with pytest.raises(ValueError, match="restart_fraction"):
+        config.negatives.replace(restart_fraction=0.0)

@@ -32,17 +32,23 @@ class Hybrid(GeneratorNegatives, ChainSettings):
             deviation (``generator.data_scale``), so it does not depend on the data's units.
         resample: importance-resample a noisy generator's samples towards the model before
             the chains start (``generator.resample_towards_model``).
+        restart_fraction: the share of chains that start from the generator each step (each
+            chain independently with this probability); the others continue from their last
+            negative, as persistent chains do. 1: every chain restarts (the default).
     """
 
     name = "hybrid"
     amortization_weight: float = 40.0
     resample: bool = True
+    restart_fraction: float = 1.0
 
     def __post_init__(self):
         GeneratorNegatives.__post_init__(self)
         ChainSettings.__post_init__(self)
         if self.amortization_weight < 0:
             raise ValueError(f"amortization_weight must be >= 0, got {self.amortization_weight}")
+        if not 0.0 < self.restart_fraction <= 1.0:
+            raise ValueError(f"restart_fraction must be in (0, 1], got {self.restart_fraction}")
 
     @property
     def needs_noise(self) -> bool:
@@ -75,6 +81,11 @@ class Hybrid(GeneratorNegatives, ChainSettings):
                 samples,
             )
             samples, ess = resampled.samples, resampled.ess
+        if self.restart_fraction < 1.0:
+            restart = jax.random.bernoulli(
+                jax.random.fold_in(k_start, 4), self.restart_fraction, (self.num_chains,)
+            )
+            samples = jnp.where(restart[:, None], samples, state.bank)
         run = self.run(k_chains, samples, target, state.step_size)
         new_generator, opt_state, terms = self.train_generator(
             state, target, z, eps, run.finals, self.amortization_weight
