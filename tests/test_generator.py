@@ -442,6 +442,7 @@ def test_hybrid_generator_update_is_invariant_to_the_datas_units():
             generator_optimizer=optax.sgd(1e-2),
             entropy=gen.NearestNeighbourEntropy(),
             num_recorded_chains=0,
+            track_log_z=False,
         ).resolve(schedule_steps=1, generator=generator)
         state = training.energy_init(jax.random.key(39), energy, data, config)
         new, info = training.energy_step(jax.random.key(40), state, data[:64], config)
