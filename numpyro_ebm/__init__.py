@@ -20,6 +20,7 @@ from numpyro_ebm import (
     negatives,
     plots,
     samplers,
+    tables,
     training,
     validation,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "negatives",
     "plots",
     "samplers",
+    "tables",
     "training",
     "validation",
 ]

@@ -29,6 +29,12 @@ Energy-Based Models" (Nijkamp et al., 2020):
   measure their weights (issue 17). ``-H = -1.2515`` nats (``H`` = the weights' entropy +
   a Gaussian's, up to ~1e-8).
 
+**Tables** (``table``): scikit-learn's offline tables of measurements, in their original
+units with a fixed train/validation/test split: ``"wine"`` (178 × 13), ``"breast_cancer"``
+(569 × 30), ``"iris"`` (150 × 4, lengths recorded to 0.1 cm: the smallest, and the one where
+memorising the training rows is easiest). ``numpyro_ebm.tables.TableTransform`` turns them
+into a model's coordinates.
+
 **Digits** (``digits``): the 1797 8x8 handwritten digits of the UCI optical recognition
 data set, as shipped with scikit-learn (no download). The integer pixels in ``{0..16}`` are
 uniformly dequantized and scaled to ``(-1, 1)``, so continuous densities can be compared with
@@ -59,11 +65,14 @@ from jax.scipy.special import logsumexp as _jax_logsumexp
 
 __all__ = [
     "BIMODAL_SPLIT",
+    "TABLE_NAMES",
     "TOY_NAMES",
     "Digits",
+    "Table",
     "ToyDensity",
     "digits",
     "digits_to_images",
+    "table",
     "toy",
 ]
 
@@ -533,6 +542,53 @@ def digits(*, test_fraction: float = 1 / 6, seed: int = 0) -> Digits:
         train_index=train_idx,
         test_index=test_idx,
     )
+
+
+# ============================================================================================
+# Tables.
+# ============================================================================================
+
+TABLE_NAMES: tuple[str, ...] = ("wine", "breast_cancer", "iris")
+"""Names accepted by ``table``."""
+
+
+class Table(NamedTuple):
+    """A table's rows in original units, split once for all.
+
+    Attributes:
+        train, validation, test: ``(n, D)`` float64 rows (60% / 20% / 20%).
+        columns: the ``D`` column names.
+    """
+
+    train: np.ndarray
+    validation: np.ndarray
+    test: np.ndarray
+    columns: tuple[str, ...]
+
+
+def table(name: str, *, seed: int = 0) -> Table:
+    """One of scikit-learn's offline tables (``TABLE_NAMES``), split 60/20/20 at random.
+
+    ``seed`` is the data set's version (of the split), fixed by default like ``digits``'s:
+    results on ``table(name)`` are comparable across runs and machines.
+
+    Example:
+        >>> wine = table("wine")
+        >>> wine.train.shape, wine.validation.shape, wine.test.shape
+        ((106, 13), (36, 13), (36, 13))
+    """
+    from sklearn import datasets as sk
+
+    loaders = {"wine": sk.load_wine, "breast_cancer": sk.load_breast_cancer, "iris": sk.load_iris}
+    if name not in loaders:
+        raise ValueError(f"unknown table {name!r}; choose one of {TABLE_NAMES}")
+    bunch = loaders[name]()
+    rows = np.asarray(bunch.data, np.float64)
+    order = np.random.default_rng(seed).permutation(len(rows))
+    n_validation = n_test = round(0.2 * len(rows))
+    test, validation = order[:n_test], order[n_test : n_test + n_validation]
+    train = order[n_test + n_validation :]
+    return Table(rows[train], rows[validation], rows[test], tuple(bunch.feature_names))
 
 
 def _is_index(x: Any) -> bool:

@@ -1,0 +1,116 @@
+"""``tables``: grid detection, uniform dequantization, standardization and their units."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+import pytest
+from scipy import stats
+
+from numpyro_ebm import datasets
+from numpyro_ebm.tables import TableTransform, quantum
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([3.0, 17.0, 4.0], 1.0),
+        ([5.1, 3.5, 1.4], 0.1),
+        ([0.25, 0.5], 0.01),
+        ([1e-6, 3e-6], 1e-6),
+        ([0.1234567, 1.0], 0.0),  # 7 decimals: continuous
+        ([np.pi, 1.0], 0.0),
+    ],
+)
+def test_quantum_is_the_coarsest_power_of_ten_grid(values, expected):
+    assert quantum(np.array(values)) == expected
+
+
+def test_quantum_reads_float32_columns_in_their_own_precision():
+    assert quantum(np.float32([17.99, 0.01, 1234.56])) == 0.01
+    # the same float32 values widened to float64 are not on the grid at float64 precision
+    assert quantum(np.float32([17.99, 0.01]).astype(np.float64)) == 0.0
+
+
+def test_dequantized_training_columns_have_the_transforms_mean_and_std():
+    """The mean and std are the exact expectations over the dequantization noise: the
+    dequantized columns match them within Monte Carlo error (n·repeats draws)."""
+    rng = np.random.default_rng(0)
+    train = np.column_stack([rng.integers(0, 4, 500), np.round(rng.normal(size=500), 1)])
+    transform = TableTransform.fit(train)
+    assert transform.quantum.tolist() == [1.0, 0.1]
+    keys = jax.random.split(jax.random.key(1), 20)
+    z = np.concatenate([transform.to_model(train, key=k) for k in keys])
+    # the noise is the only randomness: the mean of z over the repeats is 0 within its SE
+    se = transform.quantum / math.sqrt(12) / transform.std / math.sqrt(len(z))
+    np.testing.assert_array_less(np.abs(z.mean(0)), 5 * se)
+    # E var(z) = 1 exactly; the noise's contribution to the spread of var(z) is small
+    np.testing.assert_allclose(z.var(0), 1.0, atol=0.01)
+    # each entry lies in its cell [v, v + q)
+    back = transform.to_original(z[: len(train)])
+    assert np.all((back >= train - 1e-5) & (back < train + transform.quantum + 1e-5))
+
+
+def test_continuous_columns_are_standardized_and_not_perturbed():
+    x = np.random.default_rng(1).normal(3.0, 2.0, size=(200, 2))
+    transform = TableTransform.fit(x)
+    assert not transform.quantized.any()
+    z = transform.to_model(x, key=jax.random.key(0))
+    np.testing.assert_allclose(z, (x - x.mean(0)) / x.std(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(transform.to_original(z), x, rtol=1e-5, atol=1e-5)
+
+
+def test_units_a_standard_normal_on_z_is_the_gaussian_of_the_original_units():
+    """``log p_model(z) + log_jacobian`` is the log-density of the original values."""
+    rng = np.random.default_rng(2)
+    x = rng.normal([1.0, -2.0], [3.0, 0.5], size=(300, 2))
+    transform = TableTransform.fit(x)
+    z = transform.to_model(x, key=jax.random.key(0))
+    model = stats.norm.logpdf(z).sum(1) + transform.log_jacobian
+    direct = stats.norm(transform.mean, transform.std).logpdf(x).sum(1)
+    np.testing.assert_allclose(model, direct, rtol=1e-5)
+
+
+def test_log_cell_volume_is_the_sum_of_the_quantized_columns_log_quanta():
+    train = np.column_stack([np.arange(10.0), np.arange(10.0) / 10, np.linspace(0, np.pi, 10)])
+    transform = TableTransform.fit(train)
+    assert transform.quantum.tolist() == [1.0, 0.1, 0.0]
+    assert transform.log_cell_volume == pytest.approx(math.log(0.1))
+
+
+def test_a_constant_quantized_column_is_one_cell_wide_a_constant_continuous_one_is_refused():
+    ones = np.column_stack([np.ones(10), np.arange(10.0)])
+    assert TableTransform.fit(ones).std[0] == pytest.approx(math.sqrt(1 / 12))
+    with pytest.raises(ValueError, match="do not vary"):
+        TableTransform.fit(np.column_stack([np.full(10, np.pi), np.arange(10.0)]))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        TableTransform.fit(np.array([[1.0, np.nan], [2.0, 3.0]]))
+    with pytest.raises(ValueError, match="shape"):
+        TableTransform.fit(np.ones(5))
+
+
+def test_description_round_trip():
+    transform = TableTransform.fit(datasets.table("iris").train)
+    again = TableTransform.from_description(transform.describe())
+    for name in ("quantum", "mean", "std"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(transform, name))
+
+
+@pytest.mark.parametrize("name", datasets.TABLE_NAMES)
+def test_tables_split_60_20_20_without_overlap(name):
+    from sklearn import datasets as sk
+
+    table = datasets.table(name)
+    rows = np.concatenate([table.train, table.validation, table.test])
+    original = getattr(sk, f"load_{name}")().data
+    assert len(table.test) == len(table.validation) == round(0.2 * len(original))
+    # every original row exactly once
+    np.testing.assert_array_equal(np.unique(rows, axis=0), np.unique(original, axis=0))
+    assert len(rows) == len(original)
+    assert table.train.shape[1] == len(table.columns)
+    again = datasets.table(name)
+    np.testing.assert_array_equal(again.test, table.test)
+    with pytest.raises(ValueError, match="unknown table"):
+        datasets.table("titanic")
