@@ -106,6 +106,8 @@ class TrainState(NamedTuple):
         log_z_tracker: per site, the ``logz.tracking.TrackerState`` that follows the averaged
             energy's ``log Z`` through training (None for a conditional site, or without
             ``config.track_log_z``).
+        best: ``selection.BestState``, the averaged parameters at the lowest held-out NLL so
+            far (``fit`` with validation data), or None.
     """
 
     step: jax.Array
@@ -120,6 +122,7 @@ class TrainState(NamedTuple):
     log_z_opt_state: dict
     free_constant: dict
     log_z_tracker: dict
+    best: Any = None
 
 
 class SiteInfo(NamedTuple):
@@ -438,6 +441,7 @@ def step(key: jax.Array, state: TrainState, batch, problem, config: TrainConfig)
         log_z_opt_state=log_z_opt_state,
         free_constant=state.free_constant,
         log_z_tracker=trackers,
+        best=state.best,
     )
     finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(proposed)
     new_state = keep_if_finite(finite, proposed, state)

@@ -20,7 +20,7 @@ from numpyro_ebm import logz as _logz
 from numpyro_ebm import negatives as _negatives
 from numpyro_ebm import samplers as _samplers
 from numpyro_ebm.distribution import EnergyDistribution
-from numpyro_ebm.training import checkpoint, core, loop
+from numpyro_ebm.training import checkpoint, core, loop, selection
 from numpyro_ebm.training.config import TrainConfig
 from numpyro_ebm.training.inputs import (
     chain_sharding,
@@ -114,7 +114,9 @@ class FitResult:
     """What ``fit`` (and ``load``) returns.
 
     Attributes:
-        energy: the trained energy (parameter average if ``ema_decay`` is set).
+        energy: the trained energy (parameter average if ``ema_decay`` is set); with
+            validation data, the one with the lowest held-out NLL (``best_step``) unless
+            ``select_best=False``.
         last_energy: the last iterate's energy.
         chains: the negative sampler's final samples or bank ``(rows, *event_shape)``
             (None for a sampler whose state keeps none).
@@ -124,7 +126,8 @@ class FitResult:
         event_shape: shape of one event.
         log_z: ``LogZEstimate`` of the energy's ``log Z`` tracked through training
             (``logz.tracking``, method ``"tracked"``, with its standard error; ``info["nce"]``
-            is the noise-contrastive value learned beside it). NaN with ``stderr`` inf when the
+            is the noise-contrastive value learned beside it; for a selected best energy, the
+            value tracked at ``best_step``, ``info["step"]``). NaN with ``stderr`` inf when the
             tracker lost the track at the end (``diagnose`` says so; use
             ``calibrate_log_z=True``). With ``track_log_z=False``, the noise-contrastive value
             (``"nce-learned"``, no error bar, reliable in low dimension only). None for a
@@ -136,6 +139,8 @@ class FitResult:
             one draw every ``record_every`` training steps (``Draws.step``), or None. For
             persistent negatives each is one chain followed through training; for the other
             kinds a "chain" is a slot of the negative batch. See ``numpyro_ebm.diagnostics``.
+        best_step: the step of the selected energy (validation data and ``select_best``),
+            else None. ``state.step`` is where training stopped (``patience``).
     """
 
     energy: Any
@@ -149,6 +154,7 @@ class FitResult:
     log_z_ais: Any = None
     generator: Any = None
     recorded_chains: _samplers.Draws | None = None
+    best_step: int | None = None
 
     def distribution(self, log_z=None) -> EnergyDistribution:
         """``EnergyDistribution`` with the trained energy and ``log_z`` (default: the AIS
@@ -185,6 +191,8 @@ def fit(
     checkpoint_every: int | None = None,
     devices: list | None = None,
     calibrate_log_z: bool = False,
+    select_best: bool = True,
+    patience: int | None = None,
     **settings,
 ) -> FitResult:
     """Train ``energy`` on ``data`` by maximum likelihood (see docs/guides/training.md).
@@ -204,7 +212,8 @@ def fit(
         condition: ``(num_points, condition_size)``: the energy is ``E(x, c)``, trained by
             contrastive divergence unless ``negatives`` handles conditions.
         validation_data: held-out data (``(points, conditions)`` with ``condition``):
-            ``history["heldout_nll"]`` every ``record_every`` steps (learned ``log Z``).
+            ``history["heldout_nll"]`` every ``record_every`` steps (learned ``log Z``), and
+            the best energy by it is returned (``select_best``).
         generator: the generator modes' starting ``Generator`` (default: ``default_generator``).
         steps_per_call, max_nonfinite, progress_bar: as for ``loop.train``.
         checkpoint_dir: checkpoint folder (locked during the run): one of the same settings
@@ -212,6 +221,10 @@ def fit(
         checkpoint_every: steps between checkpoints (default: every ``steps_per_call``).
         devices: devices to spread the chains and the batch over (default all).
         calibrate_log_z: after training, also estimate ``log Z`` by AIS (``log_z_ais``).
+        select_best: with ``validation_data``, return the averaged energy at the step of
+            the lowest held-out NLL (``training.selection``), not the last one.
+        patience: with ``validation_data`` and ``select_best``, stop once the held-out NLL
+            has not improved for this many steps (checked every ``steps_per_call`` steps).
 
     Returns ``FitResult``.
 
@@ -234,6 +247,8 @@ def fit(
     inputs, validation, event_shape = checked_inputs(
         energy, data, condition, validation_data, num_steps, steps_per_call, max_nonfinite
     )
+    select_best = select_best and validation is not None
+    _check_patience(patience, select_best, config.record_every)
     stored = None if checkpoint_dir is None else checkpoint.stored_meta(checkpoint_dir)
     schedule = schedule_steps(stored, num_steps, checkpoint_dir)
     sharding = chain_sharding(devices, config.num_chains, config.batch_size)
@@ -242,7 +257,9 @@ def fit(
     problem = EnergyProblem(config.batch_size, condition is not None)
     k_init, k_loop = jax.random.split(key)
     state = core.init(k_init, energy, inputs, problem, config)
-    meta = run_meta(given, config, schedule, num_steps, inputs)
+    if select_best:
+        state = state._replace(best=selection.start(state))
+    meta = run_meta(given, config, schedule, num_steps, inputs, select_best)
     state, history, recorded = checkpoint.resume(checkpoint_dir, state, meta, stored)
     state, inputs, validation = placed(state, inputs, validation, sharding)
     state, history, recorded = loop.train(
@@ -261,6 +278,7 @@ def fit(
         save=checkpoint.saver(checkpoint_dir, meta),
         checkpoint_every=checkpoint_every,
         sharding=sharding,
+        patience=patience,
     )
     result = fit_result(state, history, recorded, config, event_shape, condition is not None)
     if calibrate_log_z:
@@ -269,9 +287,30 @@ def fit(
     return result
 
 
-def run_meta(config: TrainConfig, resolved: TrainConfig, schedule: int, num_steps: int, inputs):
+def _check_patience(patience, select_best: bool, record_every: int) -> None:
+    if patience is None:
+        return
+    if not select_best:
+        raise ValueError("patience needs validation_data (and select_best=True)")
+    if not (isinstance(patience, int) and not isinstance(patience, bool)) or patience < 1:
+        raise ValueError(f"patience must be a whole number of steps >= 1, got {patience!r}")
+    if patience < record_every:
+        raise ValueError(
+            f"patience ({patience}) must be at least record_every ({record_every}): the "
+            "held-out NLL is scored every record_every steps"
+        )
+
+
+def run_meta(
+    config: TrainConfig,
+    resolved: TrainConfig,
+    schedule: int,
+    num_steps: int,
+    inputs,
+    select_best: bool = False,
+):
     """The settings a checkpoint records (and a resumed run must match): ``config`` as given,
-    ``resolved`` as run."""
+    ``resolved`` as run; ``select_best``: the state keeps a ``selection.BestState``."""
     points, conditions = inputs if isinstance(inputs, tuple) else (inputs, None)
     default_generator_optimizer = config.uses_generator and config.generator_optimizer is None
     return {
@@ -280,6 +319,7 @@ def run_meta(config: TrainConfig, resolved: TrainConfig, schedule: int, num_step
         "config": resolved.describe(),
         "defaults": resolved.describe_defaults(),
         "event_shape": list(points.shape[1:]),
+        "select_best": select_best,
         "conditional": conditions is not None,
         "condition_shape": None if conditions is None else list(conditions.shape[1:]),
         # a custom optimizer is not comparable; the default ones are, by their learning rates
@@ -298,8 +338,12 @@ def fit_result(state, history, recorded, config, event_shape, conditional) -> Fi
     if isinstance(negatives, _negatives.TemperingState) and not conditional:
         bank, tempering = negatives.replicas.position[:, 0], _negatives.tempering_summary(negatives)
     learned = None if conditional else core.learned_log_z(state, SITE)
+    energy, best_step = state.average_params, None
+    if state.best is not None and int(state.best.step) >= 0:
+        energy, best_step = state.best.params, int(state.best.step)
+        learned = None if conditional else _best_log_z(state.best, learned)
     return FitResult(
-        energy=state.average_params,
+        energy=energy,
         last_energy=state.params,
         chains=None if bank is None else jnp.reshape(bank, (-1, *event_shape)),
         history=history,
@@ -309,7 +353,17 @@ def fit_result(state, history, recorded, config, event_shape, conditional) -> Fi
         log_z=learned,
         generator=getattr(negatives, "generator", None),
         recorded_chains=loop.records_to_draws(recorded.get(SITE, {}), event_shape, tempering),
+        best_step=best_step,
     )
+
+
+def _best_log_z(best: selection.BestState, last):
+    """The ``LogZEstimate`` of the selected energy: ``log Z`` as tracked (or learned) at its
+    step; ``last`` is the final state's (for the method's name)."""
+    value, stderr = (float(v) for v in best.log_z[SITE])
+    if last.method != "tracked":
+        stderr = float("nan")
+    return type(last)(value, stderr, last.method, None, {"step": int(best.step)})
 
 
 def load(folder: str | os.PathLike, energy=None, *, config=None, generator=None) -> FitResult:
@@ -348,6 +402,8 @@ def load(folder: str | os.PathLike, energy=None, *, config=None, generator=None)
     problem = EnergyProblem(config.batch_size, bool(meta.get("conditional", False)))
     stand_in = _stand_in_data(event_shape, problem.conditional, meta)
     like = core.init(jax.random.key(0), energy, stand_in, problem, config)
+    if meta.get("select_best", False):
+        like = like._replace(best=selection.start(like))
     state, history, recorded = checkpoint.resume(folder, like, None, meta)
     return fit_result(state, history, recorded, config, event_shape, problem.conditional)
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from numpyro_ebm import samplers as _samplers
-from numpyro_ebm.training import core
+from numpyro_ebm.training import core, selection
 
 __all__ = [
     "DIVERGED_ADVICE",
@@ -72,6 +72,10 @@ def _run_steps(key, state, data, validation, problem, config, num_steps_total, l
                 new_state,
             )
             info = info._replace(heldout_nll=nll)
+            if new_state.best is not None:
+                log_z = {name: core.log_z_of(new_state, name) for name in new_state.log_z}
+                best = selection.update(new_state.best, new_state, nll, log_z)
+                new_state = new_state._replace(best=best)
         active = state.step < num_steps_total
         new_state = core.select(active, new_state, state)
         return eqx.filter(new_state, eqx.is_array), (info, active)
@@ -80,11 +84,12 @@ def _run_steps(key, state, data, validation, problem, config, num_steps_total, l
     return eqx.combine(carry, static), outputs
 
 
-def _run_steps_donated(inputs, state, problem, config, num_steps_total, length):
+def _run_steps_donated(inputs, state, problem, config, length):
     """``_run_steps`` with the state's buffers donated: XLA writes the new state into them, so
     chains, parameters and optimizer state are not held twice. ``inputs = (key, data,
-    validation)`` comes first and is never donated."""
-    key, data, validation = inputs
+    validation, num_steps_total)`` comes first and is never donated (the step count is an
+    array: a run of another length reuses the compiled call)."""
+    key, data, validation, num_steps_total = inputs
     return _run_steps(key, state, data, validation, problem, config, num_steps_total, length)
 
 
@@ -192,8 +197,10 @@ def train(
     checkpoint_every: int | None = None,
     sharding=None,
     description: str = "fit",
+    patience: int | None = None,
 ):
-    """Run ``core.step`` until ``state.step == num_steps``.
+    """Run ``core.step`` until ``state.step == num_steps``, or until ``patience`` steps have
+    passed since the best held-out NLL (``selection``; needs ``state.best``).
 
     Args:
         state: the starting ``TrainState`` (its buffers are donated: do not reuse it).
@@ -210,6 +217,8 @@ def train(
             ``checkpoint_every`` steps, at the end, and when training diverges.
         sharding: the chains' sharding (states are gathered before ``save`` and at the end).
         description: the progress bar's label.
+        patience: stop early when the held-out NLL has not improved for this many steps
+            (checked between compiled calls; a resumed run that had stopped stays stopped).
 
     Returns:
         ``(state, history, recorded)``.
@@ -229,13 +238,12 @@ def train(
         bar = tqdm(total=num_steps, initial=int(state.step), desc=description, unit="step")
     last_saved = int(state.step)
     try:
-        while int(state.step) < num_steps:
+        while int(state.step) < num_steps and not selection.stopped(state, patience):
             start_step = int(state.step)
             # the precision is read when the call is traced and lowered (and keys jit's cache)
             with jax.default_matmul_precision(config.matmul_precision):
-                state, (infos, active) = run_steps(
-                    (key, data, validation), state, problem, config, num_steps, steps_per_call
-                )
+                inputs = (key, data, validation, jnp.asarray(num_steps, jnp.int32))
+                state, (infos, active) = run_steps(inputs, state, problem, config, steps_per_call)
             active = np.asarray(active)
             chunk = {
                 k: np.asarray(v)[active] for k, v in history_columns(infos, prefix_sites).items()
@@ -270,6 +278,8 @@ def train(
             ):
                 save(host_readable(state, sharding), history, recorded, False)
                 last_saved = step_now
+        if save is not None and int(state.step) != last_saved:  # stopped early
+            save(host_readable(state, sharding), history, recorded, False)
     finally:
         if bar is not None:
             bar.close()

@@ -1,0 +1,134 @@
+"""Best-model selection and early stopping on the held-out NLL (``training.selection``).
+
+The training data are N(0, 3² I) and the validation data N(0, 1.5² I): a Gaussian energy
+that starts at N(0, I) passes the validation set's best fit on its way to the training data's,
+so the held-out NLL has its minimum in the middle of the run.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import numpyro_ebm as ebm
+from numpyro_ebm.energies import GaussianEnergy
+from numpyro_ebm.training import checkpoint
+
+SETTINGS = dict(  # the held-out NLL uses the tracked log Z (the default)
+    num_chains=16,
+    num_mcmc_steps=2,
+    batch_size=64,
+    record_every=5,
+    log_z_particles=128,
+    log_z_groups=4,
+    steps_per_call=5,
+    progress_bar=False,
+    # constant learning rate: the trajectory does not depend on num_steps
+    optimizer=optax.adam(0.05),
+)
+TRAIN = 3.0 * jax.random.normal(jax.random.key(0), (512, 2))
+VALIDATION = 1.5 * jax.random.normal(jax.random.key(1), (256, 2))
+
+
+def run(num_steps=80, folder=None, **kwargs):
+    return ebm.fit(
+        GaussianEnergy(jnp.zeros(2)),
+        TRAIN,
+        key=jax.random.key(2),
+        num_steps=num_steps,
+        validation_data=VALIDATION,
+        checkpoint_dir=folder,
+        **{**SETTINGS, **kwargs},
+    )
+
+
+def heldout_nll(energy, log_z):
+    return float(jnp.mean(jax.vmap(energy)(VALIDATION)) + log_z)
+
+
+@pytest.fixture(scope="module")
+def full():
+    return run()
+
+
+def scored(result):
+    nll = result.history["heldout_nll"]
+    steps = np.arange(1, len(nll) + 1)  # every step was accepted in these runs
+    return steps[np.isfinite(nll)], nll[np.isfinite(nll)]
+
+
+def test_the_selected_energy_is_the_average_at_the_lowest_heldout_nll(full):
+    steps, nll = scored(full)
+    assert full.best_step == steps[np.argmin(nll)]
+    assert 10 <= full.best_step <= 60  # the minimum is inside the run (see the module)
+    assert nll.min() < nll[-1] - 0.05  # and the last energy is clearly worse
+    # the returned energy and log Z give that lowest score: they are that step's
+    assert full.log_z.info["step"] == full.best_step
+    assert heldout_nll(full.energy, full.log_z.value) == pytest.approx(nll.min(), abs=1e-4)
+
+
+def test_patience_stops_after_that_many_steps_without_improvement(full):
+    stopped = run(patience=20)
+    best = stopped.best_step
+    assert best == full.best_step  # the same trajectory up to the stop
+    step = int(stopped.state.step)
+    # checked after each compiled call (5 steps): stops in the first call with 20 steps gone
+    assert 20 <= step - best < 20 + SETTINGS["steps_per_call"]
+    assert step < 80
+    np.testing.assert_array_equal(
+        stopped.history["heldout_nll"], full.history["heldout_nll"][:step]
+    )
+
+
+def test_an_interrupted_run_resumes_and_selects_as_an_uninterrupted_one(tmp_path, full):
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_stop(folder, state, history, meta):
+        real_save(folder, state, history, meta)
+        if meta["step"] == 40:
+            raise KeyboardInterrupt
+
+    checkpoint.save_checkpoint = save_then_stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(folder=tmp_path)
+    finally:
+        checkpoint.save_checkpoint = real_save
+    resumed = run(folder=tmp_path)
+    assert resumed.best_step == full.best_step
+    best = jax.tree.leaves(full.state.best)
+    for a, b in zip(jax.tree.leaves(resumed.state.best), best, strict=True):
+        np.testing.assert_array_equal(a, b)
+    loaded = ebm.load(
+        tmp_path,
+        GaussianEnergy(jnp.zeros(2)),
+        config=ebm.TrainConfig(
+            **{k: v for k, v in SETTINGS.items() if k not in ("steps_per_call", "progress_bar")}
+        ),
+    )
+    assert loaded.best_step == full.best_step
+
+
+def test_an_early_stopped_run_stays_stopped_when_rerun(tmp_path):
+    first = run(folder=tmp_path, patience=20)
+    again = run(folder=tmp_path, patience=20)
+    assert int(again.state.step) == int(first.state.step) < 80
+    assert again.best_step == first.best_step
+    # a run without selection cannot resume it: the settings differ, by name
+    with pytest.raises(ValueError, match="select_best: True -> False"):
+        run(folder=tmp_path, select_best=False)
+
+
+def test_bad_patience_is_refused_before_any_compute():
+    energy = GaussianEnergy(jnp.zeros(2))
+    with pytest.raises(ValueError, match="patience needs validation_data"):
+        ebm.fit(energy, TRAIN, key=jax.random.key(0), patience=10)
+    with pytest.raises(ValueError, match="patience needs validation_data"):
+        run(patience=10, select_best=False)
+    with pytest.raises(ValueError, match="at least record_every"):
+        run(patience=3)
+    with pytest.raises(ValueError, match="whole number"):
+        run(patience=12.5)
