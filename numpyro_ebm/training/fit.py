@@ -195,7 +195,8 @@ def fit(
     patience: int | None = None,
     **settings,
 ) -> FitResult:
-    """Train ``energy`` on ``data`` by maximum likelihood (see docs/guides/training.md).
+    """Train ``energy`` on ``data`` by maximum likelihood: a ``FitResult`` (see
+    docs/guides/training.md).
 
     Args:
         energy: callable pytree, one event -> scalar (``E(x, c)`` with ``condition``): an
@@ -212,8 +213,7 @@ def fit(
         condition: ``(num_points, condition_size)``: the energy is ``E(x, c)``, trained by
             contrastive divergence unless ``negatives`` handles conditions.
         validation_data: held-out data (``(points, conditions)`` with ``condition``):
-            ``history["heldout_nll"]`` every ``record_every`` steps (learned ``log Z``), and
-            the best energy by it is returned (``select_best``).
+            ``history["heldout_nll"]`` every ``record_every`` steps (learned ``log Z``).
         generator: the generator modes' starting ``Generator`` (default: ``default_generator``).
         steps_per_call, max_nonfinite, progress_bar: as for ``loop.train``.
         checkpoint_dir: checkpoint folder (locked during the run): one of the same settings
@@ -221,12 +221,9 @@ def fit(
         checkpoint_every: steps between checkpoints (default: every ``steps_per_call``).
         devices: devices to spread the chains and the batch over (default all).
         calibrate_log_z: after training, also estimate ``log Z`` by AIS (``log_z_ais``).
-        select_best: with ``validation_data``, return the averaged energy at the step of
-            the lowest held-out NLL (``training.selection``), not the last one.
-        patience: with ``validation_data`` and ``select_best``, stop once the held-out NLL
-            has not improved for this many steps (checked every ``steps_per_call`` steps).
-
-    Returns ``FitResult``.
+        select_best, patience: with ``validation_data``, return the averaged energy of the
+            lowest held-out NLL (``training.selection``), not the last; stop once that has
+            not improved for ``patience`` steps (checked every ``steps_per_call`` steps).
 
     Raises:
         ValueError: bad data or settings (before any compute), or a checkpoint of other
@@ -247,38 +244,29 @@ def fit(
     inputs, validation, event_shape = checked_inputs(
         energy, data, condition, validation_data, num_steps, steps_per_call, max_nonfinite
     )
-    select_best = select_best and validation is not None
-    _check_patience(patience, select_best, config.record_every)
-    stored = None if checkpoint_dir is None else checkpoint.stored_meta(checkpoint_dir)
-    schedule = schedule_steps(stored, num_steps, checkpoint_dir)
-    sharding = chain_sharding(devices, config.num_chains, config.batch_size)
-    given = config.replace(sharding=sharding)
-    config = given.resolve(schedule, generator)
+    select_best = _checked_selection(select_best, patience, validation, config.record_every)
+    given, config, stored, schedule, sharding = _resolved(
+        config, num_steps, checkpoint_dir, devices, generator
+    )
     problem = EnergyProblem(config.batch_size, condition is not None)
     k_init, k_loop = jax.random.split(key)
     state = core.init(k_init, energy, inputs, problem, config)
-    if select_best:
-        state = state._replace(best=selection.start(state))
+    state = state._replace(best=selection.start(state) if select_best else None)
     meta = run_meta(given, config, schedule, num_steps, inputs, select_best)
     state, history, recorded = checkpoint.resume(checkpoint_dir, state, meta, stored)
     state, inputs, validation = placed(state, inputs, validation, sharding)
+    options = {"num_steps": num_steps, "steps_per_call": steps_per_call, "patience": patience}
+    options |= {"max_nonfinite": max_nonfinite, "progress_bar": progress_bar}
+    options |= {"checkpoint_every": checkpoint_every, "sharding": sharding}
+    options |= {"history": history, "recorded": recorded, "validation": validation}
     state, history, recorded = loop.train(
         state,
         key=k_loop,
         data=inputs,
         problem=problem,
         config=config,
-        num_steps=num_steps,
-        steps_per_call=steps_per_call,
-        max_nonfinite=max_nonfinite,
-        progress_bar=progress_bar,
-        history=history,
-        recorded=recorded,
-        validation=validation,
         save=checkpoint.saver(checkpoint_dir, meta),
-        checkpoint_every=checkpoint_every,
-        sharding=sharding,
-        patience=patience,
+        **options,
     )
     result = fit_result(state, history, recorded, config, event_shape, condition is not None)
     if calibrate_log_z:
@@ -287,9 +275,20 @@ def fit(
     return result
 
 
-def _check_patience(patience, select_best: bool, record_every: int) -> None:
+def _resolved(config: TrainConfig, num_steps: int, checkpoint_dir, devices, generator):
+    """``(given, resolved, stored meta, schedule length, sharding)`` of a run."""
+    stored = None if checkpoint_dir is None else checkpoint.stored_meta(checkpoint_dir)
+    schedule = schedule_steps(stored, num_steps, checkpoint_dir)
+    sharding = chain_sharding(devices, config.num_chains, config.batch_size)
+    given = config.replace(sharding=sharding)
+    return given, given.resolve(schedule, generator), stored, schedule, sharding
+
+
+def _checked_selection(select_best: bool, patience, validation, record_every: int) -> bool:
+    """Whether the run selects its best energy (``ValueError`` for a bad ``patience``)."""
+    select_best = select_best and validation is not None
     if patience is None:
-        return
+        return select_best
     if not select_best:
         raise ValueError("patience needs validation_data (and select_best=True)")
     if not (isinstance(patience, int) and not isinstance(patience, bool)) or patience < 1:
@@ -299,6 +298,7 @@ def _check_patience(patience, select_best: bool, record_every: int) -> None:
             f"patience ({patience}) must be at least record_every ({record_every}): the "
             "held-out NLL is scored every record_every steps"
         )
+    return select_best
 
 
 def run_meta(

@@ -244,21 +244,9 @@ def train(
             with jax.default_matmul_precision(config.matmul_precision):
                 inputs = (key, data, validation, jnp.asarray(num_steps, jnp.int32))
                 state, (infos, active) = run_steps(inputs, state, problem, config, steps_per_call)
-            active = np.asarray(active)
-            chunk = {
-                k: np.asarray(v)[active] for k, v in history_columns(infos, prefix_sites).items()
-            }
-            history = {
-                k: np.concatenate([history[k], chunk[k]]) if k in history else chunk[k]
-                for k in chunk
-            }
-            accepted = chunk["is_finite"].astype(bool)
-            for name, site in infos.sites.items():
-                if site.recorded is not None:
-                    recorded[name] = _append_records(
-                        recorded.get(name, {}), site.recorded, active, accepted, start_step,
-                        config.record_every,
-                    )  # fmt: skip
+            chunk, accepted = _absorb(
+                history, recorded, infos, np.asarray(active), start_step, prefix_sites, config
+            )
             _progress(bar, chunk, accepted)
             _warn_rejected(int(np.sum(~accepted)), start_step)
             if int(state.consecutive_nonfinite) >= max_nonfinite:
@@ -284,6 +272,22 @@ def train(
         if bar is not None:
             bar.close()
     return host_readable(state, sharding), history, recorded
+
+
+def _absorb(history, recorded, infos, active, start_step, prefix_sites, config):
+    """Add one call's history rows and records to ``history`` and ``recorded`` (in place);
+    returns ``(the call's rows, which attempts were accepted)``."""
+    chunk = {k: np.asarray(v)[active] for k, v in history_columns(infos, prefix_sites).items()}
+    for k in chunk:
+        history[k] = np.concatenate([history[k], chunk[k]]) if k in history else chunk[k]
+    accepted = chunk["is_finite"].astype(bool)
+    for name, site in infos.sites.items():
+        if site.recorded is not None:
+            recorded[name] = _append_records(
+                recorded.get(name, {}), site.recorded, active, accepted, start_step,
+                config.record_every,
+            )  # fmt: skip
+    return chunk, accepted
 
 
 def _warn_rejected(num_bad: int, start_step: int) -> None:
