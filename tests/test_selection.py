@@ -7,6 +7,7 @@ so the held-out NLL has its minimum in the middle of the run.
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -132,3 +133,29 @@ def test_bad_patience_is_refused_before_any_compute():
         run(patience=3)
     with pytest.raises(ValueError, match="whole number"):
         run(patience=12.5)
+
+
+class SiluMLPEnergy(eqx.Module):
+    """eqx.nn.MLP keeps its activation function as a (non-array) field."""
+
+    mlp: eqx.nn.MLP
+
+    def __init__(self, *, key):
+        self.mlp = eqx.nn.MLP(2, "scalar", 8, 1, activation=jax.nn.silu, key=key)
+
+    def __call__(self, x):
+        return self.mlp(x) + 0.01 * jnp.sum(x**2)
+
+
+def test_selection_keeps_an_energy_with_function_fields():
+    res = ebm.fit(
+        SiluMLPEnergy(key=jax.random.key(3)),
+        TRAIN,
+        key=jax.random.key(4),
+        num_steps=10,
+        validation_data=VALIDATION,
+        **{**SETTINGS, "track_log_z": False},
+    )
+    assert res.best_step in (5, 10)
+    assert res.energy.mlp.activation is jax.nn.silu
+    assert np.isfinite(float(res.energy(jnp.ones(2))))

@@ -65,11 +65,13 @@ def _run_steps(key, state, data, validation, problem, config, num_steps_total, l
         k_batch, k_step = jax.random.split(step_key)
         new_state, info = core.step(k_step, state, problem.batch(k_batch, data), problem, config)
         if validation is not None:
+            # cond's operands must be arrays: an energy's functions (activations) stay out
+            arrays, fields = eqx.partition(new_state, eqx.is_array)
             nll = jax.lax.cond(
                 info.is_finite & (new_state.step % config.record_every == 0),
-                lambda s: problem.heldout_nll(s, validation),
-                lambda s: jnp.full((), jnp.nan, jnp.float32),
-                new_state,
+                lambda a: problem.heldout_nll(eqx.combine(a, fields), validation),
+                lambda a: jnp.full((), jnp.nan, jnp.float32),
+                arrays,
             )
             info = info._replace(heldout_nll=nll)
             if new_state.best is not None:

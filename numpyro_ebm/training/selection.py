@@ -19,6 +19,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from numpyro_ebm.training import core
+
 __all__ = ["BestState", "start", "stopped", "update"]
 
 NOTHING_YET = float(jnp.finfo(jnp.float32).max)  # finite: the step rejects non-finite states
@@ -59,7 +61,7 @@ def update(best: BestState, state, heldout_nll: jax.Array, log_z: dict) -> BestS
     better = heldout_nll < best.heldout_nll
     log_z = jax.tree.map(lambda v: jnp.where(jnp.isfinite(v), v, 0.0), log_z)
     candidate = BestState(state.average_params, heldout_nll, state.step, log_z)
-    return jax.tree.map(lambda new, old: jnp.where(better, new, old), candidate, best)
+    return core.select(better, candidate, best)  # keeps non-array leaves (activations)
 
 
 def stopped(state, patience: int | None) -> bool:
