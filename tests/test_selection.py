@@ -7,6 +7,9 @@ so the held-out NLL has its minimum in the middle of the run.
 
 from __future__ import annotations
 
+import json
+import os
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -15,6 +18,7 @@ import optax
 import pytest
 
 import numpyro_ebm as ebm
+from numpyro_ebm import training
 from numpyro_ebm.energies import GaussianEnergy
 from numpyro_ebm.training import checkpoint
 
@@ -159,3 +163,14 @@ def test_selection_keeps_an_energy_with_function_fields():
     assert res.best_step in (5, 10)
     assert res.energy.mlp.activation is jax.nn.silu
     assert np.isfinite(float(res.energy(jnp.ones(2))))
+
+
+def test_a_run_checkpointed_before_selection_existed_resumes_without_it(tmp_path):
+    run(10, folder=tmp_path, select_best=False)
+    meta_path = os.path.join(training.latest_checkpoint(str(tmp_path)), "meta.json")
+    meta = json.loads(open(meta_path).read())
+    del meta["select_best"]  # as an earlier version wrote it
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    resumed = run(20, folder=tmp_path)  # select_best=True by default
+    assert resumed.best_step is None and int(resumed.state.step) == 20

@@ -244,10 +244,10 @@ def fit(
     inputs, validation, event_shape = checked_inputs(
         energy, data, condition, validation_data, num_steps, steps_per_call, max_nonfinite
     )
-    select_best = _checked_selection(select_best, patience, validation, config.record_every)
     given, config, stored, schedule, sharding = _resolved(
         config, num_steps, checkpoint_dir, devices, generator
     )
+    select_best = _checked_selection(select_best, patience, validation, config, stored)
     problem = EnergyProblem(config.batch_size, condition is not None)
     k_init, k_loop = jax.random.split(key)
     state = core.init(k_init, energy, inputs, problem, config)
@@ -284,9 +284,12 @@ def _resolved(config: TrainConfig, num_steps: int, checkpoint_dir, devices, gene
     return given, given.resolve(schedule, generator), stored, schedule, sharding
 
 
-def _checked_selection(select_best: bool, patience, validation, record_every: int) -> bool:
-    """Whether the run selects its best energy (``ValueError`` for a bad ``patience``)."""
+def _checked_selection(select_best: bool, patience, validation, config, stored) -> bool:
+    """Whether the run selects its best energy (``ValueError`` for a bad ``patience``). A run
+    checkpointed before selection existed (``stored`` meta without it) resumes without it."""
+    record_every = config.record_every
     select_best = select_best and validation is not None
+    select_best = select_best and (stored is None or "select_best" in stored)
     if patience is None:
         return select_best
     if not select_best:
