@@ -109,15 +109,25 @@ class TableTransform:
         """``(D,)`` bool: the columns that are dequantized."""
         return self.quantum > 0
 
+    def rows(self, points) -> np.ndarray:
+        """``points`` as float64 rows ``(n, D)``, checked (``ValueError`` for another shape
+        or a NaN / infinite value)."""
+        points = np.asarray(points, np.float64)
+        if points.ndim != 2 or points.shape[1] != self.quantum.size:
+            raise ValueError(f"rows must have shape (n, {self.quantum.size}), got {points.shape}")
+        if not np.all(np.isfinite(points)):
+            raise ValueError("the rows hold NaN or infinite values")
+        return points
+
     def dequantize(self, points, *, key: jax.Array) -> np.ndarray:
         """``points + u``, ``u ~ Uniform[0, quantum)`` per quantized entry (float64)."""
-        points = np.asarray(points, np.float64)
+        points = self.rows(points)
         noise = np.asarray(jax.random.uniform(key, points.shape, dtype=np.float32), np.float64)
         return points + noise * self.quantum
 
     def standardize(self, points) -> np.ndarray:
         """Dequantized original values to model coordinates (float32)."""
-        return ((np.asarray(points, np.float64) - self.mean) / self.std).astype(np.float32)
+        return ((self.rows(points) - self.mean) / self.std).astype(np.float32)
 
     def to_model(self, points, *, key: jax.Array) -> np.ndarray:
         """Recorded rows ``(n, D)`` to model coordinates: dequantize, then standardize."""

@@ -114,3 +114,11 @@ def test_tables_split_60_20_20_without_overlap(name):
     np.testing.assert_array_equal(again.test, table.test)
     with pytest.raises(ValueError, match="unknown table"):
         datasets.table("titanic")
+
+
+def test_rows_of_another_shape_or_with_nan_are_refused():
+    transform = TableTransform.fit(np.arange(12.0).reshape(6, 2))
+    with pytest.raises(ValueError, match=r"shape \(n, 2\)"):
+        transform.to_model(np.ones((3, 3)), key=jax.random.key(0))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        transform.standardize(np.array([[1.0, np.nan]]))
