@@ -88,7 +88,9 @@ def test_patience_stops_after_that_many_steps_without_improvement(full):
     )
 
 
-def test_an_interrupted_run_resumes_and_selects_as_an_uninterrupted_one(tmp_path, full):
+def test_an_interrupted_run_resumes_and_selects_as_an_uninterrupted_one(
+    tmp_path, full, monkeypatch
+):
     real_save = checkpoint.save_checkpoint
 
     def save_then_stop(folder, state, history, meta):
@@ -96,12 +98,10 @@ def test_an_interrupted_run_resumes_and_selects_as_an_uninterrupted_one(tmp_path
         if meta["step"] == 40:
             raise KeyboardInterrupt
 
-    checkpoint.save_checkpoint = save_then_stop
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "save_checkpoint", save_then_stop)
         with pytest.raises(KeyboardInterrupt):
             run(folder=tmp_path)
-    finally:
-        checkpoint.save_checkpoint = real_save
     resumed = run(folder=tmp_path)
     assert resumed.best_step == full.best_step
     best = jax.tree.leaves(full.state.best)
