@@ -289,14 +289,17 @@ def test_separable_log_z_gradient_matches_finite_differences():
 
 
 def test_fit_trains_a_separable_energy():
-    """A short ebm.fit on bimodal 4-D data moves the weights; log Z stays exact and finite."""
+    """A short ebm.fit on bimodal 4-D data moves the weights; log Z stays exact and finite.
+    (The energy's own quadrature log Z: the tracker is off here; it follows a trained
+    SeparableEnergy in test_log_z_tracking.py.)"""
     k_sign, k_noise = jax.random.split(jax.random.key(17))
     signs = jax.random.rademacher(k_sign, (256, 4), dtype=jnp.float32)
     data = 1.5 * signs + 0.4 * jax.random.normal(k_noise, (256, 4))
     energy = SeparableEnergy(4, key=jax.random.key(18))
     res = ebm.fit(
         energy, data, key=jax.random.key(19), num_steps=20, num_chains=16, num_mcmc_steps=2,
-        batch_size=32, steps_per_call=10, optimizer=optax.adam(1e-2), progress_bar=False,
+        batch_size=32, steps_per_call=10, optimizer=optax.adam(1e-2), track_log_z=False,
+        progress_bar=False,
     )  # fmt: skip
     assert isinstance(res.energy, SeparableEnergy)
     assert np.all(np.isfinite(res.history["loss"]))
