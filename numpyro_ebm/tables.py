@@ -49,7 +49,8 @@ def quantum(column: np.ndarray, *, max_decimals: int = MAX_DECIMALS) -> float:
 
     A value counts as a whole multiple when it is within a few roundings of one in the
     column's own precision (``np.float32(17.99)`` is on the 0.01 grid; float64 and integer
-    columns are judged in float64).
+    columns are judged in float64), and only grids no coarser than the column's spread count
+    (values such as 1e-300 and 2e-300 are within rounding of 0, not on the grid of 1).
 
     Example:
         >>> quantum(np.array([5.1, 3.5, 1.4])), quantum(np.array([1.0, 13.0]))
@@ -58,11 +59,15 @@ def quantum(column: np.ndarray, *, max_decimals: int = MAX_DECIMALS) -> float:
     column = np.asarray(column)
     precision = np.float32 if column.dtype == np.float32 else np.float64
     values = column.astype(np.float64)
+    spread = float(values.max() - values.min()) if values.size else 0.0
     for decimals in range(max_decimals + 1):
+        q = 10.0**-decimals
+        if 0 < spread < q:
+            continue  # values closer than the grid (1e-300 and 2e-300 are not whole numbers)
         scaled = values * 10.0**decimals
         rounding = 4 * np.finfo(precision).eps * np.maximum(np.abs(scaled), 1.0)
         if np.all(np.abs(scaled - np.round(scaled)) <= rounding):
-            return float(10.0**-decimals)
+            return float(q)
     return 0.0
 
 

@@ -22,6 +22,9 @@ from numpyro_ebm.tables import TableTransform, quantum
         ([1e-6, 3e-6], 1e-6),
         ([0.1234567, 1.0], 0.0),  # 7 decimals: continuous
         ([np.pi, 1.0], 0.0),
+        ([1e-300, 2e-300], 0.0),  # within rounding of 0, but not whole numbers
+        ([1e-9, 3e-9], 0.0),
+        ([7.0, 7.0], 1.0),  # a constant column on a grid is one cell wide
     ],
 )
 def test_quantum_is_the_coarsest_power_of_ten_grid(values, expected):
