@@ -97,15 +97,61 @@ def test_a_column_constant_in_the_training_rows_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kind", ["csv", "npy"])
-def test_a_binary_column_is_refused(tmp_path, capsys, kind):
+def test_a_two_valued_column_off_any_grid_is_refused(tmp_path, capsys, kind):
     x = points()
-    x[:, 0] = x[:, 0] > 0  # a 0/1 flag: its density is not continuous
+    x[:, 0] = np.where(x[:, 0] > 0, 0.1234567, 0.7654321)  # 7 decimals: not on a grid
     if kind == "csv":
         path, column = write_csv(tmp_path / "data.csv", ["flag", "y"], x), "column 'flag'"
     else:
         path, column = tmp_path / "data.npy", "column 0"
         np.save(path, x)
     assert_refused(tmp_path, capsys, path, what=(column, "2 distinct values"))
+
+
+def test_gridded_columns_are_dequantized_a_flag_included(tmp_path, capsys):
+    """A 0/1 flag, a count and lengths in 0.1 are dequantized (each value spread over its
+    cell), a continuous column is not; evaluate adds the bound on the recorded values'
+    probability; samples come back on the columns' grids."""
+    rng = np.random.default_rng(11)
+    x = np.column_stack(
+        [
+            rng.integers(0, 2, NUM_ROWS),
+            rng.poisson(4.0, NUM_ROWS),
+            np.round(rng.normal(size=NUM_ROWS), 1),
+            rng.normal(size=NUM_ROWS),
+        ]
+    )
+    path = write_csv(tmp_path / "data.csv", ["flag", "count", "length", "z"], x)
+    out = tmp_path / "run"
+    code, printed, err = run_cli(capsys, "train", "--data", path, "--out", out, *TINY)
+    assert code == 0, err
+    assert "3 gridded column(s) dequantized, standardized" in printed
+    run = json.loads((out / "run.json").read_text())
+    assert run["standardization"]["quantum"] == [1.0, 1.0, 0.1, 0.0]
+    assert run["config"]["patience"] == 100  # the default: a quarter of --steps, at least 100
+    data = cli.data_files.prepare(run["config"], x, run["standardization"])
+    # the training rows in original units lie in their cells [v, v + q); z is untouched
+    train = x[cli.data_files._split(0, NUM_ROWS, FRACTION)[0]]  # in the split's order
+    back = data.to_original(data.train)
+    q = np.array([1.0, 1.0, 0.1, 0.0])
+    assert np.all(back >= train - 1e-5) and np.all(back <= train + q + 1e-5)
+    np.testing.assert_allclose(back[:, 3], train[:, 3], atol=1e-5)
+    assert np.all(np.abs(back - train)[:, :3].max(axis=0) > 0.5 * q[:3])  # noise was added
+    # the same run's data again: the same noise (resuming sees the same training rows)
+    again = cli.data_files.prepare(run["config"], x, run["standardization"])
+    np.testing.assert_array_equal(again.train, data.train)
+    code, printed, err = run_cli(capsys, "evaluate", out)
+    assert code == 0, err
+    (entry,) = json.loads((out / "metrics.json").read_text())["heldout"]["validation"].values()
+    assert entry["log_cell_volume"] == pytest.approx(math.log(0.1), rel=1e-12)
+    assert f"{entry['log_likelihood'] + math.log(0.1):.4f} nats per point" in printed
+    assert "log P(recorded values) ≥" in printed
+    code, _, err = run_cli(capsys, "sample", out, "--num", 50, "--out", tmp_path / "s.npy")
+    assert code == 0, err
+    draws = np.load(tmp_path / "s.npy")
+    np.testing.assert_array_equal(draws[:, :2], np.round(draws[:, :2]))
+    np.testing.assert_allclose(draws[:, 2] * 10, np.round(draws[:, 2] * 10), atol=1e-9)
+    assert len(np.unique(draws[:, 3])) == 50  # the continuous column stays continuous
 
 
 @pytest.mark.parametrize("scale", [1e200, 1e-300, 1e307])

@@ -324,3 +324,23 @@ def test_a_failing_density_plot_keeps_the_training_result(run_copy, capsys, monk
     assert cli.DENSITY_FILE in err and cli.REPORT_FILE in err
     assert (run / cli.METRICS_FILE).exists()
     assert not (run / cli.DENSITY_FILE).exists() and not (run / cli.REPORT_FILE).exists()
+
+
+def test_a_run_made_before_dequantization_and_patience_resumes_as_it_started(run_copy, capsys):
+    """A run.json without ``patience``, ``data.dequantize`` and ``standardization.quantum``
+    (written before they existed): the same ``train`` command again is not refused as a run
+    with other settings; the run stays without them."""
+    run_json = run_copy / "run" / "run.json"
+    run = json.loads(run_json.read_text())
+    del run["config"]["patience"], run["config"]["data"]["dequantize"]
+    del run["standardization"]["quantum"]
+    run_json.write_text(json.dumps(run))
+    code, out, err = run_cli(capsys, *COMMANDS["train"](run_copy / "run", run_copy))
+    assert code == 0, err
+    stored = json.loads(run_json.read_text())
+    assert "patience" not in stored["config"] and "quantum" not in stored["standardization"]
+    # naming --patience on such a run is a change of settings, refused by name
+    code, _, err = run_cli(
+        capsys, *COMMANDS["train"](run_copy / "run", run_copy), "--patience", "200"
+    )
+    assert code == 2 and "--patience None -> 200" in one_line(err), err

@@ -5,10 +5,15 @@ Commands (``numpyro-ebm COMMAND --help`` lists every option):
 ``train --data SOURCE --out DIR [options]``
     Fit an MLP energy by maximum likelihood (``numpyro_ebm.fit``) to a built-in data set
     (``8gaussians``, ``checkerboard``, ``rings``, ``digits``) or to your own ``.npy`` or ``.csv``
-    file and write the run folder DIR. A file's columns are standardized (mean 0, standard
-    deviation 1, from the training split) before training; log-likelihoods and samples are
-    reported in the file's original units. Running the same command again after an
-    interruption resumes from the last checkpoint.
+    file and write the run folder DIR. A file's columns recorded on a grid (whole numbers, or
+    a fixed number of decimals up to 6: counts, a 0/1 flag, lengths in 0.1 cm) are
+    dequantized (``numpyro_ebm.tables``: each value spread uniformly over its grid cell, so
+    the column has a density), then every column is standardized (mean 0, standard deviation
+    1, from the training split). Log-likelihoods are reported in the file's original units
+    (of the dequantized values, with the bound on the recorded values' probability), samples
+    on the columns' grids. The run keeps the parameters of the lowest held-out NLL on its
+    validation split (best-model selection); ``--patience`` stops early. Running the same
+    command again after an interruption resumes from the last checkpoint.
 ``evaluate DIR [--data PATH] [--log-z auto|grid|ais|learned] [--seed S]``
     Held-out log-likelihood (nats per point, mean ± standard error) of the run's validation
     split or of a file with the same columns; updates ``DIR/metrics.json``.

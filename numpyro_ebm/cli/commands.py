@@ -30,6 +30,7 @@ from numpyro_ebm.cli._common import (
     EXIT_DIVERGED,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    KEY_DEQUANTIZE,
     KEY_ENERGY,
     KEY_FIT,
     KEY_KL,
@@ -87,6 +88,7 @@ def _fit(config: dict, data: Data, folder: str, *, progress_bar=False, checkpoin
         checkpoint_every=every,
         steps_per_call=every,
         validation_data=data.validation,
+        patience=config.get("patience"),  # runs from before --patience: None
     )
 
 
@@ -137,6 +139,7 @@ def _heldout(res, data: Data, points_model: np.ndarray, log_z: logz.LogZEstimate
             **{k: v for k, v in (log_z.info or {}).items() if k == "bounds" or np.ndim(v) == 0},
         },
         "log_jacobian": data.log_jacobian,
+        **({"log_cell_volume": data.log_cell_volume} if data.dequantizes else {}),
     }
 
 
@@ -180,6 +183,9 @@ def _heldout_rows(entry: dict, what: str) -> list[tuple[str, str]]:
             f"{entry['log_likelihood']:.4f} ± {entry['stderr']:.4f} nats per point",
         ),
     ]
+    if "log_cell_volume" in entry:
+        bound = entry["log_likelihood"] + entry["log_cell_volume"]
+        rows.append(("log P(recorded values) ≥", f"{bound:.4f} nats per point"))
     if entry["log_z_info"].get("outer_shell_mass", 0.0) > logz.select.GRID_EDGE_MASS:
         rows.append(("warning", "the model's mass reaches the grid's edge: try --log-z ais"))
     return rows
@@ -190,7 +196,8 @@ def _heldout_rows(entry: dict, what: str) -> list[tuple[str, str]]:
 
 def train_command(args: argparse.Namespace, argv: list[str]) -> int:
     config, points, path = train_config(args)
-    check_settings(args.out, existing_run(args.out), config)
+    given = args.patience is not None
+    check_settings(args.out, existing_run(args.out), config, patience_given=given)
     created = make_folders(args.out)
     before = set(os.listdir(args.out))
     # a FolderLockedError leaves even a folder created here: the holder writes into it now
@@ -203,7 +210,7 @@ def _train_locked(args, argv, config, points, path, created: list[str], before: 
     what this invocation created, and only while the run has no checkpoint."""
     out = args.out
     existing = existing_run(out)  # again: another writer may have finished meanwhile
-    check_settings(out, existing, config)
+    config = check_settings(out, existing, config, patience_given=args.patience is not None)
     if existing is not None and existing.get("diverged") is not None:
         print(diverged_message(out, existing["diverged"]["step"]), file=sys.stderr)
         return EXIT_DIVERGED
@@ -306,9 +313,16 @@ def _training_rows(config, data: Data, run, res, entry, updates, seconds) -> lis
     """The rows of the table ``train`` prints."""
     history = res.history
     standardized = "standardized" if data.mean is not None else "as is"
+    if data.dequantizes:
+        gridded = int(np.sum(data.quantum > 0))
+        standardized = f"{gridded} gridded column(s) dequantized, {standardized}"
+    steps = f"{int(res.state.step)}"
+    if int(res.state.step) < config["steps"]:
+        steps += f" of {config['steps']} (stopped early: --patience {config['patience']})"
     rows = [
         ("data", f"{_source(run, config)} ({standardized})"),
-        ("steps", f"{int(res.state.step)}"),
+        ("steps", steps),
+        *(() if res.best_step is None else [("kept parameters of step", str(res.best_step))]),
         *_heldout_rows(entry, _split_name(config)),
     ]
     if data.toy is not None:
@@ -414,7 +428,9 @@ def _evaluate_locked(args: argparse.Namespace, run: dict, points, extra) -> int:
         name, what, points_model = "validation", _split_name(config), data.validation
     else:
         name = what = os.path.abspath(args.data)
-        points_model = file_to_model(data, extra, config["data"].get("columns"), args.data)
+        names = config["data"].get("columns")
+        key = _run_key(config, KEY_DEQUANTIZE, args.seed)
+        points_model = file_to_model(data, extra, names, args.data, key=key)
     entry = _heldout(res, data, points_model, log_z)
     updates = {"heldout": {name: {log_z.method: entry}}}
     rows = [("run", f"{args.dir} (step {int(res.state.step)})"), *_heldout_rows(entry, what)]
@@ -441,7 +457,8 @@ def sample_command(args: argparse.Namespace) -> int:
         draws=samplers.DrawSettings(num_warmup=args.mcmc_steps),
         initializer=res.generator,
     )
-    draws = data.to_original(model.sample(jax.random.key(args.seed), (args.num,)))
+    draws = model.sample(jax.random.key(args.seed), (args.num,))
+    draws = data.to_original(draws, on_grid=True)  # gridded columns back on their grid
     _io.atomic_write(args.out, lambda f: np.save(f, draws))
     print(
         f"wrote {args.num} samples ({args.mcmc_steps} MCMC warm-up steps per chain; "

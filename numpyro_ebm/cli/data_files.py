@@ -1,5 +1,6 @@
 """The user's data file: reading ``.npy`` and ``.csv`` files, checking their columns, the run's
-random split and the standardization to model coordinates.
+random split and the map to model coordinates (columns recorded on a grid are dequantized as
+in ``numpyro_ebm.tables``, then every column is standardized).
 
 Every check raises ``UsageError`` naming the file (and line or column) before any training;
 ``prepare`` turns a run's settings into its data.
@@ -23,9 +24,10 @@ import stat
 import jax
 import numpy as np
 
-from numpyro_ebm import datasets
+from numpyro_ebm import datasets, tables
 from numpyro_ebm.cli._common import (
     KEY_DATA,
+    KEY_DEQUANTIZE,
     KEY_SPLIT,
     MIN_HELDOUT_ROWS,
     MIN_TRAIN_ROWS,
@@ -310,6 +312,20 @@ def _binary_scale(values: np.ndarray) -> np.ndarray:
     return np.ldexp(1.0, np.frexp(values)[1] - 1)
 
 
+def column_quanta(train: np.ndarray) -> np.ndarray:
+    """``(d,)``: each column's recording grid in the training rows (``tables.quantum``; 0 for
+    a continuous column)."""
+    return np.array([tables.quantum(column) for column in np.asarray(train).T])
+
+
+def dequantized_statistics(train: np.ndarray, quanta: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Mean and standard deviation of the columns of ``train`` after uniform dequantization
+    (``x + U[0, q)``): the exact expectations ``mean + q/2`` and ``sqrt(var + q²/12)``."""
+    mean, std = column_statistics(train)
+    with np.errstate(over="ignore"):
+        return mean + quanta / 2, np.where(quanta > 0, np.hypot(std, quanta / math.sqrt(12)), std)
+
+
 def column_statistics(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation (ddof 0) of each column of ``train`` (n, d), in float64.
 
@@ -334,8 +350,9 @@ def column_statistics(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def check_columns(points: np.ndarray, names, path: str, seed: int, fraction: float) -> None:
     """Refuse a data file whose columns cannot be standardized with the statistics of the
-    training rows of the run's split (``seed``, ``fraction``): a column with at most 2
-    distinct values there (constant, or a flag: no continuous density), a spread float64
+    training rows of the run's split (``seed``, ``fraction``): a constant column, a column with
+    2 distinct values not on a grid (a gridded one, such as a 0/1 flag, is dequantized into a
+    continuous density), a spread float64
     cannot hold, or a value (in any row) that lands beyond float32's range in model
     coordinates."""
     train = points[_split(seed, len(points), fraction)[0]]
@@ -346,6 +363,7 @@ def check_columns(points: np.ndarray, names, path: str, seed: int, fraction: flo
 
     low, high = train.min(axis=0), train.max(axis=0)
     third_value = np.any((train > low) & (train < high), axis=0)
+    quanta = column_quanta(train)
     for j in range(points.shape[1]):
         if low[j] == high[j]:
             raise UsageError(
@@ -353,13 +371,14 @@ def check_columns(points: np.ndarray, names, path: str, seed: int, fraction: flo
                 f"{column(j)} is constant in the training rows (all {low[j]:g}), it cannot "
                 f"be standardized; {drop}",
             )
-        if not third_value[j]:
+        if not third_value[j] and quanta[j] == 0:
             raise UsageError(
                 path,
                 f"{column(j)} takes only 2 distinct values in the training rows ({low[j]:g} "
-                f"and {high[j]:g}: a flag?), it has no continuous density; {drop}",
+                f"and {high[j]:g}), not on a grid of whole numbers or decimals that could be "
+                f"dequantized: it has no continuous density; {drop}",
             )
-    mean, std = column_statistics(train)
+    mean, std = dequantized_statistics(train, quanta)
     for j in range(points.shape[1]):
         if std[j] == np.inf:
             raise UsageError(
@@ -392,32 +411,62 @@ def _check_standardizable(points: np.ndarray, mean, std, names, path: str) -> No
         )
 
 
-def file_to_model(data: Data, points: np.ndarray, names, path: str) -> np.ndarray:
-    """``data.to_model(points)`` for the points of a user's file, checked first."""
+def file_to_model(data: Data, points: np.ndarray, names, path: str, *, key) -> np.ndarray:
+    """``data.to_model(points, key=key)`` for the points of a user's file, checked first."""
     mean, std = (np.zeros(points.shape[1]), 1.0) if data.mean is None else (data.mean, data.std)
     _check_standardizable(points, mean, np.broadcast_to(std, mean.shape), names, path)
-    return data.to_model(points)
+    return data.to_model(points, key=key)
 
 
 @dataclasses.dataclass
 class Data:
-    """A run's data in model coordinates (standardized for user files) and the map back."""
+    """A run's data in model coordinates (dequantized and standardized for user files) and
+    the map back. ``quantum`` (d,): each column's recording grid, 0 for a continuous column
+    (None for a run that does not dequantize)."""
 
     train: np.ndarray
     validation: np.ndarray
     toy: datasets.ToyDensity | None = None
     mean: np.ndarray | None = None
     std: np.ndarray | None = None
+    quantum: np.ndarray | None = None
 
-    def to_model(self, points) -> np.ndarray:
+    @property
+    def dequantizes(self) -> bool:
+        return self.quantum is not None and bool(np.any(self.quantum > 0))
+
+    def to_model(self, points, *, key=None) -> np.ndarray:
+        """Recorded points (n, d) to model coordinates; ``key`` draws the dequantization
+        noise ``U[0, q)`` of the gridded columns (needed when there are any)."""
         points = np.asarray(points, np.float64)
+        if self.dequantizes:
+            if key is None:
+                raise ValueError("dequantizing needs a key")
+            noise = np.asarray(jax.random.uniform(key, points.shape), np.float64)
+            points = points + noise * self.quantum
         if self.mean is not None:
             points = (points - self.mean) / self.std
         return points.astype(np.float32)
 
-    def to_original(self, points) -> np.ndarray:
+    def to_original(self, points, *, on_grid: bool = False) -> np.ndarray:
+        """Model coordinates to the original units; ``on_grid``: gridded columns are put back
+        on their grid (the cell ``[v, v + q)`` a value falls in gives ``v``)."""
         points = np.asarray(points, np.float64)
-        return points if self.mean is None else self.mean + self.std * points
+        points = points if self.mean is None else self.mean + self.std * points
+        if on_grid and self.dequantizes:
+            q = self.quantum
+            decimals = np.where(q > 0, -np.log10(np.where(q > 0, q, 1.0)), 0).round()
+            snapped = np.floor(points / np.where(q > 0, q, 1.0)) * q
+            for j in np.flatnonzero(q > 0):  # round off 0.30000000000000004
+                points[:, j] = np.round(snapped[:, j], int(decimals[j]))
+        return points
+
+    @property
+    def log_cell_volume(self) -> float:
+        """``Σ log q`` over the gridded columns: the recorded values' log-probability is at
+        least the dequantized log-density plus this (Jensen)."""
+        q = np.zeros(0) if self.quantum is None else self.quantum[self.quantum > 0]
+        return math.fsum(np.log(q))
 
     @property
     def log_jacobian(self) -> float:
@@ -427,7 +476,8 @@ class Data:
 
 
 def prepare(config: dict, points: np.ndarray | None, standardization: dict | None) -> Data:
-    """Sample/load, split and standardize the run's data (deterministic in ``config``)."""
+    """Sample/load, split, dequantize and standardize the run's data (deterministic in
+    ``config``: the dequantization noise comes from the run's seed)."""
     key = jax.random.key(config["seed"])
     name = config["data"]["name"]
     if name == "digits":
@@ -444,10 +494,16 @@ def prepare(config: dict, points: np.ndarray | None, standardization: dict | Non
         return Data(train.astype(np.float32), validation.astype(np.float32), toy)
     if standardization is None:
         # in float64; columns that cannot be standardized were refused (check_columns)
-        mean, std = column_statistics(train)
+        dequantize = config["data"].get("dequantize", False)
+        quanta = column_quanta(train) if dequantize else np.zeros(train.shape[1])
+        mean, std = dequantized_statistics(train, quanta)
     else:
         mean = np.asarray(standardization["mean"], np.float64)
         std = np.asarray(standardization["std"], np.float64)
-    data = Data(train, validation, None, mean, std)
-    data.train, data.validation = data.to_model(train), data.to_model(validation)
+        # a run made before dequantization existed has no "quantum": it does not dequantize
+        quanta = np.asarray(standardization.get("quantum", np.zeros(len(mean))), np.float64)
+    data = Data(train, validation, None, mean, std, quanta)
+    noise = jax.random.fold_in(key, KEY_DEQUANTIZE)
+    data.train = data.to_model(train, key=jax.random.fold_in(noise, 0))
+    data.validation = data.to_model(validation, key=jax.random.fold_in(noise, 1))
     return data

@@ -57,6 +57,7 @@ _MAX_VALUE = {
     "num": 10**8,
     "seed": 2**63 - 1,
 }
+_RECORD_EVERY = 10  # fit's default record_every: the held-out NLL's spacing in steps
 _MAX_WIDTH = 2**14  # a 2**14-wide layer pair already holds 2**28 parameters (1 GiB, plus Adam's)
 _MAX_LAYERS = 64
 
@@ -122,10 +123,32 @@ def train_config(args: argparse.Namespace) -> tuple[dict, np.ndarray | None, str
         "mcmc_steps": args.mcmc_steps,
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
+        "patience": _patience(args),
         "validation_fraction": None if args.data == "digits" else args.validation_fraction,
         "seed": args.seed,
     }
     return jsonable(config), points, path
+
+
+def default_patience(steps: int) -> int:
+    """``--patience``'s default: a quarter of the run, at least 100 steps (10 held-out
+    evaluations at ``fit``'s ``record_every`` of 10)."""
+    return max(steps // 4, 100)
+
+
+def _patience(args: argparse.Namespace) -> int | None:
+    if args.patience is None:
+        return default_patience(args.steps)
+    if args.patience == 0:
+        return None
+    low, high = _RECORD_EVERY, _MAX_VALUE["steps"]
+    if not low <= args.patience <= high:
+        raise UsageError(
+            "--patience",
+            f"must be 0 (never stop early) or a number of steps from {low} (the held-out NLL "
+            f"is computed every {low} steps) to {high}, got {args.patience}",
+        )
+    return args.patience
 
 
 def _data_config(args: argparse.Namespace, columns: list[str] | None) -> tuple:
@@ -166,6 +189,7 @@ def _data_config(args: argparse.Namespace, columns: list[str] | None) -> tuple:
             "columns": names,
             "shape": list(points.shape),
             "standardized": True,
+            "dequantize": True,  # gridded columns (tables.quantum); runs made before: False
         }
     return data, points, path
 
@@ -283,6 +307,14 @@ def _add_training_settings(train: argparse.ArgumentParser) -> None:
         default=5e-3,
         metavar="LR",
         help="peak Adam learning rate (default: %(default)s)",
+    )
+    train.add_argument(
+        "--patience",
+        type=int,
+        metavar="N",
+        help="stop when the held-out NLL on the validation split has not improved for N steps "
+        "(the run keeps its best parameters either way); 0: never stop early "
+        "(default: a quarter of --steps, at least 100)",
     )
 
 

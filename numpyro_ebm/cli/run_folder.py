@@ -68,6 +68,14 @@ def _is_finite_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _is_quanta(value, dim: int) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == dim
+        and all(_is_finite_number(q) and q >= 0 for q in value)
+    )
+
+
 def _run_problem(run) -> str | None:
     """What is wrong with a ``run.json`` value (missing keys, wrong types), or None."""
     if not isinstance(run, dict):
@@ -101,6 +109,8 @@ def _run_problem(run) -> str | None:
     config = run["config"]
     if config.get("objective", "ml") not in training.objective.OBJECTIVES:
         return f"has a wrong 'config.objective' entry ({_short(config.get('objective'))})"
+    if not (config.get("patience") is None or _is_int(config["patience"], 1)):
+        return f"has a wrong 'config.patience' entry ({_short(config['patience'])})"
     for name, ok in config_fields.items():
         if name not in config:
             return f"has no 'config.{name}' entry"
@@ -118,6 +128,7 @@ def _run_problem(run) -> str | None:
                 for v in (run["standardization"].get(k) for k in ("mean", "std"))
             )
             and min(run["standardization"]["std"]) > 0
+            and _is_quanta(run["standardization"].get("quantum", [0.0] * dim), dim)
         )
         if not ok:
             return "has a wrong 'config.data' or 'standardization' entry for a data file"
@@ -291,13 +302,31 @@ def remove_created(folders: list[str], entries: list[str]) -> None:
                 os.rmdir(folder)
 
 
-def check_settings(out: str, existing: dict | None, config: dict) -> None:
-    if existing is not None and existing["config"] != config:
+def as_stored(stored: dict, config: dict, *, patience_given: bool) -> dict:
+    """``config`` for resuming the run whose config is ``stored``: a run made before
+    ``--patience`` or dequantization existed resumes as it started (without them) unless
+    ``--patience`` is given."""
+    config = dict(config)
+    if "patience" not in stored and not patience_given:
+        config.pop("patience", None)
+    if "dequantize" not in stored["data"]:
+        config["data"] = {k: v for k, v in config["data"].items() if k != "dequantize"}
+    return config
+
+
+def check_settings(out: str, existing: dict | None, config: dict, *, patience_given: bool) -> dict:
+    """The settings to train ``out``'s run with: ``config``, or for a run made before some
+    settings existed ``as_stored``; ``UsageError`` when they differ from the stored run's."""
+    if existing is None:
+        return config
+    config = as_stored(existing["config"], config, patience_given=patience_given)
+    if existing["config"] != config:
         raise UsageError(
             out,
             f"holds a run with other settings ({_config_differences(existing['config'], config)})"
             f"; pick another --out, or delete {out} to start again",
         )
+    return config
 
 
 def started(out: str) -> bool:
@@ -317,7 +346,11 @@ def new_run(config: dict, data: Data, argv: list[str], path: str | None) -> dict
         "data_path": path,
         "standardization": None
         if data.mean is None
-        else {"mean": data.mean.tolist(), "std": data.std.tolist()},
+        else {
+            "mean": data.mean.tolist(),
+            "std": data.std.tolist(),
+            "quantum": data.quantum.tolist(),
+        },
         "event_shape": list(data.train.shape[1:]),
         "split": {"train": len(data.train), "validation": len(data.validation)},
         "versions": {
