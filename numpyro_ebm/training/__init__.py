@@ -19,7 +19,12 @@ from numpyro_ebm.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from numpyro_ebm.training.config import MATMUL_PRECISIONS, TrainConfig, default_optimizer
+from numpyro_ebm.training.config import (
+    MATMUL_PRECISIONS,
+    TrainConfig,
+    default_energy_l2,
+    default_optimizer,
+)
 from numpyro_ebm.training.core import (
     Site,
     SiteInfo,
@@ -85,6 +90,7 @@ __all__ = [
     "attempt_key",
     "build_objective",
     "checkpoint_step",
+    "default_energy_l2",
     "default_optimizer",
     "energy_init",
     "energy_step",

@@ -24,7 +24,13 @@ from numpyro_ebm.logz.tracking import TrackerSettings
 from numpyro_ebm.training.objective import build_objective, describe_objective
 from numpyro_ebm.validation import check_count
 
-__all__ = ["MATMUL_PRECISIONS", "TrainConfig", "check_learning_rate", "default_optimizer"]
+__all__ = [
+    "MATMUL_PRECISIONS",
+    "TrainConfig",
+    "check_learning_rate",
+    "default_energy_l2",
+    "default_optimizer",
+]
 
 MATMUL_PRECISIONS = ("float32", "tensorfloat32", "bfloat16", "default")
 
@@ -37,6 +43,18 @@ def default_optimizer(num_steps: int, learning_rate: float = 5e-3, clip: float =
     optimizer reuse the compiled training step instead of compiling it again."""
     schedule = optax.cosine_decay_schedule(learning_rate, max(num_steps, 1), alpha=0.1)
     return optax.chain(optax.clip_by_global_norm(clip), optax.adam(schedule, b1=0.5, b2=0.999))
+
+
+def default_energy_l2(event_size: int) -> float:
+    """``energy_l2``'s default for ``event_size``-dimensional data: ``0.02 / D`` (0.01 in 2-D).
+
+    The stabiliser ``α mean E²`` acts on the spread of the energies, which grows with the
+    dimension (it is that of the data's log-density: ``D / 2`` for a Gaussian, far more for
+    sharp data such as images), while a fixed ``α`` that keeps 2-D training stable holds a
+    64-D energy back from sharpening (digits: 5.9 nats/image at 0.01 against 18 at 1e-4;
+    ``benchmarks/real_data.py``, docs/benchmarks.md "Real tables").
+    """
+    return 0.02 / max(int(event_size), 1)
 
 
 def is_real(value) -> bool:
@@ -76,7 +94,8 @@ class TrainConfig:
             which only pins the free constant the score cannot see), applied only to an
             energy with a free additive constant (``free_constants``, e.g. an MLP's output
             bias; an energy without one, ``GaussianEnergy`` or ``DeepEnergy``, gets none).
-            Without it,
+            None (default): ``default_energy_l2(D)`` for ``D``-dimensional data (``fit``
+            passes ``D``: 0.01 in 2-D, less in more dimensions). Without it,
             maximum-likelihood training of a flexible energy can run away: the energies'
             scale grows until the chains freeze. It also flattens the density, in proportion
             to its weight at the end of training (see ``energy_l2_decay`` and
@@ -138,7 +157,7 @@ class TrainConfig:
     num_chains: int = 1024
     num_mcmc_steps: int = 20
     batch_size: int = 1024
-    energy_l2: float = 0.01
+    energy_l2: float | None = None
     energy_l2_decay: float | None = 0.1
     ema_decay: float | None = 0.995
     buffer_size: int = 10_000
@@ -175,8 +194,12 @@ class TrainConfig:
         decay = self.energy_l2_decay
         if decay is not None and not (is_real(decay) and 0.0 <= decay <= 1.0):
             raise ValueError(f"energy_l2_decay must be None or a number in [0, 1], got {decay!r}")
-        if not (is_real(self.energy_l2) and 0 <= self.energy_l2 < math.inf):
-            raise ValueError(f"energy_l2 must be a finite number >= 0, got {self.energy_l2!r}")
+        if self.energy_l2 is not None and not (
+            is_real(self.energy_l2) and 0 <= self.energy_l2 < math.inf
+        ):
+            raise ValueError(
+                f"energy_l2 must be None or a finite number >= 0, got {self.energy_l2!r}"
+            )
         for name in ("learning_rate", "log_z_learning_rate", "generator_learning_rate"):
             check_learning_rate(name, getattr(self, name))
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
@@ -240,10 +263,11 @@ class TrainConfig:
             first_anchor=self.log_z_first_anchor,
         ).check()
 
-    def resolve(self, schedule_steps: int, generator=None) -> TrainConfig:
+    def resolve(self, schedule_steps: int, generator=None, *, event_size=None) -> TrainConfig:
         """This config with the optimizer, the negative sampler and the objective as objects
         (default optimizers over ``schedule_steps``; ``generator``: the starting network of
-        the generator modes, None for the default one)."""
+        the generator modes, None for the default one) and ``energy_l2`` as a number
+        (``default_energy_l2(event_size)``; without ``event_size``, the 2-D value)."""
         optimizer = self.optimizer or default_optimizer(schedule_steps, self.learning_rate)
         generator_optimizer = self.generator_optimizer
         if generator_optimizer is None and self.uses_generator:
@@ -259,8 +283,12 @@ class TrainConfig:
             optimizer=generator_optimizer,
             generator=generator,
         )
+        energy_l2 = self.energy_l2
+        if energy_l2 is None:
+            energy_l2 = default_energy_l2(2 if event_size is None else event_size)
         return self.replace(
             schedule_steps=schedule_steps,
+            energy_l2=energy_l2,
             optimizer=optimizer,
             generator_optimizer=generator_optimizer,
             negatives=negatives,
@@ -272,6 +300,7 @@ class TrainConfig:
         class): a checkpoint written before a setting existed matches it when the run uses
         the default."""
         defaults = {f.name: _field_default(f) for f in dataclasses.fields(self)}
+        defaults["energy_l2"] = 0.01  # the default (in any dimension) before it followed D
         negatives = {"name": self.negatives_name}
         if isinstance(self.negatives, _negatives.NegativeSampler):
             for f in dataclasses.fields(self.negatives):

@@ -8,6 +8,7 @@ single site (``EnergyProblem``); the core step, the loop and the checkpoints are
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -245,7 +246,7 @@ def fit(
         energy, data, condition, validation_data, num_steps, steps_per_call, max_nonfinite
     )
     given, config, stored, schedule, sharding = _resolved(
-        config, num_steps, checkpoint_dir, devices, generator
+        config, num_steps, checkpoint_dir, devices, generator, math.prod(event_shape)
     )
     select_best = _checked_selection(select_best, patience, validation, config, stored)
     problem = EnergyProblem(config.batch_size, condition is not None)
@@ -275,13 +276,15 @@ def fit(
     return result
 
 
-def _resolved(config: TrainConfig, num_steps: int, checkpoint_dir, devices, generator):
-    """``(given, resolved, stored meta, schedule length, sharding)`` of a run."""
+def _resolved(config: TrainConfig, num_steps: int, checkpoint_dir, devices, generator, size):
+    """``(given, resolved, stored meta, schedule length, sharding)`` of a run on data of
+    ``size`` dimensions."""
     stored = None if checkpoint_dir is None else checkpoint.stored_meta(checkpoint_dir)
     schedule = schedule_steps(stored, num_steps, checkpoint_dir)
     sharding = chain_sharding(devices, config.num_chains, config.batch_size)
     given = config.replace(sharding=sharding)
-    return given, given.resolve(schedule, generator), stored, schedule, sharding
+    resolved = given.resolve(schedule, generator, event_size=size)
+    return given, resolved, stored, schedule, sharding
 
 
 def _checked_selection(select_best: bool, patience, validation, config, stored) -> bool:
@@ -401,7 +404,7 @@ def load(folder: str | os.PathLike, energy=None, *, config=None, generator=None)
         )
     event_shape = tuple(meta["event_shape"])
     config = config_from_meta(meta) if config is None else config
-    config = config.resolve(meta["schedule_steps"], generator)
+    config = config.resolve(meta["schedule_steps"], generator, event_size=math.prod(event_shape))
     problem = EnergyProblem(config.batch_size, bool(meta.get("conditional", False)))
     stand_in = _stand_in_data(event_shape, problem.conditional, meta)
     like = core.init(jax.random.key(0), energy, stand_in, problem, config)
