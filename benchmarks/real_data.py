@@ -1,7 +1,9 @@
 """Real tables: the EBM with ``fit``'s defaults against what a user would pick instead.
 
     python benchmarks/real_data.py [--data wine breast_cancer iris digits] [--seeds 0 1]
-                                   [--steps 2000] [--sweep] [--no-flows] [--out results.json]
+                                   [--steps 2000] [--sweep] [--no-flows] [--no-baselines]
+                                   [--no-defaults] [--settings JSON ...]
+                                   [--out results.json]
 
 Data (all offline): scikit-learn's wine (178 × 13), breast cancer (569 × 30) and iris
 (150 × 4: the smallest, where memorising the training rows is easiest) through
@@ -102,9 +104,11 @@ def ebm_row(split: Split, *, seed: int, steps: int, label: str, **settings) -> R
     test, validation = log_likelihood(split.test), log_likelihood(split.validation)
     test_se = math.sqrt(test.var(ddof=1) / len(test) + log_z.stderr**2)
     tracked = result.log_z
+    gap = ebm.diagnostics.diagnose(result)["energy_gap"]
     chosen = (
         f"step {result.best_step} of {int(result.state.step)}; log Z AIS {log_z.value:.2f} ± "
-        f"{log_z.stderr:.2f}, tracked {tracked.value:.2f} ± {tracked.stderr:.2f}"
+        f"{log_z.stderr:.2f}, tracked {tracked.value:.2f} ± {tracked.stderr:.2f}; "
+        f"energy_gap {gap.value} {gap.status}"
     )
     return Row(
         model=label,
@@ -123,11 +127,15 @@ def in_units(row: Row, split: Split) -> Row:
     )
 
 
+def _no_baselines(*args, **kwargs) -> list[Row]:
+    return []
+
+
 def run(name: str, seed: int, args) -> list[Row]:
     split = load(name, seed)
     rows = [
         in_units(row, split)
-        for row in fit_baselines(
+        for row in (fit_baselines if args.baselines else _no_baselines)(
             np.asarray(split.train, np.float64),
             np.asarray(split.validation, np.float64),
             np.asarray(split.test, np.float64),
@@ -136,7 +144,10 @@ def run(name: str, seed: int, args) -> list[Row]:
             quick=args.quick,
         )
     ]
-    rows.append(ebm_row(split, seed=seed, steps=args.steps, label="ebm (defaults)"))
+    if args.defaults:
+        rows.append(ebm_row(split, seed=seed, steps=args.steps, label="ebm (defaults)"))
+    for setting in args.settings:
+        rows.append(ebm_row(split, seed=seed, steps=args.steps, label=f"ebm {setting}", **setting))
     if args.sweep:
         swept = [
             ebm_row(split, seed=seed, steps=args.steps, label="ebm (best of sweep)", **setting)
@@ -172,6 +183,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--no-flows", dest="flows", action="store_false")
+    parser.add_argument("--no-baselines", dest="baselines", action="store_false")
+    parser.add_argument("--no-defaults", dest="defaults", action="store_false")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        type=json.loads,
+        default=[],
+        metavar="JSON",
+        help="an EBM row for each: fit settings over the defaults, e.g. '{\"energy_l2\": 1e-4}'",
+    )
     parser.add_argument("--quick", action="store_true", help="small baselines sweep (smoke)")
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()
