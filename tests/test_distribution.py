@@ -104,8 +104,12 @@ def test_explicit_log_z_wins_and_other_energies_default_to_zero():
     assert d.batch_shape == (3,) and float(d.log_z) == 0.0
 
 
-@pytest.mark.parametrize("prepend_shape", [(), (2,), (2, 3)])
-@pytest.mark.parametrize("batch_shape", [(), (4,), (3, 1)])
+# each batch shape and each sample shape once, an empty one beside a non-empty one (every
+# pairing compiles its own sampler); a single draw of an unbatched distribution is
+# test_single_draws_vmapped_over_keys_have_the_target_moments
+@pytest.mark.parametrize(
+    ("prepend_shape", "batch_shape"), [((), (4,)), ((2,), (3, 1)), ((2, 3), ())]
+)
 def test_shapes(prepend_shape, batch_shape):
     energy = GaussianEnergy(MEAN, COV)
     log_z = energy.log_z + jnp.arange(math.prod(batch_shape), dtype=float).reshape(batch_shape)
