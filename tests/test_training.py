@@ -189,7 +189,7 @@ def test_fit_with_a_config_and_overrides_trains_with_them():
     settings = dict(num_steps=6, steps_per_call=2, progress_bar=False)
     res = ebm.fit(
         gaussian_energy(), toy_data(), key=jax.random.key(2), config=config, num_chains=24,
-        **settings,
+        track_log_z=False, **settings,
     )  # fmt: skip
     assert res.chains.shape == (24, 2)
     np.testing.assert_allclose(res.history["step_size"], config.sampler.step_size, rtol=1e-6)
@@ -263,21 +263,26 @@ def test_generator_negatives_train_a_numpyro_model(negatives):
 
 
 def ml_learner(**settings):
+    """The learner of the two tests below, without the log Z tracker (which
+    test_maximum_likelihood_tracks_each_sites_log_z_with_an_error_bar tests). Each learner
+    compiles its own step."""
     return ebm.MaximumLikelihood(
         gaussian_model, optax.adam(0.05), num_chains=32, num_mcmc_steps=2, record_every=5,
-        num_recorded_chains=4, **settings,
+        num_recorded_chains=4, track_log_z=False, **settings,
     )  # fmt: skip
 
 
 def test_maximum_likelihood_resumes_a_killed_run_on_the_same_trajectory(tmp_path, monkeypatch):
     x = model_data()
     settings = dict(progress_bar=False, steps_per_call=5)
-    straight = ml_learner().run(jax.random.key(8), 20, x, **settings)
+    learner = ml_learner()  # the straight and the killed run: one compiled step
+    straight = learner.run(jax.random.key(8), 20, x, **settings)
     crash_after_save(monkeypatch, 10)
     with pytest.raises(KeyboardInterrupt):
-        ml_learner().run(jax.random.key(8), 20, x, checkpoint_dir=tmp_path, **settings)
+        learner.run(jax.random.key(8), 20, x, checkpoint_dir=tmp_path, **settings)
     assert ebm.training.checkpoint_step(tmp_path) == 10
     monkeypatch.undo()
+    # a new learner resumes, as a restarted process would
     resumed = ml_learner().run(jax.random.key(8), 20, x, checkpoint_dir=tmp_path, **settings)
     assert int(resumed.state.step) == 20 and ebm.training.checkpoint_step(tmp_path) == 20
     for name in ("mu", "log_sigma"):
@@ -290,9 +295,9 @@ def test_maximum_likelihood_resumes_a_killed_run_on_the_same_trajectory(tmp_path
     )
     # a second writer of other settings is refused by name
     with pytest.raises(ValueError, match=r"num_chains: 32 .*16"):
-        ebm.MaximumLikelihood(gaussian_model, optax.adam(0.05), num_chains=16).run(
-            jax.random.key(8), 20, x, checkpoint_dir=tmp_path, **settings
-        )
+        ebm.MaximumLikelihood(
+            gaussian_model, optax.adam(0.05), num_chains=16, track_log_z=False
+        ).run(jax.random.key(8), 20, x, checkpoint_dir=tmp_path, **settings)
 
 
 def test_maximum_likelihood_records_its_chains():
@@ -398,7 +403,7 @@ def test_load_of_a_generator_run_returns_its_generator(tmp_path):
     generator = gen.Generator(2, 4, hidden=(8,), key=jax.random.key(15), noise_scale=0.1)
     res = ebm.fit(
         gaussian_energy(), toy_data(), key=jax.random.key(16), negatives="hybrid",
-        generator=generator, checkpoint_dir=tmp_path, **TINY,
+        generator=generator, checkpoint_dir=tmp_path, track_log_z=False, **TINY,
     )  # fmt: skip
     other = gen.Generator(2, 4, hidden=(8,), key=jax.random.key(17), noise_scale=0.1)
     loaded = ebm.load(tmp_path, energy=gaussian_energy(), generator=other)
