@@ -45,7 +45,7 @@ from numpyro.infer.util import log_density, transform_fn
 from numpyro_ebm import negatives as _negatives
 from numpyro_ebm.distribution import EnergyDistribution
 from numpyro_ebm.training import checkpoint, core, loop
-from numpyro_ebm.training.config import TrainConfig
+from numpyro_ebm.training.config import TrainConfig, default_energy_l2
 from numpyro_ebm.validation import check_count, validate_data
 
 __all__ = ["MLInfo", "MLState", "MaximumLikelihood", "MaximumLikelihoodResult", "ModelProblem"]
@@ -238,7 +238,8 @@ class MaximumLikelihood:
             ``objective=`` (a ``TrainConfig`` field, passed in ``settings``).
         num_chains, num_mcmc_steps, reinit_fraction, buffer_size, energy_l2, ema_decay,
             step_size_gain: as in ``TrainConfig`` (``energy_l2`` per observed point of each
-            EBM site whose energy has a free additive constant).
+            EBM site whose energy has a free additive constant; None: ``init`` sets
+            ``default_energy_l2(D)`` for the largest EBM site's event size ``D``).
         **settings: any other ``TrainConfig`` field (e.g. ``num_recorded_chains``,
             ``generator_optimizer``: for the generator modes; default a constant-rate Adam).
             ``energy_l2_decay`` defaults to None (constant) here: the learner does not know
@@ -256,7 +257,7 @@ class MaximumLikelihood:
         num_mcmc_steps: int = 20,
         reinit_fraction: float = 0.1,
         buffer_size: int = 10_000,
-        energy_l2: float = 0.01,
+        energy_l2: float | None = None,
         ema_decay: float | None = 0.995,
         step_size_gain: float = 0.2,
         **settings,
@@ -277,6 +278,7 @@ class MaximumLikelihood:
         self.model = model
         self.optimizer = optimizer
         self.config = config.resolve(schedule_steps=1)  # both optimizers are given by now
+        self._energy_l2 = energy_l2
         self.sampler = self.config.sampler
         self.problem: ModelProblem | None = None
         self._update = eqx.filter_jit(core.step)
@@ -299,6 +301,9 @@ class MaximumLikelihood:
         if self.problem is None or self.problem.event_shapes != sites:
             self.problem = ModelProblem(self.model, transforms, sites)
         self.problem.conditional = conditional
+        if self._energy_l2 is None and sites:  # follows the data, as in fit
+            size = max(math.prod(shape) for shape in sites.values())
+            self.config = self.config.replace(energy_l2=default_energy_l2(size))
         return core.init(key, params, (args, kwargs), self.problem, self.config)
 
     def get_params(self, state: core.TrainState) -> dict:
