@@ -335,7 +335,7 @@ def test_a_run_made_before_dequantization_and_patience_resumes_as_it_started(run
     del run["config"]["patience"], run["config"]["data"]["dequantize"]
     del run["standardization"]["quantum"]
     run_json.write_text(json.dumps(run))
-    code, out, err = run_cli(capsys, *COMMANDS["train"](run_copy / "run", run_copy))
+    code, _, err = run_cli(capsys, *COMMANDS["train"](run_copy / "run", run_copy))
     assert code == 0, err
     stored = json.loads(run_json.read_text())
     assert "patience" not in stored["config"] and "quantum" not in stored["standardization"]
