@@ -464,12 +464,15 @@ def _bridge(key, state, old_logdensity, new_logdensity, settings, max_steps, mov
     """Reweight/resample/move from ``old_logdensity`` (cached in ``state.logdensity``) to
     ``new_logdensity`` in at most ``max_steps`` sub-steps keeping the conditional ESS at
     ``target_ess``; ``moves``: kernel moves at each intermediate sub-step and at the end."""
-    bridge_moves, final_moves = moves
     sampler = settings.sampler
+    # with as many moves at the end as between, the last sub-step's moves are those of the
+    # loop, under new_logdensity alone: one compiled kernel for both (the start's case)
+    merged = moves[0] == moves[1]
     old_all = jax.vmap(old_logdensity)
     new_all = jax.vmap(new_logdensity)
     shape = state.log_weight.shape
     dtype = state.position.dtype
+    k_bridge, k_final = jax.random.split(key)
 
     def body(carry):
         s, count, key, position, old, new, log_weight, group_log_z, step, min_ess, acc = carry
@@ -484,25 +487,41 @@ def _bridge(key, state, old_logdensity, new_logdensity, settings, max_steps, mov
         log_weight = jnp.where(redo[:, None], 0.0, weighted).astype(dtype)
         position, old, new = position[index], old[index], new[index]
         s = jnp.where(last | (delta >= remaining), 1.0, s + delta).astype(dtype)
+        final = ~(s < 1.0)  # the last sub-step
+
+        def between(x):
+            return (1.0 - s) * old_logdensity(x) + s * new_logdensity(x)
 
         def bridge_move(args):
             position, _, _, step, acc = args
-
-            def between(x):
-                return (1.0 - s) * old_logdensity(x) + s * new_logdensity(x)
-
-            position, _, step, acc = _moves(k_move, position, between, step, sampler, bridge_moves)
+            position, _, step, acc = _moves(k_move, position, between, step, sampler, moves[0])
             return position, old_all(position), new_all(position), step, acc
 
-        position, old, new, step, acc = jax.lax.cond(
-            s < 1.0, bridge_move, lambda args: args, (position, old, new, step, acc)
-        )
+        def target(x):  # the last sub-step's moves: under new_logdensity alone
+            parts = new_logdensity, between
+            dtype = jnp.result_type(*(jax.eval_shape(f, x).dtype for f in parts))
+            return jax.lax.cond(final, *(lambda x, f=f: f(x).astype(dtype) for f in parts), x)
+
+        if merged:
+            key_moves = jnp.where(final, k_final, k_move)
+            position, moved, step, acc = _moves(
+                key_moves, position, target, step, sampler, moves[0]
+            )
+            old, new = jax.lax.cond(
+                final,
+                lambda p: (old, moved.astype(new.dtype)),
+                lambda p: (old_all(p), new_all(p)),
+                position,
+            )
+        else:
+            position, old, new, step, acc = jax.lax.cond(
+                s < 1.0, bridge_move, lambda args: args, (position, old, new, step, acc)
+            )
         return s, count + 1, key, position, old, new, log_weight, group_log_z, step, min_ess, acc
 
     def unfinished(carry):
         return carry[0] < 1.0
 
-    k_bridge, k_final = jax.random.split(key)
     zero = jnp.zeros((), dtype)
     carry = (
         zero,
@@ -518,10 +537,11 @@ def _bridge(key, state, old_logdensity, new_logdensity, settings, max_steps, mov
         zero,
     )
     carry = jax.lax.while_loop(unfinished, body, carry)
-    _, count, _, position, _, _, log_weight, group_log_z, step, min_ess, _ = carry
-    position, logdensity, step, acceptance = _moves(
-        k_final, position, new_logdensity, step, sampler, final_moves
-    )
+    _, count, _, position, _, logdensity, log_weight, group_log_z, step, min_ess, acceptance = carry
+    if not merged:
+        position, logdensity, step, acceptance = _moves(
+            k_final, position, new_logdensity, step, sampler, moves[1]
+        )
     new_state = state._replace(
         position=position,
         logdensity=logdensity,
