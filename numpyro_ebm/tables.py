@@ -59,7 +59,8 @@ def quantum(column: np.ndarray, *, max_decimals: int = MAX_DECIMALS) -> float:
     column = np.asarray(column)
     precision = np.float32 if column.dtype == np.float32 else np.float64
     values = column.astype(np.float64)
-    spread = float(values.max() - values.min()) if values.size else 0.0
+    with np.errstate(over="ignore"):  # a spread beyond float64 is inf: any grid fits in it
+        spread = float(values.max() - values.min()) if values.size else 0.0
     for decimals in range(max_decimals + 1):
         q = 10.0**-decimals
         if 0 < spread < q:
