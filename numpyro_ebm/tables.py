@@ -37,7 +37,15 @@ import math
 import jax
 import numpy as np
 
-__all__ = ["MAX_DECIMALS", "TableTransform", "quantum"]
+__all__ = [
+    "MAX_DECIMALS",
+    "TableTransform",
+    "column_statistics",
+    "dequantize",
+    "dequantized_moments",
+    "quantum",
+    "snap_to_grid",
+]
 
 MAX_DECIMALS = 6
 """A column with more decimals than this is continuous (quantum 0)."""
@@ -72,6 +80,64 @@ def quantum(column: np.ndarray, *, max_decimals: int = MAX_DECIMALS) -> float:
     return 0.0
 
 
+def _binary_scale(values: np.ndarray) -> np.ndarray:
+    """Powers of two ``2**e`` with ``values / 2**e`` in [1, 2) (1/2 for 0 and inf): dividing
+    by them is exact."""
+    return np.ldexp(1.0, np.frexp(values)[1] - 1)
+
+
+def column_statistics(train) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation (ddof 0) of each column of ``train`` (n, D), in float64.
+
+    ``train.mean(0)`` and ``train.std(0)`` when every standard deviation is in [1e-100, 1e100]
+    (no square comes near over- or underflow); otherwise the same computed on the columns
+    divided by powers of two, which is exact: values such as 1e-300 or 1e307, whose squares
+    over- or underflow, get the statistics of unit-scale values times their scale. A column
+    whose deviations from its mean overflow float64 gets an infinite standard deviation.
+    """
+    train = np.asarray(train, np.float64)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        mean, std = train.mean(axis=0), train.std(axis=0)
+        if np.all((std >= 1e-100) & (std <= 1e100)):
+            return mean, std  # the usual case: no square comes near over- or underflow
+        scale = _binary_scale(np.max(np.abs(train), axis=0))
+        mean = scale * np.mean(train / scale, axis=0)
+        deviation = train - mean
+        spread = _binary_scale(np.max(np.abs(deviation), axis=0))
+        std = spread * np.sqrt(np.mean(np.square(deviation / spread), axis=0))
+    return mean, np.where(np.isfinite(std), std, np.inf)
+
+
+def dequantized_moments(train, quanta) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation of the columns of ``train`` (n, D) after uniform
+    dequantization by ``quanta`` (D,) (``x + U[0, q)``; 0: a continuous column): the exact
+    expectations ``mean + q/2`` and ``sqrt(var + q²/12)``, overflow-safe
+    (``column_statistics``)."""
+    mean, std = column_statistics(train)
+    quanta = np.asarray(quanta, np.float64)
+    with np.errstate(over="ignore"):
+        return mean + quanta / 2, np.where(quanta > 0, np.hypot(std, quanta / math.sqrt(12)), std)
+
+
+def dequantize(points, quanta, *, key: jax.Array) -> np.ndarray:
+    """``points + u``, ``u ~ Uniform[0, q)`` for each column's quantum ``q`` (float64; a
+    continuous column, ``q = 0``, is unchanged). ``key`` is used once."""
+    points = np.asarray(points, np.float64)
+    noise = np.asarray(jax.random.uniform(key, points.shape, dtype=np.float32), np.float64)
+    return points + noise * np.asarray(quanta, np.float64)
+
+
+def snap_to_grid(points, quanta) -> np.ndarray:
+    """Dequantized values back on their grid: the cell ``[v, v + q)`` a value falls in gives
+    ``v``, rounded to the grid's decimals (continuous columns, ``q = 0``, unchanged)."""
+    points = np.array(points, np.float64)
+    quanta = np.asarray(quanta, np.float64)
+    for j in np.flatnonzero(quanta > 0):  # round off 0.30000000000000004
+        q = quanta[j]
+        points[:, j] = np.round(np.floor(points[:, j] / q) * q, round(-math.log10(q)))
+    return points
+
+
 @dataclasses.dataclass(frozen=True)
 class TableTransform:
     """The map from a table's rows ``(n, D)`` (original units) to a model's coordinates.
@@ -101,8 +167,7 @@ class TableTransform:
         if not np.all(np.isfinite(train)):
             raise ValueError("the table holds NaN or infinite values")
         q = np.array([quantum(c, max_decimals=max_decimals) for c in given.T])
-        mean = train.mean(axis=0) + q / 2
-        std = np.sqrt(train.var(axis=0) + q**2 / 12)
+        mean, std = dequantized_moments(train, q)
         constant = np.flatnonzero(std == 0)  # a quantized column is at least one cell wide
         if constant.size:
             raise ValueError(
@@ -127,9 +192,7 @@ class TableTransform:
 
     def dequantize(self, points, *, key: jax.Array) -> np.ndarray:
         """``points + u``, ``u ~ Uniform[0, quantum)`` per quantized entry (float64)."""
-        points = self.rows(points)
-        noise = np.asarray(jax.random.uniform(key, points.shape, dtype=np.float32), np.float64)
-        return points + noise * self.quantum
+        return dequantize(self.rows(points), self.quantum, key=key)
 
     def standardize(self, points) -> np.ndarray:
         """Dequantized original values to model coordinates (float32)."""
@@ -139,9 +202,11 @@ class TableTransform:
         """Recorded rows ``(n, D)`` to model coordinates: dequantize, then standardize."""
         return self.standardize(self.dequantize(points, key=key))
 
-    def to_original(self, z) -> np.ndarray:
-        """Model coordinates back to (dequantized) original values, float64."""
-        return self.mean + self.std * np.asarray(z, np.float64)
+    def to_original(self, z, *, on_grid: bool = False) -> np.ndarray:
+        """Model coordinates back to (dequantized) original values, float64; ``on_grid``:
+        the quantized columns are put back on their grid (``snap_to_grid``)."""
+        points = self.mean + self.std * np.asarray(z, np.float64)
+        return snap_to_grid(points, self.quantum) if on_grid else points
 
     @property
     def log_jacobian(self) -> float:

@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from numpyro_ebm import datasets
-from numpyro_ebm.tables import TableTransform, quantum
+from numpyro_ebm.tables import TableTransform, column_statistics, quantum, snap_to_grid
 
 
 @pytest.mark.parametrize(
@@ -125,3 +125,34 @@ def test_rows_of_another_shape_or_with_nan_are_refused():
         transform.to_model(np.ones((3, 3)), key=jax.random.key(0))
     with pytest.raises(ValueError, match="NaN or infinite"):
         transform.standardize(np.array([[1.0, np.nan]]))
+
+
+@pytest.mark.parametrize("exponent", [-1000, -500, 500, 1000])
+def test_statistics_at_a_power_of_two_scale_are_exact(exponent):
+    # scaling by 2**e is exact in float64: so must the statistics be, bit for bit
+    x = np.random.default_rng(3).normal(size=(300, 2))
+    scale = 2.0**exponent
+    mean, std = column_statistics(x * scale)
+    np.testing.assert_array_equal(mean, x.mean(axis=0) * scale)
+    np.testing.assert_array_equal(std, x.std(axis=0) * scale)
+
+
+def test_a_continuous_column_of_tiny_values_is_standardized_exactly():
+    # its squares underflow: a plain variance is 0 and the column would be refused as constant
+    x = np.random.default_rng(4).normal(size=(200, 2))
+    transform = TableTransform.fit(x * 2.0**-1000)
+    np.testing.assert_array_equal(transform.std, x.std(axis=0) * 2.0**-1000)
+    z = transform.to_model(x * 2.0**-1000, key=jax.random.key(0))
+    np.testing.assert_allclose(z, (x - x.mean(0)) / x.std(0), rtol=1e-5, atol=1e-5)
+
+
+def test_samples_go_back_on_the_recorded_grid():
+    rng = np.random.default_rng(5)
+    train = np.column_stack([rng.integers(0, 9, 300), np.round(rng.normal(size=300), 1)])
+    train = np.column_stack([train, rng.normal(size=300)])
+    transform = TableTransform.fit(train)
+    z = transform.to_model(train, key=jax.random.key(1))
+    back = transform.to_original(z, on_grid=True)
+    np.testing.assert_array_equal(back[:, :2], train[:, :2])  # the recorded values, exactly
+    np.testing.assert_allclose(back[:, 2], train[:, 2], rtol=1e-5, atol=1e-5)
+    assert snap_to_grid(np.array([[0.30000000000000004]]), [0.1])[0, 0] == 0.3

@@ -306,46 +306,10 @@ def _split(seed: int, num_points: int, fraction: float) -> tuple[np.ndarray, np.
     return order[num_heldout:], order[:num_heldout]
 
 
-def _binary_scale(values: np.ndarray) -> np.ndarray:
-    """Powers of two ``2**e`` with ``values / 2**e`` in [1, 2) (1/2 for 0 and inf): dividing
-    by them is exact."""
-    return np.ldexp(1.0, np.frexp(values)[1] - 1)
-
-
 def column_quanta(train: np.ndarray) -> np.ndarray:
     """``(d,)``: each column's recording grid in the training rows (``tables.quantum``; 0 for
     a continuous column)."""
     return np.array([tables.quantum(column) for column in np.asarray(train).T])
-
-
-def dequantized_statistics(train: np.ndarray, quanta: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Mean and standard deviation of the columns of ``train`` after uniform dequantization
-    (``x + U[0, q)``): the exact expectations ``mean + q/2`` and ``sqrt(var + q²/12)``."""
-    mean, std = column_statistics(train)
-    with np.errstate(over="ignore"):
-        return mean + quanta / 2, np.where(quanta > 0, np.hypot(std, quanta / math.sqrt(12)), std)
-
-
-def column_statistics(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation (ddof 0) of each column of ``train`` (n, d), in float64.
-
-    ``train.mean(0)`` and ``train.std(0)`` when every standard deviation is in [1e-100, 1e100]
-    (no square comes near over- or underflow); otherwise the same computed on the columns
-    divided by powers of two, which is exact: values such as 1e-300 or 1e307, whose squares
-    over- or underflow, get the statistics of unit-scale values times their scale. A column
-    whose deviations from its mean overflow float64 gets an infinite standard deviation.
-    """
-    train = np.asarray(train, np.float64)
-    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        mean, std = train.mean(axis=0), train.std(axis=0)
-        if np.all((std >= 1e-100) & (std <= 1e100)):
-            return mean, std  # the usual case: no square comes near over- or underflow
-        scale = _binary_scale(np.max(np.abs(train), axis=0))
-        mean = scale * np.mean(train / scale, axis=0)
-        deviation = train - mean
-        spread = _binary_scale(np.max(np.abs(deviation), axis=0))
-        std = spread * np.sqrt(np.mean(np.square(deviation / spread), axis=0))
-    return mean, np.where(np.isfinite(std), std, np.inf)
 
 
 def check_columns(points: np.ndarray, names, path: str, seed: int, fraction: float) -> None:
@@ -378,7 +342,7 @@ def check_columns(points: np.ndarray, names, path: str, seed: int, fraction: flo
                 f"and {high[j]:g}), not on a grid of whole numbers or decimals that could be "
                 f"dequantized: it has no continuous density; {drop}",
             )
-    mean, std = dequantized_statistics(train, quanta)
+    mean, std = tables.dequantized_moments(train, quanta)
     for j in range(points.shape[1]):
         if std[j] == np.inf:
             raise UsageError(
@@ -442,8 +406,7 @@ class Data:
         if self.dequantizes:
             if key is None:
                 raise ValueError("dequantizing needs a key")
-            noise = np.asarray(jax.random.uniform(key, points.shape), np.float64)
-            points = points + noise * self.quantum
+            points = tables.dequantize(points, self.quantum, key=key)
         if self.mean is not None:
             points = (points - self.mean) / self.std
         return points.astype(np.float32)
@@ -453,13 +416,7 @@ class Data:
         on their grid (the cell ``[v, v + q)`` a value falls in gives ``v``)."""
         points = np.asarray(points, np.float64)
         points = points if self.mean is None else self.mean + self.std * points
-        if on_grid and self.dequantizes:
-            q = self.quantum
-            decimals = np.where(q > 0, -np.log10(np.where(q > 0, q, 1.0)), 0).round()
-            snapped = np.floor(points / np.where(q > 0, q, 1.0)) * q
-            for j in np.flatnonzero(q > 0):  # round off 0.30000000000000004
-                points[:, j] = np.round(snapped[:, j], int(decimals[j]))
-        return points
+        return tables.snap_to_grid(points, self.quantum) if on_grid and self.dequantizes else points
 
     @property
     def log_cell_volume(self) -> float:
@@ -496,7 +453,7 @@ def prepare(config: dict, points: np.ndarray | None, standardization: dict | Non
         # in float64; columns that cannot be standardized were refused (check_columns)
         dequantize = config["data"].get("dequantize", False)
         quanta = column_quanta(train) if dequantize else np.zeros(train.shape[1])
-        mean, std = dequantized_statistics(train, quanta)
+        mean, std = tables.dequantized_moments(train, quanta)
     else:
         mean = np.asarray(standardization["mean"], np.float64)
         std = np.asarray(standardization["std"], np.float64)
