@@ -20,9 +20,10 @@ demo: $(STAMP)
 
 # CI time is mostly XLA compiling: the tests compile with most of XLA's optimisations off
 # (JAX_DISABLE_MOST_OPTIMIZATIONS: backend level 0, no expensive LLVM passes; test_infer.py
-# took 188 s against 220 s at level 1 and more at the default level 2), and the compilation
-# cache shares compiled programs between the test processes (the notebooks'
-# kernels and the CLI subprocesses compile many of the tests' programs again). The longest
+# took 188 s against 220 s at level 1 and more at the default level 2; the notebooks' kernels,
+# which run longer programs, turn them back on: notebooks/conftest.py), and the compilation
+# cache shares compiled programs between the test processes (the CLI subprocesses compile
+# many of the tests' programs again). The longest
 # files go first (pytest collects each file once), so the short ones fill the end of both
 # workers. --durations lists the slowest tests at the end of every run.
 LONG_TESTS := notebooks tests/test_train.py tests/test_training.py tests/test_infer.py \
