@@ -41,6 +41,7 @@ __all__ = [
     "MLPEnergy",
     "NoiseConditionalEnergy",
     "SeparableEnergy",
+    "default_hidden",
 ]
 
 
@@ -48,6 +49,23 @@ def _check_dim(dim) -> int:
     if not (isinstance(dim, int) and dim >= 1):
         raise ValueError(f"dim must be a positive integer (the event size), got {dim!r}")
     return dim
+
+
+def default_hidden(dim: int) -> tuple[int, int, int]:
+    """Widths of the three hidden layers of ``MLPEnergy`` (and ``NoiseConditionalEnergy``) for
+    events of ``dim`` values: 128 up to 32 values, then the power of two at or above
+    ``4 · dim``, at most 1024.
+
+    The 2-D toys' tuned width (128) is kept where the data are small; wider data need wider
+    layers: on the 64-D digits (``benchmarks/real_data.py``, one seed) 256-wide layers scored
+    16.3 nats/image against 14.1 with 128 (and 17.5 with two 256-wide layers).
+
+    Example:
+        >>> default_hidden(2), default_hidden(64)
+        ((128, 128, 128), (256, 256, 256))
+    """
+    width = min(1024, max(128, 2 ** math.ceil(math.log2(4 * _check_dim(dim)))))
+    return (width,) * 3
 
 
 def _flatten_event(x: jax.Array, dim: int) -> jax.Array:
@@ -90,7 +108,8 @@ class MLPEnergy(eqx.Module):
 
     Args:
         dim: number of values in one event (the event is flattened, so images work too).
-        hidden: widths of the hidden layers.
+        hidden: widths of the hidden layers (default: ``default_hidden(dim)``, three layers
+            of 128 up to 32 values, wider above).
         key: PRNG key for the initial weights.
         activation: smooth activation (default SiLU; avoid ReLU: its Hessian is zero and
             its gradient discontinuous, which hurts Langevin and HMC).
@@ -112,7 +131,7 @@ class MLPEnergy(eqx.Module):
     def __init__(
         self,
         dim: int,
-        hidden: Sequence[int] = (128, 128, 128),
+        hidden: Sequence[int] | None = None,
         *,
         key: jax.Array,
         activation: Callable = jax.nn.silu,
@@ -121,6 +140,7 @@ class MLPEnergy(eqx.Module):
         self.dim = _check_dim(dim)
         if confinement < 0:
             raise ValueError(f"confinement must be >= 0, got {confinement}")
+        hidden = default_hidden(dim) if hidden is None else tuple(hidden)
         self.net = MLP((dim, *hidden, 1), activation, key=key)
         self.confinement = float(confinement)
 
@@ -161,7 +181,7 @@ class NoiseConditionalEnergy(eqx.Module):
         self,
         dim: int,
         noise_scale: float,
-        hidden: Sequence[int] = (128, 128, 128),
+        hidden: Sequence[int] | None = None,
         *,
         key: jax.Array,
         activation: Callable = jax.nn.silu,
@@ -171,6 +191,7 @@ class NoiseConditionalEnergy(eqx.Module):
         self.noise_scale = check_positive("noise_scale", noise_scale)
         if confinement < 0:
             raise ValueError(f"confinement must be >= 0, got {confinement}")
+        hidden = default_hidden(dim) if hidden is None else tuple(hidden)
         self.net = MLP((dim + 1, *hidden, 1), activation, key=key)
         self.confinement = float(confinement)
 

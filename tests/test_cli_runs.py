@@ -344,3 +344,23 @@ def test_a_run_made_before_dequantization_and_patience_resumes_as_it_started(run
         capsys, *COMMANDS["train"](run_copy / "run", run_copy), "--patience", "200"
     )
     assert code == 2 and "--patience None -> 200" in one_line(err), err
+
+
+def test_a_resumed_run_keeps_its_widths_and_new_runs_get_their_datas(run_copy, capsys, tmp_path):
+    """Without ``--hidden`` a resumed run keeps the widths it started with (a run made before
+    the widths followed the dimension included); naming others is refused by name. A new run
+    on 40 columns gets ``energies.default_hidden(40)``."""
+    train = [str(a) for a in COMMANDS["train"](run_copy / "run", run_copy)]
+    at = train.index("--hidden")
+    without_hidden = train[:at] + train[at + 2 :]
+    code, _, err = run_cli(capsys, *without_hidden)
+    assert code == 0, err
+    stored = json.loads((run_copy / "run" / "run.json").read_text())
+    assert stored["config"]["hidden"] == [16, 16]
+    code, _, err = run_cli(capsys, *without_hidden, "--hidden", "8")
+    assert code == 2 and "hidden" in one_line(err), err
+    wide = tmp_path / "wide.npy"
+    np.save(wide, np.random.default_rng(0).normal(size=(100, 40)))
+    args = cli.parser.make_parser().parse_args(["train", "--data", str(wide), "--out", "unused"])
+    config, _, _ = cli.parser.train_config(args)
+    assert config["hidden"] == [256, 256, 256] == list(numpyro_ebm.energies.default_hidden(40))

@@ -43,7 +43,7 @@ from numpyro_ebm.cli._common import (
     write_json,
 )
 from numpyro_ebm.cli.data_files import Data, file_to_model, prepare, read_points
-from numpyro_ebm.cli.parser import check_positive, check_seed, train_config
+from numpyro_ebm.cli.parser import check_positive, check_seed, given_settings, train_config
 from numpyro_ebm.cli.run_folder import (
     check_output_file,
     check_settings,
@@ -196,8 +196,7 @@ def _heldout_rows(entry: dict, what: str) -> list[tuple[str, str]]:
 
 def train_command(args: argparse.Namespace, argv: list[str]) -> int:
     config, points, path = train_config(args)
-    given = args.patience is not None
-    check_settings(args.out, existing_run(args.out), config, patience_given=given)
+    check_settings(args.out, existing_run(args.out), config, given=given_settings(args))
     created = make_folders(args.out)
     before = set(os.listdir(args.out))
     # a FolderLockedError leaves even a folder created here: the holder writes into it now
@@ -210,7 +209,7 @@ def _train_locked(args, argv, config, points, path, created: list[str], before: 
     what this invocation created, and only while the run has no checkpoint."""
     out = args.out
     existing = existing_run(out)  # again: another writer may have finished meanwhile
-    config = check_settings(out, existing, config, patience_given=args.patience is not None)
+    config = check_settings(out, existing, config, given=given_settings(args))
     if existing is not None and existing.get("diverged") is not None:
         print(diverged_message(out, existing["diverged"]["step"]), file=sys.stderr)
         return EXIT_DIVERGED

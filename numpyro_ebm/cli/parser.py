@@ -20,6 +20,7 @@ import numpy as np
 from numpyro_ebm import logz, samplers
 from numpyro_ebm.cli._common import BUILTIN, TOYS, UsageError, jsonable
 from numpyro_ebm.cli.data_files import check_columns, check_rows, read_points, sha256
+from numpyro_ebm.energies import default_hidden
 from numpyro_ebm.negatives import KINDS as NEGATIVES
 from numpyro_ebm.training.objective import OBJECTIVES
 
@@ -78,6 +79,12 @@ def check_positive(args: argparse.Namespace, *names: str) -> None:
             )
 
 
+def given_settings(args: argparse.Namespace) -> frozenset[str]:
+    """The stored settings whose defaults depend on the run (``--patience``, ``--hidden``)
+    that the command line names: a resumed run keeps its own for the others."""
+    return frozenset(name for name in ("patience", "hidden") if getattr(args, name) is not None)
+
+
 def check_seed(args: argparse.Namespace) -> None:
     if args.seed is not None and not 0 <= args.seed <= _MAX_VALUE["seed"]:
         raise UsageError(
@@ -98,7 +105,6 @@ def train_config(args: argparse.Namespace) -> tuple[dict, np.ndarray | None, str
         "num_data",
     )
     check_seed(args)
-    hidden = _parse_hidden(args.hidden)
     if not 0 < args.validation_fraction < 1:
         raise UsageError(
             "--validation-fraction",
@@ -111,7 +117,12 @@ def train_config(args: argparse.Namespace) -> tuple[dict, np.ndarray | None, str
             raise UsageError(
                 "--columns", f"{args.columns!r} has empty or repeated names; e.g. --columns x,y"
             )
+    if args.hidden is not None:
+        hidden = _parse_hidden(args.hidden)
     data, points, path = _data_config(args, columns)
+    if args.hidden is None:  # the widths follow the data's dimension
+        dim = 64 if data["name"] == "digits" else 2 if points is None else points.shape[1]
+        hidden = list(default_hidden(dim))
     config = {
         "data": data,
         "steps": args.steps,
@@ -256,9 +267,9 @@ def _add_training_settings(train: argparse.ArgumentParser) -> None:
     )
     train.add_argument(
         "--hidden",
-        default="128,128,128",
         metavar="W,W",
-        help="MLP layer widths (default: %(default)s)",
+        help="MLP layer widths (default: by the data's dimension, 128,128,128 up to 32 columns, "
+        "wider above: energies.default_hidden)",
     )
     train.add_argument(
         "--sampler",

@@ -302,24 +302,28 @@ def remove_created(folders: list[str], entries: list[str]) -> None:
                 os.rmdir(folder)
 
 
-def as_stored(stored: dict, config: dict, *, patience_given: bool) -> dict:
-    """``config`` for resuming the run whose config is ``stored``: a run made before
-    ``--patience`` or dequantization existed resumes as it started (without them) unless
-    ``--patience`` is given."""
+def as_stored(stored: dict, config: dict, *, given: frozenset[str]) -> dict:
+    """``config`` for resuming the run whose config is ``stored``; ``given``: the settings
+    named on the command line. A run resumes as it started: with its stored widths unless
+    ``--hidden`` is given (a run made before the widths followed the data's dimension keeps
+    its 128,128,128), and a run made before ``--patience`` or dequantization existed without
+    them unless ``--patience`` is given."""
     config = dict(config)
-    if "patience" not in stored and not patience_given:
+    if "patience" not in stored and "patience" not in given:
         config.pop("patience", None)
+    if "hidden" not in given:
+        config["hidden"] = stored["hidden"]
     if "dequantize" not in stored["data"]:
         config["data"] = {k: v for k, v in config["data"].items() if k != "dequantize"}
     return config
 
 
-def check_settings(out: str, existing: dict | None, config: dict, *, patience_given: bool) -> dict:
+def check_settings(out: str, existing: dict | None, config: dict, *, given: frozenset[str]) -> dict:
     """The settings to train ``out``'s run with: ``config``, or for a run made before some
     settings existed ``as_stored``; ``UsageError`` when they differ from the stored run's."""
     if existing is None:
         return config
-    config = as_stored(existing["config"], config, patience_given=patience_given)
+    config = as_stored(existing["config"], config, given=given)
     if existing["config"] != config:
         raise UsageError(
             out,
