@@ -40,6 +40,7 @@ import numpy as np
 __all__ = [
     "MAX_DECIMALS",
     "TableTransform",
+    "column_quanta",
     "column_statistics",
     "dequantize",
     "dequantized_moments",
@@ -78,6 +79,12 @@ def quantum(column: np.ndarray, *, max_decimals: int = MAX_DECIMALS) -> float:
         if np.all(np.abs(scaled - np.round(scaled)) <= rounding):
             return float(q)
     return 0.0
+
+
+def column_quanta(train, *, max_decimals: int = MAX_DECIMALS) -> np.ndarray:
+    """``(D,)``: each column's ``quantum`` in the rows ``train`` (n, D), judged in the
+    columns' own precision (0 for a continuous column)."""
+    return np.array([quantum(c, max_decimals=max_decimals) for c in np.asarray(train).T])
 
 
 def _binary_scale(values: np.ndarray) -> np.ndarray:
@@ -166,7 +173,7 @@ class TableTransform:
             raise ValueError(f"a table must have shape (n >= 2, D), got {train.shape}")
         if not np.all(np.isfinite(train)):
             raise ValueError("the table holds NaN or infinite values")
-        q = np.array([quantum(c, max_decimals=max_decimals) for c in given.T])
+        q = column_quanta(given, max_decimals=max_decimals)
         mean, std = dequantized_moments(train, q)
         constant = np.flatnonzero(std == 0)  # a quantized column is at least one cell wide
         if constant.size:

@@ -306,12 +306,6 @@ def _split(seed: int, num_points: int, fraction: float) -> tuple[np.ndarray, np.
     return order[num_heldout:], order[:num_heldout]
 
 
-def column_quanta(train: np.ndarray) -> np.ndarray:
-    """``(d,)``: each column's recording grid in the training rows (``tables.quantum``; 0 for
-    a continuous column)."""
-    return np.array([tables.quantum(column) for column in np.asarray(train).T])
-
-
 def check_columns(points: np.ndarray, names, path: str, seed: int, fraction: float) -> None:
     """Refuse a data file whose columns cannot be standardized with the statistics of the
     training rows of the run's split (``seed``, ``fraction``): a constant column, a column with
@@ -327,7 +321,7 @@ def check_columns(points: np.ndarray, names, path: str, seed: int, fraction: flo
 
     low, high = train.min(axis=0), train.max(axis=0)
     third_value = np.any((train > low) & (train < high), axis=0)
-    quanta = column_quanta(train)
+    quanta = tables.column_quanta(train)
     for j in range(points.shape[1]):
         if low[j] == high[j]:
             raise UsageError(
@@ -452,7 +446,7 @@ def prepare(config: dict, points: np.ndarray | None, standardization: dict | Non
     if standardization is None:
         # in float64; columns that cannot be standardized were refused (check_columns)
         dequantize = config["data"].get("dequantize", False)
-        quanta = column_quanta(train) if dequantize else np.zeros(train.shape[1])
+        quanta = tables.column_quanta(train) if dequantize else np.zeros(train.shape[1])
         mean, std = tables.dequantized_moments(train, quanta)
     else:
         mean = np.asarray(standardization["mean"], np.float64)

@@ -117,10 +117,9 @@ def train_config(args: argparse.Namespace) -> tuple[dict, np.ndarray | None, str
             raise UsageError(
                 "--columns", f"{args.columns!r} has empty or repeated names; e.g. --columns x,y"
             )
-    if args.hidden is not None:
-        hidden = _parse_hidden(args.hidden)
+    hidden = None if args.hidden is None else _parse_hidden(args.hidden)  # before the file
     data, points, path = _data_config(args, columns)
-    if args.hidden is None:  # the widths follow the data's dimension
+    if hidden is None:  # the widths follow the data's dimension (toys 2-D, digits 64-D)
         dim = 64 if data["name"] == "digits" else 2 if points is None else points.shape[1]
         hidden = list(default_hidden(dim))
     config = {
