@@ -165,7 +165,8 @@ class TableTransform:
         column must vary).
 
         Raises:
-            ValueError: not a finite 2-D table, or a continuous column that does not vary.
+            ValueError: not a finite 2-D table, a continuous column that does not vary, or a
+                column whose spread overflows float64.
         """
         given = np.asarray(train)
         train = given.astype(np.float64)
@@ -179,6 +180,12 @@ class TableTransform:
         if constant.size:
             raise ValueError(
                 f"continuous column(s) {constant.tolist()} do not vary in the training rows"
+            )
+        overflowing = np.flatnonzero(~np.isfinite(std))
+        if overflowing.size:
+            raise ValueError(
+                f"column(s) {overflowing.tolist()} spread beyond float64 (their deviations from "
+                "the mean overflow): rescale them"
             )
         return cls(q, mean, std)
 

@@ -156,3 +156,10 @@ def test_samples_go_back_on_the_recorded_grid():
     np.testing.assert_array_equal(back[:, :2], train[:, :2])  # the recorded values, exactly
     np.testing.assert_allclose(back[:, 2], train[:, 2], rtol=1e-5, atol=1e-5)
     assert snap_to_grid(np.array([[0.30000000000000004]]), [0.1])[0, 0] == 0.3
+
+
+def test_a_column_whose_spread_overflows_float64_is_refused_by_index():
+    # most values near +1.7e308, every fifth near -1.7e308: x − mean overflows float64
+    big = np.column_stack([np.arange(10.0), np.where(np.arange(10) % 5, 1.7e308, -1.7e308)])
+    with pytest.raises(ValueError, match=r"column\(s\) \[1\] spread beyond float64"):
+        TableTransform.fit(big)
