@@ -5,8 +5,9 @@
     python benchmarks/generator_quality.py --energies mlp deep --modes hybrid pcd
     python benchmarks/generator_quality.py --toys checkerboard --energies deep --modes hybrid pcd \
         --seeds 0 1 2                                             # across training seeds
-    python benchmarks/generator_quality.py --modes hybrid --restart-fraction 0.1
+    python benchmarks/generator_quality.py --modes hybrid --hybrid restart_fraction=0.1
                                           # a hybrid whose chains mostly persist (see below)
+    python benchmarks/generator_quality.py --modes hybrid --hybrid resample=false num_mcmc_steps=40
 
 Modes (each trains a fresh energy, `MLPEnergy` (hidden 128×3) and/or `DeepEnergy` (Kim & Bengio's
 product of experts, σ = 1), with `fit`'s defaults otherwise: 2000 steps, 1024 negatives per step,
@@ -18,9 +19,10 @@ batch 1024, 50 000 training points):
   k-nearest-neighbour entropy estimate of its output.
 * hybrid: `negatives="hybrid"`: generator samples (improved entropy), importance-resampled
   towards the model, start 20 MALA steps; the refined samples are the negatives and also pull
-  the generator (amortization). With ``--restart-fraction f`` < 1, each chain restarts from
-  the generator's samples with probability f per step and otherwise continues from its last
-  negative (``negatives.Hybrid(restart_fraction=f)``, all other settings fit's).
+  the generator (amortization). ``--hybrid NAME=VALUE ...`` changes fields of fit's
+  ``negatives.Hybrid`` (all other settings fit's), e.g. ``restart_fraction=0.1``: each chain
+  restarts from the generator's samples with probability 0.1 per step and otherwise continues
+  from its last negative; ``resample=false``: no importance resampling.
 * pcd: persistent MALA chains (the training issue's default), for reference.
 
 Columns: KL(data ‖ model) ± one standard error with grid-exact log Z (512² grid, 20 000 fresh
@@ -34,7 +36,8 @@ of its samples to 20 000 test points (lower is better, 0 when equal in distribut
 nearest centre); the far-field gap (``far_field_gap``): the lowest energy on rays beyond the
 KL's quadrature box (out to 5 times its half-width) minus the lowest inside it. A negative gap
 is a well the grid does not see: the model's mass lies outside the box and its KL is then
-only a lower bound.
+only a lower bound; the hybrid's resampling ESS: the mean over the run of the importance
+weights' effective sample size as a fraction of the batch (NaN without resampling).
 
 When both hybrid and pcd ran, a second table gives, per toy and energy, the paired difference
 KL(hybrid) − KL(pcd) on the same test points with its standard error, and whether the hybrid is
@@ -53,6 +56,7 @@ difference is ≤ 2 standard errors across seeds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import time
 
@@ -115,20 +119,35 @@ def far_field_gap(energy, bounds, num_rays: int = 64, reach: float = 5.0) -> flo
     return float(e_out.min() - e_in.min())
 
 
-def run(
-    toy_name: str, energy_name: str, mode: str, steps: int, seed: int = 0, restart: float = 1.0
-) -> dict:
+def hybrid_changes(pairs: list[str]) -> dict:
+    """``["resample=false", "restart_fraction=0.1"]`` → ``{"resample": False, ...}``: each value
+    is parsed as the type of the field's default in ``negatives.Hybrid``."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ebm.negatives.Hybrid)}
+    changes = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in defaults or not value:
+            raise SystemExit(f"--hybrid: expected NAME=VALUE with a Hybrid field, got {pair!r}")
+        kind = type(defaults[name])
+        if kind is bool:
+            changes[name] = {"true": True, "false": False}[value.lower()]
+        else:
+            changes[name] = kind(value)
+    return changes
+
+
+def run(toy_name: str, energy_name: str, mode: str, steps: int, seed: int = 0, hybrid=None) -> dict:
     toy = ebm.datasets.toy(toy_name)
     k_data, k_energy, k_fit, k_test, k_gen, k_ref = jax.random.split(jax.random.key(seed), 6)
     data = toy.sample(k_data, 50_000)
     energy = ENERGIES[energy_name](2, key=k_energy)
     options = MODES[mode]
     kind = options["negatives"]
-    if mode == "hybrid" and restart < 1.0:  # fit's hybrid, with only that setting changed
+    if mode == "hybrid" and hybrid:  # fit's hybrid, with only those settings changed
         resolved = ebm.TrainConfig(
             num_chains=NUM_CHAINS, num_mcmc_steps=NUM_MCMC_STEPS, batch_size=BATCH, negatives=kind
         ).resolve(steps)
-        options = {"negatives": resolved.negatives.replace(restart_fraction=restart)}
+        options = {"negatives": resolved.negatives.replace(**hybrid)}
     start = time.perf_counter()
     res = ebm.fit(
         energy,
@@ -161,6 +180,10 @@ def run(
         "far": far_field_gap(res.energy, ebm.logz.select.box(toy_bounds=toy.bounds, padding=0.5)),
         "gen_ed": float("nan"),
         "share": float("nan"),
+        # the hybrid's resampling: mean effective sample size (fraction of the batch) over the run
+        "ess": float(np.nanmean(res.history["resampling_ess"]))
+        if "resampling_ess" in res.history
+        else float("nan"),
     }
     if res.generator is not None:
         samples = res.generator(k_gen, 20_000)
@@ -200,12 +223,14 @@ def main() -> None:
         "--seeds", type=int, nargs="+", help="train every row once per seed (two or more)"
     )
     parser.add_argument(
-        "--restart-fraction",
-        type=float,
-        default=1.0,
-        help="the hybrid's restart_fraction (1: every chain restarts from the generator)",
+        "--hybrid",
+        nargs="+",
+        default=[],
+        metavar="NAME=VALUE",
+        help="change fields of fit's negatives.Hybrid, e.g. restart_fraction=0.1 resample=false",
     )
     args = parser.parse_args()
+    hybrid = hybrid_changes(args.hybrid)
     seed_list = args.seeds or [args.seed]
     if len(set(seed_list)) != len(seed_list):
         parser.error(f"--seeds must be distinct, got {seed_list}")
@@ -213,28 +238,28 @@ def main() -> None:
     print(
         f"# generator_quality: {platform.processor() or platform.machine()}, "
         f"{jax.device_count()}× {jax.devices()[0].device_kind}, jax {jax.__version__}; "
-        f"hybrid restart_fraction {args.restart_fraction}"
+        f"hybrid changes {hybrid or 'none'}"
     )
     seed_column = "seed | " if several else ""
     print(
         f"| toy | energy | mode | {seed_column}steps | KL (nats) | time (s) | "
         "energy-gradient evals | rejected steps | generator energy distance | "
-        "generator max share error | far-field gap |"
+        "generator max share error | far-field gap | resampling ESS |"
     )
-    print("|---" * (11 + several) + "|")
+    print("|---" * (12 + several) + "|")
     rows = {}
     for seed in seed_list:
         for toy_name in args.toys:
             for energy_name in args.energies:
                 for mode in args.modes:
-                    r = run(toy_name, energy_name, mode, args.steps, seed, args.restart_fraction)
+                    r = run(toy_name, energy_name, mode, args.steps, seed, hybrid)
                     rows[toy_name, energy_name, mode, seed] = r
                     seed_cell = f"{seed} | " if several else ""
                     print(
                         f"| {r['toy']} | {r['energy']} | {r['mode']} | {seed_cell}{r['steps']} | "
                         f"{r['kl']:.4f} ± {r['kl_se']:.4f} | {r['seconds']:.1f} | "
                         f"{r['grads'] / 1e6:.1f} M | {r['rejected']} | {r['gen_ed']:.4f} | "
-                        f"{r['share']:.3f} | {r['far']:+.1f} |",
+                        f"{r['share']:.3f} | {r['far']:+.1f} | {r['ess']:.3f} |",
                         flush=True,
                     )
     if not {"hybrid", "pcd"} <= set(args.modes):
