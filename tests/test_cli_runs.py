@@ -363,4 +363,4 @@ def test_a_resumed_run_keeps_its_widths_and_new_runs_get_their_datas(run_copy, c
     np.save(wide, np.random.default_rng(0).normal(size=(100, 40)))
     args = cli.parser.make_parser().parse_args(["train", "--data", str(wide), "--out", "unused"])
     config, _, _ = cli.parser.train_config(args)
-    assert config["hidden"] == [256, 256, 256] == list(numpyro_ebm.energies.default_hidden(40))
+    assert config["hidden"] == [256, 256] == list(numpyro_ebm.energies.default_hidden(40))

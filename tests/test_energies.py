@@ -312,11 +312,19 @@ def test_fit_trains_a_separable_energy():
 
 
 @pytest.mark.parametrize(
-    ("dim", "width"),
-    [(1, 128), (2, 128), (32, 128), (33, 256), (64, 256), (65, 512), (256, 1024), (5000, 1024)],
+    ("dim", "widths"),
+    [
+        (1, (128,) * 3),
+        (2, (128,) * 3),
+        (3, (256, 256)),
+        (64, (256, 256)),
+        (65, (512, 512)),
+        (256, (1024, 1024)),
+        (5000, (1024, 1024)),
+    ],
 )
-def test_default_widths_follow_the_dimension(dim, width):
-    assert ebm.energies.default_hidden(dim) == (width,) * 3
+def test_default_widths_follow_the_dimension(dim, widths):
+    assert ebm.energies.default_hidden(dim) == widths
 
 
 def test_mlp_energies_take_the_default_widths_of_their_dimension():
@@ -325,6 +333,6 @@ def test_mlp_energies_take_the_default_widths_of_their_dimension():
 
     key = jax.random.key(0)
     assert widths(ebm.energies.MLPEnergy(2, key=key)) == [128] * 3  # the 2-D toys' widths
-    assert widths(ebm.energies.MLPEnergy(64, key=key)) == [256] * 3
+    assert widths(ebm.energies.MLPEnergy(64, key=key)) == [256] * 2
     assert widths(ebm.energies.MLPEnergy(64, hidden=(32,), key=key)) == [32]
-    assert widths(ebm.energies.NoiseConditionalEnergy(40, 0.1, key=key)) == [256] * 3
+    assert widths(ebm.energies.NoiseConditionalEnergy(40, 0.1, key=key)) == [256] * 2

@@ -267,8 +267,8 @@ def _add_training_settings(train: argparse.ArgumentParser) -> None:
     train.add_argument(
         "--hidden",
         metavar="W,W",
-        help="MLP layer widths (default: by the data's dimension, 128,128,128 up to 32 columns, "
-        "wider above: energies.default_hidden)",
+        help="MLP layer widths (default: by the data's dimension, 128,128,128 for 2 columns, "
+        "else two layers of at least 256: energies.default_hidden)",
     )
     train.add_argument(
         "--sampler",
