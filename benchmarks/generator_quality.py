@@ -119,6 +119,13 @@ def far_field_gap(energy, bounds, num_rays: int = 64, reach: float = 5.0) -> flo
     return float(e_out.min() - e_in.min())
 
 
+def mean_finite(values) -> float:
+    """Mean of the finite values (NaN when there are none: no resampling ran)."""
+    values = np.asarray([] if values is None else values, np.float64)
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
 def hybrid_changes(pairs: list[str]) -> dict:
     """``["resample=false", "restart_fraction=0.1"]`` → ``{"resample": False, ...}``: each value
     is parsed as the type of the field's default in ``negatives.Hybrid``."""
@@ -129,10 +136,11 @@ def hybrid_changes(pairs: list[str]) -> dict:
         if name not in defaults or not value:
             raise SystemExit(f"--hybrid: expected NAME=VALUE with a Hybrid field, got {pair!r}")
         kind = type(defaults[name])
-        if kind is bool:
-            changes[name] = {"true": True, "false": False}[value.lower()]
-        else:
-            changes[name] = kind(value)
+        booleans = {"true": True, "false": False}
+        try:
+            changes[name] = booleans[value.lower()] if kind is bool else kind(value)
+        except (KeyError, ValueError):
+            raise SystemExit(f"--hybrid: {name} takes a {kind.__name__}, got {value!r}") from None
     return changes
 
 
@@ -181,9 +189,7 @@ def run(toy_name: str, energy_name: str, mode: str, steps: int, seed: int = 0, h
         "gen_ed": float("nan"),
         "share": float("nan"),
         # the hybrid's resampling: mean effective sample size (fraction of the batch) over the run
-        "ess": float(np.nanmean(res.history["resampling_ess"]))
-        if "resampling_ess" in res.history
-        else float("nan"),
+        "ess": mean_finite(res.history.get("resampling_ess")),
     }
     if res.generator is not None:
         samples = res.generator(k_gen, 20_000)
