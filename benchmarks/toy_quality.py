@@ -4,6 +4,8 @@
     python benchmarks/toy_quality.py --variants         # + samplers {hmc, ula} and negatives
                                                         #   {replay, short_run}
     python benchmarks/toy_quality.py --toys 8gaussians --steps 500
+    python benchmarks/toy_quality.py --toys 8gaussians rings --log-z-particles 8192  # tracked
+                                                        #   log Z with a smaller error bar
     python benchmarks/toy_quality.py --tempering        # issue 17: persistent (default and
                                                         #   reinit 0) against parallel
                                                         #   tempering, + the "bimodal" toy
@@ -70,6 +72,7 @@ def run(
     reinit: float | None,
     seed: int = 0,
     tempering: dict | None = None,
+    log_z_particles: int | None = None,
 ) -> dict:
     toy = ebm.datasets.toy(toy_name)
     k_data, k_energy, k_fit, k_test = jax.random.split(jax.random.key(seed), 4)
@@ -77,6 +80,8 @@ def run(
     energy = ebm.energies.MLPEnergy(2, key=k_energy)
     start = time.perf_counter()
     extra = {} if reinit is None else {"reinit_fraction": reinit}
+    if log_z_particles is not None:
+        extra["log_z_particles"] = log_z_particles
     label = negatives + ("" if reinit is None else f" (reinit {reinit:g})")
     if negatives == "parallel_tempering":
         t = tempering or {}
@@ -138,6 +143,9 @@ def main() -> None:
     parser.add_argument("--temps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--gain", type=float, default=0.1)
+    parser.add_argument(
+        "--log-z-particles", type=int, help="the tracker's particles (default: fit's, 512)"
+    )
     args = parser.parse_args()
     if args.tempering:
         tempering(args)
@@ -154,7 +162,8 @@ def main() -> None:
         ]
     print(
         f"# toy_quality: {platform.processor() or platform.machine()}, "
-        f"{jax.device_count()}× {jax.devices()[0].device_kind}, jax {jax.__version__}"
+        f"{jax.device_count()}× {jax.devices()[0].device_kind}, jax {jax.__version__}, "
+        f"seed {args.seed}, tracker particles {args.log_z_particles or 512}"
     )
     header = (
         "| toy | sampler | negatives | steps | KL (nats) | test NLL | −H bound | "
@@ -164,7 +173,10 @@ def main() -> None:
     print("|---" * 12 + "|")
     for toy_name in args.toys:
         for sampler, negatives, reinit in configs:
-            r = run(toy_name, args.steps, sampler, negatives, reinit)
+            r = run(
+                toy_name, args.steps, sampler, negatives, reinit, args.seed,
+                log_z_particles=args.log_z_particles,
+            )  # fmt: skip
             print(
                 f"| {r['toy']} | {r['sampler']} | {r['negatives']} | {r['steps']} | "
                 f"{r['kl']:.4f} ± {r['kl_se']:.4f} | {r['nll']:.3f} ± {r['nll_se']:.3f} | "
