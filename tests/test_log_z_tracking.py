@@ -172,6 +172,38 @@ def test_a_re_anchor_fuses_an_agreeing_carried_estimate_and_keeps_only_a_fresh_o
     np.testing.assert_allclose(high.logdensity, jax.vmap(new)(position), rtol=1e-6)
 
 
+def test_an_update_one_reweighting_follows_takes_the_bridges_one_sub_step_exactly():
+    # advance's straight-line path for small updates must be the general bridge's one sub-step
+    base = fit_base(jax.random.normal(jax.random.key(0), (2000, DIM)))
+    settings = tracking.TrackerSettings(num_particles=64, num_groups=4, first_anchor=0)
+    old, new = gaussian(1.0, 0.0), gaussian(1.01, 0.02)
+    state, _ = tracking.start(jax.random.key(1), base, old, settings)
+    key = jax.random.key(2)
+    fast, info = jax.jit(lambda s: tracking.advance(key, s, old, new, settings, base))(state)
+    assert int(info.bridge_steps) == 1 and float(info.min_ess) >= settings.target_ess
+    moves = (settings.bridge_moves, settings.num_moves)
+    bridged, ref = jax.jit(
+        lambda s: tracking._bridge(
+            jax.random.split(key)[1], s, old, new, settings, settings.max_bridge_steps, moves,
+            settings.target_ess,
+        )
+    )(state)  # fmt: skip
+    for name in ("position", "logdensity", "log_weight", "group_log_z", "step_size"):
+        np.testing.assert_allclose(getattr(fast, name), getattr(bridged, name), atol=1e-5)
+    assert abs(float(info.acceptance) - float(ref.acceptance)) < 1e-6
+
+
+def test_systematic_resampling_gives_blackjaxs_indices():
+    from blackjax.smc import resampling
+
+    for n, m in [(64, 64), (4096, 512), (2048, 1024)]:  # compare_all, then sort
+        weights = jax.nn.softmax(3.0 * jax.random.normal(jax.random.key(n), (n,)))
+        for seed in range(3):
+            key = jax.random.key(seed)
+            expected = resampling.systematic(key, weights, m)
+            np.testing.assert_array_equal(tracking._systematic(key, weights, m), expected)
+
+
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="num_groups"):
         tracking.TrackerSettings(num_particles=100, num_groups=8).check()

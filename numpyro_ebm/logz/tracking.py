@@ -58,7 +58,6 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from blackjax.smc import resampling
 from jax.scipy.special import logsumexp
 
 from numpyro_ebm.samplers import Sampler, adapt_step_size_multiplicative, get_sampler, run_chains
@@ -313,7 +312,7 @@ def start(
     )
     # each group resampled down to its size: still an unbiased SMC step
     keys = jax.random.split(k_thin, settings.num_groups)
-    local = jax.vmap(lambda k, lw: resampling.systematic(k, jax.nn.softmax(lw), group_size))(
+    local = jax.vmap(lambda k, lw: _systematic(k, jax.nn.softmax(lw), group_size))(
         keys, state.log_weight
     )
     index = local + group_size * settings.start_factor * jnp.arange(settings.num_groups)[:, None]
@@ -388,20 +387,66 @@ def advance(
             nan, jnp.full_like(nan, jnp.inf), nan, jnp.zeros((), jnp.int32), nan
         )
 
-    waiting = (state.updates_lost > 0) & ~restart
-    new, info = jax.lax.cond(waiting, wait, follow, key)
-    # a re-anchor of a track that was not lost: the fresh estimate against the carried one
-    new = jax.lax.cond(
-        anchor & (state.updates_lost == 0),
-        lambda fresh: _fuse(state, fresh, new_logdensity),
-        lambda fresh: fresh,
-        new,
+    def general(key):
+        waiting = (state.updates_lost > 0) & ~restart
+        new, info = jax.lax.cond(waiting, wait, follow, key)
+        # a re-anchor of a track that was not lost: the fresh estimate against the carried one
+        new = jax.lax.cond(
+            anchor & (state.updates_lost == 0),
+            lambda fresh: _fuse(state, fresh, new_logdensity),
+            lambda fresh: fresh,
+            new,
+        )
+        return new, info
+
+    # Most updates are on track and fit one reweighting: they take a straight-line path with
+    # the same keys and arithmetic as the bridge's one sub-step. One branch per update instead
+    # of the general path's five (on a GPU each branch waits for its predicate on the host:
+    # the general path cost 0.9 ms per update on an H200 whatever the energy).
+    new_at = jax.vmap(new_logdensity)(state.position)
+    difference = jnp.reshape(new_at - state.logdensity, state.log_weight.shape)
+    one_step_ess = jnp.min(_conditional_ess(state.log_weight, difference))
+    simple = (state.updates_lost == 0) & ~restart & (one_step_ess >= settings.target_ess)
+    new, info = jax.lax.cond(
+        simple,
+        lambda key: _single_update(key, state, new_logdensity, difference, one_step_ess, settings),
+        general,
+        key,
     )
     new = new._replace(
         updates=updates, next_anchor=jnp.where(anchor, 2 * updates, state.next_anchor)
     )
     value, stderr = estimate(new)
     return new, info._replace(log_z=value, stderr=stderr)
+
+
+def _single_update(key, state, new_logdensity, difference, ess, settings):
+    """``advance`` for an update on track that one reweighting follows (its conditional ESS
+    ``ess`` at least ``target_ess``): reweight by ``difference`` (``(G, N/G)``, new minus old
+    log-density at the particles), resample, move. The keys are those the bridge gives its one
+    sub-step, so the result is the general path's."""
+    _, k_bridge = jax.random.split(key)
+    k_loop, k_final = jax.random.split(k_bridge)
+    _, k_resample, _ = jax.random.split(k_loop, 3)
+    weighted, group_log_z = _reweight(state.log_weight, state.group_log_z, difference)
+    index, redo = _resample(k_resample, weighted, settings.resample_ess)
+    dtype = state.position.dtype
+    log_weight = jnp.where(redo[:, None], 0.0, weighted).astype(dtype)
+    position, logdensity, step, acceptance = _moves(
+        k_final, state.position[index], new_logdensity, state.step_size, settings.sampler,
+        settings.num_moves,
+    )  # fmt: skip
+    new = state._replace(
+        position=position,
+        logdensity=logdensity,
+        log_weight=log_weight,
+        group_log_z=group_log_z,
+        step_size=step,
+        updates_lost=(ess < settings.lost_ess).astype(jnp.int32),
+    )
+    value, stderr = estimate(new)
+    min_ess = jnp.minimum(jnp.ones((), dtype), ess).astype(dtype)
+    return new, TrackInfo(value, stderr, min_ess, jnp.ones((), jnp.int32), acceptance)
 
 
 def _conditional_ess(log_weight: jax.Array, log_ratio: jax.Array) -> jax.Array:
@@ -436,6 +481,19 @@ def _fraction(log_weight, difference, remaining, target_ess):
     return jax.lax.cond(ok(remaining), lambda r: r, bisect, remaining)
 
 
+def _systematic(key: jax.Array, weights: jax.Array, num_samples: int) -> jax.Array:
+    """``blackjax.smc.resampling.systematic``, the same indices, without a loop: blackjax
+    calls ``searchsorted``'s default method, a loop whose every iteration waits on the host
+    on a GPU (an H200 spent 0.1 ms of a 1.4 ms training step on it). Comparing all pairs is
+    one small fused kernel for groups of tens or hundreds of particles; larger ones sort."""
+    u = jax.random.uniform(key, ())
+    cumulative = jnp.cumsum(weights)
+    points = (jnp.arange(num_samples, dtype=weights.dtype) + u) / num_samples
+    method = "compare_all" if weights.shape[0] * num_samples <= 2**20 else "sort"
+    index = jnp.searchsorted(cumulative, points, method=method)
+    return jnp.clip(index, 0, weights.shape[0] - 1)
+
+
 def _resample(key, log_weight, threshold):
     """Global particle indices after systematic resampling of the groups whose ESS fraction
     is below ``threshold`` (the others keep theirs), and which groups were resampled."""
@@ -443,7 +501,7 @@ def _resample(key, log_weight, threshold):
     ess = jnp.exp(2.0 * logsumexp(log_weight, axis=1) - logsumexp(2.0 * log_weight, axis=1))
     redo = ess / group_size < threshold
     keys = jax.random.split(key, num_groups)
-    picked = jax.vmap(lambda k, lw: resampling.systematic(k, jax.nn.softmax(lw), group_size))(
+    picked = jax.vmap(lambda k, lw: _systematic(k, jax.nn.softmax(lw), group_size))(
         keys, log_weight
     )
     local = jnp.where(redo[:, None], picked, jnp.arange(group_size)[None, :])

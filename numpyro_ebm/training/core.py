@@ -242,12 +242,8 @@ def attempt_key(key: jax.Array, step: jax.Array, num_rejected: jax.Array) -> jax
     rejected step exactly. Both numbers are in the state, so a resumed run retries exactly as
     an uninterrupted one."""
     step_key = jax.random.fold_in(key, step)
-    return jax.lax.cond(
-        num_rejected > 0,
-        lambda k: jax.random.fold_in(k, num_rejected),
-        lambda k: k,
-        step_key,
-    )
+    # a select, not a branch: on a GPU a branch waits for its predicate on the host every step
+    return jnp.where(num_rejected > 0, jax.random.fold_in(step_key, num_rejected), step_key)
 
 
 def _site_keys(key: jax.Array, names) -> dict:
