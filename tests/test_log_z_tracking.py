@@ -12,7 +12,7 @@ import pytest
 import numpyro_ebm as ebm
 from numpyro_ebm.energies import GaussianEnergy
 from numpyro_ebm.gaussian import fit_base
-from numpyro_ebm.logz import tracking
+from numpyro_ebm.logz import particles, tracking
 
 DIM = 16
 
@@ -201,7 +201,7 @@ def test_systematic_resampling_gives_blackjaxs_indices():
         for seed in range(3):
             key = jax.random.key(seed)
             expected = resampling.systematic(key, weights, m)
-            np.testing.assert_array_equal(tracking._systematic(key, weights, m), expected)
+            np.testing.assert_array_equal(particles.systematic(key, weights, m), expected)
 
 
 def test_settings_are_checked():

@@ -60,6 +60,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
+from numpyro_ebm.logz.particles import conditional_ess, resample, reweight, systematic
 from numpyro_ebm.samplers import Sampler, adapt_step_size_multiplicative, get_sampler, run_chains
 
 __all__ = ["TrackInfo", "TrackerSettings", "TrackerState", "advance", "estimate", "start"]
@@ -211,13 +212,6 @@ def estimate(state: TrackerState) -> tuple[jax.Array, jax.Array]:
     return jnp.where(lost, jnp.nan, value), jnp.where(lost, jnp.inf, stderr)
 
 
-def _reweight(log_weight, group_log_z, log_ratio):
-    """Weights ``(G, N/G)`` times ``exp(log_ratio)``, and each group's running ``log Ẑ``
-    advanced by the log of its weighted mean ratio: ``(log_weight, group_log_z)``."""
-    weighted = log_weight + log_ratio
-    return weighted, group_log_z + logsumexp(weighted, axis=1) - logsumexp(log_weight, axis=1)
-
-
 def _over_groups(group_log_z: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``estimate``'s value and standard error of ``(G,)`` groups' ``log Ẑ``."""
     count = group_log_z.shape[0]
@@ -246,7 +240,7 @@ def _fuse(carried: TrackerState, fresh: TrackerState, new_logdensity: Callable) 
     groups are spread until its standard error is about ``√(v_c + (gap / 2)²)``."""
     shape = carried.log_weight.shape
     logdensity = jax.vmap(new_logdensity)(carried.position)
-    log_weight, groups = _reweight(
+    log_weight, groups = reweight(
         carried.log_weight,
         carried.group_log_z,
         jnp.reshape(logdensity - carried.logdensity, shape),
@@ -312,7 +306,7 @@ def start(
     )
     # each group resampled down to its size: still an unbiased SMC step
     keys = jax.random.split(k_thin, settings.num_groups)
-    local = jax.vmap(lambda k, lw: _systematic(k, jax.nn.softmax(lw), group_size))(
+    local = jax.vmap(lambda k, lw: systematic(k, jax.nn.softmax(lw), group_size))(
         keys, state.log_weight
     )
     index = local + group_size * settings.start_factor * jnp.arange(settings.num_groups)[:, None]
@@ -405,7 +399,7 @@ def advance(
     # the general path cost 0.9 ms per update on an H200 whatever the energy).
     new_at = jax.vmap(new_logdensity)(state.position)
     difference = jnp.reshape(new_at - state.logdensity, state.log_weight.shape)
-    one_step_ess = jnp.min(_conditional_ess(state.log_weight, difference))
+    one_step_ess = jnp.min(conditional_ess(state.log_weight, difference))
     simple = (state.updates_lost == 0) & ~restart & (one_step_ess >= settings.target_ess)
     new, info = jax.lax.cond(
         simple,
@@ -428,8 +422,8 @@ def _single_update(key, state, new_logdensity, difference, ess, settings):
     _, k_bridge = jax.random.split(key)
     k_loop, k_final = jax.random.split(k_bridge)
     _, k_resample, _ = jax.random.split(k_loop, 3)
-    weighted, group_log_z = _reweight(state.log_weight, state.group_log_z, difference)
-    index, redo = _resample(k_resample, weighted, settings.resample_ess)
+    weighted, group_log_z = reweight(state.log_weight, state.group_log_z, difference)
+    index, redo = resample(k_resample, weighted, settings.resample_ess)
     dtype = state.position.dtype
     log_weight = jnp.where(redo[:, None], 0.0, weighted).astype(dtype)
     position, logdensity, step, acceptance = _moves(
@@ -449,21 +443,12 @@ def _single_update(key, state, new_logdensity, difference, ess, settings):
     return new, TrackInfo(value, stderr, min_ess, jnp.ones((), jnp.int32), acceptance)
 
 
-def _conditional_ess(log_weight: jax.Array, log_ratio: jax.Array) -> jax.Array:
-    """Per group, the conditional ESS fraction ``(Σ Wᵢ rᵢ)² / Σ Wᵢ rᵢ²`` of log-ratios
-    ``log_ratio`` under normalised weights ``W ∝ exp(log_weight)``."""
-    log_w = log_weight - logsumexp(log_weight, axis=1, keepdims=True)
-    first = logsumexp(log_w + log_ratio, axis=1)
-    second = logsumexp(log_w + 2.0 * log_ratio, axis=1)
-    return jnp.exp(2.0 * first - second)
-
-
 def _fraction(log_weight, difference, remaining, target_ess):
     """The largest part ``δ ≤ remaining`` of the update whose reweighting by
     ``δ · difference`` keeps every group's conditional ESS at ``target_ess`` (bisection)."""
 
     def ok(delta):
-        return jnp.min(_conditional_ess(log_weight, delta * difference)) >= target_ess
+        return jnp.min(conditional_ess(log_weight, delta * difference)) >= target_ess
 
     def halve(_, bounds):
         low, high = bounds
@@ -479,33 +464,6 @@ def _fraction(log_weight, difference, remaining, target_ess):
 
     # most updates fit in one reweighting: the bisection runs only for those that do not
     return jax.lax.cond(ok(remaining), lambda r: r, bisect, remaining)
-
-
-def _systematic(key: jax.Array, weights: jax.Array, num_samples: int) -> jax.Array:
-    """``blackjax.smc.resampling.systematic``, the same indices, without a loop: blackjax
-    calls ``searchsorted``'s default method, a loop whose every iteration waits on the host
-    on a GPU (an H200 spent 0.1 ms of a 1.4 ms training step on it). Comparing all pairs is
-    one small fused kernel for groups of tens or hundreds of particles; larger ones sort."""
-    u = jax.random.uniform(key, ())
-    cumulative = jnp.cumsum(weights)
-    points = (jnp.arange(num_samples, dtype=weights.dtype) + u) / num_samples
-    method = "compare_all" if weights.shape[0] * num_samples <= 2**20 else "sort"
-    index = jnp.searchsorted(cumulative, points, method=method)
-    return jnp.clip(index, 0, weights.shape[0] - 1)
-
-
-def _resample(key, log_weight, threshold):
-    """Global particle indices after systematic resampling of the groups whose ESS fraction
-    is below ``threshold`` (the others keep theirs), and which groups were resampled."""
-    num_groups, group_size = log_weight.shape
-    ess = jnp.exp(2.0 * logsumexp(log_weight, axis=1) - logsumexp(2.0 * log_weight, axis=1))
-    redo = ess / group_size < threshold
-    keys = jax.random.split(key, num_groups)
-    picked = jax.vmap(lambda k, lw: _systematic(k, jax.nn.softmax(lw), group_size))(
-        keys, log_weight
-    )
-    local = jnp.where(redo[:, None], picked, jnp.arange(group_size)[None, :])
-    return (local + group_size * jnp.arange(num_groups)[:, None]).reshape(-1), redo
 
 
 def _moves(key, position, logdensity, step_size, sampler, num_moves):
@@ -539,9 +497,9 @@ def _bridge(key, state, old_logdensity, new_logdensity, settings, max_steps, mov
         remaining = 1.0 - s
         last = count + 1 >= max_steps
         delta = jnp.where(last, remaining, _fraction(log_weight, difference, remaining, target_ess))
-        min_ess = jnp.minimum(min_ess, jnp.min(_conditional_ess(log_weight, delta * difference)))
-        weighted, group_log_z = _reweight(log_weight, group_log_z, delta * difference)
-        index, redo = _resample(k_resample, weighted, settings.resample_ess)
+        min_ess = jnp.minimum(min_ess, jnp.min(conditional_ess(log_weight, delta * difference)))
+        weighted, group_log_z = reweight(log_weight, group_log_z, delta * difference)
+        index, redo = resample(k_resample, weighted, settings.resample_ess)
         log_weight = jnp.where(redo[:, None], 0.0, weighted).astype(dtype)
         position, old, new = position[index], old[index], new[index]
         s = jnp.where(last | (delta >= remaining), 1.0, s + delta).astype(dtype)

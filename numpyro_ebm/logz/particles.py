@@ -1,0 +1,64 @@
+"""Groups of weighted particles, as the ``log Z`` tracker (``tracking``) carries them: reweighting
+with each group's running ``log Ẑ``, the conditional effective sample size of a reweighting,
+and systematic resampling of the groups that need it.
+
+Weights are ``(G, N/G)`` arrays of unnormalised log-weights, one row per independent group.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from numpyro_ebm.logz import particles
+    >>> log_weight, group_log_z = jnp.zeros((2, 4)), jnp.zeros(2)
+    >>> log_ratio = jnp.log(jnp.array([[1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0]]))
+    >>> _, group_log_z = particles.reweight(log_weight, group_log_z, log_ratio)
+    >>> [round(float(v), 3) for v in jnp.exp(group_log_z)]   # each group's mean ratio
+    [1.0, 2.0]
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import logsumexp
+
+__all__ = ["conditional_ess", "resample", "reweight", "systematic"]
+
+
+def reweight(log_weight, group_log_z, log_ratio):
+    """Weights ``(G, N/G)`` times ``exp(log_ratio)``, and each group's running ``log Ẑ``
+    advanced by the log of its weighted mean ratio: ``(log_weight, group_log_z)``."""
+    weighted = log_weight + log_ratio
+    return weighted, group_log_z + logsumexp(weighted, axis=1) - logsumexp(log_weight, axis=1)
+
+
+def conditional_ess(log_weight: jax.Array, log_ratio: jax.Array) -> jax.Array:
+    """Per group, the conditional ESS fraction ``(Σ Wᵢ rᵢ)² / Σ Wᵢ rᵢ²`` of log-ratios
+    ``log_ratio`` under normalised weights ``W ∝ exp(log_weight)``."""
+    log_w = log_weight - logsumexp(log_weight, axis=1, keepdims=True)
+    first = logsumexp(log_w + log_ratio, axis=1)
+    second = logsumexp(log_w + 2.0 * log_ratio, axis=1)
+    return jnp.exp(2.0 * first - second)
+
+
+def systematic(key: jax.Array, weights: jax.Array, num_samples: int) -> jax.Array:
+    """``blackjax.smc.resampling.systematic``, the same indices, without a loop: blackjax
+    calls ``searchsorted``'s default method, a loop whose every iteration waits on the host
+    on a GPU (an H200 spent 0.1 ms of a 1.4 ms training step on it). Comparing all pairs is
+    one small fused kernel for groups of tens or hundreds of particles; larger ones sort."""
+    u = jax.random.uniform(key, ())
+    cumulative = jnp.cumsum(weights)
+    points = (jnp.arange(num_samples, dtype=weights.dtype) + u) / num_samples
+    method = "compare_all" if weights.shape[0] * num_samples <= 2**20 else "sort"
+    index = jnp.searchsorted(cumulative, points, method=method)
+    return jnp.clip(index, 0, weights.shape[0] - 1)
+
+
+def resample(key, log_weight, threshold):
+    """Global particle indices after systematic resampling of the groups whose ESS fraction
+    is below ``threshold`` (the others keep theirs), and which groups were resampled."""
+    num_groups, group_size = log_weight.shape
+    ess = jnp.exp(2.0 * logsumexp(log_weight, axis=1) - logsumexp(2.0 * log_weight, axis=1))
+    redo = ess / group_size < threshold
+    keys = jax.random.split(key, num_groups)
+    picked = jax.vmap(lambda k, lw: systematic(k, jax.nn.softmax(lw), group_size))(keys, log_weight)
+    local = jnp.where(redo[:, None], picked, jnp.arange(group_size)[None, :])
+    return (local + group_size * jnp.arange(num_groups)[:, None]).reshape(-1), redo
