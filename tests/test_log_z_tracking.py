@@ -146,7 +146,7 @@ def test_a_re_anchor_fuses_an_agreeing_carried_estimate_and_keeps_only_a_fresh_o
 
     def fused_with(carried_log_z):
         carried = tracker_state(carried_log_z, position, jax.vmap(old)(position))
-        return tracking._fuse(carried, fresh, new)
+        return tracking._fuse(carried, fresh, jax.vmap(new)(position))
 
     # agreeing: carried 4.3 + 0.7 = 5.0 up to its spread; the fresh one's spread is twice as big
     fused = fused_with(4.3 + spread)

@@ -220,10 +220,10 @@ def _over_groups(group_log_z: jax.Array) -> tuple[jax.Array, jax.Array]:
     return value, jnp.std(w, ddof=1) / (jnp.sqrt(count) * jnp.mean(w))
 
 
-def _fuse(carried: TrackerState, fresh: TrackerState, new_logdensity: Callable) -> TrackerState:
-    """A re-anchor's outcome: ``fresh`` (AIS from the base to ``new_logdensity``) against the
+def _fuse(carried: TrackerState, fresh: TrackerState, logdensity: jax.Array) -> TrackerState:
+    """A re-anchor's outcome: ``fresh`` (AIS from the base to the new energy) against the
     ``carried`` track (of the previous energy, carried through the update by one reweighting,
-    without a move).
+    without a move; ``logdensity``: the new log-density at its particles).
 
     When the two estimates agree within ``FUSE_SIGMAS`` combined standard errors, ``fresh``
     with its groups shifted to their inverse-variance combination. The error bar stays the
@@ -239,7 +239,6 @@ def _fuse(carried: TrackerState, fresh: TrackerState, new_logdensity: Callable) 
     +0.37 nats at 3.5 standard errors, one seed in 20 of a 32-D ``GaussianEnergy``), so its
     groups are spread until its standard error is about ``√(v_c + (gap / 2)²)``."""
     shape = carried.log_weight.shape
-    logdensity = jax.vmap(new_logdensity)(carried.position)
     log_weight, groups = reweight(
         carried.log_weight,
         carried.group_log_z,
@@ -341,106 +340,103 @@ def advance(
     updates = state.updates + 1
     anchor = (state.next_anchor > 0) & (updates == state.next_anchor)
     restart = (state.updates_lost >= settings.restart_after) | anchor
-
-    def follow(key):
-        # a restart is the same bridge from fresh base draws (one compiled bridge for both)
-        k_draw, k_bridge = jax.random.split(key)
-        position = base.sample(k_draw, state.position.shape[0]).astype(state.position.dtype)
-        fresh = TrackerState(
-            position,
-            base.log_prob(position),
-            jnp.zeros_like(state.log_weight),
-            jnp.zeros_like(state.group_log_z),
-            state.step_size,
-            state.updates_lost,
-            state.updates,
-            state.next_anchor,
-        )
-        source = jax.tree.map(lambda a, b: jnp.where(restart, a, b), fresh, state)
-
-        def old(x):
-            return jnp.where(restart, base.log_prob(x), old_logdensity(x))
-
-        new, info = _bridge(
-            k_bridge,
-            source,
-            old,
-            new_logdensity,
-            settings,
-            jnp.where(restart, settings.start_bridge_steps, settings.max_bridge_steps),
-            (settings.bridge_moves, settings.num_moves),
-            jnp.where(restart, settings.start_ess, settings.target_ess),
-        )
-        lost = info.min_ess < settings.lost_ess
-        return new._replace(updates_lost=lost.astype(jnp.int32)), info
-
-    def wait(key):
-        waited = state._replace(updates_lost=state.updates_lost + 1)
-        nan = jnp.full((), jnp.nan, state.position.dtype)
-        return waited, TrackInfo(
-            nan, jnp.full_like(nan, jnp.inf), nan, jnp.zeros((), jnp.int32), nan
-        )
-
-    def general(key):
-        waiting = (state.updates_lost > 0) & ~restart
-        new, info = jax.lax.cond(waiting, wait, follow, key)
-        # a re-anchor of a track that was not lost: the fresh estimate against the carried one
-        new = jax.lax.cond(
-            anchor & (state.updates_lost == 0),
-            lambda fresh: _fuse(state, fresh, new_logdensity),
-            lambda fresh: fresh,
-            new,
-        )
-        return new, info
-
-    # Most updates are on track and fit one reweighting: they take a straight-line path with
-    # the same keys and arithmetic as the bridge's one sub-step. One branch per update instead
-    # of the general path's five (on a GPU each branch waits for its predicate on the host:
-    # the general path cost 0.9 ms per update on an H200 whatever the energy).
+    waiting = (state.updates_lost > 0) & ~restart
+    k_draw, k_bridge = jax.random.split(key)
+    k_loop, k_final = jax.random.split(k_bridge)
+    dtype = state.position.dtype
     new_at = jax.vmap(new_logdensity)(state.position)
     difference = jnp.reshape(new_at - state.logdensity, state.log_weight.shape)
     one_step_ess = jnp.min(conditional_ess(state.log_weight, difference))
+
+    # Each branch returns (position, log_weight, group_log_z, step_size, min_ess, sub-steps)
+    # before the final moves, which all three share (one compiled kernel).
+    def single(_):
+        # most updates: on track, one reweighting keeps target_ess (the bridge's one sub-step)
+        weighted, group_log_z = reweight(state.log_weight, state.group_log_z, difference)
+        index, redo = resample(jax.random.split(k_loop, 3)[1], weighted, settings.resample_ess)
+        log_weight = jnp.where(redo[:, None], 0.0, weighted).astype(dtype)
+        min_ess = jnp.minimum(jnp.ones((), dtype), one_step_ess).astype(dtype)
+        one = jnp.ones((), jnp.int32)
+        return state.position[index], log_weight, group_log_z, state.step_size, min_ess, one
+
+    def follow(_):
+        # a large update, or a restart: the same bridge from fresh base draws
+        return _bridge_or_restart(
+            k_draw, k_bridge, state, restart, old_logdensity, new_logdensity, settings, base
+        )
+
+    def wait(_):
+        nan = jnp.full((), jnp.nan, dtype)
+        return (
+            state.position, state.log_weight, state.group_log_z, state.step_size, nan,
+            jnp.zeros((), jnp.int32),
+        )  # fmt: skip
+
+    # one branch per update (on a GPU each waits for its predicate on the host: the five of
+    # the general path cost 0.9 ms per update on an H200 whatever the energy)
     simple = (state.updates_lost == 0) & ~restart & (one_step_ess >= settings.target_ess)
-    new, info = jax.lax.cond(
-        simple,
-        lambda key: _single_update(key, state, new_logdensity, difference, one_step_ess, settings),
-        general,
-        key,
+    branch = jnp.where(simple, 0, jnp.where(waiting, 2, 1))
+    position, log_weight, group_log_z, step, min_ess, count = jax.lax.switch(
+        branch, (single, follow, wait), None
     )
+    position, logdensity, step, acceptance = _moves(
+        k_final, position, new_logdensity, step, settings.sampler, settings.num_moves
+    )
+    moved = state._replace(
+        position=position,
+        logdensity=logdensity.astype(state.logdensity.dtype),
+        log_weight=log_weight,
+        group_log_z=group_log_z,
+        step_size=step,
+        updates_lost=(min_ess < settings.lost_ess).astype(jnp.int32),
+    )
+    waited = state._replace(updates_lost=state.updates_lost + 1)
+    new = jax.tree.map(lambda a, b: jnp.where(waiting, a, b), waited, moved)
+    # a re-anchor of a track that was not lost: the fresh estimate against the carried one
+    # (cheap, new_at is the new energy at the carried particles: a select, not a branch)
+    fused = _fuse(state, new, new_at)
+    new = jax.tree.map(lambda a, b: jnp.where(anchor & (state.updates_lost == 0), a, b), fused, new)
     new = new._replace(
         updates=updates, next_anchor=jnp.where(anchor, 2 * updates, state.next_anchor)
     )
     value, stderr = estimate(new)
-    return new, info._replace(log_z=value, stderr=stderr)
+    acceptance = jnp.where(waiting, jnp.nan, acceptance).astype(dtype)
+    return new, TrackInfo(value, stderr, min_ess, count, acceptance)
 
 
-def _single_update(key, state, new_logdensity, difference, ess, settings):
-    """``advance`` for an update on track that one reweighting follows (its conditional ESS
-    ``ess`` at least ``target_ess``): reweight by ``difference`` (``(G, N/G)``, new minus old
-    log-density at the particles), resample, move. The keys are those the bridge gives its one
-    sub-step, so the result is the general path's."""
-    _, k_bridge = jax.random.split(key)
-    k_loop, k_final = jax.random.split(k_bridge)
-    _, k_resample, _ = jax.random.split(k_loop, 3)
-    weighted, group_log_z = reweight(state.log_weight, state.group_log_z, difference)
-    index, redo = resample(k_resample, weighted, settings.resample_ess)
+def _bridge_or_restart(k_draw, k_bridge, state, restart, old_logdensity, new_logdensity,
+                       settings, base):  # fmt: skip
+    """``advance``'s bridge without its final moves, from ``state`` or, when ``restart``,
+    from fresh ``base`` draws (one compiled bridge for both): ``(position, log_weight,
+    group_log_z, step_size, min_ess, sub-steps)``."""
     dtype = state.position.dtype
-    log_weight = jnp.where(redo[:, None], 0.0, weighted).astype(dtype)
-    position, logdensity, step, acceptance = _moves(
-        k_final, state.position[index], new_logdensity, state.step_size, settings.sampler,
-        settings.num_moves,
-    )  # fmt: skip
-    new = state._replace(
+    position = base.sample(k_draw, state.position.shape[0]).astype(dtype)
+    fresh = state._replace(
         position=position,
-        logdensity=logdensity,
-        log_weight=log_weight,
-        group_log_z=group_log_z,
-        step_size=step,
-        updates_lost=(ess < settings.lost_ess).astype(jnp.int32),
+        logdensity=base.log_prob(position),
+        log_weight=jnp.zeros_like(state.log_weight),
+        group_log_z=jnp.zeros_like(state.group_log_z),
     )
-    value, stderr = estimate(new)
-    min_ess = jnp.minimum(jnp.ones((), dtype), ess).astype(dtype)
-    return new, TrackInfo(value, stderr, min_ess, jnp.ones((), jnp.int32), acceptance)
+    source = jax.tree.map(lambda a, b: jnp.where(restart, a, b), fresh, state)
+
+    def old(x):
+        return jnp.where(restart, base.log_prob(x), old_logdensity(x))
+
+    bridged, info = _bridge(
+        k_bridge,
+        source,
+        old,
+        new_logdensity,
+        settings,
+        jnp.where(restart, settings.start_bridge_steps, settings.max_bridge_steps),
+        (settings.bridge_moves, settings.num_moves),
+        jnp.where(restart, settings.start_ess, settings.target_ess),
+        final_moves=False,
+    )
+    return (
+        bridged.position, bridged.log_weight, bridged.group_log_z, bridged.step_size,
+        info.min_ess, info.bridge_steps,
+    )  # fmt: skip
 
 
 def _fraction(log_weight, difference, remaining, target_ess):
@@ -476,10 +472,15 @@ def _moves(key, position, logdensity, step_size, sampler, num_moves):
     return states.position, states.logdensity, new_step.astype(step_size.dtype), acceptance
 
 
-def _bridge(key, state, old_logdensity, new_logdensity, settings, max_steps, moves, target_ess):
+def _bridge(
+    key, state, old_logdensity, new_logdensity, settings, max_steps, moves, target_ess,
+    final_moves=True,
+):  # fmt: skip
     """Reweight/resample/move from ``old_logdensity`` (cached in ``state.logdensity``) to
     ``new_logdensity`` in at most ``max_steps`` sub-steps keeping the conditional ESS at
-    ``target_ess``; ``moves``: kernel moves at each intermediate sub-step and at the end."""
+    ``target_ess``; ``moves``: kernel moves at each intermediate sub-step and at the end
+    (``final_moves=False``: the caller makes the last ``moves[1]``, with the second half of
+    ``jax.random.split(key)``)."""
     sampler = settings.sampler
     # with as many moves at the end as between, the last sub-step's moves are those of the
     # loop, under new_logdensity alone: one compiled kernel for both (the start's case)
@@ -554,7 +555,7 @@ def _bridge(key, state, old_logdensity, new_logdensity, settings, max_steps, mov
     )
     carry = jax.lax.while_loop(unfinished, body, carry)
     _, count, _, position, _, logdensity, log_weight, group_log_z, step, min_ess, acceptance = carry
-    if not merged:
+    if not merged and final_moves:
         position, logdensity, step, acceptance = _moves(
             k_final, position, new_logdensity, step, sampler, moves[1]
         )
