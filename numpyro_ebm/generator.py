@@ -381,7 +381,6 @@ def resample_towards_model(
     log_noise_scale: jax.Array,
     x: jax.Array,
     min_ess: float = 0.05,
-    target_ess: float = 0.0,
 ) -> Resampled:
     """Sampling-importance-resampling of a noisy generator's batch with weights ``exp(−E)/q̂``.
 
@@ -389,22 +388,13 @@ def resample_towards_model(
     that puts 12% of its samples in a mode whose model mass is 15% gets those samples up-weighted
     (MCMC chains started there would never move mass across the gap between modes). When the
     weights are degenerate (effective sample size below ``min_ess · n``, typical in high
-    dimension, where ``q̂`` is poor) the batch is returned unchanged. With ``target_ess > 0``
-    the weights are tempered, ``w^α`` with the largest ``α`` in ``{0, 1/32, …, 1}`` whose
-    effective sample size is at least ``target_ess · n``: the batch moves towards the model as
-    far as its weights allow (``α = 1`` whenever the full weights keep it).
+    dimension, where ``q̂`` is poor) the batch is returned unchanged.
     """
     n = x.shape[0]
     log_w = -jax.vmap(energy_flat)(x) - proposal_log_density(means, log_noise_scale, x)
-    finite = jnp.isfinite(log_w)
-    log_w = jnp.where(finite, log_w, -jnp.inf)
+    log_w = jnp.where(jnp.isfinite(log_w), log_w, -jnp.inf)
     w = jax.nn.softmax(log_w)
     ess = 1.0 / jnp.sum(w**2) / n
-    if target_ess > 0.0:
-        exponents = jnp.linspace(0.0, 1.0, 33)
-        tempered = jnp.where(finite, exponents[:, None] * log_w, -jnp.inf)
-        fractions = 1.0 / jnp.sum(jax.nn.softmax(tempered, axis=1) ** 2, axis=1) / n
-        log_w = tempered[jnp.max(jnp.where(fractions >= target_ess, jnp.arange(33), 0))]
     rows = jax.random.categorical(key, log_w, shape=(n,))
     keep = (ess >= min_ess) & jnp.all(jnp.isfinite(w))
     return Resampled(jnp.where(keep, x[rows], x), ess)

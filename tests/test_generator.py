@@ -195,40 +195,6 @@ def test_importance_resampling_restores_the_model_share_of_each_mode():
     np.testing.assert_array_equal(kept.samples, x)
 
 
-def test_tempered_resampling_moves_the_batch_only_as_far_as_its_weights_allow():
-    """``target_ess``: the weights ``w^α`` with the largest α on the grid {0, 1/32, …, 1} whose
-    effective sample size is at least the target; the resampled share of x > 0 is theirs."""
-    target = ebm.energies.GaussianMixtureEnergy(
-        jnp.log(jnp.array([0.8, 0.2])), jnp.array([[-2.0], [2.0]]), jnp.full((2, 1, 1), 0.25)
-    )
-    g = noisy_linear_generator(jnp.zeros(1), jnp.array([[2.5]]), 0.5)
-    n = 4000
-    z, eps = g.sample_inputs(jax.random.key(32), n)
-    means, _ = g.generate(z, jnp.zeros_like(eps), train=False)
-    x, _ = g.generate(z, eps, train=False)
-    args = (target, means, g.log_noise_scale, x)
-    full = gen.resample_towards_model(jax.random.key(33), *args)
-    untempered = gen.resample_towards_model(jax.random.key(33), *args, target_ess=0.0)
-    np.testing.assert_array_equal(untempered.samples, full.samples)
-    assert float(full.ess) < 0.35  # below both targets: the weights are tempered
-    log_w = np.asarray(-jax.vmap(target)(x) - gen.proposal_log_density(*args[1:]), np.float64)
-    for target_ess in (0.35, 0.45):
-        exponents = np.linspace(0.0, 1.0, 33)
-        weights = [np.exp(a * log_w - np.max(a * log_w)) for a in exponents]
-        weights = [w / w.sum() for w in weights]
-        ess = np.array([1.0 / np.sum(w**2) / n for w in weights])
-        chosen = weights[int(np.flatnonzero(ess >= target_ess).max())]
-        expected = float(np.sum(chosen[np.asarray(x[:, 0]) > 0]))
-        out = gen.resample_towards_model(jax.random.key(34), *args, target_ess=target_ess)
-        share = float(jnp.mean(out.samples[:, 0] > 0))
-        assert 0.21 < expected < float(jnp.mean(x[:, 0] > 0)) - 0.1  # between model and proposal
-        # multinomial resampling: n draws from the tempered weights
-        assert abs(share - expected) < 4 * math.sqrt(expected * (1 - expected) / n)
-    for bad in (-0.1, 1.0):
-        with pytest.raises(ValueError, match="resample_target_ess"):
-            ebm.negatives.Hybrid(optimizer=optax.adam(1e-3), resample_target_ess=bad)
-
-
 def test_get_entropy_by_name():
     assert isinstance(gen.get_entropy("batch_norm"), gen.BatchNormEntropy)
     assert gen.get_entropy("nearest_neighbour") == gen.NearestNeighbourEntropy()

@@ -32,8 +32,6 @@ class Hybrid(GeneratorNegatives, ChainSettings):
             deviation (``generator.data_scale``), so it does not depend on the data's units.
         resample: importance-resample a noisy generator's samples towards the model before
             the chains start (``generator.resample_towards_model``).
-        resample_target_ess: temper the resampling's weights so that their effective sample
-            size stays at least this fraction of the batch (0: the full weights).
         restart_fraction: the share of chains that start from the generator each step (each
             chain independently with this probability); the others continue from their last
             negative, as persistent chains do. 1: every chain restarts (the default).
@@ -42,7 +40,6 @@ class Hybrid(GeneratorNegatives, ChainSettings):
     name = "hybrid"
     amortization_weight: float = 40.0
     resample: bool = True
-    resample_target_ess: float = 0.0
     restart_fraction: float = 1.0
 
     def __post_init__(self):
@@ -50,10 +47,6 @@ class Hybrid(GeneratorNegatives, ChainSettings):
         ChainSettings.__post_init__(self)
         if self.amortization_weight < 0:
             raise ValueError(f"amortization_weight must be >= 0, got {self.amortization_weight}")
-        if not 0.0 <= self.resample_target_ess < 1.0:
-            raise ValueError(
-                f"resample_target_ess must be in [0, 1), got {self.resample_target_ess}"
-            )
         if not 0.0 < self.restart_fraction <= 1.0:
             raise ValueError(f"restart_fraction must be in (0, 1], got {self.restart_fraction}")
 
@@ -86,7 +79,6 @@ class Hybrid(GeneratorNegatives, ChainSettings):
                 means,
                 generator.log_noise_scale,
                 samples,
-                target_ess=self.resample_target_ess,
             )
             samples, ess = resampled.samples, resampled.ess
         if self.restart_fraction < 1.0:
