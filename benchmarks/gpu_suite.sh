@@ -5,6 +5,10 @@
 # table per benchmark under $OUT (default outputs/gpu) and prints them.
 #
 #     OUT=/tmp/gpu bash benchmarks/gpu_suite.sh
+#
+# The digits rows need scikit-learn, which the device image lacks: add its wheels with the
+# others (../shared/tools/gpu-wheels.sh scikit-learn==1.7.2 joblib threadpoolctl). Unmeasured
+# rows come first, so a call cut short by the device's time still measures them.
 set -uo pipefail
 OUT=${OUT:-outputs/gpu}
 mkdir -p "$OUT"
@@ -20,12 +24,9 @@ run() {  # run NAME TIMEOUT_S COMMAND...: one benchmark, its table to $OUT/NAME.
   timeout "$limit" "$@" 2>"$OUT/$name.err" | tee "$OUT/$name.md"
 }
 
-# the 2-D toy defaults (2000 steps) trained from a cold process, compile included
-for toy in 8gaussians rings checkerboard; do
-  run "demo_$toy" 90 $PY -m numpyro_ebm.cli demo --toy "$toy" --quiet --out "$OUT/demo"
-done
-# fit vs the hand-written JAX loop, 1024 chains on 8gaussians, then a larger network
-run step_throughput 120 $PY benchmarks/step_throughput.py --steps 1000 --repeats 3
+# first what session 17 (the first GPU run, docs/benchmarks.md) could not measure:
+# chains 256 → 65 536 × dims 2 → 784, MLP 512 × 2
+run scaling 240 $PY benchmarks/scaling.py --min-seconds 1 --budget 5
 run step_throughput_64d 120 $PY benchmarks/step_throughput.py --dim 64 --hidden 512 512 \
   --chains 16384 --steps 300 --repeats 3
 # PyTorch eager, the same loop, if the image has torch
@@ -36,5 +37,11 @@ if $PY -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
 else
   echo "torch with CUDA is not installed: PyTorch reference skipped" | tee "$OUT/torch_reference.md"
 fi
-# chains 256 → 65 536 × dims 2 → 784, MLP 512 × 2
-run scaling 240 $PY benchmarks/scaling.py --min-seconds 1 --budget 5
+# the log Z tracker's cost per step as fit runs the steps (its digits row was cut in session 17)
+run log_z_overhead 150 $PY benchmarks/log_z_tracking.py overhead --steps 100 --repeats 5
+# fit vs the hand-written JAX loop, 1024 chains on 8gaussians
+run step_throughput 120 $PY benchmarks/step_throughput.py --steps 1000 --repeats 3
+# the 2-D toy defaults (2000 steps) trained from a cold process, compile included
+for toy in 8gaussians rings checkerboard; do
+  run "demo_$toy" 90 $PY -m numpyro_ebm.cli demo --toy "$toy" --quiet --out "$OUT/demo"
+done
