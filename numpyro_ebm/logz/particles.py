@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
-__all__ = ["conditional_ess", "resample", "reweight", "systematic"]
+__all__ = ["conditional_ess", "resample", "reweight", "reweight_and_resample", "systematic"]
 
 
 def reweight(log_weight, group_log_z, log_ratio):
@@ -62,3 +62,12 @@ def resample(key, log_weight, threshold):
     picked = jax.vmap(lambda k, lw: systematic(k, jax.nn.softmax(lw), group_size))(keys, log_weight)
     local = jnp.where(redo[:, None], picked, jnp.arange(group_size)[None, :])
     return (local + group_size * jnp.arange(num_groups)[:, None]).reshape(-1), redo
+
+
+def reweight_and_resample(key, log_weight, group_log_z, log_ratio, threshold):
+    """One SMC step without the move: ``reweight`` by ``log_ratio``, then ``resample`` the groups
+    whose ESS fraction fell below ``threshold`` (their weights reset to equal). Returns
+    ``(index, log_weight, group_log_z)``: the particles to keep, by global index."""
+    weighted, group_log_z = reweight(log_weight, group_log_z, log_ratio)
+    index, redo = resample(key, weighted, threshold)
+    return index, jnp.where(redo[:, None], 0.0, weighted).astype(log_weight.dtype), group_log_z

@@ -60,7 +60,12 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
-from numpyro_ebm.logz.particles import conditional_ess, resample, reweight, systematic
+from numpyro_ebm.logz.particles import (
+    conditional_ess,
+    reweight,
+    reweight_and_resample,
+    systematic,
+)
 from numpyro_ebm.samplers import Sampler, adapt_step_size_multiplicative, get_sampler, run_chains
 
 __all__ = ["TrackInfo", "TrackerSettings", "TrackerState", "advance", "estimate", "start"]
@@ -352,9 +357,13 @@ def advance(
     # before the final moves, which all three share (one compiled kernel).
     def single(_):
         # most updates: on track, one reweighting keeps target_ess (the bridge's one sub-step)
-        weighted, group_log_z = reweight(state.log_weight, state.group_log_z, difference)
-        index, redo = resample(jax.random.split(k_loop, 3)[1], weighted, settings.resample_ess)
-        log_weight = jnp.where(redo[:, None], 0.0, weighted).astype(dtype)
+        index, log_weight, group_log_z = reweight_and_resample(
+            jax.random.split(k_loop, 3)[1],
+            state.log_weight,
+            state.group_log_z,
+            difference,
+            settings.resample_ess,
+        )
         min_ess = jnp.minimum(jnp.ones((), dtype), one_step_ess).astype(dtype)
         one = jnp.ones((), jnp.int32)
         return state.position[index], log_weight, group_log_z, state.step_size, min_ess, one
@@ -431,7 +440,6 @@ def _bridge_or_restart(k_draw, k_bridge, state, restart, old_logdensity, new_log
         jnp.where(restart, settings.start_bridge_steps, settings.max_bridge_steps),
         (settings.bridge_moves, settings.num_moves),
         jnp.where(restart, settings.start_ess, settings.target_ess),
-        final_moves=False,
     )
     return (
         bridged.position, bridged.log_weight, bridged.group_log_z, bridged.step_size,
@@ -472,15 +480,12 @@ def _moves(key, position, logdensity, step_size, sampler, num_moves):
     return states.position, states.logdensity, new_step.astype(step_size.dtype), acceptance
 
 
-def _bridge(
-    key, state, old_logdensity, new_logdensity, settings, max_steps, moves, target_ess,
-    final_moves=True,
-):  # fmt: skip
+def _bridge(key, state, old_logdensity, new_logdensity, settings, max_steps, moves, target_ess):
     """Reweight/resample/move from ``old_logdensity`` (cached in ``state.logdensity``) to
     ``new_logdensity`` in at most ``max_steps`` sub-steps keeping the conditional ESS at
-    ``target_ess``; ``moves``: kernel moves at each intermediate sub-step and at the end
-    (``final_moves=False``: the caller makes the last ``moves[1]``, with the second half of
-    ``jax.random.split(key)``)."""
+    ``target_ess``; ``moves``: kernel moves at each intermediate sub-step and at the end. When
+    the two differ the caller makes the last ``moves[1]`` (``advance``: one compiled kernel for
+    all its paths), with the second half of ``jax.random.split(key)``."""
     sampler = settings.sampler
     # with as many moves at the end as between, the last sub-step's moves are those of the
     # loop, under new_logdensity alone: one compiled kernel for both (the start's case)
@@ -499,9 +504,9 @@ def _bridge(
         last = count + 1 >= max_steps
         delta = jnp.where(last, remaining, _fraction(log_weight, difference, remaining, target_ess))
         min_ess = jnp.minimum(min_ess, jnp.min(conditional_ess(log_weight, delta * difference)))
-        weighted, group_log_z = reweight(log_weight, group_log_z, delta * difference)
-        index, redo = resample(k_resample, weighted, settings.resample_ess)
-        log_weight = jnp.where(redo[:, None], 0.0, weighted).astype(dtype)
+        index, log_weight, group_log_z = reweight_and_resample(
+            k_resample, log_weight, group_log_z, delta * difference, settings.resample_ess
+        )
         position, old, new = position[index], old[index], new[index]
         s = jnp.where(last | (delta >= remaining), 1.0, s + delta).astype(dtype)
         final = ~(s < 1.0)  # the last sub-step
@@ -555,10 +560,6 @@ def _bridge(
     )
     carry = jax.lax.while_loop(unfinished, body, carry)
     _, count, _, position, _, logdensity, log_weight, group_log_z, step, min_ess, acceptance = carry
-    if not merged and final_moves:
-        position, logdensity, step, acceptance = _moves(
-            k_final, position, new_logdensity, step, sampler, moves[1]
-        )
     new_state = state._replace(
         position=position,
         logdensity=logdensity,
