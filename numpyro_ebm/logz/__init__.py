@@ -8,6 +8,9 @@
 * ``enumerate``: a finite support you can list; exact.
 * ``importance``: a proposal covering the density's mass; ``E[log Ẑ] ≤ log Z`` (Jensen);
   delta-method standard error and effective sample size.
+* ``data_bound``: importance sampling around the training rows; ``log Ẑ − 3`` is a 95% lower
+  bound on ``log Z`` whatever the proposal, and finds wells at the rows that ``ais`` and the
+  tracker miss (module ``bound``; the tracker's floor).
 * ``ais``: a normalised base and enough temperatures; ``E[log Ẑ] ≤ log Z``; standard error
   from independent runs. ``reverse_ais`` from exact samples: ``E[log Ẑ] ≥ log Z``.
 * ``tracking``: ``log Z`` followed through training by SMC along the trained energies (what
@@ -18,12 +21,13 @@
 Importance sampling and AIS produce an UNBIASED estimate of Z, hence a downward-biased (on
 average) log Z, hence optimistic log-likelihoods ``−E(x) − log Ẑ``. Report their standard errors.
 
-Modules: ``estimate`` (``LogZEstimate``), ``quadrature``, ``importance``, ``ais``, ``nce``,
+Modules: ``estimate`` (``LogZEstimate``), ``quadrature``, ``importance``, ``ais``, ``bound``, ``nce``,
 ``tracking``, ``select``.
 """
 
-from numpyro_ebm.logz import select, tracking
+from numpyro_ebm.logz import bound, select, tracking
 from numpyro_ebm.logz.ais import ais, reverse_ais
+from numpyro_ebm.logz.bound import data_bound
 from numpyro_ebm.logz.estimate import LogZEstimate
 from numpyro_ebm.logz.importance import importance
 from numpyro_ebm.logz.nce import nce_log_z_loss
@@ -38,6 +42,8 @@ from numpyro_ebm.logz.quadrature import (
 __all__ = [
     "LogZEstimate",
     "ais",
+    "bound",
+    "data_bound",
     "enumerate",
     "grid",
     "grid_covering",

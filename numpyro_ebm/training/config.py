@@ -122,6 +122,8 @@ class TrainConfig:
         log_z_bridge_steps: the most sub-steps it splits one large update into.
         log_z_first_anchor: the step at which the tracker first re-anchors (restarts from
             the Gaussian fitted to the data), then at twice that, four times, ... (0: never).
+        log_z_floor_samples: importance draws around the batch's rows per step that floor
+            the tracked ``log Z`` at a 95% lower bound (``logz.bound``; 0: no floor).
         generator_optimizer: optax transformation for the generator (generator modes); None:
             ``default_optimizer(num_steps, generator_learning_rate)``.
         generator_learning_rate: peak learning rate of the generator's default optimizer.
@@ -170,6 +172,7 @@ class TrainConfig:
     log_z_groups: int = 8
     log_z_bridge_steps: int = 32
     log_z_first_anchor: int = 100
+    log_z_floor_samples: int = 1024
     generator_optimizer: optax.GradientTransformation | None = None
     generator_learning_rate: float = 1e-3
     entropy: Any = "nearest_neighbour"
@@ -192,6 +195,7 @@ class TrainConfig:
         for name in (*counts, "log_z_particles", "log_z_groups", "log_z_bridge_steps"):
             check_count(name, getattr(self, name))
         check_count("log_z_first_anchor", self.log_z_first_anchor, low=0)
+        check_count("log_z_floor_samples", self.log_z_floor_samples, low=0)
         decay = self.energy_l2_decay
         if decay is not None and not (is_real(decay) and 0.0 <= decay <= 1.0):
             raise ValueError(f"energy_l2_decay must be None or a number in [0, 1], got {decay!r}")
@@ -262,6 +266,7 @@ class TrainConfig:
             num_groups=self.log_z_groups,
             max_bridge_steps=self.log_z_bridge_steps,
             first_anchor=self.log_z_first_anchor,
+            floor_samples=self.log_z_floor_samples,
         ).check()
 
     def resolve(self, schedule_steps: int, generator=None, *, event_size=None) -> TrainConfig:

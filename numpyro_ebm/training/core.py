@@ -137,8 +137,9 @@ class SiteInfo(NamedTuple):
         metrics: the objective's metrics (``energy_gap``, ``energy_data``,
             ``energy_negatives`` for maximum likelihood), the negative sampler's and, with a
             tracker, ``log_z_stderr``, ``log_z_min_ess``, ``log_z_bridge_steps``,
-            ``log_z_acceptance`` (its moves' mean acceptance) and
-            ``log_z_nce`` (the noise-contrastive estimate).
+            ``log_z_acceptance`` (its moves' mean acceptance), ``log_z_bound`` (the floor's
+            lower bound, ``logz.bound``) and ``log_z_nce`` (the noise-contrastive
+            estimate).
         recorded: the negative sampler's ``ChainRecord`` (or None).
     """
 
@@ -494,11 +495,13 @@ def _site_info(
         log_z = jnp.full((), jnp.nan)
     metrics = {**site_terms.terms.metrics, **info.metrics}
     if tracked is not None:
+        tracked, bound = tracked
         metrics.update(
             log_z_stderr=stderr,
             log_z_min_ess=tracked.min_ess,
             log_z_bridge_steps=tracked.bridge_steps,
             log_z_acceptance=tracked.acceptance,
+            log_z_bound=bound,
             log_z_nce=state.average_log_z[name],
         )
     recorded = info.record
@@ -567,7 +570,8 @@ def _learn_log_z(keys, state, averaged, draws, sites, config, decay):
 
 def _track_log_z(keys, state, problem, averaged, key, batch, config):
     """Each tracker carried from the previous averaged energy to the new one
-    (``tracking.advance``): ``({site: TrackerState or None}, {site: TrackInfo})``."""
+    (``tracking.advance``), then floored (``tracking.floor``): ``({site: TrackerState or
+    None}, {site: (TrackInfo, bound)})``."""
     trackers, infos = dict(state.log_z_tracker), {}
     previous = None
     for name, tracker in state.log_z_tracker.items():
@@ -576,12 +580,23 @@ def _track_log_z(keys, state, problem, averaged, key, batch, config):
         if previous is None:
             previous = problem.sites(state.average_params, key, batch)
         shape = averaged[name].event_shape
-        trackers[name], infos[name] = tracking.advance(
+        settings, new_logdensity = config.log_z_tracker(), flat_logdensity(averaged[name].energy, shape)
+        advanced, info = tracking.advance(
             jax.random.fold_in(keys[name], 2),
             tracker,
             flat_logdensity(previous[name].energy, shape),
-            flat_logdensity(averaged[name].energy, shape),
-            config.log_z_tracker(),
+            new_logdensity,
+            settings,
             state.bases[name],
         )
+        # the batch's rows carry the floor's kernels: wells at the training rows
+        trackers[name], bound = tracking.floor(
+            jax.random.fold_in(keys[name], 3),
+            advanced,
+            new_logdensity,
+            _flat(averaged[name].observed),
+            state.bases[name],
+            settings,
+        )
+        infos[name] = (info, bound)
     return trackers, infos

@@ -1,0 +1,132 @@
+"""The lower bound on log Z from importance sampling around the training rows
+(``logz.bound``), and the tracker's floor (``tracking.floor``) that uses it.
+
+Closed forms: a Gaussian energy (``log Z = ½ D log 2π``), and a Gaussian with narrow wells at
+the training rows whose mass is known by construction (``exp(−E) = N(0, I) + A · mean_k N(c_k,
+s² I)``, ``Z = 1 + A``): the wells an energy trained on few rows grows, which a proposal or a
+chain started from the fitted Gaussian never finds.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import logsumexp
+from jax.scipy.stats import multivariate_normal
+
+import numpyro_ebm as ebm
+from numpyro_ebm.gaussian import fit_base
+from numpyro_ebm.logz import bound as data_bound
+from numpyro_ebm.logz import tracking
+
+DIM = 10
+LOG_WELL_MASS = 20.0  # A = e²⁰: log Z = log(1 + e²⁰)
+WELL_WIDTH = 0.07  # between two of data_bound.BANDWIDTHS (0.05, 0.1): no width is exact
+
+
+def rows():
+    return jax.random.normal(jax.random.key(0), (300, DIM))
+
+
+def wells_logdensity(centres):
+    """−E of a unit Gaussian plus e²⁰ of mass in narrow wells at ``centres``."""
+
+    def logdensity(x):
+        bulk = multivariate_normal.logpdf(x, jnp.zeros(DIM), jnp.eye(DIM))
+        wells = -0.5 * jnp.sum((x - centres) ** 2, -1) / WELL_WIDTH**2
+        wells = wells - DIM * jnp.log(WELL_WIDTH) - 0.5 * DIM * jnp.log(2 * jnp.pi)
+        return jnp.logaddexp(bulk, LOG_WELL_MASS + logsumexp(wells) - jnp.log(len(centres)))
+
+    return logdensity
+
+
+def exact_wells_log_z():
+    return float(np.logaddexp(0.0, LOG_WELL_MASS))
+
+
+def test_the_estimate_is_exact_for_a_gaussian_within_its_error_bar():
+    data = rows()
+    est = ebm.logz.data_bound(lambda x: 0.5 * jnp.sum(x**2), data, key=jax.random.key(1))
+    exact = 0.5 * DIM * np.log(2 * np.pi)
+    assert est.method == "data-bound"
+    assert abs(est.value - exact) < 4 * est.stderr + 1e-3, (est.value, exact, est.stderr)
+    assert est.info["lower_bound"] == est.value - data_bound.MARGIN < exact
+    assert est.ess > 1000
+
+
+def test_it_finds_wells_at_the_training_rows_that_a_gaussian_proposal_misses():
+    data = rows()
+    logdensity = wells_logdensity(data)
+    exact = exact_wells_log_z()
+    est = ebm.logz.data_bound(lambda x: -logdensity(x), data, key=jax.random.key(2))
+    assert abs(est.value - exact) < 4 * est.stderr + 0.05, (est.value, exact, est.stderr)
+    # the same number of draws from the Gaussian fitted to the rows: the wells are missed
+    base = ebm.gaussian.fit_base(data)
+    x = base.sample(jax.random.key(3), 65536)
+    plain = float(logsumexp(jax.vmap(logdensity)(x) - base.log_prob(x)) - np.log(len(x)))
+    assert plain < 1.0 < exact - 15
+
+
+def test_the_lower_bound_is_below_log_z_in_at_least_95_percent_of_draws():
+    data = rows()
+    logdensity = wells_logdensity(data)
+    base = fit_base(data)
+    bounds = jax.jit(
+        jax.vmap(lambda k: data_bound.lower_bound(k, logdensity, data, base, num_samples=256))
+    )(jax.random.split(jax.random.key(4), 200))
+    bounds = np.asarray(bounds)
+    assert np.all(np.isfinite(bounds))
+    assert np.mean(bounds < exact_wells_log_z()) >= 0.95
+    # and it is informative: with 256 draws most bounds are within a few nats of log Z
+    assert np.median(bounds) > exact_wells_log_z() - data_bound.MARGIN - 2.0
+
+
+def tracker_at(log_z, data):
+    """A tracker whose estimate is ``log_z`` (its particles do not matter to the floor)."""
+    settings = tracking.TrackerSettings(num_particles=64, num_groups=4, floor_samples=2048)
+    state, _ = tracking.start(
+        jax.random.key(5), fit_base(data), lambda x: -0.5 * jnp.sum(x**2), settings
+    )
+    value, _ = tracking.estimate(state)
+    return state._replace(group_log_z=state.group_log_z - value + log_z), settings
+
+
+def test_the_floor_raises_a_tracked_estimate_that_missed_the_wells_and_no_other():
+    data = rows()
+    exact = exact_wells_log_z()
+    base = fit_base(data)
+    logdensity = wells_logdensity(data)
+    missed, settings = tracker_at(0.0, data)  # what a tracker that never saw the wells says
+    floored, bound = tracking.floor(jax.random.key(6), missed, logdensity, data, base, settings)
+    value, stderr = tracking.estimate(floored)
+    assert exact - data_bound.MARGIN - 1.0 < float(bound) < exact
+    np.testing.assert_allclose(float(value), float(bound), atol=1e-5)
+    # the groups move together: their spread (the error bar) is the tracker's own
+    np.testing.assert_allclose(float(stderr), float(tracking.estimate(missed)[1]), rtol=1e-4)
+
+    right, _ = tracker_at(exact, data)
+    kept, bound = tracking.floor(jax.random.key(7), right, logdensity, data, base, settings)
+    assert float(bound) < exact
+    np.testing.assert_array_equal(kept.group_log_z, right.group_log_z)
+
+    lost = missed._replace(updates_lost=jnp.ones((), jnp.int32))
+    still, _ = tracking.floor(jax.random.key(8), lost, logdensity, data, base, settings)
+    np.testing.assert_array_equal(still.group_log_z, lost.group_log_z)
+
+    off = settings._replace(floor_samples=0)
+    same, bound = tracking.floor(jax.random.key(9), missed, logdensity, data, base, off)
+    assert same is missed and np.isnan(bound)
+
+
+def test_fit_records_the_bound_below_the_tracked_log_z_of_a_gaussian():
+    data = jax.random.normal(jax.random.key(10), (2000, 3)) @ jnp.diag(jnp.array([1.0, 2.0, 0.5]))
+    energy = ebm.energies.GaussianEnergy(jnp.zeros(3), jnp.eye(3))
+    result = ebm.fit(
+        energy, data, key=jax.random.key(11), num_steps=100, num_chains=128, batch_size=256,
+        progress_bar=False,
+    )  # fmt: skip
+    bound = np.asarray(result.history["log_z_bound"])
+    log_z = np.asarray(result.history["log_z"])
+    assert bound.shape == log_z.shape and np.all(np.isfinite(bound))
+    assert np.all(bound < log_z)  # the floor never fired: the tracker had the mass
+    exact = float(result.energy.log_z)
+    assert bound[-1] < exact < bound[-1] + data_bound.MARGIN + 1.0
