@@ -412,3 +412,23 @@ def test_rhat_message_says_what_was_measured(small_fit):
     if check.status != "ok":
         assert "between-chain disagreement on x[" in check.message
         assert "modes" not in check.message
+
+
+def test_log_z_bound_check_says_when_the_tracker_missed_wells_at_the_rows(small_fit):
+    res, *_ = small_fit
+    verdict = diagnostics.diagnose(res, verbose=False)
+    assert verdict["log_z_bound"].status == "ok", verdict["log_z_bound"]  # a real 8gaussians fit
+
+    def floored_from(step):
+        """The run as if the floor had raised the tracked log Z from ``step`` on."""
+        history = dict(res.history)
+        bound, log_z = history["log_z_bound"].copy(), history["log_z"].copy()
+        bound[step - 1 :] = log_z[step - 1 :] = log_z[step - 1 :] + 5.0
+        history["log_z_bound"], history["log_z"] = bound, log_z
+        return res.__class__(**{**vars(res), "history": history})
+
+    after = floored_from(res.best_step + 1)
+    check = diagnostics.diagnose(after, verbose=False)["log_z_bound"]
+    assert check.status == "warn" and f"step {res.best_step + 1}" in check.value
+    check = diagnostics.diagnose(floored_from(res.best_step), verbose=False)["log_z_bound"]
+    assert check.status == "fail" and "memorises" in check.message

@@ -89,6 +89,8 @@ def fit_attrs(res: FitResult) -> dict:
         attrs["adapt_step_size"] = int(sampler.adapts)  # an int: netCDF has no bool
         if sampler.target is not None:
             attrs["target_acceptance"] = sampler.target
+    if getattr(res, "best_step", None) is not None:
+        attrs["best_step"] = int(res.best_step)
     if res.log_z_ais is not None:
         attrs["log_z_ais"] = float(res.log_z_ais.value)
         attrs["log_z_ais_stderr"] = float(res.log_z_ais.stderr)

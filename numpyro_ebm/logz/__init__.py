@@ -21,8 +21,8 @@
 Importance sampling and AIS produce an UNBIASED estimate of Z, hence a downward-biased (on
 average) log Z, hence optimistic log-likelihoods ``−E(x) − log Ẑ``. Report their standard errors.
 
-Modules: ``estimate`` (``LogZEstimate``), ``quadrature``, ``importance``, ``ais``, ``bound``, ``nce``,
-``tracking``, ``select``.
+Modules: ``estimate`` (``LogZEstimate``), ``quadrature``, ``importance``, ``ais``, ``bound``,
+``nce``, ``tracking``, ``select``.
 """
 
 from numpyro_ebm.logz import bound, select, tracking

@@ -309,9 +309,9 @@ def floor(key, state: TrackerState, logdensity: Callable, data, base, settings: 
     dtype = state.group_log_z.dtype
     if settings.floor_samples == 0:
         return state, jnp.full((), jnp.nan, dtype)
-    bound = lower_bound(
-        key, logdensity, data, base, num_samples=settings.floor_samples
-    ).astype(dtype)
+    bound = lower_bound(key, logdensity, data, base, num_samples=settings.floor_samples).astype(
+        dtype
+    )
     value, _ = _over_groups(state.group_log_z)
     raise_by = jnp.where((state.updates_lost == 0) & (bound > value), bound - value, 0.0)
     return state._replace(group_log_z=state.group_log_z + raise_by.astype(dtype)), bound

@@ -580,7 +580,8 @@ def _track_log_z(keys, state, problem, averaged, key, batch, config):
         if previous is None:
             previous = problem.sites(state.average_params, key, batch)
         shape = averaged[name].event_shape
-        settings, new_logdensity = config.log_z_tracker(), flat_logdensity(averaged[name].energy, shape)
+        settings = config.log_z_tracker()
+        new_logdensity = flat_logdensity(averaged[name].energy, shape)
         advanced, info = tracking.advance(
             jax.random.fold_in(keys[name], 2),
             tracker,
