@@ -119,6 +119,9 @@ FIELDS = {
     "log_z_bridge_steps": (
         3, "persistent", lambda c: c.log_z_tracker().max_bridge_steps == 3
     ),
+    "log_z_floor_samples": (
+        0, "persistent", lambda c: c.log_z_tracker().floor_samples == 0
+    ),
     "generator_optimizer": (
         GENERATOR_ADAM, "hybrid", lambda c: c.negatives.optimizer is GENERATOR_ADAM
     ),
@@ -441,3 +444,21 @@ def test_maximum_likelihood_tracks_each_sites_log_z_with_an_error_bar():
     # the standard error comes from 8 groups: |t₇| > 4 has probability 0.5%
     assert 0 < estimate.stderr < 0.1 and abs(error) <= 4 * estimate.stderr, (error, estimate)
     assert np.isfinite(res.history["x.log_z_stderr"]).all()
+
+
+def test_a_history_column_new_since_the_checkpoint_is_nan_before_it():
+    """A run resumed from a checkpoint written before a column existed (here ``log_z_bound``)
+    keeps every column one row per step: the new one is NaN for the rows before it."""
+    data = ebm.datasets.toy("8gaussians").sample(jax.random.key(0), 500)
+    energy = ebm.energies.MLPEnergy(2, hidden=(8,), key=jax.random.key(1))
+    config = ebm.TrainConfig(num_chains=16, batch_size=16, log_z_particles=32).resolve(10)
+    problem = ebm.training.EnergyProblem(config.batch_size)
+    state = ebm.training.energy_init(jax.random.key(2), energy, data, config)
+    options = dict(key=jax.random.key(3), data=data, problem=problem, config=config)
+    options |= dict(steps_per_call=3, progress_bar=False)
+    state, history, _ = ebm.training.train(state, num_steps=3, **options)
+    del history["log_z_bound"]
+    _, history, _ = ebm.training.train(state, num_steps=6, history=history, **options)
+    bound = history["log_z_bound"]
+    assert {len(column) for column in history.values()} == {6}
+    assert np.isnan(bound[:3]).all() and np.isfinite(bound[3:]).all()

@@ -106,12 +106,14 @@ def log_weights(key, logdensity: Callable, data, base: GaussianBase, *, num_samp
     if data.shape[0] > num_centres:
         data = jax.random.choice(k_rows, data, (num_centres,), replace=False)
     x = _draw(k_draw, data, base, bandwidths, num_samples)
+
+    def score(x):
+        return jax.vmap(logdensity)(x) - _log_proposal(x, data, base, bandwidths)
+
+    if num_samples <= CHUNK:  # straight-line code (a loop of one is still a loop on a GPU)
+        return score(x)
     chunk = math.gcd(num_samples, CHUNK)  # the (chunk, K, widths) kernel table bounds memory
-    x = x.reshape(num_samples // chunk, chunk, x.shape[1])
-    log_w = jax.lax.map(
-        lambda x: jax.vmap(logdensity)(x) - _log_proposal(x, data, base, bandwidths), x
-    )
-    return log_w.reshape(num_samples)
+    return jax.lax.map(score, x.reshape(num_samples // chunk, chunk, x.shape[1])).reshape(-1)
 
 
 def log_z_estimate(key, logdensity: Callable, data, base: GaussianBase, **options) -> jax.Array:

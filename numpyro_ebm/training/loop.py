@@ -280,8 +280,11 @@ def _absorb(history, recorded, infos, active, start_step, prefix_sites, config):
     """Add one call's history rows and records to ``history`` and ``recorded`` (in place);
     returns ``(the call's rows, which attempts were accepted)``."""
     chunk = {k: np.asarray(v)[active] for k, v in history_columns(infos, prefix_sites).items()}
+    rows = len(history["loss"]) if "loss" in history else 0
     for k in chunk:
-        history[k] = np.concatenate([history[k], chunk[k]]) if k in history else chunk[k]
+        # a column new since the run's checkpoint was written: NaN for the rows before it
+        before = history[k] if k in history else np.full(rows, np.nan)
+        history[k] = np.concatenate([before, chunk[k]])
     accepted = chunk["is_finite"].astype(bool)
     for name, site in infos.sites.items():
         if site.recorded is not None:
