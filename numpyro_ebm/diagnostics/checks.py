@@ -42,8 +42,9 @@ log_z_tracking    the tracked log Z (``FitResult.log_z``): with an AIS of the sa
                   every update's conditional ESS ≥ 0.5 ok, else warn
 log_z_bound       the tracker's floor (``logz.bound``: a 95% lower bound on log Z from
                   importance sampling around the training rows) below the tracked log Z
-                  at every step ok; above it only after the returned step (``best_step``)
-                  warn; at or before it fail (wells at the training rows: memorisation)
+                  at every step ok; above it within a tenth of the steps before the
+                  returned one (``best_step``, else the last) fail (wells at the training
+                  rows: memorisation), elsewhere warn
 heldout_nll       final held-out NLL ≤ best of the second half + 0.05 nats ok, else warn
 entropy_bound     with ``data_entropy`` H: final held-out NLL ≥ H − 0.15 nats ok, else
                   fail (no normalised density scores below H in expectation; the margin
