@@ -1,6 +1,7 @@
 """Groups of weighted particles, as the ``log Z`` tracker (``tracking``) carries them: reweighting
 with each group's running ``log Ẑ``, the conditional effective sample size of a reweighting,
-and systematic resampling of the groups that need it.
+the largest part of an update a reweighting can take at a given ESS, systematic resampling of
+the groups that need it, and the estimate over the groups.
 
 Weights are ``(G, N/G)`` arrays of unnormalised log-weights, one row per independent group.
 
@@ -20,7 +21,17 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
-__all__ = ["conditional_ess", "resample", "reweight", "reweight_and_resample", "systematic"]
+__all__ = [
+    "conditional_ess",
+    "largest_fraction",
+    "over_groups",
+    "resample",
+    "reweight",
+    "reweight_and_resample",
+    "systematic",
+]
+
+BISECTION_STEPS = 30  # largest_fraction's sub-step to 2⁻³⁰ of what is left of the update
 
 
 def reweight(log_weight, group_log_z, log_ratio):
@@ -71,3 +82,36 @@ def reweight_and_resample(key, log_weight, group_log_z, log_ratio, threshold):
     weighted, group_log_z = reweight(log_weight, group_log_z, log_ratio)
     index, redo = resample(key, weighted, threshold)
     return index, jnp.where(redo[:, None], 0.0, weighted).astype(log_weight.dtype), group_log_z
+
+
+def over_groups(group_log_z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(log Ẑ, standard error)`` of ``(G,)`` groups' ``log Ẑ``: the log of the mean of their
+    ``Ẑ`` and the delta-method error ``std(Ẑ_g) / (√G mean(Ẑ_g))`` (at most 1: one group
+    holding all the mass)."""
+    count = group_log_z.shape[0]
+    value = logsumexp(group_log_z) - jnp.log(count)
+    w = jnp.exp(group_log_z - jnp.max(group_log_z))
+    return value, jnp.std(w, ddof=1) / (jnp.sqrt(count) * jnp.mean(w))
+
+
+def largest_fraction(log_weight, difference, remaining, target_ess):
+    """The largest part ``δ ≤ remaining`` of the update whose reweighting by
+    ``δ · difference`` keeps every group's conditional ESS at ``target_ess`` (bisection)."""
+
+    def ok(delta):
+        return jnp.min(conditional_ess(log_weight, delta * difference)) >= target_ess
+
+    def halve(_, bounds):
+        low, high = bounds
+        middle = 0.5 * (low + high)
+        good = ok(middle)
+        return jnp.where(good, middle, low), jnp.where(good, high, middle)
+
+    def bisect(remaining):
+        low, _ = jax.lax.fori_loop(
+            0, BISECTION_STEPS, halve, (jnp.zeros_like(remaining), remaining)
+        )
+        return jnp.maximum(low, remaining * 2.0**-BISECTION_STEPS)  # always some progress
+
+    # most updates fit in one reweighting: the bisection runs only for those that do not
+    return jax.lax.cond(ok(remaining), lambda r: r, bisect, remaining)

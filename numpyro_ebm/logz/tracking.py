@@ -65,11 +65,12 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jax.scipy.special import logsumexp
 
 from numpyro_ebm.logz.bound import lower_bound
 from numpyro_ebm.logz.particles import (
     conditional_ess,
+    largest_fraction,
+    over_groups,
     reweight,
     reweight_and_resample,
     systematic,
@@ -86,7 +87,6 @@ __all__ = [
     "start",
 ]
 
-BISECTION_STEPS = 30  # the sub-step's length to 2⁻³⁰ of what is left of the update
 # a re-anchor fuses the carried estimate with its own when the two are this close in combined
 # standard errors (a t₇ variable, the error of 8 groups, exceeds 3 with probability 0.02)
 FUSE_SIGMAS = 3.0
@@ -232,17 +232,9 @@ def estimate(state: TrackerState) -> tuple[jax.Array, jax.Array]:
     """``(log Ẑ, standard error)``: the log of the mean of the groups' ``Ẑ`` and the
     delta-method error ``std(Ẑ_g) / (√G mean(Ẑ_g))`` over the groups; ``(NaN, inf)`` while
     the track is lost."""
-    value, stderr = _over_groups(state.group_log_z)
+    value, stderr = over_groups(state.group_log_z)
     lost = state.updates_lost > 0
     return jnp.where(lost, jnp.nan, value), jnp.where(lost, jnp.inf, stderr)
-
-
-def _over_groups(group_log_z: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``estimate``'s value and standard error of ``(G,)`` groups' ``log Ẑ``."""
-    count = group_log_z.shape[0]
-    value = logsumexp(group_log_z) - jnp.log(count)
-    w = jnp.exp(group_log_z - jnp.max(group_log_z))
-    return value, jnp.std(w, ddof=1) / (jnp.sqrt(count) * jnp.mean(w))
 
 
 def _fuse(carried: TrackerState, fresh: TrackerState, logdensity: jax.Array) -> TrackerState:
@@ -269,8 +261,8 @@ def _fuse(carried: TrackerState, fresh: TrackerState, logdensity: jax.Array) -> 
         carried.group_log_z,
         jnp.reshape(logdensity - carried.logdensity, shape),
     )
-    value_c, stderr_c = _over_groups(groups)
-    value_f, stderr_f = _over_groups(fresh.group_log_z)
+    value_c, stderr_c = over_groups(groups)
+    value_f, stderr_f = over_groups(fresh.group_log_z)
     var_c, var_f = stderr_c**2, stderr_f**2
     gap = jnp.abs(value_c - value_f)
     usable = jnp.isfinite(value_c) & jnp.isfinite(var_c)
@@ -285,7 +277,7 @@ def _fuse(carried: TrackerState, fresh: TrackerState, logdensity: jax.Array) -> 
     # its groups are spread until the error bar is about √(v_c + (gap / 2)²)
     widen = jnp.sqrt(1.0 + (0.5 * gap / jnp.maximum(stderr_c, 1e-6)) ** 2)
     widened = value_c + widen * (groups - jnp.mean(groups))
-    widened = widened + value_c - _over_groups(widened)[0]
+    widened = widened + value_c - over_groups(widened)[0]
     advanced = carried._replace(
         logdensity=logdensity.astype(carried.logdensity.dtype),
         log_weight=log_weight.astype(carried.log_weight.dtype),
@@ -312,7 +304,7 @@ def floor(key, state: TrackerState, logdensity: Callable, data, base, settings: 
     bound = lower_bound(key, logdensity, data, base, num_samples=settings.floor_samples).astype(
         dtype
     )
-    value, _ = _over_groups(state.group_log_z)
+    value, _ = over_groups(state.group_log_z)
     raise_by = jnp.where((state.updates_lost == 0) & (bound > value), bound - value, 0.0)
     return state._replace(group_log_z=state.group_log_z + raise_by.astype(dtype)), bound
 
@@ -490,29 +482,6 @@ def _bridge_or_restart(k_draw, k_bridge, state, restart, old_logdensity, new_log
     )  # fmt: skip
 
 
-def _fraction(log_weight, difference, remaining, target_ess):
-    """The largest part ``δ ≤ remaining`` of the update whose reweighting by
-    ``δ · difference`` keeps every group's conditional ESS at ``target_ess`` (bisection)."""
-
-    def ok(delta):
-        return jnp.min(conditional_ess(log_weight, delta * difference)) >= target_ess
-
-    def halve(_, bounds):
-        low, high = bounds
-        middle = 0.5 * (low + high)
-        good = ok(middle)
-        return jnp.where(good, middle, low), jnp.where(good, high, middle)
-
-    def bisect(remaining):
-        low, _ = jax.lax.fori_loop(
-            0, BISECTION_STEPS, halve, (jnp.zeros_like(remaining), remaining)
-        )
-        return jnp.maximum(low, remaining * 2.0**-BISECTION_STEPS)  # always some progress
-
-    # most updates fit in one reweighting: the bisection runs only for those that do not
-    return jax.lax.cond(ok(remaining), lambda r: r, bisect, remaining)
-
-
 def _moves(key, position, logdensity, step_size, sampler, num_moves):
     """``num_moves`` kernel moves of every particle under ``logdensity``: new positions, the
     log-density there, the tuned step size and the mean acceptance."""
@@ -545,7 +514,8 @@ def _bridge(key, state, old_logdensity, new_logdensity, settings, max_steps, mov
         difference = jnp.reshape(new - old, shape)
         remaining = 1.0 - s
         last = count + 1 >= max_steps
-        delta = jnp.where(last, remaining, _fraction(log_weight, difference, remaining, target_ess))
+        fraction = largest_fraction(log_weight, difference, remaining, target_ess)
+        delta = jnp.where(last, remaining, fraction)
         min_ess = jnp.minimum(min_ess, jnp.min(conditional_ess(log_weight, delta * difference)))
         index, log_weight, group_log_z = reweight_and_resample(
             k_resample, log_weight, group_log_z, delta * difference, settings.resample_ess

@@ -579,25 +579,16 @@ def _track_log_z(keys, state, problem, averaged, key, batch, config):
             continue
         if previous is None:
             previous = problem.sites(state.average_params, key, batch)
-        shape = averaged[name].event_shape
+        shape, base = averaged[name].event_shape, state.bases[name]
         settings = config.log_z_tracker()
-        new_logdensity = flat_logdensity(averaged[name].energy, shape)
-        advanced, info = tracking.advance(
-            jax.random.fold_in(keys[name], 2),
-            tracker,
-            flat_logdensity(previous[name].energy, shape),
-            new_logdensity,
-            settings,
-            state.bases[name],
+        old, new = (flat_logdensity(s[name].energy, shape) for s in (previous, averaged))
+        tracker, info = tracking.advance(
+            jax.random.fold_in(keys[name], 2), tracker, old, new, settings, base
         )
         # the batch's rows carry the floor's kernels: wells at the training rows
+        rows = _flat(averaged[name].observed)
         trackers[name], bound = tracking.floor(
-            jax.random.fold_in(keys[name], 3),
-            advanced,
-            new_logdensity,
-            _flat(averaged[name].observed),
-            state.bases[name],
-            settings,
+            jax.random.fold_in(keys[name], 3), tracker, new, rows, base, settings
         )
         infos[name] = (info, bound)
     return trackers, infos
