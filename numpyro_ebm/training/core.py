@@ -138,8 +138,8 @@ class SiteInfo(NamedTuple):
             ``energy_negatives`` for maximum likelihood), the negative sampler's and, with a
             tracker, ``log_z_stderr``, ``log_z_min_ess``, ``log_z_bridge_steps``,
             ``log_z_acceptance`` (its moves' mean acceptance), ``log_z_bound`` (the floor's
-            lower bound, ``logz.bound``) and ``log_z_nce`` (the noise-contrastive
-            estimate).
+            lower bound, ``logz.bound``), ``log_z_missed`` (1 where it lost the track) and
+            ``log_z_nce`` (the noise-contrastive estimate).
         recorded: the negative sampler's ``ChainRecord`` (or None).
     """
 
@@ -495,13 +495,14 @@ def _site_info(
         log_z = jnp.full((), jnp.nan)
     metrics = {**site_terms.terms.metrics, **info.metrics}
     if tracked is not None:
-        tracked, bound = tracked
+        tracked, bound, missed = tracked
         metrics.update(
             log_z_stderr=stderr,
             log_z_min_ess=tracked.min_ess,
             log_z_bridge_steps=tracked.bridge_steps,
             log_z_acceptance=tracked.acceptance,
             log_z_bound=bound,
+            log_z_missed=missed,
             log_z_nce=state.average_log_z[name],
         )
     recorded = info.record
@@ -570,8 +571,8 @@ def _learn_log_z(keys, state, averaged, draws, sites, config, decay):
 
 def _track_log_z(keys, state, problem, averaged, key, batch, config):
     """Each tracker carried from the previous averaged energy to the new one
-    (``tracking.advance``), then floored (``tracking.floor``): ``({site: TrackerState or
-    None}, {site: (TrackInfo, bound)})``."""
+    (``tracking.advance``), then checked against the bound (``tracking.floor``): ``({site:
+    TrackerState or None}, {site: (TrackInfo, bound, 1.0 where the bound lost the track)})``."""
     trackers, infos = dict(state.log_z_tracker), {}
     previous = None
     for name, tracker in state.log_z_tracker.items():
@@ -590,5 +591,6 @@ def _track_log_z(keys, state, problem, averaged, key, batch, config):
         trackers[name], bound = tracking.floor(
             jax.random.fold_in(keys[name], 3), tracker, new, rows, base, settings
         )
-        infos[name] = (info, bound)
+        missed = (tracker.updates_lost == 0) & (trackers[name].updates_lost > 0)
+        infos[name] = (info, bound, missed.astype(bound.dtype))
     return trackers, infos
