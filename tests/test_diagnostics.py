@@ -435,3 +435,16 @@ def test_log_z_bound_check_says_when_the_tracker_missed_wells_at_the_rows(small_
     assert res.best_step > 30  # early on the tracker lags: a floor there is not the model's
     early = diagnostics.diagnose(floored_from(1, 5), verbose=False)["log_z_bound"]
     assert early.status == "warn" and "at 5 steps (1, 2, 3, 4, 5;" in early.value
+
+
+def test_a_run_that_ends_with_its_track_lost_is_diagnosed(small_fit):
+    """A floor or a degenerate update near the end leaves ``log_z`` NaN for the last steps:
+    ``log_z`` has nothing to judge and says nothing, ``log_z_tracking`` says it was lost."""
+    res, *_ = small_fit
+    history = dict(res.history)
+    log_z = history["log_z"].copy()
+    log_z[-30:] = np.nan
+    history["log_z"] = log_z
+    lost = res.__class__(**{**vars(res), "history": history})
+    verdict = diagnostics.diagnose(lost, verbose=False)
+    assert "log_z" not in [check.name for check in verdict.checks]

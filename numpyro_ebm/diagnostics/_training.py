@@ -141,8 +141,8 @@ def _log_z_check(history: dict) -> Check | None:
     log_z = np.asarray(history.get("log_z", []), float)
     if log_z.size < 10:
         return None
-    recent = window(log_z, 0.9, 1.0)
-    if not np.isfinite(recent).all():  # the tracker lost the track: log_z_tracking says so
+    recent = window(log_z, 0.9, 1.0)  # its finite values
+    if recent.size < 2:  # the tracker lost the track: log_z_tracking says so
         return None
     change = float(abs(recent[-1] - recent[0]))
     return graded(

@@ -16,10 +16,11 @@ level ``1 − e^{−MARGIN}`` (95%), however poor the proposal. When it lies abo
 of ``log Z``, that estimate missed mass. Where the model has no such wells, the bound lies
 below every good estimate (``log Ẑ`` is itself low on average, Jensen) and changes nothing.
 
-``fit`` computes it (``num_samples`` draws) whenever it scores the validation data, and takes
-``max(tracked log Z, bound)`` for the held-out NLL that selects the returned model; the history
-column ``log_z_bound`` holds it and ``diagnose``'s ``log_z_bound`` check compares it with the
-reported ``log Z``.
+The ``log Z`` tracker computes it after every update (``tracking.floor``, 1024 draws around
+the batch's rows): a tracked value below it has missed mass and the track is lost, so the
+held-out NLL that selects ``fit``'s returned model is never computed with it. The history
+columns ``log_z_bound`` and ``log_z_missed`` hold it, and ``diagnose``'s ``log_z_bound`` check
+reads them.
 
 Example:
     >>> import jax, jax.numpy as jnp

@@ -133,7 +133,7 @@ class TrackerSettings(NamedTuple):
             larger one is kept (late in training a re-anchor's short AIS misses mass: on
             digits 1.3 nats at update 1600).
         floor_samples: importance draws around the training rows per update for ``floor``
-            (0: no floor).
+            (0: no check).
         sampler: the kernel (with a Metropolis step); its ``step_size`` is the first one, then
             tuned toward its target acceptance after every move.
     """
