@@ -210,8 +210,8 @@ def log_z_tracking_check(log_z, log_z_ais, history: dict) -> Check | None:
 
 
 def _log_z_bound_check(history: dict, attrs: dict) -> Check | None:
-    """Whether the tracker's floor (``logz.tracking.floor``) lost the track: the energy had
-    mass (wells at the training rows) that no particle reached."""
+    """Whether the tracker's floor (``logz.tracking.floor``) raised the tracked ``log Z``: the
+    energy had mass (wells at the training rows) that no particle reached."""
     missed = np.asarray(history.get("log_z_missed", []), float)
     bound = np.asarray(history.get("log_z_bound", []), float)
     if not (missed.size and np.isfinite(bound).any()):
@@ -238,14 +238,14 @@ def _log_z_bound_check(history: dict, attrs: dict) -> Check | None:
             "log_z_bound", "fail", value, rule,
             f"at step {steps[near][-1]}, near the returned step ({returned}), the energy had "
             "wells at the training rows that the tracker missed (it memorises them): its log Z "
-            "is at least the bound and held-out likelihoods are upper bounds. Select on "
+            "is a 95% lower bound and held-out likelihoods are upper bounds. Select on "
             "validation data, train fewer steps, raise energy_l2 or use more data",
         )  # fmt: skip
     return Check(
         "log_z_bound", "warn", value, rule,
-        f"the bound lost the track away from the returned step ({returned}): before it, the "
-        "tracker lagged the energy; after it, the energy grew wells at the training rows "
-        "(memorisation), which the selection avoided",
+        f"the bound raised the tracked log Z away from the returned step ({returned}): "
+        "before it, the tracker lagged the energy; after it, the energy grew wells at the "
+        "training rows (memorisation), which the selection avoided",
     )  # fmt: skip
 
 

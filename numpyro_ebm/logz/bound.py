@@ -17,8 +17,8 @@ of ``log Z``, that estimate missed mass. Where the model has no such wells, the 
 below every good estimate (``log Ẑ`` is itself low on average, Jensen) and changes nothing.
 
 The ``log Z`` tracker computes it after every update (``tracking.floor``, 1024 draws around
-the batch's rows): a tracked value below it has missed mass and the track is lost, so the
-held-out NLL that selects ``fit``'s returned model is never computed with it. The history
+the batch's rows) and raises a tracked value below it, so the held-out NLL that selects
+``fit``'s returned model is not computed with a ``log Z`` that missed such wells. The history
 columns ``log_z_bound`` and ``log_z_missed`` hold it, and ``diagnose``'s ``log_z_bound`` check
 reads them.
 

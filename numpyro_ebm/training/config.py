@@ -123,8 +123,8 @@ class TrainConfig:
         log_z_first_anchor: the step at which the tracker first re-anchors (restarts from
             the Gaussian fitted to the data), then at twice that, four times, ... (0: never).
         log_z_floor_samples: importance draws around the batch's rows per step for a 95%
-            lower bound on ``log Z`` (``logz.bound``); a tracked value below it has missed
-            mass and the track is lost (0: no check).
+            lower bound on ``log Z`` (``logz.bound``) that floors the tracked value (0: no
+            floor).
         generator_optimizer: optax transformation for the generator (generator modes); None:
             ``default_optimizer(num_steps, generator_learning_rate)``.
         generator_learning_rate: peak learning rate of the generator's default optimizer.

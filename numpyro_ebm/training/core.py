@@ -138,7 +138,7 @@ class SiteInfo(NamedTuple):
             ``energy_negatives`` for maximum likelihood), the negative sampler's and, with a
             tracker, ``log_z_stderr``, ``log_z_min_ess``, ``log_z_bridge_steps``,
             ``log_z_acceptance`` (its moves' mean acceptance), ``log_z_bound`` (the floor's
-            lower bound, ``logz.bound``), ``log_z_missed`` (1 where it lost the track) and
+            lower bound, ``logz.bound``), ``log_z_missed`` (1 where it raised the estimate) and
             ``log_z_nce`` (the noise-contrastive estimate).
         recorded: the negative sampler's ``ChainRecord`` (or None).
     """
@@ -571,8 +571,8 @@ def _learn_log_z(keys, state, averaged, draws, sites, config, decay):
 
 def _track_log_z(keys, state, problem, averaged, key, batch, config):
     """Each tracker carried from the previous averaged energy to the new one
-    (``tracking.advance``), then checked against the bound (``tracking.floor``): ``({site:
-    TrackerState or None}, {site: (TrackInfo, bound, 1.0 where the bound lost the track)})``."""
+    (``tracking.advance``), then floored (``tracking.floor``): ``({site: TrackerState or
+    None}, {site: (TrackInfo, bound, 1.0 where the bound raised the estimate)})``."""
     trackers, infos = dict(state.log_z_tracker), {}
     previous = None
     for name, tracker in state.log_z_tracker.items():
@@ -591,6 +591,6 @@ def _track_log_z(keys, state, problem, averaged, key, batch, config):
         trackers[name], bound = tracking.floor(
             jax.random.fold_in(keys[name], 3), tracker, new, rows, base, settings
         )
-        missed = (tracker.updates_lost == 0) & (trackers[name].updates_lost > 0)
+        missed = bound > tracking.estimate(tracker)[0]  # False while lost (NaN)
         infos[name] = (info, bound, missed.astype(bound.dtype))
     return trackers, infos
