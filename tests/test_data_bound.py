@@ -10,6 +10,7 @@ chain started from the fitted Gaussian never finds.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.scipy.special import logsumexp
 from jax.scipy.stats import multivariate_normal
 
@@ -130,3 +131,23 @@ def test_fit_records_the_bound_below_the_tracked_log_z_of_a_gaussian():
     assert np.all(bound < log_z)  # the floor never fired: the tracker had the mass (no NaN)
     exact = float(result.energy.log_z)
     assert bound[-1] < exact < bound[-1] + data_bound.MARGIN + 1.0
+
+
+def test_bad_input_is_refused_before_any_compute():
+    data = np.asarray(rows())
+    energy = lambda x: 0.5 * jnp.sum(x**2)
+    key = jax.random.key(12)
+    nan = data.copy()
+    nan[3, 1] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        ebm.logz.data_bound(energy, nan, key=key)
+    with pytest.raises(ValueError, match="floating-point"):
+        ebm.logz.data_bound(energy, data.astype(int), key=key)
+    with pytest.raises(ValueError, match="at least 2 training rows"):
+        ebm.logz.data_bound(energy, data[:1], key=key)
+    with pytest.raises(ValueError, match="scalar"):
+        ebm.logz.data_bound(lambda x: x, data, key=key)
+    with pytest.raises(ValueError, match="num_samples"):
+        ebm.logz.data_bound(energy, data, key=key, num_samples=0)
+    with pytest.raises(ValueError, match="bandwidths"):
+        ebm.logz.data_bound(energy, data, key=key, bandwidths=(0.1, -1.0))

@@ -45,8 +45,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
 
+from numpyro_ebm.distribution import check_energy
 from numpyro_ebm.gaussian import GaussianBase, fit_base
 from numpyro_ebm.logz.estimate import LogZEstimate, log_mean_exp
+from numpyro_ebm.validation import check_count, validate_data
 
 __all__ = ["BANDWIDTHS", "MARGIN", "data_bound", "log_z_estimate", "lower_bound"]
 
@@ -141,6 +143,11 @@ def data_bound(energy: Callable, data, *, key: jax.Array, num_samples: int = 655
     Use it to check another estimate: an AIS or tracked ``log Z`` below ``lower_bound`` missed
     mass near the data. With a small ESS the value itself is not an estimate of ``log Z``.
 
+    Raises:
+        ValueError: before any compute, for data that is not a finite floating-point array of
+            at least 2 rows, an energy that does not map one row to a scalar, a count below 1
+            or a bandwidth that is not positive and finite.
+
     Example:
         >>> import jax, jax.numpy as jnp
         >>> from numpyro_ebm import logz
@@ -149,10 +156,18 @@ def data_bound(energy: Callable, data, *, key: jax.Array, num_samples: int = 655
         >>> bool(abs(est.value - jnp.log(2 * jnp.pi)) < 0.05)
         True
     """
-    data = jnp.asarray(data)
+    data = validate_data(data, name="data (the training rows)")
+    if data.shape[0] < 2:
+        raise ValueError(f"data_bound needs at least 2 training rows, got {data.shape[0]}")
+    shape = tuple(data.shape[1:])
+    check_energy(energy, shape)
+    check_count("num_samples", num_samples)
+    check_count("batch_size", batch_size)
+    widths = np.asarray(bandwidths, float)
+    if widths.ndim != 1 or widths.size == 0 or not np.all(np.isfinite(widths) & (widths > 0)):
+        raise ValueError(f"bandwidths must be positive finite numbers, got {bandwidths!r}")
     flat = data.reshape(data.shape[0], -1)
     base = fit_base(flat)
-    shape = data.shape[1:]
 
     def logdensity(x):
         return -energy(x.reshape(shape))
