@@ -194,7 +194,7 @@ def test_a_checkpoint_of_an_earlier_format_is_refused_by_name_and_kept(tmp_path)
     fit_until(tmp_path, 4)
     meta_path = os.path.join(training.latest_checkpoint(str(tmp_path)), "meta.json")
     meta = json.loads(open(meta_path).read())
-    assert meta.pop("format") == 3
+    assert meta.pop("format") == checkpoint.FORMAT
     with open(meta_path, "w") as f:
         json.dump(meta, f)
     before = snapshot(tmp_path)
@@ -228,6 +228,27 @@ def test_a_checkpoint_from_before_the_log_z_tracker_resumes_without_one(tmp_path
     assert int(loaded.state.step) == 4 and loaded.log_z.method == "nce-learned"
     resumed = tiny_fit(tmp_path)
     assert int(resumed.state.step) == TINY["num_steps"]
+
+
+def test_a_checkpoint_from_before_the_floor_released_its_raises_resumes(tmp_path, monkeypatch):
+    """Format 3 stored the tracker's state without ``raised``: it resumes (nothing raised to
+    release) and, where the floor had raised nothing, continues exactly as a straight run."""
+    tracked = dict(track_log_z=True, log_z_particles=64, log_z_groups=4)
+    real_save = checkpoint.save_checkpoint
+
+    def save_as_format_3(folder, state, history, meta):
+        real_save(folder, checkpoint._unreleased(state), history, meta)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "FORMAT", checkpoint.UNRELEASED_FORMAT)
+        patch.setattr(checkpoint, "save_checkpoint", save_as_format_3)
+        fit_until(tmp_path, 4, **tracked)
+    meta_path = os.path.join(training.latest_checkpoint(str(tmp_path)), "meta.json")
+    assert json.loads(open(meta_path).read())["format"] == 3
+    resumed = tiny_fit(tmp_path, **tracked)
+    straight = tiny_fit(None, **tracked)
+    assert all(float(t.raised) == 0.0 for t in straight.state.log_z_tracker.values())
+    assert_same_run(resumed, straight)
 
 
 @pytest.mark.parametrize("damaged", ["state.eqx", "history.npz", "meta.json", "latest"])

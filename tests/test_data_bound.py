@@ -97,25 +97,71 @@ def test_the_floor_raises_a_tracked_estimate_that_missed_the_wells_and_no_other(
     base = fit_base(data)
     logdensity = wells_logdensity(data)
     missed, settings = tracker_at(0.0, data)  # what a tracker that never saw the wells says
-    floored, bound = tracking.floor(jax.random.key(6), missed, logdensity, data, base, settings)
+    floored, bound, raised = tracking.floor(
+        jax.random.key(6), missed, logdensity, data, base, settings
+    )
     value, stderr = tracking.estimate(floored)
+    assert bool(raised)
+    np.testing.assert_allclose(float(floored.raised), float(bound), atol=1e-5)
     assert exact - data_bound.MARGIN - 1.0 < float(bound) < exact
     np.testing.assert_allclose(float(value), float(bound), atol=1e-5)
     # the groups move together: their spread (the error bar) is the tracker's own
     np.testing.assert_allclose(float(stderr), float(tracking.estimate(missed)[1]), rtol=1e-4)
 
     right, _ = tracker_at(exact, data)
-    kept, bound = tracking.floor(jax.random.key(7), right, logdensity, data, base, settings)
-    assert float(bound) < exact
+    kept, bound, raised = tracking.floor(
+        jax.random.key(7), right, logdensity, data, base, settings
+    )
+    assert float(bound) < exact and not bool(raised)
     np.testing.assert_array_equal(kept.group_log_z, right.group_log_z)
 
     lost = missed._replace(updates_lost=jnp.ones((), jnp.int32))
-    still, _ = tracking.floor(jax.random.key(8), lost, logdensity, data, base, settings)
+    still, _, _ = tracking.floor(jax.random.key(8), lost, logdensity, data, base, settings)
     np.testing.assert_array_equal(still.group_log_z, lost.group_log_z)
 
     off = settings._replace(floor_samples=0)
-    same, bound = tracking.floor(jax.random.key(9), missed, logdensity, data, base, off)
-    assert same is missed and np.isnan(bound)
+    same, bound, raised = tracking.floor(jax.random.key(9), missed, logdensity, data, base, off)
+    assert same is missed and np.isnan(bound) and not bool(raised)
+
+
+def test_a_raise_is_released_over_its_half_life_unless_the_wells_raise_it_again():
+    """Once the wells are gone the bound lies below the estimate, and what the floor added
+    goes at ``floor_half_life`` (exactly: the release does not depend on the draws); wells that
+    remain raise it again at once; with a half-life of 0 it is kept for good."""
+    data = rows()
+    base = fit_base(data)
+    exact = exact_wells_log_z()
+    wells = wells_logdensity(data)
+    gaussian = lambda x: -0.5 * jnp.sum(x**2)  # noqa: E731 (log Z = ½ D log 2π: no wells)
+    gaussian_log_z = 0.5 * data.shape[1] * np.log(2 * np.pi)
+    raised, settings = tracker_at(gaussian_log_z + 10.0, data)
+    raised = raised._replace(raised=jnp.asarray(10.0, raised.raised.dtype))
+    settings = settings._replace(floor_half_life=5)
+    state = raised
+    for i in range(10):  # two half-lives
+        key = jax.random.fold_in(jax.random.key(12), i)
+        state, bound, missed = tracking.floor(key, state, gaussian, data, base, settings)
+        assert not bool(missed) and float(bound) < gaussian_log_z
+    np.testing.assert_allclose(float(state.raised), 2.5, rtol=1e-4)
+    np.testing.assert_allclose(float(tracking.estimate(state)[0]), gaussian_log_z + 2.5, atol=1e-4)
+    # the spread of the groups (the error bar) is untouched by releases
+    np.testing.assert_allclose(
+        float(tracking.estimate(state)[1]), float(tracking.estimate(raised)[1]), rtol=1e-4
+    )
+
+    again, bound, missed = tracking.floor(jax.random.key(13), state, wells, data, base, settings)
+    assert bool(missed) and exact - data_bound.MARGIN - 1.0 < float(bound) < exact
+    np.testing.assert_allclose(float(tracking.estimate(again)[0]), float(bound), atol=1e-4)
+    # the raise now covers the gap between the particles' own estimate and the bound
+    np.testing.assert_allclose(
+        float(again.raised), float(bound) - gaussian_log_z, atol=1e-3
+    )
+
+    kept = settings._replace(floor_half_life=0)
+    state = raised
+    for i in range(10):
+        state, _, _ = tracking.floor(jax.random.key(14 + i), state, gaussian, data, base, kept)
+    np.testing.assert_array_equal(state.group_log_z, raised.group_log_z)
 
 
 def test_fit_records_the_bound_below_the_tracked_log_z_of_a_gaussian():

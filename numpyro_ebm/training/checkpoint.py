@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -26,6 +27,7 @@ import numpy as np
 
 from numpyro_ebm import _io
 from numpyro_ebm._io import LOCK_FILE, folder_lock
+from numpyro_ebm.logz.tracking import TrackerState
 
 __all__ = [
     "FORMAT",
@@ -44,9 +46,12 @@ __all__ = [
 ]
 
 # The state's layout: checkpoints of another format cannot be read into this version's state,
-# except format 2 (before the log Z tracker): its state is this version's without a tracker.
-FORMAT = 3
+# except format 2 (before the log Z tracker): its state is this version's without a tracker,
+# and format 3 (before the floor released its raises): its trackers lack ``raised``.
+FORMAT = 4
+UNRELEASED_FORMAT = 3
 UNTRACKED_FORMAT = 2
+READABLE_FORMATS = (FORMAT, UNRELEASED_FORMAT, UNTRACKED_FORMAT)
 STATE_FILE = "state.eqx"
 RECORDED_PREFIX = "recorded."  # recorded-chain arrays share history.npz under this prefix
 HISTORY_FILE = "history.npz"
@@ -235,7 +240,7 @@ def load_checkpoint(
     if checkpoint is None:
         return None
     meta = read_meta(checkpoint)
-    if meta.get("format", 1) not in (FORMAT, UNTRACKED_FORMAT):
+    if meta.get("format", 1) not in READABLE_FORMATS:
         raise CheckpointError(
             os.path.join(checkpoint, META_FILE),
             f"was written by an earlier numpyro_ebm (state format {meta.get('format', 1)}; this "
@@ -253,7 +258,10 @@ def load_checkpoint(
     state_path = os.path.join(checkpoint, STATE_FILE)
     data = _read_verified(checkpoint, STATE_FILE, meta)
     try:
-        state = eqx.tree_deserialise_leaves(io.BytesIO(data), like)
+        if meta.get("format") == UNRELEASED_FORMAT:
+            state = _with_raised(eqx.tree_deserialise_leaves(io.BytesIO(data), _unreleased(like)))
+        else:
+            state = eqx.tree_deserialise_leaves(io.BytesIO(data), like)
     except Exception as err:  # truncated or foreign file: equinox/numpy raise various types
         raise CheckpointError(state_path, f"cannot be read ({type(err).__name__}: {err})") from err
     history_path = os.path.join(checkpoint, HISTORY_FILE)
@@ -274,6 +282,44 @@ def load_checkpoint(
             f"{rows} history rows expected)",
         )
     return state, history, meta
+
+
+class _UnreleasedTrackerState(NamedTuple):
+    """``TrackerState`` as format 3 stored it (before ``raised``)."""
+
+    position: jax.Array
+    logdensity: jax.Array
+    log_weight: jax.Array
+    group_log_z: jax.Array
+    step_size: jax.Array
+    updates_lost: jax.Array
+    updates: jax.Array
+    next_anchor: jax.Array
+
+
+def _is_tracker(x) -> bool:
+    return isinstance(x, TrackerState | _UnreleasedTrackerState)
+
+
+def _unreleased(like):
+    """``like`` with each tracker in format 3's layout (to read such a checkpoint into)."""
+
+    def old(x):
+        return _UnreleasedTrackerState(*x[:-1]) if isinstance(x, TrackerState) else x
+
+    return jax.tree.map(old, like, is_leaf=_is_tracker)
+
+
+def _with_raised(state):
+    """A format-3 state in this version's layout: nothing raised is released (the raises it
+    holds stay, as that version kept them)."""
+
+    def new(x):
+        if not isinstance(x, _UnreleasedTrackerState):
+            return x
+        return TrackerState(*x, raised=jax.numpy.zeros((), x.group_log_z.dtype))
+
+    return jax.tree.map(new, state, is_leaf=_is_tracker)
 
 
 def _flat_settings(settings: dict, prefix: str = "") -> dict:

@@ -125,6 +125,9 @@ class TrainConfig:
         log_z_floor_samples: importance draws around the batch's rows per step for a 95%
             lower bound on ``log Z`` (``logz.bound``) that floors the tracked value (0: no
             floor).
+        log_z_floor_half_life: steps over which half of what the floor raised the tracked
+            value by is released unless a later bound raises it again (0: never released;
+            ``TrackerSettings.floor_half_life``).
         generator_optimizer: optax transformation for the generator (generator modes); None:
             ``default_optimizer(num_steps, generator_learning_rate)``.
         generator_learning_rate: peak learning rate of the generator's default optimizer.
@@ -174,6 +177,7 @@ class TrainConfig:
     log_z_bridge_steps: int = 32
     log_z_first_anchor: int = 100
     log_z_floor_samples: int = 1024
+    log_z_floor_half_life: int = 20
     generator_optimizer: optax.GradientTransformation | None = None
     generator_learning_rate: float = 1e-3
     entropy: Any = "nearest_neighbour"
@@ -197,6 +201,7 @@ class TrainConfig:
             check_count(name, getattr(self, name))
         check_count("log_z_first_anchor", self.log_z_first_anchor, low=0)
         check_count("log_z_floor_samples", self.log_z_floor_samples, low=0)
+        check_count("log_z_floor_half_life", self.log_z_floor_half_life, low=0)
         decay = self.energy_l2_decay
         if decay is not None and not (is_real(decay) and 0.0 <= decay <= 1.0):
             raise ValueError(f"energy_l2_decay must be None or a number in [0, 1], got {decay!r}")
@@ -268,6 +273,7 @@ class TrainConfig:
             max_bridge_steps=self.log_z_bridge_steps,
             first_anchor=self.log_z_first_anchor,
             floor_samples=self.log_z_floor_samples,
+            floor_half_life=self.log_z_floor_half_life,
         ).check()
 
     def resolve(self, schedule_steps: int, generator=None, *, event_size=None) -> TrainConfig:

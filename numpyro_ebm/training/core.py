@@ -138,8 +138,9 @@ class SiteInfo(NamedTuple):
             ``energy_negatives`` for maximum likelihood), the negative sampler's and, with a
             tracker, ``log_z_stderr``, ``log_z_min_ess``, ``log_z_bridge_steps``,
             ``log_z_acceptance`` (its moves' mean acceptance), ``log_z_bound`` (the floor's
-            lower bound, ``logz.bound``), ``log_z_missed`` (1 where it raised the estimate) and
-            ``log_z_nce`` (the noise-contrastive estimate).
+            lower bound, ``logz.bound``), ``log_z_missed`` (1 where it raised the estimate),
+            ``log_z_raised`` (what the floor's raises add to ``log_z`` and is not yet
+            released) and ``log_z_nce`` (the noise-contrastive estimate).
         recorded: the negative sampler's ``ChainRecord`` (or None).
     """
 
@@ -495,7 +496,7 @@ def _site_info(
         log_z = jnp.full((), jnp.nan)
     metrics = {**site_terms.terms.metrics, **info.metrics}
     if tracked is not None:
-        tracked, bound, missed = tracked
+        tracked, bound, missed, raised = tracked
         metrics.update(
             log_z_stderr=stderr,
             log_z_min_ess=tracked.min_ess,
@@ -503,6 +504,7 @@ def _site_info(
             log_z_acceptance=tracked.acceptance,
             log_z_bound=bound,
             log_z_missed=missed,
+            log_z_raised=raised,
             log_z_nce=state.average_log_z[name],
         )
     recorded = info.record
@@ -572,7 +574,8 @@ def _learn_log_z(keys, state, averaged, draws, sites, config, decay):
 def _track_log_z(keys, state, problem, averaged, key, batch, config):
     """Each tracker carried from the previous averaged energy to the new one
     (``tracking.advance``), then floored (``tracking.floor``): ``({site: TrackerState or
-    None}, {site: (TrackInfo, bound, 1.0 where the bound raised the estimate)})``."""
+    None}, {site: (TrackInfo, bound, 1.0 where the bound raised the estimate, the raise
+    not yet released)})``."""
     trackers, infos = dict(state.log_z_tracker), {}
     previous = None
     for name, tracker in state.log_z_tracker.items():
@@ -588,9 +591,9 @@ def _track_log_z(keys, state, problem, averaged, key, batch, config):
         )
         # the batch's rows carry the floor's kernels: wells at the training rows
         rows = _flat(averaged[name].observed)
-        trackers[name], bound = tracking.floor(
+        trackers[name], bound, missed = tracking.floor(
             jax.random.fold_in(keys[name], 3), tracker, new, rows, base, settings
         )
-        missed = bound > tracking.estimate(tracker)[0]  # False while lost (NaN)
-        infos[name] = (info, bound, missed.astype(bound.dtype))
+        raised = trackers[name].raised
+        infos[name] = (info, bound, missed.astype(bound.dtype), raised.astype(bound.dtype))
     return trackers, infos
