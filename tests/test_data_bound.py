@@ -109,9 +109,7 @@ def test_the_floor_raises_a_tracked_estimate_that_missed_the_wells_and_no_other(
     np.testing.assert_allclose(float(stderr), float(tracking.estimate(missed)[1]), rtol=1e-4)
 
     right, _ = tracker_at(exact, data)
-    kept, bound, raised = tracking.floor(
-        jax.random.key(7), right, logdensity, data, base, settings
-    )
+    kept, bound, raised = tracking.floor(jax.random.key(7), right, logdensity, data, base, settings)
     assert float(bound) < exact and not bool(raised)
     np.testing.assert_array_equal(kept.group_log_z, right.group_log_z)
 
@@ -132,7 +130,7 @@ def test_a_raise_is_released_over_its_half_life_unless_the_wells_raise_it_again(
     base = fit_base(data)
     exact = exact_wells_log_z()
     wells = wells_logdensity(data)
-    gaussian = lambda x: -0.5 * jnp.sum(x**2)  # noqa: E731 (log Z = ½ D log 2π: no wells)
+    gaussian = lambda x: -0.5 * jnp.sum(x**2)  # log Z = ½ D log 2π: no wells
     gaussian_log_z = 0.5 * data.shape[1] * np.log(2 * np.pi)
     raised, settings = tracker_at(gaussian_log_z + 10.0, data)
     raised = raised._replace(raised=jnp.asarray(10.0, raised.raised.dtype))
@@ -153,9 +151,7 @@ def test_a_raise_is_released_over_its_half_life_unless_the_wells_raise_it_again(
     assert bool(missed) and exact - data_bound.MARGIN - 1.0 < float(bound) < exact
     np.testing.assert_allclose(float(tracking.estimate(again)[0]), float(bound), atol=1e-4)
     # the raise now covers the gap between the particles' own estimate and the bound
-    np.testing.assert_allclose(
-        float(again.raised), float(bound) - gaussian_log_z, atol=1e-3
-    )
+    np.testing.assert_allclose(float(again.raised), float(bound) - gaussian_log_z, atol=1e-3)
 
     kept = settings._replace(floor_half_life=0)
     state = raised

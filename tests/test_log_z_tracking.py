@@ -109,6 +109,26 @@ def test_an_update_beyond_the_bridge_loses_the_track_then_restarts():
         assert abs(error) < 4 * stderr[step] + 0.05, (step, error, stderr[step])
 
 
+def test_a_restart_drops_what_the_floor_had_raised():
+    """A restart estimates ``log Z`` afresh from the base: nothing of an earlier raise is left
+    to release (``raised`` 0), and the estimate is exact again."""
+    base = fit_base(jax.random.normal(jax.random.key(0), (4000, DIM)) * 0.8 + 0.3)
+    settings = SETTINGS._replace(restart_after=3)
+    state, _ = tracking.start(jax.random.key(1), base, gaussian(1.0, 0.0), settings)
+    raised = state._replace(
+        group_log_z=state.group_log_z + 4.0,
+        raised=jnp.asarray(4.0, state.raised.dtype),
+        updates_lost=jnp.asarray(settings.restart_after, jnp.int32),  # lost long enough
+    )
+    new, info = jax.jit(
+        lambda s: tracking.advance(
+            jax.random.key(2), s, gaussian(1.0, 0.0), gaussian(0.9, 0.0), settings, base
+        )
+    )(raised)
+    assert float(new.raised) == 0.0 and int(new.updates_lost) == 0
+    assert abs(float(info.log_z) - exact_log_z(0.9)) < 4 * float(info.stderr) + 0.05
+
+
 def test_re_anchoring_restarts_from_the_base_on_schedule_and_stays_exact():
     """With ``first_anchor=10`` the tracker restarts from the base at updates 10 and 20 (a
     start: many sub-steps), and its estimate stays exact before and after."""
@@ -146,6 +166,7 @@ def test_a_re_anchor_fuses_an_agreeing_carried_estimate_and_keeps_only_a_fresh_o
 
     def fused_with(carried_log_z):
         carried = tracker_state(carried_log_z, position, jax.vmap(old)(position))
+        carried = carried._replace(raised=jnp.asarray(3.0))  # the floor's, not yet released
         return tracking._fuse(carried, fresh, jax.vmap(new)(position))
 
     # agreeing: carried 4.3 + 0.7 = 5.0 up to its spread; the fresh one's spread is twice as big
@@ -158,17 +179,20 @@ def test_a_re_anchor_fuses_an_agreeing_carried_estimate_and_keeps_only_a_fresh_o
     assert float(value) == pytest.approx(expected, abs=1e-5)
     # the error bar stays the fresh one's (not shrunk: the two can miss the same mass)
     assert float(stderr) == pytest.approx(float(stderr_f), rel=1e-5)
+    assert float(fused.raised) == 0.0  # a raise the fresh AIS confirms is no longer a raise
     # disagreeing: the larger estimate goes on alone (the smaller one missed mass)
     gap = 4 * np.hypot(float(stderr_c), float(stderr_f))
     low = fused_with(float(value_f) - shift - gap + spread)  # the carried track missed mass
     np.testing.assert_array_equal(low.group_log_z, fresh.group_log_z)
     np.testing.assert_array_equal(low.position, fresh.position)
+    assert float(low.raised) == 0.0
     high = fused_with(float(value_f) - shift + gap + spread)  # the fresh AIS missed mass
     high_value, high_stderr = tracking.estimate(high)
     assert float(high_value) == pytest.approx(float(value_f) + gap + float(value_c) - 5.0, 1e-5)
     # its error bar widened to about √(v_c + (gap / 2)²): it may be the outlier
     assert float(high_stderr) == pytest.approx(np.hypot(float(stderr_c), gap / 2), rel=0.25)
     np.testing.assert_array_equal(high.position, position)  # reweighted, not moved
+    assert float(high.raised) == 3.0  # the carried track goes on, with what it may release
     np.testing.assert_allclose(high.logdensity, jax.vmap(new)(position), rtol=1e-6)
 
 

@@ -158,7 +158,7 @@ class TrackerSettings(NamedTuple):
     restart_after: int = 100
     first_anchor: int = 100
     floor_samples: int = 1024
-    floor_half_life: int = 20
+    floor_half_life: int = 5
     sampler: Sampler = get_sampler("mala")
 
     def check(self) -> TrackerSettings:

@@ -177,7 +177,7 @@ class TrainConfig:
     log_z_bridge_steps: int = 32
     log_z_first_anchor: int = 100
     log_z_floor_samples: int = 1024
-    log_z_floor_half_life: int = 20
+    log_z_floor_half_life: int = 5
     generator_optimizer: optax.GradientTransformation | None = None
     generator_learning_rate: float = 1e-3
     entropy: Any = "nearest_neighbour"
