@@ -418,21 +418,36 @@ def test_log_z_bound_check_says_when_the_tracker_missed_wells_at_the_rows(small_
     res, *_ = small_fit
     verdict = diagnostics.diagnose(res, verbose=False)
     assert verdict["log_z_bound"].status == "ok", verdict["log_z_bound"]  # a real 8gaussians fit
+    assert np.all(res.history["log_z_raised"] == 0.0)
 
-    def floored_from(step, last=None):
-        """The run as if the bound had lost the track at steps ``step`` to ``last``."""
+    def floored_from(step, last=None, released_at=None, legacy=False):
+        """The run as if the bound had raised the track at steps ``step`` to ``last`` by 5
+        nats, released at once from step ``released_at`` on."""
         history = dict(res.history)
         missed = np.zeros_like(history["log_z_missed"])
         missed[step - 1 : last] = 1.0
-        history["log_z_missed"] = missed
+        raised = 5.0 * missed
+        if released_at is not None:
+            raised[released_at - 1 :] = 0.0
+        history["log_z_missed"], history["log_z_raised"] = missed, raised
+        if legacy:  # written before raises were released
+            del history["log_z_raised"]
         return res.__class__(**{**vars(res), "history": history})
 
-    after = floored_from(res.best_step + 1)
+    best = res.best_step
+    after = floored_from(best + 1)
     check = diagnostics.diagnose(after, verbose=False)["log_z_bound"]
-    assert check.status == "warn" and f"({res.best_step + 1}, " in check.value
-    check = diagnostics.diagnose(floored_from(res.best_step), verbose=False)["log_z_bound"]
+    assert check.status == "warn" and f"({best + 1}, " in check.value
+    check = diagnostics.diagnose(floored_from(best), verbose=False)["log_z_bound"]
     assert check.status == "fail" and "memorises" in check.message
-    assert res.best_step > 30  # early on the tracker lags: a floor there is not the model's
+    assert "still held 5 nats" in check.message
+    # raised just before the returned step, then released: its log Z is the particles' own
+    released = floored_from(best - 5, best - 3, released_at=best - 2)
+    check = diagnostics.diagnose(released, verbose=False)["log_z_bound"]
+    assert check.status == "warn" and "holds no raise" in check.message
+    legacy = floored_from(best - 5, best - 3, legacy=True)  # the window rule
+    assert diagnostics.diagnose(legacy, verbose=False)["log_z_bound"].status == "fail"
+    assert best > 30  # early on the tracker lags: a floor there is not the model's
     early = diagnostics.diagnose(floored_from(1, 5), verbose=False)["log_z_bound"]
     assert early.status == "warn" and "at 5 steps (1, 2, 3, 4, 5;" in early.value
 

@@ -44,6 +44,7 @@ THRESHOLDS = {
     "log_z_stderr": 0.1,
     "log_z_agreement": 3.0,
     "log_z_min_ess": 0.5,
+    "log_z_raise": 0.1,
 }
 """The numbers ``diagnose`` compares against (see ``numpyro_ebm.diagnostics.checks`` for the
 rules)."""

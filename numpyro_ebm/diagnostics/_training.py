@@ -211,41 +211,56 @@ def log_z_tracking_check(log_z, log_z_ais, history: dict) -> Check | None:
 
 def _log_z_bound_check(history: dict, attrs: dict) -> Check | None:
     """Whether the tracker's floor (``logz.tracking.floor``) raised the tracked ``log Z``: the
-    energy had mass (wells at the training rows) that no particle reached."""
+    energy had mass (wells at the training rows) that no particle reached. It fails when the
+    returned step's ``log Z`` still holds more than ``THRESHOLDS['log_z_raise']`` nats of a raise
+    (``log_z_raised``; in histories written before raises were released, when the floor fired
+    within a tenth of the run before the returned step)."""
     missed = np.asarray(history.get("log_z_missed", []), float)
     bound = np.asarray(history.get("log_z_bound", []), float)
     if not (missed.size and np.isfinite(bound).any()):
         return None
     returned = int(attrs.get("best_step", missed.size))
-    window = max(1, missed.size // 10)
-    rule = (
-        f"the bound never above the tracked log Z ok; above it within {window} steps before "
-        "the returned one fail, else warn"
-    )
-    if not (missed > 0).any():
+    steps = np.flatnonzero(missed > 0) + 1  # history row i is step i + 1
+    if "log_z_raised" in history and np.isfinite(history["log_z_raised"][returned - 1]):
+        held = float(history["log_z_raised"][returned - 1])
+        rule = (
+            "the bound never above the tracked log Z ok; the returned step's log Z raised by "
+            f"more than {THRESHOLDS['log_z_raise']:g} nats fail, else warn"
+        )
+        failed = held > THRESHOLDS["log_z_raise"]
+        where = f"at the returned step ({returned}) its log Z still held {held:.3g} nats of it"
+    else:  # written before the floor released its raises
+        window = max(1, missed.size // 10)
+        rule = (
+            f"the bound never above the tracked log Z ok; above it within {window} steps "
+            "before the returned one fail, else warn"
+        )
+        near = (steps <= returned) & (steps > returned - window)
+        failed = bool(near.any())
+        where = f"at step {steps[near][-1] if failed else 0}, near the returned step ({returned})"
+    if not steps.size:
         return Check(
             "log_z_bound", "ok", "never above the tracked log Z", rule,
             "no mass near the training rows beyond the tracker's reach",
         )  # fmt: skip
-    steps = np.flatnonzero(missed > 0) + 1  # history row i is step i + 1
     value = (
         f"above the tracked log Z at {steps.size} steps ({', '.join(map(str, steps[:5]))}"
         f"{', ...' if steps.size > 5 else ''}; up to {np.nanmax(bound[missed > 0]):.3g})"
     )
-    near = (steps <= returned) & (steps > returned - window)
-    if near.any():
+    if failed:
         return Check(
             "log_z_bound", "fail", value, rule,
-            f"at step {steps[near][-1]}, near the returned step ({returned}), the energy had "
-            "wells at the training rows that the tracker missed (it memorises them): its log Z "
-            "is a 95% lower bound and held-out likelihoods are upper bounds. Select on "
-            "validation data, train fewer steps, raise energy_l2 or use more data",
+            f"the bound raised the tracked log Z: {where}. The energy had wells at the "
+            "training rows that the tracker missed (it memorises them): its log Z is a 95% "
+            "lower bound and held-out likelihoods are upper bounds. Select on validation "
+            "data, train fewer steps, raise energy_l2 or use more data",
         )  # fmt: skip
     return Check(
         "log_z_bound", "warn", value, rule,
-        f"the bound raised the tracked log Z away from the returned step ({returned}): "
-        "before it, the tracker lagged the energy; after it, the energy grew wells at the "
-        "training rows (memorisation), which the selection avoided",
+        f"the bound raised the tracked log Z away from the returned step ({returned}), "
+        "whose log Z holds no raise: before it, the tracker lagged the energy or the energy "
+        "had wells at the training rows that it lost again; after it, the energy grew wells "
+        "(memorisation), which the selection avoided",
     )  # fmt: skip
 
 

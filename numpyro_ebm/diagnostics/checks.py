@@ -42,9 +42,10 @@ log_z_tracking    the tracked log Z (``FitResult.log_z``): with an AIS of the sa
                   every update's conditional ESS ≥ 0.5 ok, else warn
 log_z_bound       the tracker's floor (``logz.bound``: a 95% lower bound on log Z from
                   importance sampling around the training rows) below the tracked log Z
-                  at every step ok; above it within a tenth of the steps before the
-                  returned one (``best_step``, else the last) fail (wells at the training
-                  rows: memorisation), elsewhere warn
+                  at every step ok; the returned step's (``best_step``, else the last)
+                  log Z still raised by it more than 0.1 nats fail (wells at the training
+                  rows: memorisation), else warn (histories without ``log_z_raised``:
+                  above it within a tenth of the steps before the returned one fail)
 heldout_nll       final held-out NLL ≤ best of the second half + 0.05 nats ok, else warn
 entropy_bound     with ``data_entropy`` H: final held-out NLL ≥ H − 0.15 nats ok, else
                   fail (no normalised density scores below H in expectation; the margin
