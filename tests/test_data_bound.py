@@ -171,6 +171,7 @@ def test_fit_records_the_bound_below_the_tracked_log_z_of_a_gaussian():
     log_z = np.asarray(result.history["log_z"])
     assert bound.shape == log_z.shape and np.all(np.isfinite(bound))
     assert np.all(bound < log_z)  # the floor never fired: the tracker had the mass (no NaN)
+    assert np.all(result.history["log_z_raised"] == 0.0) and result.log_z.info["raised"] == 0.0
     exact = float(result.energy.log_z)
     assert bound[-1] < exact < bound[-1] + data_bound.MARGIN + 1.0
 

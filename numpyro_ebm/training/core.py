@@ -477,14 +477,19 @@ def log_z_of(state: TrainState, name: str) -> tuple[jax.Array, jax.Array]:
 
 def learned_log_z(state: TrainState, name: str) -> LogZEstimate:
     """The ``LogZEstimate`` of site ``name``'s averaged energy: ``"tracked"`` (with its
-    standard error; ``info`` holds the noise-contrastive value and the groups' estimates) when
-    the run tracked it, else ``"nce-learned"`` (standard error NaN)."""
+    standard error; ``info`` holds the noise-contrastive value, the groups' estimates and
+    ``raised``, what the floor added and has not released: a lower bound's share) when the
+    run tracked it, else ``"nce-learned"`` (standard error NaN)."""
     nce = float(state.average_log_z[name])
     tracker = state.log_z_tracker.get(name)
     if tracker is None:
         return LogZEstimate(nce, float("nan"), "nce-learned")
     value, stderr = (float(v) for v in tracking.estimate(tracker))
-    info = {"nce": nce, "group_log_z": np.asarray(tracker.group_log_z)}
+    info = {
+        "nce": nce,
+        "group_log_z": np.asarray(tracker.group_log_z),
+        "raised": float(tracker.raised),
+    }
     return LogZEstimate(value, stderr, "tracked", None, info)
 
 

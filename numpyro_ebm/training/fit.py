@@ -347,7 +347,7 @@ def fit_result(state, history, recorded, config, event_shape, conditional) -> Fi
     energy, best_step = state.average_params, None
     if state.best is not None and int(state.best.step) >= 0:
         energy, best_step = state.best.params, int(state.best.step)
-        learned = None if conditional else _best_log_z(state.best, learned)
+        learned = None if conditional else _best_log_z(state.best, learned, history)
     return FitResult(
         energy=energy,
         last_energy=state.params,
@@ -363,13 +363,20 @@ def fit_result(state, history, recorded, config, event_shape, conditional) -> Fi
     )
 
 
-def _best_log_z(best: selection.BestState, last):
+def _best_log_z(best: selection.BestState, last, history: dict):
     """The ``LogZEstimate`` of the selected energy: ``log Z`` as tracked (or learned) at its
-    step; ``last`` is the final state's (for the method's name)."""
+    step (``info["raised"]``: what the tracker's floor had added to it, from ``history``);
+    ``last`` is the final state's (for the method's name)."""
     value, stderr = (float(v) for v in best.log_z[SITE])
+    info = {"step": int(best.step)}
     if last.method != "tracked":
         stderr = float("nan")
-    return type(last)(value, stderr, last.method, None, {"step": int(best.step)})
+    elif "log_z_raised" in history:
+        # rejected attempts have rows too: the step's row is its accepted one
+        rows = np.flatnonzero(np.asarray(history["is_finite"], bool))
+        if 0 < info["step"] <= rows.size:
+            info["raised"] = float(history["log_z_raised"][rows[info["step"] - 1]])
+    return type(last)(value, stderr, last.method, None, info)
 
 
 def load(folder: str | os.PathLike, energy=None, *, config=None, generator=None) -> FitResult:
