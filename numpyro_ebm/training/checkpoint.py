@@ -284,17 +284,11 @@ def load_checkpoint(
     return state, history, meta
 
 
-class _UnreleasedTrackerState(NamedTuple):
-    """``TrackerState`` as format 3 stored it (before ``raised``)."""
-
-    position: jax.Array
-    logdensity: jax.Array
-    log_weight: jax.Array
-    group_log_z: jax.Array
-    step_size: jax.Array
-    updates_lost: jax.Array
-    updates: jax.Array
-    next_anchor: jax.Array
+# ``TrackerState`` as format 3 stored it: its fields before ``raised``
+_UnreleasedTrackerState = NamedTuple(
+    "_UnreleasedTrackerState",
+    [(name, jax.Array) for name in TrackerState._fields[: TrackerState._fields.index("raised")]],
+)
 
 
 def _is_tracker(x) -> bool:
@@ -305,7 +299,9 @@ def _unreleased(like):
     """``like`` with each tracker in format 3's layout (to read such a checkpoint into)."""
 
     def old(x):
-        return _UnreleasedTrackerState(*x[:-1]) if isinstance(x, TrackerState) else x
+        if not isinstance(x, TrackerState):
+            return x
+        return _UnreleasedTrackerState(*x[: len(_UnreleasedTrackerState._fields)])
 
     return jax.tree.map(old, like, is_leaf=_is_tracker)
 
