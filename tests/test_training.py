@@ -122,6 +122,9 @@ FIELDS = {
     "log_z_floor_samples": (
         0, "persistent", lambda c: c.log_z_tracker().floor_samples == 0
     ),
+    "log_z_floor_half_life": (
+        0, "persistent", lambda c: c.log_z_tracker().floor_half_life == 0
+    ),
     "generator_optimizer": (
         GENERATOR_ADAM, "hybrid", lambda c: c.negatives.optimizer is GENERATOR_ADAM
     ),

@@ -67,7 +67,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from numpyro_ebm.logz.bound import lower_bound
+from numpyro_ebm.logz.bound import floor
 from numpyro_ebm.logz.particles import (
     conditional_ess,
     largest_fraction,
@@ -293,48 +293,6 @@ def _fuse(carried: TrackerState, fresh: TrackerState, logdensity: jax.Array) -> 
         group_log_z=widened.astype(carried.group_log_z.dtype),
     )
     return jax.tree.map(lambda a, b: jnp.where(keep_carried, a, b), advanced, fused)
-
-
-def floor(key, state: TrackerState, logdensity: Callable, data, base, settings: TrackerSettings):
-    """The tracked estimate raised to ``logz.bound.lower_bound`` of ``logdensity`` (the energy
-    ``state`` tracks) when it lies below it (the particles missed mass; the groups are shifted
-    together), after releasing part of what earlier floors raised it by: ``(state, bound,
-    missed)`` (``bound`` NaN without a floor; ``missed`` true where it raised the estimate).
-
-    A raise is carried on by the increments, which do not see the wells that hold the mass go:
-    kept for good, it holds the estimate above ``log Z`` after they have gone (breast cancer,
-    seed 1: 34 nats at step 1100, where importance sampling around the rows found no well).
-    So ``state.raised`` loses a ``1 − 2^(−1/floor_half_life)`` fraction per update, and wells
-    that remain raise it again (each batch brings most rows back). Losing the track instead
-    and restarting from the base did worse on breast cancer: the restart's short AIS missed
-    11 nats that no bound around the rows showed, and the selection took it
-    (docs/benchmarks.md).
-
-    Args:
-        key: PRNG key.
-        state: a tracker (a lost one is left as it is).
-        logdensity: ``−E`` of one flat event.
-        data: ``(N, D)`` flat training rows (e.g. the step's batch) the kernels sit at.
-        base: the Gaussian fitted to the data.
-        settings: ``floor_samples`` draws (0: return ``state``, NaN and false) and
-            ``floor_half_life``.
-    """
-    dtype = state.group_log_z.dtype
-    if settings.floor_samples == 0:
-        return state, jnp.full((), jnp.nan, dtype), jnp.zeros((), bool)
-    bound = lower_bound(key, logdensity, data, base, num_samples=settings.floor_samples)
-    bound = bound.astype(dtype)
-    on_track = state.updates_lost == 0
-    kept = 0.5 ** (1.0 / settings.floor_half_life) if settings.floor_half_life else 1.0
-    release = jnp.where(on_track, (1.0 - kept) * state.raised, 0.0)
-    value = over_groups(state.group_log_z)[0] - release
-    missed = on_track & (bound > value)
-    raise_by = jnp.where(missed, bound - value, 0.0)
-    floored = state._replace(
-        group_log_z=state.group_log_z + (raise_by - release).astype(dtype),
-        raised=(state.raised - release + raise_by).astype(state.raised.dtype),
-    )
-    return floored, bound, missed
 
 
 def start(

@@ -477,19 +477,15 @@ def log_z_of(state: TrainState, name: str) -> tuple[jax.Array, jax.Array]:
 
 def learned_log_z(state: TrainState, name: str) -> LogZEstimate:
     """The ``LogZEstimate`` of site ``name``'s averaged energy: ``"tracked"`` (with its
-    standard error; ``info`` holds the noise-contrastive value, the groups' estimates and
-    ``raised``, what the floor added and has not released: a lower bound's share) when the
-    run tracked it, else ``"nce-learned"`` (standard error NaN)."""
+    standard error; ``info``: the noise-contrastive value, the groups' and ``raised``, what the
+    floor added and has not released) when tracked, else ``"nce-learned"`` (stderr NaN)."""
     nce = float(state.average_log_z[name])
     tracker = state.log_z_tracker.get(name)
     if tracker is None:
         return LogZEstimate(nce, float("nan"), "nce-learned")
     value, stderr = (float(v) for v in tracking.estimate(tracker))
-    info = {
-        "nce": nce,
-        "group_log_z": np.asarray(tracker.group_log_z),
-        "raised": float(tracker.raised),
-    }
+    groups, raised = np.asarray(tracker.group_log_z), float(tracker.raised)
+    info = {"nce": nce, "group_log_z": groups, "raised": raised}
     return LogZEstimate(value, stderr, "tracked", None, info)
 
 
@@ -596,9 +592,9 @@ def _track_log_z(keys, state, problem, averaged, key, batch, config):
         )
         # the batch's rows carry the floor's kernels: wells at the training rows
         rows = _flat(averaged[name].observed)
-        trackers[name], bound, missed = tracking.floor(
+        tracker, bound, missed = tracking.floor(
             jax.random.fold_in(keys[name], 3), tracker, new, rows, base, settings
         )
-        raised = trackers[name].raised
-        infos[name] = (info, bound, missed.astype(bound.dtype), raised.astype(bound.dtype))
+        trackers[name] = tracker
+        infos[name] = (info, bound, *(v.astype(bound.dtype) for v in (missed, tracker.raised)))
     return trackers, infos
