@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from numpyro_ebm.training.fit import FitResult  # the one place diagnostics/ imports it from
+from numpyro_ebm.training.loop import step_row
 
 __all__ = [
     "STATUS_ORDER",
@@ -20,6 +21,7 @@ __all__ = [
     "fit_attrs",
     "grade",
     "graded",
+    "step_row",
     "window",
 ]
 

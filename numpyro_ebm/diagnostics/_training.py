@@ -7,7 +7,7 @@ import numpy as np
 
 from numpyro_ebm import samplers
 from numpyro_ebm.diagnostics._chains import acceptance_check
-from numpyro_ebm.diagnostics._shared import THRESHOLDS, Check, graded, window
+from numpyro_ebm.diagnostics._shared import THRESHOLDS, Check, graded, step_row, window
 
 __all__ = ["log_z_tracking_check", "training_checks"]
 
@@ -221,8 +221,10 @@ def _log_z_bound_check(history: dict, attrs: dict) -> Check | None:
         return None
     returned = int(attrs.get("best_step", missed.size))
     steps = np.flatnonzero(missed > 0) + 1  # history row i is step i + 1
-    if "log_z_raised" in history and np.isfinite(history["log_z_raised"][returned - 1]):
-        held = float(history["log_z_raised"][returned - 1])
+    row = step_row(history, returned)
+    raised = history.get("log_z_raised")
+    if raised is not None and row is not None and np.isfinite(raised[row]):
+        held = float(raised[row])
         rule = (
             "the bound never above the tracked log Z ok; the returned step's log Z raised by "
             f"more than {THRESHOLDS['log_z_raise']:g} nats fail, else warn"

@@ -371,11 +371,8 @@ def _best_log_z(best: selection.BestState, last, history: dict):
     info = {"step": int(best.step)}
     if last.method != "tracked":
         stderr = float("nan")
-    elif "log_z_raised" in history:
-        # rejected attempts have rows too: the step's row is its accepted one
-        rows = np.flatnonzero(np.asarray(history["is_finite"], bool))
-        if 0 < info["step"] <= rows.size:
-            info["raised"] = float(history["log_z_raised"][rows[info["step"] - 1]])
+    elif "log_z_raised" in history and (row := loop.step_row(history, info["step"])) is not None:
+        info["raised"] = float(history["log_z_raised"][row])
     return type(last)(value, stderr, last.method, None, info)
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "host_readable",
     "records_to_draws",
     "run_steps",
+    "step_row",
     "train",
 ]
 
@@ -114,6 +115,15 @@ def host_readable(state, sharding):
     arrays, static = eqx.partition(state, eqx.is_array)
     arrays = jax.jit(lambda s: s, out_shardings=replicated)(arrays)
     return eqx.combine(arrays, static)
+
+
+def step_row(history, step: int) -> int | None:
+    """The history row of training step ``step`` (1-based): rejected attempts have rows too,
+    so it is the ``step``-th accepted row (None when the history has no such step)."""
+    if "is_finite" not in history:
+        return step - 1 if 0 < step <= len(history.get("loss", ())) else None
+    rows = np.flatnonzero(np.asarray(history["is_finite"], bool))
+    return int(rows[step - 1]) if 0 < step <= rows.size else None
 
 
 def history_columns(info: core.StepInfo, prefix_sites: bool) -> dict:
