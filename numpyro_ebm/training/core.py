@@ -497,7 +497,7 @@ def _site_info(
         log_z = jnp.full((), jnp.nan)
     metrics = {**site_terms.terms.metrics, **info.metrics}
     if tracked is not None:
-        tracked, bound, missed, raised = tracked
+        tracked, bound, missed = tracked
         metrics.update(
             log_z_stderr=stderr,
             log_z_min_ess=tracked.min_ess,
@@ -505,7 +505,7 @@ def _site_info(
             log_z_acceptance=tracked.acceptance,
             log_z_bound=bound,
             log_z_missed=missed,
-            log_z_raised=raised,
+            log_z_raised=state.log_z_tracker[name].raised,  # as log_z: the state's
             log_z_nce=state.average_log_z[name],
         )
     recorded = info.record
@@ -575,8 +575,7 @@ def _learn_log_z(keys, state, averaged, draws, sites, config, decay):
 def _track_log_z(keys, state, problem, averaged, key, batch, config):
     """Each tracker carried from the previous averaged energy to the new one
     (``tracking.advance``), then floored (``tracking.floor``): ``({site: TrackerState or
-    None}, {site: (TrackInfo, bound, 1.0 where the bound raised the estimate, the raise
-    not yet released)})``."""
+    None}, {site: (TrackInfo, bound, 1.0 where the bound raised the estimate)})``."""
     trackers, infos = dict(state.log_z_tracker), {}
     previous = None
     for name, tracker in state.log_z_tracker.items():
@@ -592,9 +591,8 @@ def _track_log_z(keys, state, problem, averaged, key, batch, config):
         )
         # the batch's rows carry the floor's kernels: wells at the training rows
         rows = _flat(averaged[name].observed)
-        tracker, bound, missed = tracking.floor(
+        trackers[name], bound, missed = tracking.floor(
             jax.random.fold_in(keys[name], 3), tracker, new, rows, base, settings
         )
-        trackers[name] = tracker
-        infos[name] = (info, bound, *(v.astype(bound.dtype) for v in (missed, tracker.raised)))
+        infos[name] = (info, bound, missed.astype(bound.dtype))
     return trackers, infos
