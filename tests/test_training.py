@@ -15,6 +15,7 @@ import pytest
 
 import numpyro_ebm as ebm
 from numpyro_ebm import generator as gen
+from numpyro_ebm.logz import tracking
 from numpyro_ebm.training import checkpoint, core
 
 TINY = dict(
@@ -430,6 +431,15 @@ def test_load_needs_a_checkpoint_and_an_energy(tmp_path):
 def test_a_bad_energy_l2_decay_is_refused_by_name(decay):
     with pytest.raises(ValueError, match="energy_l2_decay"):
         ebm.TrainConfig(energy_l2_decay=decay)
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, "five", float("nan")])
+@pytest.mark.parametrize("name", ["log_z_floor_samples", "log_z_floor_half_life"])
+def test_a_bad_floor_setting_is_refused_by_name(name, value):
+    with pytest.raises(ValueError, match=name):
+        ebm.TrainConfig(**{name: value})
+    with pytest.raises(ValueError, match=name.removeprefix("log_z_")):
+        tracking.TrackerSettings(**{name.removeprefix("log_z_"): -1}).check()
 
 
 def test_maximum_likelihood_tracks_each_sites_log_z_with_an_error_bar():
