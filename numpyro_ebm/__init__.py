@@ -11,6 +11,7 @@ Example:
 """
 
 from numpyro_ebm import (
+    bounded,
     datasets,
     diagnostics,
     energies,
@@ -42,6 +43,7 @@ __all__ = [
     "MaximumLikelihood",
     "TrainConfig",
     "TrainingDivergedError",
+    "bounded",
     "datasets",
     "diagnostics",
     "energies",

@@ -159,3 +159,14 @@ def test_diagnostics_to_datatree(data):
     for source in (res, res.recorded_chains):
         tree = ebm.diagnostics.to_datatree(source)
         assert "posterior" in tree and "sample_stats" in tree
+
+
+def test_bounded_data_through_a_logit_box():
+    box = ebm.bounded.logit_box(-1.0, 1.0)
+    y, log_jacobian = ebm.bounded.unbounded(jnp.array([[-0.99, 0.3]]), box)
+    assert y.shape == (1, 2) and log_jacobian.shape == (1,)
+    on_box = dist.TransformedDistribution(
+        ebm.EnergyDistribution(gaussian(), event_shape=(2,), log_z=gaussian().log_z), box
+    )
+    draws = on_box.sample(jax.random.key(3), (4,))
+    assert draws.shape == (4, 2) and bool(jnp.all(jnp.abs(draws) < 1.03))

@@ -1,0 +1,98 @@
+"""Data on a bounded box: a logit map onto the real line, and back, as a NumPyro transform.
+
+Dequantized pixels (``datasets.digits``: every pixel in ``(−1, 1)``), proportions and other
+values recorded inside known bounds have a density with hard walls, and much of their mass
+sits at the walls (most digit pixels are 0). A smooth energy cannot make a wall: it spills
+mass past it, which costs likelihood at every point near it. Mapping each coordinate through
+a logit first (as flow papers do for images: Dinh et al. 2017, Papamakarios et al. 2017)
+turns the walls into tails, which a smooth energy models well; the density on the box follows
+by the change of variables. On digits this moves the default EBM from 17.5 to 40.2 nats per
+image (docs/benchmarks.md, "Real tables").
+
+``logit_box(low, high)`` is the map ``y ↦ x = loc + scale · sigmoid(y)`` onto the box widened
+by ``margin`` of its width on each side (so values at the walls map to finite ``y``), built
+from NumPyro's ``SigmoidTransform`` and ``AffineTransform``: train on ``unbounded(x, box)``,
+and ``numpyro.distributions.TransformedDistribution(EnergyDistribution(...), box)`` is the
+model's density on the box, Jacobian included.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import numpyro.distributions as dist
+    >>> import numpyro_ebm as ebm
+    >>> box = ebm.bounded.logit_box(-1.0, 1.0)
+    >>> x = jnp.array([[-0.999, 0.2], [0.5, 0.999]])
+    >>> y, log_jacobian = ebm.bounded.unbounded(x, box)
+    >>> energy = ebm.energies.GaussianEnergy(jnp.zeros(2))
+    >>> on_box = dist.TransformedDistribution(
+    ...     ebm.EnergyDistribution(energy, event_shape=(2,)), box)
+    >>> bool(jnp.allclose(on_box.log_prob(x), -jax.vmap(energy)(y) - energy.log_z + log_jacobian))
+    True
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from numpyro.distributions import transforms
+
+__all__ = ["DEFAULT_MARGIN", "logit_box", "unbounded"]
+
+DEFAULT_MARGIN = 0.01
+"""Share of the box's width added on each side before the logit (RealNVP's ``α``: ``0.05``
+for 8-bit images; digits' walls map to ``y = ±4.6`` with ``0.01``)."""
+
+
+def logit_box(low, high, *, margin: float = DEFAULT_MARGIN) -> transforms.Transform:
+    """The map ``y ∈ ℝ ↦ x ∈ (low − m, high + m)``, ``m = margin (high − low) / (1 − 2 margin)``,
+    elementwise: ``x = low − m + (high − low + 2m) sigmoid(y)``.
+
+    Args:
+        low, high: the box's bounds, scalars or arrays broadcasting to one event
+            (``low < high`` everywhere, finite).
+        margin: share of the width added on each side, in ``[0, 0.5)``; 0 maps the walls
+            themselves to ``±∞``, so data on a wall (a pixel of exactly 0) has no image.
+
+    Returns:
+        A NumPyro ``Transform`` (``ComposeTransform`` of ``SigmoidTransform`` and
+        ``AffineTransform``) from the real line onto the widened box: ``box.inv(x)`` is the
+        unbounded value, ``box.log_abs_det_jacobian(y, x)`` the elementwise ``log |dx/dy|``.
+
+    Raises:
+        ValueError: bounds not finite or not ``low < high``, or ``margin`` outside ``[0, 0.5)``.
+    """
+    low_np, high_np = np.asarray(low, np.float64), np.asarray(high, np.float64)
+    if not (np.all(np.isfinite(low_np)) and np.all(np.isfinite(high_np))):
+        raise ValueError(f"the box's bounds must be finite, got low={low!r}, high={high!r}")
+    if not np.all(low_np < high_np):
+        raise ValueError(f"the box needs low < high everywhere, got low={low!r}, high={high!r}")
+    if not (isinstance(margin, int | float) and 0.0 <= margin < 0.5):
+        raise ValueError(f"margin must be a number in [0, 0.5), got {margin!r}")
+    width = (high_np - low_np) / (1.0 - 2.0 * margin)
+    loc = low_np - margin * width
+    return transforms.ComposeTransform(
+        [
+            transforms.SigmoidTransform(),
+            transforms.AffineTransform(
+                jnp.asarray(loc, jnp.float32), jnp.asarray(width, jnp.float32)
+            ),
+        ]
+    )
+
+
+def unbounded(x, box: transforms.Transform) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """``(y, log_jacobian)``: points ``x`` ``(n, D)`` on the box mapped to the real line by
+    ``box.inv``, and per point ``Σ log |dy/dx|`` ``(n,)``, so that
+    ``log p_box(x) = log p(y) + log_jacobian`` for a density ``p`` fitted to ``y``.
+
+    Raises:
+        ValueError: ``x`` not finite or not inside the (widened) box: it has no image.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    y = box.inv(x)
+    if not bool(jnp.all(jnp.isfinite(y))):
+        raise ValueError(
+            "points outside the box (or on a wall with margin 0) have no image on the real "
+            "line: widen the box or give a margin > 0"
+        )
+    log_jacobian = -box.log_abs_det_jacobian(y, x)
+    return y, log_jacobian.reshape(x.shape[0], -1).sum(axis=1)

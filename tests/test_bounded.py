@@ -1,0 +1,84 @@
+"""``bounded``: the logit map of a box onto the real line, its Jacobian, and the density it
+gives an energy's distribution on the box."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import pytest
+from scipy import integrate, special, stats
+
+import numpyro_ebm as ebm
+from numpyro_ebm.bounded import logit_box, unbounded
+
+
+def test_the_map_is_sigmoid_onto_the_box_widened_by_the_margin():
+    box = logit_box(-1.0, 1.0, margin=0.01)
+    x = jnp.array([[-0.999, 0.0, 0.999]])
+    y, _ = unbounded(x, box)
+    t = (np.asarray(x, np.float64) + 1) / 2  # position in the box, 0..1
+    expected = special.logit(0.01 + 0.98 * t)  # RealNVP's logit(α + (1 − 2α) t)
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(box(y)), np.asarray(x), atol=2e-6)
+
+
+def test_the_log_jacobian_is_the_derivative_of_the_map():
+    low, high = jnp.array([0.0, -3.0]), jnp.array([17.0, 2.0])
+    box = logit_box(low, high, margin=0.05)
+    x = jnp.array([[0.5, -2.9], [16.9, 1.0], [8.0, 0.0]])
+    _, log_jacobian = unbounded(x, box)
+
+    derivative = jax.vmap(jax.jacfwd(box.inv))(x)  # (n, 2, 2), diagonal
+    expected = jnp.log(jnp.abs(jax.vmap(jnp.diag)(derivative))).sum(axis=1)
+    np.testing.assert_allclose(np.asarray(log_jacobian), np.asarray(expected), rtol=1e-5)
+
+
+def test_an_energys_density_on_the_box_integrates_to_one_and_is_the_logit_normal():
+    # a Gaussian energy with exact log Z on the real line is a logit-normal on the box
+    mean, std = 0.7, 1.3
+    energy = ebm.energies.GaussianEnergy(jnp.array([mean]), jnp.array([[std**2]]))
+    box = logit_box(2.0, 5.0, margin=0.0)
+    on_box = dist.TransformedDistribution(
+        ebm.EnergyDistribution(energy, event_shape=(1,), log_z=energy.log_z), box
+    )
+
+    def density(x):
+        return float(jnp.exp(on_box.log_prob(jnp.array([[x]]))[0]))
+
+    total, error = integrate.quad(density, 2.0, 5.0, limit=200, epsabs=1e-5, epsrel=1e-5)
+    assert abs(total - 1.0) < 1e-4 + error
+    x = np.array([2.3, 3.5, 4.9])
+    t = (x - 2.0) / 3.0
+    logit_normal = stats.norm.logpdf(special.logit(t), mean, std) - np.log(3.0 * t * (1 - t))
+    got = np.asarray(on_box.log_prob(jnp.asarray(x[:, None], jnp.float32)))
+    np.testing.assert_allclose(got, logit_normal, rtol=1e-5, atol=1e-5)
+    # the same number from the pieces a user fits with: y, the energy, and the Jacobian
+    y, log_jacobian = unbounded(x[:, None], box)
+    pieces = -jax.vmap(energy)(y) - energy.log_z + log_jacobian
+    np.testing.assert_allclose(np.asarray(pieces), got, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "margin", "message"),
+    [
+        (1.0, 1.0, 0.01, "low < high"),
+        (2.0, 1.0, 0.01, "low < high"),
+        (0.0, np.inf, 0.01, "finite"),
+        (np.nan, 1.0, 0.01, "finite"),
+        (0.0, 1.0, 0.5, "margin"),
+        (0.0, 1.0, -0.1, "margin"),
+        (0.0, 1.0, "0.1", "margin"),
+    ],
+)
+def test_a_bad_box_is_refused_by_name(low, high, margin, message):
+    with pytest.raises(ValueError, match=message):
+        logit_box(low, high, margin=margin)
+
+
+@pytest.mark.parametrize("x", [[[1.5, 0.0]], [[np.nan, 0.0]], [[-1.0, 0.0]]])
+def test_points_without_an_image_are_refused(x):
+    box = logit_box(-1.0, 1.0, margin=0.0)  # the wall itself maps to -inf
+    with pytest.raises(ValueError, match="no image"):
+        unbounded(np.array(x), box)
