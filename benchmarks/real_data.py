@@ -3,17 +3,20 @@
     python benchmarks/real_data.py [--data wine breast_cancer iris digits] [--seeds 0 1]
                                    [--steps 2000] [--sweep] [--no-flows] [--no-baselines]
                                    [--no-defaults] [--settings JSON ...]
-                                   [--out results.json]
+                                   [--digits-space {logit,box}] [--out results.json]
 
 Data (all offline): scikit-learn's wine (178 × 13), breast cancer (569 × 30) and iris
 (150 × 4: the smallest, where memorising the training rows is easiest) through
 ``datasets.table`` (fixed 60/20/20 split), dequantized where recorded on a grid and
 standardized (``tables.TableTransform``); digits (64-D) through ``datasets.digits`` (its test
-split; the last 300 training images are the validation split).
+split; the last 300 training images are the validation split), mapped off its (−1, 1)⁶⁴ box by
+``bounded.logit_box`` and standardized (``--digits-space box``: on the box itself, as before
+session 20).
 
 Units: tables in nats per point in the ORIGINAL units (the dequantized values; the
 standardization's log-Jacobian is added to every model's number); digits in nats per image in
-``digits()``'s scaled space (as in docs/benchmarks.md's other digits rows).
+``digits()``'s scaled space, the box (each point's log-Jacobian of the logit map and the
+standardization added to every model's number), as in docs/benchmarks.md's other digits rows.
 
 Models, all fitted on the same rows and chosen on the validation split: the baselines of
 ``baselines.py`` (full-covariance Gaussian, Gaussian mixture, KDE, flowjax MAF and RQ-spline
@@ -38,6 +41,7 @@ import pathlib
 import platform
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +70,8 @@ class Split:
     validation_log_jacobian: np.ndarray
     test_log_jacobian: np.ndarray
     units: str
+    # fresh dequantization noise for every training batch (fit's augment), or None
+    augment: Callable | None = None
 
 
 def load(name: str, seed: int, digits_space: str = "logit") -> Split:
@@ -81,7 +87,8 @@ def load(name: str, seed: int, digits_space: str = "logit") -> Split:
         for i, rows in enumerate((table.train, table.validation, table.test))
     )
     jacobians = (np.full(len(points), transform.log_jacobian) for points in (validation, test))
-    return Split(train, validation, test, *jacobians, "nats/point")
+    augment = transform.redequantizer() if transform.quantized.any() else None
+    return Split(train, validation, test, *jacobians, "nats/point", augment)
 
 
 def _digits(space: str) -> Split:
@@ -104,14 +111,26 @@ def _digits(space: str) -> Split:
         ((np.asarray(points) - mean) / std).astype(np.float32)
         for points in (train, validation, test)
     )
+    mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+    cells = 17 / 2  # cells per unit of the box: pixel + u = (x + 1) * 17 / 2
+
+    def to_cells(z):
+        return (box(z * std + mean) + 1.0) * cells
+
+    def from_cells(t):
+        return (box.inv(t / cells - 1.0) - mean) / std
+
+    augment = ebm.tables.redequantizer(to_cells, from_cells, np.ones(64, bool))
     units = "nats/image (scaled; models on the logit map of the box, standardized)"
-    return Split(train, validation, test, validation_jac, test_jac, units)
+    return Split(train, validation, test, validation_jac, test_jac, units, augment)
 
 
-def ebm_row(split: Split, *, seed: int, steps: int, label: str, **settings) -> Row:
+def ebm_row(
+    split: Split, *, seed: int, steps: int, label: str, fresh_noise: bool = True, **settings
+) -> Row:
     """``fit`` on ``split.train`` (validation for early stopping and selection), scored on
     test with AIS ``log Z``; ``settings`` override ``fit``'s defaults (``hidden`` is the
-    energy's)."""
+    energy's); ``fresh_noise``: new dequantization noise for every batch (``split.augment``)."""
     start = time.perf_counter()
     dim = split.train.shape[1]
     key = jax.random.key(seed)
@@ -125,6 +144,7 @@ def ebm_row(split: Split, *, seed: int, steps: int, label: str, **settings) -> R
         num_steps=steps,
         validation_data=split.validation,
         progress_bar=False,
+        augment=split.augment if fresh_noise else None,
         **settings,
     )
     log_z = ebm.logz.ais(result.energy, (dim,), key=jax.random.fold_in(key, 2), data=split.train)
@@ -172,12 +192,36 @@ def run(name: str, seed: int, args) -> list[Row]:
         log_jacobian=(split.validation_log_jacobian, split.test_log_jacobian),
     )
     if args.defaults:
-        rows.append(ebm_row(split, seed=seed, steps=args.steps, label="ebm (defaults)"))
+        rows.append(
+            ebm_row(
+                split,
+                seed=seed,
+                steps=args.steps,
+                label="ebm (defaults)",
+                fresh_noise=args.fresh_noise,
+            )
+        )
     for setting in args.settings:
-        rows.append(ebm_row(split, seed=seed, steps=args.steps, label=f"ebm {setting}", **setting))
+        rows.append(
+            ebm_row(
+                split,
+                seed=seed,
+                steps=args.steps,
+                label=f"ebm {setting}",
+                fresh_noise=args.fresh_noise,
+                **setting,
+            )
+        )
     if args.sweep:
         swept = [
-            ebm_row(split, seed=seed, steps=args.steps, label="ebm (best of sweep)", **setting)
+            ebm_row(
+                split,
+                seed=seed,
+                steps=args.steps,
+                label="ebm (best of sweep)",
+                fresh_noise=args.fresh_noise,
+                **setting,
+            )
             for setting in SWEEP
         ]
         best = max(swept, key=lambda row: row.validation_ll)
@@ -226,6 +270,12 @@ def main() -> None:
         choices=("logit", "box"),
         default="logit",
         help="digits: every model on the logit map of the (-1, 1) box (default), or on the box",
+    )
+    parser.add_argument(
+        "--fixed-noise",
+        dest="fresh_noise",
+        action="store_false",
+        help="train the EBM on one draw of the dequantization noise (before session 20)",
     )
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()

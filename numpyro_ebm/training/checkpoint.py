@@ -333,11 +333,14 @@ def _flat_settings(settings: dict, prefix: str = "") -> dict:
 
 def _named_settings(meta: dict, config_key: str = "config") -> dict:
     """The settings in a checkpoint's meta data (or in a run's expected meta data), by name."""
-    settings = {k: meta[k] for k in (config_key, "event_shape", "select_best") if k in meta}
+    names = (config_key, "event_shape", "select_best", "augment")
+    settings = {k: meta[k] for k in names if k in meta}
     if config_key != "config" and config_key in settings:
         settings["config"] = settings.pop(config_key)
     if config_key != "config" and "select_best" in settings:
         settings["select_best"] = False  # a checkpoint from before selection kept no best
+    if config_key != "config" and "augment" in settings:
+        settings["augment"] = None  # nor did one from before augment augment its batches
     rates = meta.get("learning_rates")
     if isinstance(rates, list) and len(rates) == 2:
         settings["learning_rate"], settings["generator_learning_rate"] = rates

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -41,16 +42,25 @@ class EnergyProblem:
     """One energy trained on data: a single site, batches drawn with replacement.
 
     ``data`` is the ``(N, *event_shape)`` array, or ``(points, conditions)`` for a conditional
-    energy ``E(x, c)``."""
+    energy ``E(x, c)``; ``augment(key, points)`` (hashable, jittable), when given, is applied
+    to every batch's points (``fit``'s ``augment``)."""
 
     batch_size: int
     conditional: bool = False
+    augment: Callable | None = None
     prefix_sites: ClassVar[bool] = False  # the history names the site's metrics plainly
 
     def batch(self, key, data):
+        if self.augment is not None:  # without it, the key is used as before (same runs)
+            key, k_augment = jax.random.split(key)
         points = data[0] if self.conditional else data
         rows = jax.random.randint(key, (self.batch_size,), 0, points.shape[0])
-        return jax.tree.map(lambda a: a[rows], data)
+        batch = jax.tree.map(lambda a: a[rows], data)
+        if self.augment is None:
+            return batch
+        if self.conditional:
+            return (self.augment(k_augment, batch[0]), batch[1])
+        return self.augment(k_augment, batch)
 
     def _split(self, batch):
         return batch if self.conditional else (batch, None)
@@ -194,6 +204,7 @@ def fit(
     calibrate_log_z: bool = False,
     select_best: bool = True,
     patience: int | None = None,
+    augment: Callable | None = None,
     **settings,
 ) -> FitResult:
     """Train ``energy`` on ``data`` by maximum likelihood: a ``FitResult`` (see
@@ -225,6 +236,11 @@ def fit(
         select_best, patience: with ``validation_data``, return the averaged energy of the
             lowest held-out NLL (``training.selection``), not the last; stop once that has
             not improved for ``patience`` steps (checked every ``steps_per_call`` steps).
+        augment: ``augment(key, points) -> points`` of the same shape, applied to every
+            training batch inside the compiled step with a fresh key: for fresh
+            dequantization noise at every step (``tables.TableTransform.redequantizer``).
+            A plain (hashable) function; checkpoints record its name, not what it closes
+            over. Validation data and the chains' starting points are used as given.
 
     Raises:
         ValueError: bad data or settings (before any compute), or a checkpoint of other
@@ -249,11 +265,13 @@ def fit(
         config, num_steps, checkpoint_dir, devices, generator, math.prod(event_shape)
     )
     select_best = _checked_selection(select_best, patience, validation, config, stored)
-    problem = EnergyProblem(config.batch_size, condition is not None)
+    if augment is not None and not callable(augment):
+        raise ValueError(f"augment must be a function (key, points) -> points, got {augment!r}")
+    problem = EnergyProblem(config.batch_size, condition is not None, augment)
     k_init, k_loop = jax.random.split(key)
     state = core.init(k_init, energy, inputs, problem, config)
     state = state._replace(best=selection.start(state) if select_best else None)
-    meta = run_meta(given, config, schedule, num_steps, inputs, select_best)
+    meta = run_meta(given, config, schedule, num_steps, inputs, select_best, augment)
     state, history, recorded = checkpoint.resume(checkpoint_dir, state, meta, stored)
     state, inputs, validation = placed(state, inputs, validation, sharding)
     options = {"num_steps": num_steps, "steps_per_call": steps_per_call, "patience": patience}
@@ -314,9 +332,11 @@ def run_meta(
     num_steps: int,
     inputs,
     select_best: bool = False,
+    augment: Callable | None = None,
 ):
     """The settings a checkpoint records (and a resumed run must match): ``config`` as given,
-    ``resolved`` as run; ``select_best``: the state keeps a ``selection.BestState``."""
+    ``resolved`` as run; ``select_best``: the state keeps a ``selection.BestState``;
+    ``augment``: by its name."""
     points, conditions = inputs if isinstance(inputs, tuple) else (inputs, None)
     default_generator_optimizer = config.uses_generator and config.generator_optimizer is None
     return {
@@ -326,6 +346,7 @@ def run_meta(
         "defaults": resolved.describe_defaults(),
         "event_shape": list(points.shape[1:]),
         "select_best": select_best,
+        "augment": None if augment is None else _name(augment),
         "conditional": conditions is not None,
         "condition_shape": None if conditions is None else list(conditions.shape[1:]),
         # a custom optimizer is not comparable; the default ones are, by their learning rates
@@ -334,6 +355,11 @@ def run_meta(
             config.generator_learning_rate if default_generator_optimizer else None,
         ],
     }
+
+
+def _name(function) -> str:
+    name = getattr(function, "__qualname__", None) or type(function).__qualname__
+    return f"{getattr(function, '__module__', None) or ''}.{name}".lstrip(".")
 
 
 def fit_result(state, history, recorded, config, event_shape, conditional) -> FitResult:
