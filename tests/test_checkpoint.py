@@ -391,3 +391,21 @@ def test_a_run_that_wrote_no_checkpoint_leaves_no_folder(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         tiny_fit(tmp_path / "new")
     assert not (tmp_path / "new").exists()
+
+
+def _jitter(key, points):
+    return points + 0.01 * jax.random.normal(key, points.shape)
+
+
+def test_augment_is_recorded_by_name_and_an_old_checkpoint_had_none(tmp_path, straight):
+    fit_until(tmp_path, 4)
+    with pytest.raises(ValueError, match=r"augment: None -> .*_jitter"):
+        tiny_fit(tmp_path, augment=_jitter)
+    meta_path = os.path.join(training.latest_checkpoint(str(tmp_path)), "meta.json")
+    meta = json.loads(open(meta_path).read())
+    del meta["augment"]  # written before augment existed: its batches were not augmented
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ValueError, match=r"augment: None -> .*_jitter"):
+        tiny_fit(tmp_path, augment=_jitter)
+    assert_same_run(tiny_fit(tmp_path), straight)

@@ -163,3 +163,25 @@ def test_a_column_whose_spread_overflows_float64_is_refused_by_index():
     big = np.column_stack([np.arange(10.0), np.where(np.arange(10) % 5, 1.7e308, -1.7e308)])
     with pytest.raises(ValueError, match=r"column\(s\) \[1\] spread beyond float64"):
         TableTransform.fit(big)
+
+
+def test_fresh_dequantization_moves_each_entry_uniformly_within_its_own_cell():
+    rng = np.random.default_rng(5)
+    recorded = np.column_stack(
+        [rng.integers(0, 9, 400), np.round(rng.normal(50.0, 3.0, 400), 2), rng.normal(size=400)]
+    )
+    transform = TableTransform.fit(recorded)
+    assert transform.quantum[:2].tolist() == [1.0, 0.01] and transform.quantum[2] == 0.0
+    z = transform.to_model(recorded, key=jax.random.key(0))
+    fresh = jax.jit(transform.redequantizer())
+    moved = np.asarray(fresh(jax.random.key(1), z))
+    again = np.asarray(fresh(jax.random.key(2), z))
+    before, after = transform.to_original(z), transform.to_original(moved)
+    for j, q in enumerate(transform.quantum[:2]):
+        # the recorded value's cell, a new place in it (float32 keeps ~1e-5 of a cell here)
+        position = after[:, j] / q - recorded[:, j] / q
+        assert np.all((position > -1e-4) & (position < 1 + 1e-4))
+        assert stats.kstest(np.clip(position, 0, 1), "uniform").pvalue > 1e-3
+        assert np.corrcoef(position, before[:, j] / q - recorded[:, j] / q)[0, 1] < 0.2
+    np.testing.assert_array_equal(moved[:, 2], z[:, 2])  # continuous: left as given
+    assert not np.array_equal(moved, again)  # each key its own noise
