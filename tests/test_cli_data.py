@@ -129,6 +129,10 @@ def test_gridded_columns_are_dequantized_a_flag_included(tmp_path, capsys):
     run = json.loads((out / "run.json").read_text())
     assert run["standardization"]["quantum"] == [1.0, 1.0, 0.1, 0.0]
     assert run["config"]["patience"] == 100  # the default: a quarter of --steps, at least 100
+    assert run["config"]["data"]["fresh_noise"]  # new noise for every training batch
+    checkpoints = out / cli.CHECKPOINT_DIR
+    meta = json.loads(next(checkpoints.glob("*/meta.json")).read_text())
+    assert meta["augment"].endswith("redequantizer.<locals>.fresh")
     data = cli.data_files.prepare(run["config"], x, run["standardization"])
     # the training rows in original units lie in their cells [v, v + q); z is untouched
     train = x[cli.data_files._split(0, NUM_ROWS, FRACTION)[0]]  # in the split's order

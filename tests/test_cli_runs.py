@@ -327,18 +327,20 @@ def test_a_failing_density_plot_keeps_the_training_result(run_copy, capsys, monk
 
 
 def test_a_run_made_before_dequantization_and_patience_resumes_as_it_started(run_copy, capsys):
-    """A run.json without ``patience``, ``data.dequantize`` and ``standardization.quantum``
-    (written before they existed): the same ``train`` command again is not refused as a run
-    with other settings; the run stays without them."""
+    """A run.json without ``patience``, ``data.dequantize``, ``data.fresh_noise`` and
+    ``standardization.quantum`` (written before they existed): the same ``train`` command
+    again is not refused as a run with other settings; the run stays without them."""
     run_json = run_copy / "run" / "run.json"
     run = json.loads(run_json.read_text())
     del run["config"]["patience"], run["config"]["data"]["dequantize"]
+    del run["config"]["data"]["fresh_noise"]
     del run["standardization"]["quantum"]
     run_json.write_text(json.dumps(run))
     code, _, err = run_cli(capsys, *COMMANDS["train"](run_copy / "run", run_copy))
     assert code == 0, err
     stored = json.loads(run_json.read_text())
     assert "patience" not in stored["config"] and "quantum" not in stored["standardization"]
+    assert "fresh_noise" not in stored["config"]["data"]
     # naming --patience on such a run is a change of settings, refused by name
     code, _, err = run_cli(
         capsys, *COMMANDS["train"](run_copy / "run", run_copy), "--patience", "200"

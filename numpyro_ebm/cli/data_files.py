@@ -412,6 +412,13 @@ class Data:
         points = points if self.mean is None else self.mean + self.std * points
         return tables.snap_to_grid(points, self.quantum) if on_grid and self.dequantizes else points
 
+    def redequantizer(self):
+        """``fit``'s ``augment`` drawing new dequantization noise for every training batch
+        (``tables.TableTransform.redequantizer``), or None when nothing is dequantized."""
+        if not self.dequantizes:
+            return None
+        return tables.TableTransform(self.quantum, self.mean, self.std).redequantizer()
+
     @property
     def log_cell_volume(self) -> float:
         """``Σ log q`` over the gridded columns: the recorded values' log-probability is at

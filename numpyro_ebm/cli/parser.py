@@ -200,6 +200,7 @@ def _data_config(args: argparse.Namespace, columns: list[str] | None) -> tuple:
             "shape": list(points.shape),
             "standardized": True,
             "dequantize": True,  # gridded columns (tables.quantum); runs made before: False
+            "fresh_noise": True,  # new noise every batch (fit's augment); runs before: False
         }
     return data, points, path
 

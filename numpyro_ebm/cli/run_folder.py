@@ -306,15 +306,16 @@ def as_stored(stored: dict, config: dict, *, given: frozenset[str]) -> dict:
     """``config`` for resuming the run whose config is ``stored``; ``given``: the settings
     named on the command line. A run resumes as it started: with its stored widths unless
     ``--hidden`` is given (a run made before the widths followed the data's dimension keeps
-    its 128,128,128), and a run made before ``--patience`` or dequantization existed without
-    them unless ``--patience`` is given."""
+    its 128,128,128), and a run made before ``--patience``, dequantization or fresh
+    dequantization noise existed without them unless ``--patience`` is given."""
     config = dict(config)
     if "patience" not in stored and "patience" not in given:
         config.pop("patience", None)
     if "hidden" not in given:
         config["hidden"] = stored["hidden"]
-    if "dequantize" not in stored["data"]:
-        config["data"] = {k: v for k, v in config["data"].items() if k != "dequantize"}
+    for name in ("dequantize", "fresh_noise"):
+        if name not in stored["data"]:
+            config["data"] = {k: v for k, v in config["data"].items() if k != name}
     return config
 
 
