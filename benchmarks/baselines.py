@@ -71,6 +71,7 @@ def fit_baselines(
     flows: bool = True,
     quick: bool = False,
     log_jacobian: tuple[np.ndarray, np.ndarray] | None = None,
+    augment=None,
 ) -> list[Row]:
     """Fit every baseline on ``train``, choose its settings on ``validation``, score ``test``.
 
@@ -82,6 +83,9 @@ def fit_baselines(
         log_jacobian: ``(validation, test)`` per-point log-Jacobians of the map from the
             reported units to the arrays given, added to every model's log-densities (the
             same for every model and setting, so the choices on validation do not change).
+        augment: ``augment(key, points)`` applied to every training batch of the flows (new
+            dequantization noise, as the EBM gets it: ``tables.redequantizer``); the
+            Gaussian, the mixture and the KDE are fitted to the rows as given.
 
     Returns:
         One ``Row`` per model, in the order gaussian, gmm, kde, maf, rqs.
@@ -99,8 +103,8 @@ def fit_baselines(
         import jax.random as jr
 
         maf_key, rqs_key = jr.split(jr.key(seed))
-        rows.append(_flow("maf", train, validation, test, maf_key, quick, jac))
-        rows.append(_flow("rqs", train, validation, test, rqs_key, quick, jac))
+        rows.append(_flow("maf", train, validation, test, maf_key, quick, jac, augment))
+        rows.append(_flow("rqs", train, validation, test, rqs_key, quick, jac, augment))
     return rows
 
 
@@ -207,7 +211,7 @@ def _make_flow(kind, key, dim, width, layers):
     )
 
 
-def _flow(kind, train, validation, test, key, quick, jac) -> Row:
+def _flow(kind, train, validation, test, key, quick, jac, augment=None) -> Row:
     import jax.random as jr
 
     start = time.perf_counter()
@@ -217,7 +221,7 @@ def _flow(kind, train, validation, test, key, quick, jac) -> Row:
     def fit(setting):
         width, layers = setting
         flow = _make_flow(kind, next(keys), train.shape[1], width, layers)
-        return _train_flow(flow, train, validation, test, next(keys), max_steps)
+        return _train_flow(flow, train, validation, test, next(keys), max_steps, augment)
 
     ll, (width, layers), (_, test_lls, steps) = _sweep(grid, fit, lambda fitted: fitted[0])
     name = "MAF" if kind == "maf" else f"MAF-RQS ({RQS_KNOTS} knots)"
@@ -225,8 +229,9 @@ def _flow(kind, train, validation, test, key, quick, jac) -> Row:
     return _row(kind, test_lls, ll, chosen, start, jac)
 
 
-def _train_flow(flow, train, validation, test, key, max_steps):
-    """Adam on the mean negative log-likelihood, early-stopped on ``validation``.
+def _train_flow(flow, train, validation, test, key, max_steps, augment=None):
+    """Adam on the mean negative log-likelihood, early-stopped on ``validation`` (each batch
+    through ``augment(key, batch)`` when given).
 
     Returns ``(validation_lls, test_lls, steps)``: the per-point log-densities under the
     parameters with the best mean validation log-likelihood, and the step they were reached at.
@@ -259,8 +264,13 @@ def _train_flow(flow, train, validation, test, key, max_steps):
     def run(params, opt_state, x, key):
         def step(carry, key):
             params, opt_state = carry
-            rows = jr.choice(key, x.shape[0], (batch,), replace=False)
-            grads = jax.grad(loss)(params, x[rows])
+            if augment is None:  # the key as before session 20: the same runs
+                points = x[jr.choice(key, x.shape[0], (batch,), replace=False)]
+            else:
+                k_rows, k_augment = jr.split(key)
+                rows = jr.choice(k_rows, x.shape[0], (batch,), replace=False)
+                points = augment(k_augment, x[rows])
+            grads = jax.grad(loss)(params, points)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), None
 

@@ -190,6 +190,7 @@ def run(name: str, seed: int, args) -> list[Row]:
         flows=args.flows,
         quick=args.quick,
         log_jacobian=(split.validation_log_jacobian, split.test_log_jacobian),
+        augment=split.augment if args.fresh_noise else None,
     )
     if args.defaults:
         rows.append(
