@@ -50,6 +50,12 @@ class EnergyProblem:
     augment: Callable | None = None
     prefix_sites: ClassVar[bool] = False  # the history names the site's metrics plainly
 
+    def __post_init__(self):
+        if self.augment is not None and not callable(self.augment):
+            raise ValueError(
+                f"augment must be a function (key, points) -> points: {self.augment!r}"
+            )
+
     def batch(self, key, data):
         if self.augment is not None:  # without it, the key is used as before (same runs)
             key, k_augment = jax.random.split(key)
@@ -236,11 +242,9 @@ def fit(
         select_best, patience: with ``validation_data``, return the averaged energy of the
             lowest held-out NLL (``training.selection``), not the last; stop once that has
             not improved for ``patience`` steps (checked every ``steps_per_call`` steps).
-        augment: ``augment(key, points) -> points`` of the same shape, applied to every
-            training batch inside the compiled step with a fresh key: for fresh
-            dequantization noise at every step (``tables.TableTransform.redequantizer``).
-            A plain (hashable) function; checkpoints record its name, not what it closes
-            over. Validation data and the chains' starting points are used as given.
+        augment: a hashable function ``(key, points) -> points`` applied to every training
+            batch in the compiled step (``tables.TableTransform.redequantizer``: new
+            dequantization noise); checkpoints record its name. See docs/guides/training.md.
 
     Raises:
         ValueError: bad data or settings (before any compute), or a checkpoint of other
@@ -265,8 +269,6 @@ def fit(
         config, num_steps, checkpoint_dir, devices, generator, math.prod(event_shape)
     )
     select_best = _checked_selection(select_best, patience, validation, config, stored)
-    if augment is not None and not callable(augment):
-        raise ValueError(f"augment must be a function (key, points) -> points, got {augment!r}")
     problem = EnergyProblem(config.batch_size, condition is not None, augment)
     k_init, k_loop = jax.random.split(key)
     state = core.init(k_init, energy, inputs, problem, config)
@@ -278,14 +280,9 @@ def fit(
     options |= {"max_nonfinite": max_nonfinite, "progress_bar": progress_bar}
     options |= {"checkpoint_every": checkpoint_every, "sharding": sharding}
     options |= {"history": history, "recorded": recorded, "validation": validation}
+    save = checkpoint.saver(checkpoint_dir, meta)
     state, history, recorded = loop.train(
-        state,
-        key=k_loop,
-        data=inputs,
-        problem=problem,
-        config=config,
-        save=checkpoint.saver(checkpoint_dir, meta),
-        **options,
+        state, key=k_loop, data=inputs, problem=problem, config=config, save=save, **options
     )
     result = fit_result(state, history, recorded, config, event_shape, condition is not None)
     if calibrate_log_z:
