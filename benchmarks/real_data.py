@@ -192,39 +192,17 @@ def run(name: str, seed: int, args) -> list[Row]:
         log_jacobian=(split.validation_log_jacobian, split.test_log_jacobian),
         augment=split.augment if args.fresh_noise else None,
     )
+
+    def row(label, **setting):
+        return ebm_row(
+            split, seed=seed, steps=args.steps, label=label, fresh_noise=args.fresh_noise, **setting
+        )
+
     if args.defaults:
-        rows.append(
-            ebm_row(
-                split,
-                seed=seed,
-                steps=args.steps,
-                label="ebm (defaults)",
-                fresh_noise=args.fresh_noise,
-            )
-        )
-    for setting in args.settings:
-        rows.append(
-            ebm_row(
-                split,
-                seed=seed,
-                steps=args.steps,
-                label=f"ebm {setting}",
-                fresh_noise=args.fresh_noise,
-                **setting,
-            )
-        )
+        rows.append(row("ebm (defaults)"))
+    rows.extend(row(f"ebm {setting}", **setting) for setting in args.settings)
     if args.sweep:
-        swept = [
-            ebm_row(
-                split,
-                seed=seed,
-                steps=args.steps,
-                label="ebm (best of sweep)",
-                fresh_noise=args.fresh_noise,
-                **setting,
-            )
-            for setting in SWEEP
-        ]
+        swept = [row("ebm (best of sweep)", **setting) for setting in SWEEP]
         best = max(swept, key=lambda row: row.validation_ll)
         setting = SWEEP[swept.index(best)]
         rows.append(dataclasses.replace(best, chosen=f"{setting}; {best.chosen}"))

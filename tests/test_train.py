@@ -64,20 +64,23 @@ def test_gradient_estimator_equals_the_ml_gradient_with_exact_negatives():
     assert np.abs(wrong.mean - exact.mean).max() > 0.1
 
 
-def test_gaussian_energy_trained_on_gaussian_data_recovers_mean_and_covariance():
-    data = jax.random.multivariate_normal(jax.random.key(2), MEAN, COV, (20_000,))
-    res = ebm.fit(
+def _fit_gaussian(data, **settings):
+    """A ``GaussianEnergy`` fitted to ``data`` with settings under which it converges."""
+    settings = dict(num_steps=600, num_chains=512, num_mcmc_steps=10, batch_size=512) | settings
+    return ebm.fit(
         GaussianEnergy(jnp.zeros(2)),
         data,
         key=jax.random.key(3),
-        num_steps=600,
-        num_chains=512,
-        num_mcmc_steps=10,
-        batch_size=512,
         learning_rate=2e-2,
         energy_l2=0.0,
         progress_bar=False,
+        **settings,
     )
+
+
+def test_gaussian_energy_trained_on_gaussian_data_recovers_mean_and_covariance():
+    data = jax.random.multivariate_normal(jax.random.key(2), MEAN, COV, (20_000,))
+    res = _fit_gaussian(data)
     # The maximum-likelihood answer is the data's own mean and covariance. The stochastic
     # gradient noise of the averaged iterate (512 chains + 512 data per step, Adam at lr 2e-3 at
     # the end, averaging window ~200 steps) is about 0.01 per entry; 0.05 is 5 of those.
@@ -103,20 +106,7 @@ def test_augmented_batches_are_what_is_fitted():
     def blur(key, points):
         return points + 0.5 * jax.random.normal(key, points.shape)
 
-    res = ebm.fit(
-        GaussianEnergy(jnp.zeros(2)),
-        data,
-        key=jax.random.key(3),
-        num_steps=600,
-        num_chains=512,
-        num_mcmc_steps=10,
-        batch_size=512,
-        learning_rate=2e-2,
-        energy_l2=0.0,
-        track_log_z=False,
-        progress_bar=False,
-        augment=blur,
-    )
+    res = _fit_gaussian(data, track_log_z=False, augment=blur)
     # as in the test above, ~0.01 of gradient noise per entry (a little more with the
     # noise's variance): 0.05 is about 4 of those, and the 0.25 shift is 20
     np.testing.assert_allclose(res.energy.mean, data.mean(0), atol=0.05)
