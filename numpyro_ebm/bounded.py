@@ -6,8 +6,8 @@ sits at the walls (most digit pixels are 0). A smooth energy cannot make a wall:
 mass past it, which costs likelihood at every point near it. Mapping each coordinate through
 a logit first (as flow papers do for images: Dinh et al. 2017, Papamakarios et al. 2017)
 turns the walls into tails, which a smooth energy models well; the density on the box follows
-by the change of variables. On digits this moves the default EBM from 17.5 to 40.2 nats per
-image (docs/benchmarks.md, "Real tables").
+by the change of variables. On digits this moves the default EBM from 17.5 to 41.0 nats per
+image (docs/benchmarks.md, "Digits off the box").
 
 ``logit_box(low, high)`` is the map ``y ↦ x = loc + scale · sigmoid(y)`` onto the box widened
 by ``margin`` of its width on each side (so values at the walls map to finite ``y``), built
@@ -85,9 +85,15 @@ def unbounded(x, box: transforms.Transform) -> tuple[jnp.ndarray, jnp.ndarray]:
     ``log p_box(x) = log p(y) + log_jacobian`` for a density ``p`` fitted to ``y``.
 
     Raises:
-        ValueError: ``x`` not finite or not inside the (widened) box: it has no image.
+        TypeError: ``box`` is not a NumPyro ``Transform``.
+        ValueError: ``x`` not ``(n, ...)`` points, not finite, or not inside the (widened)
+            box: it has no image.
     """
+    if not isinstance(box, transforms.Transform):
+        raise TypeError(f"box must be a numpyro Transform (logit_box), got {type(box).__name__}")
     x = jnp.asarray(x, jnp.float32)
+    if x.ndim < 2:
+        raise ValueError(f"x must be points of shape (n, D), got shape {x.shape}")
     y = box.inv(x)
     if not bool(jnp.all(jnp.isfinite(y))):
         raise ValueError(

@@ -82,3 +82,11 @@ def test_points_without_an_image_are_refused(x):
     box = logit_box(-1.0, 1.0, margin=0.0)  # the wall itself maps to -inf
     with pytest.raises(ValueError, match="no image"):
         unbounded(np.array(x), box)
+
+
+def test_unbounded_wants_points_and_a_transform():
+    box = logit_box(-1.0, 1.0)
+    with pytest.raises(ValueError, match=r"shape \(n, D\)"):
+        unbounded(np.zeros(3), box)
+    with pytest.raises(TypeError, match="Transform"):
+        unbounded(np.zeros((2, 3)), (-1.0, 1.0))

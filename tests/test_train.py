@@ -119,6 +119,29 @@ def test_augment_must_be_a_function():
         ebm.fit(GaussianEnergy(jnp.zeros(2)), jnp.ones((8, 2)), key=jax.random.key(0), augment=3)
 
 
+@pytest.mark.parametrize(
+    ("augment", "message"),
+    [
+        (lambda key, x: x[:, :1], "shape and dtype"),
+        (lambda key, x: x.astype(jnp.int32), "shape and dtype"),
+        (lambda key: key, "fails on a batch"),
+    ],
+)
+def test_an_augment_that_breaks_the_batch_is_refused_before_training(augment, message):
+    with pytest.raises(ValueError, match=message):
+        ebm.fit(
+            GaussianEnergy(jnp.zeros(2)), jnp.ones((8, 2)), key=jax.random.key(0), augment=augment
+        )
+
+
+def test_augment_touches_a_conditional_batch_s_points_not_its_conditions():
+    problem = training.EnergyProblem(4, conditional=True, augment=lambda key, x: x + 1.0)
+    points, conditions = jnp.zeros((10, 2)), jnp.arange(10.0)[:, None]
+    augmented, kept = problem.batch(jax.random.key(0), (points, conditions))
+    np.testing.assert_array_equal(augmented, jnp.ones((4, 2)))
+    assert kept.shape == (4, 1) and set(np.asarray(kept[:, 0]).tolist()) <= set(range(10))
+
+
 def test_nce_loss_is_minimised_at_the_true_log_z():
     energy = GaussianEnergy(jnp.array([0.5, -0.5]), jnp.array([[1.0, 0.3], [0.3, 0.6]]))
     n = 200_000

@@ -26,6 +26,7 @@ from numpyro_ebm.training import checkpoint, core, loop, selection
 from numpyro_ebm.training.config import TrainConfig
 from numpyro_ebm.training.inputs import (
     chain_sharding,
+    checked_augment,
     checked_inputs,
     config_from_meta,
     placed,
@@ -49,12 +50,6 @@ class EnergyProblem:
     conditional: bool = False
     augment: Callable | None = None
     prefix_sites: ClassVar[bool] = False  # the history names the site's metrics plainly
-
-    def __post_init__(self):
-        if self.augment is not None and not callable(self.augment):
-            raise ValueError(
-                f"augment must be a function (key, points) -> points: {self.augment!r}"
-            )
 
     def batch(self, key, data):
         if self.augment is not None:  # without it, the key is used as before (same runs)
@@ -269,6 +264,7 @@ def fit(
         config, num_steps, checkpoint_dir, devices, generator, math.prod(event_shape)
     )
     select_best = _checked_selection(select_best, patience, validation, config, stored)
+    augment = checked_augment(augment, inputs)
     problem = EnergyProblem(config.batch_size, condition is not None, augment)
     k_init, k_loop = jax.random.split(key)
     state = core.init(k_init, energy, inputs, problem, config)

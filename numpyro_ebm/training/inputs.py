@@ -17,6 +17,7 @@ from numpyro_ebm.validation import check_count, validate_data
 __all__ = [
     "chain_sharding",
     "check_trainable",
+    "checked_augment",
     "checked_inputs",
     "config_from_meta",
     "placed",
@@ -70,6 +71,28 @@ def checked_inputs(energy, data, condition, validation_data, *counts):
             )
     inputs = data if condition is None else (data, condition)
     return inputs, validation, event_shape
+
+
+def checked_augment(augment, inputs):
+    """``augment`` itself, once it is known to be a function that maps a batch of points
+    ``(B, *event)`` and a key to points of the same shape and dtype (traced abstractly with
+    ``jax.eval_shape``: nothing is computed); ``ValueError`` otherwise."""
+    if augment is None:
+        return None
+    if not callable(augment):
+        raise ValueError(f"augment must be a function (key, points) -> points, got {augment!r}")
+    points = inputs[0] if isinstance(inputs, tuple) else inputs
+    batch = jax.ShapeDtypeStruct((2, *points.shape[1:]), points.dtype)
+    try:
+        out = jax.eval_shape(augment, jax.eval_shape(lambda: jax.random.key(0)), batch)
+    except Exception as err:  # any failure to trace is the user's function's, named
+        raise ValueError(f"augment(key, points) fails on a batch {batch}: {err}") from err
+    if getattr(out, "shape", None) != batch.shape or getattr(out, "dtype", None) != batch.dtype:
+        raise ValueError(
+            f"augment must return points of the batch's shape and dtype {batch.shape} "
+            f"{batch.dtype}, got {out}"
+        )
+    return augment
 
 
 def schedule_steps(stored_meta: dict | None, num_steps: int, folder) -> int:
