@@ -99,28 +99,13 @@ def _digits(space: str) -> Split:
     parts = digits.train[:-300], digits.train[-300:], digits.test
     if space == "box":
         return Split(*parts, np.zeros(300), np.zeros(len(digits.test)), "nats/image (scaled)")
-    box = ebm.bounded.logit_box(-1.0, 1.0)
-    (train, _), (validation, val_jac), (test, test_jac) = (
-        ebm.bounded.unbounded(points, box) for points in parts
+    coordinates = ebm.bounded.BoxCoordinates.fit(
+        parts[0], ebm.bounded.logit_box(-1.0, 1.0), grid=ebm.datasets.DIGITS_GRID
     )
-    mean, std = np.mean(train, axis=0), np.std(train, axis=0)
-    validation_jac, test_jac = (
-        np.asarray(jac, np.float64) - np.log(std).sum() for jac in (val_jac, test_jac)
+    (train, _), (validation, validation_jac), (test, test_jac) = (
+        coordinates.to_model(points) for points in parts
     )
-    train, validation, test = (
-        ((np.asarray(points) - mean) / std).astype(np.float32)
-        for points in (train, validation, test)
-    )
-    mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
-    cells = 17 / 2  # cells per unit of the box: pixel + u = (x + 1) * 17 / 2
-
-    def to_cells(z):
-        return (box(z * std + mean) + 1.0) * cells
-
-    def from_cells(t):
-        return (box.inv(t / cells - 1.0) - mean) / std
-
-    augment = ebm.tables.redequantizer(to_cells, from_cells, np.ones(64, bool))
+    augment = coordinates.redequantizer()
     units = "nats/image (scaled; models on the logit map of the box, standardized)"
     return Split(train, validation, test, validation_jac, test_jac, units, augment)
 

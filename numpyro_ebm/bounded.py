@@ -31,11 +31,16 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import jax.numpy as jnp
 import numpy as np
 from numpyro.distributions import transforms
 
-__all__ = ["DEFAULT_MARGIN", "logit_box", "unbounded"]
+from numpyro_ebm import tables
+
+__all__ = ["DEFAULT_MARGIN", "BoxCoordinates", "logit_box", "unbounded"]
 
 DEFAULT_MARGIN = 0.01
 """Share of the box's width added on each side before the logit (RealNVP's ``α``: ``0.05``
@@ -102,3 +107,73 @@ def unbounded(x, box: transforms.Transform) -> tuple[jnp.ndarray, jnp.ndarray]:
         )
     log_jacobian = -box.log_abs_det_jacobian(y, x)
     return y, log_jacobian.reshape(x.shape[0], -1).sum(axis=1)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BoxCoordinates:
+    """A model's coordinates for data in a box: the logit map, then standardization,
+    ``z = (box.inv(x) − mean) / std``, with the map back and the Jacobian of each point.
+
+    Attributes:
+        box: the map from the real line onto the box (``logit_box``).
+        mean, std: ``(D,)`` float32 moments of the training rows on the real line.
+        grid: ``(start, step)`` of a recording grid shared by every coordinate (digits:
+            ``(−1, 2/17)``, pixel ``k`` is the cell ``[start + k step, start + (k + 1) step)``),
+            or None for continuous values; ``redequantizer`` moves points within its cells.
+
+    Example:
+        >>> import numpy as np, numpyro_ebm as ebm
+        >>> x = np.array([[-0.9, 0.1], [0.3, 0.8], [0.5, -0.2]], np.float32)
+        >>> coords = ebm.bounded.BoxCoordinates.fit(x, ebm.bounded.logit_box(-1.0, 1.0))
+        >>> z, log_jacobian = coords.to_model(x)
+        >>> bool(np.allclose(coords.to_original(z), x, atol=1e-5)), log_jacobian.shape
+        (True, (3,))
+    """
+
+    box: transforms.Transform
+    mean: np.ndarray
+    std: np.ndarray
+    grid: tuple[float, float] | None = None
+
+    @classmethod
+    def fit(cls, train, box: transforms.Transform, *, grid=None) -> BoxCoordinates:
+        """The coordinates whose moments are the training rows' ``train`` ``(n, D)``."""
+        y = unbounded(train, box)[0]
+        if grid is not None and not (len(grid) == 2 and float(grid[1]) > 0):
+            raise ValueError(f"grid must be (start, step) with step > 0, got {grid!r}")
+        return cls(box, np.asarray(jnp.mean(y, axis=0)), np.asarray(jnp.std(y, axis=0)), grid)
+
+    def to_model(self, x) -> tuple[np.ndarray, np.ndarray]:
+        """``(z, log_jacobian)``: float32 model coordinates of ``x`` ``(n, D)`` and per point
+        ``log |dz/dx|`` (float64), so that ``log p_box(x) = log p_model(z) + log_jacobian``."""
+        y, log_jacobian = unbounded(x, self.box)
+        z = np.asarray((y - self.mean) / self.std, np.float32)
+        return z, np.asarray(log_jacobian, np.float64) - np.log(self.std).sum()
+
+    def to_original(self, z) -> np.ndarray:
+        """Model coordinates ``(n, D)`` back onto the box."""
+        return np.asarray(self.box(jnp.asarray(z) * self.std + self.mean))
+
+    def log_jacobian(self, z) -> np.ndarray:
+        """Per point ``log |dz/dx|`` at model coordinates ``z`` ``(n, D)`` (``to_model``'s)."""
+        y = jnp.asarray(z, jnp.float32) * self.std + self.mean
+        per_coordinate = -self.box.log_abs_det_jacobian(y, self.box(y))
+        total = np.asarray(per_coordinate, np.float64).reshape(y.shape[0], -1).sum(axis=1)
+        return total - np.log(self.std).sum()
+
+    def redequantizer(self) -> Callable:
+        """``fresh(key, z)``: model coordinates with every coordinate moved to a new uniform
+        place in its own cell of ``grid`` (``tables.redequantizer``), for ``fit``'s
+        ``augment``."""
+        if self.grid is None:
+            raise ValueError("these coordinates have no recording grid to redequantize on")
+        start, cells = float(self.grid[0]), float(np.float32(1.0 / float(self.grid[1])))
+        mean, std = jnp.asarray(self.mean, jnp.float32), jnp.asarray(self.std, jnp.float32)
+
+        def to_cells(z):
+            return (self.box(z * std + mean) - start) * cells
+
+        def from_cells(t):
+            return (self.box.inv(t / cells + start) - mean) / std
+
+        return tables.redequantizer(to_cells, from_cells, np.ones(len(self.mean), bool))

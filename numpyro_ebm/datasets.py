@@ -65,6 +65,7 @@ from jax.scipy.special import logsumexp as _jax_logsumexp
 
 __all__ = [
     "BIMODAL_SPLIT",
+    "DIGITS_GRID",
     "TABLE_NAMES",
     "TOY_NAMES",
     "Digits",
@@ -397,6 +398,10 @@ def toy(name: str) -> ToyDensity:
 _DIGITS_LEVELS = 17  # integer pixels 0..16, dequantized to [0, 17)
 _DIGITS_NUM_PIXELS = 64
 _DIGITS_IMAGE_SHAPE = (8, 8)
+
+DIGITS_GRID = (-1.0, 2.0 / _DIGITS_LEVELS)
+"""``(start, step)`` of the pixel cells in ``digits()``'s scaled space: pixel ``k`` is the cell
+``[−1 + 2k/17, −1 + 2(k + 1)/17)`` (``bounded.BoxCoordinates``' ``grid``)."""
 
 
 class Digits(NamedTuple):

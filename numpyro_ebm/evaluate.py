@@ -59,17 +59,37 @@ def _model_log_prob(energy: Callable, x: jax.Array, log_z: float) -> np.ndarray:
     return -energies - log_z
 
 
-def log_likelihood(energy: Callable, data, log_z) -> MeanEstimate:
-    """Mean held-out log-likelihood ``mean(−E(x) − log Z)`` with its standard error.
+def log_likelihood(energy: Callable, data, log_z, *, log_jacobian=None) -> MeanEstimate:
+    """Mean held-out log-likelihood ``mean(−E(x) − log Z + log_jacobian)`` with its standard
+    error.
 
     Args:
         energy: one event -> scalar.
         data: ``(num_points, *event_shape)`` test data.
         log_z: a float or ``LogZEstimate`` (its ``.value`` is used).
+        log_jacobian: ``log |dz/dx|`` of the map from the reported units ``x`` to the model's
+            coordinates ``z = data``: a number (``tables.TableTransform.log_jacobian``) or one
+            per point ``(num_points,)`` (``bounded.BoxCoordinates.to_model``); None: 0.
+
+    Example:
+        >>> import jax.numpy as jnp, numpyro_ebm as ebm
+        >>> energy = ebm.energies.GaussianEnergy(jnp.zeros(2))
+        >>> ll = ebm.evaluate.log_likelihood(energy, jnp.zeros((3, 2)), energy.log_z)
+        >>> round(ll.value, 4)
+        -1.8379
     """
     data = validate_data(data)
     value = getattr(log_z, "value", log_z)
-    return _mean_and_stderr(_model_log_prob(energy, data, float(value)))
+    log_prob = _model_log_prob(energy, data, float(value))
+    if log_jacobian is not None:
+        log_jacobian = np.asarray(log_jacobian, np.float64)
+        if log_jacobian.shape not in ((), (len(log_prob),)):
+            raise ValueError(
+                f"log_jacobian must be a number or one per point ({len(log_prob)},), got "
+                f"shape {log_jacobian.shape}"
+            )
+        log_prob = log_prob + log_jacobian
+    return _mean_and_stderr(log_prob)
 
 
 def kl_to_toy(

@@ -473,3 +473,56 @@ def test_commands_on_a_folder_that_is_not_a_run(tmp_path, capsys, command):
         code, _, err = run_cli(capsys, command[0], folder, *command[1:])
         assert_user_error(code, err, folder)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="needs scikit-learn")
+def test_train_on_digits_off_the_box_reports_the_test_split_on_the_box(tmp_path, capsys):
+    """Digits are trained off their box (logit map, standardized, fresh dequantization noise),
+    selected on the last 300 training images, and scored on the test split in the box's units
+    (each image's log-Jacobian added)."""
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, "train", "--data", "digits", "--out", run, *TINY)
+    assert code == 0, err
+    stored = json.loads((run / "run.json").read_text())
+    assert stored["config"]["data"]["space"] == "logit"
+    assert stored["config"]["data"]["fresh_noise"] is True
+    assert stored["split"] == {"train": 1197, "validation": 300, "test": 300}
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["heldout"]) == {"test"}
+    (entry,) = metrics["heldout"]["test"].values()
+    assert entry["units"] == "box" and entry["num_points"] == 300
+    assert "digits test split" in out and "also used to select" not in out
+
+    # the same number from the pieces: the energy at each test image's model coordinates,
+    # the log Z used, and each image's log |dz/dx| (logit map and standardization)
+    digits = numpyro_ebm.datasets.digits()
+    box = numpyro_ebm.bounded.logit_box(-1.0, 1.0)
+    y_train = np.asarray(numpyro_ebm.bounded.unbounded(digits.train[:-300], box)[0], np.float64)
+    y_test, jac = numpyro_ebm.bounded.unbounded(digits.test, box)
+    mean, std = y_train.mean(axis=0), y_train.std(axis=0)
+    z = (np.asarray(y_test, np.float64) - mean) / std
+    energy = cli.commands.fit_result(str(run)).energy
+    energies = np.array([float(energy(np.float32(point))) for point in z])
+    expected = -energies - entry["log_z"] + np.asarray(jac, np.float64) - np.log(std).sum()
+    assert entry["log_likelihood"] == pytest.approx(expected.mean(), abs=2e-3)
+    assert entry["stderr"] == pytest.approx(expected.std(ddof=1) / math.sqrt(300), rel=1e-3)
+
+    samples_path = tmp_path / "samples.npy"
+    code, _, err = run_cli(capsys, "sample", run, "--num", 50, "--out", samples_path)
+    assert code == 0, err
+    samples = np.load(samples_path)
+    # on the box widened by the logit map's margin (0.01 of its width on each side)
+    assert samples.shape == (50, 64) and np.all(np.abs(samples) < 1 / 0.98 + 1e-6)
+
+
+def test_a_digits_run_from_before_the_logit_map_keeps_its_box_and_splits():
+    """A run.json without ``"space"`` trained on the box and selected on the test split: its
+    data are prepared as they were, so it resumes and evaluates as before."""
+    data = cli.data_files.prepare(
+        {"data": {"name": "digits", "standardized": False}, "seed": 0}, None, None
+    )
+    digits = numpyro_ebm.datasets.digits()
+    assert data.box is None and data.test is None
+    np.testing.assert_array_equal(data.train, digits.train)
+    np.testing.assert_array_equal(data.validation, digits.test)
+    assert data.heldout[0] == "validation" and data.units == "data"

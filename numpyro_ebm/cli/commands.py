@@ -126,12 +126,13 @@ def _log_z(res, data: Data, method: str, key) -> logz.LogZEstimate:
 
 def _heldout(res, data: Data, points_model: np.ndarray, log_z: logz.LogZEstimate) -> dict:
     """Held-out log-likelihood per point in the original units, with what it used."""
-    ll = evaluate.log_likelihood(res.energy, points_model, log_z)
+    log_jacobian = data.log_jacobian_at(points_model)
+    ll = evaluate.log_likelihood(res.energy, points_model, log_z, log_jacobian=log_jacobian)
     return {
         "num_points": len(points_model),
-        "log_likelihood": ll.value + data.log_jacobian,
+        "log_likelihood": ll.value,
         "stderr": ll.stderr,
-        "units": "original" if data.mean is not None else "data",
+        "units": data.units,
         "log_z": log_z.value,
         "log_z_stderr": log_z.stderr,
         "log_z_method": log_z.method,
@@ -139,7 +140,7 @@ def _heldout(res, data: Data, points_model: np.ndarray, log_z: logz.LogZEstimate
             **({} if log_z.ess is None else {"ess": log_z.ess}),
             **{k: v for k, v in (log_z.info or {}).items() if k == "bounds" or np.ndim(v) == 0},
         },
-        "log_jacobian": data.log_jacobian,
+        "log_jacobian": float(np.mean(log_jacobian)),
         **({"log_cell_volume": data.log_cell_volume} if data.dequantizes else {}),
     }
 
@@ -168,8 +169,12 @@ def _print_table(rows) -> None:
         print(f"  {name:<{width}}  {value}")
 
 
-def _split_name(config: dict) -> str:
-    return "digits test split" if config["data"]["name"] == "digits" else "validation split"
+def _split_name(config: dict, data: Data) -> str:
+    if config["data"]["name"] != "digits":
+        return "validation split"
+    if data.test is None:  # a run made before digits had a validation split
+        return "digits test split (also used to select the kept step)"
+    return "digits test split"
 
 
 def _heldout_rows(entry: dict, what: str) -> list[tuple[str, str]]:
@@ -293,8 +298,9 @@ def _finish_training(args, config: dict, data: Data, run: dict, res, seconds: fl
     out = args.out
     step = int(res.state.step)
     log_z = _log_z(res, data, "auto", _run_key(config, KEY_LOG_Z))
-    entry = _heldout(res, data, data.validation, log_z)
-    updates = {"heldout": {"validation": {log_z.method: entry}}}
+    split, points = data.heldout
+    entry = _heldout(res, data, points, log_z)
+    updates = {"heldout": {split: {log_z.method: entry}}}
     if data.toy is not None:
         updates["kl_to_toy"] = _kl(res, data, _run_key(config, KEY_KL))
     update_metrics(out, step, updates)
@@ -323,7 +329,7 @@ def _training_rows(config, data: Data, run, res, entry, updates, seconds) -> lis
         ("data", f"{_source(run, config)} ({standardized})"),
         ("steps", steps),
         *(() if res.best_step is None else [("kept parameters of step", str(res.best_step))]),
-        *_heldout_rows(entry, _split_name(config)),
+        *_heldout_rows(entry, _split_name(config, data)),
     ]
     if data.toy is not None:
         kl = updates["kl_to_toy"]
@@ -425,7 +431,7 @@ def _evaluate_locked(args: argparse.Namespace, run: dict, points, extra) -> int:
     key = _run_key(config, KEY_LOG_Z, args.seed)
     log_z = _log_z(res, data, args.log_z, key)
     if extra is None:
-        name, what, points_model = "validation", _split_name(config), data.validation
+        (name, points_model), what = data.heldout, _split_name(config, data)
     else:
         name = what = os.path.abspath(args.data)
         names = config["data"].get("columns")

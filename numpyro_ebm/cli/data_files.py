@@ -24,7 +24,7 @@ import stat
 import jax
 import numpy as np
 
-from numpyro_ebm import datasets, tables
+from numpyro_ebm import bounded, datasets, tables
 from numpyro_ebm.cli._common import (
     KEY_DATA,
     KEY_DEQUANTIZE,
@@ -378,9 +378,12 @@ def file_to_model(data: Data, points: np.ndarray, names, path: str, *, key) -> n
 
 @dataclasses.dataclass
 class Data:
-    """A run's data in model coordinates (dequantized and standardized for user files) and
-    the map back. ``quantum`` (d,): each column's recording grid, 0 for a continuous column
-    (None for a run that does not dequantize)."""
+    """A run's data in model coordinates (dequantized and standardized for user files; for
+    digits, off its box by the logit map and standardized) and the map back. ``quantum``
+    (d,): each column's recording grid, 0 for a continuous column (None for a run that does
+    not dequantize); ``box``: digits' ``bounded.BoxCoordinates``; ``test``: a split neither
+    trained on nor used to select the model (digits' test split), reported instead of
+    ``validation`` when there is one."""
 
     train: np.ndarray
     validation: np.ndarray
@@ -388,6 +391,13 @@ class Data:
     mean: np.ndarray | None = None
     std: np.ndarray | None = None
     quantum: np.ndarray | None = None
+    box: bounded.BoxCoordinates | None = None
+    test: np.ndarray | None = None
+
+    @property
+    def heldout(self) -> tuple[str, np.ndarray]:
+        """``(name, points)`` of the split the held-out score is reported on."""
+        return ("validation", self.validation) if self.test is None else ("test", self.test)
 
     @property
     def dequantizes(self) -> bool:
@@ -396,6 +406,8 @@ class Data:
     def to_model(self, points, *, key=None) -> np.ndarray:
         """Recorded points (n, d) to model coordinates; ``key`` draws the dequantization
         noise ``U[0, q)`` of the gridded columns (needed when there are any)."""
+        if self.box is not None:  # digits: dequantized on its box already
+            return self.box.to_model(points)[0]
         points = np.asarray(points, np.float64)
         if self.dequantizes:
             if key is None:
@@ -408,6 +420,8 @@ class Data:
     def to_original(self, points, *, on_grid: bool = False) -> np.ndarray:
         """Model coordinates to the original units; ``on_grid``: gridded columns are put back
         on their grid (the cell ``[v, v + q)`` a value falls in gives ``v``)."""
+        if self.box is not None:
+            return self.box.to_original(points)
         points = np.asarray(points, np.float64)
         points = points if self.mean is None else self.mean + self.std * points
         return tables.snap_to_grid(points, self.quantum) if on_grid and self.dequantizes else points
@@ -415,6 +429,8 @@ class Data:
     def redequantizer(self):
         """``fit``'s ``augment`` drawing new dequantization noise for every training batch
         (``tables.TableTransform.redequantizer``), or None when nothing is dequantized."""
+        if self.box is not None:
+            return self.box.redequantizer()
         if not self.dequantizes:
             return None
         return tables.TableTransform(self.quantum, self.mean, self.std).redequantizer()
@@ -432,6 +448,38 @@ class Data:
         units' one (float64 logs of float64 standard deviations, correctly rounded sum)."""
         return 0.0 if self.std is None else -math.fsum(np.log(self.std))
 
+    def log_jacobian_at(self, points) -> float | np.ndarray:
+        """``log_jacobian``, or per point ``(n,)`` for model coordinates ``points`` off a box
+        (``bounded.BoxCoordinates.log_jacobian``)."""
+        return self.log_jacobian if self.box is None else self.box.log_jacobian(points)
+
+    @property
+    def units(self) -> str:
+        """The units held-out scores are reported in."""
+        if self.box is not None:
+            return "box"
+        return "original" if self.mean is not None else "data"
+
+
+DIGITS_VALIDATION = 300
+"""Digits' validation split: the last rows of ``datasets.digits().train`` (as in
+benchmarks/real_data.py)."""
+
+
+def _digits(entry: dict) -> Data:
+    """Digits off its box (``"space": "logit"``): the training split less its last
+    ``DIGITS_VALIDATION`` rows, which select the model, the test split reported. Runs made
+    before that (no ``"space"``) trained on the box and selected on the test split."""
+    digits = datasets.digits()
+    if entry.get("space") != "logit":
+        return Data(digits.train, digits.test)
+    train = digits.train[:-DIGITS_VALIDATION]
+    box = bounded.BoxCoordinates.fit(train, bounded.logit_box(-1.0, 1.0), grid=datasets.DIGITS_GRID)
+    train, validation, test = (
+        box.to_model(rows)[0] for rows in (train, digits.train[-DIGITS_VALIDATION:], digits.test)
+    )
+    return Data(train, validation, box=box, test=test)
+
 
 def prepare(config: dict, points: np.ndarray | None, standardization: dict | None) -> Data:
     """Sample/load, split, dequantize and standardize the run's data (deterministic in
@@ -439,8 +487,7 @@ def prepare(config: dict, points: np.ndarray | None, standardization: dict | Non
     key = jax.random.key(config["seed"])
     name = config["data"]["name"]
     if name == "digits":
-        digits = datasets.digits()
-        return Data(digits.train, digits.test)
+        return _digits(config["data"])
     toy = None
     if name in TOYS:
         toy = datasets.toy(name)

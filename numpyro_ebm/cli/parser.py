@@ -175,7 +175,12 @@ def _data_config(args: argparse.Namespace, columns: list[str] | None) -> tuple:
                 raise UsageError("--num-data", "only applies to the built-in toys; leave it out")
             if importlib.util.find_spec("sklearn") is None:
                 raise UsageError("--data", "digits needs scikit-learn; pip install scikit-learn")
-            data = {"name": "digits", "standardized": False}
+            data = {
+                "name": "digits",
+                "standardized": False,
+                "space": "logit",  # off the box (bounded.logit_box); runs before: the box
+                "fresh_noise": True,
+            }
         else:
             num_points = args.num_data or 50_000
             check_rows(num_points, args.validation_fraction, "--num-data")

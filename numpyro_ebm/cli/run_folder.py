@@ -313,7 +313,7 @@ def as_stored(stored: dict, config: dict, *, given: frozenset[str]) -> dict:
         config.pop("patience", None)
     if "hidden" not in given:
         config["hidden"] = stored["hidden"]
-    for name in ("dequantize", "fresh_noise"):
+    for name in ("dequantize", "fresh_noise", "space"):
         if name not in stored["data"]:
             config["data"] = {k: v for k, v in config["data"].items() if k != name}
     return config
@@ -357,7 +357,11 @@ def new_run(config: dict, data: Data, argv: list[str], path: str | None) -> dict
             "quantum": data.quantum.tolist(),
         },
         "event_shape": list(data.train.shape[1:]),
-        "split": {"train": len(data.train), "validation": len(data.validation)},
+        "split": {
+            "train": len(data.train),
+            "validation": len(data.validation),
+            **({} if data.test is None else {"test": len(data.test)}),
+        },
         "versions": {
             "numpyro_ebm": ebm.__version__,
             "jax": jax.__version__,
