@@ -12,7 +12,9 @@ Three questions, answered with the tools NumPyro and BlackJAX users already know
   them in a ``training`` group (dimension ``step``).
 * Can I trust the result? ``diagnose`` (``diagnostics.checks``, which documents every check and
   threshold) checks both and prints a short verdict; ``report`` (``diagnostics.report``) writes
-  an HTML or Markdown report with figures and tables.
+  an HTML or Markdown report with figures and tables. ``chain_lag`` (``diagnostics.lag``)
+  tells negatives that lag behind the model from a model still moving, which the
+  ``energy_gap`` check cannot.
 
 Example:
     >>> import jax, jax.numpy as jnp, arviz as az
@@ -27,12 +29,15 @@ Example:
 
 from numpyro_ebm.diagnostics.arviz import to_datatree
 from numpyro_ebm.diagnostics.checks import THRESHOLDS, Check, Diagnosis, diagnose
+from numpyro_ebm.diagnostics.lag import ChainLag, chain_lag
 from numpyro_ebm.diagnostics.report import report
 
 __all__ = [
     "THRESHOLDS",
+    "ChainLag",
     "Check",
     "Diagnosis",
+    "chain_lag",
     "diagnose",
     "report",
     "to_datatree",

@@ -96,7 +96,8 @@ def _energy_gap_check(history: dict) -> Check | None:
         f"{recent:+.3f} nats",
         "|gap| ≤ {ok} ok, ≤ {fail} warn",
         "data and negatives have the same mean energy",
-        "the negatives do not look like the data to the model " + where,
+        "the negatives do not look like the data to the model " + where + "; "
+        "diagnostics.chain_lag tells lagging chains from a model still moving",
     )
 
 

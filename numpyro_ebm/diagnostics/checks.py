@@ -30,7 +30,8 @@ acceptance        mean acceptance within 0.1 of the kernel's target ok (during t
 step_size         training step size inside its clip range (1e-6, 10), else fail
 nonfinite_steps   no rejected (non-finite) training steps ok, else warn
 energy_gap        |mean E(data) − mean E(negatives)| over the last 10% of steps ≤ 0.25
-                  nats ok, ≤ 1 warn, else fail
+                  nats ok, ≤ 1 warn, else fail (a model still moving and chains that lag
+                  both make a gap: ``chain_lag`` tells them apart)
 energy_drift      change of the mean energies between the 6th and the last tenth of
                   training ≤ 0.5 nats ok, ≤ 5 warn, else fail
 langevin_grad     growth of mean ‖∇ₓE‖ at the negatives over the same span ≤ ×2 ok,
