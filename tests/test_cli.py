@@ -492,6 +492,7 @@ def test_train_on_digits_off_the_box_reports_the_test_split_on_the_box(tmp_path,
     (entry,) = metrics["heldout"]["test"].values()
     assert entry["units"] == "box" and entry["num_points"] == 300
     assert "digits test split" in out and "also used to select" not in out
+    assert "off its box by the logit map" in out
 
     # the same number from the pieces: the energy at each test image's model coordinates,
     # the log Z used, and each image's log |dz/dx| (logit map and standardization)

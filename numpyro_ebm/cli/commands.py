@@ -319,6 +319,8 @@ def _training_rows(config, data: Data, run, res, entry, updates, seconds) -> lis
     """The rows of the table ``train`` prints."""
     history = res.history
     standardized = "standardized" if data.mean is not None else "as is"
+    if data.box is not None:
+        standardized = "off its box by the logit map, standardized, new noise every step"
     if data.dequantizes:
         gridded = int(np.sum(data.quantum > 0))
         standardized = f"{gridded} gridded column(s) dequantized, {standardized}"
@@ -360,6 +362,8 @@ def _write_or_warn(name: str, write) -> None:
 
 def _write_report(res, data: Data, config: dict, path: str) -> str:
     coordinates = ", standardized coordinates" if data.mean is not None else ""
+    if data.box is not None:
+        coordinates = ", standardized logit coordinates"
     title = (
         f"numpyro-ebm run on {config['data']['name']}: {res.config.objective.name} objective, "
         f"{res.config.negatives_name} negatives, {config['sampler']}{coordinates}"
