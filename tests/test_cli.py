@@ -527,3 +527,37 @@ def test_a_digits_run_from_before_the_logit_map_keeps_its_box_and_splits():
     np.testing.assert_array_equal(data.train, digits.train)
     np.testing.assert_array_equal(data.validation, digits.test)
     assert data.heldout[0] == "validation" and data.units == "data"
+
+
+def test_a_run_stopped_early_by_patience_is_finished(tmp_path, capsys):
+    """A run that ``--patience`` stopped before ``--steps`` is over: ``evaluate`` and
+    ``sample`` use it, and ``train`` again only recomputes its metrics."""
+    data = user_csv(tmp_path / "data.csv")
+    run = tmp_path / "run"
+    command = ["train", "--data", data, "--columns", "x,y", "--out", run, *TINY]
+    command += ["--steps", 400, "--patience", 10, "--checkpoint-every", 10, "--no-report"]
+    code, out, err = run_cli(capsys, *command)
+    assert code == 0, err
+    assert "stopped early: --patience 10" in out
+    step = training.checkpoint_step(str(run / "checkpoint"))
+    best = training.checkpoint_best_step(str(run / "checkpoint"))
+    assert step < 400 and step - best >= 10
+
+    code, out, err = run_cli(capsys, "evaluate", run)
+    assert code == 0, err
+    samples_path = tmp_path / "samples.npy"
+    code, _, err = run_cli(capsys, "sample", run, "--num", 20, "--out", samples_path)
+    assert code == 0, err
+    assert np.load(samples_path).shape == (20, 2)
+    code, out, err = run_cli(capsys, *command)
+    assert code == 0, err
+    assert f"is trained already (stopped early at step {step}" in out
+    assert training.checkpoint_step(str(run / "checkpoint")) == step
+
+    # a hand-edited kept step is named, not trusted
+    meta_path = checkpoint_file(run, "meta.json")
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "best_step": "880"}))
+    code, _, err = run_cli(capsys, "evaluate", run)
+    assert_user_error(code, err, "meta.json")
+    assert "best_step" in err

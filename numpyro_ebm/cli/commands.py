@@ -55,6 +55,7 @@ from numpyro_ebm.cli.run_folder import (
     new_run,
     remove_created,
     started,
+    stopped_early,
     update_metrics,
 )
 from numpyro_ebm.training import TrainingDivergedError
@@ -266,6 +267,11 @@ def _announce(out: str, config: dict, data: Data, source: str, start_step: int |
     """Say whether ``train`` starts, resumes or only recomputes the metrics of a run."""
     if start_step and start_step >= config["steps"]:
         print(f"{out} is trained already ({start_step} steps): recomputing its metrics")
+    elif start_step and stopped_early(out, config, start_step):
+        print(
+            f"{out} is trained already (stopped early at step {start_step}: --patience "
+            f"{config['patience']}): recomputing its metrics"
+        )
     elif start_step:
         print(f"Resuming {out} from step {start_step} of {config['steps']}")
     else:

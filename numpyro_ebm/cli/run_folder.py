@@ -43,6 +43,17 @@ def checkpoint_step(folder: str) -> int | None:
     return training.checkpoint_step(os.path.join(folder, CHECKPOINT_DIR))
 
 
+def stopped_early(folder: str, config: dict, step: int) -> bool:
+    """Whether the run's checkpoint at ``step`` is the end of a run stopped by ``--patience``:
+    ``patience`` steps past its kept step (``training.checkpoint_best_step``; a checkpoint
+    written before the kept step was recorded counts as not stopped)."""
+    patience = config.get("patience")
+    if patience is None:
+        return False
+    best = training.checkpoint_best_step(os.path.join(folder, CHECKPOINT_DIR))
+    return best is not None and step - best >= patience
+
+
 def _damaged(path: str, problem: str) -> UsageError:
     return UsageError(
         path,
@@ -211,7 +222,7 @@ def load_run(folder: str) -> tuple[dict, np.ndarray | None]:
             "model; train into a new --out with a lower --learning-rate",
         )
     step = checkpoint_step(folder)
-    if step is None or step < config["steps"]:
+    if step is None or (step < config["steps"] and not stopped_early(folder, config, step)):
         stopped = "before its first checkpoint" if step is None else f"at step {step}"
         raise UsageError(
             folder,

@@ -14,6 +14,7 @@ negative sampler; one loop (``loop.train``); ``fit`` for an energy on data and
 
 from numpyro_ebm.training.checkpoint import (
     CheckpointError,
+    checkpoint_best_step,
     checkpoint_step,
     latest_checkpoint,
     load_checkpoint,
@@ -89,6 +90,7 @@ __all__ = [
     "TrainingDivergedError",
     "attempt_key",
     "build_objective",
+    "checkpoint_best_step",
     "checkpoint_step",
     "default_energy_l2",
     "default_optimizer",

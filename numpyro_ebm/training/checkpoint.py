@@ -216,6 +216,27 @@ def checkpoint_step(folder: str | os.PathLike) -> int | None:
     return meta["step"]
 
 
+def checkpoint_best_step(folder: str | os.PathLike) -> int | None:
+    """The step of the selected energy (``FitResult.best_step``) in ``folder``'s current
+    checkpoint, without building the state: None when there is no checkpoint, nothing was
+    selected yet (no validation data, or before the first held-out score), or the checkpoint
+    was written before the step was recorded. With ``checkpoint_step`` it says whether a
+    run with ``patience`` is over before ``num_steps``.
+
+    Raises:
+        CheckpointError: a damaged or truncated ``meta.json`` (named).
+    """
+    checkpoint = latest_checkpoint(os.fspath(folder))
+    if checkpoint is None:
+        return None
+    best = read_meta(checkpoint).get("best_step")
+    if not (best is None or (type(best) is int and best >= 0)):
+        raise CheckpointError(
+            os.path.join(checkpoint, META_FILE), f"has a wrong 'best_step' entry ({best!r})"
+        )
+    return best
+
+
 def load_checkpoint(
     folder: str, like, expected: dict | None = None
 ) -> tuple[object, dict, dict] | None:
@@ -468,7 +489,14 @@ def saver(folder, meta: dict):
         if jax.process_index() != 0:
             return
         rows = len(history["is_finite"])  # accepted and rejected steps
-        info = {"step": int(state.step), "history_rows": rows, "diverged": diverged}
+        best = getattr(state, "best", None)
+        best_step = None if best is None or int(best.step) < 0 else int(best.step)
+        info = {
+            "step": int(state.step),
+            "history_rows": rows,
+            "diverged": diverged,
+            "best_step": best_step,
+        }
         save_checkpoint(folder, state, _with_records(history, recorded), {**meta, **info})
 
     return save
