@@ -515,6 +515,18 @@ def test_train_on_digits_off_the_box_reports_the_test_split_on_the_box(tmp_path,
     # on the box widened by the logit map's margin (0.01 of its width on each side)
     assert samples.shape == (50, 64) and np.all(np.abs(samples) < 1 / 0.98 + 1e-6)
 
+    # a file of points on the box is scored like the test split; one off the box is refused
+    test_file, bad_file = tmp_path / "test.npy", tmp_path / "bad.npy"
+    np.save(test_file, digits.test)
+    code, _, err = run_cli(capsys, "evaluate", run, "--data", test_file)
+    assert code == 0, err
+    (again,) = json.loads((run / "metrics.json").read_text())["heldout"][str(test_file)].values()
+    assert again["log_likelihood"] == pytest.approx(entry["log_likelihood"], abs=1e-4)
+    np.save(bad_file, np.where(np.arange(64) == 5, 1.5, digits.test[:3]))
+    code, _, err = run_cli(capsys, "evaluate", run, "--data", bad_file)
+    assert_user_error(code, err, bad_file)
+    assert "outside the run's box" in err and "column 5" in err
+
 
 def test_a_digits_run_from_before_the_logit_map_keeps_its_box_and_splits():
     """A run.json without ``"space"`` trained on the box and selected on the test split: its

@@ -371,6 +371,16 @@ def _check_standardizable(points: np.ndarray, mean, std, names, path: str) -> No
 
 def file_to_model(data: Data, points: np.ndarray, names, path: str, *, key) -> np.ndarray:
     """``data.to_model(points, key=key)`` for the points of a user's file, checked first."""
+    if data.box is not None:
+        outside = ~np.isfinite(np.asarray(data.box.box.inv(np.asarray(points, np.float32))))
+        if outside.any():
+            i, j = np.argwhere(outside)[0]
+            raise UsageError(
+                path,
+                f"holds {points[i, j]:g} in row {i}, column {j}, outside the run's box (digits' "
+                "scaled pixels lie in (-1, 1)); pass points scaled like datasets.digits()",
+            )
+        return data.to_model(points)
     mean, std = (np.zeros(points.shape[1]), 1.0) if data.mean is None else (data.mean, data.std)
     _check_standardizable(points, mean, np.broadcast_to(std, mean.shape), names, path)
     return data.to_model(points, key=key)
