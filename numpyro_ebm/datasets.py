@@ -398,10 +398,8 @@ def toy(name: str) -> ToyDensity:
 _DIGITS_LEVELS = 17  # integer pixels 0..16, dequantized to [0, 17)
 _DIGITS_NUM_PIXELS = 64
 _DIGITS_IMAGE_SHAPE = (8, 8)
-
 DIGITS_GRID = (-1.0, 2.0 / _DIGITS_LEVELS)
-"""``(start, step)`` of the pixel cells in ``digits()``'s scaled space: pixel ``k`` is the cell
-``[−1 + 2k/17, −1 + 2(k + 1)/17)`` (``bounded.BoxCoordinates``' ``grid``)."""
+"""``(start, step)`` of pixel ``k``'s cell ``[start + k step, ...)`` in ``digits()``' space."""
 
 
 class Digits(NamedTuple):
@@ -590,9 +588,7 @@ def table(name: str, *, seed: int = 0) -> Table:
     bunch = loaders[name]()
     rows = np.asarray(bunch.data, np.float64)
     order = np.random.default_rng(seed).permutation(len(rows))
-    n_validation = n_test = round(0.2 * len(rows))
-    test, validation = order[:n_test], order[n_test : n_test + n_validation]
-    train = order[n_test + n_validation :]
+    test, validation, train = np.split(order, [round(0.2 * len(rows)), 2 * round(0.2 * len(rows))])
     return Table(rows[train], rows[validation], rows[test], tuple(bunch.feature_names))
 
 

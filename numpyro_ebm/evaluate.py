@@ -81,15 +81,16 @@ def log_likelihood(energy: Callable, data, log_z, *, log_jacobian=None) -> MeanE
     data = validate_data(data)
     value = getattr(log_z, "value", log_z)
     log_prob = _model_log_prob(energy, data, float(value))
-    if log_jacobian is not None:
-        log_jacobian = np.asarray(log_jacobian, np.float64)
-        if log_jacobian.shape not in ((), (len(log_prob),)):
-            raise ValueError(
-                f"log_jacobian must be a number or one per point ({len(log_prob)},), got "
-                f"shape {log_jacobian.shape}"
-            )
-        log_prob = log_prob + log_jacobian
-    return _mean_and_stderr(log_prob)
+    log_jacobian = np.asarray(0.0 if log_jacobian is None else log_jacobian, np.float64)
+    if log_jacobian.shape not in ((), (len(log_prob),)):
+        raise ValueError(
+            f"log_jacobian must be a number or one per point ({len(log_prob)},), got "
+            f"shape {log_jacobian.shape}"
+        )
+    if log_jacobian.ndim:
+        return _mean_and_stderr(log_prob + log_jacobian)
+    estimate = _mean_and_stderr(log_prob)  # a constant moves the mean, not its error
+    return MeanEstimate(estimate.value + float(log_jacobian), estimate.stderr)
 
 
 def kl_to_toy(
