@@ -65,9 +65,9 @@ def chain_lag(
     mean energy falls (see the module doc).
 
     Args:
-        result: a ``FitResult`` of an unconditional run whose negatives keep chains
-            (persistent, replay, short-run, contrastive divergence, tempering; the first
-            ``num_chains`` rows of a replay buffer).
+        result: a ``FitResult`` of an unconditional run that returned its chains
+            (``FitResult.chains``: persistent, replay, short-run or contrastive-divergence
+            negatives; of a replay buffer, its first ``num_chains`` rows).
         key: PRNG key, used once.
         num_steps: sampler steps to run (a multiple of ``num_records``).
         num_records: mean energies recorded along the way.
@@ -77,7 +77,10 @@ def chain_lag(
             conditional run, or ``num_steps`` not a positive multiple of ``num_records``.
     """
     if result.chains is None or not result.config.runs_chains:
-        raise ValueError("this run kept no chains (generator negatives or no negatives)")
+        raise ValueError(
+            "this run kept no chains (FitResult.chains is None: generator or tempering "
+            "negatives, or none)"
+        )
     if result.log_z is None:
         raise ValueError("chain_lag measures unconditional runs; this energy is conditional")
     if not (num_records >= 1 and num_steps >= num_records and num_steps % num_records == 0):
