@@ -438,15 +438,14 @@ def _evaluate_locked(args: argparse.Namespace, run: dict, points, extra) -> int:
     data = prepare(config, points, run["standardization"])
     energy = _energy(config, data.train.shape[1])
     res = ebm.load(os.path.join(args.dir, CHECKPOINT_DIR), energy=energy)
-    key = _run_key(config, KEY_LOG_Z, args.seed)
-    log_z = _log_z(res, data, args.log_z, key)
     if extra is None:
         (name, points_model), what = data.heldout, _split_name(config, data)
-    else:
+    else:  # checked before log Z is computed
         name = what = os.path.abspath(args.data)
         names = config["data"].get("columns")
         key = _run_key(config, KEY_DEQUANTIZE, args.seed)
         points_model = file_to_model(data, extra, names, args.data, key=key)
+    log_z = _log_z(res, data, args.log_z, _run_key(config, KEY_LOG_Z, args.seed))
     entry = _heldout(res, data, points_model, log_z)
     updates = {"heldout": {name: {log_z.method: entry}}}
     rows = [("run", f"{args.dir} (step {int(res.state.step)})"), *_heldout_rows(entry, what)]
