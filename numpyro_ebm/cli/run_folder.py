@@ -51,7 +51,7 @@ def stopped_early(folder: str, config: dict, step: int) -> bool:
     if patience is None:
         return False
     best = training.checkpoint_best_step(os.path.join(folder, CHECKPOINT_DIR))
-    return best is not None and step - best >= patience
+    return training.selection.over(step, best, patience)
 
 
 def _damaged(path: str, problem: str) -> UsageError:

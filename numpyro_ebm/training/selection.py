@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from numpyro_ebm.training import core
 
-__all__ = ["BestState", "start", "stopped", "update"]
+__all__ = ["BestState", "over", "start", "stopped", "update"]
 
 NOTHING_YET = float(jnp.finfo(jnp.float32).max)  # finite: the step rejects non-finite states
 
@@ -68,6 +68,12 @@ def stopped(state, patience: int | None) -> bool:
     """Whether a run with ``patience`` is over: ``patience`` steps since its best score (host
     side, between compiled calls)."""
     best = getattr(state, "best", None)
-    if patience is None or best is None or int(best.step) < 0:
+    return best is not None and over(int(state.step), int(best.step), patience)
+
+
+def over(step: int, best_step: int | None, patience: int | None) -> bool:
+    """The early-stopping rule: ``patience`` steps past the best score's step (``best_step``
+    None or negative: nothing scored yet; ``patience`` None: never stop early)."""
+    if patience is None or best_step is None or best_step < 0:
         return False
-    return int(state.step) - int(best.step) >= patience
+    return step - best_step >= patience
