@@ -264,6 +264,21 @@ def test_an_out_folder_that_cannot_be_created(tmp_path, capsys):
         assert os.listdir(tmp_path) == ["data.npy"]  # no parent folders left behind
 
 
+def test_grid_log_z_beyond_three_dimensions_is_refused_before_training(
+    tmp_path, capsys, monkeypatch
+):
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before checking --log-z")
+
+    monkeypatch.setattr(numpyro_ebm, "fit", no_training)
+    np.save(tmp_path / "data.npy", np.random.default_rng(0).normal(size=(300, 4)))
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(capsys, *COMMANDS["train"](out, tmp_path), "--log-z", "grid")
+    assert code == 2, err
+    one_line(err, "--log-z", "up to 3 dimensions, the run has 4")
+    assert not out.exists() and stdout == ""
+
+
 def test_sample_and_report_refuse_an_existing_folder_as_out(run_copy, capsys, monkeypatch):
     def no_compute(*args, **kwargs):
         raise AssertionError("computed before checking --out")

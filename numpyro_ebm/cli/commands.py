@@ -111,6 +111,13 @@ def fit_result(folder: str) -> ebm.FitResult:
 # -- evaluation --------------------------------------------------------------------------------
 
 
+def _check_log_z_method(method: str, dim: int) -> None:
+    if method == "grid" and dim > logz.select.GRID_MAX_DIMS:
+        raise UsageError(
+            "--log-z", f"grid quadrature works in up to 3 dimensions, the run has {dim}; use ais"
+        )
+
+
 def _log_z(res, data: Data, method: str, key) -> logz.LogZEstimate:
     """``log Z`` of the run's energy as ``--log-z`` says (``logz.select``: the library's one
     rule for which estimator over which box)."""
@@ -231,6 +238,7 @@ def _train_locked(args, argv, config, points, path, created: list[str], before: 
     run = existing
     try:
         data = prepare(config, points, existing and existing["standardization"])
+        _check_log_z_method(args.log_z, data.train.shape[1])
         if existing is None:
             run = new_run(config, data, argv, path)
             write_json(os.path.join(out, RUN_FILE), run)
@@ -303,7 +311,7 @@ def _finish_training(args, config: dict, data: Data, run: dict, res, seconds: fl
     """After ``fit``: the held-out metrics (and KL on a toy), their table, report and plot."""
     out = args.out
     step = int(res.state.step)
-    log_z = _log_z(res, data, "auto", _run_key(config, KEY_LOG_Z))
+    log_z = _log_z(res, data, args.log_z, _run_key(config, KEY_LOG_Z))
     split, points = data.heldout
     entry = _heldout(res, data, points, log_z)
     updates = {"heldout": {split: {log_z.method: entry}}}
@@ -410,10 +418,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     run, points = load_run(args.dir)
     config = run["config"]
     dim = run["event_shape"][0]
-    if args.log_z == "grid" and dim > logz.select.GRID_MAX_DIMS:
-        raise UsageError(
-            "--log-z", f"grid quadrature works in up to 3 dimensions, the run has {dim}; use ais"
-        )
+    _check_log_z_method(args.log_z, dim)
     extra = None
     if args.data is not None:
         extra, _ = read_points(args.data, config["data"].get("columns"), wanted_by="the run")

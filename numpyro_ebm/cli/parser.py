@@ -261,6 +261,7 @@ def _add_train(sub) -> None:
         metavar="N",
         help="steps between checkpoints (may change when resuming) (default: %(default)s)",
     )
+    _add_log_z(train, "log Z estimator of the held-out table after training")
     train.add_argument("--no-report", action="store_true", help="skip report.html and density.png")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -334,6 +335,16 @@ def _add_training_settings(train: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_log_z(command: argparse.ArgumentParser, what: str) -> None:
+    command.add_argument(
+        "--log-z",
+        default="auto",
+        choices=logz.select.METHODS,
+        help=f"{what}; auto: grid in up to 3 dimensions, else the log Z tracked in "
+        "training when its standard error is at most 0.1, else AIS (default: %(default)s)",
+    )
+
+
 def _add_evaluate(sub) -> None:
     ev = _command(sub, "evaluate", "held-out log-likelihood of a trained run")
     ev.add_argument("dir", metavar="DIR", help="run folder")
@@ -342,13 +353,7 @@ def _add_evaluate(sub) -> None:
         metavar="PATH",
         help=".npy/.csv file with the run's columns (default: the validation split)",
     )
-    ev.add_argument(
-        "--log-z",
-        default="auto",
-        choices=logz.select.METHODS,
-        help="log Z estimator; auto: grid in up to 3 dimensions, else the log Z tracked in "
-        "training when its standard error is at most 0.1, else AIS (default: %(default)s)",
-    )
+    _add_log_z(ev, "log Z estimator")
     ev.add_argument(
         "--seed", type=int, metavar="S", help="seed of the AIS and KL keys (default: the run's)"
     )
