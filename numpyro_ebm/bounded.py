@@ -39,6 +39,7 @@ import numpy as np
 from numpyro.distributions import transforms
 
 from numpyro_ebm import tables
+from numpyro_ebm.validation import validate_data
 
 __all__ = ["DEFAULT_MARGIN", "BoxCoordinates", "logit_box", "unbounded"]
 
@@ -99,6 +100,8 @@ def unbounded(x, box: transforms.Transform) -> tuple[jnp.ndarray, jnp.ndarray]:
     x = jnp.asarray(x, jnp.float32)
     if x.ndim < 2:
         raise ValueError(f"x must be points of shape (n, D), got shape {x.shape}")
+    if not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError("x holds NaN or inf values: drop or fill those points first")
     y = box.inv(x)
     if not bool(jnp.all(jnp.isfinite(y))):
         raise ValueError(
@@ -151,15 +154,24 @@ class BoxCoordinates:
         return z, np.asarray(log_jacobian, np.float64) - np.log(self.std).sum()
 
     def to_original(self, z) -> np.ndarray:
-        """Model coordinates ``(n, D)`` back onto the box."""
-        return np.asarray(self.box(jnp.asarray(z) * self.std + self.mean))
+        """Model coordinates ``(n, D)`` back onto the box.
+
+        Raises:
+            ValueError: ``z`` is not a finite floating-point ``(n, D)`` array."""
+        return np.asarray(self.box(self._checked(z) * self.std + self.mean))
 
     def log_jacobian(self, z) -> np.ndarray:
-        """Per point ``log |dz/dx|`` at model coordinates ``z`` ``(n, D)`` (``to_model``'s)."""
-        y = jnp.asarray(z, jnp.float32) * self.std + self.mean
+        """Per point ``log |dz/dx|`` at model coordinates ``z`` ``(n, D)`` (``to_model``'s).
+
+        Raises:
+            ValueError: ``z`` is not a finite floating-point ``(n, D)`` array."""
+        y = self._checked(z).astype(jnp.float32) * self.std + self.mean
         per_coordinate = -self.box.log_abs_det_jacobian(y, self.box(y))
         total = np.asarray(per_coordinate, np.float64).reshape(y.shape[0], -1).sum(axis=1)
         return total - np.log(self.std).sum()
+
+    def _checked(self, z) -> jnp.ndarray:
+        return validate_data(z, (len(self.mean),), name="z (model coordinates)")
 
     def redequantizer(self) -> Callable:
         """``fresh(key, z)``: model coordinates with every coordinate moved to a new uniform

@@ -77,11 +77,25 @@ def test_a_bad_box_is_refused_by_name(low, high, margin, message):
         logit_box(low, high, margin=margin)
 
 
-@pytest.mark.parametrize("x", [[[1.5, 0.0]], [[np.nan, 0.0]], [[-1.0, 0.0]]])
+@pytest.mark.parametrize("x", [[[1.5, 0.0]], [[-1.0, 0.0]]])
 def test_points_without_an_image_are_refused(x):
     box = logit_box(-1.0, 1.0, margin=0.0)  # the wall itself maps to -inf
     with pytest.raises(ValueError, match="no image"):
         unbounded(np.array(x), box)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_points_are_refused_in_both_directions(bad):
+    train = _digit_like_points(3)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        unbounded(np.where(np.arange(3) == 1, bad, train[:2]), logit_box(-1.0, 1.0))
+    coords = ebm.bounded.BoxCoordinates.fit(train, logit_box(-1.0, 1.0))
+    z = np.where(np.arange(3) == 2, bad, coords.to_model(train[:2])[0])
+    for method in (coords.to_original, coords.log_jacobian):
+        with pytest.raises(ValueError, match="non-finite"):
+            method(z)
+        with pytest.raises(ValueError, match="z"):
+            method(np.zeros((2, 4), np.float32))  # 4 coordinates, the box has 3
 
 
 def test_unbounded_wants_points_and_a_transform():
