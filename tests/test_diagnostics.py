@@ -267,9 +267,12 @@ def test_reports_render_and_are_atomic(small_fit, tmp_path, monkeypatch):
     html_path = diagnostics.report(res, tmp_path / "run.html", data=data, toy=toy)
     text = open(html_path, encoding="utf-8").read()
     assert text.count("data:image/png;base64,") >= 4 and "verdict:" in text
-    md_path = diagnostics.report(res, tmp_path / "run.md", data=data)
+    assert "chain_lag" not in text
+    md_path = diagnostics.report(res, tmp_path / "run.md", data=data, lag_key=jax.random.key(5))
     text = open(md_path, encoding="utf-8").read()
     assert "| status | check |" in text
+    # the chains' lag (diagnostics.chain_lag) follows the energy gap it explains
+    assert 0 < text.index("| energy_gap |") < text.index("| chain_lag |")
     pngs = sorted(os.listdir(tmp_path / "run_files"))
     assert {"training.png", "density.png", "trace.png", "rank.png"} <= set(pngs)
     for name in pngs:

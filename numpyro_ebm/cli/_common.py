@@ -21,7 +21,7 @@ TRACEBACK_FILE = "traceback.txt"
 RUN_FORMAT = "numpyro-ebm-run/1"
 
 # fold_in tags of the run's key (jax.random.key(--seed)): one key per purpose
-KEY_DATA, KEY_SPLIT, KEY_ENERGY, KEY_FIT, KEY_LOG_Z, KEY_KL, KEY_DEQUANTIZE = range(7)
+KEY_DATA, KEY_SPLIT, KEY_ENERGY, KEY_FIT, KEY_LOG_Z, KEY_KL, KEY_DEQUANTIZE, KEY_LAG = range(8)
 
 MIN_TRAIN_ROWS = 10
 MIN_HELDOUT_ROWS = 2  # a standard error needs two points

@@ -34,6 +34,7 @@ from numpyro_ebm.cli._common import (
     KEY_ENERGY,
     KEY_FIT,
     KEY_KL,
+    KEY_LAG,
     KEY_LOG_Z,
     METRICS_FILE,
     MIN_HELDOUT_ROWS,
@@ -383,7 +384,10 @@ def _write_report(res, data: Data, config: dict, path: str) -> str:
         f"{res.config.negatives_name} negatives, {config['sampler']}{coordinates}"
     )
     key = _run_key(config, KEY_KL) if data.toy is not None else None
-    return diagnostics.report(res, path, data=data.train, toy=data.toy, key=key, title=title)
+    lag_key = _run_key(config, KEY_LAG)
+    return diagnostics.report(
+        res, path, data=data.train, toy=data.toy, key=key, title=title, lag_key=lag_key
+    )
 
 
 def _density_plot(res, data: Data, path: str) -> str:

@@ -32,7 +32,7 @@ import numpy as np
 from numpyro_ebm import samplers
 from numpyro_ebm.diagnostics._shared import Check, FitResult, graded
 
-__all__ = ["ChainLag", "chain_lag"]
+__all__ = ["ChainLag", "chain_lag", "has_chains"]
 
 
 class ChainLag(NamedTuple):
@@ -57,6 +57,12 @@ class ChainLag(NamedTuple):
     check: Check
 
 
+def has_chains(result: FitResult) -> bool:
+    """Whether ``result`` kept chains that ``chain_lag`` can run on (an unconditional run
+    whose negatives are chains)."""
+    return result.chains is not None and result.config.runs_chains and result.log_z is not None
+
+
 def chain_lag(
     result: FitResult, *, key: jax.Array, num_steps: int = 1000, num_records: int = 10
 ) -> ChainLag:
@@ -76,7 +82,7 @@ def chain_lag(
         ValueError: a run without chains (generator negatives, score matching), a
             conditional run, or ``num_steps`` not a positive multiple of ``num_records``.
     """
-    if result.chains is None or not result.config.runs_chains:
+    if not has_chains(result):
         raise ValueError(
             "this run kept no chains (FitResult.chains is None: generator or tempering "
             "negatives, or none)"

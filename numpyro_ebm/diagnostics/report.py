@@ -17,7 +17,8 @@ import tempfile
 from numpyro_ebm import _io
 from numpyro_ebm.diagnostics._shared import FitResult, fit_attrs
 from numpyro_ebm.diagnostics.arviz import to_datatree
-from numpyro_ebm.diagnostics.checks import diagnose
+from numpyro_ebm.diagnostics.checks import Diagnosis, diagnose
+from numpyro_ebm.diagnostics.lag import chain_lag, has_chains
 
 __all__ = ["report"]
 
@@ -31,6 +32,7 @@ def report(
     key=None,
     title: str | None = None,
     max_coordinates: int = 4,
+    lag_key=None,
 ) -> str:
     """Write a report of a training run: verdict, settings, curves, density, chains.
 
@@ -49,6 +51,9 @@ def report(
         title: heading (default: from the settings).
         max_coordinates: chain plots and the summary table show the first this many event
             coordinates.
+        lag_key: a PRNG key: run ``chain_lag`` (1000 sampler steps of the final chains) and
+            add its check after ``energy_gap``, which it explains (runs without chains are
+            reported without it).
 
     Returns:
         ``path`` as a string.
@@ -67,6 +72,8 @@ def report(
     figures_name = f"{os.path.splitext(os.path.basename(path))[0]}_files"
     attrs = fit_attrs(res)
     diagnosis = diagnose(res, data_entropy=None if toy is None else toy.entropy(), verbose=False)
+    if lag_key is not None and has_chains(res):
+        diagnosis = _with_lag(diagnosis, chain_lag(res, key=lag_key).check)
     dt = to_datatree(res) if res.recorded_chains is not None else None
 
     work = tempfile.mkdtemp(dir=folder, prefix=".tmp-report-")
@@ -94,6 +101,13 @@ def report(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return path
+
+
+def _with_lag(diagnosis: Diagnosis, lag) -> Diagnosis:
+    """``diagnosis`` with the ``chain_lag`` check right after ``energy_gap`` (or last)."""
+    names = [check.name for check in diagnosis.checks]
+    at = names.index("energy_gap") + 1 if "energy_gap" in names else len(names)
+    return Diagnosis([*diagnosis.checks[:at], lag, *diagnosis.checks[at:]])
 
 
 def _save(fig_or_pc, work: str, name: str) -> None:

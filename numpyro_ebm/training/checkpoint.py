@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from typing import NamedTuple
 
 import equinox as eqx
@@ -42,6 +43,7 @@ __all__ = [
     "resume",
     "save_checkpoint",
     "saver",
+    "shapes_of",
     "stored_meta",
 ]
 
@@ -452,6 +454,15 @@ def _split_records(stored: dict) -> tuple[dict, dict]:
         else:
             history[key] = value
     return history, recorded
+
+
+def shapes_of(init: Callable) -> Callable:
+    """``init`` returning its state as ``jax.ShapeDtypeStruct`` leaves, computing nothing:
+    what a checkpoint is read into. ``init`` may run costly set-up that the checkpoint's state
+    replaces (``core.init`` runs the ``log Z`` tracker's start: on 64-D digits an AIS of half a
+    minute on a CPU, once per ``load``)."""
+    # the arguments are closed over, not traced: init's checks of its data stay concrete
+    return lambda *args, **kwargs: eqx.filter_eval_shape(lambda: init(*args, **kwargs))
 
 
 def resume(folder, like, expected: dict | None, stored: dict | None):

@@ -47,7 +47,6 @@ __all__ = [
     "attempt_key",
     "free_constants",
     "init",
-    "init_like",
     "keep_if_finite",
     "learned_log_z",
     "log_z_of",
@@ -312,14 +311,6 @@ def init(key: jax.Array, params, data, problem, config: TrainConfig) -> TrainSta
     # one compiled program, not dozens of eagerly dispatched operations that each compile on
     # first use (the set-up of a small fit: 9.8 s of compiling -> 5.8 s)
     return _compiled_init(key, params, data, problem, config)
-
-
-def init_like(key: jax.Array, params, data, problem, config: TrainConfig) -> TrainState:
-    """``init``'s state as shapes and dtypes (``jax.ShapeDtypeStruct`` leaves), computing
-    nothing: what a checkpoint is read into. ``init`` itself runs the negatives' and the
-    ``log Z`` tracker's start (on 64-D digits its AIS takes half a minute on a CPU), which a
-    state read from a checkpoint replaces."""
-    return eqx.filter_eval_shape(_compiled_init, key, params, data, problem, config)
 
 
 def _init(key, params, data, problem, config: TrainConfig) -> TrainState:

@@ -267,9 +267,7 @@ def fit(
     augment = checked_augment(augment, inputs)
     problem = EnergyProblem(config.batch_size, condition is not None, augment)
     k_init, k_loop = jax.random.split(key)
-    # a run resumed from its checkpoint reads its state: init's compute (the tracker's start)
-    # would be thrown away
-    start = core.init if stored is None else core.init_like
+    start = core.init if stored is None else checkpoint.shapes_of(core.init)  # resumed: read
     state = start(k_init, energy, inputs, problem, config)
     state = state._replace(best=selection.start(state) if select_best else None)
     meta = run_meta(given, config, schedule, num_steps, inputs, select_best, augment)
@@ -433,7 +431,7 @@ def load(folder: str | os.PathLike, energy=None, *, config=None, generator=None)
     config = config.resolve(meta["schedule_steps"], generator, event_size=math.prod(event_shape))
     problem = EnergyProblem(config.batch_size, bool(meta.get("conditional", False)))
     stand_in = _stand_in_data(event_shape, problem.conditional, meta)
-    like = core.init_like(jax.random.key(0), energy, stand_in, problem, config)
+    like = checkpoint.shapes_of(core.init)(jax.random.key(0), energy, stand_in, problem, config)
     if meta.get("select_best", False):
         like = like._replace(best=selection.start(like))
     state, history, recorded = checkpoint.resume(folder, like, None, meta)

@@ -297,6 +297,10 @@ class MaximumLikelihood:
         Raises:
             ValueError: the model has latent sample sites, or no EBM site and no param.
         """
+        return self._init(core.init, key, args, kwargs)
+
+    def _init(self, start, key, args, kwargs) -> core.TrainState:
+        """``init`` with ``start`` (``core.init``, or its shapes) after tracing the model."""
         params, transforms, sites, conditional = _trace_params(self.model, key, args, kwargs)
         if self.problem is None or self.problem.event_shapes != sites:
             self.problem = ModelProblem(self.model, transforms, sites)
@@ -304,7 +308,7 @@ class MaximumLikelihood:
         if self._energy_l2 is None and sites:  # follows the data, as in fit
             size = max(math.prod(shape) for shape in sites.values())
             self.config = self.config.replace(energy_l2=default_energy_l2(size))
-        return core.init(key, params, (args, kwargs), self.problem, self.config)
+        return start(key, params, (args, kwargs), self.problem, self.config)
 
     def get_params(self, state: core.TrainState) -> dict:
         """Constrained parameters: the average when ``ema_decay`` is set, else the iterate."""
@@ -349,17 +353,18 @@ class MaximumLikelihood:
         """
         check_count("num_steps", num_steps)
         k_init, k_loop = jax.random.split(key)
-        state = self.init(k_init, *args, **kwargs) if init_state is None else init_state
-        target = int(state.step) + num_steps
+        stored = None if checkpoint_dir is None else checkpoint.stored_meta(checkpoint_dir)
+        state = init_state
+        if state is None:  # a resumed run reads its state into init's shapes
+            start = core.init if stored is None else checkpoint.shapes_of(core.init)
+            state = self._init(start, k_init, args, kwargs)
+        target = num_steps if stored is not None else int(state.step) + num_steps
         meta = {
             "config": self.config.describe(),
             "defaults": self.config.describe_defaults(),
             "sites": list(self._sites),
         }
-        stored = None
         if checkpoint_dir is not None:
-            stored = checkpoint.stored_meta(checkpoint_dir)
-            target = num_steps if stored is not None else target
             meta["num_steps"] = target
         state, history, recorded = checkpoint.resume(checkpoint_dir, state, meta, stored)
         state, history, recorded = loop.train(
