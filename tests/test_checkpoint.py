@@ -409,3 +409,22 @@ def test_augment_is_recorded_by_name_and_an_old_checkpoint_had_none(tmp_path, st
     with pytest.raises(ValueError, match=r"augment: None -> .*_jitter"):
         tiny_fit(tmp_path, augment=_jitter)
     assert_same_run(tiny_fit(tmp_path), straight)
+
+
+def test_a_checkpoint_is_read_into_inits_shapes_without_running_init():
+    """``load`` and a resumed ``fit`` read the state into ``shapes_of(init)``: its arrays are
+    shapes, and nothing ``init`` computes runs (the tracker's start is an AIS)."""
+    ran = []
+
+    def init(x, scale):
+        jax.debug.callback(lambda: ran.append(True))  # runs only if init is computed
+        return {"twice": scale * x, "sum": jnp.sum(x)}, "static"
+
+    shapes, static = checkpoint.shapes_of(init)(jnp.ones(3), scale=2.0)
+    jax.effects_barrier()
+    assert ran == [] and static == "static"
+    assert shapes["twice"] == jax.ShapeDtypeStruct((3,), jnp.float32)
+    assert shapes["sum"] == jax.ShapeDtypeStruct((), jnp.float32)
+    init(jnp.ones(3), 2.0)
+    jax.effects_barrier()
+    assert ran == [True]  # the callback does report a computed init
