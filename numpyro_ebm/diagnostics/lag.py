@@ -58,8 +58,8 @@ class ChainLag(NamedTuple):
 
 
 def has_chains(result: FitResult) -> bool:
-    """Whether ``result`` kept chains that ``chain_lag`` can run on (an unconditional run
-    whose negatives are chains)."""
+    """Whether ``chain_lag`` can measure ``result``: an unconditional run whose negatives are
+    chains it kept."""
     return result.chains is not None and result.config.runs_chains and result.log_z is not None
 
 
@@ -73,7 +73,8 @@ def chain_lag(
     Args:
         result: a ``FitResult`` of an unconditional run that returned its chains
             (``FitResult.chains``: persistent, replay, short-run or contrastive-divergence
-            negatives; of a replay buffer, its first ``num_chains`` rows).
+            negatives; of a replay buffer, its first ``num_chains`` rows; of parallel
+            tempering, the ladders' model slots).
         key: PRNG key, used once.
         num_steps: sampler steps to run (a multiple of ``num_records``).
         num_records: mean energies recorded along the way.
@@ -82,10 +83,10 @@ def chain_lag(
         ValueError: a run without chains (generator negatives, score matching), a
             conditional run, or ``num_steps`` not a positive multiple of ``num_records``.
     """
-    if not has_chains(result):
+    if result.chains is None or not result.config.runs_chains:
         raise ValueError(
-            "this run kept no chains (FitResult.chains is None: generator or tempering "
-            "negatives, or none)"
+            "this run kept no chains (FitResult.chains is None: generator negatives, score "
+            "matching, or none)"
         )
     if result.log_z is None:
         raise ValueError("chain_lag measures unconditional runs; this energy is conditional")
