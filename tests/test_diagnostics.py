@@ -256,6 +256,11 @@ def test_training_checks_flag_runaway_energies(small_fit):
     verdict = diagnostics.diagnose(broken, verbose=False)
     assert verdict["energy_drift"].status == "fail"
     assert verdict["energy_gap"].status == "fail"
+    assert "returned step" not in verdict["energy_gap"].message  # the last iterate returned
+    selected = res.__class__(**{**vars(broken), "best_step": 5})
+    selected = diagnostics.diagnose(selected, verbose=False)
+    assert selected["energy_gap"].status == "fail"  # same grade, and says what it judged
+    assert "comes after the returned step (5" in selected["energy_gap"].message
     assert verdict["langevin_grad"].status == "fail"
     assert verdict.status == "fail"
 

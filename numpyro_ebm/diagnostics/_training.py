@@ -24,7 +24,7 @@ def training_checks(history: dict, attrs: dict, data_entropy: float | None) -> l
         _nonfinite_check(history),
         _step_size_check(history, attrs),
         _train_acceptance_check(history, attrs),
-        _energy_gap_check(history),
+        _energy_gap_check(history, attrs),
         _energy_drift_check(history),
         _langevin_grad_check(history),
         _log_z_check(history),
@@ -80,7 +80,7 @@ def _train_acceptance_check(history: dict, attrs: dict) -> Check | None:
     return Check("train_acceptance", *list(vars(check).values())[1:])
 
 
-def _energy_gap_check(history: dict) -> Check | None:
+def _energy_gap_check(history: dict, attrs: dict) -> Check | None:
     gap = np.asarray(history.get("energy_gap", []), float)
     if not gap.size:
         return None
@@ -90,6 +90,12 @@ def _energy_gap_check(history: dict) -> Check | None:
         if recent > 0
         else "(negatives sit where the model puts little mass: chains not at equilibrium)"
     )
+    returned = attrs.get("best_step")
+    if returned is not None and returned < 0.9 * gap.size:
+        where += (
+            f"; the last tenth of training judged here comes after the returned step "
+            f"({returned}, the best held-out NLL): it judges iterates the run does not return"
+        )
     return graded(
         "energy_gap",
         abs(recent),
