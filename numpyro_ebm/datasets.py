@@ -588,7 +588,7 @@ def table(name: str, *, seed: int = 0) -> Table:
     bunch = loaders[name]()
     rows = np.asarray(bunch.data, np.float64)
     order = np.random.default_rng(seed).permutation(len(rows))
-    test, validation, train = np.split(order, [round(0.2 * len(rows)), 2 * round(0.2 * len(rows))])
+    test, validation, train = np.split(order, np.array([1, 2]) * round(0.2 * len(rows)))
     return Table(rows[train], rows[validation], rows[test], tuple(bunch.feature_names))
 
 

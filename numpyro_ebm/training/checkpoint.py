@@ -35,6 +35,7 @@ __all__ = [
     "RECORDED_PREFIX",
     "CheckpointError",
     "checkpoint_step",
+    "init_or_shapes",
     "latest_checkpoint",
     "load_checkpoint",
     "meta_path",
@@ -463,6 +464,12 @@ def shapes_of(init: Callable) -> Callable:
     minute on a CPU, once per ``load``)."""
     # the arguments are closed over, not traced: init's checks of its data stay concrete
     return lambda *args, **kwargs: eqx.filter_eval_shape(lambda: init(*args, **kwargs))
+
+
+def init_or_shapes(init: Callable, stored: dict | None) -> Callable:
+    """``init`` for a new run; for one resumed from a checkpoint (``stored``, its meta, not
+    None) ``shapes_of(init)``: the state is read from the checkpoint."""
+    return init if stored is None else shapes_of(init)
 
 
 def resume(folder, like, expected: dict | None, stored: dict | None):

@@ -267,8 +267,7 @@ def fit(
     augment = checked_augment(augment, inputs)
     problem = EnergyProblem(config.batch_size, condition is not None, augment)
     k_init, k_loop = jax.random.split(key)
-    start = core.init if stored is None else checkpoint.shapes_of(core.init)  # resumed: read
-    state = start(k_init, energy, inputs, problem, config)
+    state = checkpoint.init_or_shapes(core.init, stored)(k_init, energy, inputs, problem, config)
     state = state._replace(best=selection.start(state) if select_best else None)
     meta = run_meta(given, config, schedule, num_steps, inputs, select_best, augment)
     state, history, recorded = checkpoint.resume(checkpoint_dir, state, meta, stored)

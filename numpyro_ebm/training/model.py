@@ -355,8 +355,8 @@ class MaximumLikelihood:
         k_init, k_loop = jax.random.split(key)
         stored = None if checkpoint_dir is None else checkpoint.stored_meta(checkpoint_dir)
         state = init_state
-        if state is None:  # a resumed run reads its state into init's shapes
-            start = core.init if stored is None else checkpoint.shapes_of(core.init)
+        if state is None:
+            start = checkpoint.init_or_shapes(core.init, stored)
             state = self._init(start, k_init, args, kwargs)
         target = num_steps if stored is not None else int(state.step) + num_steps
         meta = {
