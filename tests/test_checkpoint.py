@@ -230,25 +230,37 @@ def test_a_checkpoint_from_before_the_log_z_tracker_resumes_without_one(tmp_path
     assert int(resumed.state.step) == TINY["num_steps"]
 
 
-def test_a_checkpoint_from_before_the_floor_released_its_raises_resumes(tmp_path, monkeypatch):
-    """Format 3 stored the tracker's state without ``raised``: it resumes (nothing raised to
-    release) and, where the floor had raised nothing, continues exactly as a straight run."""
-    tracked = dict(track_log_z=True, log_z_particles=64, log_z_groups=4)
+@pytest.mark.parametrize("format_", [3, 4])
+def test_a_checkpoint_of_an_older_tracker_layout_resumes(tmp_path, monkeypatch, format_):
+    """Format 3 stored the tracker's state without ``raised`` and what follows it, format 4
+    without the importance fusion's running means: both resume (nothing raised to release,
+    the running means start afresh). Without the fusion, and where the floor had raised
+    nothing, the run continues exactly as a straight one; with it, it runs to the end and
+    its running means are set."""
+    tracked = dict(track_log_z=True, log_z_particles=64, log_z_groups=4, log_z_fuse_ess=None)
     real_save = checkpoint.save_checkpoint
 
-    def save_as_format_3(folder, state, history, meta):
-        real_save(folder, checkpoint._unreleased(state), history, meta)
+    def save_as_older(folder, state, history, meta):
+        real_save(folder, checkpoint._legacy(state, format_), history, meta)
 
-    with monkeypatch.context() as patch:
-        patch.setattr(checkpoint, "FORMAT", checkpoint.UNRELEASED_FORMAT)
-        patch.setattr(checkpoint, "save_checkpoint", save_as_format_3)
-        fit_until(tmp_path, 4, **tracked)
-    meta_path = os.path.join(training.latest_checkpoint(str(tmp_path)), "meta.json")
-    assert json.loads(open(meta_path).read())["format"] == 3
-    resumed = tiny_fit(tmp_path, **tracked)
-    straight = tiny_fit(None, **tracked)
-    assert all(float(t.raised) == 0.0 for t in straight.state.log_z_tracker.values())
-    assert_same_run(resumed, straight)
+    for fuse in (None, 0.2):
+        folder = tmp_path / str(fuse)
+        tracked["log_z_fuse_ess"] = fuse
+        with monkeypatch.context() as patch:
+            patch.setattr(checkpoint, "FORMAT", format_)
+            patch.setattr(checkpoint, "save_checkpoint", save_as_older)
+            fit_until(folder, 4, **tracked)
+        meta_path = os.path.join(training.latest_checkpoint(str(folder)), "meta.json")
+        assert json.loads(open(meta_path).read())["format"] == format_
+        resumed = tiny_fit(folder, **tracked)
+        assert int(resumed.state.step) == TINY["num_steps"]
+        if fuse is None:
+            straight = tiny_fit(None, **tracked)
+            assert all(float(t.raised) == 0.0 for t in straight.state.log_z_tracker.values())
+            assert_same_run(resumed, straight)
+        else:
+            for t in resumed.state.log_z_tracker.values():
+                assert float(t.importance_variance) > 0 and float(t.importance_ess) > 0
 
 
 @pytest.mark.parametrize("damaged", ["state.eqx", "history.npz", "meta.json", "latest"])

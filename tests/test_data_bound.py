@@ -1,5 +1,6 @@
 """The lower bound on log Z from importance sampling around the training rows
-(``logz.bound``), and the tracker's floor (``tracking.floor``) that uses it.
+(``logz.bound``), and the tracker's floor (``tracking.floor``) that uses it (and fuses its
+importance estimate where its ESS is large).
 
 Closed forms: a Gaussian energy (``log Z = ½ D log 2π``), and a Gaussian with narrow wells at
 the training rows whose mass is known by construction (``exp(−E) = N(0, I) + A · mean_k N(c_k,
@@ -97,7 +98,7 @@ def test_the_floor_raises_a_tracked_estimate_that_missed_the_wells_and_no_other(
     base = fit_base(data)
     logdensity = wells_logdensity(data)
     missed, settings = tracker_at(0.0, data)  # what a tracker that never saw the wells says
-    floored, bound, raised = tracking.floor(
+    floored, bound, raised, _ = tracking.floor(
         jax.random.key(6), missed, logdensity, data, base, settings
     )
     value, stderr = tracking.estimate(floored)
@@ -109,17 +110,21 @@ def test_the_floor_raises_a_tracked_estimate_that_missed_the_wells_and_no_other(
     np.testing.assert_allclose(float(stderr), float(tracking.estimate(missed)[1]), rtol=1e-4)
 
     right, _ = tracker_at(exact, data)
-    kept, bound, raised = tracking.floor(jax.random.key(7), right, logdensity, data, base, settings)
+    kept, bound, raised, _ = tracking.floor(
+        jax.random.key(7), right, logdensity, data, base, settings
+    )
     assert float(bound) < exact and not bool(raised)
     np.testing.assert_array_equal(kept.group_log_z, right.group_log_z)
 
     lost = missed._replace(updates_lost=jnp.ones((), jnp.int32))
-    still, _, _ = tracking.floor(jax.random.key(8), lost, logdensity, data, base, settings)
+    still, _, _, _ = tracking.floor(jax.random.key(8), lost, logdensity, data, base, settings)
     np.testing.assert_array_equal(still.group_log_z, lost.group_log_z)
 
     off = settings._replace(floor_samples=0)
-    same, bound, raised = tracking.floor(jax.random.key(9), missed, logdensity, data, base, off)
-    assert same is missed and np.isnan(bound) and not bool(raised)
+    same, bound, raised, fused = tracking.floor(
+        jax.random.key(9), missed, logdensity, data, base, off
+    )
+    assert same is missed and np.isnan(bound) and not bool(raised) and not bool(fused)
 
 
 def test_a_raise_is_released_over_its_half_life_unless_the_wells_raise_it_again():
@@ -138,7 +143,7 @@ def test_a_raise_is_released_over_its_half_life_unless_the_wells_raise_it_again(
     state = raised
     for i in range(10):  # two half-lives
         key = jax.random.fold_in(jax.random.key(12), i)
-        state, bound, missed = tracking.floor(key, state, gaussian, data, base, settings)
+        state, bound, missed, _ = tracking.floor(key, state, gaussian, data, base, settings)
         assert not bool(missed) and float(bound) < gaussian_log_z
     np.testing.assert_allclose(float(state.raised), 2.5, rtol=1e-4)
     np.testing.assert_allclose(float(tracking.estimate(state)[0]), gaussian_log_z + 2.5, atol=1e-4)
@@ -147,7 +152,7 @@ def test_a_raise_is_released_over_its_half_life_unless_the_wells_raise_it_again(
         float(tracking.estimate(state)[1]), float(tracking.estimate(raised)[1]), rtol=1e-4
     )
 
-    again, bound, missed = tracking.floor(jax.random.key(13), state, wells, data, base, settings)
+    again, bound, missed, _ = tracking.floor(jax.random.key(13), state, wells, data, base, settings)
     assert bool(missed) and exact - data_bound.MARGIN - 1.0 < float(bound) < exact
     np.testing.assert_allclose(float(tracking.estimate(again)[0]), float(bound), atol=1e-4)
     # the raise now covers the gap between the particles' own estimate and the bound
@@ -156,8 +161,92 @@ def test_a_raise_is_released_over_its_half_life_unless_the_wells_raise_it_again(
     kept = settings._replace(floor_half_life=0)
     state = raised
     for i in range(10):
-        state, _, _ = tracking.floor(jax.random.key(14 + i), state, gaussian, data, base, kept)
+        state, _, _, _ = tracking.floor(jax.random.key(14 + i), state, gaussian, data, base, kept)
     np.testing.assert_array_equal(state.group_log_z, raised.group_log_z)
+
+
+def tracker_with(log_z, offsets, dim=2):
+    """A tracker whose groups are ``log_z + offsets`` (recentred so the estimate is
+    ``log_z``), on ``dim``-D standard normal rows, with the settings of ``tracker_at``."""
+    data = jax.random.normal(jax.random.key(30), (300, dim))
+    state, settings = tracker_at(0.0, data)
+    groups = jnp.asarray(offsets, state.group_log_z.dtype)
+    groups = groups + log_z - tracking.estimate(state._replace(group_log_z=groups))[0]
+    return state._replace(group_log_z=groups), settings, data
+
+
+def with_running(state, variance, ess):
+    dtype = state.group_log_z.dtype
+    return state._replace(
+        importance_variance=jnp.asarray(variance, dtype), importance_ess=jnp.asarray(ess, dtype)
+    )
+
+
+def test_the_importance_estimate_is_fused_by_a_kalman_update_on_z_where_its_ess_is_large():
+    """2-D ``E = ½‖x‖²`` (``log Z = log 2π``). The first floor only starts the running means
+    of the draws' variance and ESS. With them set, the tracked value moves to ``log((1 − K)
+    e^value + K Ẑ)`` (``K = P / (P + R)``, ``P`` grown by ``1 / FUSE_MEMORY``, ``R`` the
+    running variance) and its error bar to ``√((1 − K) P)``; a measurement far below is not
+    used, one far above is; a running ESS below the gate, or ``fuse_ess`` None, fuses nothing;
+    in 10-D with wells at the rows the ESS is below the gate."""
+    exact = float(np.log(2 * np.pi))
+    gaussian = lambda x: -0.5 * jnp.sum(x**2)
+    off, settings, data = tracker_with(exact + 0.05, [-0.1, -0.05, 0.05, 0.1])
+    base = fit_base(data)
+    key = jax.random.key(31)
+    first, _, missed, fused = tracking.floor(key, off, gaussian, data, base, settings)
+    assert not bool(fused) and not bool(missed)
+    np.testing.assert_array_equal(first.group_log_z, off.group_log_z)
+    log_w = data_bound.log_weights(key, gaussian, data, base, num_samples=settings.floor_samples)
+    measured, stderr_is, ess = (float(v) for v in data_bound.importance_estimate(log_w))
+    np.testing.assert_allclose(float(first.importance_variance), stderr_is**2, rtol=1e-5)
+    np.testing.assert_allclose(float(first.importance_ess), ess / len(log_w), rtol=1e-5)
+    assert ess / len(log_w) > 0.2  # the proposal fits a 2-D Gaussian
+
+    noise = 0.03**2
+    ready = with_running(off, noise, 0.5)
+    value, stderr = (float(v) for v in tracking.estimate(ready))
+    fused_state, _, missed, fused = tracking.floor(key, ready, gaussian, data, base, settings)
+    assert bool(fused) and not bool(missed)
+    var = stderr**2 / data_bound.FUSE_MEMORY
+    gain = var / (var + noise)
+    expected = np.logaddexp(np.log1p(-gain) + value, np.log(gain) + measured)
+    after, after_stderr = (float(v) for v in tracking.estimate(fused_state))
+    np.testing.assert_allclose(after, expected, atol=1e-5)
+    np.testing.assert_allclose(after_stderr, np.sqrt((1 - gain) * var), rtol=0.02)
+    assert after_stderr < min(stderr, 0.03) and abs(after - exact) < abs(value - exact)
+    # the running means move towards this update's draws
+    decay = data_bound.IMPORTANCE_DECAY
+    np.testing.assert_allclose(
+        float(fused_state.importance_variance),
+        decay * noise + (1 - decay) * stderr_is**2,
+        rtol=1e-5,
+    )
+
+    tight = [-0.0125, -0.00625, 0.00625, 0.0125]
+    for shift, used in ((1.0, False), (-1.0, True)):  # the measurement far below, far above
+        far, _, _ = tracker_with(exact + shift, tight)
+        far = with_running(far, noise, 0.5)
+        kept, _, _, fused = tracking.floor(key, far, gaussian, data, base, settings)
+        assert bool(fused) is used
+        moved = float(tracking.estimate(kept)[0] - tracking.estimate(far)[0])
+        assert (moved > 0.01) if used else (moved == 0.0)
+
+    closed = with_running(off, noise, 0.1)
+    kept, _, _, fused = tracking.floor(key, closed, gaussian, data, base, settings)
+    assert not bool(fused)
+    np.testing.assert_array_equal(kept.group_log_z, closed.group_log_z)
+    never = settings._replace(fuse_ess=None)
+    kept, _, _, fused = tracking.floor(key, ready, gaussian, data, base, never)
+    assert not bool(fused) and kept.importance_variance == ready.importance_variance
+    np.testing.assert_array_equal(kept.group_log_z, ready.group_log_z)
+
+    wells = rows()
+    right, settings = tracker_at(exact_wells_log_z(), wells)
+    kept, _, _, fused = tracking.floor(
+        jax.random.key(7), right, wells_logdensity(wells), wells, fit_base(wells), settings
+    )
+    assert not bool(fused) and float(kept.importance_ess) < settings.fuse_ess
 
 
 def test_fit_records_the_bound_below_the_tracked_log_z_of_a_gaussian():

@@ -149,7 +149,7 @@ def tracker_state(group_log_z, position, logdensity):
     zero = jnp.zeros((), jnp.int32)
     return tracking.TrackerState(
         position, logdensity, jnp.zeros((groups, position.shape[0] // groups)), group_log_z,
-        jnp.ones(()), zero, zero, zero, jnp.zeros(()),
+        jnp.ones(()), zero, zero, zero, jnp.zeros(()), jnp.zeros(()), -jnp.ones(()),
     )  # fmt: skip
 
 

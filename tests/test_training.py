@@ -126,6 +126,7 @@ FIELDS = {
     "log_z_floor_half_life": (
         0, "persistent", lambda c: c.log_z_tracker().floor_half_life == 0
     ),
+    "log_z_fuse_ess": (None, "persistent", lambda c: c.log_z_tracker().fuse_ess is None),
     "generator_optimizer": (
         GENERATOR_ADAM, "hybrid", lambda c: c.negatives.optimizer is GENERATOR_ADAM
     ),
@@ -440,6 +441,14 @@ def test_a_bad_floor_setting_is_refused_by_name(name, value):
         ebm.TrainConfig(**{name: value})
     with pytest.raises(ValueError, match=name.removeprefix("log_z_")):
         tracking.TrackerSettings(**{name.removeprefix("log_z_"): -1}).check()
+
+
+@pytest.mark.parametrize("value", [0.0, -0.5, 1.5, "half", float("nan"), True])
+def test_a_bad_fuse_setting_is_refused_by_name(value):
+    with pytest.raises(ValueError, match="log_z_fuse_ess"):
+        ebm.TrainConfig(log_z_fuse_ess=value)
+    with pytest.raises(ValueError, match="fuse_ess"):
+        tracking.TrackerSettings(fuse_ess=0.0).check()
 
 
 def test_maximum_likelihood_tracks_each_sites_log_z_with_an_error_bar():

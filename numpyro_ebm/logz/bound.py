@@ -49,18 +49,28 @@ from jax.scipy.special import logsumexp
 from numpyro_ebm.distribution import check_energy
 from numpyro_ebm.gaussian import GaussianBase, fit_base
 from numpyro_ebm.logz.estimate import LogZEstimate, log_mean_exp
-from numpyro_ebm.logz.particles import over_groups
+from numpyro_ebm.logz.particles import FUSE_SIGMAS, over_groups, respread
 from numpyro_ebm.validation import check_count, validate_data
 
 if TYPE_CHECKING:  # tracking imports this module (its floor)
     from numpyro_ebm.logz.tracking import TrackerSettings, TrackerState
 
-__all__ = ["BANDWIDTHS", "MARGIN", "data_bound", "floor", "log_z_estimate", "lower_bound"]
+__all__ = [
+    "BANDWIDTHS",
+    "MARGIN",
+    "data_bound",
+    "floor",
+    "importance_estimate",
+    "log_z_estimate",
+    "lower_bound",
+]
 
 # kernel widths in units of the data's covariance: a well found at 0.2 and 0.4 on breast cancer
 BANDWIDTHS = (0.05, 0.1, 0.2, 0.4, 0.8)
 MARGIN = 3.0  # nats: log Ẑ − 3 is below log Z with probability at least 1 − e⁻³ ≈ 0.95
 NUM_CENTRES = 1024  # rows the kernels sit at (a random subset of larger data)
+FUSE_MEMORY = 0.99  # the importance fusion forgets 1% per update (``_fuse_importance``)
+IMPORTANCE_DECAY = 0.98  # its running means of the draws' variance and ESS: about 50 updates
 CHUNK = 1024  # draws scored at once
 
 
@@ -124,12 +134,22 @@ def log_weights(key, logdensity: Callable, data, base: GaussianBase, *, num_samp
     return jax.lax.map(score, x.reshape(num_samples // chunk, chunk, x.shape[1])).reshape(-1)
 
 
+def importance_estimate(log_w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(log Ẑ, standard error, ESS)`` of ``(n,)`` importance log-weights (NaN counts as a
+    zero weight), as ``estimate.log_mean_exp`` but jittable: ``Ẑ = mean exp(log_w)``, the
+    delta-method error ``std(w) / (√n mean(w))`` and ``(Σw)² / Σw²``."""
+    log_w = jnp.where(jnp.isnan(log_w), -jnp.inf, log_w)
+    n = log_w.shape[0]
+    value = logsumexp(log_w) - math.log(n)
+    w = jnp.exp(log_w - jnp.max(log_w))
+    stderr = jnp.std(w, ddof=1) / (math.sqrt(n) * jnp.mean(w))
+    return value, stderr, jnp.sum(w) ** 2 / jnp.sum(w**2)
+
+
 def log_z_estimate(key, logdensity: Callable, data, base: GaussianBase, **options) -> jax.Array:
     """``log Ẑ`` (``Ẑ`` unbiased for ``Z``) from ``log_weights`` (jittable; non-finite weights
     count as zero)."""
-    log_w = log_weights(key, logdensity, data, base, **options)
-    log_w = jnp.where(jnp.isnan(log_w), -jnp.inf, log_w)
-    return logsumexp(log_w) - math.log(log_w.shape[0])
+    return importance_estimate(log_weights(key, logdensity, data, base, **options))[0]
 
 
 def lower_bound(key, logdensity: Callable, data, base: GaussianBase, **options) -> jax.Array:
@@ -190,10 +210,22 @@ def data_bound(energy: Callable, data, *, key: jax.Array, num_samples: int = 655
 
 
 def floor(key, state: TrackerState, logdensity: Callable, data, base, settings: TrackerSettings):
-    """The tracked estimate raised to ``logz.bound.lower_bound`` of ``logdensity`` (the energy
-    ``state`` tracks) when it lies below it (the particles missed mass; the groups are shifted
-    together), after releasing part of what earlier floors raised it by: ``(state, bound,
-    missed)`` (``bound`` NaN without a floor; ``missed`` true where it raised the estimate).
+    """The tracked estimate checked against importance sampling around the training rows:
+    ``(state, bound, missed, fused)``.
+
+    First part of what earlier floors raised the estimate by is released. Then the importance
+    estimate ``log Ẑ`` of ``logdensity`` (the energy ``state`` tracks; ``floor_samples``
+    draws of the proposal above) is used twice:
+
+    * **a floor** (``missed`` true) when ``bound = log Ẑ − MARGIN`` lies above the tracked
+      estimate: the particles missed mass, and the groups are raised together to it.
+    * **fused** (``fused`` true; ``_fuse_importance``) otherwise, where the proposal fits the
+      model: while the running mean of its ESS is at least ``settings.fuse_ess`` of the
+      draws, a Kalman update on ``Z`` moves the groups towards ``Ẑ`` and shrinks their
+      spread. Each update's draws are fresh, so over updates the increments carry the
+      estimate and the importance estimates correct it: on the 2-D toys the standard error
+      at the end of training falls from about 0.03 (a re-anchor's AIS with 512 particles,
+      carried on) to about 0.003 (docs/benchmarks.md).
 
     A raise is carried on by the increments, which do not see the wells that hold the mass go:
     kept for good, it holds the estimate above ``log Z`` after they have gone (breast cancer,
@@ -210,22 +242,76 @@ def floor(key, state: TrackerState, logdensity: Callable, data, base, settings: 
         logdensity: ``−E`` of one flat event.
         data: ``(N, D)`` flat training rows (e.g. the step's batch) the kernels sit at.
         base: the Gaussian fitted to the data.
-        settings: ``floor_samples`` draws (0: return ``state``, NaN and false) and
-            ``floor_half_life``.
+        settings: ``floor_samples`` draws (0: return ``state``, NaN and false twice),
+            ``floor_half_life`` and ``fuse_ess``.
     """
     dtype = state.group_log_z.dtype
     if settings.floor_samples == 0:
-        return state, jnp.full((), jnp.nan, dtype), jnp.zeros((), bool)
-    bound = lower_bound(key, logdensity, data, base, num_samples=settings.floor_samples)
-    bound = bound.astype(dtype)
+        no = jnp.zeros((), bool)
+        return state, jnp.full((), jnp.nan, dtype), no, no
+    log_w = log_weights(key, logdensity, data, base, num_samples=settings.floor_samples)
+    bound = importance_estimate(log_w)[0].astype(dtype) - MARGIN
     on_track = state.updates_lost == 0
     kept = 0.5 ** (1.0 / settings.floor_half_life) if settings.floor_half_life else 1.0
     release = jnp.where(on_track, (1.0 - kept) * state.raised, 0.0)
-    value = over_groups(state.group_log_z)[0] - release
+    groups = state.group_log_z - release
+    value, stderr = over_groups(groups)
+
     missed = on_track & (bound > value)
     raise_by = jnp.where(missed, bound - value, 0.0)
+    # a raise is a catch by a few large weights: not a measurement to average
+    state, groups, _, fused = _fuse_importance(
+        state, groups, value, stderr, log_w, on_track & ~missed, settings
+    )
     floored = state._replace(
-        group_log_z=state.group_log_z + (raise_by - release).astype(dtype),
+        group_log_z=(groups + raise_by).astype(dtype),
         raised=(state.raised - release + raise_by).astype(state.raised.dtype),
     )
-    return floored, bound, missed
+    return floored, bound, missed, fused
+
+
+def _fuse_importance(state, groups, value, stderr, log_w, on_track, settings):
+    """``(state, groups, value, fused)``: the tracked groups (estimate ``value ± stderr``)
+    after a Kalman update with the importance draws' ``log_w`` (``floor``), or as they were,
+    and ``state`` with the running means of the draws' variance and ESS updated.
+
+    * **The measurement's weight does not depend on its value.** Its noise ``R`` and the ESS
+      gate are running means over the previous updates' draws (``IMPORTANCE_DECAY``), not this
+      update's: a heavy-tailed sample that holds no large weight gives a low ``log Ẑ`` *and* a
+      small delta-method error, so weighting each estimate by its own error favours the low
+      ones (a 2-D ``SeparableEnergy``: −0.011 ± 0.002 from the exact ``log Z`` that way, where
+      the estimates themselves were unbiased); and one update's error varies so much that
+      weights from it (even from other draws) made the error bar 1.6 times too small.
+    * **The update is on ``Ẑ``, not on ``log Ẑ``**: ``Z ← (1 − K) Z + K Ẑ`` with the gain
+      ``K = P / (P + R)`` (``P``, ``R``: relative variances). ``Ẑ`` is unbiased and
+      ``log Ẑ`` is not, so the average stays unbiased whatever the draws' tails.
+    * **It forgets**: ``P`` grows by ``1 / FUSE_MEMORY`` before each update (a window of about
+      100 updates). Between updates the energy changes little and ``P`` grows little, and
+      the filter would keep a re-anchor's AIS (low by ``½ var``, its error bar optimistic) at
+      its weight for hundreds of updates.
+    * A measurement below the tracked value by more than ``FUSE_SIGMAS`` combined standard
+      errors is not used (the proposal may miss mass the particles hold: modes away from the
+      data); one above it always is (the particles may have missed mass, or it is the rare
+      large weight that keeps ``Ẑ`` unbiased)."""
+    if settings.fuse_ess is None:
+        return state, groups, value, jnp.zeros((), bool)
+    dtype = groups.dtype
+    measured, stderr_is, ess = (v.astype(dtype) for v in importance_estimate(log_w))
+    noise, gate = state.importance_variance, state.importance_ess
+    var = stderr**2 / FUSE_MEMORY
+    low = measured < value - FUSE_SIGMAS * jnp.sqrt(var + noise)
+    fused = on_track & (gate >= settings.fuse_ess) & (noise > 0) & ~low & jnp.isfinite(measured)
+    gain = var / jnp.where(fused, var + noise, 1.0)
+    combined = jnp.logaddexp(jnp.log1p(-gain) + value, jnp.log(gain) + measured)
+    factor = jnp.sqrt((1.0 - gain) * var) / jnp.maximum(stderr, jnp.finfo(dtype).tiny)
+    groups = jnp.where(fused, respread(groups, combined, factor), groups)
+
+    def running(mean, new):  # the first estimate (gate −1) starts the means
+        updated = jnp.where(gate < 0, new, IMPORTANCE_DECAY * mean + (1 - IMPORTANCE_DECAY) * new)
+        return jnp.where(jnp.isfinite(new), updated, mean).astype(mean.dtype)
+
+    state = state._replace(
+        importance_variance=running(noise, stderr_is**2),
+        importance_ess=running(gate, ess / log_w.shape[0]),
+    )
+    return state, groups, jnp.where(fused, combined, value), fused

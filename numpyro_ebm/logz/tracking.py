@@ -69,9 +69,12 @@ import jax.numpy as jnp
 
 from numpyro_ebm.logz.bound import floor
 from numpyro_ebm.logz.particles import (
+    FUSE_SIGMAS,
     conditional_ess,
+    inverse_variance,
     largest_fraction,
     over_groups,
+    respread,
     reweight,
     reweight_and_resample,
     systematic,
@@ -87,10 +90,6 @@ __all__ = [
     "floor",
     "start",
 ]
-
-# a re-anchor fuses the carried estimate with its own when the two are this close in combined
-# standard errors (a t₇ variable, the error of 8 groups, exceeds 3 with probability 0.02)
-FUSE_SIGMAS = 3.0
 
 
 class TrackerSettings(NamedTuple):
@@ -139,6 +138,13 @@ class TrackerSettings(NamedTuple):
             released, unless a later bound raises it again (0: never released). Wells at the
             training rows come and go during training; the increments cannot see them go, so
             a raise kept for good holds the estimate above ``log Z`` after they have gone.
+        fuse_ess: the floor's importance estimate of ``log Z`` is fused with the tracked one
+            (a Kalman update, ``logz.bound.floor``) while the running mean of its ESS is at
+            least this fraction of its ``floor_samples`` draws (None: never). Where the
+            data-centred proposal fits the model (low dimension) this is a second estimate
+            each update, independent of the particles: the increments carry the estimate,
+            the importance estimates correct it. In more dimensions the ESS is a few draws
+            and nothing is fused.
         sampler: the kernel (with a Metropolis step); its ``step_size`` is the first one, then
             tuned toward its target acceptance after every move.
     """
@@ -159,6 +165,7 @@ class TrackerSettings(NamedTuple):
     first_anchor: int = 100
     floor_samples: int = 1024
     floor_half_life: int = 5
+    fuse_ess: float | None = 0.2
     sampler: Sampler = get_sampler("mala")
 
     def check(self) -> TrackerSettings:
@@ -181,6 +188,8 @@ class TrackerSettings(NamedTuple):
         for name in ("target_ess", "resample_ess", "start_ess", "lost_ess"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+        if self.fuse_ess is not None and not 0.0 < self.fuse_ess <= 1.0:
+            raise ValueError(f"fuse_ess must be None or in (0, 1], got {self.fuse_ess}")
         if self.sampler.target is None:
             raise ValueError(
                 f"the log Z tracker needs a kernel with a Metropolis step, got "
@@ -204,6 +213,12 @@ class TrackerState(NamedTuple):
         next_anchor: the update at which the tracker re-anchors next (0: never).
         raised: nats ``floor`` has added to ``group_log_z`` and not yet released (0 after a
             start or restart).
+        importance_variance: running mean over updates of the relative variance (squared
+            standard error) of ``floor``'s importance estimate; the measurement noise of its
+            fusion.
+        importance_ess: running mean of its ESS fraction, the gate of its fusion; −1 before
+            the first estimate (the state must stay finite: the training step rejects
+            non-finite ones).
     """
 
     position: jax.Array
@@ -215,6 +230,8 @@ class TrackerState(NamedTuple):
     updates: jax.Array
     next_anchor: jax.Array
     raised: jax.Array
+    importance_variance: jax.Array
+    importance_ess: jax.Array
 
 
 class TrackInfo(NamedTuple):
@@ -278,15 +295,14 @@ def _fuse(carried: TrackerState, fresh: TrackerState, logdensity: jax.Array) -> 
     agree = gap <= FUSE_SIGMAS * jnp.sqrt(var_c + var_f)
     fuse = usable & agree & (var_c + var_f > 0)
     keep_carried = usable & ~agree & (value_c > value_f)
-    total = jnp.where(fuse, var_c + var_f, 1.0)
-    combined = (var_f * value_c + var_c * value_f) / total
+    combined, _ = inverse_variance(value_c, var_c, value_f, jnp.where(fuse, var_f, 1.0))
     shifted = fresh.group_log_z + combined - value_f
     fused = fresh._replace(group_log_z=jnp.where(fuse, shifted, fresh.group_log_z))
     # kept over a smaller fresh estimate, the carried one may be the outlier (an upward fluke):
     # its groups are spread until the error bar is about √(v_c + (gap / 2)²)
-    widen = jnp.sqrt(1.0 + (0.5 * gap / jnp.maximum(stderr_c, 1e-6)) ** 2)
-    widened = value_c + widen * (groups - jnp.mean(groups))
-    widened = widened + value_c - over_groups(widened)[0]
+    widened = respread(
+        groups, value_c, jnp.sqrt(1.0 + (0.5 * gap / jnp.maximum(stderr_c, 1e-6)) ** 2)
+    )
     advanced = carried._replace(
         logdensity=logdensity.astype(carried.logdensity.dtype),
         log_weight=log_weight.astype(carried.log_weight.dtype),
@@ -319,6 +335,8 @@ def start(
         jnp.zeros((), jnp.int32),
         jnp.asarray(settings.first_anchor, jnp.int32),
         jnp.zeros((), position.dtype),
+        jnp.zeros((), position.dtype),
+        jnp.full((), -1.0, position.dtype),
     )
     state, info = _bridge(
         k_bridge,

@@ -50,11 +50,14 @@ __all__ = [
 
 # The state's layout: checkpoints of another format cannot be read into this version's state,
 # except format 2 (before the log Z tracker): its state is this version's without a tracker,
-# and format 3 (before the floor released its raises): its trackers lack ``raised``.
-FORMAT = 4
+# format 3 (before the floor released its raises): its trackers lack ``raised`` and what
+# follows, and format 4 (before the floor fused its importance estimate): they lack
+# ``importance_variance`` and ``importance_ess``.
+FORMAT = 5
+UNFUSED_FORMAT = 4
 UNRELEASED_FORMAT = 3
 UNTRACKED_FORMAT = 2
-READABLE_FORMATS = (FORMAT, UNRELEASED_FORMAT, UNTRACKED_FORMAT)
+READABLE_FORMATS = (FORMAT, UNFUSED_FORMAT, UNRELEASED_FORMAT, UNTRACKED_FORMAT)
 STATE_FILE = "state.eqx"
 RECORDED_PREFIX = "recorded."  # recorded-chain arrays share history.npz under this prefix
 HISTORY_FILE = "history.npz"
@@ -282,8 +285,9 @@ def load_checkpoint(
     state_path = os.path.join(checkpoint, STATE_FILE)
     data = _read_verified(checkpoint, STATE_FILE, meta)
     try:
-        if meta.get("format") == UNRELEASED_FORMAT:
-            state = _with_raised(eqx.tree_deserialise_leaves(io.BytesIO(data), _unreleased(like)))
+        if meta.get("format") in _LEGACY_TRACKERS:
+            legacy = _legacy(like, meta["format"])
+            state = _completed(eqx.tree_deserialise_leaves(io.BytesIO(data), legacy))
         else:
             state = eqx.tree_deserialise_leaves(io.BytesIO(data), like)
     except Exception as err:  # truncated or foreign file: equinox/numpy raise various types
@@ -308,36 +312,47 @@ def load_checkpoint(
     return state, history, meta
 
 
-# ``TrackerState`` as format 3 stored it: its fields before ``raised``
-_UnreleasedTrackerState = NamedTuple(
-    "_UnreleasedTrackerState",
-    [(name, jax.Array) for name in TrackerState._fields[: TrackerState._fields.index("raised")]],
-)
+def _tracker_before(field: str):
+    """``TrackerState``'s layout up to ``field`` (excluded), as an older format stored it."""
+    fields = TrackerState._fields[: TrackerState._fields.index(field)]
+    return NamedTuple(f"_TrackerStateBefore_{field}", [(name, jax.Array) for name in fields])
+
+
+# what each older format's trackers lack, and the value they start from
+_MISSING = {"raised": 0.0, "importance_variance": 0.0, "importance_ess": -1.0}
+_LEGACY_TRACKERS = {
+    UNRELEASED_FORMAT: _tracker_before("raised"),
+    UNFUSED_FORMAT: _tracker_before("importance_variance"),
+}
 
 
 def _is_tracker(x) -> bool:
-    return isinstance(x, TrackerState | _UnreleasedTrackerState)
+    return isinstance(x, (TrackerState, *_LEGACY_TRACKERS.values()))
 
 
-def _unreleased(like):
-    """``like`` with each tracker in format 3's layout (to read such a checkpoint into)."""
+def _legacy(like, format_):
+    """``like`` with each tracker in ``format_``'s layout (to read such a checkpoint into)."""
+    layout = _LEGACY_TRACKERS[format_]
 
     def old(x):
         if not isinstance(x, TrackerState):
             return x
-        return _UnreleasedTrackerState(*x[: len(_UnreleasedTrackerState._fields)])
+        return layout(*x[: len(layout._fields)])
 
     return jax.tree.map(old, like, is_leaf=_is_tracker)
 
 
-def _with_raised(state):
-    """A format-3 state in this version's layout: nothing raised is released (the raises it
-    holds stay, as that version kept them)."""
+def _completed(state):
+    """An older format's state in this version's layout: nothing raised is released (the
+    raises it holds stay, as that version kept them), and the importance fusion's running
+    means start afresh."""
 
     def new(x):
-        if not isinstance(x, _UnreleasedTrackerState):
+        if isinstance(x, TrackerState) or not _is_tracker(x):
             return x
-        return TrackerState(*x, raised=jax.numpy.zeros((), x.group_log_z.dtype))
+        dtype = x.group_log_z.dtype
+        missing = TrackerState._fields[len(x) :]
+        return TrackerState(*x, **{k: jax.numpy.full((), _MISSING[k], dtype) for k in missing})
 
     return jax.tree.map(new, state, is_leaf=_is_tracker)
 

@@ -139,6 +139,7 @@ class SiteInfo(NamedTuple):
             tracker, ``log_z_stderr``, ``log_z_min_ess``, ``log_z_bridge_steps``,
             ``log_z_acceptance`` (its moves' mean acceptance), ``log_z_bound`` (the floor's
             lower bound, ``logz.bound``), ``log_z_missed`` (1 where it raised the estimate),
+            ``log_z_fused`` (1 where its importance estimate was fused with it),
             ``log_z_raised`` (what the floor's raises add to ``log_z`` and is not yet
             released) and ``log_z_nce`` (the noise-contrastive estimate).
         recorded: the negative sampler's ``ChainRecord`` (or None).
@@ -497,7 +498,7 @@ def _site_info(
         log_z = jnp.full((), jnp.nan)
     metrics = {**site_terms.terms.metrics, **info.metrics}
     if tracked is not None:
-        tracked, bound, missed = tracked
+        tracked, bound, missed, fused = tracked
         metrics.update(
             log_z_stderr=stderr,
             log_z_min_ess=tracked.min_ess,
@@ -505,6 +506,7 @@ def _site_info(
             log_z_acceptance=tracked.acceptance,
             log_z_bound=bound,
             log_z_missed=missed,
+            log_z_fused=fused,
             log_z_raised=state.log_z_tracker[name].raised,  # as log_z: the state's
             log_z_nce=state.average_log_z[name],
         )
@@ -575,7 +577,7 @@ def _learn_log_z(keys, state, averaged, draws, sites, config, decay):
 def _track_log_z(keys, state, problem, averaged, key, batch, config):
     """Each tracker carried from the previous averaged energy to the new one
     (``tracking.advance``), then floored (``tracking.floor``): ``({site: TrackerState or
-    None}, {site: (TrackInfo, bound, 1.0 where the bound raised the estimate)})``."""
+    None}, {site: (TrackInfo, bound, missed, fused)})`` (the last two 1.0 or 0.0)."""
     trackers, infos = dict(state.log_z_tracker), {}
     previous = None
     for name, tracker in state.log_z_tracker.items():
@@ -591,8 +593,8 @@ def _track_log_z(keys, state, problem, averaged, key, batch, config):
         )
         # the batch's rows carry the floor's kernels: wells at the training rows
         rows = _flat(averaged[name].observed)
-        trackers[name], bound, missed = tracking.floor(
+        trackers[name], bound, missed, fused = tracking.floor(
             jax.random.fold_in(keys[name], 3), tracker, new, rows, base, settings
         )
-        infos[name] = (info, bound, missed.astype(bound.dtype))
+        infos[name] = (info, bound, missed.astype(bound.dtype), fused.astype(bound.dtype))
     return trackers, infos
