@@ -17,8 +17,9 @@ them re-initialised at data points each step) on 50 000 training points, then
 evaluates on 20 000 fresh test points with log Z by quadrature on a 512² grid over the toy's box
 widened by 50% per side. KL ± one standard error (paired differences on the same points).
 "tracked log Z − grid" compares the log Z tracked during training (``FitResult.log_z``, ± its
-standard error) with the quadrature value, and "NCE log Z − grid" the noise-contrastive one
-learned beside it. Times include compilation.
+standard error; "fused": the share of the last 100 updates at which the floor's importance
+estimate was fused with it) with the quadrature value, and "NCE log Z − grid" the
+noise-contrastive one learned beside it. Times include compilation.
 
 With ``--tempering`` the rows are persistent chains (default, and with reinit_fraction=0) and
 ``ParallelTempering`` (``--ladders`` ladders of ``--temps`` replicas, ``--rounds`` rounds per
@@ -124,6 +125,7 @@ def run(
         "entropy": out.entropy,
         "log_z_error": res.log_z.value - out.log_z.value,
         "log_z_se": res.log_z.stderr,
+        "fused": float(np.mean(h["log_z_fused"][-100:])) if "log_z_fused" in h else 0.0,
         "nce_error": (res.log_z.info or {}).get("nce", np.nan) - out.log_z.value,
         "rejected": int(np.sum(~res.history["is_finite"].astype(bool))),
         "acc": float(np.mean(res.history["acceptance_rate"][-100:])),
@@ -180,7 +182,8 @@ def main() -> None:
             print(
                 f"| {r['toy']} | {r['sampler']} | {r['negatives']} | {r['steps']} | "
                 f"{r['kl']:.4f} ± {r['kl_se']:.4f} | {r['nll']:.3f} ± {r['nll_se']:.3f} | "
-                f"{r['entropy']:.3f} | {r['log_z_error']:+.4f} ± {r['log_z_se']:.4f} | "
+                f"{r['entropy']:.3f} | {r['log_z_error']:+.4f} ± {r['log_z_se']:.4f} "
+                f"(fused {r['fused']:.0%}) | "
                 f"{r['nce_error']:+.4f} | {r['rejected']} | "
                 f"{r['acc']:.2f} | {r['seconds']:.1f} |",
                 flush=True,

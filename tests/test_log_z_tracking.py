@@ -343,3 +343,25 @@ def test_fit_tracks_the_exact_log_z_of_a_trained_separable_mlp_energy():
     exact = float(res.energy.log_z)
     error = res.log_z.value - exact
     assert abs(error) < 0.5 and abs(error) <= 3 * res.log_z.stderr, (error, res.log_z.stderr)
+
+
+def test_in_two_dims_the_fused_importance_estimate_brings_the_error_bar_below_a_hundredth():
+    """A 2-D ``SeparableEnergy`` (``log Z`` exact by quadrature) trained on non-Gaussian data:
+    the floor's importance estimate is fused at most updates, and the tracked value is within
+    3 standard errors of the exact one with a standard error below 0.01 nats (without the
+    fusion, 0.014 and 0.019 on this seed and the next: a re-anchor's AIS, carried on)."""
+    energy = ebm.energies.SeparableEnergy(2, key=jax.random.key(40))
+    res = ebm.fit(
+        energy,
+        _skewed_data(jax.random.key(41), 2),
+        key=jax.random.key(42),
+        num_steps=300,
+        num_chains=256,
+        num_mcmc_steps=5,
+        batch_size=256,
+        log_z_particles=256,
+        progress_bar=False,
+    )
+    assert np.mean(res.history["log_z_fused"][-100:]) > 0.8
+    error = res.log_z.value - float(res.energy.log_z)
+    assert res.log_z.stderr < 0.01 and abs(error) <= 3 * res.log_z.stderr, (error, res.log_z)

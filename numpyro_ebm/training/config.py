@@ -128,10 +128,10 @@ class TrainConfig:
         log_z_floor_half_life: steps over which half of what the floor raised the tracked
             value by is released unless a later bound raises it again (0: never released;
             ``TrackerSettings.floor_half_life``).
-        log_z_fuse_ess: the floor's importance estimate is fused with the tracked value when
-            its effective sample size is at least this fraction of ``log_z_floor_samples``
-            and the two agree (None: never; ``TrackerSettings.fuse_ess``). In low
-            dimension this takes the error bar from about 0.03 nats to 0.005.
+        log_z_fuse_ess: the floor's importance estimate is fused with the tracked value (a
+            Kalman update) while the running mean of its effective sample size is at least
+            this fraction of ``log_z_floor_samples`` (None: never; ``TrackerSettings.fuse_ess``).
+            On the 2-D toys this takes the error bar from about 0.03 nats to 0.003.
         generator_optimizer: optax transformation for the generator (generator modes); None:
             ``default_optimizer(num_steps, generator_learning_rate)``.
         generator_learning_rate: peak learning rate of the generator's default optimizer.
