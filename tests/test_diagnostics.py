@@ -428,6 +428,9 @@ def test_log_z_bound_check_says_when_the_tracker_missed_wells_at_the_rows(small_
     assert verdict["log_z_bound"].status == "ok", verdict["log_z_bound"]  # a real 8gaussians fit
     assert np.all(res.history["log_z_raised"] == 0.0)
     assert res.log_z.info["raised"] == 0.0 and res.log_z.info["step"] == res.best_step
+    # the cases below need a returned step before the last one; this 2-D run's tracked log Z
+    # is precise (the fused importance estimate) and its held-out NLL may be lowest at the end
+    res = res.__class__(**{**vars(res), "best_step": 150})
 
     def floored_from(step, last=None, released_at=None, legacy=False):
         """The run as if the bound had raised the track at steps ``step`` to ``last`` by 5
