@@ -92,6 +92,32 @@ def tracker_at(log_z, data):
     return state._replace(group_log_z=state.group_log_z - value + log_z), settings
 
 
+@pytest.mark.parametrize("dim", [2, 10])
+def test_the_proposal_density_matches_a_direct_float64_sum_over_kernels(dim):
+    """The proposal's log-density (one exponential per draw and centre, then squarings, for
+    the doubling ``BANDWIDTHS``; a table of all of them for other widths) against the
+    mixture written out in float64: draws of the proposal itself, draws at the centres (the
+    narrowest kernels dominate) and draws far out (only the base and the widest matter)."""
+    from scipy.special import logsumexp as np_logsumexp
+    from scipy.stats import multivariate_normal as mvn
+
+    data = jax.random.normal(jax.random.key(40), (200, dim)) @ jnp.diag(jnp.linspace(0.5, 2, dim))
+    base = fit_base(data)
+    draws = data_bound._draw(jax.random.key(41), data, base, data_bound.BANDWIDTHS, 300)
+    x = jnp.concatenate([draws, data[:20] + 1e-3, 6.0 * data[20:40]])
+    cov = np.asarray(base.scale_tril, np.float64) @ np.asarray(base.scale_tril, np.float64).T
+    centres, points = np.asarray(data, np.float64), np.asarray(x, np.float64)
+    for widths in (data_bound.BANDWIDTHS, (0.07, 0.3, 0.9)):
+        kernels = np.stack([
+            mvn.logpdf(points, c, h**2 * cov) for c in centres for h in widths
+        ], axis=1)  # fmt: skip
+        mixture = np_logsumexp(kernels, axis=1) - np.log(kernels.shape[1])
+        gaussian = mvn.logpdf(points, np.asarray(base.mean, np.float64), cov)
+        exact = np.logaddexp(gaussian, mixture) - np.log(2.0)
+        got = np.asarray(data_bound._log_proposal(x, data, base, widths))
+        np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-3)
+
+
 def test_the_floor_raises_a_tracked_estimate_that_missed_the_wells_and_no_other():
     data = rows()
     exact = exact_wells_log_z()
