@@ -257,11 +257,11 @@ def _skewed_data(key, dim, n=20_000):
     return jnp.where(pick, skew, mix) @ mixing
 
 
-def tracked_fit(energy, data_key, fit_key, **settings):
+def tracked_fit(energy, data_key, fit_key, dim=DIM, **settings):
     """A short ``fit`` (300 steps, 256 chains and tracker particles) on ``_skewed_data``."""
     return ebm.fit(
         energy,
-        _skewed_data(data_key, DIM),
+        _skewed_data(data_key, dim),
         key=fit_key,
         num_steps=300,
         num_chains=256,
@@ -351,17 +351,7 @@ def test_in_two_dims_the_fused_importance_estimate_brings_the_error_bar_below_a_
     3 standard errors of the exact one with a standard error below 0.01 nats (without the
     fusion, 0.014 and 0.019 on this seed and the next: a re-anchor's AIS, carried on)."""
     energy = ebm.energies.SeparableEnergy(2, key=jax.random.key(40))
-    res = ebm.fit(
-        energy,
-        _skewed_data(jax.random.key(41), 2),
-        key=jax.random.key(42),
-        num_steps=300,
-        num_chains=256,
-        num_mcmc_steps=5,
-        batch_size=256,
-        log_z_particles=256,
-        progress_bar=False,
-    )
+    res = tracked_fit(energy, jax.random.key(41), jax.random.key(42), dim=2)
     assert np.mean(res.history["log_z_fused"][-100:]) > 0.8
     error = res.log_z.value - float(res.energy.log_z)
     assert res.log_z.stderr < 0.01 and abs(error) <= 3 * res.log_z.stderr, (error, res.log_z)
