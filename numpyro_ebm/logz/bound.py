@@ -282,7 +282,8 @@ def floor(key, state: TrackerState, logdensity: Callable, data, base, settings: 
         no = jnp.zeros((), bool)
         return state, jnp.full((), jnp.nan, dtype), no, no
     log_w = log_weights(key, logdensity, data, base, num_samples=settings.floor_samples)
-    bound = importance_estimate(log_w)[0].astype(dtype) - MARGIN
+    estimate = tuple(v.astype(dtype) for v in importance_estimate(log_w))
+    bound = estimate[0] - MARGIN
     on_track = state.updates_lost == 0
     kept = 0.5 ** (1.0 / settings.floor_half_life) if settings.floor_half_life else 1.0
     release = jnp.where(on_track, (1.0 - kept) * state.raised, 0.0)
@@ -292,9 +293,10 @@ def floor(key, state: TrackerState, logdensity: Callable, data, base, settings: 
     missed = on_track & (bound > value)
     raise_by = jnp.where(missed, bound - value, 0.0)
     # a raise is a catch by a few large weights: not a measurement to average
-    state, groups, _, fused = _fuse_importance(
-        state, groups, value, stderr, log_w, on_track & ~missed, settings
-    )
+    state, groups, fused = _fuse_importance(
+        state, groups, value, stderr, estimate, settings.floor_samples, on_track & ~missed,
+        settings,
+    )  # fmt: skip
     floored = state._replace(
         group_log_z=(groups + raise_by).astype(dtype),
         raised=(state.raised - release + raise_by).astype(state.raised.dtype),
@@ -302,10 +304,11 @@ def floor(key, state: TrackerState, logdensity: Callable, data, base, settings: 
     return floored, bound, missed, fused
 
 
-def _fuse_importance(state, groups, value, stderr, log_w, on_track, settings):
-    """``(state, groups, value, fused)``: the tracked groups (estimate ``value ± stderr``)
-    after a Kalman update with the importance draws' ``log_w`` (``floor``), or as they were,
-    and ``state`` with the running means of the draws' variance and ESS updated.
+def _fuse_importance(state, groups, value, stderr, estimate, num_draws, on_track, settings):
+    """``(state, groups, fused)``: the tracked groups (estimate ``value ± stderr``) after a
+    Kalman update with ``estimate``, ``importance_estimate`` of ``num_draws`` draws (``floor``),
+    or as they were, and ``state`` with the running means of the draws' variance and ESS
+    updated.
 
     * **The measurement's weight does not depend on its value.** Its noise ``R`` and the ESS
       gate are running means over the previous updates' draws (``IMPORTANCE_DECAY``), not this
@@ -330,9 +333,9 @@ def _fuse_importance(state, groups, value, stderr, log_w, on_track, settings):
       (a 4-D ``SeparableEnergy``: one estimate 2.7 nats above the rest moved the tracked
       value 0.33 nats, and it ended 0.118 ± 0.013 above the exact ``log Z``)."""
     if settings.fuse_ess is None:
-        return state, groups, value, jnp.zeros((), bool)
+        return state, groups, jnp.zeros((), bool)
     dtype = groups.dtype
-    measured, stderr_is, ess = (v.astype(dtype) for v in importance_estimate(log_w))
+    measured, stderr_is, ess = estimate
     noise, gate = state.importance_variance, state.importance_ess
     var = stderr**2 / FUSE_MEMORY
     spread = jnp.sqrt(var + noise)
@@ -349,6 +352,6 @@ def _fuse_importance(state, groups, value, stderr, log_w, on_track, settings):
 
     state = state._replace(
         importance_variance=running(noise, stderr_is**2),
-        importance_ess=running(gate, ess / log_w.shape[0]),
+        importance_ess=running(gate, ess / num_draws),
     )
-    return state, groups, jnp.where(fused, combined, value), fused
+    return state, groups, fused
