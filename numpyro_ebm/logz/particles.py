@@ -2,7 +2,7 @@
 with each group's running ``log Ẑ``, the conditional effective sample size of a reweighting,
 the largest part of an update a reweighting can take at a given ESS, systematic resampling of
 the groups that need it, the estimate over the groups, and the groups moved to another
-estimate of the same ``log Z`` (``respread``, ``inverse_variance``).
+estimate of the same ``log Z`` (``respread``).
 
 Weights are ``(G, N/G)`` arrays of unnormalised log-weights, one row per independent group.
 
@@ -25,7 +25,6 @@ from jax.scipy.special import logsumexp
 __all__ = [
     "FUSE_SIGMAS",
     "conditional_ess",
-    "inverse_variance",
     "largest_fraction",
     "over_groups",
     "resample",
@@ -106,13 +105,6 @@ def respread(group_log_z: jax.Array, value, factor) -> jax.Array:
     ``factor`` times theirs (their standard error, to first order in the spread)."""
     spread = value + factor * (group_log_z - jnp.mean(group_log_z))
     return spread + value - over_groups(spread)[0]
-
-
-def inverse_variance(value_a, var_a, value_b, var_b):
-    """``(value, variance)`` of the inverse-variance combination of two independent estimates
-    (``var_a + var_b`` must be positive)."""
-    total = var_a + var_b
-    return (var_b * value_a + var_a * value_b) / total, var_a * var_b / total
 
 
 def largest_fraction(log_weight, difference, remaining, target_ess):

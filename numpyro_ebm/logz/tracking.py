@@ -71,7 +71,6 @@ from numpyro_ebm.logz.bound import floor
 from numpyro_ebm.logz.particles import (
     FUSE_SIGMAS,
     conditional_ess,
-    inverse_variance,
     largest_fraction,
     over_groups,
     respread,
@@ -295,7 +294,8 @@ def _fuse(carried: TrackerState, fresh: TrackerState, logdensity: jax.Array) -> 
     agree = gap <= FUSE_SIGMAS * jnp.sqrt(var_c + var_f)
     fuse = usable & agree & (var_c + var_f > 0)
     keep_carried = usable & ~agree & (value_c > value_f)
-    combined, _ = inverse_variance(value_c, var_c, value_f, jnp.where(fuse, var_f, 1.0))
+    total = jnp.where(fuse, var_c + var_f, 1.0)
+    combined = (var_f * value_c + var_c * value_f) / total
     shifted = fresh.group_log_z + combined - value_f
     fused = fresh._replace(group_log_z=jnp.where(fuse, shifted, fresh.group_log_z))
     # kept over a smaller fresh estimate, the carried one may be the outlier (an upward fluke):
