@@ -448,7 +448,7 @@ def test_a_bad_fuse_setting_is_refused_by_name(value):
     with pytest.raises(ValueError, match="log_z_fuse_ess"):
         ebm.TrainConfig(log_z_fuse_ess=value)
     with pytest.raises(ValueError, match="fuse_ess"):
-        tracking.TrackerSettings(fuse_ess=0.0).check()
+        tracking.TrackerSettings(fuse_ess=value).check()
 
 
 def test_maximum_likelihood_tracks_each_sites_log_z_with_an_error_bar():

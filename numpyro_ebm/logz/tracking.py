@@ -187,7 +187,10 @@ class TrackerSettings(NamedTuple):
         for name in ("target_ess", "resample_ess", "start_ess", "lost_ess"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
-        if self.fuse_ess is not None and not 0.0 < self.fuse_ess <= 1.0:
+        fuse = self.fuse_ess
+        if fuse is not None and not (
+            isinstance(fuse, int | float) and not isinstance(fuse, bool) and 0.0 < fuse <= 1.0
+        ):
             raise ValueError(f"fuse_ess must be None or in (0, 1], got {self.fuse_ess}")
         if self.sampler.target is None:
             raise ValueError(
