@@ -36,6 +36,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from toy_quality import fused_share
 
 import numpyro_ebm as ebm
 from numpyro_ebm.training import core, loop
@@ -96,7 +97,7 @@ def calibration(args) -> None:
                 seconds.append(time.perf_counter() - start)
                 errors.append(res.log_z.value - float(res.energy.log_z))
                 stderrs.append(res.log_z.stderr)
-                fused.append(np.mean(res.history["log_z_fused"][-50:]))
+                fused.append(fused_share(res.history, 50))
                 if args.verbose:
                     print(
                         f"  {name} D={dim} seed {seed}: error {errors[-1]:+.3f} ± {stderrs[-1]:.3f}"

@@ -52,6 +52,16 @@ ROWS = {  # name: (sampler, negatives, reinit_fraction)
 }
 
 
+def fused_share(history: dict, last: int) -> float:
+    """The share of the floors among the last ``last`` updates (``log_z_bound`` finite: the
+    floor runs at every ``log_z_floor_every``-th update) at which the floor's importance
+    estimate was fused with the tracked ``log Z``."""
+    if "log_z_fused" not in history:
+        return 0.0
+    floors = np.isfinite(history["log_z_bound"][-last:])
+    return float(np.mean(history["log_z_fused"][-last:][floors])) if floors.any() else 0.0
+
+
 def mode_masses(energy, toy, num_points: int = 512, padding: float = 0.5) -> tuple[float, float]:
     """The normalised model's mass left and right of ``datasets.BIMODAL_SPLIT``, by midpoint
     quadrature on a ``num_points``² grid over the toy's box widened by ``padding`` per side."""
@@ -125,7 +135,7 @@ def run(
         "entropy": out.entropy,
         "log_z_error": res.log_z.value - out.log_z.value,
         "log_z_se": res.log_z.stderr,
-        "fused": float(np.mean(h["log_z_fused"][-100:])) if "log_z_fused" in h else 0.0,
+        "fused": fused_share(h, 100),
         "nce_error": (res.log_z.info or {}).get("nce", np.nan) - out.log_z.value,
         "rejected": int(np.sum(~res.history["is_finite"].astype(bool))),
         "acc": float(np.mean(res.history["acceptance_rate"][-100:])),

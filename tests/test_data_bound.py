@@ -83,8 +83,11 @@ def test_the_lower_bound_is_below_log_z_in_at_least_95_percent_of_draws():
 
 
 def tracker_at(log_z, data):
-    """A tracker whose estimate is ``log_z`` (its particles do not matter to the floor)."""
-    settings = tracking.TrackerSettings(num_particles=64, num_groups=4, floor_samples=2048)
+    """A tracker whose estimate is ``log_z`` (its particles do not matter to the floor), with
+    a floor at every update."""
+    settings = tracking.TrackerSettings(
+        num_particles=64, num_groups=4, floor_samples=2048, floor_every=1
+    )
     state, _ = tracking.start(
         jax.random.key(5), fit_base(data), lambda x: -0.5 * jnp.sum(x**2), settings
     )
@@ -189,6 +192,34 @@ def test_a_raise_is_released_over_its_half_life_unless_the_wells_raise_it_again(
     for i in range(10):
         state, _, _, _ = tracking.floor(jax.random.key(14 + i), state, gaussian, data, base, kept)
     np.testing.assert_array_equal(state.group_log_z, raised.group_log_z)
+
+
+def test_the_floor_runs_at_every_floor_every_th_update_and_releases_by_updates():
+    """With ``floor_every=4`` the floor runs at updates 4, 8, ... (NaN bound, nothing raised
+    or fused between them), and a raise still halves over ``floor_half_life`` updates."""
+    data = rows()
+    base = fit_base(data)
+    gaussian = lambda x: -0.5 * jnp.sum(x**2)
+    gaussian_log_z = 0.5 * data.shape[1] * np.log(2 * np.pi)
+    raised, settings = tracker_at(gaussian_log_z + 10.0, data)
+    state = raised._replace(raised=jnp.asarray(10.0, raised.raised.dtype))
+    settings = settings._replace(floor_every=4, floor_half_life=10)
+    bounds = []
+    for i in range(20):  # two half-lives
+        key = jax.random.fold_in(jax.random.key(15), i)
+        state, _ = tracking.advance(key, state, gaussian, gaussian, settings, base)
+        before = state
+        state, bound, missed, fused = tracking.floor(
+            jax.random.fold_in(key, 1), state, gaussian, data, base, settings
+        )
+        bounds.append(float(bound))
+        assert not bool(missed) and not bool(fused)
+        if not np.isfinite(bound):
+            for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(before), strict=True):
+                np.testing.assert_array_equal(a, b)  # a skipped update changes nothing
+    assert [np.isfinite(b) for b in bounds] == [(i + 1) % 4 == 0 for i in range(20)]
+    assert max(b for b in bounds if np.isfinite(b)) < gaussian_log_z
+    np.testing.assert_allclose(float(state.raised), 2.5, rtol=1e-4)
 
 
 def tracker_with(log_z, offsets, dim=2):

@@ -123,6 +123,7 @@ FIELDS = {
     "log_z_floor_samples": (
         0, "persistent", lambda c: c.log_z_tracker().floor_samples == 0
     ),
+    "log_z_floor_every": (1, "persistent", lambda c: c.log_z_tracker().floor_every == 1),
     "log_z_floor_half_life": (
         0, "persistent", lambda c: c.log_z_tracker().floor_half_life == 0
     ),
@@ -435,7 +436,9 @@ def test_a_bad_energy_l2_decay_is_refused_by_name(decay):
 
 
 @pytest.mark.parametrize("value", [-1, 2.5, "five", float("nan")])
-@pytest.mark.parametrize("name", ["log_z_floor_samples", "log_z_floor_half_life"])
+@pytest.mark.parametrize(
+    "name", ["log_z_floor_samples", "log_z_floor_every", "log_z_floor_half_life"]
+)
 def test_a_bad_floor_setting_is_refused_by_name(name, value):
     with pytest.raises(ValueError, match=name):
         ebm.TrainConfig(**{name: value})

@@ -16,8 +16,8 @@ level ``1 − e^{−MARGIN}`` (95%), however poor the proposal. When it lies abo
 of ``log Z``, that estimate missed mass. Where the model has no such wells, the bound lies
 below every good estimate (``log Ẑ`` is itself low on average, Jensen) and changes nothing.
 
-The ``log Z`` tracker computes it after every update (``floor``, here; 1024 draws around the
-batch's rows) and raises a tracked value below it, so the held-out NLL that selects
+The ``log Z`` tracker computes it after every fourth update (``floor``, here; 1024 draws
+around the batch's rows) and raises a tracked value below it, so the held-out NLL that selects
 ``fit``'s returned model is not computed with a ``log Z`` that missed such wells. The history
 columns ``log_z_bound`` and ``log_z_missed`` hold it, and ``diagnose``'s ``log_z_bound`` check
 reads them.
@@ -70,9 +70,9 @@ __all__ = [
 BANDWIDTHS = (0.05, 0.1, 0.2, 0.4, 0.8)
 MARGIN = 3.0  # nats: log Ẑ − 3 is below log Z with probability at least 1 − e⁻³ ≈ 0.95
 NUM_CENTRES = 1024  # rows the kernels sit at (a random subset of larger data)
-FUSE_MEMORY = 0.99  # the importance fusion forgets 1% per update (``_fuse_importance``)
+FUSE_MEMORY = 0.99  # the importance fusion forgets 1% per floor (``_fuse_importance``)
 FUSE_ABOVE = 5.0  # the fusion's gate above the tracked value, in combined standard errors
-IMPORTANCE_DECAY = 0.98  # its running means of the draws' variance and ESS: about 50 updates
+IMPORTANCE_DECAY = 0.98  # its running means of the draws' variance and ESS: about 50 floors
 CHUNK = 1024  # draws scored at once
 
 
@@ -243,7 +243,8 @@ def data_bound(energy: Callable, data, *, key: jax.Array, num_samples: int = 655
 
 def floor(key, state: TrackerState, logdensity: Callable, data, base, settings: TrackerSettings):
     """The tracked estimate checked against importance sampling around the training rows:
-    ``(state, bound, missed, fused)``.
+    ``(state, bound, missed, fused)``, at every ``settings.floor_every``-th update
+    (``state.updates`` a multiple of it; at the others ``state`` as it is, NaN and false twice).
 
     First part of what earlier floors raised the estimate by is released. Then the importance
     estimate ``log Ẑ`` of ``logdensity`` (the energy ``state`` tracks; ``floor_samples``
@@ -262,7 +263,8 @@ def floor(key, state: TrackerState, logdensity: Callable, data, base, settings: 
     A raise is carried on by the increments, which do not see the wells that hold the mass go:
     kept for good, it holds the estimate above ``log Z`` after they have gone (breast cancer,
     seed 1: 34 nats at step 1100, where importance sampling around the rows found no well).
-    So ``state.raised`` loses a ``1 − 2^(−1/floor_half_life)`` fraction per update, and wells
+    So ``state.raised`` loses a ``1 − 2^(−floor_every/floor_half_life)`` fraction per floor
+    (a half-life of ``floor_half_life`` updates), and wells
     that remain raise it again (each batch brings most rows back). Losing the track instead
     and restarting from the base did worse on breast cancer: the restart's short AIS missed
     11 nats that no bound around the rows showed, and the selection took it
@@ -274,18 +276,31 @@ def floor(key, state: TrackerState, logdensity: Callable, data, base, settings: 
         logdensity: ``−E`` of one flat event.
         data: ``(N, D)`` flat training rows (e.g. the step's batch) the kernels sit at.
         base: the Gaussian fitted to the data.
-        settings: ``floor_samples`` draws (0: return ``state``, NaN and false twice),
+        settings: ``floor_samples`` draws (0: never a floor), ``floor_every``,
             ``floor_half_life`` and ``fuse_ess``.
     """
-    dtype = state.group_log_z.dtype
+    no = jnp.zeros((), bool)
+    skipped = (state, jnp.full((), jnp.nan, state.group_log_z.dtype), no, no)
     if settings.floor_samples == 0:
-        no = jnp.zeros((), bool)
-        return state, jnp.full((), jnp.nan, dtype), no, no
+        return skipped
+    if settings.floor_every == 1:
+        return _floor(key, state, logdensity, data, base, settings)
+    return jax.lax.cond(
+        state.updates % settings.floor_every == 0,
+        lambda: _floor(key, state, logdensity, data, base, settings),
+        lambda: skipped,
+    )
+
+
+def _floor(key, state, logdensity, data, base, settings):
+    """``floor`` at an update where it is due."""
+    dtype = state.group_log_z.dtype
     log_w = log_weights(key, logdensity, data, base, num_samples=settings.floor_samples)
     estimate = tuple(v.astype(dtype) for v in importance_estimate(log_w))
     bound = estimate[0] - MARGIN
     on_track = state.updates_lost == 0
-    kept = 0.5 ** (1.0 / settings.floor_half_life) if settings.floor_half_life else 1.0
+    half_life = settings.floor_half_life / settings.floor_every  # in floors
+    kept = 0.5 ** (1.0 / half_life) if settings.floor_half_life else 1.0
     release = jnp.where(on_track, (1.0 - kept) * state.raised, 0.0)
     groups = state.group_log_z - release
     value, stderr = over_groups(groups)
@@ -311,7 +326,7 @@ def _fuse_importance(state, groups, value, stderr, estimate, num_draws, on_track
     updated.
 
     * **The measurement's weight does not depend on its value.** Its noise ``R`` and the ESS
-      gate are running means over the previous updates' draws (``IMPORTANCE_DECAY``), not this
+      gate are running means over the previous floors' draws (``IMPORTANCE_DECAY``), not this
       update's: a heavy-tailed sample that holds no large weight gives a low ``log Ẑ`` *and* a
       small delta-method error, so weighting each estimate by its own error favours the low
       ones (a 2-D ``SeparableEnergy``: −0.011 ± 0.002 from the exact ``log Z`` that way, where
@@ -320,10 +335,10 @@ def _fuse_importance(state, groups, value, stderr, estimate, num_draws, on_track
     * **The update is on ``Ẑ``, not on ``log Ẑ``**: ``Z ← (1 − K) Z + K Ẑ`` with the gain
       ``K = P / (P + R)`` (``P``, ``R``: relative variances). ``Ẑ`` is unbiased and
       ``log Ẑ`` is not, so the average stays unbiased whatever the draws' tails.
-    * **It forgets**: ``P`` grows by ``1 / FUSE_MEMORY`` before each update (a window of about
-      100 updates). Between updates the energy changes little and ``P`` grows little, and
-      the filter would keep a re-anchor's AIS (low by ``½ var``, its error bar optimistic) at
-      its weight for hundreds of updates.
+    * **It forgets**: ``P`` grows by ``1 / FUSE_MEMORY`` before each measurement (a window
+      of about 100 floors). Between floors the energy changes little and ``P`` grows little,
+      and the filter would keep a re-anchor's AIS (low by ``½ var``, its error bar
+      optimistic) at its weight for hundreds of updates.
     * **A validation gate on the innovation**, as tracking filters have: a measurement below
       the tracked value by more than ``FUSE_SIGMAS`` combined standard errors is not used
       (the proposal may miss mass the particles hold: modes away from the data), nor one

@@ -30,10 +30,11 @@ estimate is fused with the carried one by inverse variances when the two agree w
 ``FUSE_SIGMAS`` combined standard errors; when they do not, the larger one goes on alone (the
 smaller one missed mass, which its error bar cannot show: ``_fuse``).
 
-**Floor.** After each update, ``floor`` raises the estimate to a lower confidence bound from
-importance sampling around the training rows (``logz.bound``) when it lies below it: wells the
-energy grows at its training rows hold mass no particle reaches, which neither the groups'
-spread nor a re-anchor shows (breast cancer, 30-D: 60 nats by step 1300). The bound is below
+**Floor.** After every ``floor_every``-th update, ``floor`` raises the estimate to a lower
+confidence bound from importance sampling around the training rows (``logz.bound``) when it
+lies below it: wells the energy grows at its training rows hold mass no particle reaches,
+which neither the groups' spread nor a re-anchor shows (breast cancer, 30-D: 60 nats by step
+1300). The bound is below
 ``log Z`` with probability ≥ 95% (Markov); a raised estimate is a lower bound when raised, and
 its standard error does not cover it. The increments cannot see the wells go, so a raise is
 released with a half-life of ``floor_half_life`` updates unless a later bound raises it again.
@@ -134,8 +135,11 @@ class TrackerSettings(NamedTuple):
             the carried estimate agrees with the fresh one, the two are fused; else the
             larger one is kept (late in training a re-anchor's short AIS misses mass: on
             digits 1.3 nats at update 1600).
-        floor_samples: importance draws around the training rows per update for ``floor``
-            (0: no floor).
+        floor_samples: importance draws around the training rows for ``floor`` (0: no
+            floor).
+        floor_every: ``floor`` runs at every ``floor_every``-th update (the others skip it):
+            wells grow over tens of updates, and its kernel sums (``floor_samples`` × 1024
+            rows) cost more than the rest of the tracker on a CPU (docs/benchmarks.md).
         floor_half_life: updates over which half of what ``floor`` raised the estimate by is
             released, unless a later bound raises it again (0: never released). Wells at the
             training rows come and go during training; the increments cannot see them go, so
@@ -144,7 +148,7 @@ class TrackerSettings(NamedTuple):
             (a Kalman update, ``logz.bound.floor``) while the running mean of its ESS is at
             least this fraction of its ``floor_samples`` draws (None: never). Where the
             data-centred proposal fits the model (low dimension) this is a second estimate
-            each update, independent of the particles: the increments carry the estimate,
+            each floor, independent of the particles: the increments carry the estimate,
             the importance estimates correct it. In more dimensions the ESS is a few draws
             and nothing is fused.
         sampler: the kernel (with a Metropolis step); its ``step_size`` is the first one, then
@@ -166,6 +170,7 @@ class TrackerSettings(NamedTuple):
     restart_after: int = 100
     first_anchor: int = 100
     floor_samples: int = 1024
+    floor_every: int = 4
     floor_half_life: int = 5
     fuse_ess: float | None = 0.2
     sampler: Sampler = get_sampler("mala")
@@ -184,7 +189,7 @@ class TrackerSettings(NamedTuple):
         for name in ("first_anchor", "floor_samples", "floor_half_life"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in (*counts, "start_factor", "restart_after"):
+        for name in (*counts, "start_factor", "restart_after", "floor_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("target_ess", "resample_ess", "start_ess", "lost_ess"):

@@ -122,9 +122,11 @@ class TrainConfig:
         log_z_bridge_steps: the most sub-steps it splits one large update into.
         log_z_first_anchor: the step at which the tracker first re-anchors (restarts from
             the Gaussian fitted to the data), then at twice that, four times, ... (0: never).
-        log_z_floor_samples: importance draws around the batch's rows per step for a 95%
-            lower bound on ``log Z`` (``logz.bound``) that floors the tracked value (0: no
-            floor).
+        log_z_floor_samples: importance draws around the batch's rows for a 95% lower
+            bound on ``log Z`` (``logz.bound``) that floors the tracked value (0: no floor).
+        log_z_floor_every: the floor runs at every this many steps (a quarter of the steps
+            by default: its kernel sums cost more than the rest of the tracker on a CPU;
+            ``TrackerSettings.floor_every``).
         log_z_floor_half_life: steps over which half of what the floor raised the tracked
             value by is released unless a later bound raises it again (0: never released;
             ``TrackerSettings.floor_half_life``).
@@ -181,6 +183,7 @@ class TrainConfig:
     log_z_bridge_steps: int = 32
     log_z_first_anchor: int = 100
     log_z_floor_samples: int = 1024
+    log_z_floor_every: int = 4
     log_z_floor_half_life: int = 5
     log_z_fuse_ess: float | None = 0.2
     generator_optimizer: optax.GradientTransformation | None = None
@@ -206,6 +209,7 @@ class TrainConfig:
             check_count(name, getattr(self, name))
         check_count("log_z_first_anchor", self.log_z_first_anchor, low=0)
         check_count("log_z_floor_samples", self.log_z_floor_samples, low=0)
+        check_count("log_z_floor_every", self.log_z_floor_every)
         check_count("log_z_floor_half_life", self.log_z_floor_half_life, low=0)
         fuse = self.log_z_fuse_ess
         if fuse is not None and not (is_real(fuse) and 0.0 < fuse <= 1.0):
@@ -281,6 +285,7 @@ class TrainConfig:
             max_bridge_steps=self.log_z_bridge_steps,
             first_anchor=self.log_z_first_anchor,
             floor_samples=self.log_z_floor_samples,
+            floor_every=self.log_z_floor_every,
             floor_half_life=self.log_z_floor_half_life,
             fuse_ess=self.log_z_fuse_ess,
         ).check()
