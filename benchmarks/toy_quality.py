@@ -84,6 +84,7 @@ def run(
     seed: int = 0,
     tempering: dict | None = None,
     log_z_particles: int | None = None,
+    log_z_floor_every: int | None = None,
 ) -> dict:
     toy = ebm.datasets.toy(toy_name)
     k_data, k_energy, k_fit, k_test = jax.random.split(jax.random.key(seed), 4)
@@ -93,6 +94,8 @@ def run(
     extra = {} if reinit is None else {"reinit_fraction": reinit}
     if log_z_particles is not None:
         extra["log_z_particles"] = log_z_particles
+    if log_z_floor_every is not None:
+        extra["log_z_floor_every"] = log_z_floor_every
     label = negatives + ("" if reinit is None else f" (reinit {reinit:g})")
     if negatives == "parallel_tempering":
         t = tempering or {}
@@ -158,6 +161,9 @@ def main() -> None:
     parser.add_argument(
         "--log-z-particles", type=int, help="the tracker's particles (default: fit's, 512)"
     )
+    parser.add_argument(
+        "--log-z-floor-every", type=int, help="the tracker's floor every this many steps (1)"
+    )
     args = parser.parse_args()
     if args.tempering:
         tempering(args)
@@ -175,7 +181,8 @@ def main() -> None:
     print(
         f"# toy_quality: {platform.processor() or platform.machine()}, "
         f"{jax.device_count()}× {jax.devices()[0].device_kind}, jax {jax.__version__}, "
-        f"seed {args.seed}, tracker particles {args.log_z_particles or 512}"
+        f"seed {args.seed}, tracker particles {args.log_z_particles or 512}, "
+        f"floor every {args.log_z_floor_every or 1} steps"
     )
     header = (
         "| toy | sampler | negatives | steps | KL (nats) | test NLL | −H bound | "
@@ -187,7 +194,7 @@ def main() -> None:
         for sampler, negatives, reinit in configs:
             r = run(
                 toy_name, args.steps, sampler, negatives, reinit, args.seed,
-                log_z_particles=args.log_z_particles,
+                log_z_particles=args.log_z_particles, log_z_floor_every=args.log_z_floor_every,
             )  # fmt: skip
             print(
                 f"| {r['toy']} | {r['sampler']} | {r['negatives']} | {r['steps']} | "

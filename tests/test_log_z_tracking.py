@@ -352,7 +352,6 @@ def test_in_two_dims_the_fused_importance_estimate_brings_the_error_bar_below_a_
     fusion, 0.014 and 0.019 on this seed and the next: a re-anchor's AIS, carried on)."""
     energy = ebm.energies.SeparableEnergy(2, key=jax.random.key(40))
     res = tracked_fit(energy, jax.random.key(41), jax.random.key(42), dim=2)
-    floors = np.isfinite(res.history["log_z_bound"][-100:])  # every fourth update
-    assert floors.sum() == 25 and np.mean(res.history["log_z_fused"][-100:][floors]) > 0.8
+    assert np.mean(res.history["log_z_fused"][-100:]) > 0.8
     error = res.log_z.value - float(res.energy.log_z)
     assert res.log_z.stderr < 0.01 and abs(error) <= 3 * res.log_z.stderr, (error, res.log_z)

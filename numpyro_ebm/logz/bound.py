@@ -16,11 +16,11 @@ level ``1 − e^{−MARGIN}`` (95%), however poor the proposal. When it lies abo
 of ``log Z``, that estimate missed mass. Where the model has no such wells, the bound lies
 below every good estimate (``log Ẑ`` is itself low on average, Jensen) and changes nothing.
 
-The ``log Z`` tracker computes it after every fourth update (``floor``, here; 1024 draws
-around the batch's rows) and raises a tracked value below it, so the held-out NLL that selects
-``fit``'s returned model is not computed with a ``log Z`` that missed such wells. The history
-columns ``log_z_bound`` and ``log_z_missed`` hold it, and ``diagnose``'s ``log_z_bound`` check
-reads them.
+The ``log Z`` tracker computes it after every update (``floor``, here; 1024 draws around the
+batch's rows; ``floor_every`` thins it) and raises a tracked value below it, so the held-out
+NLL that selects ``fit``'s returned model is not computed with a ``log Z`` that missed such
+wells. The history columns ``log_z_bound`` and ``log_z_missed`` hold it, and ``diagnose``'s
+``log_z_bound`` check reads them.
 
 Example:
     >>> import jax, jax.numpy as jnp

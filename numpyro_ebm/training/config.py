@@ -124,9 +124,10 @@ class TrainConfig:
             the Gaussian fitted to the data), then at twice that, four times, ... (0: never).
         log_z_floor_samples: importance draws around the batch's rows for a 95% lower
             bound on ``log Z`` (``logz.bound``) that floors the tracked value (0: no floor).
-        log_z_floor_every: the floor runs at every this many steps (a quarter of the steps
-            by default: its kernel sums cost more than the rest of the tracker on a CPU;
-            ``TrackerSettings.floor_every``).
+        log_z_floor_every: the floor runs at every this many steps (default: every step).
+            Its kernel sums cost more than the rest of the tracker on a CPU; thinning them
+            cuts the cost and the floor's catches, and widens the fused error bar on the 2-D
+            toys (``TrackerSettings.floor_every``; docs/benchmarks.md).
         log_z_floor_half_life: steps over which half of what the floor raised the tracked
             value by is released unless a later bound raises it again (0: never released;
             ``TrackerSettings.floor_half_life``).
@@ -183,7 +184,7 @@ class TrainConfig:
     log_z_bridge_steps: int = 32
     log_z_first_anchor: int = 100
     log_z_floor_samples: int = 1024
-    log_z_floor_every: int = 4
+    log_z_floor_every: int = 1
     log_z_floor_half_life: int = 5
     log_z_fuse_ess: float | None = 0.2
     generator_optimizer: optax.GradientTransformation | None = None
