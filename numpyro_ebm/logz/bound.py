@@ -264,10 +264,10 @@ def floor(key, state: TrackerState, logdensity: Callable, data, base, settings: 
     kept for good, it holds the estimate above ``log Z`` after they have gone (breast cancer,
     seed 1: 34 nats at step 1100, where importance sampling around the rows found no well).
     So ``state.raised`` loses a ``1 − 2^(−floor_every/floor_half_life)`` fraction per floor
-    (a half-life of ``floor_half_life`` updates), and wells
-    that remain raise it again (each batch brings most rows back). Losing the track instead
-    and restarting from the base did worse on breast cancer: the restart's short AIS missed
-    11 nats that no bound around the rows showed, and the selection took it
+    (a half-life of ``floor_half_life`` updates), and wells that remain raise it again (each
+    batch brings most rows back). Losing the track instead and restarting from the base did
+    worse on breast cancer: the restart's short AIS missed 11 nats that no bound around the
+    rows showed, and the selection took it
     (docs/benchmarks.md).
 
     Args:

@@ -34,13 +34,12 @@ smaller one missed mass, which its error bar cannot show: ``_fuse``).
 confidence bound from importance sampling around the training rows (``logz.bound``) when it
 lies below it: wells the energy grows at its training rows hold mass no particle reaches,
 which neither the groups' spread nor a re-anchor shows (breast cancer, 30-D: 60 nats by step
-1300). The bound is below
-``log Z`` with probability ≥ 95% (Markov); a raised estimate is a lower bound when raised, and
-its standard error does not cover it. The increments cannot see the wells go, so a raise is
-released with a half-life of ``floor_half_life`` updates unless a later bound raises it again.
-Where the same importance estimate is good (its running ESS at least ``fuse_ess`` of the draws:
-low dimension), ``floor`` also fuses it with the tracked value by a Kalman update on ``Z``
-(2-D toys: the error bar from about 0.03 nats to 0.003).
+1300). The bound is below ``log Z`` with probability ≥ 95% (Markov); a raised estimate is a
+lower bound when raised, and its standard error does not cover it. The increments cannot see
+the wells go, so a raise is released with a half-life of ``floor_half_life`` updates unless a
+later bound raises it again. Where the same importance estimate is good (its running ESS at
+least ``fuse_ess`` of the draws: low dimension), ``floor`` also fuses it with the tracked value
+by a Kalman update on ``Z`` (2-D toys: the error bar from about 0.03 nats to 0.003).
 
 **Why its own particles.** The negative phase's chains are not a valid SMC system for this: they
 follow the current parameters while the model returned is their moving average, their positions
