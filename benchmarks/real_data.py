@@ -115,11 +115,17 @@ def ebm_row(
 ) -> Row:
     """``fit`` on ``split.train`` (validation for early stopping and selection), scored on
     test with AIS ``log Z``; ``settings`` override ``fit``'s defaults (``hidden`` is the
-    energy's); ``fresh_noise``: new dequantization noise for every batch (``split.augment``)."""
+    energy's; ``weight_decay`` adds AdamW's decay to the default optimizer); ``fresh_noise``:
+    new dequantization noise for every batch (``split.augment``)."""
     start = time.perf_counter()
     dim = split.train.shape[1]
     key = jax.random.key(seed)
     hidden = settings.pop("hidden", None)
+    decay = settings.pop("weight_decay", 0.0)  # AdamW on fit's default optimizer
+    if decay:
+        settings["optimizer"] = ebm.training.default_optimizer(
+            steps, settings.get("learning_rate", 5e-3), weight_decay=decay
+        )
     width = {} if hidden is None else {"hidden": hidden}
     energy = ebm.energies.MLPEnergy(dim, key=jax.random.fold_in(key, 0), **width)
     result = ebm.fit(

@@ -487,3 +487,16 @@ def test_a_history_column_new_since_the_checkpoint_is_nan_before_it():
     bound = history["log_z_bound"]
     assert {len(column) for column in history.values()} == {6}
     assert np.isnan(bound[:3]).all() and np.isfinite(bound[3:]).all()
+
+
+def test_the_default_optimizers_weight_decay_shrinks_parameters_by_the_learning_rate():
+    """With a zero gradient Adam leaves parameters alone; AdamW's decoupled decay shrinks them
+    by ``learning_rate × weight_decay`` per step (the first step's learning rate, before the
+    cosine decay)."""
+    params = {"w": jnp.array([1.0, -2.0])}
+    zero = {"w": jnp.zeros(2)}
+    for decay, expected in ((0.0, [1.0, -2.0]), (0.1, [1.0 - 5e-4, -2.0 * (1 - 5e-4)])):
+        optimizer = ebm.training.default_optimizer(100, 5e-3, weight_decay=decay)
+        updates, _ = optimizer.update(zero, optimizer.init(params), params)
+        moved = optax.apply_updates(params, updates)
+        np.testing.assert_allclose(moved["w"], expected, rtol=1e-6)

@@ -36,13 +36,21 @@ MATMUL_PRECISIONS = ("float32", "tensorfloat32", "bfloat16", "default")
 
 
 @functools.cache  # one object per setting: fit's compiled step is cached on the optimizer
-def default_optimizer(num_steps: int, learning_rate: float = 5e-3, clip: float = 1.0):
-    """Adam (β₁ = 0.5, as usual for EBMs) with gradient clipping and cosine decay to 10%.
+def default_optimizer(
+    num_steps: int, learning_rate: float = 5e-3, clip: float = 1.0, weight_decay: float = 0.0
+):
+    """Adam (β₁ = 0.5, as usual for EBMs) with gradient clipping and cosine decay to 10%;
+    with ``weight_decay`` > 0, AdamW's decoupled weight decay (``optax.adamw``; not
+    ``fit``'s default: see docs/benchmarks.md, digits).
 
     The same arguments return the same object, so repeated ``fit`` calls with the default
     optimizer reuse the compiled training step instead of compiling it again."""
     schedule = optax.cosine_decay_schedule(learning_rate, max(num_steps, 1), alpha=0.1)
-    return optax.chain(optax.clip_by_global_norm(clip), optax.adam(schedule, b1=0.5, b2=0.999))
+    if weight_decay:
+        adam = optax.adamw(schedule, b1=0.5, b2=0.999, weight_decay=weight_decay)
+    else:
+        adam = optax.adam(schedule, b1=0.5, b2=0.999)
+    return optax.chain(optax.clip_by_global_norm(clip), adam)
 
 
 def default_energy_l2(event_size: int) -> float:
