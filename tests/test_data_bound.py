@@ -204,13 +204,19 @@ def test_the_floor_runs_at_every_floor_every_th_update_and_releases_by_updates()
     raised, settings = tracker_at(gaussian_log_z + 10.0, data)
     state = raised._replace(raised=jnp.asarray(10.0, raised.raised.dtype))
     settings = settings._replace(floor_every=4, floor_half_life=10)
+
+    @jax.jit
+    def update(key, state):
+        advanced, _ = tracking.advance(key, state, gaussian, gaussian, settings, base)
+        floored = tracking.floor(
+            jax.random.fold_in(key, 1), advanced, gaussian, data, base, settings
+        )
+        return advanced, floored
+
     bounds = []
     for i in range(20):  # two half-lives
-        key = jax.random.fold_in(jax.random.key(15), i)
-        state, _ = tracking.advance(key, state, gaussian, gaussian, settings, base)
-        before = state
-        state, bound, missed, fused = tracking.floor(
-            jax.random.fold_in(key, 1), state, gaussian, data, base, settings
+        before, (state, bound, missed, fused) = update(
+            jax.random.fold_in(jax.random.key(15), i), state
         )
         bounds.append(float(bound))
         assert not bool(missed) and not bool(fused)

@@ -136,10 +136,9 @@ class TrackerSettings(NamedTuple):
             digits 1.3 nats at update 1600).
         floor_samples: importance draws around the training rows for ``floor`` (0: no
             floor).
-        floor_every: ``floor`` runs at every ``floor_every``-th update (the others skip it).
-            Its kernel sums (``floor_samples`` × 1024 rows) cost more than the rest of the
-            tracker on a CPU; thinning them also thins the floor's catches and its fused
-            estimates (8gaussians: error bar 0.0037 → 0.0066 at 4; docs/benchmarks.md).
+        floor_every: ``floor`` runs at every ``floor_every``-th update only: cheaper on a CPU,
+            with fewer catches and fused estimates (8gaussians: error bar 0.0037 → 0.0066 at
+            4; docs/benchmarks.md).
         floor_half_life: updates over which half of what ``floor`` raised the estimate by is
             released, unless a later bound raises it again (0: never released). Wells at the
             training rows come and go during training; the increments cannot see them go, so
