@@ -124,7 +124,7 @@ def ebm_row(
     decay = settings.pop("weight_decay", 0.0)  # AdamW on fit's default optimizer
     if decay:
         settings["optimizer"] = ebm.training.default_optimizer(
-            steps, settings.get("learning_rate", 5e-3), weight_decay=decay
+            steps, settings.get("learning_rate", ebm.TrainConfig.learning_rate), weight_decay=decay
         )
     width = {} if hidden is None else {"hidden": hidden}
     energy = ebm.energies.MLPEnergy(dim, key=jax.random.fold_in(key, 0), **width)

@@ -500,3 +500,9 @@ def test_the_default_optimizers_weight_decay_shrinks_parameters_by_the_learning_
         updates, _ = optimizer.update(zero, optimizer.init(params), params)
         moved = optax.apply_updates(params, updates)
         np.testing.assert_allclose(moved["w"], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf"), "0.1", True])
+def test_a_bad_weight_decay_is_refused_by_name(value):
+    with pytest.raises(ValueError, match="weight_decay"):
+        ebm.training.default_optimizer(100, 5e-3, weight_decay=value)

@@ -299,8 +299,12 @@ def _floor(key, state, logdensity, data, base, settings):
     estimate = tuple(v.astype(dtype) for v in importance_estimate(log_w))
     bound = estimate[0] - MARGIN
     on_track = state.updates_lost == 0
-    half_life = settings.floor_half_life / settings.floor_every  # in floors
-    kept = 0.5 ** (1.0 / half_life) if settings.floor_half_life else 1.0
+    # per floor: a half-life of floor_half_life updates
+    kept = (
+        0.5 ** (settings.floor_every / settings.floor_half_life)
+        if settings.floor_half_life
+        else 1.0
+    )
     release = jnp.where(on_track, (1.0 - kept) * state.raised, 0.0)
     groups = state.group_log_z - release
     value, stderr = over_groups(groups)

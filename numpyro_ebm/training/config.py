@@ -45,6 +45,8 @@ def default_optimizer(
 
     The same arguments return the same object, so repeated ``fit`` calls with the default
     optimizer reuse the compiled training step instead of compiling it again."""
+    if not (is_real(weight_decay) and 0 <= weight_decay < math.inf):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     schedule = optax.cosine_decay_schedule(learning_rate, max(num_steps, 1), alpha=0.1)
     if weight_decay:
         adam = optax.adamw(schedule, b1=0.5, b2=0.999, weight_decay=weight_decay)
