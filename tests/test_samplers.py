@@ -216,3 +216,23 @@ def test_draw_settings_are_validated():
     with pytest.raises(ValueError, match="init_scale must be positive"):
         samplers.DrawSettings(init_scale=0.0)
     assert samplers.DrawSettings() == samplers.DrawSettings(1000, 1, None, 1.0)
+
+
+@pytest.mark.parametrize("kernel", samplers.KERNELS)
+def test_chains_from_cached_values_are_the_states_init_chains_builds(kernel):
+    sampler = samplers.get_sampler(kernel)
+
+    def logdensity(x):
+        return -0.5 * jnp.sum(x**2 / jnp.array([1.0, 4.0, 0.25]))
+
+    positions = jax.random.normal(jax.random.key(0), (5, 3))
+    values, grads = jax.vmap(jax.value_and_grad(logdensity))(positions)
+    built = sampler.chains_from(positions, values, grads)
+    expected = sampler.init_chains(positions, logdensity)
+    assert type(built) is type(expected)
+    for got, want in zip(jax.tree.leaves(built), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(got, want)
+    # moved from either, the chains are the same
+    moved = [samplers.run_chains(jax.random.key(1), sampler, logdensity, s, 0.1, 3)[0]
+             for s in (built, expected)]  # fmt: skip
+    np.testing.assert_array_equal(moved[0].position, moved[1].position)

@@ -83,15 +83,7 @@ from numpyro_ebm.logz.particles import (
 )
 from numpyro_ebm.samplers import Sampler, adapt_step_size_multiplicative, get_sampler, run_chains
 
-__all__ = [
-    "TrackInfo",
-    "TrackerSettings",
-    "TrackerState",
-    "advance",
-    "estimate",
-    "floor",
-    "start",
-]
+__all__ = ["TrackInfo", "TrackerSettings", "TrackerState", "advance", "estimate", "floor", "start"]
 
 
 class TrackerSettings(NamedTuple):
@@ -383,8 +375,8 @@ def advance(
 ) -> tuple[TrackerState, TrackInfo]:
     """Carry the particles from ``old_logdensity`` (the one ``state`` tracks, ``−Eₜ``) to
     ``new_logdensity`` (``−Eₜ₊₁``): reweight, resample where needed, move; bridged when the
-    update is large. One log-density evaluation and ``1 + num_moves`` gradients per particle
-    when no bridge is needed.
+    update is large. ``1 + num_moves`` gradients per particle when no bridge is needed (the
+    first, at the particles, both reweights them and starts their moves).
 
     An update the bridge cannot follow (its last sub-step's ESS below ``lost_ess``) loses
     the track; ``restart_after`` updates later the tracker restarts from ``base`` (the
@@ -399,12 +391,13 @@ def advance(
     k_draw, k_bridge = jax.random.split(key)
     k_loop, k_final = jax.random.split(k_bridge)
     dtype = state.position.dtype
-    new_at = jax.vmap(new_logdensity)(state.position)
+    value_and_grad = jax.vmap(jax.value_and_grad(new_logdensity))
+    new_at, new_grad = value_and_grad(state.position)
     difference = jnp.reshape(new_at - state.logdensity, state.log_weight.shape)
     one_step_ess = jnp.min(conditional_ess(state.log_weight, difference))
 
-    # Each branch returns (position, log_weight, group_log_z, step_size, min_ess, sub-steps)
-    # before the final moves, which all three share (one compiled kernel).
+    # Each branch returns (position, log_weight, group_log_z, step_size, min_ess, sub-steps,
+    # (−Eₜ₊₁, its gradient) at position) before the final moves, which all three share.
     def single(_):
         # most updates: on track, one reweighting keeps target_ess (the bridge's one sub-step)
         index, log_weight, group_log_z = reweight_and_resample(
@@ -416,30 +409,32 @@ def advance(
         )
         min_ess = jnp.minimum(jnp.ones((), dtype), one_step_ess).astype(dtype)
         one = jnp.ones((), jnp.int32)
-        return state.position[index], log_weight, group_log_z, state.step_size, min_ess, one
+        cached = new_at[index], new_grad[index]
+        return state.position[index], log_weight, group_log_z, state.step_size, min_ess, one, cached
 
     def follow(_):
         # a large update, or a restart: the same bridge from fresh base draws
-        return _bridge_or_restart(
+        bridged = _bridge_or_restart(
             k_draw, k_bridge, state, restart, old_logdensity, new_logdensity, settings, base
         )
+        return *bridged, value_and_grad(bridged[0])
 
     def wait(_):
         nan = jnp.full((), jnp.nan, dtype)
         return (
             state.position, state.log_weight, state.group_log_z, state.step_size, nan,
-            jnp.zeros((), jnp.int32),
+            jnp.zeros((), jnp.int32), (new_at, new_grad),
         )  # fmt: skip
 
     # one branch per update (on a GPU each waits for its predicate on the host: the five of
     # the general path cost 0.9 ms per update on an H200 whatever the energy)
     simple = (state.updates_lost == 0) & ~restart & (one_step_ess >= settings.target_ess)
     branch = jnp.where(simple, 0, jnp.where(waiting, 2, 1))
-    position, log_weight, group_log_z, step, min_ess, count = jax.lax.switch(
+    position, log_weight, group_log_z, step, min_ess, count, cached = jax.lax.switch(
         branch, (single, follow, wait), None
     )
     position, logdensity, step, acceptance = _moves(
-        k_final, position, new_logdensity, step, settings.sampler, settings.num_moves
+        k_final, position, new_logdensity, step, settings.sampler, settings.num_moves, cached
     )
     moved = state._replace(
         position=position,
@@ -498,10 +493,14 @@ def _bridge_or_restart(k_draw, k_bridge, state, restart, old_logdensity, new_log
     )  # fmt: skip
 
 
-def _moves(key, position, logdensity, step_size, sampler, num_moves):
+def _moves(key, position, logdensity, step_size, sampler, num_moves, cached=None):
     """``num_moves`` kernel moves of every particle under ``logdensity``: new positions, the
-    log-density there, the tuned step size and the mean acceptance."""
-    states = sampler.init_chains(position, logdensity)
+    log-density there, the tuned step size and the mean acceptance. ``cached``: the
+    log-density and its gradient at ``position``, when the caller has them."""
+    if cached is None:
+        states = sampler.init_chains(position, logdensity)
+    else:
+        states = sampler.chains_from(position, *cached)
     states, trace, _ = run_chains(key, sampler, logdensity, states, step_size, num_moves)
     acceptance = jnp.mean(jnp.nan_to_num(trace.acceptance_rate, nan=0.0))
     new_step = adapt_step_size_multiplicative(step_size, acceptance, sampler.target)

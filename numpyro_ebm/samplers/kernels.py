@@ -247,6 +247,16 @@ class Sampler:
         """Vmapped ``init`` for positions of shape ``(num_chains, dim)``."""
         return jax.vmap(self.init, in_axes=(0, None))(positions, logdensity_fn)
 
+    def chains_from(self, positions: jax.Array, logdensity: jax.Array, grad: jax.Array) -> Any:
+        """The states ``init_chains`` builds, from the log-density ``(num_chains,)`` and its
+        gradient ``(num_chains, dim)`` at ``positions`` already evaluated by the caller: one
+        gradient evaluation per chain fewer. They must be those of the log-density the chains
+        then move under (a stale cache biases the Metropolis ratio)."""
+        state = jax.eval_shape(lambda x: self.init(x, jnp.sum), positions[0])  # its type
+        if state._fields != ("position", "logdensity", "logdensity_grad"):
+            raise NotImplementedError(f"{self.kernel} states are not built from cached values")
+        return type(state)(positions, logdensity, grad)
+
 
 def _factory(kernel: str, kwargs: dict) -> Sampler:
     kwargs.setdefault("step_size", REGISTRY[kernel].step_size)
