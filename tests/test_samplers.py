@@ -236,3 +236,12 @@ def test_chains_from_cached_values_are_the_states_init_chains_builds(kernel):
     moved = [samplers.run_chains(jax.random.key(1), sampler, logdensity, s, 0.1, 3)[0]
              for s in (built, expected)]  # fmt: skip
     np.testing.assert_array_equal(moved[0].position, moved[1].position)
+
+
+def test_chains_from_refuses_values_of_the_wrong_shape():
+    sampler = samplers.get_sampler("mala")
+    positions = jnp.zeros((5, 3))
+    with pytest.raises(ValueError, match=r"gradient of shape \(5, 3\)"):
+        sampler.chains_from(positions, jnp.zeros(5), jnp.zeros((5, 2)))
+    with pytest.raises(ValueError, match=r"log-density of shape \(5,\)"):
+        sampler.chains_from(positions, jnp.zeros((5, 1)), jnp.zeros((5, 3)))

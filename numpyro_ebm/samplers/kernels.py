@@ -252,6 +252,11 @@ class Sampler:
         gradient ``(num_chains, dim)`` at ``positions`` already evaluated by the caller: one
         gradient evaluation per chain fewer. They must be those of the log-density the chains
         then move under (a stale cache biases the Metropolis ratio)."""
+        if jnp.shape(logdensity) != positions.shape[:1] or jnp.shape(grad) != positions.shape:
+            raise ValueError(
+                f"chains_from needs a log-density of shape {positions.shape[:1]} and a gradient "
+                f"of shape {positions.shape}, got {jnp.shape(logdensity)} and {jnp.shape(grad)}"
+            )
         state = jax.eval_shape(lambda x: self.init(x, jnp.sum), positions[0])  # its type
         if state._fields != ("position", "logdensity", "logdensity_grad"):
             raise NotImplementedError(f"{self.kernel} states are not built from cached values")
