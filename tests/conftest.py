@@ -10,6 +10,11 @@ Every compiled XLA CPU program keeps its own memory mappings; a single pytest pr
 compiles the whole suite's programs reaches the kernel's ``vm.max_map_count`` (65 530 by
 default) and XLA then crashes while compiling (SIGABRT / SIGSEGV). Dropping JAX's caches after
 each test module frees them; tests within a module still share their compiled programs.
+
+The suite compiles with most of XLA's optimisations off (the Makefile sets
+``JAX_DISABLE_MOST_OPTIMIZATIONS``): most tests compile more than they run. A test marked
+``optimized`` runs long programs (a 64-D tracker start, long trainings) and compiles with them
+on.
 """
 
 import gc
@@ -32,6 +37,19 @@ _pin_this_worker()  # before JAX starts its thread pools, which inherit the core
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _xla_optimisations_for_long_programs(request):
+    if request.node.get_closest_marker("optimized") is None:
+        yield
+        return
+    saved = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", saved)
 
 
 @pytest.fixture(autouse=True, scope="module")
