@@ -29,9 +29,11 @@ demo: $(STAMP)
 # which run longer programs, turn them back on: notebooks/conftest.py), and the compilation
 # cache shares compiled programs between the test processes (the CLI subprocesses compile
 # many of the tests' programs again). pytest-xdist hands each worker whole files in the order
-# collected: the longest first, so the short ones fill the end of both workers (longest
-# processing time first; the order of the seconds per file measured in session 26; the files
-# not named take under 30 s each). --durations lists the slowest tests at the end of every run.
+# collected (--no-loadscope-reorder: by default it hands out the files with the most tests
+# first, and so the notebooks, one test each and up to 105 s, last): the longest first, so the
+# short ones fill the end of both workers (longest processing time first; the order of the
+# seconds per file measured in session 26; the files not named take under 30 s each).
+# --durations lists the slowest tests at the end of every run.
 LONG_TESTS := tests/test_train.py tests/test_log_z_tracking.py tests/test_training.py \
 	tests/test_cli.py tests/test_sharding.py tests/test_infer.py notebooks/log_z.ipynb \
 	tests/test_distribution.py tests/test_checkpoint.py tests/test_generator.py \
@@ -49,7 +51,7 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	JAX_DISABLE_MOST_OPTIMIZATIONS=1 \
 	JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.cache/jax NUMPYRO_EBM_SMALL=1 MPLBACKEND=Agg \
-		$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25 --nbmake $(TEST_FILES)
+		$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25 --nbmake $(TEST_FILES)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site -q
 
 lint: $(STAMP)
