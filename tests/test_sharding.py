@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 SCRIPT = textwrap.dedent(
     """
@@ -72,26 +73,27 @@ WORKER = textwrap.dedent(
 )
 
 
-def test_two_processes_match_one_process(tmp_path):
-    """Multi-host: two processes (one CPU device each) joined by jax.distributed shard the
-    chains between them, agree with each other and with a one-process run, and leave one
-    checkpoint that a one-process run resumes from."""
+# A run takes 60 to 80 s on the 2-core CI machine. Once (session 27, under CI load) both
+# workers sat in a futex wait for 13 minutes after their gloo connections were made, a hang
+# inside the CPU collectives, not in this library (jax-ml/jax#40831 is a related gloo timeout
+# when the processes reach a collective far apart). Such a run is killed and retried once.
+ATTEMPT_SECONDS = 300
+
+
+def _two_workers(base):
+    """Run WORKER as processes 0 and 1 writing under ``base``: their outputs, or None when
+    they did not finish within ATTEMPT_SECONDS (both are then killed)."""
     import socket
-
-    import jax
-    import numpy as np
-
-    import numpyro_ebm as ebm
 
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = str(s.getsockname()[1])
-    folder = tmp_path / "checkpoint"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
+    base.mkdir(parents=True)
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, port, str(pid), str(folder)],
+            [sys.executable, "-c", WORKER, port, str(pid), str(base / "checkpoint")],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -99,11 +101,38 @@ def test_two_processes_match_one_process(tmp_path):
         )
         for pid in (0, 1)
     ]
-    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    deadline = time.monotonic() + ATTEMPT_SECONDS
+    try:
+        outputs = [w.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for w in workers]
+    except subprocess.TimeoutExpired:
+        for w in workers:
+            w.kill()
+        for w in workers:
+            w.communicate()
+        return None
     assert [w.returncode for w in workers] == [0, 0], "\n".join(outputs)
+    return outputs
 
-    chains = [np.load(tmp_path / f"chains{pid}.npy") for pid in (0, 1)]
-    records = [np.load(tmp_path / f"records{pid}.npy") for pid in (0, 1)]
+
+def test_two_processes_match_one_process(tmp_path):
+    """Multi-host: two processes (one CPU device each) joined by jax.distributed shard the
+    chains between them, agree with each other and with a one-process run, and leave one
+    checkpoint that a one-process run resumes from."""
+    import jax
+    import numpy as np
+
+    import numpyro_ebm as ebm
+
+    for attempt in (0, 1):
+        base = tmp_path / f"attempt{attempt}"
+        if _two_workers(base) is not None:
+            break
+    else:
+        raise AssertionError(f"two tries of the two-process run each hung past {ATTEMPT_SECONDS} s")
+    folder = base / "checkpoint"
+
+    chains = [np.load(base / f"chains{pid}.npy") for pid in (0, 1)]
+    records = [np.load(base / f"records{pid}.npy") for pid in (0, 1)]
     assert chains[0].shape == (128, 2)
     np.testing.assert_array_equal(chains[0], chains[1])
     np.testing.assert_array_equal(records[0], records[1])
