@@ -54,7 +54,8 @@ def test_four_forced_cpu_devices_match_one_device():
 
 WORKER = textwrap.dedent(
     """
-    import sys
+    import faulthandler, sys
+    faulthandler.dump_traceback_later(int(sys.argv[4]))  # every thread's stack if it hangs
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     port, pid, folder = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -91,9 +92,10 @@ def _two_workers(base):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
     base.mkdir(parents=True)
+    dump_after = str(ATTEMPT_SECONDS - 20)  # every thread's Python stack, before the kill
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, port, str(pid), str(base / "checkpoint")],
+            [sys.executable, "-c", WORKER, port, str(pid), str(base / "checkpoint"), dump_after],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -107,8 +109,10 @@ def _two_workers(base):
     except subprocess.TimeoutExpired:
         for w in workers:
             w.kill()
-        for w in workers:
-            w.communicate()
+        outputs = [w.communicate()[0] for w in workers]
+        print(f"a hung pair of workers, killed after {ATTEMPT_SECONDS} s:")
+        for pid, output in enumerate(outputs):
+            print(f"--- process {pid}:\n{output[-6000:]}")
         return False
     assert [w.returncode for w in workers] == [0, 0], "\n".join(outputs)
     return True
