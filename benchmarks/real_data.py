@@ -121,7 +121,8 @@ def ebm_row(
     test with AIS ``log Z``; ``settings`` override ``fit``'s defaults (``hidden`` is the
     energy's; ``weight_decay`` adds AdamW's decay to the default optimizer); ``fresh_noise``:
     new dequantization noise for every batch (``split.augment``); ``ais``: ``logz.ais``
-    settings (``num_temperatures``, ``num_particles``)."""
+    settings (``num_temperatures``, ``num_particles``) of the row's log Z, checked against
+    a path a quarter as long (``logz.ais_convergence``)."""
     start = time.perf_counter()
     dim = split.train.shape[1]
     key = jax.random.key(seed)
@@ -143,9 +144,13 @@ def ebm_row(
         augment=split.augment if fresh_noise else None,
         **settings,
     )
-    log_z = ebm.logz.ais(
-        result.energy, (dim,), key=jax.random.fold_in(key, 2), data=split.train, **(ais or {})
+    # the row's log Z is AIS with the longer path; a quarter of it says whether it had converged
+    ais = {"num_temperatures": 200, **(ais or {})}
+    ais["num_temperatures"] = max(ais["num_temperatures"] // 4, 1)
+    log_z = ebm.logz.ais_convergence(
+        result.energy, (dim,), key=jax.random.fold_in(key, 2), data=split.train, factor=4, **ais
     )
+    convergence = log_z.info["convergence"]
     # AIS misses wells at the training rows; the bound around them does not (logz.bound)
     near = ebm.logz.data_bound(result.energy, split.train, key=jax.random.fold_in(key, 4))
     floor = near.info["lower_bound"]
@@ -161,7 +166,9 @@ def ebm_row(
     gap = ebm.diagnostics.diagnose(result)["energy_gap"]
     chosen = (
         f"step {result.best_step} of {int(result.state.step)}; log Z AIS {log_z.value:.2f} ± "
-        f"{log_z.stderr:.2f}, bound {floor:.2f}{' (used)' if used == floor else ''}, tracked "
+        f"{log_z.stderr:.2f} ({convergence['num_temperatures'][0]} temperatures: "
+        f"{convergence['shorter']:.2f}, {'converged' if convergence['converged'] else 'RISING'}"
+        f"), bound {floor:.2f}{' (used)' if used == floor else ''}, tracked "
         f"{tracked.value:.2f} ± {tracked.stderr:.2f}; energy_gap {gap.value} {gap.status}"
     )
     return Row(

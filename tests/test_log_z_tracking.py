@@ -335,6 +335,33 @@ def test_diagnose_compares_the_tracked_log_z_with_ais(trained16):
     res.log_z = tracked
 
 
+def test_calibration_with_a_longer_path_is_checked_by_diagnose():
+    """``calibrate_log_z`` as a mapping runs ``logz.ais_convergence`` after training (settings
+    checked before it), and ``diagnose`` fails an AIS still rising with its length."""
+    data = jax.random.normal(jax.random.key(5), (500, 2)) * jnp.array([1.0, 0.3])
+    kwargs = dict(key=jax.random.key(6), num_steps=5, num_chains=32, batch_size=32,
+                  num_mcmc_steps=2, track_log_z=False, progress_bar=False)  # fmt: skip
+    for bad, error in (
+        ({"adaptive": True}, TypeError),
+        ({"factor": 1}, ValueError),
+        (1, TypeError),
+    ):
+        with pytest.raises(error, match="calibrate_log_z"):
+            ebm.fit(GaussianEnergy(jnp.zeros(2)), data, calibrate_log_z=bad, **kwargs)
+    calibration = {"num_temperatures": 10, "num_particles": 100, "num_runs": 4}
+    res = ebm.fit(GaussianEnergy(jnp.zeros(2)), data, calibrate_log_z=calibration, **kwargs)
+    convergence = res.log_z_ais.info["convergence"]
+    assert convergence["num_temperatures"] == (10, 40)
+    exact = float(res.energy.log_z)
+    assert abs(res.log_z_ais.value - exact) < 4 * res.log_z_ais.stderr + 1e-3
+    check = ebm.diagnostics.diagnose(res, verbose=False)["ais_convergence"]
+    assert check.status == ("ok" if convergence["converged"] else "fail")
+    rising = {**convergence, "shorter": exact - 2.0, "rise": 2.0, "converged": False}
+    res.log_z_ais = res.log_z_ais._replace(info={**res.log_z_ais.info, "convergence": rising})
+    check = ebm.diagnostics.diagnose(res, verbose=False)["ais_convergence"]
+    assert check.status == "fail" and "+2.000 nats" in check.message and "4 times" in check.message
+
+
 def test_fit_tracks_the_exact_log_z_of_a_trained_separable_mlp_energy():
     """A neural energy whose log Z is exact by 1-D quadrature (``SeparableEnergy``), trained on
     non-Gaussian data: tracked within 0.5 nats and 3 standard errors of it."""

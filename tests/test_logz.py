@@ -295,3 +295,32 @@ def test_select_learned_box_and_errors():
     assert toy_box.tolist() == [[-1.0, 1.0], [0.0, 4.0]]
     with pytest.raises(ValueError, match="data or toy_bounds"):
         ebm.logz.select.box()
+
+
+def test_ais_convergence_flags_a_path_too_short_and_agrees_once_it_is_long_enough():
+    """A narrow 10-D Gaussian (σ = 0.1) from a standard-normal base: 5 temperatures land about
+    16 nats low and 20 rise far beyond the errors; 50 and 200 agree, at the exact log Z."""
+    energy = GaussianEnergy(jnp.full(10, 0.5), 0.01 * jnp.eye(10))
+    exact = float(energy.log_z)
+    short = ebm.logz.ais_convergence(
+        energy, (10,), key=jax.random.key(3), num_temperatures=5, num_particles=200
+    )
+    check = short.info["convergence"]
+    assert check["num_temperatures"] == (5, 20)
+    assert not check["converged"] and check["rise"] > check["bound"] > 0, check
+    assert check["shorter"] < exact - 5
+    enough = ebm.logz.ais_convergence(
+        energy, (10,), key=jax.random.key(4), num_temperatures=50, num_particles=200
+    )
+    check = enough.info["convergence"]
+    assert check["converged"] and check["num_temperatures"] == (50, 200), check
+    assert abs(enough.value - exact) < 4 * enough.stderr + 1e-3, (enough, exact)
+    assert enough.info["ess"].shape == (200,)  # the longer path's own records
+
+
+def test_ais_convergence_refuses_what_it_cannot_lengthen():
+    with pytest.raises(ValueError, match="adaptive"):
+        ebm.logz.ais_convergence(GAUSS_2D, (2,), key=jax.random.key(0), adaptive=True)
+    for factor in (1, 2.5, True):
+        with pytest.raises(ValueError, match="factor"):
+            ebm.logz.ais_convergence(GAUSS_2D, (2,), key=jax.random.key(0), factor=factor)

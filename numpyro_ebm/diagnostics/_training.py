@@ -9,7 +9,7 @@ from numpyro_ebm import samplers
 from numpyro_ebm.diagnostics._chains import acceptance_check
 from numpyro_ebm.diagnostics._shared import THRESHOLDS, Check, graded, step_row, window
 
-__all__ = ["log_z_tracking_check", "training_checks"]
+__all__ = ["ais_convergence_check", "log_z_tracking_check", "training_checks"]
 
 
 def training_checks(history: dict, attrs: dict, data_entropy: float | None) -> list[Check]:
@@ -327,4 +327,30 @@ def _entropy_check(nll: np.ndarray, entropy: float) -> Check:
         f"{entropy:.3f}, impossible for a normalised density: the learned log Z is wrong (too "
         "low); compute log Z with logz.grid (2-D), logz.ais or fit(..., calibrate_log_z=True) "
         "and score with that",
+    )
+
+
+def ais_convergence_check(log_z_ais) -> Check | None:
+    """Whether the AIS of ``log_z_ais`` (a ``logz.ais_convergence`` estimate, as from
+    ``fit(..., calibrate_log_z={...})``) had stopped rising when its path got longer; None for
+    an estimate without that information."""
+    convergence = (getattr(log_z_ais, "info", None) or {}).get("convergence")
+    if convergence is None:
+        return None
+    short, long = convergence["num_temperatures"]
+    rise, bound = convergence["rise"], convergence["bound"]
+    shown = (
+        f"{convergence['shorter']:.3f} ± {convergence['shorter_stderr']:.2g} ({short} "
+        f"temperatures) → {log_z_ais.value:.3f} ± {log_z_ais.stderr:.2g} ({long})"
+    )
+    return Check(
+        "ais_convergence",
+        "ok" if convergence["converged"] else "fail",
+        shown,
+        "|longer − shorter| ≤ 3 combined SE ok, else fail",
+        "the AIS log Z did not move with a longer path"
+        if convergence["converged"]
+        else f"the AIS log Z moved by {rise:+.3f} nats (bound {bound:.3f}) with a path "
+        f"{long // short} times longer: it had not converged, and log-likelihoods scored with "
+        "it are too high; rerun with more temperatures (num_temperatures) until it stops",
     )

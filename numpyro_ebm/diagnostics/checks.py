@@ -41,6 +41,11 @@ log_z_tracking    the tracked log Z (``FitResult.log_z``): with an AIS of the sa
                   (``fit(..., calibrate_log_z=True)``), |tracked − AIS| ≤ 3 combined
                   standard errors ok, else fail; without, standard error ≤ 0.1 nats and
                   every update's conditional ESS ≥ 0.5 ok, else warn
+ais_convergence   ``FitResult.log_z_ais`` from ``logz.ais_convergence`` (``fit(...,
+                  calibrate_log_z={...})``): AIS with ``factor`` times more temperatures
+                  within 3 combined standard errors of the shorter path ok, else fail (a
+                  value still rising had not converged: too low, and the likelihoods too
+                  high)
 log_z_bound       the tracker's floor (``logz.bound``: a 95% lower bound on log Z from
                   importance sampling around the training rows) below the tracked log Z
                   at every step ok; the returned step's (``best_step``, else the last)
@@ -78,7 +83,11 @@ from dataclasses import dataclass, field
 
 from numpyro_ebm.diagnostics._chains import chain_checks
 from numpyro_ebm.diagnostics._shared import STATUS_ORDER, THRESHOLDS, Check, FitResult, fit_attrs
-from numpyro_ebm.diagnostics._training import log_z_tracking_check, training_checks
+from numpyro_ebm.diagnostics._training import (
+    ais_convergence_check,
+    log_z_tracking_check,
+    training_checks,
+)
 from numpyro_ebm.diagnostics.arviz import to_datatree
 
 __all__ = ["THRESHOLDS", "Check", "Diagnosis", "diagnose"]
@@ -189,8 +198,11 @@ def diagnose(
         attrs = dict(dt.attrs) if dt is not None else fit_attrs(obj)
         diagnosis.checks.extend(training_checks(history, attrs, data_entropy))
     if isinstance(obj, FitResult):
-        check = log_z_tracking_check(obj.log_z, obj.log_z_ais, obj.history)
-        diagnosis.checks.extend([] if check is None else [check])
+        checks = (
+            log_z_tracking_check(obj.log_z, obj.log_z_ais, obj.history),
+            ais_convergence_check(obj.log_z_ais),
+        )
+        diagnosis.checks.extend(check for check in checks if check is not None)
     if not diagnosis.checks:
         raise ValueError("nothing to diagnose: no chains and no training history")
     if verbose:

@@ -13,6 +13,8 @@
   tracker miss (module ``bound``; the tracker's floor).
 * ``ais``: a normalised base and enough temperatures; ``E[log Ẑ] ≤ log Z``; standard error
   from independent runs. ``reverse_ais`` from exact samples: ``E[log Ẑ] ≥ log Z``.
+  ``ais_convergence``: ``ais`` with a path ``factor`` times longer too, and whether the two
+  agree (a value still rising shows a path too short).
 * ``tracking``: ``log Z`` followed through training by SMC along the trained energies (what
   ``fit`` reports, with a standard error); ``start``/``advance`` over ``TrackerState``.
 * ``nce_log_z_loss``: the noise-contrastive loss of the ``log Z`` that ``fit`` also learns.
@@ -26,7 +28,7 @@ Modules: ``estimate`` (``LogZEstimate``), ``quadrature``, ``importance``, ``ais`
 """
 
 from numpyro_ebm.logz import bound, select, tracking
-from numpyro_ebm.logz.ais import ais, reverse_ais
+from numpyro_ebm.logz.ais import ais, ais_convergence, reverse_ais
 from numpyro_ebm.logz.bound import data_bound
 from numpyro_ebm.logz.estimate import LogZEstimate
 from numpyro_ebm.logz.importance import importance
@@ -42,6 +44,7 @@ from numpyro_ebm.logz.quadrature import (
 __all__ = [
     "LogZEstimate",
     "ais",
+    "ais_convergence",
     "bound",
     "data_bound",
     "enumerate",

@@ -8,9 +8,10 @@ single site (``EnergyProblem``); the core step, the loop and the checkpoints are
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -202,7 +203,7 @@ def fit(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
     devices: list | None = None,
-    calibrate_log_z: bool = False,
+    calibrate_log_z: bool | Mapping[str, Any] = False,
     select_best: bool = True,
     patience: int | None = None,
     augment: Callable | None = None,
@@ -233,7 +234,11 @@ def fit(
             there is resumed on the same trajectory.
         checkpoint_every: steps between checkpoints (default: every ``steps_per_call``).
         devices: devices to spread the chains and the batch over (default all).
-        calibrate_log_z: after training, also estimate ``log Z`` by AIS (``log_z_ais``).
+        calibrate_log_z: after training, also estimate ``log Z`` by AIS (``log_z_ais``):
+            ``True`` runs ``logz.ais`` with its defaults; a mapping (``{}`` for the defaults,
+            or e.g. ``{"num_temperatures": 1000, "factor": 4}``) holds keyword arguments of
+            ``logz.ais_convergence``, which also runs a path ``factor`` times longer and
+            reports whether the value still rose (``diagnose``'s ``ais_convergence`` check).
         select_best, patience: with ``validation_data``, return the averaged energy of the
             lowest held-out NLL (``training.selection``), not the last; stop once that has
             not improved for ``patience`` steps (checked every ``steps_per_call`` steps).
@@ -256,6 +261,7 @@ def fit(
         >>> res = ebm.fit(energy, data, key=jax.random.key(2), num_steps=200,
         ...               progress_bar=False)  # doctest: +SKIP
     """
+    _checked_calibration(calibrate_log_z)
     config = (config or TrainConfig()).replace(**settings)
     inputs, validation, event_shape = checked_inputs(
         energy, data, condition, validation_data, num_steps, steps_per_call, max_nonfinite
@@ -281,10 +287,34 @@ def fit(
         state, key=k_loop, data=inputs, problem=problem, config=config, save=save, **options
     )
     result = fit_result(state, history, recorded, config, event_shape, condition is not None)
-    if calibrate_log_z:
+    if isinstance(calibrate_log_z, Mapping) or calibrate_log_z:
         k_ais = jax.random.fold_in(k_init, 1)  # init consumed k_init itself; this is a new key
-        result.log_z_ais = _logz.ais(result.energy, event_shape, key=k_ais, data=data)
+        if isinstance(calibrate_log_z, Mapping):
+            result.log_z_ais = _logz.ais_convergence(
+                result.energy, event_shape, key=k_ais, data=data, **calibrate_log_z
+            )
+        else:
+            result.log_z_ais = _logz.ais(result.energy, event_shape, key=k_ais, data=data)
     return result
+
+
+def _checked_calibration(calibrate_log_z) -> None:
+    """``ValueError``/``TypeError`` for a ``calibrate_log_z`` that would fail after training."""
+    if not isinstance(calibrate_log_z, Mapping):
+        if not isinstance(calibrate_log_z, bool):
+            raise TypeError(f"calibrate_log_z must be a bool or a mapping, got {calibrate_log_z!r}")
+        return
+    own = {"energy", "event_shape", "key", "data", "adaptive"}
+    allowed = (set(inspect.signature(_logz.ais).parameters) | {"num_temperatures", "factor"}) - own
+    unknown = sorted(set(calibrate_log_z) - allowed)
+    if unknown:
+        raise TypeError(
+            f"calibrate_log_z: unknown keyword(s) {unknown} of logz.ais_convergence "
+            f"(allowed: {sorted(allowed)})"
+        )
+    factor = calibrate_log_z.get("factor", 4)
+    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 2:
+        raise ValueError(f"calibrate_log_z: factor must be an integer >= 2, got {factor!r}")
 
 
 def _resolved(config: TrainConfig, num_steps: int, checkpoint_dir, devices, generator, size):
