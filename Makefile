@@ -33,7 +33,11 @@ demo: $(STAMP)
 # first, and so the notebooks, one test each and up to 105 s, last): the longest first, so the
 # short ones fill the end of both workers (longest processing time first; the order of the
 # seconds per file measured in session 26; the files not named take under 30 s each).
-# --durations lists the slowest tests at the end of every run.
+# --durations lists the slowest tests at the end of every run. Tests marked `alone` run after
+# the others, with nothing beside them and no shared compilation cache: the two-process
+# (jax.distributed, gloo) test hung inside its first compiled step in every fresh-clone CI run
+# of sessions 27 and 28 while passing in every other setting tried (alone, beside the tests
+# CI runs next to it, under CPU load, with CI's compilation cache); see tests/test_sharding.py.
 LONG_TESTS := tests/test_train.py tests/test_log_z_tracking.py tests/test_training.py \
 	tests/test_cli.py tests/test_sharding.py tests/test_infer.py notebooks/log_z.ipynb \
 	tests/test_distribution.py tests/test_checkpoint.py tests/test_generator.py \
@@ -51,7 +55,9 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	JAX_DISABLE_MOST_OPTIMIZATIONS=1 \
 	JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.cache/jax NUMPYRO_EBM_SMALL=1 MPLBACKEND=Agg \
-		$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25 --nbmake $(TEST_FILES)
+		$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25 --nbmake -m "not alone" $(TEST_FILES)
+	JAX_DISABLE_MOST_OPTIMIZATIONS=1 NUMPYRO_EBM_SMALL=1 MPLBACKEND=Agg \
+		$(BIN)/python -m pytest -q --durations=5 -m alone tests/
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site -q
 
 lint: $(STAMP)

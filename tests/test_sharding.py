@@ -6,6 +6,8 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 SCRIPT = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np
@@ -74,10 +76,13 @@ WORKER = textwrap.dedent(
 )
 
 
-# A run takes 60 to 80 s on the 2-core CI machine. Once (session 27, under CI load) both
-# workers sat in a futex wait for 13 minutes after their gloo connections were made, a hang
-# inside the CPU collectives, not in this library (jax-ml/jax#40831 is a related gloo timeout
-# when the processes reach a collective far apart). Such a run is killed and retried once.
+# A run takes 20 to 80 s on the 2-core CI machine. In fresh-clone CI runs (sessions 27 and 28,
+# the test beside the others under pytest-xdist) both workers hung inside their first
+# compiled training step (faulthandler: equinox's compiled call, after gloo had connected
+# both ranks), in both tries of every run; no other setting reproduced it. So the test runs
+# alone after the others (the Makefile's `-m alone`), the workers without the shared
+# compilation cache, and a hung pair is still killed (with every thread's stack printed) and
+# retried once.
 ATTEMPT_SECONDS = 300
 
 
@@ -91,6 +96,7 @@ def _two_workers(base):
         port = str(s.getsockname()[1])
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     base.mkdir(parents=True)
     dump_after = str(ATTEMPT_SECONDS - 20)  # every thread's Python stack, before the kill
     workers = [
@@ -118,6 +124,7 @@ def _two_workers(base):
     return True
 
 
+@pytest.mark.alone
 def test_two_processes_match_one_process(tmp_path):
     """Multi-host: two processes (one CPU device each) joined by jax.distributed shard the
     chains between them, agree with each other and with a one-process run, and leave one
