@@ -167,7 +167,8 @@ def ebm_row(
     chosen = (
         f"step {result.best_step} of {int(result.state.step)}; log Z AIS {log_z.value:.2f} ± "
         f"{log_z.stderr:.2f} ({convergence['num_temperatures'][0]} temperatures: "
-        f"{convergence['shorter']:.2f}, {'converged' if convergence['converged'] else 'RISING'}"
+        f"{convergence['shorter']:.2f}, runs' spread {convergence['spread']:.2f}: "
+        f"{'converged' if convergence['converged'] else 'NOT CONVERGED'}"
         f"), bound {floor:.2f}{' (used)' if used == floor else ''}, tracked "
         f"{tracked.value:.2f} ± {tracked.stderr:.2f}; energy_gap {gap.value} {gap.status}"
     )

@@ -360,6 +360,10 @@ def test_calibration_with_a_longer_path_is_checked_by_diagnose():
     res.log_z_ais = res.log_z_ais._replace(info={**res.log_z_ais.info, "convergence": rising})
     check = ebm.diagnostics.diagnose(res, verbose=False)["ais_convergence"]
     assert check.status == "fail" and "+2.000 nats" in check.message and "4 times" in check.message
+    spread = {**convergence, "spread": 2.0, "converged": False}
+    res.log_z_ais = res.log_z_ais._replace(info={**res.log_z_ais.info, "convergence": spread})
+    check = ebm.diagnostics.diagnose(res, verbose=False)["ais_convergence"]
+    assert check.status == "fail" and "runs disagree" in check.message
 
 
 def test_fit_tracks_the_exact_log_z_of_a_trained_separable_mlp_energy():

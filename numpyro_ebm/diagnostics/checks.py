@@ -43,9 +43,9 @@ log_z_tracking    the tracked log Z (``FitResult.log_z``): with an AIS of the sa
                   every update's conditional ESS ≥ 0.5 ok, else warn
 ais_convergence   ``FitResult.log_z_ais`` from ``logz.ais_convergence`` (``fit(...,
                   calibrate_log_z={...})``): AIS with ``factor`` times more temperatures
-                  within 3 combined standard errors of the shorter path ok, else fail (a
-                  value still rising had not converged: too low, and the likelihoods too
-                  high)
+                  within 3 combined standard errors of the shorter path, and its runs'
+                  ``log Ẑ`` within a standard deviation of 1 nat, ok, else fail (a value
+                  still rising had not converged: too low, and the likelihoods too high)
 log_z_bound       the tracker's floor (``logz.bound``: a 95% lower bound on log Z from
                   importance sampling around the training rows) below the tracked log Z
                   at every step ok; the returned step's (``best_step``, else the last)

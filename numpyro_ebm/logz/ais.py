@@ -25,7 +25,14 @@ from numpyro_ebm.logz.estimate import LogZEstimate, log_mean_exp
 from numpyro_ebm.samplers import Sampler, adapt_step_size_multiplicative, get_sampler
 from numpyro_ebm.validation import validate_data
 
-__all__ = ["CONVERGENCE_AGREEMENT", "CONVERGENCE_FLOOR", "ais", "ais_convergence", "reverse_ais"]
+__all__ = [
+    "CONVERGENCE_AGREEMENT",
+    "CONVERGENCE_FLOOR",
+    "CONVERGENCE_MAX_SPREAD",
+    "ais",
+    "ais_convergence",
+    "reverse_ais",
+]
 
 CONVERGENCE_AGREEMENT = 3.0
 """``ais_convergence``: the longer and shorter paths agree when their values differ by at most
@@ -34,6 +41,11 @@ this many combined standard errors (or by at most ``CONVERGENCE_FLOOR``)."""
 CONVERGENCE_FLOOR = 1e-3
 """Nats: float32 round-off of a sum of many increments, for paths whose runs agree exactly
 (a base equal to the target)."""
+
+CONVERGENCE_MAX_SPREAD = 1.0
+"""Nats: ``ais_convergence`` also needs the longer path's runs to agree, their ``log Ẑ`` within
+this standard deviation. Wider, a few runs carry the mean ``Ẑ`` and its delta-method error bar
+is not to be trusted (on 30-D breast cancer, 5000 temperatures gave runs from −6.2 to +2.0)."""
 
 
 def ais(
@@ -181,8 +193,10 @@ def ais_convergence(
     ``reverse_ais`` there is no upper side, but a value that still rises when the path gets
     ``factor`` times longer shows that the shorter path had not converged, and the longer one
     has no more reason to have. The two agree when they differ by at most
-    ``CONVERGENCE_AGREEMENT`` combined standard errors (at least ``CONVERGENCE_FLOOR``).
-    Agreement is necessary, not sufficient: a mode that neither path reaches is missed by both
+    ``CONVERGENCE_AGREEMENT`` combined standard errors (at least ``CONVERGENCE_FLOOR``), and
+    the longer path's runs agree with each other (their ``log Ẑ`` spread at most
+    ``CONVERGENCE_MAX_SPREAD``: wider, its error bar is not reliable). Agreement is necessary,
+    not sufficient: a mode that neither path reaches is missed by both
     (``data_bound`` looks around the training rows). On an energy trained on 30-D breast
     cancer data, 200, 1000 and 5000 temperatures gave 0.8, 6.3 and 8.2 nats
     (docs/benchmarks.md, session 27).
@@ -197,8 +211,9 @@ def ais_convergence(
     Returns:
         The longer path's ``LogZEstimate``; its ``info["convergence"]`` holds ``shorter``
         and ``shorter_stderr`` (the shorter path's estimate), ``num_temperatures`` (both
-        lengths), ``rise`` (longer − shorter), ``bound`` (the agreement bound in nats) and
-        ``converged`` (``|rise| ≤ bound``).
+        lengths), ``rise`` (longer − shorter), ``bound`` (the agreement bound in nats),
+        ``spread`` (standard deviation of the longer path's per-run ``log Ẑ``) and
+        ``converged`` (``|rise| ≤ bound`` and ``spread ≤ CONVERGENCE_MAX_SPREAD``).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -223,13 +238,17 @@ def ais_convergence(
     )
     rise = long.value - short.value
     bound = max(CONVERGENCE_AGREEMENT * math.hypot(short.stderr, long.stderr), CONVERGENCE_FLOOR)
+    spread = (
+        float(np.std(long.info["log_z_runs"], ddof=1)) if len(long.info["log_z_runs"]) > 1 else 0.0
+    )
     convergence = {
         "shorter": short.value,
         "shorter_stderr": short.stderr,
         "num_temperatures": lengths,
         "rise": rise,
         "bound": bound,
-        "converged": bool(abs(rise) <= bound),
+        "spread": spread,
+        "converged": bool(abs(rise) <= bound and spread <= CONVERGENCE_MAX_SPREAD),
     }
     return long._replace(info={**long.info, "convergence": convergence})
 
