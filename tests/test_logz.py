@@ -314,7 +314,7 @@ def test_ais_convergence_flags_a_path_too_short_and_agrees_once_it_is_long_enoug
     )
     check = enough.info["convergence"]
     assert check["converged"] and check["num_temperatures"] == (50, 200), check
-    assert 0 < check["spread"] <= ebm.logz.ais.CONVERGENCE_MAX_SPREAD
+    assert 0 < check["spread"] <= 1.0  # CONVERGENCE_MAX_SPREAD
     assert abs(enough.value - exact) < 4 * enough.stderr + 1e-3, (enough, exact)
     assert enough.info["ess"].shape == (200,)  # the longer path's own records
 
