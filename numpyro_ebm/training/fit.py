@@ -234,11 +234,8 @@ def fit(
             there is resumed on the same trajectory.
         checkpoint_every: steps between checkpoints (default: every ``steps_per_call``).
         devices: devices to spread the chains and the batch over (default all).
-        calibrate_log_z: after training, also estimate ``log Z`` by AIS (``log_z_ais``):
-            ``True`` runs ``logz.ais`` with its defaults; a mapping (``{}`` for the defaults,
-            or e.g. ``{"num_temperatures": 1000, "factor": 4}``) holds keyword arguments of
-            ``logz.ais_convergence``, which also runs a path ``factor`` times longer and
-            reports whether the value still rose (``diagnose``'s ``ais_convergence`` check).
+        calibrate_log_z: also estimate ``log Z`` by AIS after training (``log_z_ais``): ``True``
+            for ``logz.ais``, a mapping for ``logz.ais_convergence`` with those settings.
         select_best, patience: with ``validation_data``, return the averaged energy of the
             lowest held-out NLL (``training.selection``), not the last; stop once that has
             not improved for ``patience`` steps (checked every ``steps_per_call`` steps).
@@ -287,15 +284,19 @@ def fit(
         state, key=k_loop, data=inputs, problem=problem, config=config, save=save, **options
     )
     result = fit_result(state, history, recorded, config, event_shape, condition is not None)
-    if isinstance(calibrate_log_z, Mapping) or calibrate_log_z:
-        k_ais = jax.random.fold_in(k_init, 1)  # init consumed k_init itself; this is a new key
-        if isinstance(calibrate_log_z, Mapping):
-            result.log_z_ais = _logz.ais_convergence(
-                result.energy, event_shape, key=k_ais, data=data, **calibrate_log_z
-            )
-        else:
-            result.log_z_ais = _logz.ais(result.energy, event_shape, key=k_ais, data=data)
+    k_ais = jax.random.fold_in(k_init, 1)  # init consumed k_init itself; this is a new key
+    result.log_z_ais = _calibration(result.energy, event_shape, k_ais, data, calibrate_log_z)
     return result
+
+
+def _calibration(energy, event_shape, key, data, calibrate_log_z) -> _logz.LogZEstimate | None:
+    """``fit``'s AIS after training: None (``calibrate_log_z=False``), ``logz.ais`` (True), or
+    ``logz.ais_convergence`` with the settings of a ``calibrate_log_z`` mapping."""
+    if calibrate_log_z is False:
+        return None
+    if isinstance(calibrate_log_z, Mapping):
+        return _logz.ais_convergence(energy, event_shape, key=key, data=data, **calibrate_log_z)
+    return _logz.ais(energy, event_shape, key=key, data=data)
 
 
 def _checked_calibration(calibrate_log_z) -> None:
