@@ -34,10 +34,8 @@ demo: $(STAMP)
 # short ones fill the end of both workers (longest processing time first; the order of the
 # seconds per file measured in session 26; the files not named take under 30 s each).
 # --durations lists the slowest tests at the end of every run. Tests marked `alone` run after
-# the others, with nothing beside them and no shared compilation cache: the two-process
-# (jax.distributed, gloo) test hung inside its first compiled step in every fresh-clone CI run
-# of sessions 27 and 28 while passing in every other setting tried (alone, beside the tests
-# CI runs next to it, under CPU load, with CI's compilation cache); see tests/test_sharding.py.
+# the others, with nothing beside them (the two-process jax.distributed test: a hang there is
+# then the library's or jax's, not a neighbour's load; see tests/test_sharding.py).
 LONG_TESTS := tests/test_train.py tests/test_log_z_tracking.py tests/test_training.py \
 	tests/test_cli.py tests/test_sharding.py tests/test_infer.py notebooks/log_z.ipynb \
 	tests/test_distribution.py tests/test_checkpoint.py tests/test_generator.py \

@@ -76,13 +76,12 @@ WORKER = textwrap.dedent(
 )
 
 
-# A run takes 20 to 80 s on the 2-core CI machine. In fresh-clone CI runs (sessions 27 and 28,
-# the test beside the others under pytest-xdist) both workers hung inside their first
-# compiled training step (faulthandler: equinox's compiled call, after gloo had connected
-# both ranks), in both tries of every run; no other setting reproduced it. So the test runs
-# alone after the others (the Makefile's `-m alone`), the workers without the shared
-# compilation cache, and a hung pair is still killed (with every thread's stack printed) and
-# retried once.
+# A run takes 20 to 80 s on the 2-core CI machine. With jax and jaxlib 0.12.1 both workers hang
+# in a gloo all-gather inside their first compiled training step (gdb: both in
+# gloo::allgather -> UnboundBuffer::waitSend), every time in fresh-clone CI (sessions 27-28,
+# which installed 0.12.1) and never with 0.12.0.1, hence the pin in pyproject.toml. A hung pair
+# is killed (every thread's Python stack printed) and retried once; the test runs alone after
+# the others (the Makefile's `-m alone`), its workers without the shared compilation cache.
 ATTEMPT_SECONDS = 300
 
 
