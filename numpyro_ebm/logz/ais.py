@@ -176,6 +176,16 @@ def _forward_estimate(
     return LogZEstimate(value, stderr, "ais-adaptive" if adaptive else "ais", ess, info)
 
 
+def check_convergence_settings(num_temperatures, factor, adaptive: bool = False) -> None:
+    """``ValueError`` for settings ``ais_convergence`` cannot run (``fit`` checks its
+    ``calibrate_log_z`` with this before training)."""
+    if adaptive:
+        raise ValueError("ais_convergence lengthens a fixed schedule: adaptive=True has none")
+    for name, value, least in (("factor", factor, 2), ("num_temperatures", num_temperatures, 1)):
+        if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
 def ais_convergence(
     energy: Callable,
     event_shape,
@@ -226,10 +236,7 @@ def ais_convergence(
         >>> abs(est.value - float(energy.log_z)) < 3 * est.stderr
         True
     """
-    if ais_options.get("adaptive", False):
-        raise ValueError("ais_convergence lengthens a fixed schedule: adaptive=True has none")
-    if not isinstance(factor, int | np.integer) or isinstance(factor, bool) or factor < 2:
-        raise ValueError(f"factor must be an integer >= 2, got {factor!r}")
+    check_convergence_settings(num_temperatures, factor, ais_options.get("adaptive", False))
     lengths = (int(num_temperatures), int(factor) * int(num_temperatures))
     k_short, k_long = jax.random.split(key)
     short, long = (

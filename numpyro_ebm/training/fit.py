@@ -23,6 +23,7 @@ from numpyro_ebm import logz as _logz
 from numpyro_ebm import negatives as _negatives
 from numpyro_ebm import samplers as _samplers
 from numpyro_ebm.distribution import EnergyDistribution
+from numpyro_ebm.logz.ais import check_convergence_settings
 from numpyro_ebm.training import checkpoint, core, loop, selection
 from numpyro_ebm.training.config import TrainConfig
 from numpyro_ebm.training.inputs import (
@@ -313,9 +314,12 @@ def _checked_calibration(calibrate_log_z) -> None:
             f"calibrate_log_z: unknown keyword(s) {unknown} of logz.ais_convergence "
             f"(allowed: {sorted(allowed)})"
         )
-    factor = calibrate_log_z.get("factor", 4)
-    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 2:
-        raise ValueError(f"calibrate_log_z: factor must be an integer >= 2, got {factor!r}")
+    try:
+        check_convergence_settings(
+            calibrate_log_z.get("num_temperatures", 200), calibrate_log_z.get("factor", 4)
+        )
+    except ValueError as err:
+        raise ValueError(f"calibrate_log_z: {err}") from None
 
 
 def _resolved(config: TrainConfig, num_steps: int, checkpoint_dir, devices, generator, size):
