@@ -72,6 +72,9 @@ def heldout(folder, data="validation", method="grid"):
     return metrics["heldout"][data][method]
 
 
+# the tracker's start (4096 particles, up to 1000 sub-steps) runs for 30 s unoptimised, 10 s
+# optimised: 57 s against 40 s in a CI run
+@pytest.mark.optimized
 def test_demo_prints_the_table_and_writes_the_plot(tmp_path, capsys):
     code = cli.main(
         ["demo", "--steps", "20", "--num-data", "2000", "--quiet", "--out", str(tmp_path)]
