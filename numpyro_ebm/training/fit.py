@@ -314,10 +314,10 @@ def _checked_calibration(calibrate_log_z) -> None:
             f"calibrate_log_z: unknown keyword(s) {unknown} of logz.ais_convergence "
             f"(allowed: {sorted(allowed)})"
         )
+    defaults = inspect.signature(_logz.ais_convergence).parameters  # not written twice
+    lengths = (calibrate_log_z.get(n, defaults[n].default) for n in ("num_temperatures", "factor"))
     try:
-        check_convergence_settings(
-            calibrate_log_z.get("num_temperatures", 200), calibrate_log_z.get("factor", 4)
-        )
+        check_convergence_settings(*lengths)
     except ValueError as err:
         raise ValueError(f"calibrate_log_z: {err}") from None
 
