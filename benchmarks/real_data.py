@@ -119,8 +119,10 @@ def ebm_row(
 ) -> Row:  # fmt: skip
     """``fit`` on ``split.train`` (validation for early stopping and selection), scored on
     test with AIS ``log Z``; ``settings`` override ``fit``'s defaults (``hidden`` is the
-    energy's; ``weight_decay`` adds AdamW's decay to the default optimizer); ``fresh_noise``:
-    new dequantization noise for every batch (``split.augment``); ``ais``: ``logz.ais``
+    energy's; ``weight_decay`` adds AdamW's decay to the default optimizer; ``noise`` adds
+    Gaussian noise of that standard deviation, in model coordinates, to every training batch
+    after its dequantization: ``with_noise``); ``fresh_noise``: new dequantization noise for
+    every batch (``split.augment``); ``ais``: ``logz.ais``
     settings (``num_temperatures``, ``num_particles``) of the row's log Z, checked against
     a path a quarter as long (``logz.ais_convergence``)."""
     start = time.perf_counter()
@@ -128,6 +130,7 @@ def ebm_row(
     key = jax.random.key(seed)
     hidden = settings.pop("hidden", None)
     decay = settings.pop("weight_decay", 0.0)  # AdamW on fit's default optimizer
+    noise = settings.pop("noise", 0.0)
     if decay:
         settings["optimizer"] = ebm.training.default_optimizer(
             steps, settings.get("learning_rate", ebm.TrainConfig.learning_rate), weight_decay=decay
@@ -141,7 +144,7 @@ def ebm_row(
         num_steps=steps,
         validation_data=split.validation,
         progress_bar=False,
-        augment=split.augment if fresh_noise else None,
+        augment=with_noise(split.augment if fresh_noise else None, noise),
         **settings,
     )
     # the row's log Z is AIS with the longer path; a quarter of it says whether it had converged
@@ -180,6 +183,23 @@ def ebm_row(
         chosen=chosen,
         seconds=time.perf_counter() - start,
     )
+
+
+def with_noise(augment: Callable | None, scale: float) -> Callable | None:
+    """``augment`` (or nothing) followed by Gaussian noise of standard deviation ``scale`` on
+    every coordinate: the energy is fitted to the data smoothed by that noise, so it cannot
+    dig wells narrower than about ``scale`` at the training rows (``scale`` 0: ``augment``)."""
+    if not scale:
+        return augment
+
+    def noisy(key, points):
+        k_augment, k_noise = jax.random.split(key)
+        if augment is not None:
+            points = augment(k_augment, points)
+        noise = jax.random.normal(k_noise, points.shape, points.dtype)
+        return (points + scale * noise).astype(points.dtype)
+
+    return noisy
 
 
 def _no_baselines(*args, **kwargs) -> list[Row]:
