@@ -26,8 +26,8 @@ demo: $(STAMP)
 # CI time is mostly XLA compiling (session 30, jax's compile-time events, xdist phase: of
 # 2355 s of test time summed over both workers, 1243 s were XLA compiling in the workers'
 # own processes, notebook kernels and other subprocesses not counted, and 248 s tracing and
-# lowering; of 239 compilations that looked in the persistent cache, 27 found their
-# program there: few programs repeat between test files). The tests compile with most of XLA's
+# lowering; of 239 compilations that looked in the persistent cache, 27 found their program
+# there: few programs repeat between test files). The tests compile with most of XLA's
 # optimisations off
 # (JAX_DISABLE_MOST_OPTIMIZATIONS: backend level 0, no expensive LLVM passes; test_infer.py
 # took 188 s against 220 s at level 1 and more at the default level 2; the notebooks' kernels,

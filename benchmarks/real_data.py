@@ -189,6 +189,10 @@ def with_noise(augment: Callable | None, scale: float) -> Callable | None:
     """``augment`` (or nothing) followed by Gaussian noise of standard deviation ``scale`` on
     every coordinate: the energy is fitted to the data smoothed by that noise, so it cannot
     dig wells narrower than about ``scale`` at the training rows (``scale`` 0: ``augment``)."""
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+        raise ValueError(f"noise must be a finite number, got {scale!r}")
+    if scale < 0:
+        raise ValueError(f"noise is a standard deviation and must be >= 0, got {scale}")
     if not scale:
         return augment
 
