@@ -22,8 +22,11 @@ standardization added to every model's number), as in docs/benchmarks.md's other
 Models, all fitted on the same rows and chosen on the validation split: the baselines of
 ``baselines.py`` (full-covariance Gaussian, Gaussian mixture, KDE, flowjax MAF and RQ-spline
 flows); the EBM with ``fit``'s defaults (``MLPEnergy`` with its default widths, best-model
-selection on the validation split, no early stopping); with ``--sweep``, the best EBM of a
-small sweep (``energy_l2`` × widths, each stopped 500 steps after its best held-out score).
+selection on the validation split, no early stopping) and the command line's Gaussian noise
+on the training rows (``tables.default_noise``: 0.1 in model coordinates below 100 training
+rows per column, as on every data set here; ``--settings '{"noise": 0}'`` turns it off); with
+``--sweep``, the best EBM of a small sweep (``energy_l2`` × widths, each stopped 500 steps
+after its best held-out score).
 The EBM's test log-likelihood uses ``log Z`` by AIS of the selected energy (its error bar
 combines the test set's and AIS's standard errors; 5000 temperatures of 256 particles, 8 runs:
 on breast cancer AIS with 200 temperatures, the rows before session 27, missed 4 to 6 nats of
@@ -119,9 +122,10 @@ def ebm_row(
 ) -> Row:  # fmt: skip
     """``fit`` on ``split.train`` (validation for early stopping and selection), scored on
     test with AIS ``log Z``; ``settings`` override ``fit``'s defaults (``hidden`` is the
-    energy's; ``weight_decay`` adds AdamW's decay to the default optimizer; ``noise`` adds
-    Gaussian noise of that standard deviation, in model coordinates, to every training batch
-    after its dequantization: ``with_noise``); ``fresh_noise``: new dequantization noise for
+    energy's; ``weight_decay`` adds AdamW's decay to the default optimizer; ``noise`` is the
+    standard deviation of the Gaussian noise added, in model coordinates, to every training
+    batch after its dequantization, by default ``tables.default_noise``'s, as the command line
+    does: ``tables.with_noise``); ``fresh_noise``: new dequantization noise for
     every batch (``split.augment``); ``ais``: ``logz.ais``
     settings (``num_temperatures``, ``num_particles``) of the row's log Z, checked against
     a path a quarter as long (``logz.ais_convergence``)."""
@@ -130,7 +134,7 @@ def ebm_row(
     key = jax.random.key(seed)
     hidden = settings.pop("hidden", None)
     decay = settings.pop("weight_decay", 0.0)  # AdamW on fit's default optimizer
-    noise = settings.pop("noise", 0.0)
+    noise = settings.pop("noise", ebm.tables.default_noise(*split.train.shape))
     if decay:
         settings["optimizer"] = ebm.training.default_optimizer(
             steps, settings.get("learning_rate", ebm.TrainConfig.learning_rate), weight_decay=decay
@@ -144,7 +148,7 @@ def ebm_row(
         num_steps=steps,
         validation_data=split.validation,
         progress_bar=False,
-        augment=with_noise(split.augment if fresh_noise else None, noise),
+        augment=ebm.tables.with_noise(split.augment if fresh_noise else None, noise),
         **settings,
     )
     # the row's log Z is AIS with the longer path; a quarter of it says whether it had converged
@@ -168,8 +172,9 @@ def ebm_row(
     tracked = result.log_z
     gap = ebm.diagnostics.diagnose(result)["energy_gap"]
     chosen = (
-        f"step {result.best_step} of {int(result.state.step)}; log Z AIS {log_z.value:.2f} ± "
-        f"{log_z.stderr:.2f} ({convergence['num_temperatures'][0]} temperatures: "
+        f"noise {noise}; step {result.best_step} of {int(result.state.step)}; log Z AIS "
+        f"{log_z.value:.2f} ± {log_z.stderr:.2f} "
+        f"({convergence['num_temperatures'][0]} temperatures: "
         f"{convergence['shorter']:.2f}, runs' spread {convergence['spread']:.2f}: "
         f"{'converged' if convergence['converged'] else 'NOT CONVERGED'}"
         f"), bound {floor:.2f}{' (used)' if used == floor else ''}, tracked "
@@ -183,27 +188,6 @@ def ebm_row(
         chosen=chosen,
         seconds=time.perf_counter() - start,
     )
-
-
-def with_noise(augment: Callable | None, scale: float) -> Callable | None:
-    """``augment`` (or nothing) followed by Gaussian noise of standard deviation ``scale`` on
-    every coordinate: the energy is fitted to the data smoothed by that noise, so it cannot
-    dig wells narrower than about ``scale`` at the training rows (``scale`` 0: ``augment``)."""
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
-        raise ValueError(f"noise must be a finite number, got {scale!r}")
-    if scale < 0:
-        raise ValueError(f"noise is a standard deviation and must be >= 0, got {scale}")
-    if not scale:
-        return augment
-
-    def noisy(key, points):
-        k_augment, k_noise = jax.random.split(key)
-        if augment is not None:
-            points = augment(k_augment, points)
-        noise = jax.random.normal(k_noise, points.shape, points.dtype)
-        return (points + scale * noise).astype(points.dtype)
-
-    return noisy
 
 
 def _no_baselines(*args, **kwargs) -> list[Row]:

@@ -130,9 +130,10 @@ def test_gridded_columns_are_dequantized_a_flag_included(tmp_path, capsys):
     assert run["standardization"]["quantum"] == [1.0, 1.0, 0.1, 0.0]
     assert run["config"]["patience"] == 100  # the default: a quarter of --steps, at least 100
     assert run["config"]["data"]["fresh_noise"]  # new noise for every training batch
+    assert run["config"]["noise"] == 0.1  # 270 training rows, under 100 per column
     checkpoints = out / cli.CHECKPOINT_DIR
     meta = json.loads(next(checkpoints.glob("*/meta.json")).read_text())
-    assert meta["augment"].endswith("redequantizer.<locals>.fresh")
+    assert meta["augment"] == "numpyro_ebm.tables.with_noise.<locals>.noisy"
     data = cli.data_files.prepare(run["config"], x, run["standardization"])
     # the training rows in original units lie in their cells [v, v + q); z is untouched
     train = x[cli.data_files._split(0, NUM_ROWS, FRACTION)[0]]  # in the split's order
@@ -156,6 +157,47 @@ def test_gridded_columns_are_dequantized_a_flag_included(tmp_path, capsys):
     np.testing.assert_array_equal(draws[:, :2], np.round(draws[:, :2]))
     np.testing.assert_allclose(draws[:, 2] * 10, np.round(draws[:, 2] * 10), atol=1e-9)
     assert len(np.unique(draws[:, 3])) == 50  # the continuous column stays continuous
+
+
+@pytest.mark.parametrize(
+    ("rows", "columns", "option", "expected"),
+    [
+        (300, 6, None, 0.1),  # 270 training rows < 600
+        (300, 6, "auto", 0.1),
+        (300, 2, None, 0.0),  # 270 >= 200: no noise
+        (221, 2, None, 0.1),  # 22 held out: 199 training rows (the rule's edge)
+        (222, 2, None, 0.0),  # 22 held out: 200 training rows
+        (300, 6, "0", 0.0),
+        (300, 2, "0.25", 0.25),
+    ],
+)
+def test_the_noise_follows_the_training_rows_per_column(tmp_path, rows, columns, option, expected):
+    """``--noise`` by default: ``tables.default_noise`` of the training split (checked before
+    any compute; the rule's edge at 100 rows per column of the rows left after holding out)."""
+    path = tmp_path / "data.npy"
+    np.save(path, points(n=rows, d=columns))
+    argv = ["train", "--data", str(path), "--out", str(tmp_path / "run")]
+    argv += [] if option is None else ["--noise", option]
+    config, _, _ = cli.parser.train_config(cli.parser.make_parser().parse_args(argv))
+    assert config["noise"] == expected
+
+
+def test_the_noise_reaches_fit_as_gaussian_noise_on_every_batch(tmp_path, monkeypatch):
+    """The run's ``fit`` gets ``tables.with_noise`` of the stored scale: on continuous columns
+    (nothing dequantized) it adds noise of that standard deviation and no other change."""
+    path = tmp_path / "data.npy"
+    np.save(path, points(n=300, d=6))
+    argv = ["train", "--data", str(path), "--out", str(tmp_path / "run")]
+    config, rows, _ = cli.parser.train_config(cli.parser.make_parser().parse_args(argv))
+    data = cli.data_files.prepare(config, rows, None)
+    seen = {}
+    monkeypatch.setattr(numpyro_ebm, "fit", lambda *args, **kwargs: seen.update(kwargs))
+    cli.commands._fit(config, data, str(tmp_path / "run"))
+    batch = jax.numpy.full((20_000, 6), 3.0)
+    moved = np.asarray(seen["augment"](jax.random.key(0), batch), np.float64) - 3.0
+    n = moved.size  # the sample sd's standard error is about 0.1 / sqrt(2n)
+    assert abs(moved.mean()) < 5 * 0.1 / math.sqrt(n)
+    assert abs(moved.std() - 0.1) < 5 * 0.1 / math.sqrt(2 * n)
 
 
 @pytest.mark.parametrize("scale", [1e200, 1e-300, 1e307])

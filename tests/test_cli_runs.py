@@ -94,6 +94,12 @@ def _wrong_type(path):
     path.write_text(json.dumps(run))
 
 
+def _negative_noise(path):
+    run = json.loads(path.read_text())
+    run["config"]["noise"] = -0.1
+    path.write_text(json.dumps(run))
+
+
 def _damages(finished):
     """(file relative to the run folder, damage) for every run file the run has."""
     files = sorted(snapshot(finished / "run"))
@@ -105,6 +111,7 @@ def _damages(finished):
         if name.endswith(".json"):
             cases.append((name, _garble))
     cases += [("run.json", _drop_key("seed")), ("run.json", _wrong_type)]
+    cases += [("run.json", _negative_noise)]
     return cases
 
 
@@ -229,6 +236,9 @@ OPTION_LIMITS = [
     (["--hidden", f"{10**30},4"], "--hidden"),
     (["--learning-rate", "inf"], "--learning-rate"),
     (["--batch-size", BIG], "--batch-size"),
+    (["--noise", "-0.1"], "--noise"),
+    (["--noise", "nan"], "--noise"),
+    (["--noise", "some"], "--noise"),
 ]
 
 
@@ -342,12 +352,12 @@ def test_a_failing_density_plot_keeps_the_training_result(run_copy, capsys, monk
 
 
 def test_a_run_made_before_dequantization_and_patience_resumes_as_it_started(run_copy, capsys):
-    """A run.json without ``patience``, ``data.dequantize``, ``data.fresh_noise`` and
-    ``standardization.quantum`` (written before they existed): the same ``train`` command
+    """A run.json without ``patience``, ``noise``, ``data.dequantize``, ``data.fresh_noise``
+    and ``standardization.quantum`` (written before they existed): the same ``train`` command
     again is not refused as a run with other settings; the run stays without them."""
     run_json = run_copy / "run" / "run.json"
     run = json.loads(run_json.read_text())
-    del run["config"]["patience"], run["config"]["data"]["dequantize"]
+    del run["config"]["patience"], run["config"]["noise"], run["config"]["data"]["dequantize"]
     del run["config"]["data"]["fresh_noise"]
     del run["standardization"]["quantum"]
     run_json.write_text(json.dumps(run))
@@ -355,7 +365,7 @@ def test_a_run_made_before_dequantization_and_patience_resumes_as_it_started(run
     assert code == 0, err
     stored = json.loads(run_json.read_text())
     assert "patience" not in stored["config"] and "quantum" not in stored["standardization"]
-    assert "fresh_noise" not in stored["config"]["data"]
+    assert "fresh_noise" not in stored["config"]["data"] and "noise" not in stored["config"]
     # naming --patience on such a run is a change of settings, refused by name
     code, _, err = run_cli(
         capsys, *COMMANDS["train"](run_copy / "run", run_copy), "--patience", "200"

@@ -10,7 +10,14 @@ import pytest
 from scipy import stats
 
 from numpyro_ebm import datasets
-from numpyro_ebm.tables import TableTransform, column_statistics, quantum, snap_to_grid
+from numpyro_ebm.tables import (
+    TableTransform,
+    column_statistics,
+    default_noise,
+    quantum,
+    snap_to_grid,
+    with_noise,
+)
 
 
 @pytest.mark.parametrize(
@@ -185,3 +192,45 @@ def test_fresh_dequantization_moves_each_entry_uniformly_within_its_own_cell():
         assert np.corrcoef(position, before[:, j] / q - recorded[:, j] / q)[0, 1] < 0.2
     np.testing.assert_array_equal(moved[:, 2], z[:, 2])  # continuous: left as given
     assert not np.array_equal(moved, again)  # each key its own noise
+
+
+def test_default_noise_smooths_tables_of_under_100_rows_per_column():
+    assert default_noise(341, 30) == default_noise(199, 2) == 0.1
+    assert default_noise(200, 2) == default_noise(50_000, 2) == 0.0
+    for rows, columns in [(0, 3), (10, 0)]:
+        with pytest.raises(ValueError, match="need rows and columns"):
+            default_noise(rows, columns)
+
+
+def test_with_noise_adds_gaussian_noise_of_its_scale_after_the_augment():
+    """The noise's mean and standard deviation against 0 and ``scale`` within five standard
+    errors; the augment runs first (a shift of 5 stays); float32 stays float32; one key gives
+    one draw, another key another."""
+
+    def shift(key, points):
+        return points + 5.0
+
+    noisy = with_noise(shift, 0.3)
+    points = jax.numpy.zeros((40_000, 3), jax.numpy.float32)
+    moved = noisy(jax.random.key(0), points)
+    assert moved.dtype == points.dtype
+    noise = np.asarray(moved, np.float64) - 5.0
+    n = noise.size
+    assert abs(noise.mean()) < 5 * 0.3 / math.sqrt(n)
+    assert abs(noise.std() - 0.3) < 5 * 0.3 / math.sqrt(2 * n)
+    assert np.array_equal(moved, noisy(jax.random.key(0), points))
+    assert not np.array_equal(moved, noisy(jax.random.key(1), points))
+    assert jax.jit(noisy)(jax.random.key(0), points).shape == points.shape
+
+
+@pytest.mark.parametrize("scale", [-0.1, math.nan, math.inf, True, "0.1"])
+def test_with_noise_refuses_a_scale_that_is_not_a_standard_deviation(scale):
+    with pytest.raises(ValueError, match="noise"):
+        with_noise(None, scale)
+
+
+def test_with_noise_of_zero_is_the_augment_itself():
+    def augment(key, points):
+        return points
+
+    assert with_noise(augment, 0.0) is augment and with_noise(None, 0) is None

@@ -91,7 +91,10 @@ def _fit(config: dict, data: Data, folder: str, *, progress_bar=False, checkpoin
         steps_per_call=every,
         validation_data=data.validation,
         patience=config.get("patience"),  # runs from before --patience: None
-        augment=data.redequantizer() if config["data"].get("fresh_noise") else None,
+        augment=ebm.tables.with_noise(
+            data.redequantizer() if config["data"].get("fresh_noise") else None,
+            config.get("noise", 0.0),  # runs from before --noise: none
+        ),
     )
 
 

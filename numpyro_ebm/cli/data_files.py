@@ -306,6 +306,16 @@ def _split(seed: int, num_points: int, fraction: float) -> tuple[np.ndarray, np.
     return order[num_heldout:], order[:num_heldout]
 
 
+def training_shape(data: dict, points: np.ndarray | None, fraction: float | None) -> tuple:
+    """``(rows, columns)`` the model trains on, from the config's ``data`` entry (``prepare``
+    makes the same split; nothing is computed)."""
+    if data["name"] == "digits":
+        rows = len(datasets.digits().train)
+        return (rows - DIGITS_VALIDATION if data.get("space") == "logit" else rows), 64
+    num_points, dim = (data["num_points"], 2) if points is None else points.shape
+    return num_points - _heldout_count(num_points, fraction), dim
+
+
 def check_columns(points: np.ndarray, names, path: str, seed: int, fraction: float) -> None:
     """Refuse a data file whose columns cannot be standardized with the statistics of the
     training rows of the run's split (``seed``, ``fraction``): a constant column, a column with

@@ -17,9 +17,15 @@ import os
 
 import numpy as np
 
-from numpyro_ebm import logz, samplers
+from numpyro_ebm import logz, samplers, tables
 from numpyro_ebm.cli._common import BUILTIN, TOYS, UsageError, jsonable
-from numpyro_ebm.cli.data_files import check_columns, check_rows, read_points, sha256
+from numpyro_ebm.cli.data_files import (
+    check_columns,
+    check_rows,
+    read_points,
+    sha256,
+    training_shape,
+)
 from numpyro_ebm.energies import default_hidden
 from numpyro_ebm.negatives import KINDS as NEGATIVES
 from numpyro_ebm.training.objective import OBJECTIVES
@@ -80,9 +86,10 @@ def check_positive(args: argparse.Namespace, *names: str) -> None:
 
 
 def given_settings(args: argparse.Namespace) -> frozenset[str]:
-    """The stored settings whose defaults depend on the run (``--patience``, ``--hidden``)
-    that the command line names: a resumed run keeps its own for the others."""
-    return frozenset(name for name in ("patience", "hidden") if getattr(args, name) is not None)
+    """The stored settings whose defaults depend on the run (``--patience``, ``--hidden``,
+    ``--noise``) that the command line names: a resumed run keeps its own for the others."""
+    names = ("patience", "hidden", "noise")
+    return frozenset(name for name in names if getattr(args, name) is not None)
 
 
 def check_seed(args: argparse.Namespace) -> None:
@@ -134,6 +141,7 @@ def train_config(args: argparse.Namespace) -> tuple[dict, np.ndarray | None, str
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
         "patience": _patience(args),
+        "noise": _noise(args, data, points),
         "validation_fraction": None if args.data == "digits" else args.validation_fraction,
         "seed": args.seed,
     }
@@ -159,6 +167,23 @@ def _patience(args: argparse.Namespace) -> int | None:
             f"is computed every {low} steps) to {high}, got {args.patience}",
         )
     return args.patience
+
+
+def _noise(args: argparse.Namespace, data: dict, points: np.ndarray | None) -> float:
+    """``--noise`` checked, or by default ``tables.default_noise`` of the training split."""
+    if args.noise is None or args.noise == "auto":
+        fraction = None if data["name"] == "digits" else args.validation_fraction
+        return tables.default_noise(*training_shape(data, points, fraction))
+    try:
+        noise = float(args.noise)
+    except ValueError:
+        noise = math.nan
+    if not (math.isfinite(noise) and noise >= 0):
+        raise UsageError(
+            "--noise",
+            f"must be auto or a standard deviation >= 0, got {args.noise!r}; e.g. --noise 0.1",
+        )
+    return noise
 
 
 def _data_config(args: argparse.Namespace, columns: list[str] | None) -> tuple:
@@ -324,6 +349,13 @@ def _add_training_settings(train: argparse.ArgumentParser) -> None:
         default=5e-3,
         metavar="LR",
         help="peak Adam learning rate (default: %(default)s)",
+    )
+    train.add_argument(
+        "--noise",
+        metavar="S",
+        help="standard deviation of Gaussian noise added to every training batch, in the "
+        "model's (standardized) coordinates; 0: none (default: auto, 0.1 with fewer than 100 "
+        "training rows per column, else 0: tables.default_noise)",
     )
     train.add_argument(
         "--patience",

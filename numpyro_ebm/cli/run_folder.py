@@ -122,6 +122,8 @@ def _run_problem(run) -> str | None:
         return f"has a wrong 'config.objective' entry ({_short(config.get('objective'))})"
     if not (config.get("patience") is None or _is_int(config["patience"], 1)):
         return f"has a wrong 'config.patience' entry ({_short(config['patience'])})"
+    if "noise" in config and not (_is_finite_number(config["noise"]) and config["noise"] >= 0):
+        return f"has a wrong 'config.noise' entry ({_short(config['noise'])})"
     for name, ok in config_fields.items():
         if name not in config:
             return f"has no 'config.{name}' entry"
@@ -317,11 +319,13 @@ def as_stored(stored: dict, config: dict, *, given: frozenset[str]) -> dict:
     """``config`` for resuming the run whose config is ``stored``; ``given``: the settings
     named on the command line. A run resumes as it started: with its stored widths unless
     ``--hidden`` is given (a run made before the widths followed the data's dimension keeps
-    its 128,128,128), and a run made before ``--patience``, dequantization or fresh
-    dequantization noise existed without them unless ``--patience`` is given."""
+    its 128,128,128), and a run made before ``--patience``, ``--noise``, dequantization or
+    fresh dequantization noise existed without them unless ``--patience`` (``--noise``) is
+    given."""
     config = dict(config)
-    if "patience" not in stored and "patience" not in given:
-        config.pop("patience", None)
+    for name in ("patience", "noise"):
+        if name not in stored and name not in given:
+            config.pop(name, None)
     if "hidden" not in given:
         config["hidden"] = stored["hidden"]
     for name in ("dequantize", "fresh_noise", "space"):
