@@ -3,7 +3,8 @@
     python benchmarks/real_data.py [--data wine breast_cancer iris digits] [--seeds 0 1]
                                    [--steps 2000] [--sweep] [--no-flows] [--no-baselines]
                                    [--no-defaults] [--settings JSON ...]
-                                   [--digits-space {logit,box}] [--ais-temperatures 5000]
+                                   [--digits-space {logit,box}] [--flows-noise]
+                                   [--ais-temperatures 5000]
                                    [--ais-particles 256] [--out results.json]
 
 Data (all offline): scikit-learn's wine (178 × 13), breast cancer (569 × 30) and iris
@@ -204,7 +205,11 @@ def run(name: str, seed: int, args) -> list[Row]:
         flows=args.flows,
         quick=args.quick,
         log_jacobian=(split.validation_log_jacobian, split.test_log_jacobian),
-        augment=split.augment if args.fresh_noise else None,
+        # the flows as a user would train them; --flows-noise: with the EBM's Gaussian noise
+        augment=ebm.tables.with_noise(
+            split.augment if args.fresh_noise else None,
+            ebm.tables.default_noise(*split.train.shape) if args.flows_noise else 0.0,
+        ),
     )
 
     def row(label, **setting):
@@ -275,6 +280,12 @@ def main() -> None:
         dest="fresh_noise",
         action="store_false",
         help="train the EBM on one draw of the dequantization noise (before session 20)",
+    )
+    parser.add_argument(
+        "--flows-noise",
+        action="store_true",
+        help="train the flows with the Gaussian noise the default EBM gets "
+        "(tables.default_noise), not only fresh dequantization noise",
     )
     parser.add_argument(
         "--ais-temperatures",
