@@ -223,7 +223,7 @@ def default_noise(num_rows: int, num_columns: int) -> float:
     On so few rows per column a flexible energy digs wells at the training rows: its held-out
     score is then chosen at an early step, and neither AIS nor the tracked ``log Z`` finds
     the wells' mass. Smoothing by 0.1 standard deviations removed them on breast cancer (30-D,
-    341 rows: 34.0 to 34.4 nats/point on three seeds against at most 28.3 to 34.8, with a
+    341 rows: 33.9 to 34.4 nats/point on three seeds against at most 28.3 to 34.8, with a
     converged AIS and a tracked ``log Z`` within 0.6 nats of it) and was neutral or slightly
     better on wine, iris and digits; 0.3 smoothed too much (docs/benchmarks.md, "Gaussian
     noise on the training rows"). The 2-D toys' thousands of rows get none: their narrow modes
