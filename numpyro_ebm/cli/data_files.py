@@ -306,9 +306,9 @@ def _split(seed: int, num_points: int, fraction: float) -> tuple[np.ndarray, np.
     return order[num_heldout:], order[:num_heldout]
 
 
-def training_shape(data: dict, points: np.ndarray | None, fraction: float | None) -> tuple:
+def training_shape(data: dict, points: np.ndarray | None, fraction: float) -> tuple:
     """``(rows, columns)`` the model trains on, from the config's ``data`` entry (``prepare``
-    makes the same split; nothing is computed)."""
+    makes the same split; nothing is computed; digits' split is fixed, ``fraction`` unused)."""
     if data["name"] == "digits":
         rows = len(datasets.digits().train)
         return (rows - DIGITS_VALIDATION if data.get("space") == "logit" else rows), 64

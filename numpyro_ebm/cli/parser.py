@@ -172,8 +172,7 @@ def _patience(args: argparse.Namespace) -> int | None:
 def _noise(args: argparse.Namespace, data: dict, points: np.ndarray | None) -> float:
     """``--noise`` checked, or by default ``tables.default_noise`` of the training split."""
     if args.noise is None or args.noise == "auto":
-        fraction = None if data["name"] == "digits" else args.validation_fraction
-        return tables.default_noise(*training_shape(data, points, fraction))
+        return tables.default_noise(*training_shape(data, points, args.validation_fraction))
     try:
         noise = float(args.noise)
     except ValueError:
