@@ -8,10 +8,13 @@
     python benchmarks/generator_quality.py --modes hybrid --hybrid restart_fraction=0.1
                                           # a hybrid whose chains mostly persist (see below)
     python benchmarks/generator_quality.py --modes hybrid --hybrid resample=false num_mcmc_steps=40
+    python benchmarks/generator_quality.py --toys checkerboard --energies deep --modes pcd \
+        --chains 256 --steps 4000                                 # other fit settings
 
 Modes (each trains a fresh energy, `MLPEnergy` (hidden 128×3) and/or `DeepEnergy` (Kim & Bengio's
-product of experts, σ = 1), with `fit`'s defaults otherwise: 2000 steps, 1024 negatives per step,
-batch 1024, 50 000 training points):
+product of experts, σ = 1), with `fit`'s defaults otherwise: 2000 steps (``--steps``), 1024
+negatives per step (``--chains``), 20 MALA steps per update (``--mcmc-steps``), `fit`'s learning
+rate (``--learning-rate``), batch 1024, 50 000 training points):
 
 * paper: `negatives="generator", entropy="batch_norm"`: the paper's method (deterministic
   generator with batch norm, entropy Σ ½ log(2πe γ²), one generator step then one energy step).
@@ -77,14 +80,16 @@ ENERGIES = {"mlp": ebm.energies.MLPEnergy, "deep": ebm.energies.DeepEnergy}
 NUM_CHAINS, NUM_MCMC_STEPS, BATCH = 1024, 20, 1024
 
 
-def gradient_evaluations(negatives: str, steps: int) -> int:
+def gradient_evaluations(
+    negatives: str, steps: int, num_chains: int = NUM_CHAINS, num_mcmc_steps: int = NUM_MCMC_STEPS
+) -> int:
     """Per-event energy gradients over a run (see the module docstring)."""
-    chains = NUM_CHAINS * (1 + NUM_MCMC_STEPS)  # MALA: one gradient at the start, one per step
-    parameter_gradient = BATCH + NUM_CHAINS
+    chains = num_chains * (1 + num_mcmc_steps)  # MALA: one gradient at the start, one per step
+    parameter_gradient = BATCH + num_chains
     per_step = {
         "persistent": chains + parameter_gradient,
-        "generator": NUM_CHAINS + NUM_CHAINS + parameter_gradient,
-        "hybrid": chains + NUM_CHAINS + parameter_gradient,
+        "generator": num_chains + num_chains + parameter_gradient,
+        "hybrid": chains + num_chains + parameter_gradient,
     }[negatives]
     return per_step * steps
 
@@ -144,7 +149,12 @@ def hybrid_changes(pairs: list[str]) -> dict:
     return changes
 
 
-def run(toy_name: str, energy_name: str, mode: str, steps: int, seed: int = 0, hybrid=None) -> dict:
+def run(
+    toy_name: str, energy_name: str, mode: str, steps: int, seed: int = 0, hybrid=None, *,
+    num_chains: int = NUM_CHAINS, num_mcmc_steps: int = NUM_MCMC_STEPS,
+    learning_rate: float | None = None,
+) -> dict:  # fmt: skip
+    """Train one row and score it; ``learning_rate`` None: ``fit``'s default."""
     toy = ebm.datasets.toy(toy_name)
     k_data, k_energy, k_fit, k_test, k_gen, k_ref = jax.random.split(jax.random.key(seed), 6)
     data = toy.sample(k_data, 50_000)
@@ -153,7 +163,7 @@ def run(toy_name: str, energy_name: str, mode: str, steps: int, seed: int = 0, h
     kind = options["negatives"]
     if mode == "hybrid" and hybrid:  # fit's hybrid, with only those settings changed
         resolved = ebm.TrainConfig(
-            num_chains=NUM_CHAINS, num_mcmc_steps=NUM_MCMC_STEPS, batch_size=BATCH, negatives=kind
+            num_chains=num_chains, num_mcmc_steps=num_mcmc_steps, batch_size=BATCH, negatives=kind
         ).resolve(steps)
         options = {"negatives": resolved.negatives.replace(**hybrid)}
     start = time.perf_counter()
@@ -162,10 +172,11 @@ def run(toy_name: str, energy_name: str, mode: str, steps: int, seed: int = 0, h
         data,
         key=k_fit,
         num_steps=steps,
-        num_chains=NUM_CHAINS,
-        num_mcmc_steps=NUM_MCMC_STEPS,
+        num_chains=num_chains,
+        num_mcmc_steps=num_mcmc_steps,
         batch_size=BATCH,
         progress_bar=False,
+        **({} if learning_rate is None else {"learning_rate": learning_rate}),
         **options,
     )
     jax.block_until_ready(res.energy)
@@ -182,7 +193,7 @@ def run(toy_name: str, energy_name: str, mode: str, steps: int, seed: int = 0, h
         "kl": out.kl,
         "kl_se": out.kl_stderr,
         "seconds": seconds,
-        "grads": gradient_evaluations(kind, steps),
+        "grads": gradient_evaluations(kind, steps, num_chains, num_mcmc_steps),
         "rejected": int(np.sum(~res.history["is_finite"].astype(bool))),
         # the box kl_to_toy integrates over (its default: the toy's bounds, padding 0.5)
         "far": far_field_gap(res.energy, ebm.logz.select.box(toy_bounds=toy.bounds, padding=0.5)),
@@ -223,6 +234,9 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--energies", nargs="+", default=["mlp"], choices=list(ENERGIES))
     parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--chains", type=int, default=NUM_CHAINS, help="negatives per step")
+    parser.add_argument("--mcmc-steps", type=int, default=NUM_MCMC_STEPS)
+    parser.add_argument("--learning-rate", type=float, help="peak learning rate (default: fit's)")
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=0)
     seeds.add_argument(
@@ -244,7 +258,8 @@ def main() -> None:
     print(
         f"# generator_quality: {platform.processor() or platform.machine()}, "
         f"{jax.device_count()}× {jax.devices()[0].device_kind}, jax {jax.__version__}; "
-        f"hybrid changes {hybrid or 'none'}"
+        f"hybrid changes {hybrid or 'none'}; {args.chains} chains, {args.mcmc_steps} MCMC "
+        f"steps, learning rate {args.learning_rate or 'fit default'}"
     )
     seed_column = "seed | " if several else ""
     print(
@@ -258,7 +273,11 @@ def main() -> None:
         for toy_name in args.toys:
             for energy_name in args.energies:
                 for mode in args.modes:
-                    r = run(toy_name, energy_name, mode, args.steps, seed, hybrid)
+                    r = run(
+                        toy_name, energy_name, mode, args.steps, seed, hybrid,
+                        num_chains=args.chains, num_mcmc_steps=args.mcmc_steps,
+                        learning_rate=args.learning_rate,
+                    )  # fmt: skip
                     rows[toy_name, energy_name, mode, seed] = r
                     seed_cell = f"{seed} | " if several else ""
                     print(
