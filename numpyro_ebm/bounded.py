@@ -53,8 +53,9 @@ def logit_box(low, high, *, margin: float = DEFAULT_MARGIN) -> transforms.Transf
     elementwise: ``x = low − m + (high − low + 2m) sigmoid(y)``.
 
     Args:
-        low, high: the box's bounds, scalars or arrays broadcasting to one event
+        low: the box's lower bounds, a scalar or an array broadcasting to one event
             (``low < high`` everywhere, finite).
+        high: its upper bounds, likewise.
         margin: share of the width added on each side, in ``[0, 0.5)``; 0 maps the walls
             themselves to ``±∞``, so data on a wall (a pixel of exactly 0) has no image.
 

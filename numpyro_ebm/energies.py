@@ -166,7 +166,10 @@ class NoiseConditionalEnergy(eqx.Module):
     Args:
         dim: number of values in one event.
         noise_scale: σ of plain calls (the smallest noise scale trained).
-        hidden, key, activation, confinement: as ``MLPEnergy``.
+        hidden: as ``MLPEnergy``.
+        key: as ``MLPEnergy``.
+        activation: as ``MLPEnergy``.
+        confinement: as ``MLPEnergy``.
 
     Example:
         >>> import jax

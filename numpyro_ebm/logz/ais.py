@@ -212,7 +212,9 @@ def ais_convergence(
     (docs/benchmarks.md, session 27).
 
     Args:
-        energy, event_shape, key: as for ``ais``.
+        energy: as for ``ais``.
+        event_shape: as for ``ais``.
+        key: as for ``ais``.
         num_temperatures: temperatures of the shorter path.
         factor: how many times longer the longer path is (an integer ≥ 2).
         **ais_options: any other keyword argument of ``ais`` except ``adaptive`` (an
@@ -231,7 +233,8 @@ def ais_convergence(
         >>> energy = GaussianEnergy(jnp.array([1.0, -1.0]), jnp.array([[0.5, 0.2], [0.2, 0.3]]))
         >>> est = ais_convergence(energy, (2,), key=jax.random.key(0), num_temperatures=25,
         ...                       num_particles=200)
-        >>> est.info["convergence"]["converged"], est.info["convergence"]["num_temperatures"]
+        >>> check = est.info["convergence"]
+        >>> check["converged"], check["num_temperatures"]
         (True, (25, 100))
         >>> abs(est.value - float(energy.log_z)) < 3 * est.stderr
         True

@@ -218,7 +218,8 @@ def train(
         state: the starting ``TrainState`` (its buffers are donated: do not reuse it).
         key: the loop's PRNG key (step t's attempt key is ``core.attempt_key(key, t, ...)``).
         data: what ``problem.batch`` draws batches from.
-        problem, config: as for ``core.step``.
+        problem: as for ``core.step``.
+        config: as for ``core.step``.
         num_steps: the accepted step count to reach.
         steps_per_call: steps per compiled call (one host round-trip each).
         max_nonfinite: stop after this many consecutive rejected steps.

@@ -236,10 +236,15 @@ class MaximumLikelihood:
             own state. Conditional sites use contrastive divergence unless it handles
             conditions. ``"auto"``: persistent chains, or none for a score-matching
             ``objective=`` (a ``TrainConfig`` field, passed in ``settings``).
-        num_chains, num_mcmc_steps, reinit_fraction, buffer_size, energy_l2, ema_decay,
-            step_size_gain: as in ``TrainConfig`` (``energy_l2`` per observed point of each
-            EBM site whose energy has a free additive constant; None: ``init`` sets
-            ``default_energy_l2(D)`` for the largest EBM site's event size ``D``).
+        num_chains: as in ``TrainConfig``.
+        num_mcmc_steps: as in ``TrainConfig``.
+        reinit_fraction: as in ``TrainConfig``.
+        buffer_size: as in ``TrainConfig``.
+        energy_l2: as in ``TrainConfig``, per observed point of each EBM site whose energy
+            has a free additive constant; None: ``init`` sets ``default_energy_l2(D)`` for
+            the largest EBM site's event size ``D``.
+        ema_decay: as in ``TrainConfig``.
+        step_size_gain: as in ``TrainConfig``.
         **settings: any other ``TrainConfig`` field (e.g. ``num_recorded_chains``,
             ``generator_optimizer``: for the generator modes; default a constant-rate Adam).
             ``energy_l2_decay`` defaults to None (constant) here: the learner does not know
@@ -339,8 +344,9 @@ class MaximumLikelihood:
                 ``fold_in(loop_key, t)``).
             num_steps: updates (with ``init_state``: more updates; with a checkpoint:
                 the total to reach).
-            *args, **kwargs: the model's arguments (the same every step; subsample inside
-                the model with ``numpyro.plate(..., subsample_size=...)``).
+            *args: the model's arguments (the same every step; subsample inside the model
+                with ``numpyro.plate(..., subsample_size=...)``).
+            **kwargs: the model's keyword arguments, likewise.
             progress_bar: tqdm bar.
             steps_per_call: updates per compiled call (one host round-trip each).
             max_nonfinite: stop after this many consecutive rejected (non-finite) steps.
