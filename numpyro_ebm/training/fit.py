@@ -230,9 +230,7 @@ def fit(
         validation_data: held-out data (``(points, conditions)`` with ``condition``):
             ``history["heldout_nll"]`` every ``record_every`` steps (learned ``log Z``).
         generator: the generator modes' starting ``Generator`` (default: ``default_generator``).
-        steps_per_call: as for ``loop.train``.
-        max_nonfinite: as for ``loop.train``.
-        progress_bar: as for ``loop.train``.
+        steps_per_call: as for ``loop.train``, and so are ``max_nonfinite`` and ``progress_bar``.
         checkpoint_dir: checkpoint folder (locked during the run): one of the same settings
             there is resumed on the same trajectory.
         checkpoint_every: steps between checkpoints (default: every ``steps_per_call``).
@@ -241,8 +239,7 @@ def fit(
             for ``logz.ais``, a mapping for ``logz.ais_convergence`` with those settings.
         select_best: with ``validation_data``, return the averaged energy of the lowest
             held-out NLL (``training.selection``), not the last.
-        patience: with ``validation_data``, stop once that has not improved for this many
-            steps (checked every ``steps_per_call`` steps).
+        patience: stop once that has not improved for this many steps (checked every call).
         augment: a hashable function ``(key, points) -> points`` applied to every training
             batch in the compiled step (``tables.TableTransform.redequantizer``: new
             dequantization noise); checkpoints record its name. See docs/guides/training.md.
