@@ -166,6 +166,7 @@ def run(
             num_chains=num_chains, num_mcmc_steps=num_mcmc_steps, batch_size=BATCH, negatives=kind
         ).resolve(steps)
         options = {"negatives": resolved.negatives.replace(**hybrid)}
+    rate = {} if learning_rate is None else {"learning_rate": learning_rate}
     start = time.perf_counter()
     res = ebm.fit(
         energy,
@@ -176,7 +177,7 @@ def run(
         num_mcmc_steps=num_mcmc_steps,
         batch_size=BATCH,
         progress_bar=False,
-        **({} if learning_rate is None else {"learning_rate": learning_rate}),
+        **rate,
         **options,
     )
     jax.block_until_ready(res.energy)
@@ -255,11 +256,12 @@ def main() -> None:
     if len(set(seed_list)) != len(seed_list):
         parser.error(f"--seeds must be distinct, got {seed_list}")
     several = len(seed_list) > 1
+    rate = "fit default" if args.learning_rate is None else args.learning_rate
     print(
         f"# generator_quality: {platform.processor() or platform.machine()}, "
         f"{jax.device_count()}× {jax.devices()[0].device_kind}, jax {jax.__version__}; "
         f"hybrid changes {hybrid or 'none'}; {args.chains} chains, {args.mcmc_steps} MCMC "
-        f"steps, learning rate {args.learning_rate or 'fit default'}"
+        f"steps, learning rate {rate}"
     )
     seed_column = "seed | " if several else ""
     print(
