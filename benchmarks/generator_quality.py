@@ -27,6 +27,11 @@ rate (``--learning-rate``), batch 1024, 50 000 training points):
   restarts from the generator's samples with probability 0.1 per step and otherwise continues
   from its last negative; ``resample=false``: no importance resampling.
 * pcd: persistent MALA chains (the training issue's default), for reference.
+* exact: a reference that no real data allows, the model's own draws (``GridNegatives``):
+  every step, 1024 draws of the current model from a 128² grid over the KL's quadrature box
+  (the cell drawn with its probability, the point uniform within it), then the 20 MALA steps,
+  which leave the model invariant, smooth the cells away. Maximum likelihood with exact
+  negatives: what any negative phase would give if it sampled the model exactly.
 
 Columns: KL(data ‖ model) ± one standard error with grid-exact log Z (512² grid, 20 000 fresh
 test points); wall time including compilation; energy-gradient evaluations (per-event gradients
@@ -44,7 +49,9 @@ weights' effective sample size as a fraction of the batch (NaN without resamplin
 
 When both hybrid and pcd ran, a second table gives, per toy and energy, the paired difference
 KL(hybrid) − KL(pcd) on the same test points with its standard error, and whether the hybrid is
-no worse than persistent chains: difference ≤ 2 standard errors.
+no worse than persistent chains: difference ≤ 2 standard errors. When exact ran too, the same
+table gives KL(hybrid) − KL(exact) and KL(pcd) − KL(exact): how far each is from maximum
+likelihood with exact negatives (negative: better than it at this number of steps).
 
 That standard error covers only the test points: it holds the trained models fixed. A method
 comparison must also include the training randomness (data, initial weights, chains, generator):
@@ -75,9 +82,43 @@ MODES = {
     "improved": {"negatives": "generator", "entropy": "nearest_neighbour"},
     "hybrid": {"negatives": "hybrid"},
     "pcd": {"negatives": "persistent"},
+    "exact": {"negatives": "grid"},  # GridNegatives over the toy's box (run builds it)
 }
 ENERGIES = {"mlp": ebm.energies.MLPEnergy, "deep": ebm.energies.DeepEnergy}
 NUM_CHAINS, NUM_MCMC_STEPS, BATCH = 1024, 20, 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class GridNegatives(ebm.negatives.ShortRun):
+    """Exact negatives for a 2-D energy: ``num_chains`` draws of the current model from a
+    ``cells``² grid over ``bounds`` (each cell with its probability under the model, the point
+    uniform within it), then ``num_mcmc_steps`` of the kernel, which leave the model invariant
+    and smooth the cells away. ``cells``² energy evaluations per step: a reference for the
+    toys, not a method (the grid grows exponentially with the dimension)."""
+
+    name = "grid"
+    bounds: tuple = ((-8.0, 8.0), (-8.0, 8.0))
+    cells: int = 128
+
+    def sample(self, key, state, target):
+        k_cell, k_jitter, k_chains = jax.random.split(key, 3)
+        (x0, x1), (y0, y1) = self.bounds
+        width = jnp.asarray([(x1 - x0) / self.cells, (y1 - y0) / self.cells])
+        index = jnp.arange(self.cells) + 0.5
+        gx, gy = jnp.meshgrid(x0 + width[0] * index, y0 + width[1] * index, indexing="ij")
+        centres = jnp.stack([gx.ravel(), gy.ravel()], axis=1)
+        logits = -jax.vmap(target.energy)(centres)
+        drawn = jax.random.categorical(k_cell, logits, shape=(self.num_chains,))
+        jitter = jax.random.uniform(k_jitter, (self.num_chains, 2)) - 0.5
+        starts = centres[drawn] + width * jitter
+        run = self.run(k_chains, starts, target, state.step_size)
+        new = state._replace(
+            bank=run.finals, step_size=self.adapted(state.step_size, run.acceptance_rate)
+        )
+        info = ebm.negatives.NegativeInfo(
+            run.acceptance_rate, state.step_size, run.langevin_grad_norm, {}, run.record
+        )
+        return new, run.finals, info
 
 
 def gradient_evaluations(
@@ -88,6 +129,7 @@ def gradient_evaluations(
     parameter_gradient = BATCH + num_chains
     per_step = {
         "persistent": chains + parameter_gradient,
+        "grid": chains + parameter_gradient,  # and the grid's 128² energies (no gradient)
         "generator": num_chains + num_chains + parameter_gradient,
         "hybrid": chains + num_chains + parameter_gradient,
     }[negatives]
@@ -166,6 +208,14 @@ def run(
             num_chains=num_chains, num_mcmc_steps=num_mcmc_steps, batch_size=BATCH, negatives=kind
         ).resolve(steps)
         options = {"negatives": resolved.negatives.replace(**hybrid)}
+    if mode == "exact":
+        box = ebm.logz.select.box(toy_bounds=toy.bounds, padding=0.5)
+        grid = GridNegatives(
+            num_chains=num_chains,
+            num_mcmc_steps=num_mcmc_steps,
+            bounds=tuple(tuple(float(v) for v in side) for side in box),
+        )
+        options = {"negatives": grid}
     rate = {} if learning_rate is None else {"learning_rate": learning_rate}
     start = time.perf_counter()
     res = ebm.fit(
@@ -215,11 +265,12 @@ def run(
     return row
 
 
-def paired_difference(hybrid: dict, pcd: dict) -> tuple[float, float]:
-    """KL(hybrid) − KL(pcd) and 2 standard errors over the same test points (one training).
+def paired_difference(first: dict, second: dict) -> tuple[float, float]:
+    """KL(first) − KL(second) of two rows and 2 standard errors over the same test points (one
+    training each).
 
-    KL(h) − KL(p) = mean(log p_pcd − log p_hybrid) over the test points: paired."""
-    difference = pcd["log_p"] - hybrid["log_p"]
+    KL(a) − KL(b) = mean(log p_b − log p_a) over the test points: paired."""
+    difference = second["log_p"] - first["log_p"]
     return float(difference.mean()), float(2 * difference.std(ddof=1) / np.sqrt(difference.size))
 
 
@@ -289,20 +340,29 @@ def main() -> None:
                         f"{r['share']:.3f} | {r['far']:+.1f} | {r['ess']:.3f} |",
                         flush=True,
                     )
-    if not {"hybrid", "pcd"} <= set(args.modes):
-        return
+    for first, second in (("hybrid", "pcd"), ("hybrid", "exact"), ("pcd", "exact")):
+        if {first, second} <= set(args.modes):
+            compare(rows, first, second, args.toys, args.energies, seed_list)
+
+
+def compare(rows: dict, first: str, second: str, toys, energies, seed_list) -> None:
+    """Print KL(first) − KL(second) per toy, energy and seed (paired on the test points), and
+    across seeds when there are several."""
+    several = len(seed_list) > 1
+    seed_column = "seed | " if several else ""
     print(
-        f"\n| toy | energy | {seed_column}KL(hybrid) − KL(pcd) | 2 SE (test points) | "
-        "hybrid no worse |"
+        f"\n| toy | energy | {seed_column}KL({first}) − KL({second}) | 2 SE (test points) | "
+        f"{first} no worse |"
     )
     print("|---" * (5 + several) + "|")
     differences = {}
-    for toy_name in args.toys:
-        for energy_name in args.energies:
+    for toy_name in toys:
+        for energy_name in energies:
             for seed in seed_list:
-                hybrid = rows[toy_name, energy_name, "hybrid", seed]
-                pcd = rows[toy_name, energy_name, "pcd", seed]
-                mean, two_se = paired_difference(hybrid, pcd)
+                mean, two_se = paired_difference(
+                    rows[toy_name, energy_name, first, seed],
+                    rows[toy_name, energy_name, second, seed],
+                )
                 differences.setdefault((toy_name, energy_name), []).append(mean)
                 seed_cell = f"{seed} | " if several else ""
                 print(
@@ -317,8 +377,8 @@ def main() -> None:
         "differences, 2 standard errors across seeds."
     )
     print(
-        "\n| toy | energy | mean KL(hybrid) − KL(pcd) | 2 SE (seeds) | per-seed differences | "
-        "hybrid no worse |"
+        f"\n| toy | energy | mean KL({first}) − KL({second}) | 2 SE (seeds) | "
+        f"per-seed differences | {first} no worse |"
     )
     print("|---" * 6 + "|")
     for (toy_name, energy_name), values in differences.items():
