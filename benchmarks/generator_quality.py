@@ -102,11 +102,11 @@ class GridNegatives(ebm.negatives.ShortRun):
 
     def sample(self, key, state, target):
         k_cell, k_jitter, k_chains = jax.random.split(key, 3)
-        (x0, x1), (y0, y1) = self.bounds
-        width = jnp.asarray([(x1 - x0) / self.cells, (y1 - y0) / self.cells])
-        index = jnp.arange(self.cells) + 0.5
-        gx, gy = jnp.meshgrid(x0 + width[0] * index, y0 + width[1] * index, indexing="ij")
-        centres = jnp.stack([gx.ravel(), gy.ravel()], axis=1)
+        # the cells' midpoints, as the grid quadrature of the KL's log Z takes them
+        axes = ebm.logz.quadrature._axes(self.bounds, self.cells)
+        mesh = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 2)
+        centres = jnp.asarray(mesh, jnp.float32)
+        width = jnp.asarray([a[1] - a[0] for a in axes], jnp.float32)
         logits = -jax.vmap(target.energy)(centres)
         drawn = jax.random.categorical(k_cell, logits, shape=(self.num_chains,))
         jitter = jax.random.uniform(k_jitter, (self.num_chains, 2)) - 0.5
