@@ -60,6 +60,21 @@ class Row:
     validation_ll: float  # mean validation log-likelihood of the chosen setting
     chosen: str  # the setting picked on validation
     seconds: float  # wall time of the fit, sweep included
+    # per test point, in the reported units: what ``paired_difference`` compares
+    test_points: tuple[float, ...] = ()
+    log_z_se: float = 0.0  # standard error of a log Z shared by every test point (an EBM's AIS)
+
+
+def paired_difference(first: Row, second: Row) -> tuple[float, float]:
+    """``(mean, standard error)`` of ``first``'s test log-likelihood minus ``second``'s, paired
+    on the same test points: the spread of the per-point differences (much smaller than the
+    two rows' own standard errors when the models agree on which points are hard) and each
+    row's ``log_z_se``, which shifts every point alike."""
+    if not first.test_points or len(first.test_points) != len(second.test_points):
+        raise ValueError(f"{first.model!r} and {second.model!r} lack paired test points")
+    diff = np.asarray(first.test_points) - np.asarray(second.test_points)
+    se = math.sqrt(diff.var(ddof=1) / diff.size + first.log_z_se**2 + second.log_z_se**2)
+    return float(diff.mean()), se
 
 
 def fit_baselines(
@@ -117,6 +132,7 @@ def _row(model, test_lls, validation_ll, chosen, start, jac) -> Row:
         validation_ll=float(validation_ll) + float(jac[0].mean()),
         chosen=chosen,
         seconds=time.perf_counter() - start,
+        test_points=tuple(test_lls.tolist()),
     )
 
 

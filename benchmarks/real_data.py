@@ -6,6 +6,7 @@
                                    [--digits-space {logit,box}] [--flows-noise]
                                    [--ais-temperatures 5000]
                                    [--ais-particles 256] [--out results.json]
+    python benchmarks/real_data.py --load results.json more.json   # tables of earlier runs
 
 Data (all offline): scikit-learn's wine (178 × 13), breast cancer (569 × 30) and iris
 (150 × 4: the smallest, where memorising the training rows is easiest) through
@@ -35,7 +36,11 @@ the selected energies' mass, see docs/benchmarks.md), or, when it is higher, the
 bound of ``logz.data_bound`` (65 536 draws around the training rows; AIS misses wells there),
 which makes the number an upper bound on the test log-likelihood (marked "bound ... (used)");
 the tracked ``log Z`` it was selected with is printed beside it, and the ``energy_gap`` health
-check of the run.
+check of the run. A second table compares each EBM row with the baseline chosen on validation
+and with the best one on test, paired on the same test points (per-point differences, whose
+spread is far below the two rows' own standard errors when the models agree on which points
+are hard; the AIS error of ``log Z`` added). ``--out`` keeps every row's per-point test
+log-likelihoods, so ``--load`` can compare runs made in separate processes.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ import numpy as np
 import numpyro_ebm as ebm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from baselines import Row, fit_baselines
+from baselines import Row, fit_baselines, paired_difference
 
 # the sweep's runs stop 500 steps after their best held-out score (only to save time: the
 # selected energy is the same unless a later score would have been lower still)
@@ -188,6 +193,8 @@ def ebm_row(
         validation_ll=float(validation.mean()),
         chosen=chosen,
         seconds=time.perf_counter() - start,
+        test_points=tuple(test.tolist()),
+        log_z_se=float(used_se),
     )
 
 
@@ -248,6 +255,48 @@ def print_table(name: str, units: str, by_seed: dict[int, list[Row]]) -> None:
             f"{sd:.2f} | {np.mean([r.validation_ll for r in runs]):.2f} | {row.chosen} | "
             f"{np.mean([r.seconds for r in runs]):.0f} |"
         )
+    print_paired(by_seed)
+
+
+def print_paired(by_seed: dict[int, list[Row]]) -> None:
+    """Each EBM row minus the baseline chosen on validation (as a user would choose) and minus
+    the best baseline on test, paired on the test points (``baselines.paired_difference``),
+    per seed."""
+    lines = []
+    for seed, rows in sorted(by_seed.items()):
+        baselines = [r for r in rows if not r.model.startswith("ebm") and r.test_points]
+        if not baselines:
+            continue
+        chosen = max(baselines, key=lambda r: r.validation_ll)
+        best = max(baselines, key=lambda r: r.test_ll)
+        for row in rows:
+            if row.model.startswith("ebm") and row.test_points:
+                (d1, se1), (d2, se2) = (paired_difference(row, b) for b in (chosen, best))
+                lines.append(
+                    f"| {row.model} | {seed} | {chosen.model} | {d1:+.2f} ± {se1:.2f} | "
+                    f"{best.model} | {d2:+.2f} ± {se2:.2f} |"
+                )
+    if lines:
+        print("\nPaired on the test points (± the paired standard error):\n")
+        print(
+            "| EBM row | seed | baseline chosen on validation | EBM − it | best baseline on "
+            "test | EBM − it |"
+        )
+        print("|---|---|---|---|---|---|")
+        print("\n".join(lines))
+
+
+def loaded(paths: list[pathlib.Path]) -> dict[str, dict[int, list[Row]]]:
+    """Rows of earlier ``--out`` files, merged by data set and seed in the order given (runs
+    made in separate processes, compared on the same test points)."""
+    merged: dict[str, dict[int, list[Row]]] = {}
+    for path in paths:
+        for name, by_seed in json.loads(path.read_text()).items():
+            for seed, rows in by_seed.items():
+                merged.setdefault(name, {}).setdefault(int(seed), []).extend(
+                    Row(**{**row, "test_points": tuple(row.get("test_points", ()))}) for row in rows
+                )
+    return merged
 
 
 def main() -> None:
@@ -296,7 +345,18 @@ def main() -> None:
     )
     parser.add_argument("--ais-particles", type=int, default=256, help="AIS particles per run")
     parser.add_argument("--out", type=pathlib.Path)
+    parser.add_argument(
+        "--load",
+        nargs="+",
+        type=pathlib.Path,
+        metavar="FILE",
+        help="print the tables of earlier --out files (merged by data set and seed) and exit",
+    )
     args = parser.parse_args()
+    if args.load:
+        for name, by_seed in loaded(args.load).items():
+            print_table(name, load(name, min(by_seed), args.digits_space).units, by_seed)
+        return
     print(
         f"# {platform.machine()} {platform.processor() or ''}, jax {jax.__version__} "
         f"({jax.default_backend()}), steps {args.steps}, seeds {args.seeds}"
