@@ -247,7 +247,10 @@ def print_table(name: str, units: str, by_seed: dict[int, list[Row]]) -> None:
     print("|---|---|---|---|---|---|---|")
     first = by_seed[min(by_seed)]
     for i, row in enumerate(first):
-        runs = [rows[i] for rows in by_seed.values()]
+        # the same row of every seed (``--load`` may merge files with other rows per seed)
+        runs = [
+            rows[i] for rows in by_seed.values() if i < len(rows) and rows[i].model == row.model
+        ]
         test = np.array([r.test_ll for r in runs])
         sd = test.std(ddof=1) if len(test) > 1 else float("nan")
         print(
