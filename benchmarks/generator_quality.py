@@ -103,8 +103,7 @@ class GridNegatives(ebm.negatives.ShortRun):
     def sample(self, key, state, target):
         k_cell, k_jitter, k_chains = jax.random.split(key, 3)
         # the cells' midpoints, as the grid quadrature of the KL's log Z takes them
-        axes = ebm.logz.quadrature._axes(self.bounds, self.cells)
-        mesh = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 2)
+        mesh, axes, _ = ebm.logz.quadrature._mesh(self.bounds, self.cells)
         centres = jnp.asarray(mesh, jnp.float32)
         width = jnp.asarray([a[1] - a[0] for a in axes], jnp.float32)
         logits = -jax.vmap(target.energy)(centres)

@@ -37,6 +37,14 @@ def _axes(bounds, num_points: int) -> list[np.ndarray]:
     return out
 
 
+def _mesh(bounds, num_points: int) -> tuple[np.ndarray, list[np.ndarray], float]:
+    """``(mesh, axes, cell_volume)``: the midpoints of ``_axes`` as ``(num_points ** dims,
+    dims)`` points (the first axis slowest), the axes themselves and one cell's volume."""
+    axes = _axes(bounds, num_points)
+    mesh = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(axes))
+    return mesh, axes, math.prod(float(a[1] - a[0]) for a in axes)
+
+
 def grid_log_density(
     energy: Callable, bounds, num_points: int, *, chunk_size: int = 65_536
 ) -> tuple[np.ndarray, list[np.ndarray], float]:
@@ -46,15 +54,13 @@ def grid_log_density(
         ``(neg_energy, axes, cell_volume)`` with ``neg_energy`` of shape
         ``(num_points,) * dims`` (float64 numpy) and ``axes`` the per-dimension midpoints.
     """
-    axes = _axes(bounds, num_points)
-    mesh = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(axes))
+    mesh, axes, cell = _mesh(bounds, num_points)
     fn = jax.jit(jax.vmap(lambda x: -energy(x)))
     dtype = jnp.result_type(float)
     values = []
     for start in range(0, mesh.shape[0], chunk_size):
         values.append(np.asarray(fn(jnp.asarray(mesh[start : start + chunk_size], dtype))))
     neg_energy = np.concatenate(values).astype(np.float64).reshape((num_points,) * len(axes))
-    cell = math.prod(float(a[1] - a[0]) for a in axes)
     return neg_energy, axes, cell
 
 
@@ -163,9 +169,7 @@ def grid_traced(energy: Callable, bounds, num_points: int = 256) -> jax.Array:
         >>> round(float(jax.grad(log_z)(0.3)), 4)  # d log Z / d log σ = 1
         1.0
     """
-    axes = _axes(bounds, num_points)
-    mesh = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(axes))
-    cell = math.prod(float(a[1] - a[0]) for a in axes)
+    mesh, _, cell = _mesh(bounds, num_points)
     neg_energy = -jax.vmap(energy)(jnp.asarray(mesh, jnp.result_type(float)))
     return jax.nn.logsumexp(neg_energy) + math.log(cell)
 
