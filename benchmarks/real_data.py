@@ -372,7 +372,8 @@ def main() -> None:
             seed: [dataclasses.asdict(r) for r in rows] for seed, rows in by_seed.items()
         }
         if args.out:
-            args.out.write_text(json.dumps(results, indent=1))
+            text = json.dumps(results, indent=1)  # all or nothing: a kill keeps the last file
+            ebm._io.atomic_write(args.out, lambda f, text=text: f.write(text), mode="w")
 
 
 if __name__ == "__main__":
