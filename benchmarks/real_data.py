@@ -25,8 +25,9 @@ Models, all fitted on the same rows and chosen on the validation split: the base
 ``baselines.py`` (full-covariance Gaussian, Gaussian mixture, KDE, flowjax MAF and RQ-spline
 flows); the EBM with ``fit``'s defaults (``MLPEnergy`` with its default widths, best-model
 selection on the validation split, no early stopping) and the command line's Gaussian noise
-on the training rows (``tables.default_noise``: 0.1 in model coordinates below 100 training
-rows per column, as on every data set here; ``--settings '{"noise": 0}'`` turns it off); with
+on the training rows and AdamW's weight decay (``tables.default_noise``: 0.1 in model
+coordinates, ``tables.default_weight_decay``: 0.1, both below 100 training rows per column, as
+on every data set here; ``--settings '{"noise": 0, "weight_decay": 0}'`` turns them off); with
 ``--sweep``, the best EBM of a small sweep (``energy_l2`` × widths, each stopped 500 steps
 after its best held-out score).
 The EBM's test log-likelihood uses ``log Z`` by AIS of the selected energy (its error bar
@@ -128,23 +129,19 @@ def ebm_row(
 ) -> Row:  # fmt: skip
     """``fit`` on ``split.train`` (validation for early stopping and selection), scored on
     test with AIS ``log Z``; ``settings`` override ``fit``'s defaults (``hidden`` is the
-    energy's; ``weight_decay`` adds AdamW's decay to the default optimizer; ``noise`` is the
-    standard deviation of the Gaussian noise added, in model coordinates, to every training
-    batch after its dequantization, by default ``tables.default_noise``'s, as the command line
-    does: ``tables.with_noise``); ``fresh_noise``: new dequantization noise for
-    every batch (``split.augment``); ``ais``: ``logz.ais``
-    settings (``num_temperatures``, ``num_particles``) of the row's log Z, checked against
-    a path a quarter as long (``logz.ais_convergence``)."""
+    energy's; ``weight_decay`` is AdamW's decay in the default optimizer, by default
+    ``tables.default_weight_decay``'s; ``noise`` is the standard deviation of the Gaussian
+    noise added, in model coordinates, to every training batch after its dequantization, by
+    default ``tables.default_noise``'s: both as the command line does, ``tables.with_noise``);
+    ``fresh_noise``: new dequantization noise for every batch (``split.augment``); ``ais``:
+    ``logz.ais`` settings (``num_temperatures``, ``num_particles``) of the row's log Z, checked
+    against a path a quarter as long (``logz.ais_convergence``)."""
     start = time.perf_counter()
     dim = split.train.shape[1]
     key = jax.random.key(seed)
     hidden = settings.pop("hidden", None)
-    decay = settings.pop("weight_decay", 0.0)  # AdamW on fit's default optimizer
+    settings.setdefault("weight_decay", ebm.tables.default_weight_decay(*split.train.shape))
     noise = settings.pop("noise", ebm.tables.default_noise(*split.train.shape))
-    if decay:
-        settings["optimizer"] = ebm.training.default_optimizer(
-            steps, settings.get("learning_rate", ebm.TrainConfig.learning_rate), weight_decay=decay
-        )
     width = {} if hidden is None else {"hidden": hidden}
     energy = ebm.energies.MLPEnergy(dim, key=jax.random.fold_in(key, 0), **width)
     result = ebm.fit(
@@ -178,7 +175,8 @@ def ebm_row(
     tracked = result.log_z
     gap = ebm.diagnostics.diagnose(result)["energy_gap"]
     chosen = (
-        f"noise {noise}; step {result.best_step} of {int(result.state.step)}; log Z AIS "
+        f"noise {noise}, weight decay {settings['weight_decay']}; step {result.best_step} of "
+        f"{int(result.state.step)}; log Z AIS "
         f"{log_z.value:.2f} ± {log_z.stderr:.2f} "
         f"({convergence['num_temperatures'][0]} temperatures: "
         f"{convergence['shorter']:.2f}, runs' spread {convergence['spread']:.2f}: "

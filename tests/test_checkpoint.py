@@ -208,6 +208,23 @@ def test_a_checkpoint_of_an_earlier_format_is_refused_by_name_and_kept(tmp_path)
     assert snapshot(tmp_path) == before
 
 
+def test_a_checkpoint_records_the_weight_decay_and_one_from_before_it_resumes(tmp_path):
+    """A run resumed with another ``weight_decay`` is refused by name with nothing changed; a
+    checkpoint written before the setting existed (no entry) resumes as one without decay."""
+    fit_until(tmp_path, 4, weight_decay=0.1)
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match=r"weight_decay: 0\.1 -> 0\.0"):
+        tiny_fit(tmp_path)
+    assert snapshot(tmp_path) == before
+    meta_path = os.path.join(training.latest_checkpoint(str(tmp_path)), "meta.json")
+    meta = json.loads(open(meta_path).read())
+    del meta["config"]["weight_decay"], meta["defaults"]["weight_decay"]
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    resumed = tiny_fit(tmp_path)
+    assert int(resumed.state.step) == TINY["num_steps"]
+
+
 def test_a_checkpoint_from_before_the_log_z_tracker_resumes_without_one(tmp_path):
     """Format 2 (before the tracker) is this version's state without a tracker: such a run
     resumes with ``track_log_z=False`` (with the default, a clear settings error says so, and

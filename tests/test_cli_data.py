@@ -171,15 +171,36 @@ def test_gridded_columns_are_dequantized_a_flag_included(tmp_path, capsys):
         (300, 2, "0.25", 0.25),
     ],
 )
-def test_the_noise_follows_the_training_rows_per_column(tmp_path, rows, columns, option, expected):
-    """``--noise`` by default: ``tables.default_noise`` of the training split (checked before
-    any compute; the rule's edge at 100 rows per column of the rows left after holding out)."""
+@pytest.mark.parametrize("name", ["noise", "weight_decay"])
+def test_noise_and_weight_decay_follow_the_training_rows_per_column(
+    tmp_path, rows, columns, option, expected, name
+):
+    """``--noise`` and ``--weight-decay`` by default: ``tables.default_noise`` and
+    ``tables.default_weight_decay`` of the training split (checked before any compute; the
+    rule's edge at 100 rows per column of the rows left after holding out)."""
     path = tmp_path / "data.npy"
     np.save(path, points(n=rows, d=columns))
     argv = ["train", "--data", str(path), "--out", str(tmp_path / "run")]
-    argv += [] if option is None else ["--noise", option]
+    argv += [] if option is None else ["--" + name.replace("_", "-"), option]
     config, _, _ = cli.parser.train_config(cli.parser.make_parser().parse_args(argv))
-    assert config["noise"] == expected
+    assert config[name] == expected
+
+
+def test_the_weight_decay_reaches_fit(tmp_path, monkeypatch):
+    """The run's ``fit`` gets the stored decay (``TrainConfig.weight_decay``), and a run made
+    before ``--weight-decay`` existed (no entry) gets none."""
+    path = tmp_path / "data.npy"
+    np.save(path, points(n=300, d=6))
+    argv = ["train", "--data", str(path), "--out", str(tmp_path / "run")]
+    config, rows, _ = cli.parser.train_config(cli.parser.make_parser().parse_args(argv))
+    data = cli.data_files.prepare(config, rows, None)
+    seen = {}
+    monkeypatch.setattr(numpyro_ebm, "fit", lambda *args, **kwargs: seen.update(kwargs))
+    cli.commands._fit(config, data, str(tmp_path / "run"))
+    assert seen["weight_decay"] == config["weight_decay"] == 0.1
+    del config["weight_decay"]
+    cli.commands._fit(config, data, str(tmp_path / "run"))
+    assert seen["weight_decay"] == 0.0
 
 
 def test_the_noise_reaches_fit_as_gaussian_noise_on_every_batch(tmp_path, monkeypatch):

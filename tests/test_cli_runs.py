@@ -94,10 +94,14 @@ def _wrong_type(path):
     path.write_text(json.dumps(run))
 
 
-def _negative_noise(path):
-    run = json.loads(path.read_text())
-    run["config"]["noise"] = -0.1
-    path.write_text(json.dumps(run))
+def _negative(name):
+    def damage(path):
+        run = json.loads(path.read_text())
+        run["config"][name] = -0.1
+        path.write_text(json.dumps(run))
+
+    damage.__name__ = f"negative_{name}"
+    return damage
 
 
 def _damages(finished):
@@ -111,7 +115,7 @@ def _damages(finished):
         if name.endswith(".json"):
             cases.append((name, _garble))
     cases += [("run.json", _drop_key("seed")), ("run.json", _wrong_type)]
-    cases += [("run.json", _negative_noise)]
+    cases += [("run.json", _negative("noise")), ("run.json", _negative("weight_decay"))]
     return cases
 
 
@@ -239,6 +243,8 @@ OPTION_LIMITS = [
     (["--noise", "-0.1"], "--noise"),
     (["--noise", "nan"], "--noise"),
     (["--noise", "some"], "--noise"),
+    (["--weight-decay", "-1"], "--weight-decay"),
+    (["--weight-decay", "inf"], "--weight-decay"),
 ]
 
 
@@ -358,6 +364,7 @@ def test_a_run_made_before_dequantization_and_patience_resumes_as_it_started(run
     run_json = run_copy / "run" / "run.json"
     run = json.loads(run_json.read_text())
     del run["config"]["patience"], run["config"]["noise"], run["config"]["data"]["dequantize"]
+    del run["config"]["weight_decay"]
     del run["config"]["data"]["fresh_noise"]
     del run["standardization"]["quantum"]
     run_json.write_text(json.dumps(run))
@@ -366,6 +373,7 @@ def test_a_run_made_before_dequantization_and_patience_resumes_as_it_started(run
     stored = json.loads(run_json.read_text())
     assert "patience" not in stored["config"] and "quantum" not in stored["standardization"]
     assert "fresh_noise" not in stored["config"]["data"] and "noise" not in stored["config"]
+    assert "weight_decay" not in stored["config"]
     # naming --patience on such a run is a change of settings, refused by name
     code, _, err = run_cli(
         capsys, *COMMANDS["train"](run_copy / "run", run_copy), "--patience", "200"

@@ -14,6 +14,7 @@ from numpyro_ebm.tables import (
     TableTransform,
     column_statistics,
     default_noise,
+    default_weight_decay,
     quantum,
     snap_to_grid,
     with_noise,
@@ -194,12 +195,13 @@ def test_fresh_dequantization_moves_each_entry_uniformly_within_its_own_cell():
     assert not np.array_equal(moved, again)  # each key its own noise
 
 
-def test_default_noise_smooths_tables_of_under_100_rows_per_column():
-    assert default_noise(341, 30) == default_noise(199, 2) == 0.1
-    assert default_noise(200, 2) == default_noise(50_000, 2) == 0.0
+@pytest.mark.parametrize("default", [default_noise, default_weight_decay])
+def test_noise_and_weight_decay_by_default_on_tables_of_under_100_rows_per_column(default):
+    assert default(341, 30) == default(199, 2) == default(1197, 64) == 0.1
+    assert default(200, 2) == default(50_000, 2) == 0.0
     for rows, columns in [(0, 3), (10, 0)]:
         with pytest.raises(ValueError, match="need rows and columns"):
-            default_noise(rows, columns)
+            default(rows, columns)
 
 
 def test_with_noise_adds_gaussian_noise_of_its_scale_after_the_augment():

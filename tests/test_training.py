@@ -92,6 +92,7 @@ CD = ebm.negatives.ContrastiveDivergence(num_mcmc_steps=3)
 FIELDS = {
     "optimizer": (SGD, "persistent", lambda c: c.optimizer is SGD),
     "learning_rate": (1e-3, "persistent", lambda c: c.learning_rate == 1e-3),
+    "weight_decay": (0.1, "persistent", lambda c: c.weight_decay == 0.1),
     "negatives": ("replay", "replay", lambda c: isinstance(c.negatives, ebm.negatives.Replay)),
     "objective": (
         ebm.training.LikelihoodObjective(),
@@ -506,3 +507,32 @@ def test_the_default_optimizers_weight_decay_shrinks_parameters_by_the_learning_
 def test_a_bad_weight_decay_is_refused_by_name(value):
     with pytest.raises(ValueError, match="weight_decay"):
         ebm.training.default_optimizer(100, 5e-3, weight_decay=value)
+
+
+def test_train_config_weight_decay_builds_the_decayed_default_optimizer():
+    """``TrainConfig.weight_decay`` reaches the default optimizer: resolved, it shrinks a
+    parameter with a zero gradient by ``learning_rate × weight_decay`` per step; checkpoints
+    record it by name (0 for one written before the setting existed)."""
+    params = {"w": jnp.array([1.0, -2.0])}
+    zero = {"w": jnp.zeros(2)}
+    for decay in (0.0, 0.1):
+        config = ebm.TrainConfig(learning_rate=5e-3, weight_decay=decay).resolve(100)
+        updates, _ = config.optimizer.update(zero, config.optimizer.init(params), params)
+        moved = optax.apply_updates(params, updates)
+        np.testing.assert_allclose(moved["w"], np.array([1.0, -2.0]) * (1 - 5e-3 * decay), 1e-6)
+        assert config.describe()["weight_decay"] == decay
+    assert ebm.TrainConfig().describe_defaults()["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf"), "0.1", True])
+def test_a_bad_train_config_weight_decay_is_refused_by_name(value):
+    with pytest.raises(ValueError, match="weight_decay"):
+        ebm.TrainConfig(weight_decay=value)
+
+
+def test_weight_decay_with_a_custom_optimizer_is_refused():
+    """The decay is the default optimizer's: with one's own optimizer it would be silently
+    ignored, so the pair is refused (before any compute) and the message says what to do."""
+    with pytest.raises(ValueError, match=r"custom optimizer.*optax\.adamw"):
+        ebm.TrainConfig(optimizer=optax.adam(1e-3), weight_decay=0.1)
+    ebm.TrainConfig(optimizer=optax.adam(1e-3), weight_decay=0.0)  # no decay: fine

@@ -85,6 +85,7 @@ def _fit(config: dict, data: Data, folder: str, *, progress_bar=False, checkpoin
         num_mcmc_steps=config["mcmc_steps"],
         batch_size=config["batch_size"],
         learning_rate=config["learning_rate"],
+        weight_decay=config.get("weight_decay", 0.0),  # runs from before --weight-decay: none
         progress_bar=progress_bar,
         checkpoint_dir=os.path.join(folder, CHECKPOINT_DIR),
         checkpoint_every=every,

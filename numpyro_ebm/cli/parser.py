@@ -87,8 +87,9 @@ def check_positive(args: argparse.Namespace, *names: str) -> None:
 
 def given_settings(args: argparse.Namespace) -> frozenset[str]:
     """The stored settings whose defaults depend on the run (``--patience``, ``--hidden``,
-    ``--noise``) that the command line names: a resumed run keeps its own for the others."""
-    names = ("patience", "hidden", "noise")
+    ``--noise``, ``--weight-decay``) that the command line names: a resumed run keeps its own
+    for the others."""
+    names = ("patience", "hidden", "noise", "weight_decay")
     return frozenset(name for name in names if getattr(args, name) is not None)
 
 
@@ -141,7 +142,12 @@ def train_config(args: argparse.Namespace) -> tuple[dict, np.ndarray | None, str
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
         "patience": _patience(args),
-        "noise": _noise(args, data, points),
+        "noise": _auto_number(
+            args, "noise", "a standard deviation", tables.default_noise, data, points
+        ),
+        "weight_decay": _auto_number(
+            args, "weight_decay", "a decay", tables.default_weight_decay, data, points
+        ),
         "validation_fraction": None if args.data == "digits" else args.validation_fraction,
         "seed": args.seed,
     }
@@ -169,20 +175,20 @@ def _patience(args: argparse.Namespace) -> int | None:
     return args.patience
 
 
-def _noise(args: argparse.Namespace, data: dict, points: np.ndarray | None) -> float:
-    """``--noise`` checked, or by default ``tables.default_noise`` of the training split."""
-    if args.noise is None or args.noise == "auto":
-        return tables.default_noise(*training_shape(data, points, args.validation_fraction))
+def _auto_number(args, name: str, what: str, default, data: dict, points) -> float:
+    """``--noise`` or ``--weight-decay`` checked, or by default (``auto``) ``default``
+    (``tables.default_noise``, ``tables.default_weight_decay``) of the training split."""
+    value = getattr(args, name)
+    if value is None or value == "auto":
+        return default(*training_shape(data, points, args.validation_fraction))
+    option = "--" + name.replace("_", "-")
     try:
-        noise = float(args.noise)
+        number = float(value)
     except ValueError:
-        noise = math.nan
-    if not (math.isfinite(noise) and noise >= 0):
-        raise UsageError(
-            "--noise",
-            f"must be auto or a standard deviation >= 0, got {args.noise!r}; e.g. --noise 0.1",
-        )
-    return noise
+        number = math.nan
+    if not (math.isfinite(number) and number >= 0):
+        raise UsageError(option, f"must be auto or {what} >= 0, got {value!r}; e.g. {option} 0.1")
+    return number
 
 
 def _data_config(args: argparse.Namespace, columns: list[str] | None) -> tuple:
@@ -355,6 +361,13 @@ def _add_training_settings(train: argparse.ArgumentParser) -> None:
         help="standard deviation of Gaussian noise added to every training batch, in the "
         "model's (standardized) coordinates; 0: none (default: auto, 0.1 with fewer than 100 "
         "training rows per column, else 0: tables.default_noise)",
+    )
+    train.add_argument(
+        "--weight-decay",
+        metavar="W",
+        help="AdamW's weight decay on the energy's parameters; 0: none, plain Adam (default: "
+        "auto, 0.1 with fewer than 100 training rows per column, else 0: "
+        "tables.default_weight_decay)",
     )
     train.add_argument(
         "--patience",

@@ -122,8 +122,9 @@ def _run_problem(run) -> str | None:
         return f"has a wrong 'config.objective' entry ({_short(config.get('objective'))})"
     if not (config.get("patience") is None or _is_int(config["patience"], 1)):
         return f"has a wrong 'config.patience' entry ({_short(config['patience'])})"
-    if "noise" in config and not (_is_finite_number(config["noise"]) and config["noise"] >= 0):
-        return f"has a wrong 'config.noise' entry ({_short(config['noise'])})"
+    for name in ("noise", "weight_decay"):
+        if name in config and not (_is_finite_number(config[name]) and config[name] >= 0):
+            return f"has a wrong 'config.{name}' entry ({_short(config[name])})"
     for name, ok in config_fields.items():
         if name not in config:
             return f"has no 'config.{name}' entry"
@@ -319,11 +320,11 @@ def as_stored(stored: dict, config: dict, *, given: frozenset[str]) -> dict:
     """``config`` for resuming the run whose config is ``stored``; ``given``: the settings
     named on the command line. A run resumes as it started: with its stored widths unless
     ``--hidden`` is given (a run made before the widths followed the data's dimension keeps
-    its 128,128,128), and a run made before ``--patience``, ``--noise``, dequantization or
-    fresh dequantization noise existed without them unless ``--patience`` (``--noise``) is
+    its 128,128,128), and a run made before ``--patience``, ``--noise``, ``--weight-decay``,
+    dequantization or fresh dequantization noise existed without them unless that option is
     given."""
     config = dict(config)
-    for name in ("patience", "noise"):
+    for name in ("patience", "noise", "weight_decay"):
         if name not in stored and name not in given:
             config.pop(name, None)
     if "hidden" not in given:

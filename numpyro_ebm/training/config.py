@@ -40,13 +40,12 @@ def default_optimizer(
     num_steps: int, learning_rate: float = 5e-3, clip: float = 1.0, weight_decay: float = 0.0
 ):
     """Adam (β₁ = 0.5, as usual for EBMs) with gradient clipping and cosine decay to 10%;
-    with ``weight_decay`` > 0, AdamW's decoupled weight decay (``optax.adamw``; not
-    ``fit``'s default: see docs/benchmarks.md, digits).
+    with ``weight_decay`` > 0, AdamW's decoupled weight decay (``optax.adamw``;
+    ``TrainConfig.weight_decay``, 0 by default in ``fit``).
 
     The same arguments return the same object, so repeated ``fit`` calls with the default
     optimizer reuse the compiled training step instead of compiling it again."""
-    if not (is_real(weight_decay) and 0 <= weight_decay < math.inf):
-        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    check_weight_decay(weight_decay)
     schedule = optax.cosine_decay_schedule(learning_rate, max(num_steps, 1), alpha=0.1)
     if weight_decay:
         adam = optax.adamw(schedule, b1=0.5, b2=0.999, weight_decay=weight_decay)
@@ -72,6 +71,12 @@ def is_real(value) -> bool:
     return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
+def check_weight_decay(value) -> None:
+    """A weight decay must be a finite number >= 0 (a ``ValueError`` naming it otherwise)."""
+    if not (is_real(value) and 0 <= value < math.inf):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {value!r}")
+
+
 def check_learning_rate(name: str, value) -> None:
     """A learning rate must be a finite number > 0 (a ``ValueError`` naming it otherwise)."""
     if not (is_real(value) and 0 < value < math.inf):
@@ -86,6 +91,12 @@ class TrainConfig:
         optimizer: optax transformation for the parameters; None: ``default_optimizer(
             num_steps, learning_rate)`` (Adam β₁ = 0.5, clipping at 1, cosine decay).
         learning_rate: peak learning rate of the default optimizer.
+        weight_decay: AdamW's decoupled weight decay in the default optimizer (0: Adam; see
+            ``default_optimizer``): every parameter, the output bias included, shrinks by
+            ``learning_rate × weight_decay`` per step. It holds back an energy that memorises
+            a small training set (``tables.default_weight_decay``: 0.1 on tables with fewer
+            than 100 training rows per column, as the command line trains them). It must be
+            0 with a custom ``optimizer`` (add the decay to that optimizer instead).
         negatives: where the negatives come from: ``"persistent"``, ``"replay"``,
             ``"short_run"``, ``"generator"``, ``"hybrid"``, ``"contrastive_divergence"``,
             ``"parallel_tempering"``, ``"none"`` (``numpyro_ebm.negatives``), or a configured
@@ -175,6 +186,7 @@ class TrainConfig:
 
     optimizer: optax.GradientTransformation | None = None
     learning_rate: float = 5e-3
+    weight_decay: float = 0.0
     negatives: Any = "auto"
     objective: Any = "ml"
     sampler: Any = "mala"
@@ -236,6 +248,12 @@ class TrainConfig:
             )
         for name in ("learning_rate", "log_z_learning_rate", "generator_learning_rate"):
             check_learning_rate(name, getattr(self, name))
+        check_weight_decay(self.weight_decay)
+        if self.weight_decay and self.optimizer is not None and self.schedule_steps is None:
+            raise ValueError(
+                "weight_decay applies to the default optimizer; with a custom optimizer add "
+                "the decay to it (e.g. optax.adamw) and leave weight_decay at 0"
+            )
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be None or in [0, 1), got {self.ema_decay}")
         if self.matmul_precision not in MATMUL_PRECISIONS:
@@ -306,7 +324,9 @@ class TrainConfig:
         (default optimizers over ``schedule_steps``; ``generator``: the starting network of
         the generator modes, None for the default one) and ``energy_l2`` as a number
         (``default_energy_l2(event_size)``; without ``event_size``, the 2-D value)."""
-        optimizer = self.optimizer or default_optimizer(schedule_steps, self.learning_rate)
+        optimizer = self.optimizer or default_optimizer(
+            schedule_steps, self.learning_rate, weight_decay=self.weight_decay
+        )
         generator_optimizer = self.generator_optimizer
         if generator_optimizer is None and self.uses_generator:
             generator_optimizer = default_optimizer(schedule_steps, self.generator_learning_rate)
@@ -349,6 +369,7 @@ class TrainConfig:
             "energy_l2",
             "energy_l2_decay",
             "ema_decay",
+            "weight_decay",
             "log_z_learning_rate",
             "track_log_z",
             "log_z_particles",
@@ -379,6 +400,7 @@ class TrainConfig:
             "energy_l2": self.energy_l2,
             "energy_l2_decay": self.energy_l2_decay,
             "ema_decay": self.ema_decay,
+            "weight_decay": self.weight_decay,
             "log_z_learning_rate": self.log_z_learning_rate,
             # the tracker's state has these shapes: a resumed run must match them
             "track_log_z": self.track_log_z,
