@@ -186,9 +186,8 @@ def test_noise_and_weight_decay_follow_the_training_rows_per_column(
     assert config[name] == expected
 
 
-def test_the_weight_decay_reaches_fit(tmp_path, monkeypatch):
-    """The run's ``fit`` gets the stored decay (``TrainConfig.weight_decay``), and a run made
-    before ``--weight-decay`` existed (no entry) gets none."""
+def _fit_arguments(tmp_path, monkeypatch):
+    """``(run config, its data, the keyword arguments its ``fit`` got)`` for a 300 × 6 table."""
     path = tmp_path / "data.npy"
     np.save(path, points(n=300, d=6))
     argv = ["train", "--data", str(path), "--out", str(tmp_path / "run")]
@@ -197,23 +196,23 @@ def test_the_weight_decay_reaches_fit(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(numpyro_ebm, "fit", lambda *args, **kwargs: seen.update(kwargs))
     cli.commands._fit(config, data, str(tmp_path / "run"))
+    return config, data, seen
+
+
+def test_the_weight_decay_reaches_fit(tmp_path, monkeypatch):
+    """The run's ``fit`` gets the stored decay (``TrainConfig.weight_decay``), and a run made
+    before ``--weight-decay`` existed (no entry) gets none."""
+    config, data, seen = _fit_arguments(tmp_path, monkeypatch)
     assert seen["weight_decay"] == config["weight_decay"] == 0.1
     del config["weight_decay"]
-    cli.commands._fit(config, data, str(tmp_path / "run"))
+    cli.commands._fit(config, data, str(tmp_path / "run"))  # the monkeypatched fit
     assert seen["weight_decay"] == 0.0
 
 
 def test_the_noise_reaches_fit_as_gaussian_noise_on_every_batch(tmp_path, monkeypatch):
     """The run's ``fit`` gets ``tables.with_noise`` of the stored scale: on continuous columns
     (nothing dequantized) it adds noise of that standard deviation and no other change."""
-    path = tmp_path / "data.npy"
-    np.save(path, points(n=300, d=6))
-    argv = ["train", "--data", str(path), "--out", str(tmp_path / "run")]
-    config, rows, _ = cli.parser.train_config(cli.parser.make_parser().parse_args(argv))
-    data = cli.data_files.prepare(config, rows, None)
-    seen = {}
-    monkeypatch.setattr(numpyro_ebm, "fit", lambda *args, **kwargs: seen.update(kwargs))
-    cli.commands._fit(config, data, str(tmp_path / "run"))
+    _, _, seen = _fit_arguments(tmp_path, monkeypatch)
     batch = jax.numpy.full((20_000, 6), 3.0)
     moved = np.asarray(seen["augment"](jax.random.key(0), batch), np.float64) - 3.0
     n = moved.size  # the sample sd's standard error is about 0.1 / sqrt(2n)
