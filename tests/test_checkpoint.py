@@ -209,9 +209,11 @@ def test_a_checkpoint_of_an_earlier_format_is_refused_by_name_and_kept(tmp_path)
 
 
 def test_a_checkpoint_records_the_weight_decay_and_one_from_before_it_resumes(tmp_path):
-    """A run resumed with another ``weight_decay`` is refused by name with nothing changed; a
-    checkpoint written before the setting existed (no entry) resumes as one without decay."""
+    """``load`` rebuilds the run's ``weight_decay``; a run resumed with another one is refused
+    by name with nothing changed; a checkpoint written before the setting existed (no entry)
+    resumes as one without decay."""
     fit_until(tmp_path, 4, weight_decay=0.1)
+    assert ebm.load(tmp_path, GaussianEnergy(jnp.zeros(2))).config.weight_decay == 0.1
     before = snapshot(tmp_path)
     with pytest.raises(ValueError, match=r"weight_decay: 0\.1 -> 0\.0"):
         tiny_fit(tmp_path)
