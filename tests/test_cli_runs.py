@@ -379,6 +379,10 @@ def test_a_run_made_before_dequantization_and_patience_resumes_as_it_started(run
         capsys, *COMMANDS["train"](run_copy / "run", run_copy), "--patience", "200"
     )
     assert code == 2 and "--patience None -> 200" in one_line(err), err
+    code, _, err = run_cli(
+        capsys, *COMMANDS["train"](run_copy / "run", run_copy), "--weight-decay", "0.1"
+    )
+    assert code == 2 and "--weight-decay None -> 0.1" in one_line(err), err
 
 
 def test_a_resumed_run_keeps_its_widths_and_new_runs_get_their_datas(run_copy, capsys, tmp_path):
