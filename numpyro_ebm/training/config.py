@@ -249,6 +249,7 @@ class TrainConfig:
         for name in ("learning_rate", "log_z_learning_rate", "generator_learning_rate"):
             check_learning_rate(name, getattr(self, name))
         check_weight_decay(self.weight_decay)
+        # a resolved config (schedule_steps set) carries resolve's own AdamW as its optimizer
         if self.weight_decay and self.optimizer is not None and self.schedule_steps is None:
             raise ValueError(
                 "weight_decay applies to the default optimizer; with a custom optimizer add "
