@@ -536,3 +536,18 @@ def test_weight_decay_with_a_custom_optimizer_is_refused():
     with pytest.raises(ValueError, match=r"custom optimizer.*optax\.adamw"):
         ebm.TrainConfig(optimizer=optax.adam(1e-3), weight_decay=0.1)
     ebm.TrainConfig(optimizer=optax.adam(1e-3), weight_decay=0.0)  # no decay: fine
+
+
+def test_a_decay_is_refused_with_any_optimizer_but_resolves_own():
+    """The refusal does not hang on ``schedule_steps``: a custom optimizer with the field set
+    by hand is refused, and so is a resolved config whose decay no longer matches its
+    optimizer's; resolve's own AdamW passes, also when the config is resolved again."""
+    with pytest.raises(ValueError, match=r"custom optimizer"):
+        ebm.TrainConfig(optimizer=optax.adam(1e-3), weight_decay=0.1, schedule_steps=10)
+    resolved = ebm.TrainConfig(weight_decay=0.1).resolve(schedule_steps=10)
+    assert resolved.resolve(schedule_steps=20).optimizer is resolved.optimizer
+    with pytest.raises(ValueError, match=r"custom optimizer"):
+        resolved.replace(weight_decay=0.2)
+    plain = ebm.TrainConfig().resolve(schedule_steps=10)  # Adam, no decay
+    with pytest.raises(ValueError, match=r"custom optimizer"):
+        plain.replace(weight_decay=0.1)

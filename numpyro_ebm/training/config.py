@@ -35,6 +35,11 @@ __all__ = [
 MATMUL_PRECISIONS = ("float32", "tensorfloat32", "bfloat16", "default")
 
 
+# the decay of each optimizer default_optimizer built, by id: the cache keeps every one alive,
+# so no id is reused. TrainConfig tells resolve's own optimizer from a user's by it.
+_DEFAULT_DECAY: dict[int, float] = {}
+
+
 @functools.cache  # one object per setting: fit's compiled step is cached on the optimizer
 def default_optimizer(
     num_steps: int, learning_rate: float = 5e-3, clip: float = 1.0, weight_decay: float = 0.0
@@ -51,7 +56,9 @@ def default_optimizer(
         adam = optax.adamw(schedule, b1=0.5, b2=0.999, weight_decay=weight_decay)
     else:
         adam = optax.adam(schedule, b1=0.5, b2=0.999)
-    return optax.chain(optax.clip_by_global_norm(clip), adam)
+    optimizer = optax.chain(optax.clip_by_global_norm(clip), adam)
+    _DEFAULT_DECAY[id(optimizer)] = weight_decay
+    return optimizer
 
 
 def default_energy_l2(event_size: int) -> float:
@@ -249,8 +256,9 @@ class TrainConfig:
         for name in ("learning_rate", "log_z_learning_rate", "generator_learning_rate"):
             check_learning_rate(name, getattr(self, name))
         check_weight_decay(self.weight_decay)
-        # a resolved config (schedule_steps set) carries resolve's own AdamW as its optimizer
-        if self.weight_decay and self.optimizer is not None and self.schedule_steps is None:
+        # a resolved config carries resolve's own AdamW, built with this decay, as its optimizer
+        decay = _DEFAULT_DECAY.get(id(self.optimizer))
+        if self.weight_decay and self.optimizer is not None and decay != self.weight_decay:
             raise ValueError(
                 "weight_decay applies to the default optimizer; with a custom optimizer add "
                 "the decay to it (e.g. optax.adamw) and leave weight_decay at 0"
