@@ -24,7 +24,10 @@ run() {  # run NAME TIMEOUT_S COMMAND...: one benchmark, its table to $OUT/NAME.
   timeout "$limit" "$@" 2>"$OUT/$name.err" | tee "$OUT/$name.md"
 }
 
-# first what session 17 (the first GPU run, docs/benchmarks.md) could not measure:
+# first the log Z tracker's cost per step as fit runs the steps, 8gaussians and digits (issue
+# 18's last open point: at most 10% of a step; never measured on a GPU since the floor existed)
+run log_z_overhead 150 $PY benchmarks/log_z_tracking.py overhead --steps 100 --repeats 5
+# then what session 17 (the first GPU run, docs/benchmarks.md) could not measure:
 # chains 256 → 65 536 × dims 2 → 784, MLP 512 × 2
 run scaling 240 $PY benchmarks/scaling.py --min-seconds 1 --budget 5
 run step_throughput_64d 120 $PY benchmarks/step_throughput.py --dim 64 --hidden 512 512 \
@@ -37,8 +40,6 @@ if $PY -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
 else
   echo "torch with CUDA is not installed: PyTorch reference skipped" | tee "$OUT/torch_reference.md"
 fi
-# the log Z tracker's cost per step as fit runs the steps (its digits row was cut in session 17)
-run log_z_overhead 150 $PY benchmarks/log_z_tracking.py overhead --steps 100 --repeats 5
 # fit vs the hand-written JAX loop, 1024 chains on 8gaussians
 run step_throughput 120 $PY benchmarks/step_throughput.py --steps 1000 --repeats 3
 # the 2-D toy defaults (2000 steps) trained from a cold process, compile included
