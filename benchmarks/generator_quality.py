@@ -10,11 +10,14 @@
     python benchmarks/generator_quality.py --modes hybrid --hybrid resample=false num_mcmc_steps=40
     python benchmarks/generator_quality.py --toys checkerboard --energies deep --modes pcd \
         --chains 256 --steps 4000                                 # other fit settings
+    python benchmarks/generator_quality.py --energies deep --modes hybrid pcd --deep-sigma 4
+                                          # DeepEnergy's quadratic at the toys' scale
 
 Modes (each trains a fresh energy, `MLPEnergy` (hidden 128×3) and/or `DeepEnergy` (Kim & Bengio's
-product of experts, σ = 1), with `fit`'s defaults otherwise: 2000 steps (``--steps``), 1024
-negatives per step (``--chains``), 20 MALA steps per update (``--mcmc-steps``), `fit`'s learning
-rate (``--learning-rate``), batch 1024, 50 000 training points):
+product of experts, σ = 1 unless ``--deep-sigma``), with `fit`'s defaults otherwise: 2000 steps
+(``--steps``), 1024 negatives per step (``--chains``), 20 MALA steps per update
+(``--mcmc-steps``), `fit`'s learning rate (``--learning-rate``), batch 1024, 50 000 training
+points):
 
 * paper: `negatives="generator", entropy="batch_norm"`: the paper's method (deterministic
   generator with batch norm, entropy Σ ½ log(2πe γ²), one generator step then one energy step).
@@ -193,13 +196,15 @@ def hybrid_changes(pairs: list[str]) -> dict:
 def run(
     toy_name: str, energy_name: str, mode: str, steps: int, seed: int = 0, hybrid=None, *,
     num_chains: int = NUM_CHAINS, num_mcmc_steps: int = NUM_MCMC_STEPS,
-    learning_rate: float | None = None,
+    learning_rate: float | None = None, deep_sigma: float | None = None,
 ) -> dict:  # fmt: skip
-    """Train one row and score it; ``learning_rate`` None: ``fit``'s default."""
+    """Train one row and score it; ``learning_rate`` None: ``fit``'s default; ``deep_sigma``:
+    ``DeepEnergy``'s ``sigma`` (None: its default)."""
     toy = ebm.datasets.toy(toy_name)
     k_data, k_energy, k_fit, k_test, k_gen, k_ref = jax.random.split(jax.random.key(seed), 6)
     data = toy.sample(k_data, 50_000)
-    energy = ENERGIES[energy_name](2, key=k_energy)
+    shape = {"sigma": deep_sigma} if energy_name == "deep" and deep_sigma is not None else {}
+    energy = ENERGIES[energy_name](2, key=k_energy, **shape)
     options = MODES[mode]
     kind = options["negatives"]
     if mode == "hybrid" and hybrid:  # fit's hybrid, with only those settings changed
@@ -288,6 +293,11 @@ def main() -> None:
     parser.add_argument("--chains", type=int, default=NUM_CHAINS, help="negatives per step")
     parser.add_argument("--mcmc-steps", type=int, default=NUM_MCMC_STEPS)
     parser.add_argument("--learning-rate", type=float, help="peak learning rate (default: fit's)")
+    parser.add_argument(
+        "--deep-sigma",
+        type=float,
+        help="DeepEnergy's sigma, the scale of its quadratic (default 1)",
+    )
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=0)
     seeds.add_argument(
@@ -311,7 +321,7 @@ def main() -> None:
         f"# generator_quality: {platform.processor() or platform.machine()}, "
         f"{jax.device_count()}× {jax.devices()[0].device_kind}, jax {jax.__version__}; "
         f"hybrid changes {hybrid or 'none'}; {args.chains} chains, {args.mcmc_steps} MCMC "
-        f"steps, learning rate {rate}"
+        f"steps, learning rate {rate}; DeepEnergy sigma {args.deep_sigma or 1.0}"
     )
     seed_column = "seed | " if several else ""
     print(
@@ -328,7 +338,7 @@ def main() -> None:
                     r = run(
                         toy_name, energy_name, mode, args.steps, seed, hybrid,
                         num_chains=args.chains, num_mcmc_steps=args.mcmc_steps,
-                        learning_rate=args.learning_rate,
+                        learning_rate=args.learning_rate, deep_sigma=args.deep_sigma,
                     )  # fmt: skip
                     rows[toy_name, energy_name, mode, seed] = r
                     seed_cell = f"{seed} | " if several else ""
