@@ -235,7 +235,12 @@ class DeepEnergy(eqx.Module):
         key: PRNG key for the initial weights.
         hidden: widths of the feature MLP ``f`` (its output has width ``hidden[-1]``).
         num_experts: number of softplus experts.
-        sigma: scale of the quadratic term.
+        sigma: scale of the quadratic term. 1 is the paper's, for data in [−1, 1]; on data
+            that spreads over several units it is more than a confinement (16 nats at radius
+            4), and a σ of about the data's radius trains a better model (the 2-D toys: σ = 4
+            or 8 against 1, docs/benchmarks.md, "DeepEnergy's σ at the toys' scale"). Not much
+            larger: the linear term puts a well at ``bσ²/2``, far out for a large σ, which
+            negatives that start near the data may never visit.
         activation: smooth activation of ``f`` (default ``tanh``; a bounded one keeps the
             experts bounded, see above).
 
