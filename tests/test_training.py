@@ -2,6 +2,7 @@
 configured negative samplers, every negative sampler and checkpoints in ``MaximumLikelihood``,
 conditional energies in ``fit``, and ``load``."""
 
+import copy
 import dataclasses
 import math
 
@@ -551,3 +552,6 @@ def test_a_decay_is_refused_with_any_optimizer_but_resolves_own():
     plain = ebm.TrainConfig().resolve(schedule_steps=10)  # Adam, no decay
     with pytest.raises(ValueError, match=r"custom optimizer"):
         plain.replace(weight_decay=0.1)
+    copied = copy.deepcopy(resolved)  # the same optimizer, rebuilt
+    assert copied.optimizer is not resolved.optimizer
+    assert copied.replace(schedule_steps=20).weight_decay == 0.1

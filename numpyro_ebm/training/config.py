@@ -35,9 +35,9 @@ __all__ = [
 MATMUL_PRECISIONS = ("float32", "tensorfloat32", "bfloat16", "default")
 
 
-# the decay of each optimizer default_optimizer built, by id: the cache keeps every one alive,
-# so no id is reused. TrainConfig tells resolve's own optimizer from a user's by it.
-_DEFAULT_DECAY: dict[int, float] = {}
+# the decay of each optimizer default_optimizer built (the key: the optimizer, equal to a copy
+# of itself); TrainConfig tells resolve's own optimizer from a user's by it
+_DEFAULT_DECAY: dict = {}
 
 
 @functools.cache  # one object per setting: fit's compiled step is cached on the optimizer
@@ -57,7 +57,7 @@ def default_optimizer(
     else:
         adam = optax.adam(schedule, b1=0.5, b2=0.999)
     optimizer = optax.chain(optax.clip_by_global_norm(clip), adam)
-    _DEFAULT_DECAY[id(optimizer)] = weight_decay
+    _DEFAULT_DECAY[optimizer] = weight_decay
     return optimizer
 
 
@@ -76,6 +76,14 @@ def default_energy_l2(event_size: int) -> float:
 
 def is_real(value) -> bool:
     return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+
+
+def _built_decay(optimizer) -> float | None:
+    """The decay ``default_optimizer`` built ``optimizer`` with; None for any other one."""
+    try:
+        return _DEFAULT_DECAY.get(optimizer)
+    except TypeError:  # an unhashable optimizer is not one of default_optimizer's
+        return None
 
 
 def check_weight_decay(value) -> None:
@@ -257,8 +265,8 @@ class TrainConfig:
             check_learning_rate(name, getattr(self, name))
         check_weight_decay(self.weight_decay)
         # a resolved config carries resolve's own AdamW, built with this decay, as its optimizer
-        decay = _DEFAULT_DECAY.get(id(self.optimizer))
-        if self.weight_decay and self.optimizer is not None and decay != self.weight_decay:
+        own = self.optimizer is None or _built_decay(self.optimizer) == self.weight_decay
+        if self.weight_decay and not own:
             raise ValueError(
                 "weight_decay applies to the default optimizer; with a custom optimizer add "
                 "the decay to it (e.g. optax.adamw) and leave weight_decay at 0"
