@@ -203,8 +203,8 @@ def run(
     toy = ebm.datasets.toy(toy_name)
     k_data, k_energy, k_fit, k_test, k_gen, k_ref = jax.random.split(jax.random.key(seed), 6)
     data = toy.sample(k_data, 50_000)
-    shape = {"sigma": deep_sigma} if energy_name == "deep" and deep_sigma is not None else {}
-    energy = ENERGIES[energy_name](2, key=k_energy, **shape)
+    given = energy_name == "deep" and deep_sigma is not None
+    energy = ENERGIES[energy_name](2, key=k_energy, **({"sigma": deep_sigma} if given else {}))
     options = MODES[mode]
     kind = options["negatives"]
     if mode == "hybrid" and hybrid:  # fit's hybrid, with only those settings changed
@@ -296,7 +296,7 @@ def main() -> None:
     parser.add_argument(
         "--deep-sigma",
         type=float,
-        help="DeepEnergy's sigma, the scale of its quadratic (default 1)",
+        help="DeepEnergy's sigma, the scale of its quadratic (default: DeepEnergy's)",
     )
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=0)
@@ -321,7 +321,7 @@ def main() -> None:
         f"# generator_quality: {platform.processor() or platform.machine()}, "
         f"{jax.device_count()}× {jax.devices()[0].device_kind}, jax {jax.__version__}; "
         f"hybrid changes {hybrid or 'none'}; {args.chains} chains, {args.mcmc_steps} MCMC "
-        f"steps, learning rate {rate}; DeepEnergy sigma {args.deep_sigma or 1.0}"
+        f"steps, learning rate {rate}; DeepEnergy sigma {args.deep_sigma or 'default'}"
     )
     seed_column = "seed | " if several else ""
     print(
