@@ -270,8 +270,7 @@ class DeepEnergy(eqx.Module):
         self.dim = _check_dim(dim)
         if not hidden:
             raise ValueError("hidden must name at least one layer width")
-        if not sigma > 0:
-            raise ValueError(f"sigma must be positive, got {sigma}")
+        sigma = check_positive("sigma", sigma)  # an infinite σ leaves −bᵀx unbounded below
         k_features, k_experts = jax.random.split(key)
         self.features = MLP((dim, *hidden), activation, key=k_features, activate_last=True)
         self.experts = eqx.nn.Linear(hidden[-1], num_experts, key=k_experts)

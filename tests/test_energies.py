@@ -115,6 +115,13 @@ def test_deep_energy_formula():
     np.testing.assert_allclose(energy(x), expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("sigma", [0.0, -1.0, float("nan"), float("inf"), True, "1"])
+def test_deep_energy_refuses_a_sigma_that_is_not_a_finite_positive_number(sigma):
+    """σ = ∞ drops the quadratic and leaves ``−bᵀx`` unbounded below: no density."""
+    with pytest.raises(ValueError, match="sigma must be a finite number > 0"):
+        DeepEnergy(2, sigma=sigma, key=jax.random.key(0))
+
+
 def test_deep_energy_experts_are_bounded_by_default():
     """Bounded (tanh) features bound every expert by softplus(‖wᵢ‖₁ + cᵢ), so
     E(x) ≥ ‖x‖²/σ² − bᵀx − Σᵢ softplus(‖wᵢ‖₁ + cᵢ) everywhere, however steep the weights:
