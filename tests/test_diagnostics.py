@@ -11,6 +11,7 @@ import xarray as xr
 
 import numpyro_ebm as ebm
 from numpyro_ebm import diagnostics, energies, plots, samplers
+from numpyro_ebm.diagnostics._training import _log_z_bound_check
 
 COV = jnp.array([[1.0, 0.6], [0.6, 2.0]])
 
@@ -462,6 +463,18 @@ def test_log_z_bound_check_says_when_the_tracker_missed_wells_at_the_rows(small_
     assert best > 30  # early on the tracker lags: a floor there is not the model's
     early = diagnostics.diagnose(floored_from(1, 5), verbose=False)["log_z_bound"]
     assert early.status == "warn" and "at 5 steps (1, 2, 3, 4, 5;" in early.value
+
+
+def test_log_z_bound_check_numbers_steps_past_rejected_attempts():
+    """Rejected attempts have history rows but are not steps: a floor on the 100th row after
+    10 rejected ones is at step 90, the returned one (the window rule of older histories)."""
+    is_finite = np.arange(100) >= 10
+    missed, bound = np.zeros(100), np.full(100, -1.0)
+    missed[-1], bound[-1] = 1.0, 5.0
+    history = {"loss": np.zeros(100), "is_finite": is_finite}
+    history |= {"log_z_missed": missed, "log_z_bound": bound}
+    check = _log_z_bound_check(history, {"best_step": 90})
+    assert check.status == "fail" and "(90; up to 5)" in check.value, check
 
 
 def test_a_run_that_ends_with_its_track_lost_is_diagnosed(small_fit):

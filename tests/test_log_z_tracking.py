@@ -6,6 +6,7 @@ Every check is against a closed form: Gaussian energies along a path of scales a
 
 import jax
 import jax.numpy as jnp
+import keys
 import numpy as np
 import pytest
 
@@ -91,6 +92,23 @@ def test_a_large_update_is_bridged_and_stays_exact():
     assert float(bridged.min_ess) >= generous.target_ess - 0.01
     error = float(bridged.log_z) - exact_log_z(0.4)
     assert abs(error) < 4 * float(bridged.stderr) + 0.05, (error, float(bridged.stderr))
+
+
+def test_a_bridged_update_with_as_many_moves_between_as_after_uses_no_key_twice():
+    """With ``bridge_moves == num_moves`` the bridge's last sub-step makes no moves of its own:
+    ``advance`` makes them, once, with a key nothing else used."""
+    base = fit_base(jax.random.normal(jax.random.key(0), (1000, 2)))
+    settings = tracking.TrackerSettings(
+        num_particles=32, num_groups=2, num_moves=1, bridge_moves=1, start_bridge_steps=50
+    )
+    state, _ = tracking.start(jax.random.key(1), base, gaussian(1.0, 0.0), settings)
+    with keys.audit() as used:
+        _, info = tracking.advance(
+            jax.random.key(2), state, gaussian(1.0, 0.0), gaussian(4.0, 0.0), settings, base
+        )
+    assert int(info.bridge_steps) > 1
+    assert any(w.startswith("split@samplers/") for ws in used.uses.values() for w in ws)
+    assert used.twice() == []
 
 
 def test_an_update_beyond_the_bridge_loses_the_track_then_restarts():
@@ -205,16 +223,16 @@ def test_an_update_one_reweighting_follows_takes_the_bridges_one_sub_step_exactl
     key = jax.random.key(2)
     fast, info = jax.jit(lambda s: tracking.advance(key, s, old, new, settings, base))(state)
     assert int(info.bridge_steps) == 1 and float(info.min_ess) >= settings.target_ess
-    moves = (settings.bridge_moves, settings.num_moves)
 
-    def bridge_then_move(s):  # the general path: the bridge, then the last moves[1] moves
-        k_bridge = jax.random.split(key)[1]
+    def bridge_then_move(s):  # the general path: the bridge, then the last num_moves moves
+        k_loop, k_final = jax.random.split(jax.random.split(key)[1])
         bridged, _ = tracking._bridge(
-            k_bridge, s, old, new, settings, settings.max_bridge_steps, moves, settings.target_ess
-        )
+            (k_loop, None), s, old, new, settings, settings.max_bridge_steps,
+            settings.bridge_moves, settings.target_ess, moves_last=False,
+        )  # fmt: skip
         position, logdensity, step, acceptance = tracking._moves(
-            jax.random.split(k_bridge)[1], bridged.position, new, bridged.step_size,
-            settings.sampler, settings.num_moves,
+            k_final, bridged.position, new, bridged.step_size, settings.sampler,
+            settings.num_moves,
         )  # fmt: skip
         moved = bridged._replace(position=position, logdensity=logdensity, step_size=step)
         return moved, acceptance

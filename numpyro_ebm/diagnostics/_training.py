@@ -227,7 +227,9 @@ def _log_z_bound_check(history: dict, attrs: dict) -> Check | None:
     if not (missed.size and np.isfinite(bound).any()):
         return None
     returned = int(attrs.get("best_step", missed.size))
-    steps = np.flatnonzero(missed > 0) + 1  # history row i is step i + 1
+    # rejected attempts have rows too: a row's step is the number of accepted rows up to it
+    finite = np.asarray(history.get("is_finite", np.ones(missed.size)), bool)
+    steps = np.cumsum(finite)[(missed > 0) & finite]
     row = step_row(history, returned)
     raised = history.get("log_z_raised")
     if raised is not None and row is not None and np.isfinite(raised[row]):

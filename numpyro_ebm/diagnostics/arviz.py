@@ -50,7 +50,8 @@ def to_datatree(
               ``EnergyDistribution.sample_with_trace``;
             * ``(samples, draws)`` as returned by ``sample_with_trace``;
             * ``(states, trace, positions)`` from ``samplers.run_chains(...,
-              keep_positions=True)`` (draw-major, flat positions).
+              keep_positions=True)`` (draw-major, flat positions; the ``draw`` coordinate
+              numbers the records 1, 2, ..., which with ``thinning=k`` are k steps apart).
         var_name: name of the variable in ``posterior``.
         event_dims: names of the event dimensions (default ``{var_name}_dim_0``, ...).
         coords: coordinate values for ``event_dims`` (default integers).

@@ -341,14 +341,15 @@ def start(
         jnp.full((), -1.0, position.dtype),
     )
     state, info = _bridge(
-        k_bridge,
+        jax.random.split(k_bridge),
         state,
         base.log_prob,
         logdensity,
         settings,
         settings.start_bridge_steps,
-        (settings.start_moves, settings.start_moves),
+        settings.start_moves,
         settings.start_ess,
+        moves_last=True,
     )
     # each group resampled down to its size: still an unbiased SMC step
     keys = jax.random.split(k_thin, settings.num_groups)
@@ -415,7 +416,7 @@ def advance(
     def follow(_):
         # a large update, or a restart: the same bridge from fresh base draws
         bridged = _bridge_or_restart(
-            k_draw, k_bridge, state, restart, old_logdensity, new_logdensity, settings, base
+            k_draw, k_loop, state, restart, old_logdensity, new_logdensity, settings, base
         )
         return *bridged, value_and_grad(bridged[0])
 
@@ -459,7 +460,7 @@ def advance(
     return new, TrackInfo(value, stderr, min_ess, count, acceptance)
 
 
-def _bridge_or_restart(k_draw, k_bridge, state, restart, old_logdensity, new_logdensity,
+def _bridge_or_restart(k_draw, k_loop, state, restart, old_logdensity, new_logdensity,
                        settings, base):  # fmt: skip
     """``advance``'s bridge without its final moves, from ``state`` or, when ``restart``,
     from fresh ``base`` draws (one compiled bridge for both): ``(position, log_weight,
@@ -478,14 +479,15 @@ def _bridge_or_restart(k_draw, k_bridge, state, restart, old_logdensity, new_log
         return jnp.where(restart, base.log_prob(x), old_logdensity(x))
 
     bridged, info = _bridge(
-        k_bridge,
+        (k_loop, None),
         source,
         old,
         new_logdensity,
         settings,
         jnp.where(restart, settings.start_bridge_steps, settings.max_bridge_steps),
-        (settings.bridge_moves, settings.num_moves),
+        settings.bridge_moves,
         jnp.where(restart, settings.start_ess, settings.target_ess),
+        moves_last=False,
     )
     return (
         bridged.position, bridged.log_weight, bridged.group_log_z, bridged.step_size,
@@ -507,21 +509,20 @@ def _moves(key, position, logdensity, step_size, sampler, num_moves, cached=None
     return states.position, states.logdensity, new_step.astype(step_size.dtype), acceptance
 
 
-def _bridge(key, state, old_logdensity, new_logdensity, settings, max_steps, moves, target_ess):
+def _bridge(keys, state, old_logdensity, new_logdensity, settings, max_steps, moves, target_ess,
+            *, moves_last: bool):  # fmt: skip
     """Reweight/resample/move from ``old_logdensity`` (cached in ``state.logdensity``) to
     ``new_logdensity`` in at most ``max_steps`` sub-steps keeping the conditional ESS at
-    ``target_ess``; ``moves``: kernel moves at each intermediate sub-step and at the end. When
-    the two differ the caller makes the last ``moves[1]`` (``advance``: one compiled kernel for
-    all its paths), with the second half of ``jax.random.split(key)``."""
+    ``target_ess``, with ``moves`` kernel moves after each sub-step but the last. After the
+    last, ``moves`` more under ``new_logdensity`` when ``moves_last`` (the start); else the
+    caller makes its own (``advance``: one compiled kernel for all its paths). ``keys``: the
+    sub-steps' key and the last moves' (None without ``moves_last``)."""
     sampler = settings.sampler
-    # with as many moves at the end as between, the last sub-step's moves are those of the
-    # loop, under new_logdensity alone: one compiled kernel for both (the start's case)
-    merged = moves[0] == moves[1]
     old_all = jax.vmap(old_logdensity)
     new_all = jax.vmap(new_logdensity)
     shape = state.log_weight.shape
     dtype = state.position.dtype
-    k_bridge, k_final = jax.random.split(key)
+    k_bridge, k_final = keys
 
     def body(carry):
         s, count, key, position, old, new, log_weight, group_log_z, step, min_ess, acc = carry
@@ -544,7 +545,7 @@ def _bridge(key, state, old_logdensity, new_logdensity, settings, max_steps, mov
 
         def bridge_move(args):
             position, _, _, step, acc = args
-            position, _, step, acc = _moves(k_move, position, between, step, sampler, moves[0])
+            position, _, step, acc = _moves(k_move, position, between, step, sampler, moves)
             return position, old_all(position), new_all(position), step, acc
 
         def target(x):  # the last sub-step's moves: under new_logdensity alone
@@ -552,11 +553,9 @@ def _bridge(key, state, old_logdensity, new_logdensity, settings, max_steps, mov
             dtype = jnp.result_type(*(jax.eval_shape(f, x).dtype for f in parts))
             return jax.lax.cond(final, *(lambda x, f=f: f(x).astype(dtype) for f in parts), x)
 
-        if merged:
+        if moves_last:  # the last sub-step's moves are the loop's: one compiled kernel
             key_moves = jnp.where(final, k_final, k_move)
-            position, moved, step, acc = _moves(
-                key_moves, position, target, step, sampler, moves[0]
-            )
+            position, moved, step, acc = _moves(key_moves, position, target, step, sampler, moves)
             old, new = jax.lax.cond(
                 final,
                 lambda p: (old, moved.astype(new.dtype)),

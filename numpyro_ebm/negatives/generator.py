@@ -91,10 +91,11 @@ class GeneratorNegatives(NegativeSampler):
         return _generator.check_generator(self.generator, event_shape, self.needs_noise)
 
     def init(self, key, data, base) -> GeneratorState:
-        generator = self.starting_generator(data.shape[1:], jax.random.fold_in(key, 2))
+        k_rows, k_generator = jax.random.split(key)
+        generator = self.starting_generator(data.shape[1:], k_generator)
         trainable = eqx.filter(generator, _generator.trainable(generator))
         return GeneratorState(
-            bank=random_rows(key, flat(data), self.num_chains),
+            bank=random_rows(k_rows, flat(data), self.num_chains),
             step_size=self.initial_step_size(),
             generator=generator,
             opt_state=self.optimizer.init(trainable),

@@ -111,8 +111,8 @@ class ParallelTempering(ChainSettings):
             replicas = _tempering.refresh(target.base, energy, state.replicas)
             conditions = None
         else:
-            starts = _conditional_starts(key, state, target)
-            key = jax.random.fold_in(key, 1)
+            k_starts, key = jax.random.split(key)
+            starts = _conditional_starts(k_starts, state, target)
             replicas = _tempering.init_replicas(target.base, energy, starts, target.conditions)
             conditions = target.conditions
         replicas = replicas._replace(position=target.place(replicas.position))

@@ -58,6 +58,12 @@ __all__ = [
 
 NUM_PROBES = 8  # points at which init compares ∂E/∂θ to find the free constants
 
+# A site's key goes whole to its negative sampler, which splits it or draws from it; its other
+# uses are children folded in with these tags. JAX's ``split(key, n)[i]`` is ``fold_in(key, i)``
+# (and the i-th value drawn from ``key`` comes from the same bits), so tags at 2³¹ and above
+# are apart from whatever the sampler derives. ``_RETRY``: the parent of a step's retry keys.
+_PROBES, _TRACKER, _LOG_Z_NOISE, _FLOOR, _RETRY = (2**31 + i for i in range(5))
+
 
 class Site(NamedTuple):
     """One energy-based site of a problem in one step.
@@ -240,13 +246,14 @@ def keep_if_finite(finite, proposed: TrainState, state: TrainState) -> TrainStat
 
 def attempt_key(key: jax.Array, step: jax.Array, num_rejected: jax.Array) -> jax.Array:
     """The PRNG key of an attempt at training step ``step``: ``fold_in(key, step)`` for the
-    first attempt; after ``num_rejected`` consecutive rejected attempts also folded with
-    ``num_rejected``, so a retry draws a new batch and new negatives instead of repeating the
-    rejected step exactly. Both numbers are in the state, so a resumed run retries exactly as
-    an uninterrupted one."""
+    first attempt; after ``num_rejected`` consecutive rejected attempts a key of its own
+    (apart from every key the first attempt derives), so a retry draws a new batch and new
+    negatives instead of repeating the rejected step. Both numbers are in the state, so a
+    resumed run retries exactly as an uninterrupted one."""
     step_key = jax.random.fold_in(key, step)
+    retry_key = jax.random.fold_in(jax.random.fold_in(step_key, _RETRY), num_rejected)
     # a select, not a branch: on a GPU a branch waits for its predicate on the host every step
-    return jnp.where(num_rejected > 0, jax.random.fold_in(step_key, num_rejected), step_key)
+    return jnp.where(num_rejected > 0, retry_key, step_key)
 
 
 def _site_keys(key: jax.Array, names) -> dict:
@@ -303,7 +310,8 @@ def init(key: jax.Array, params, data, problem, config: TrainConfig) -> TrainSta
     sampler's state, the learned log Z at the Gaussian's, and the free constants.
 
     Args:
-        key: PRNG key (per site: the sampler's init and, folded with 1, the probe points).
+        key: PRNG key (per site: the sampler's init, and folded in, the probe points and the
+            log Z tracker's start).
         params: what is trained (the energy, or the model's unconstrained params).
         data: what ``problem.sites`` reads at init (the whole training data for ``fit``).
         problem: the problem (see the module docstring).
@@ -323,7 +331,7 @@ def _init(key, params, data, problem, config: TrainConfig) -> TrainState:
         flat = _flat(site.observed)
         bases[name] = fit_base(flat)
         negatives[name] = sampler_for(site, config).init(keys[name], site.observed, bases[name])
-        probes = bases[name].sample(jax.random.fold_in(keys[name], 1), NUM_PROBES)
+        probes = bases[name].sample(jax.random.fold_in(keys[name], _PROBES), NUM_PROBES)
         probes = jnp.reshape(probes, (NUM_PROBES, *site.event_shape))
         free[name] = _site_free_constants(problem, trainable, static, data, key, name, probes)
         # a conditional energy has a log Z per condition: none is learned (0 stays 0)
@@ -331,7 +339,7 @@ def _init(key, params, data, problem, config: TrainConfig) -> TrainState:
         log_z[name] = jnp.asarray(start, jnp.float32)
         trackers[name] = None
         if site.conditions is None and config.track_log_z:
-            tracker_key = jax.random.fold_in(keys[name], 2)
+            tracker_key = jax.random.fold_in(keys[name], _TRACKER)
             trackers[name] = _start_tracker(
                 tracker_key, bases[name], site.energy, site.event_shape, config.log_z_tracker()
             )
@@ -565,7 +573,7 @@ def _learn_log_z(keys, state, averaged, draws, sites, config, decay):
             continue
         base = state.bases[name]
         flat_neg = _flat(draws[name] if draws[name].shape[0] else site.observed)
-        noise = base.sample(jax.random.fold_in(keys[name], 1), flat_neg.shape[0])
+        noise = base.sample(jax.random.fold_in(keys[name], _LOG_Z_NOISE), flat_neg.shape[0])
         energy = _flat_energy(averaged[name])
         grad = jax.grad(nce_log_z_loss)(state.log_z[name], energy, flat_neg, noise, base)
         update, opt_states[name] = adam.update(grad, state.log_z_opt_state[name])
@@ -589,12 +597,12 @@ def _track_log_z(keys, state, problem, averaged, key, batch, config):
         settings = config.log_z_tracker()
         old, new = (flat_logdensity(s[name].energy, shape) for s in (previous, averaged))
         tracker, info = tracking.advance(
-            jax.random.fold_in(keys[name], 2), tracker, old, new, settings, base
+            jax.random.fold_in(keys[name], _TRACKER), tracker, old, new, settings, base
         )
         # the batch's rows carry the floor's kernels: wells at the training rows
         rows = _flat(averaged[name].observed)
         trackers[name], bound, missed, fused = tracking.floor(
-            jax.random.fold_in(keys[name], 3), tracker, new, rows, base, settings
+            jax.random.fold_in(keys[name], _FLOOR), tracker, new, rows, base, settings
         )
         infos[name] = (info, bound, missed.astype(bound.dtype), fused.astype(bound.dtype))
     return trackers, infos
