@@ -141,10 +141,19 @@ class BoxCoordinates:
 
     @classmethod
     def fit(cls, train, box: transforms.Transform, *, grid=None) -> BoxCoordinates:
-        """The coordinates whose moments are the training rows' ``train`` ``(n, D)``."""
+        """The coordinates whose moments are the training rows' ``train`` ``(n, D)``.
+
+        Raises:
+            ValueError: a coordinate takes one value on every row (its std would be 0)."""
         y = unbounded(train, box)[0]
         if grid is not None and not (len(grid) == 2 and float(grid[1]) > 0):
             raise ValueError(f"grid must be (start, step) with step > 0, got {grid!r}")
+        constant = np.flatnonzero(np.asarray(jnp.all(y == y[:1], axis=0)).ravel())
+        if constant.size:
+            raise ValueError(
+                f"coordinate(s) {constant.tolist()} of train take a single value: they cannot "
+                "be standardized (std 0); drop them or add the data's own noise"
+            )
         return cls(box, np.asarray(jnp.mean(y, axis=0)), np.asarray(jnp.std(y, axis=0)), grid)
 
     def to_model(self, x) -> tuple[np.ndarray, np.ndarray]:

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from numpyro_ebm.gaussian import log_normalizer
 from numpyro_ebm.validation import check_positive
@@ -70,6 +71,13 @@ def default_hidden(dim: int) -> tuple[int, ...]:
         return (128, 128, 128)
     width = min(1024, max(256, 2 ** math.ceil(math.log2(4 * dim))))
     return (width, width)
+
+
+def _check_confinement(value) -> float:
+    real = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+    if not (real and 0 <= value < math.inf):
+        raise ValueError(f"confinement must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def _flatten_event(x: jax.Array, dim: int) -> jax.Array:
@@ -142,11 +150,9 @@ class MLPEnergy(eqx.Module):
         confinement: float = 0.01,
     ):
         self.dim = _check_dim(dim)
-        if confinement < 0:
-            raise ValueError(f"confinement must be >= 0, got {confinement}")
+        self.confinement = _check_confinement(confinement)
         hidden = default_hidden(dim) if hidden is None else tuple(hidden)
         self.net = MLP((dim, *hidden, 1), activation, key=key)
-        self.confinement = float(confinement)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = _flatten_event(x, self.dim)
@@ -196,11 +202,9 @@ class NoiseConditionalEnergy(eqx.Module):
     ):
         self.dim = _check_dim(dim)
         self.noise_scale = check_positive("noise_scale", noise_scale)
-        if confinement < 0:
-            raise ValueError(f"confinement must be >= 0, got {confinement}")
+        self.confinement = _check_confinement(confinement)
         hidden = default_hidden(dim) if hidden is None else tuple(hidden)
         self.net = MLP((dim + 1, *hidden, 1), activation, key=key)
-        self.confinement = float(confinement)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.at_noise(x, self.noise_scale)
@@ -284,9 +288,32 @@ class DeepEnergy(eqx.Module):
 
 
 def _cholesky(matrix: jax.Array, name: str) -> jax.Array:
+    if not isinstance(matrix, jax.core.Tracer) and jnp.issubdtype(matrix.dtype, jnp.floating):
+        values = np.asarray(matrix, np.float64)
+        asymmetry = np.max(np.abs(values - np.swapaxes(values, -1, -2)))
+        if asymmetry > float(jnp.finfo(matrix.dtype).eps) ** 0.5 * np.max(np.abs(values)):
+            raise ValueError(
+                f"{name} must be symmetric, but it differs from its transpose by up to "
+                f"{float(asymmetry):.3g}; pass (C + C.T) / 2 if that is what you mean"
+            )
     tril = jnp.linalg.cholesky(matrix)
     if not isinstance(tril, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(tril))):
         raise ValueError(f"{name} must be symmetric positive definite")
+    return tril
+
+
+def _check_scale_tril(tril: jax.Array, name: str) -> jax.Array:
+    if isinstance(tril, jax.core.Tracer):
+        return jnp.tril(tril)
+    values = np.asarray(tril)
+    if np.any(np.triu(values, 1) != 0):
+        raise ValueError(
+            f"{name} must be lower-triangular (a Cholesky factor), but it has non-zero entries "
+            "above the diagonal; pass jnp.linalg.cholesky(covariance), or the covariance itself"
+        )
+    diagonal = np.diagonal(values, axis1=-2, axis2=-1)
+    if not (np.all(np.isfinite(values)) and np.all(diagonal != 0)):
+        raise ValueError(f"{name} must be finite with a non-zero diagonal, got {diagonal.tolist()}")
     return tril
 
 
@@ -304,8 +331,9 @@ class GaussianEnergy(eqx.Module):
 
     Args:
         mean: ``(D,)`` mean.
-        covariance: ``(D, D)`` covariance (give this or ``scale_tril``; default identity).
-        scale_tril: ``(D, D)`` lower Cholesky factor of the covariance.
+        covariance: ``(D, D)`` symmetric positive definite covariance (give this or
+            ``scale_tril``; default identity).
+        scale_tril: ``(D, D)`` lower Cholesky factor of the covariance, non-zero diagonal.
 
     Example:
         >>> import jax.numpy as jnp
@@ -333,7 +361,7 @@ class GaussianEnergy(eqx.Module):
         if scale_tril.shape != (dim, dim):
             raise ValueError(f"scale_tril must have shape {(dim, dim)}, got {scale_tril.shape}")
         self.mean = mean
-        self.scale_tril = jnp.tril(scale_tril)
+        self.scale_tril = _check_scale_tril(scale_tril, "scale_tril")
 
     @property
     def covariance(self) -> jax.Array:
@@ -346,6 +374,7 @@ class GaussianEnergy(eqx.Module):
         return log_normalizer(self.scale_tril)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        x = _flatten_event(x, self.mean.shape[0])
         return 0.5 * _mahalanobis(x, self.mean, self.scale_tril)
 
 
@@ -400,7 +429,7 @@ class GaussianMixtureEnergy(eqx.Module):
             )
         self.log_weights = log_weights
         self.means = means
-        self.scale_trils = jnp.tril(scale_trils)
+        self.scale_trils = _check_scale_tril(scale_trils, "scale_trils")
 
     @property
     def log_z(self) -> jax.Array:
@@ -408,6 +437,7 @@ class GaussianMixtureEnergy(eqx.Module):
         return jax.nn.logsumexp(self.log_weights)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        x = _flatten_event(x, self.means.shape[1])
         maha = jax.vmap(_mahalanobis, in_axes=(None, 0, 0))(x, self.means, self.scale_trils)
         log_normal = -0.5 * maha - log_normalizer(self.scale_trils)
         return -jax.nn.logsumexp(self.log_weights + log_normal)

@@ -52,10 +52,27 @@ class GaussianBase(NamedTuple):
 
 
 def fit_base(flat_data: jax.Array, jitter: float = 1e-3) -> GaussianBase:
-    """Gaussian with the data's mean and covariance (plus ``jitter``·I for a valid Cholesky)."""
+    """Gaussian with the data's mean and covariance (plus ``jitter``·I for a valid Cholesky).
+
+    Raises:
+        ValueError: fewer than 2 rows, or (for concrete data) rows that are all identical:
+            the data has no spread to fit a Gaussian to.
+    """
+    num_rows = flat_data.shape[0]
+    if num_rows < 2:
+        raise ValueError(
+            f"the data holds {num_rows} point(s): fitting a density needs at least 2 distinct "
+            "points; pass more data"
+        )
+    identical = jnp.all(flat_data == flat_data[0])
+    if not isinstance(identical, jax.core.Tracer) and bool(identical):
+        raise ValueError(
+            f"all {num_rows} points of the data are identical (zero variance in every "
+            "coordinate): a density cannot be fitted to them; check how the data was built"
+        )
     mean = jnp.mean(flat_data, axis=0)
     centred = flat_data - mean
-    cov = centred.T @ centred / max(flat_data.shape[0] - 1, 1)
+    cov = centred.T @ centred / (num_rows - 1)
     cov = cov + jitter * jnp.mean(jnp.diag(cov)) * jnp.eye(cov.shape[0])
     scale_tril = jnp.linalg.cholesky(cov)
     inverse = jax.scipy.linalg.solve_triangular(scale_tril, jnp.eye(cov.shape[0]), lower=True)

@@ -158,3 +158,12 @@ def test_box_coordinates_refuse_a_bad_grid_and_redequantizing_without_one():
     coords = ebm.bounded.BoxCoordinates.fit(train, logit_box(-1.0, 1.0))
     with pytest.raises(ValueError, match="no recording grid"):
         coords.redequantizer()
+
+
+def test_box_coordinates_refuse_a_constant_coordinate_by_name():
+    """Its std is 0: the model coordinates would be NaN and the log-Jacobians +inf."""
+    train = _digit_like_points(3, n=20)
+    train[:, 0] = 0.25
+    train[:, 2] = -1.0
+    with pytest.raises(ValueError, match=r"coordinate\(s\) \[0, 2\] of train take a single value"):
+        ebm.bounded.BoxCoordinates.fit(train, logit_box(-1.0, 1.0))

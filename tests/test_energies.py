@@ -1,6 +1,7 @@
 """Energies: closed forms against their exact normalisers, neural energies are proper."""
 
 import math
+from functools import partial
 
 import equinox as eqx
 import jax
@@ -17,6 +18,7 @@ from numpyro_ebm.energies import (
     GaussianEnergy,
     GaussianMixtureEnergy,
     MLPEnergy,
+    NoiseConditionalEnergy,
     SeparableEnergy,
 )
 
@@ -344,3 +346,56 @@ def test_mlp_energies_take_the_default_widths_of_their_dimension():
     assert widths(ebm.energies.MLPEnergy(64, key=key)) == [256] * 2
     assert widths(ebm.energies.MLPEnergy(64, hidden=(32,), key=key)) == [32]
     assert widths(ebm.energies.NoiseConditionalEnergy(40, 0.1, key=key)) == [256] * 2
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (2, 2)])
+@pytest.mark.parametrize(
+    "energy",
+    [GaussianEnergy(jnp.zeros(2)), GaussianMixtureEnergy(jnp.zeros(1), jnp.zeros((1, 2)))],
+    ids=["gaussian", "mixture"],
+)
+def test_gaussian_energies_refuse_an_event_of_the_wrong_shape(energy, shape):
+    """Broadcasting ``x − μ`` would evaluate a density over another number of values, with the
+    2-D ``log Z``: not normalised."""
+    with pytest.raises(ValueError, match="ONE event with 2 values"):
+        energy(jnp.zeros(shape))
+    with pytest.raises(ValueError, match="ONE event with 2 values"):
+        ebm.EnergyDistribution(energy, shape)
+    x = jnp.array([[0.5, -1.0], [2.0, 0.0]])
+    expected = dist.MultivariateNormal(jnp.zeros(2), jnp.eye(2)).log_prob(x)
+    np.testing.assert_allclose(-jax.vmap(energy)(x) - energy.log_z, expected, rtol=1e-6)
+
+
+def test_gaussian_energies_refuse_an_invalid_scale_tril_or_covariance():
+    """An upper triangle would be dropped (another covariance), a zero diagonal gives
+    ``log Z = −∞``, an asymmetric covariance would be symmetrised: all refused."""
+    mean = jnp.zeros(2)
+    with pytest.raises(ValueError, match="scale_tril must be lower-triangular"):
+        GaussianEnergy(mean, scale_tril=jnp.array([[1.0, 0.5], [0.5, 1.0]]))
+    for singular in (jnp.zeros((2, 2)), jnp.array([[1.0, 0.0], [0.3, jnp.nan]])):
+        with pytest.raises(ValueError, match="scale_tril must be finite with a non-zero diag"):
+            GaussianEnergy(mean, scale_tril=singular)
+    with pytest.raises(ValueError, match="covariance must be symmetric"):
+        GaussianEnergy(mean, jnp.array([[1.0, 0.9], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="scale_trils must be lower-triangular"):
+        GaussianMixtureEnergy(jnp.zeros(1), mean[None], scale_trils=jnp.ones((1, 2, 2)))
+    with pytest.raises(ValueError, match="covariances must be symmetric"):
+        GaussianMixtureEnergy(jnp.zeros(1), mean[None], jnp.array([[[1.0, 0.5], [0.0, 1.0]]]))
+    # float32 round-off in a symmetric covariance is accepted; a negative diagonal is a valid L
+    cov = jnp.array([[2.0, 0.6], [0.6 * (1 + 1e-6), 1.0]])
+    np.testing.assert_allclose(GaussianEnergy(mean, cov).covariance, cov, rtol=1e-5)
+    flipped = GaussianEnergy(mean, scale_tril=jnp.array([[-1.0, 0.0], [0.5, 2.0]]))
+    assert abs(float(flipped.log_z) - math.log(2 * math.pi * 2.0)) < 1e-6
+    # traced parameters are not checked (and still work)
+    log_z = jax.jit(lambda tril: GaussianEnergy(mean, scale_tril=tril).log_z)(2.0 * jnp.eye(2))
+    assert abs(float(log_z) - math.log(2 * math.pi * 4.0)) < 1e-5
+
+
+@pytest.mark.parametrize("confinement", [float("nan"), float("inf"), -0.1, True, "0.1"])
+@pytest.mark.parametrize("make", [MLPEnergy, partial(NoiseConditionalEnergy, noise_scale=0.1)])
+def test_mlp_energies_refuse_a_confinement_that_is_not_a_finite_number_at_least_0(
+    make, confinement
+):
+    with pytest.raises(ValueError, match="confinement must be a finite number >= 0"):
+        make(2, hidden=(4,), key=jax.random.key(0), confinement=confinement)
+    assert make(2, hidden=(4,), key=jax.random.key(0), confinement=0).confinement == 0.0

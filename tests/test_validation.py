@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from numpyro_ebm.gaussian import fit_base
 from numpyro_ebm.validation import validate_data, validate_event_shape
 
 FAST = settings(max_examples=40, deadline=None)
@@ -203,3 +204,31 @@ def test_tracer_under_jit():
 
     with pytest.raises(TypeError, match=r"outside jax\.jit"):
         g(jnp.zeros(2))
+
+
+# --------------------------------------------------------------------------------------------
+# fit_base: the Gaussian fitted to the data needs data with some spread
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (jnp.full((10, 2), 0.1), "all 10 points of the data are identical"),
+        (jnp.array([[1.0, 2.0]]), "holds 1 point"),
+        (jnp.zeros((0, 2)), "holds 0 point"),
+    ],
+)
+def test_fit_base_refuses_data_without_spread(data, message):
+    """Otherwise its scale_tril and log Z are NaN and training fails much later."""
+    with pytest.raises(ValueError, match=message):
+        fit_base(data)
+
+
+def test_fit_base_still_fits_traced_data_and_data_with_one_constant_column():
+    data = jnp.stack([jnp.arange(4.0), jnp.full(4, 3.0)], axis=1)
+    eager = fit_base(data)
+    assert bool(jnp.all(jnp.isfinite(eager.scale_tril)))
+    np.testing.assert_allclose(eager.mean, [1.5, 3.0])
+    traced = jax.jit(fit_base)(data)
+    np.testing.assert_allclose(traced.scale_tril, eager.scale_tril, rtol=1e-6)
