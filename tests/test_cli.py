@@ -10,6 +10,7 @@ import json
 import math
 import os
 import pathlib
+import types
 
 import numpy as np
 import pytest
@@ -93,6 +94,19 @@ def test_demo_rejects_bad_arguments(capsys):
     assert_user_error(code, err, "--steps")
     with pytest.raises(SystemExit):
         cli.main(["demo", "--toy", "moons"])
+
+
+def test_demo_exits_1_when_training_diverges(tmp_path, capsys, monkeypatch):
+    def diverge(*args, **kwargs):
+        raise training.TrainingDivergedError("diverged", types.SimpleNamespace(step=3), {})
+
+    monkeypatch.setattr(numpyro_ebm, "fit", diverge)
+    out = tmp_path / "demo"
+    code, _, err = run_cli(capsys, "demo", "--steps", 5, "--num-data", 50, "--out", out)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "diverged at step 3" in err and not out.exists()
+    code, _, err = run_cli(capsys, "demo", "--num-data", 1, "--out", out)
+    assert_user_error(code, err, "--num-data")
 
 
 def test_train_evaluate_sample_report_on_a_user_csv(tmp_path, capsys):

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from numpyro_ebm import negatives, samplers
+from numpyro_ebm.training import TrainConfig
 
 STILL = samplers.mala(step_size=1e-8)  # chains that barely move: the negatives show the starts
 
@@ -128,3 +129,16 @@ def test_build_maps_names_to_configured_samplers():
         negatives.build("generator")
     with pytest.raises(ValueError, match="num_recorded_chains"):
         negatives.Persistent(num_chains=4, num_recorded_chains=8)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -5.0, "0.2", True])
+def test_a_bad_step_size_gain_or_amortization_weight_is_refused_by_name(value):
+    adam = optax.adam(1e-3)
+    for make in (negatives.Persistent, negatives.ShortRun, TrainConfig):
+        with pytest.raises(ValueError, match="step_size_gain"):
+            make(step_size_gain=value)
+    for make in (lambda **kw: negatives.Hybrid(optimizer=adam, **kw), TrainConfig):
+        with pytest.raises(ValueError, match="amortization_weight"):
+            make(amortization_weight=value)
+    assert negatives.Persistent(step_size_gain=0).step_size_gain == 0  # a fixed step size
+    assert negatives.Hybrid(optimizer=adam, amortization_weight=0.0).amortization_weight == 0

@@ -4,7 +4,9 @@ conditional energies in ``fit``, and ``load``."""
 
 import copy
 import dataclasses
+import importlib
 import math
+import types
 
 import equinox as eqx
 import jax
@@ -189,6 +191,47 @@ def test_an_unknown_setting_is_a_type_error_before_compute(resolved_config_of):
         resolved_config_of(num_chain=16)
     with pytest.raises(TypeError, match="bogus"):
         resolved_config_of(config=ebm.TrainConfig(), bogus=1)
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        *((dict(condition=toy_data(), calibrate_log_z=v), "calibrate_log_z") for v in (True, {})),
+        (dict(data=jnp.ones((1, 2))), "at least 2"),
+        (dict(data=jnp.ones((5, 2))), "all the same point"),
+        *((dict(checkpoint_every=v), "checkpoint_every") for v in (-3, 0, 0.5, "10")),
+    ],
+)
+def test_fit_refuses_inputs_that_fail_late_before_compute(settings, match, monkeypatch):
+    monkeypatch.setattr(core, "init", lambda *a: pytest.fail("fit started to compute"))
+    energy = linear_gaussian(0.0, jnp.array(0.0)) if "condition" in settings else gaussian_energy()
+    with pytest.raises(ValueError, match=match):
+        ebm.fit(energy, key=jax.random.key(1), **{"data": toy_data(), **settings, **TINY})
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_half_precision_data_is_trained_in_float32(dtype):
+    x = toy_data(8).astype(dtype)
+    args = (linear_gaussian(0.0, jnp.array(0.0)), x[:, :1], x[:, 1:], (x[:4, :1], x[:4, 1:]))
+    inputs, validation, _ = ebm.training.inputs.checked_inputs(*args, 6, 2, 10, None)
+    assert {a.dtype for a in (*inputs, *validation)} == {jnp.dtype(jnp.float32)}
+
+
+def test_fit_keys_init_loop_and_calibration_apart(monkeypatch):
+    fit_module, seen = importlib.import_module("numpyro_ebm.training.fit"), []
+    state = types.SimpleNamespace(_replace=lambda best: state)
+    record = lambda at, out: lambda *a, **k: seen.append(k["key"] if at is None else a[at]) or out
+    monkeypatch.setattr(core, "init", record(0, state))
+    monkeypatch.setattr(fit_module.loop, "train", record(None, (state, {}, {})))
+    monkeypatch.setattr(fit_module, "_calibration", record(2, None))
+    monkeypatch.setattr(fit_module, "fit_result", lambda *a: types.SimpleNamespace(energy=0))
+    key = jax.random.key(1)
+    ebm.fit(gaussian_energy(), toy_data(), key=key, calibrate_log_z=True, **TINY)
+    k_init, k_loop = jax.random.split(key)  # the training trajectory is the same as before
+    used = [k_init, k_loop, *(jax.random.fold_in(k_init, i) for i in range(4))]
+    got, used = (jax.random.key_data(jnp.stack(keys)) for keys in (seen, used))
+    np.testing.assert_array_equal(got[:2], used[:2])
+    assert not np.any(np.all(got[2] == used, axis=1))  # AIS has a key of its own
 
 
 def test_fit_with_a_config_and_overrides_trains_with_them():

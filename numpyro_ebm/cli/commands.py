@@ -509,14 +509,19 @@ def report_command(args: argparse.Namespace) -> int:
 def demo_command(args: argparse.Namespace) -> int:
     check_positive(args, "steps", "num_data")
     check_seed(args)
+    if args.num_data < 2:
+        raise UsageError("--num-data", f"must be at least 2, got {args.num_data}; e.g. 2000")
     if os.path.lexists(args.out) and not os.path.isdir(args.out):
         raise UsageError("--out", f"{args.out} is a file; pass a folder for the plot")
     created = make_folders(args.out)
     try:
-        return _demo_run(args)
+        code = _demo_run(args)
     except BaseException:
         remove_created(created, [])
         raise
+    if code != EXIT_OK:
+        remove_created(created, [])
+    return code
 
 
 def _demo_run(args: argparse.Namespace) -> int:
@@ -527,7 +532,16 @@ def _demo_run(args: argparse.Namespace) -> int:
     energy = ebm.energies.MLPEnergy(2, key=k_energy)
     print(f"Training an MLP energy on {args.toy} ({args.num_data} points, {args.steps} steps)")
     start = time.perf_counter()
-    res = ebm.fit(energy, data, key=k_fit, num_steps=args.steps, progress_bar=not args.quiet)
+    try:
+        res = ebm.fit(energy, data, key=k_fit, num_steps=args.steps, progress_bar=not args.quiet)
+    except TrainingDivergedError as err:
+        print(
+            f"numpyro-ebm: error: demo: training diverged at step {int(err.state.step)} "
+            "(non-finite energies or gradients many steps in a row); try another --seed or "
+            "more --num-data",
+            file=sys.stderr,
+        )
+        return EXIT_DIVERGED
     seconds = time.perf_counter() - start
     result = evaluate.kl_to_toy(res.energy, toy, key=k_test)
     diverged = int(np.sum(~res.history["is_finite"].astype(bool)))

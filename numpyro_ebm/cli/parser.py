@@ -289,7 +289,9 @@ def _add_train(sub) -> None:
         type=int,
         default=100,
         metavar="N",
-        help="steps between checkpoints (may change when resuming) (default: %(default)s)",
+        help="steps between checkpoints, and per compiled call: --patience is checked at "
+        "their ends (may change when resuming: the training is the same, its stop may come "
+        "later by up to N - 1 steps) (default: %(default)s)",
     )
     _add_log_z(train, "log Z estimator of the held-out table after training")
     train.add_argument("--no-report", action="store_true", help="skip report.html and density.png")
@@ -374,7 +376,8 @@ def _add_training_settings(train: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="stop when the held-out NLL on the validation split has not improved for N steps "
-        "(the run keeps its best parameters either way); 0: never stop early "
+        "(checked at each checkpoint; the run keeps its best parameters either way); 0: never "
+        "stop early "
         "(default: a quarter of --steps, at least 100)",
     )
 

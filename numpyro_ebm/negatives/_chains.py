@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from numpyro_ebm import samplers as _samplers
 from numpyro_ebm.negatives.base import ChainRecord, NegativeSampler, Target
@@ -42,6 +43,14 @@ def check_chain_counts(num_chains, num_recorded_chains) -> None:
         )
 
 
+def check_gain(name: str, value) -> None:
+    """A gain or weight must be a finite number ``>= 0`` (0 turns its update off): a
+    ``ValueError`` naming it otherwise."""
+    real = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+    if not (real and 0 <= value < math.inf):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ChainSettings(NegativeSampler):
     """Settings every MCMC negative sampler has.
@@ -51,7 +60,8 @@ class ChainSettings(NegativeSampler):
         num_mcmc_steps: sampler steps per training step.
         sampler: the kernel (``numpyro_ebm.samplers.Sampler`` or a name).
         step_size_gain: Robbins-Monro gain of the per-step step-size update
-            ``log h ← log h + gain · (acceptance − target)``.
+            ``log h ← log h + gain · (acceptance − target)``, finite, ``>= 0`` (0: the step
+            size stays fixed).
         num_recorded_chains: chains whose positions and statistics each step reports
             (``NegativeInfo.record``) for diagnostics.
     """
@@ -65,6 +75,7 @@ class ChainSettings(NegativeSampler):
     def __post_init__(self):
         object.__setattr__(self, "sampler", _samplers.get_sampler(self.sampler))
         check_count("num_mcmc_steps", self.num_mcmc_steps)
+        check_gain("step_size_gain", self.step_size_gain)
         check_chain_counts(self.num_chains, self.num_recorded_chains)
 
     def initial_step_size(self) -> jax.Array:

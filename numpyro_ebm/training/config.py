@@ -21,6 +21,7 @@ import optax
 from numpyro_ebm import negatives as _negatives
 from numpyro_ebm import samplers as _samplers
 from numpyro_ebm.logz.tracking import TrackerSettings
+from numpyro_ebm.negatives._chains import check_gain
 from numpyro_ebm.training.objective import build_objective, describe_objective
 from numpyro_ebm.validation import check_count
 
@@ -147,7 +148,7 @@ class TrainConfig:
             ``min(ema_decay, (1 + t) / (10 + t))``.
         buffer_size: replay bank size.
         reinit_fraction: share of persistent/replay chains restarted at the batch each step.
-        step_size_gain: Robbins-Monro gain of the per-step step-size update.
+        step_size_gain: Robbins-Monro gain of the per-step step-size update (0: fixed).
         log_z_learning_rate: Adam learning rate of the noise-contrastive ``log Z`` (kept
             beside the tracked one, history column ``log_z_nce``).
         track_log_z: follow ``log Z`` of the averaged energy through training by sequential
@@ -264,6 +265,8 @@ class TrainConfig:
         for name in ("learning_rate", "log_z_learning_rate", "generator_learning_rate"):
             check_learning_rate(name, getattr(self, name))
         check_weight_decay(self.weight_decay)
+        check_gain("step_size_gain", self.step_size_gain)
+        check_gain("amortization_weight", self.amortization_weight)
         # a resolved config carries resolve's own AdamW, built with this decay, as its optimizer
         own = self.optimizer is None or _built_decay(self.optimizer) == self.weight_decay
         if self.weight_decay and not own:

@@ -28,6 +28,7 @@ from numpyro_ebm.training import checkpoint, core, loop, selection
 from numpyro_ebm.training.config import TrainConfig
 from numpyro_ebm.training.inputs import (
     chain_sharding,
+    check_spread,
     checked_augment,
     checked_inputs,
     config_from_meta,
@@ -217,9 +218,8 @@ def fit(
         energy: callable pytree, one event -> scalar (``E(x, c)`` with ``condition``): an
             ``eqx.Module`` or ``jax.tree_util.Partial(fn, params)``. Its floating-point array
             leaves are trained; every other leaf is static.
-        data: ``(num_points, *event_shape)`` float array, finite.
-        key: PRNG key (split once into an init key and a loop key; step t folds in t, so a
-            resumed run repeats the same trajectory).
+        data: ``(num_points, *event_shape)`` finite floats, 2+ distinct rows (float16: as float32).
+        key: PRNG key (the init, loop and AIS keys are split from it; step t folds in t).
         config: a ``TrainConfig`` (default: ``TrainConfig()``); ``**settings`` override its
             fields by name, e.g. ``negatives="hybrid"``, ``num_chains=256``,
             ``sampler="hmc"``, ``learning_rate=1e-3`` (an unknown name is a ``TypeError``).
@@ -235,8 +235,8 @@ def fit(
             there is resumed on the same trajectory.
         checkpoint_every: steps between checkpoints (default: every ``steps_per_call``).
         devices: devices to spread the chains and the batch over (default all).
-        calibrate_log_z: also estimate ``log Z`` by AIS after training (``log_z_ais``): ``True``
-            for ``logz.ais``, a mapping for ``logz.ais_convergence`` with those settings.
+        calibrate_log_z: also estimate ``log Z`` by AIS after training (``log_z_ais``; not with
+            ``condition``): True for ``logz.ais``, a mapping of ``logz.ais_convergence`` settings.
         select_best: with ``validation_data``, return the averaged energy of the lowest
             held-out NLL (``training.selection``), not the last.
         patience: stop once that has not improved for this many steps (checked every call).
@@ -259,18 +259,20 @@ def fit(
         >>> res = ebm.fit(energy, data, key=jax.random.key(2), num_steps=200,
         ...               progress_bar=False)  # doctest: +SKIP
     """
-    _checked_calibration(calibrate_log_z)
+    _checked_calibration(calibrate_log_z, condition)
     config = (config or TrainConfig()).replace(**settings)
+    counts = (num_steps, steps_per_call, max_nonfinite, checkpoint_every)
     inputs, validation, event_shape = checked_inputs(
-        energy, data, condition, validation_data, num_steps, steps_per_call, max_nonfinite
+        energy, data, condition, validation_data, *counts
     )
     given, config, stored, schedule, sharding = _resolved(
         config, num_steps, checkpoint_dir, devices, generator, math.prod(event_shape)
     )
     select_best = _checked_selection(select_best, patience, validation, config, stored)
     augment = checked_augment(augment, inputs)
+    check_spread(inputs)
     problem = EnergyProblem(config.batch_size, condition is not None, augment)
-    k_init, k_loop = jax.random.split(key)
+    k_init, k_loop, k_ais = jax.random.split(key, 3)
     state = checkpoint.init_or_shapes(core.init, stored)(k_init, energy, inputs, problem, config)
     state = state._replace(best=selection.start(state) if select_best else None)
     meta = run_meta(given, config, schedule, num_steps, inputs, select_best, augment)
@@ -285,8 +287,7 @@ def fit(
         state, key=k_loop, data=inputs, problem=problem, config=config, save=save, **options
     )
     result = fit_result(state, history, recorded, config, event_shape, condition is not None)
-    k_ais = jax.random.fold_in(k_init, 1)  # init consumed k_init itself; this is a new key
-    result.log_z_ais = _calibration(result.energy, event_shape, k_ais, data, calibrate_log_z)
+    result.log_z_ais = _calibration(result.energy, event_shape, k_ais, inputs, calibrate_log_z)
     return result
 
 
@@ -300,11 +301,17 @@ def _calibration(energy, event_shape, key, data, calibrate_log_z) -> _logz.LogZE
     return _logz.ais(energy, event_shape, key=key, data=data)
 
 
-def _checked_calibration(calibrate_log_z) -> None:
+def _checked_calibration(calibrate_log_z, condition=None) -> None:
     """``ValueError``/``TypeError`` for a ``calibrate_log_z`` that would fail after training."""
-    if not isinstance(calibrate_log_z, Mapping):
-        if not isinstance(calibrate_log_z, bool):
-            raise TypeError(f"calibrate_log_z must be a bool or a mapping, got {calibrate_log_z!r}")
+    mapping = isinstance(calibrate_log_z, Mapping)
+    if not (mapping or isinstance(calibrate_log_z, bool)):
+        raise TypeError(f"calibrate_log_z must be a bool or a mapping, got {calibrate_log_z!r}")
+    if calibrate_log_z is not False and condition is not None:
+        raise ValueError(
+            "calibrate_log_z needs an unconditional energy: the log Z of a conditional energy "
+            "depends on the condition; leave calibrate_log_z out with condition="
+        )
+    if not mapping:
         return
     own = {"energy", "event_shape", "key", "data", "adaptive"}
     allowed = (set(inspect.signature(_logz.ais).parameters) | {"num_temperatures", "factor"}) - own

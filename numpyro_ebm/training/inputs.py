@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from numpyro_ebm import generator as _generator
@@ -16,6 +17,7 @@ from numpyro_ebm.validation import check_count, validate_data
 
 __all__ = [
     "chain_sharding",
+    "check_spread",
     "check_trainable",
     "checked_augment",
     "checked_inputs",
@@ -41,17 +43,21 @@ def check_trainable(energy) -> None:
 def checked_inputs(energy, data, condition, validation_data, *counts):
     """Validate everything ``fit`` is given before any compute.
 
-    ``counts`` are ``num_steps, steps_per_call, max_nonfinite``. Returns ``(inputs,
+    ``counts`` are ``num_steps, steps_per_call, max_nonfinite`` (and ``checkpoint_every``,
+    None or a count). Returns ``(inputs,
     validation, event_shape)``: ``inputs`` is the data array, or ``(data, condition)`` for a
-    conditional energy (``validation`` likewise a pair then)."""
-    for name, value in zip(("num_steps", "steps_per_call", "max_nonfinite"), counts, strict=True):
-        check_count(name, value)
+    conditional energy (``validation`` likewise a pair then); float16 and bfloat16 arrays
+    become float32."""
+    names = ("num_steps", "steps_per_call", "max_nonfinite", "checkpoint_every")
+    for name, value in zip(names, counts, strict=True):
+        if value is not None or name != "checkpoint_every":
+            check_count(name, value)
     check_trainable(energy)
-    data = validate_data(data)
+    data = _float32(validate_data(data))
     event_shape = tuple(data.shape[1:])
     condition_shape = None
     if condition is not None:
-        condition = validate_data(condition, name="condition")
+        condition = _float32(validate_data(condition, name="condition"))
         if condition.shape[0] != data.shape[0]:
             raise ValueError(
                 f"condition has {condition.shape[0]} rows, data has {data.shape[0]}: one "
@@ -69,8 +75,29 @@ def checked_inputs(energy, data, condition, validation_data, *counts):
                 validate_data(points, event_shape, name="validation_data"),
                 validate_data(conditions, condition_shape, name="validation conditions"),
             )
+        validation = jax.tree.map(_float32, validation)
     inputs = data if condition is None else (data, condition)
     return inputs, validation, event_shape
+
+
+def _float32(array):
+    """Floating data narrower than float32 (float16, bfloat16) as float32: the samplers' step
+    sizes are float32 and would promote the chains' positions mid-run."""
+    return array.astype(jnp.float32) if jnp.finfo(array.dtype).bits < 32 else array
+
+
+def check_spread(inputs) -> None:
+    """``ValueError`` unless the data (``checked_inputs``' ``inputs``) has at least 2 rows, not
+    all the same: the Gaussian base that starts the negatives cannot be fitted to one point.
+    ``fit`` checks it after every other setting (so those are named first)."""
+    data = inputs[0] if isinstance(inputs, tuple) else inputs
+    if data.shape[0] < 2:
+        raise ValueError(f"data has {data.shape[0]} row; training needs at least 2 distinct points")
+    if bool(jnp.all(data == data[:1])):
+        raise ValueError(
+            f"data's {data.shape[0]} rows are all the same point (every column is constant): "
+            "there is no density to learn; pass data with some spread"
+        )
 
 
 def checked_augment(augment, inputs):
