@@ -11,6 +11,7 @@ distribution's value needs, but not what a likelihood comparison needs.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -61,19 +62,20 @@ def check_energy(
         raise ValueError(f"energy must return a floating-point scalar, got dtype {out.dtype}")
 
 
-class _SplitEnergy:
-    """An energy as a pytree node whose children are its traceable leaves (arrays and
-    numbers) and whose aux data holds the rest; unflattening returns the energy itself."""
+class _Split:
+    """A callable pytree (the energy, the initializer) as a pytree node whose children are its
+    traceable leaves (arrays and numbers) and whose aux data holds the rest; unflattening
+    returns the callable itself."""
 
-    def __init__(self, energy):
-        self.energy = energy
-
-
-_TRACED = "<traced leaf>"  # marks the positions of the children among the energy's leaves
+    def __init__(self, fn):
+        self.fn = fn
 
 
-def _split_flatten(split: _SplitEnergy):
-    leaves, treedef = jax.tree_util.tree_flatten(split.energy)
+_TRACED = "<traced leaf>"  # marks the positions of the children among the callable's leaves
+
+
+def _split_flatten(split: _Split):
+    leaves, treedef = jax.tree_util.tree_flatten(split.fn)
     children = [leaf for leaf in leaves if eqx.is_array_like(leaf)]
     static = tuple(_TRACED if eqx.is_array_like(leaf) else leaf for leaf in leaves)
     return children, (treedef, static)
@@ -87,7 +89,15 @@ def _split_unflatten(aux, children):
     )
 
 
-jax.tree_util.register_pytree_node(_SplitEnergy, _split_flatten, _split_unflatten)
+jax.tree_util.register_pytree_node(_Split, _split_flatten, _split_unflatten)
+
+
+def _leaf_axes(fn, axis):
+    """``vmap_over``'s axis spec for a callable pytree: an int ``axis`` applies to each of its
+    traced leaves (its other leaves are kept, as ``_Split`` keeps them in aux data)."""
+    if fn is None or not isinstance(axis, int):
+        return axis
+    return jax.tree.map(lambda leaf: axis if eqx.is_array_like(leaf) else leaf, fn)
 
 
 class EnergyDistribution(dist.Distribution):
@@ -120,7 +130,8 @@ class EnergyDistribution(dist.Distribution):
             (see above).
         sampler: ``numpyro_ebm.samplers.Sampler`` (or a kernel name): the kernel ``sample``
             runs; ``"initializer"``: ``sample`` returns the initializer's draws as they are, no
-            MCMC (fast; exact only as far as the initializer matches the model).
+            MCMC (fast; exact only as far as the initializer matches the model; not with a
+            ``condition``, which the initializer does not see).
         draws: ``numpyro_ebm.samplers.DrawSettings``: how ``sample`` draws (``num_warmup``,
             ``thinning``, ``num_chains``, ``init_scale``); default ``DrawSettings()``.
         initializer: where ``sample``'s chains start: a callable pytree ``(key, n) -> (n,
@@ -157,12 +168,15 @@ class EnergyDistribution(dist.Distribution):
     pytree_aux_fields = ("sampler", "draws")
 
     def tree_flatten(self):
-        # the energy's non-traceable leaves (an eqx.nn.MLP's activation, a plain function) go
-        # into aux data (``_SplitEnergy``), so jit neither fails on them nor re-traces
+        # the energy's and the initializer's non-traceable leaves (an eqx.nn.MLP's activation,
+        # a plain function) go into aux data (``_Split``), so jit neither fails on them nor
+        # re-traces
         values, aux = super().tree_flatten()
-        i = type(self).gather_pytree_data_fields().index("energy")
-        if values[i] is not None:  # None: a vmap_over axes placeholder
-            values = (*values[:i], _SplitEnergy(values[i]), *values[i + 1 :])
+        fields = type(self).gather_pytree_data_fields()
+        values = tuple(
+            _Split(v) if f in ("energy", "initializer") and v is not None else v
+            for f, v in zip(fields, values, strict=True)
+        )
         return values, aux
 
     def __init__(
@@ -189,6 +203,12 @@ class EnergyDistribution(dist.Distribution):
                 jnp.all(jnp.isfinite(condition))
             ):
                 raise ValueError("condition contains NaN or inf values")
+            if sampler == "initializer":
+                raise ValueError(
+                    'sampler="initializer" cannot draw from a conditional distribution: the '
+                    "initializer (key, n) does not see the condition. Use an MCMC sampler (e.g. "
+                    '"mala"; the initializer still starts its chains).'
+                )
         check_energy(energy, event_shape, None if condition is None else condition.shape[-1:])
         if initializer is not None:
             _check_initializer(initializer, event_shape)
@@ -234,12 +254,15 @@ class EnergyDistribution(dist.Distribution):
 
     def energy_of(self, value) -> jax.Array:
         """``energy(value)`` for any leading shape: ``(*lead, *event_shape) -> lead`` (a
-        conditional energy gets each event's condition, broadcast against ``lead``)."""
+        conditional energy: ``-> broadcast_shapes(lead, batch_shape)``, each event with its
+        condition)."""
         flat, lead_shape = self._flatten_events(value)
         if self.condition is None:
             return jax.vmap(self.energy)(flat).reshape(lead_shape)
-        conditions = self.conditions_for(lead_shape)
-        return jax.vmap(self.energy)(flat, conditions).reshape(lead_shape)
+        shape = jnp.broadcast_shapes(lead_shape, self.batch_shape)
+        if shape != lead_shape:
+            flat, _ = self._flatten_events(jnp.broadcast_to(value, (*shape, *self.event_shape)))
+        return jax.vmap(self.energy)(flat, self.conditions_for(shape)).reshape(shape)
 
     def conditions_for(self, lead_shape) -> jax.Array:
         """``(prod(lead_shape), condition_size)``: the condition of every event."""
@@ -248,7 +271,8 @@ class EnergyDistribution(dist.Distribution):
         return full.reshape(-1, size)
 
     def unnormalized_log_prob(self, value) -> jax.Array:
-        """``−energy(value)``, without ``log_z``: ``(*lead, *event_shape) -> lead``."""
+        """``−energy(value)``, without ``log_z``: ``(*lead, *event_shape) -> lead`` (see
+        ``energy_of``)."""
         return -self.energy_of(value)
 
     @validate_sample
@@ -361,7 +385,7 @@ class EnergyDistribution(dist.Distribution):
 def _exact_log_z(energy: Callable):
     """The energy's own log partition function (``energy.log_z``, a number or array), else 0."""
     log_z = getattr(energy, "log_z", None)
-    if isinstance(log_z, jax.Array | np.ndarray | float | int) and not isinstance(log_z, bool):
+    if isinstance(log_z, jax.Array | np.ndarray | numbers.Real) and not isinstance(log_z, bool):
         return log_z
     return 0.0
 
@@ -397,5 +421,9 @@ def _vmap_over_energy_distribution(
     d: EnergyDistribution, energy=None, log_z=None, initializer=None, condition=None
 ):
     return _default_vmap_over(
-        d, energy=energy, log_z=log_z, initializer=initializer, condition=condition
+        d,
+        energy=_leaf_axes(d.energy, energy),
+        log_z=log_z,
+        initializer=_leaf_axes(d.initializer, initializer),
+        condition=condition,
     )

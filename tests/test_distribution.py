@@ -104,6 +104,18 @@ def test_explicit_log_z_wins_and_other_energies_default_to_zero():
     assert d.batch_shape == (3,) and float(d.log_z) == 0.0
 
 
+def test_a_numpy_scalar_log_z_of_the_energy_is_used():
+    class StdNormal:
+        log_z = np.float32(0.5 * math.log(2 * math.pi))
+
+        def __call__(self, x):
+            return 0.5 * x**2
+
+    x = jnp.array([0.3, -1.2])
+    d = ebm.EnergyDistribution(StdNormal(), ())
+    np.testing.assert_allclose(d.log_prob(x), dist.Normal().log_prob(x), rtol=1e-6)
+
+
 # each batch shape and each sample shape once, an empty one beside a non-empty one (every
 # pairing compiles its own sampler); a single draw of an unbatched distribution is
 # test_single_draws_vmapped_over_keys_have_the_target_moments
@@ -229,6 +241,31 @@ def test_vmap_over_energy_parameters():
 
     expected = jnp.stack([dist.MultivariateNormal(m, COV).log_prob(x) for m in means])
     np.testing.assert_allclose(jax.vmap(log_prob)(means), expected, atol=1e-5)
+
+
+def test_vmap_over_energy_with_one_axis_for_all_its_leaves():
+    means = jnp.array([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0]])
+    log_z, x = GaussianEnergy(MEAN, COV).log_z, jnp.array([0.5, -0.5])
+
+    def apply(f, energy, x):
+        return f(energy(x))
+
+    def make(mean):  # jnp.abs: a leaf that is not an array
+        energy = jax.tree_util.Partial(apply, jnp.abs, GaussianEnergy(mean, COV))
+        return ebm.EnergyDistribution(energy, (2,), log_z)
+
+    axes = vmap_over(make(means[0]), energy=0)
+    batched = jax.vmap(make, out_axes=axes)(means)
+    out = jax.vmap(lambda d: d.log_prob(x), in_axes=(axes,))(batched)
+    np.testing.assert_allclose(out, dist.MultivariateNormal(means, COV).log_prob(x), atol=1e-5)
+
+
+def test_plain_function_initializer_passes_through_jit():
+    d = gaussian_ebm(initializer=lambda key, n: jax.random.normal(key, (n, 2)))
+    assert jax.jit(lambda d: d)(d).initializer is d.initializer
+    x = jnp.array([0.3, -0.2])
+    log_prob = jax.jit(lambda d, x: d.log_prob(x))(d, x)
+    np.testing.assert_allclose(log_prob, mvn().log_prob(x), atol=1e-5)
 
 
 def test_pytree_and_vmap_carry_the_draw_settings():
@@ -388,6 +425,15 @@ def test_conditional_sample_honours_num_chains():
         assert np.all(np.abs(x[:, i].mean(0) - (MEAN + conditions[i])) < 4.5 * np.sqrt(2 / 8))
 
 
+def test_conditional_log_prob_broadcasts_values_against_batch_shape():
+    d, conditions = conditional_gaussian()
+    for shape in [(2,), (4, 1, 2)]:
+        x = jax.random.normal(jax.random.key(41), shape)
+        expected = dist.MultivariateNormal(MEAN + conditions, COV).log_prob(x)
+        assert d.log_prob(x).shape == expected.shape
+        np.testing.assert_allclose(d.log_prob(x), expected, atol=1e-5)
+
+
 def test_sample_moments_match_the_gaussian():
     n = 4000
     d = gaussian_ebm(draws=ebm.samplers.DrawSettings(num_warmup=500))
@@ -432,6 +478,12 @@ def test_sample_with_other_kernels(kernel):
     np.testing.assert_array_less(np.abs(x.mean(0) - MEAN), tol_mean)
     if kernel != "ula":  # ULA's O(h) bias inflates the covariance; checked in test_samplers
         np.testing.assert_array_less(np.abs(np.cov(x.T) - COV), tol_cov)
+
+
+def test_sample_under_x64_gives_float64_draws():
+    with jax.enable_x64():  # HMC and Barker: test_samplers' x64 warm-up test
+        d = gaussian_ebm(draws=ebm.samplers.DrawSettings(num_warmup=4, num_chains=2))
+        assert d.sample(jax.random.key(0), (3,)).dtype == jnp.float64
 
 
 def test_sample_keys_are_respected():
@@ -509,6 +561,15 @@ def test_non_callable_and_bad_sampler_are_rejected():
         ebm.EnergyDistribution(jnp.zeros(2), event_shape=(2,))
     with pytest.raises(ValueError, match="unknown sampler"):
         ebm.EnergyDistribution(lambda x: jnp.sum(x), (2,), sampler="gibbs")
+
+
+def test_initializer_sampler_refuses_a_condition():
+    shifted = jax.tree_util.Partial(lambda e, x, c: e(x - c), GaussianEnergy(MEAN, COV))
+    init = jax.tree_util.Partial(lambda key, n: jax.random.normal(key, (n, 2)))
+    with pytest.raises(ValueError, match='sampler="initializer" cannot draw from a conditional'):
+        ebm.EnergyDistribution(
+            shifted, (2,), condition=jnp.zeros((2, 2)), initializer=init, sampler="initializer"
+        )
 
 
 def test_invalid_log_z_raises_with_validation():

@@ -159,6 +159,15 @@ def test_one_chain_one_draw_has_the_target_variance(kernel):
 # -- the registry, the step-size rules and the draw settings -----------------------------------
 
 
+def test_warmup_tunes_in_the_dtype_of_the_chains_under_x64():
+    with jax.enable_x64():
+        for kernel in ("mala", "hmc", "barker"):
+            sampler = samplers.get_sampler(kernel)
+            states = sampler.init_chains(jnp.zeros((2, 3), jnp.float64), standard_normal)
+            _, h, info = samplers.warmup(jax.random.key(0), sampler, standard_normal, states, 4)
+            assert h.dtype == info.step_size.dtype == jnp.float64
+
+
 def test_the_registry_is_the_one_table_of_kernels():
     assert samplers.KERNELS == tuple(samplers.REGISTRY) == ("mala", "hmc", "ula", "barker")
     for name, kernel in samplers.REGISTRY.items():
@@ -213,8 +222,9 @@ def test_draw_settings_are_validated():
         samplers.DrawSettings(num_warmup=-1)
     with pytest.raises(ValueError, match="num_chains must be None"):
         samplers.DrawSettings(num_chains=0)
-    with pytest.raises(ValueError, match="init_scale must be positive"):
-        samplers.DrawSettings(init_scale=0.0)
+    for bad in (0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="init_scale must be a finite number > 0"):
+            samplers.DrawSettings(init_scale=bad)
     assert samplers.DrawSettings() == samplers.DrawSettings(1000, 1, None, 1.0)
 
 

@@ -1,6 +1,7 @@
 """Step-size rules, all in one place: the bounds, the warm-up and the per-step updates.
 
-* ``STEP_SIZE_BOUNDS``: where every adapted step size stays (training, warm-up, AIS).
+* ``STEP_SIZE_BOUNDS``: where the per-step updates keep the step size (training, tempering
+  ladders, AIS). ``warmup``'s dual averaging is not clipped: it follows the target's scale.
 * ``warmup``: burn-in for drawing samples: dual averaging (Hoffman & Gelman 2014) on the mean
   acceptance across chains for the first half, then the tuned step size held fixed.
 * ``adapt_step_size``: the Robbins-Monro update training applies once per step
@@ -43,8 +44,10 @@ __all__ = [
     "warmup",
 ]
 
-# Where every adapted step size stays (training, warm-up, AIS): a chain that wanders into a flat
-# or exploding region must not drive the step size to 0 or infinity.
+# Where the per-step updates (adapt_step_size, adapt_step_size_multiplicative: training,
+# tempering ladders, AIS) keep the step size: a chain that wanders into a flat or exploding region
+# must not drive it to 0 or infinity. warmup's dual averaging is not clipped: it tunes to the
+# target's scale, which may lie outside these bounds.
 STEP_SIZE_BOUNDS = (1e-6, 10.0)
 
 
@@ -117,7 +120,8 @@ def warmup(
     last iterate is biased; a single chain comes out under-dispersed). After the switch every
     step is a Metropolis kernel that leaves the target invariant, and the chains forget the
     adaptation before the first draw. Kernels that do not adapt (ULA, or
-    ``adapt_step_size=False``) run all ``num_steps`` steps with ``step_size``.
+    ``adapt_step_size=False``) run all ``num_steps`` steps with ``step_size``. The tuned step
+    size is not clipped to ``STEP_SIZE_BOUNDS``; it has the dtype of the chains' positions.
 
     Args:
         key: PRNG key, used once.
@@ -132,13 +136,14 @@ def warmup(
         step size they ended with (the one to sample with), and per-step records of shape
         ``(num_steps,)``.
     """
-    step_size = jnp.asarray(sampler.step_size if step_size is None else step_size, jnp.float32)
+    dtype = jnp.result_type(*jax.tree.leaves(states.position))
+    step_size = jnp.asarray(sampler.step_size if step_size is None else step_size, dtype)
+    empty = jnp.zeros((0,), dtype)
     if num_steps == 0:
-        empty = jnp.zeros((0,), jnp.float32)
         return states, step_size, WarmupInfo(empty, empty)
     num_tuning = num_steps // 2 if sampler.adapts else 0
     key_tune, key_fixed = jax.random.split(key)
-    tuning = WarmupInfo(jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.float32))
+    tuning = WarmupInfo(empty, empty)
     if num_tuning:
         states, step_size, tuning = _dual_averaging(
             key_tune, sampler, logdensity_fn, states, num_tuning, step_size
@@ -163,10 +168,10 @@ def _dual_averaging(key, sampler, logdensity_fn, states, num_steps, step_size):
         h = jnp.exp(da_state.log_step_size)
         new, info = vstep(step_key, chain_states, h)
         # A NaN acceptance (e.g. a proposal into an inf-energy region) counts as a rejection.
-        acc = jnp.mean(jnp.nan_to_num(info.acceptance_rate, nan=0.0))
+        acc = jnp.mean(jnp.nan_to_num(info.acceptance_rate, nan=0.0)).astype(h.dtype)
         return (new, da_update(da_state, acc)), WarmupInfo(acc, h)
 
     (states, da_state), infos = jax.lax.scan(
         one_step, (states, da_init(step_size)), jax.random.split(key, num_steps)
     )
-    return states, da_final(da_state).astype(jnp.float32), infos
+    return states, da_final(da_state).astype(step_size.dtype), infos

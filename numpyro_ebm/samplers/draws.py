@@ -27,6 +27,7 @@ from numpyro_ebm.samplers.adaptation import warmup
 from numpyro_ebm.samplers.chains import Draws, run_chains
 from numpyro_ebm.samplers.kernels import Sampler
 from numpyro_ebm.samplers.tempering import isotropic_base, sample_tempered
+from numpyro_ebm.validation import check_count, check_positive
 
 __all__ = ["DrawSettings", "sample_chains"]
 
@@ -64,20 +65,14 @@ class DrawSettings:
     num_temperatures: int = 1
 
     def __post_init__(self):
-        if not (isinstance(self.thinning, int) and self.thinning >= 1):
-            raise ValueError(f"thinning must be an integer >= 1, got {self.thinning!r}")
-        if not (isinstance(self.num_warmup, int) and self.num_warmup >= 0):
-            raise ValueError(f"num_warmup must be an integer >= 0, got {self.num_warmup!r}")
+        check_count("thinning", self.thinning)
+        check_count("num_warmup", self.num_warmup, low=0)
         if self.num_chains is not None and not (
             isinstance(self.num_chains, int) and self.num_chains >= 1
         ):
             raise ValueError(f"num_chains must be None or an integer >= 1, got {self.num_chains}")
-        if not self.init_scale > 0:
-            raise ValueError(f"init_scale must be positive, got {self.init_scale!r}")
-        if not (isinstance(self.num_temperatures, int) and self.num_temperatures >= 1):
-            raise ValueError(
-                f"num_temperatures must be an integer >= 1, got {self.num_temperatures!r}"
-            )
+        check_positive("init_scale", self.init_scale)
+        check_count("num_temperatures", self.num_temperatures)
 
     def replace(self, **changes) -> DrawSettings:
         """A copy with some fields changed, e.g. ``draws.replace(num_warmup=200)``."""
