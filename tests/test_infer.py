@@ -12,6 +12,7 @@ from numpyro import handlers
 from numpyro.contrib.module import eqx_module
 
 import numpyro_ebm as ebm
+from numpyro_ebm.training.model import _site_events
 
 # The learners below are about parameters and gradients, not log Z: they run without the log Z
 # tracker (``track_log_z=False``), whose compilation would double each test's time. The
@@ -334,6 +335,18 @@ def test_maximum_likelihood_of_a_conditional_energy_recovers_least_squares():
     # one chain per point (1000 per step): the negative phase's noise on a is ~s/sqrt(1000·var c)
     assert float(res.params["a"]) == pytest.approx(a_hat, abs=0.03)
     assert float(jnp.exp(res.params["log_s"])) == pytest.approx(s_hat, abs=0.03)
+
+
+def test_a_conditional_site_pairs_one_observed_event_with_every_condition():
+    """An observed value that only broadcasts against the conditions (one event, three
+    conditions) is each condition's event, as ``log_prob`` pairs them."""
+    conditions = jnp.array([[-2.0], [0.0], [3.0]])
+    d = ebm.EnergyDistribution(linear_gaussian(0.5, 0.0), (1,), condition=conditions)
+    events, paired, lead_shape = _site_events({"value": jnp.array([1.0])}, d)
+    assert lead_shape == (3,) and events.shape == (3, 1)
+    np.testing.assert_array_equal(paired, conditions)
+    energies = jax.vmap(d.energy)(events, paired)
+    np.testing.assert_allclose(-energies - d.log_z, d.log_prob(jnp.array([1.0])), rtol=1e-6)
 
 
 def test_conditional_ebm_beats_every_gaussian_conditional_on_a_two_branch_response():

@@ -94,11 +94,12 @@ def _site_events(msg, base: EnergyDistribution):
     event_shape = tuple(base.event_shape)
     value = jnp.asarray(msg["value"])
     lead_shape = value.shape[: value.ndim - len(event_shape)]
-    events = value.reshape(-1, *event_shape)
     conditions = None
-    if base.condition is not None:
+    if base.condition is not None:  # each event with its condition, as ``energy_of`` pairs them
+        lead_shape = jnp.broadcast_shapes(lead_shape, tuple(base.batch_shape))
+        value = jnp.broadcast_to(value, (*lead_shape, *event_shape))
         conditions = base.conditions_for(lead_shape)
-    return events, conditions, lead_shape
+    return value.reshape(-1, *event_shape), conditions, lead_shape
 
 
 class _ObjectiveSites(handlers.Messenger):
