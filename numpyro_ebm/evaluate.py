@@ -1,8 +1,8 @@
 """Held-out log-likelihood and KL divergence to a known density.
 
-For 2-D energies ``log Z`` is computed by quadrature (``logz.grid`` over the toy's box from
-``logz.select.box``), so these numbers are exact up to Monte Carlo error on the test points
-(reported as a standard error).
+For 2-D energies ``log Z`` is computed by quadrature (``logz.grid_covering`` from the toy's box
+of ``logz.select.box``, grown while the model has mass at its edge), so these numbers are exact
+up to Monte Carlo error on the test points (reported as a standard error).
 
 ``KL(data ‖ model) = E_data[log p_data(x) − log p_model(x)]`` is estimated with PAIRED
 differences on the same test points: the per-point difference has far less variance than either
@@ -111,13 +111,31 @@ def kl_to_toy(
         key: PRNG key for the test points (use one not used for training data).
         num_samples: test points.
         num_points: grid points per dimension for ``log Z``.
-        bounds: quadrature box; default the toy's bounds widened by ``padding`` of their width
-            on each side (``logz.select.box``: the model may put mass where the data has none).
+        bounds: first quadrature box; default the toy's bounds widened by ``padding`` of their
+            width on each side (``logz.select.box``: the model may put mass where the data has
+            none). Each axis doubles about the centre while the model has mass at the box's
+            edge (``logz.grid_covering`` with ``select.GRID_EDGE_MASS`` and
+            ``select.GRID_MAX_DOUBLINGS``).
         padding: see ``bounds``.
+
+    Raises:
+        ValueError: the model still has mass at the edge of the grown box (``grid_covering``).
     """
     if bounds is None:
         bounds = _logz.select.box(toy_bounds=toy.bounds, padding=padding)
-    log_z = _logz.grid(energy, bounds, num_points)
+    log_z = _logz.grid_covering(
+        energy,
+        _logz.select.box(toy_bounds=bounds, padding=-0.25),  # grid_covering widens it to bounds
+        num_points,
+        edge_mass=_logz.select.GRID_EDGE_MASS,
+        max_doublings=_logz.select.GRID_MAX_DOUBLINGS,
+    )
+    if not np.isfinite(log_z.stderr):
+        raise ValueError(
+            f"kl_to_toy: {log_z.info['outer_shell_mass']:.3g} of the model's mass on the grid is "
+            f"still at the edge of the box {log_z.info['bounds']}: its log Z, and so the KL, "
+            "cannot be computed on a grid (is the energy normalisable?)"
+        )
     x = toy.sample(key, num_samples)
     model = _model_log_prob(energy, x, log_z.value)
     truth = np.asarray(toy.log_prob(jnp.asarray(x)), np.float64)

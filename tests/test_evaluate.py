@@ -4,6 +4,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro.distributions as dist
 import pytest
 
@@ -71,3 +72,35 @@ def test_kl_of_the_exact_density_is_zero():
     out = ebm.evaluate.kl_to_toy(lambda x: -toy.log_prob(x), toy, key=jax.random.key(2))
     assert abs(out.log_z.value) < 2e-3  # the density integrates to one on the padded box
     assert abs(out.kl) < 2e-3
+
+
+def test_grid_checks_the_users_num_points_and_finite_bounds():
+    energy = GaussianEnergy(jnp.zeros(2))
+    with pytest.raises(ValueError, match="num_points must be an integer >= 4, got 3"):
+        ebm.logz.grid(energy, [[-8, 8], [-8, 8]], 3)
+    est = ebm.logz.grid(energy, [[-8, 8], [-8, 8]], np.int64(64))
+    assert abs(est.value - math.log(2 * math.pi)) < 1e-6
+    with pytest.raises(ValueError, match="bounds must be finite"):
+        ebm.logz.grid(energy, [[-np.inf, 8], [-8, 8]], 64)
+
+
+def test_kl_to_toy_integrates_a_broad_model_beyond_the_toy_box():
+    """N(0, 10² I) has most of its mass outside the toy's padded box [-10, 10]²: the box grows
+    until it holds it, and log Z (hence the KL) is exact. A model that fits the toy keeps the
+    padded box, and a density too flat to cover is refused."""
+    toy = ebm.datasets.toy("8gaussians")
+    cheap = dict(key=jax.random.key(3), num_samples=200, num_points=128)
+    broad = GaussianEnergy(jnp.zeros(2), 100.0 * jnp.eye(2))
+    out = ebm.evaluate.kl_to_toy(broad, toy, **cheap)
+    assert abs(out.log_z.value - float(broad.log_z)) < 1e-4
+    assert np.all(np.diff(out.log_z.info["bounds"], axis=1) > 40)
+
+    def fitted(x):
+        return -toy.log_prob(x)
+
+    padded = ebm.logz.select.box(toy_bounds=toy.bounds, padding=0.5)
+    out = ebm.evaluate.kl_to_toy(fitted, toy, **cheap)
+    assert out.log_z.info["bounds"] == padded.tolist()
+    assert out.log_z.value == ebm.logz.grid(fitted, padded, 128).value
+    with pytest.raises(ValueError, match="still at the edge of the box"):
+        ebm.evaluate.kl_to_toy(GaussianEnergy(jnp.zeros(2), 1e6 * jnp.eye(2)), toy, **cheap)

@@ -325,3 +325,56 @@ def test_ais_convergence_refuses_what_it_cannot_lengthen():
     for factor in (1, 2.5, True):
         with pytest.raises(ValueError, match="factor"):
             ebm.logz.ais_convergence(GAUSS_2D, (2,), key=jax.random.key(0), factor=factor)
+
+
+def test_ais_adaptive_refuses_runs_stopped_at_the_cap_before_beta_1():
+    """10 × num_temperatures = 10 adaptive temperatures do not reach β = 1 on a narrow, offset
+    10-D Gaussian: the partial path's sum is not returned as log Z."""
+    energy = GaussianEnergy(jnp.full(10, 3.0), 0.01 * jnp.eye(10))
+    with pytest.raises(ValueError, match=r"stopped at the cap of 10 \* num_temperatures = 10"):
+        ebm.logz.ais(
+            energy, (10,), key=jax.random.key(0), adaptive=True, num_temperatures=1,
+            num_particles=50, num_runs=2, num_mcmc_steps=1,
+        )  # fmt: skip
+
+
+def test_reverse_ais_gives_each_run_its_own_exact_samples():
+    """Runs that share exact samples are dependent and their error bar is too small: each run
+    gets a disjoint block of the pool (resampled within the block when it is small)."""
+    from numpyro_ebm.logz.ais import _start_rows as start_rows
+
+    rows = np.asarray(start_rows(jax.random.key(0), 40, 4, 10))
+    assert rows.shape == (4, 10) and sorted(rows.ravel().tolist()) == list(range(40))
+    rows = np.asarray(start_rows(jax.random.key(1), 22, 4, 10))  # blocks of 5, with replacement
+    blocks = [set(run.tolist()) for run in rows]
+    assert all(len(b) <= 5 for b in blocks)
+    assert sum(len(b) for b in blocks) == len(set().union(*blocks))  # disjoint
+    with pytest.raises(ValueError, match="num_runs"):
+        ebm.logz.reverse_ais(GAUSS_2D, jnp.zeros((7, 2)), key=jax.random.key(0), num_runs=8)
+
+
+def test_ais_and_reverse_ais_refuse_mismatched_shapes_before_compute():
+    with pytest.raises(ValueError, match="base must be over flat events of size 2"):
+        base = dist.Normal(jnp.zeros(3), 1.0).to_event(1)
+        ebm.logz.ais(GAUSS_2D, (2,), key=jax.random.key(0), base=base, num_temperatures=5)
+    with pytest.raises(ValueError, match=r"energy fails on one event of shape \(3,\)"):
+        ebm.logz.reverse_ais(GAUSS_2D, jnp.zeros((16, 3)), key=jax.random.key(0))
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 1, got 0"):
+        proposal = dist.Normal(jnp.zeros(2), 2.0).to_event(1)
+        ebm.logz.importance(GAUSS_2D, proposal, key=jax.random.key(0), num_samples=0)
+
+
+def test_grid_covering_grows_degenerate_boxes_and_says_what_it_cannot_cover():
+    """A constant data column or a single row gives a box of zero width in some axis: it
+    starts as wide as the widest axis (1 when none is wide) and grows to the exact log Z. A
+    box that cannot grow to hold the mass gives an infinite error bar, not a confident one."""
+    energy, exact = GaussianEnergy(jnp.zeros(2)), math.log(2 * math.pi)
+    column = np.stack([np.random.default_rng(0).normal(size=200), np.zeros(200)], 1)
+    for data in (column, np.zeros((1, 2))):
+        est = ebm.logz.select.estimate(energy, (2,), data=data)
+        assert abs(est.value - exact) < 1e-4 and est.info["outer_shell_mass"] <= 1e-3, est
+    with pytest.raises(ValueError, match="lo <= hi"):
+        ebm.logz.grid_covering(energy, [[1.0, -1.0], [1.0, -1.0]], 64)
+    short = ebm.logz.grid_covering(energy, [[-0.1, 0.1], [-0.1, 0.1]], 64, max_doublings=2)
+    assert short.value < exact - 0.5 and short.stderr == math.inf
+    assert short.info["outer_shell_mass"] > 1e-3

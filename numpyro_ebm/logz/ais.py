@@ -83,7 +83,10 @@ def ais(
             standard normal, or a Gaussian fitted to ``data`` when given.
         data: ``(n, *event_shape)`` samples to fit the Gaussian base to.
         num_particles: particles per run.
-        num_temperatures: temperatures of the fixed schedule ``β_t = (t/T)^schedule_power``.
+        num_temperatures: temperatures of the fixed schedule ``β_t = (t/T)^schedule_power``;
+            with ``adaptive=True``, a tenth of the cap on temperatures: a run that has not
+            reached β = 1 after ``10 * num_temperatures`` raises ``ValueError`` (raise
+            ``num_temperatures`` or lower ``target_ess``).
         num_mcmc_steps: MCMC moves per temperature.
         num_runs: independent runs (≥ 2 for an error bar).
         schedule_power: power of the fixed schedule (larger: more temperatures near β = 0).
@@ -105,8 +108,9 @@ def ais(
         per-temperature ESS and acceptance of the first run.
 
     Raises:
-        ValueError: a kernel without a Metropolis step, or non-finite energies at some
-            particles (reported with the temperature).
+        ValueError: a kernel without a Metropolis step, a ``base`` not over flat events of
+            size ``prod(event_shape)``, non-finite energies at some particles (reported with
+            the temperature), or adaptive runs stopped at the cap before β = 1.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -118,6 +122,7 @@ def ais(
         True
     """
     event_shape = tuple(int(n) for n in event_shape)
+    _check_energy(energy, event_shape)
     base = _base_distribution(base, data, event_shape)
     cfg = _ais_config(
         event_shape,
@@ -134,18 +139,19 @@ def ais(
     )
     log_zs, infos = _ais_runs(energy, base, jax.random.split(key, num_runs), cfg)
     log_zs = np.asarray(log_zs, np.float64)
-    _raise_if_not_finite(log_zs, infos, num_particles, num_runs)
+    _raise_if_failed(log_zs, infos, cfg, num_runs)
     return _forward_estimate(log_zs, infos, num_particles, adaptive)
 
 
-def _raise_if_not_finite(log_zs: np.ndarray, infos: dict, num_particles: int, num_runs: int):
-    """Name the first temperature where some particle's energy was not finite."""
+def _raise_if_failed(log_zs: np.ndarray, infos: dict, cfg: _AISConfig, num_runs: int):
+    """Name the first temperature where some particle's energy was not finite, or the adaptive
+    runs that stopped at the cap before β = 1."""
     if "nonfinite" in infos:
         bad = np.asarray(infos["nonfinite"])
         if bad.any():
             run, t = np.argwhere(bad > 0)[0]
             raise ValueError(
-                f"AIS: the energy is not finite at {int(bad[run, t])} of {num_particles} "
+                f"AIS: the energy is not finite at {int(bad[run, t])} of {cfg.num_particles} "
                 f"particles at temperature β = {float(infos['betas'][run, t]):.4g} "
                 f"(step {int(t)} of run {int(run)}); {int((bad > 0).any(1).sum())} of "
                 f"{num_runs} runs affected"
@@ -154,6 +160,14 @@ def _raise_if_not_finite(log_zs: np.ndarray, infos: dict, num_particles: int, nu
         raise ValueError(
             f"AIS: the energy was not finite at some particles in "
             f"{int((~np.isfinite(log_zs)).sum())} of {num_runs} adaptive runs"
+        )
+    stopped = np.asarray(infos.get("final_beta", 1.0)) < 1.0
+    if np.any(stopped):
+        raise ValueError(
+            f"adaptive AIS: {int(stopped.sum())} of {num_runs} runs stopped at the cap of "
+            f"10 * num_temperatures = {10 * cfg.num_temperatures} temperatures before β = 1 "
+            f"(at β = {float(np.min(infos['final_beta'])):.3g}): a partial path does not "
+            "estimate log Z; raise num_temperatures or lower target_ess"
         )
 
 
@@ -288,8 +302,11 @@ def reverse_ais(
 
     Args:
         energy: one event -> scalar.
-        exact_samples: ``(n, *event_shape)`` exact draws from ``exp(−E)/Z``; each run uses
-            ``num_particles`` of them chosen at random.
+        exact_samples: ``(n ≥ num_runs, *event_shape)`` exact draws from ``exp(−E)/Z``,
+            shuffled and split into one disjoint block per run (runs sharing samples are not
+            independent: their error bar would be too small); a run takes ``num_particles``
+            rows of its block, with replacement when it has fewer. ``n = num_runs ×
+            num_particles`` starts every particle from its own sample.
         key: PRNG key.
         base: as for ``ais``.
         data: as for ``ais``.
@@ -304,13 +321,21 @@ def reverse_ais(
     Returns:
         ``LogZEstimate`` (method ``"reverse-ais"``): ``−log mean(1/Ẑ)`` over runs, delta-method
         standard error.
+
+    Raises:
+        ValueError: ``exact_samples`` not finite, fewer than ``num_runs`` (or 2), or of an
+            event shape the energy (or ``base``) does not take.
     """
     exact_samples = jnp.asarray(exact_samples)
     event_shape = tuple(int(n) for n in exact_samples.shape[1:])
-    if exact_samples.ndim < 2 or exact_samples.shape[0] < 2:
-        raise ValueError("exact_samples must have shape (n >= 2, *event_shape)")
+    if exact_samples.ndim < 2 or exact_samples.shape[0] < max(2, num_runs):
+        raise ValueError(
+            f"exact_samples must be (n, *event_shape) with n >= max(2, num_runs) (each run "
+            f"starts from its own samples), got {exact_samples.shape}"
+        )
     if not bool(jnp.all(jnp.isfinite(exact_samples))):
         raise ValueError("exact_samples contain NaN or inf")
+    _check_energy(energy, event_shape)
     cfg = _ais_config(
         event_shape,
         num_particles,
@@ -327,7 +352,7 @@ def reverse_ais(
     base = _base_distribution(base, data, event_shape)
     k_pick, k_runs = jax.random.split(key)
     flat = exact_samples.reshape(exact_samples.shape[0], -1)
-    rows = jax.random.randint(k_pick, (num_runs, num_particles), 0, flat.shape[0])
+    rows = _start_rows(k_pick, flat.shape[0], num_runs, num_particles)
     log_inv_z, infos = _ais_runs(energy, base, jax.random.split(k_runs, num_runs), cfg, flat[rows])
     bad = np.asarray(infos["nonfinite"])
     if bad.any():
@@ -337,9 +362,36 @@ def reverse_ais(
     return LogZEstimate(-value, stderr, "reverse-ais", None, info)
 
 
+def _start_rows(key, num_samples: int, num_runs: int, num_particles: int) -> jax.Array:
+    """``(num_runs, num_particles)`` rows of the exact samples: disjoint blocks of a shuffled
+    pool, one per run, drawn from with replacement when a block has fewer rows than particles."""
+    k_perm, k_pick = jax.random.split(key)
+    block = num_samples // num_runs
+    blocks = jax.random.permutation(k_perm, num_samples)[: block * num_runs].reshape(num_runs, -1)
+    if block >= num_particles:
+        return blocks[:, :num_particles]
+    picks = jax.random.randint(k_pick, (num_runs, num_particles), 0, block)
+    return jnp.take_along_axis(blocks, picks, axis=1)
+
+
+def _check_energy(energy, event_shape) -> None:
+    """``ValueError`` unless ``energy`` maps one event of ``event_shape`` to a scalar."""
+    try:
+        out = jax.eval_shape(energy, jax.ShapeDtypeStruct(event_shape, jnp.result_type(float)))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"the energy fails on one event of shape {event_shape}: {err}") from err
+    if getattr(out, "shape", None) != ():
+        raise ValueError(f"the energy must map one event {event_shape} to a scalar, got {out}")
+
+
 def _base_distribution(base, data, event_shape):
     dim = math.prod(event_shape)
     if base is not None:
+        if tuple(base.event_shape) != (dim,) or tuple(base.batch_shape) != ():
+            raise ValueError(
+                f"base must be over flat events of size {dim} (event_shape ({dim},), batch_shape"
+                f" ()), got event_shape {base.event_shape} and batch_shape {base.batch_shape}"
+            )
         return base
     if data is None:
         return dist.Normal(jnp.zeros(dim), 1.0).to_event(1)
@@ -543,5 +595,6 @@ def _adaptive_run(path: _Path, cfg: _AISConfig, particles, key) -> tuple[Any, di
 
     h0 = jnp.asarray(cfg.initial_step_size)
     init_state = smc(cfg.initial_step_size).init(particles)
-    _, log_z, _, count, _ = jax.lax.while_loop(cond, body, (init_state, jnp.zeros(()), key, 0, h0))
-    return log_z, {"num_temperatures": count}
+    carry = (init_state, jnp.zeros(()), key, 0, h0)
+    end, log_z, _, count, _ = jax.lax.while_loop(cond, body, carry)
+    return log_z, {"num_temperatures": count, "final_beta": end.tempering_param}

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from numpyro_ebm.logz.estimate import LogZEstimate, log_mean_exp
+from numpyro_ebm.validation import check_count
 
 __all__ = ["importance"]
 
@@ -33,8 +34,10 @@ def importance(
         ``std(w) / (sqrt(n) mean(w))`` and the effective sample size ``(Σw)² / Σw²``.
 
     Raises:
-        ValueError: non-finite energies at proposal draws (how many are reported).
+        ValueError: ``num_samples`` not a positive integer, or non-finite energies at
+            proposal draws (how many are reported).
     """
+    check_count("num_samples", num_samples)
     if proposal.batch_shape != ():
         raise ValueError(f"proposal must have batch_shape (), got {proposal.batch_shape}")
     x = proposal.sample(key, (num_samples,))

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from numpyro_ebm.logz.estimate import LogZEstimate, log_integral
+from numpyro_ebm.validation import check_count
 
 __all__ = ["enumerate", "grid", "grid_covering", "grid_log_density", "grid_traced"]
 
@@ -26,10 +27,11 @@ def _axes(bounds, num_points: int) -> list[np.ndarray]:
     bounds = np.asarray(bounds, dtype=np.float64)
     if bounds.ndim != 2 or bounds.shape[1] != 2 or not np.all(bounds[:, 1] > bounds[:, 0]):
         raise ValueError(f"bounds must have shape (dims, 2) with lo < hi, got {bounds.tolist()}")
+    if not np.all(np.isfinite(bounds)):
+        raise ValueError(f"bounds must be finite, got {bounds.tolist()}")
     if not 1 <= bounds.shape[0] <= 3:
         raise ValueError(f"grid quadrature supports 1 to 3 dimensions, got {bounds.shape[0]}")
-    if not (isinstance(num_points, int) and num_points >= 2):
-        raise ValueError(f"num_points must be an integer >= 2, got {num_points!r}")
+    check_count("num_points", num_points, 2)
     out = []
     for lo, hi in bounds:
         edges = np.linspace(lo, hi, num_points + 1)
@@ -75,7 +77,7 @@ def grid(energy: Callable, bounds, num_points: int = 512) -> LogZEstimate:
     Args:
         energy: one event ``(dims,)`` -> scalar.
         bounds: ``(dims, 2)`` array of ``[lo, hi]`` per dimension.
-        num_points: grid points per dimension (even).
+        num_points: grid points per dimension (even, at least 4: the error bar's rule has half).
 
     Example:
         >>> import jax.numpy as jnp
@@ -84,6 +86,7 @@ def grid(energy: Callable, bounds, num_points: int = 512) -> LogZEstimate:
         >>> round(est.value, 3)   # log 2π
         1.838
     """
+    check_count("num_points", num_points, 4)
     neg_energy, _, cell = grid_log_density(energy, bounds, num_points)
     if np.any(np.isnan(neg_energy)):
         raise ValueError(f"energy is NaN at {int(np.isnan(neg_energy).sum())} grid points")
@@ -93,15 +96,16 @@ def grid(energy: Callable, bounds, num_points: int = 512) -> LogZEstimate:
     return LogZEstimate(value, abs(value - coarse), "grid")
 
 
-def _outer_shell_mass(neg_energy: np.ndarray, axes: list, center, half) -> float:
-    """Share of the grid's mass farther than half the box's half-width from its centre."""
+def _outer_shell_mass(neg_energy: np.ndarray, axes: list, center, half) -> tuple:
+    """Share of the grid's mass farther than half the box's half-width from its centre: in any
+    coordinate (a float), and per coordinate (an array)."""
     mesh = np.meshgrid(*axes, indexing="ij")
-    outer = np.zeros(neg_energy.shape, bool)
-    for coords, c, h in zip(mesh, center, half, strict=True):
-        outer |= np.abs(coords - c) > 0.5 * h
     weights = np.exp(neg_energy - np.max(neg_energy[np.isfinite(neg_energy)]))
     weights = np.where(np.isfinite(weights), weights, 0.0)
-    return float(weights[outer].sum() / weights.sum())
+    total = weights.sum()
+    outer = [np.abs(coords - c) > 0.5 * h for coords, c, h in zip(mesh, center, half, strict=True)]
+    per_axis = np.array([weights[o].sum() / total for o in outer])
+    return float(weights[np.logical_or.reduce(outer)].sum() / total), per_axis
 
 
 def grid_covering(
@@ -114,36 +118,51 @@ def grid_covering(
 ) -> LogZEstimate:
     """``grid`` on a box grown until it holds the density's mass (dims ≤ 3).
 
-    Starts from ``bounds`` (e.g. the data's box) widened by half its width on each side, and
-    doubles the box about its centre while more than ``edge_mass`` of the mass on the grid lies
-    in the box's outer shell (farther than half the half-width from the centre): a model can put
-    mass well outside the data, and ``grid`` silently misses what is outside its box.
+    Starts from ``bounds`` (e.g. the data's box) widened by half its width on each side; an
+    axis of zero width (a constant data column, a single row) starts as wide as the widest
+    axis, or 1 when all are. While more than ``edge_mass`` of the mass on the grid lies in the
+    box's outer shell (farther than half the half-width from the centre), it doubles about the
+    centre each axis whose own shell holds more than ``edge_mass / dims``: a model can put mass
+    well outside the data, and ``grid`` silently misses what is outside its box.
 
     Args:
         energy: one event ``(dims,)`` -> scalar.
-        bounds: ``(dims, 2)`` starting box ``[lo, hi]`` per dimension.
+        bounds: ``(dims, 2)`` starting box ``[lo, hi]`` per dimension (``lo <= hi``).
         num_points: grid points per dimension (even).
         edge_mass: largest share of the mass allowed in the outer shell.
-        max_doublings: stop growing after this many doublings (``info`` then shows the shell's
-            mass, above ``edge_mass``).
+        max_doublings: most doublings of one axis.
 
     Returns:
         ``LogZEstimate`` of ``grid``, with ``info = {"bounds": box, "outer_shell_mass": m}``.
+        When the shell still holds more than ``edge_mass`` after the axes that need it have
+        doubled ``max_doublings`` times (mass beyond the box, or no density at all), its
+        standard error is infinite: the value is only what the box holds.
+
+    Raises:
+        ValueError: ``bounds`` not finite or ``lo > hi``.
     """
     bounds = np.asarray(bounds, np.float64)
     if bounds.ndim != 2 or bounds.shape[1] != 2 or not np.all(np.isfinite(bounds)):
         raise ValueError(f"bounds must be a finite (dims, 2) array, got {bounds.tolist()!r}")
+    if np.any(bounds[:, 0] > bounds[:, 1]):
+        raise ValueError(f"bounds must have lo <= hi in every row, got {bounds.tolist()}")
+    check_count("max_doublings", max_doublings, 0)
     center = bounds.mean(axis=1)
-    half = np.maximum(bounds[:, 1] - bounds[:, 0], 1e-3)
-    for _ in range(max_doublings + 1):
+    half = bounds[:, 1] - bounds[:, 0]
+    widest = half.max()
+    half = np.where(half <= 1e-6 * widest, widest if widest > 0 else 1.0, half)
+    doublings = np.zeros(len(half), int)
+    while True:
         box = np.stack([center - half, center + half], axis=1)
         neg_energy, axes, _ = grid_log_density(energy, box, num_points)
-        edge = _outer_shell_mass(neg_energy, axes, center, half)
-        if edge <= edge_mass:
+        edge, per_axis = _outer_shell_mass(neg_energy, axes, center, half)
+        grow = (per_axis > edge_mass / len(half)) & (doublings < max_doublings)
+        if edge <= edge_mass or not grow.any():
             break
-        half = 2 * half
+        half, doublings = np.where(grow, 2 * half, half), doublings + grow
     estimate = grid(energy, box, num_points)
-    return estimate._replace(info={"bounds": box.tolist(), "outer_shell_mass": edge})
+    stderr = estimate.stderr if edge <= edge_mass else math.inf
+    return estimate._replace(stderr=stderr, info={"bounds": box.tolist(), "outer_shell_mass": edge})
 
 
 def grid_traced(energy: Callable, bounds, num_points: int = 256) -> jax.Array:

@@ -46,7 +46,7 @@ GRID_MAX_DIMS = 3  # "auto" uses the grid up to here, AIS above
 # Points per axis: 2**12, 2**18 and about 2**20 energies per grid.
 GRID_POINTS = {1: 4096, 2: 512, 3: 96}
 GRID_EDGE_MASS = 1e-3  # largest share of the grid's mass allowed in the box's outer shell
-GRID_MAX_DOUBLINGS = 5  # six boxes at most
+GRID_MAX_DOUBLINGS = 5  # per axis: a box 32 times as wide at most
 # "auto" uses a tracked log Z this sure (nats) above GRID_MAX_DIMS: every log-likelihood shifts
 # by the error of log Z, and a tenth of a nat per point is below what model comparisons resolve
 TRACKED_MAX_STDERR = 0.1
@@ -90,6 +90,8 @@ def box(data=None, *, toy_bounds=None, padding: float = 0.0) -> np.ndarray:
         raise ValueError("box needs data or toy_bounds")
     if bounds.ndim != 2 or bounds.shape[1] != 2:
         raise ValueError(f"bounds must have shape (dims, 2), got {bounds.shape}")
+    if not np.all(bounds[:, 0] <= bounds[:, 1]):
+        raise ValueError(f"bounds must have lo <= hi in every row, got {bounds.tolist()}")
     width = bounds[:, 1] - bounds[:, 0]
     return np.stack([bounds[:, 0] - padding * width, bounds[:, 1] + padding * width], axis=1)
 
@@ -119,7 +121,8 @@ def estimate(
         data: ``(n, *event_shape)`` training points: the grid's box when ``bounds`` is None,
             and the AIS base.
         bounds: ``(dims, 2)`` box the grid starts from (e.g. ``box(toy_bounds=toy.bounds)``);
-            default ``box(data)``.
+            default ``box(data)`` (a constant column or a single row gives an axis of zero
+            width, which ``grid_covering`` starts as wide as the widest axis).
         key: PRNG key (``"ais"`` only).
         learned: the estimate ``"learned"`` returns (``FitResult.log_z``), and that ``"auto"``
             uses when it is tracked and sure enough.
@@ -128,7 +131,9 @@ def estimate(
         the ``LogZEstimate`` of the chosen estimator.
 
     Raises:
-        ValueError: an unknown ``method``, or what the chosen one needs is missing.
+        ValueError: an unknown ``method``, or what the chosen one needs is missing. (A grid
+            whose box still has mass at its edge after ``GRID_MAX_DOUBLINGS`` doublings gives
+            an infinite standard error: ``grid_covering``.)
     """
     if method not in METHODS:
         raise ValueError(f"unknown log Z method {method!r}; choose one of {METHODS}")
