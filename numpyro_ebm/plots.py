@@ -180,10 +180,11 @@ _LOG_SCALE = ("step_size", "grad_norm", "langevin_grad_norm")
 
 
 def training_curves(history: dict, *, smooth: int = 25):
-    """The training history as a grid of curves (raw in light, running mean on top).
+    """The training history as a grid of curves (raw in light, running mean on top), against
+    the training step (rejected attempts, whose rows are not steps, are left out).
 
     Args:
-        history: ``FitResult.history`` (dict of per-step arrays).
+        history: ``FitResult.history`` (dict of per-row arrays).
         smooth: running-mean window in steps.
     """
     panels = []
@@ -197,15 +198,17 @@ def training_curves(history: dict, *, smooth: int = 25):
     axes = np.atleast_1d(fig.subplots(nrows, ncols)).ravel()
     for ax in axes[len(panels) :]:
         ax.set_axis_off()
+    rows = len(next(iter(history.values()), ()))
+    accepted = np.asarray(history.get("is_finite", np.ones(rows)), bool)
+    steps = np.cumsum(accepted)
     for ax, (columns, title) in zip(axes, panels, strict=False):
         for column in columns:
             values = np.asarray(history[column], np.float64)
-            steps = np.arange(1, values.size + 1)
-            keep = np.isfinite(values)
-            if not keep.all():  # computed every few steps (held-out NLL): points, no smoothing
+            keep = np.isfinite(values) & accepted
+            if not np.isfinite(values[accepted]).all():  # every few steps (held-out NLL)
                 ax.plot(steps[keep], values[keep], ".-", ms=3, lw=0.8, label=column)
                 continue
-            (line,) = ax.plot(steps[keep], values[keep], lw=0.6, alpha=0.35)
+            (line,) = ax.plot(steps[keep], values[keep], lw=0.6, alpha=0.35, label=column)
             if keep.sum() > smooth:
                 kernel = np.ones(smooth) / smooth
                 ax.plot(
@@ -213,7 +216,6 @@ def training_curves(history: dict, *, smooth: int = 25):
                     np.convolve(values[keep], kernel, mode="valid"),
                     color=line.get_color(),
                     lw=1.4,
-                    label=column,
                 )
         if len(columns) > 1:
             ax.legend(fontsize=7)

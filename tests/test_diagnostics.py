@@ -1,6 +1,7 @@
 """Diagnostics: DataTrees that ArviZ reads correctly, a verdict that catches real failures."""
 
 import os
+import warnings
 
 import arviz as az
 import jax
@@ -297,6 +298,29 @@ def test_reports_render_and_are_atomic(small_fit, tmp_path, monkeypatch):
         diagnostics.report(res, tmp_path / "run.pdf")
 
 
+def test_training_curves_put_each_value_at_its_step_and_label_every_curve():
+    """Rejected attempts have history rows but are not steps: the held-out NLL of steps 10,
+    20 and 30 is drawn there, after 5 rejected rows; a short run's two-curve panel has a
+    legend (no warning that nothing is labelled)."""
+    rows = 35
+    accepted = np.arange(rows) >= 5
+    nll = np.full(rows, np.nan)
+    nll[[14, 24, 34]] = [3.0, 2.0, 1.0]  # rows of steps 10, 20, 30
+    history = {"is_finite": accepted, "heldout_nll": nll, "energy_gap": np.zeros(rows)}
+    history |= {"energy_data": np.ones(rows), "energy_negatives": np.full(rows, 2.0)}
+    history["energy_gap"][:5] = np.nan  # what rejected attempts record
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plots.training_curves(history)
+    axes = {ax.get_title(): ax for ax in fig.axes}
+    (line,) = axes["held-out NLL (learned log Z)"].get_lines()
+    np.testing.assert_array_equal(line.get_xdata(), [10, 20, 30])
+    energies = axes["mean energy: data, negatives"]
+    labels = [t.get_text() for t in energies.get_legend().get_texts()]
+    assert labels == ["energy_data", "energy_negatives"]
+    assert energies.get_lines()[0].get_xdata()[-1] == 30
+
+
 def test_sample_grid_and_density_figure_shapes():
     fig = plots.sample_grid(np.random.default_rng(0).random((10, 8, 8)), ncols=5)
     assert sum(ax.has_data() for ax in fig.axes) == 10
@@ -488,3 +512,42 @@ def test_a_run_that_ends_with_its_track_lost_is_diagnosed(small_fit):
     lost = res.__class__(**{**vars(res), "history": history})
     verdict = diagnostics.diagnose(lost, verbose=False)
     assert "log_z" not in [check.name for check in verdict.checks]
+
+
+def test_a_markdown_report_replaces_only_an_earlier_reports_figures(
+    small_fit, tmp_path, monkeypatch
+):
+    import errno
+
+    from files import snapshot
+
+    res, _, data, _ = small_fit
+    figures, md = tmp_path / "run_files", tmp_path / "run.md"
+    figures.mkdir()
+    (figures / "training.png").write_bytes(b"old figure")  # as an earlier report left them
+    md.write_text("old report")
+    real_replace = os.replace
+
+    def failing(src, dst, *args, **kwargs):
+        if os.fspath(dst) == str(md):
+            raise OSError(errno.EIO, "injected fault", os.fspath(dst))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="injected fault"):
+        diagnostics.report(res, md, data=data)
+    monkeypatch.undo()
+    # a failed write of the .md keeps the old figures with the old .md
+    assert snapshot(tmp_path) == {"run.md": b"old report", "run_files/training.png": b"old figure"}
+    diagnostics.report(res, md, data=data)
+    assert {"training.png", "density.png", "trace.png", "rank.png"} <= set(os.listdir(figures))
+    assert (figures / "training.png").read_bytes()[:4] == b"\x89PNG"
+    assert "run_files/training.png" in md.read_text() and len(os.listdir(tmp_path)) == 2
+    # anything else in the figures folder, or a file of its name, is the user's: refused
+    (figures / "mine.txt").write_text("mine")
+    (tmp_path / "other_files").write_text("a user's file")
+    before = snapshot(tmp_path)
+    for name, match in (("run.md", "mine.txt"), ("other.md", "not a folder")):
+        with pytest.raises(ValueError, match=match):
+            diagnostics.report(res, tmp_path / name, data=data)
+    assert snapshot(tmp_path) == before
