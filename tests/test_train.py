@@ -5,7 +5,6 @@ import os
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import keys
 import numpy as np
 import optax
 import pytest
@@ -178,6 +177,11 @@ def test_bad_data_is_rejected_before_compute():
         small_fit(energy, np.ones((10, 3), np.float32), jax.random.key(1))
     with pytest.raises(ValueError, match="unknown negatives"):
         small_fit(energy, np.ones((10, 2), np.float32), jax.random.key(1), negatives="cd")
+    conditional = jax.tree_util.Partial(lambda a, y, c: jnp.sum((y - a * c) ** 2), jnp.ones(()))
+    y, c = np.ones((10, 1), np.float32), np.zeros((10, 1), np.float32)
+    for validation, match in ((y, "pair"), ((y, c[:9]), "one condition per point")):
+        with pytest.raises(ValueError, match=match):
+            small_fit(conditional, y, jax.random.key(1), condition=c, validation_data=validation)
 
 
 @pytest.mark.parametrize(
@@ -373,36 +377,6 @@ def test_a_forced_non_finite_step_is_rejected():
             np.testing.assert_array_equal(a, b)
     recovered, info = jit_step(jax.random.key(8), after, data[:8], config)
     assert bool(info.is_finite) and int(recovered.consecutive_nonfinite) == 0
-
-
-def test_a_retry_uses_no_key_of_the_rejected_attempt():
-    """A rejected attempt splits its key into the batch's and the step's, and the step's goes
-    to the negative sampler, which splits it again: the retry's key is none of these."""
-    key, step = jax.random.key(3), jnp.asarray(7)
-    first = core.attempt_key(key, step, jnp.asarray(0))
-    k_batch, k_step = jax.random.split(first)
-    used = [first, k_batch, k_step, *jax.random.split(k_step)]
-    for rejected in (1, 2):
-        retry = jax.random.key_data(core.attempt_key(key, step, jnp.asarray(rejected)))
-        assert not any(np.array_equal(retry, jax.random.key_data(k)) for k in used)
-
-
-def test_no_key_is_used_twice_in_a_fit():
-    """Every key ``fit`` derives is split or drawn from once: the hybrid's generator and chains,
-    the probe points, the learned and the tracked log Z, the floor, and the AIS after training
-    (``tests/keys.py`` records them as the compiled program runs)."""
-    data = jax.random.normal(jax.random.key(0), (128, 2))
-    energy = ebm.energies.MLPEnergy(2, hidden=(8,), key=jax.random.key(1))
-    with keys.audit() as used:
-        small_fit(
-            energy, data, jax.random.key(2), negatives="hybrid", num_steps=2, steps_per_call=2,
-            num_chains=8, num_mcmc_steps=2, batch_size=8, track_log_z=True, log_z_particles=16,
-            log_z_groups=2, log_z_floor_samples=8,
-            calibrate_log_z={"num_temperatures": 2, "num_runs": 2, "num_particles": 4},
-        )  # fmt: skip
-    where = {w.split("@")[1].split(":")[0] for ws in used.uses.values() for w in ws}
-    assert {"negatives/hybrid.py", "logz/tracking.py", "logz/ais.py"} <= where  # it recorded
-    assert used.twice() == []
 
 
 def test_repeated_non_finite_steps_stop_the_run_and_keep_the_last_good_state(tmp_path):

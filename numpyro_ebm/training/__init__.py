@@ -32,7 +32,6 @@ from numpyro_ebm.training.core import (
     SiteTerms,
     StepInfo,
     TrainState,
-    attempt_key,
     free_constants,
     init,
     keep_if_finite,
@@ -47,6 +46,7 @@ from numpyro_ebm.training.fit import (
     fit,
     load,
 )
+from numpyro_ebm.training.keys import attempt_key
 from numpyro_ebm.training.loop import TrainingDivergedError, history_columns, train
 from numpyro_ebm.training.model import (
     MaximumLikelihood,

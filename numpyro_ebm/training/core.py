@@ -35,6 +35,15 @@ from numpyro_ebm.logz import LogZEstimate, nce_log_z_loss, tracking
 from numpyro_ebm.negatives import ContrastiveDivergence, NegativeInfo, NegativeSampler, Target
 from numpyro_ebm.samplers import flat_logdensity
 from numpyro_ebm.training.config import TrainConfig
+from numpyro_ebm.training.keys import (
+    FLOOR,
+    LOG_Z_NOISE,
+    PROBES,
+    TRACKER,
+    model_key,
+    objective_key,
+    site_keys,
+)
 from numpyro_ebm.training.objective import ObjectiveTerms
 
 __all__ = [
@@ -44,7 +53,6 @@ __all__ = [
     "StepInfo",
     "TrainState",
     "all_finite",
-    "attempt_key",
     "free_constants",
     "init",
     "keep_if_finite",
@@ -57,12 +65,6 @@ __all__ = [
 ]
 
 NUM_PROBES = 8  # points at which init compares ∂E/∂θ to find the free constants
-
-# A site's key goes whole to its negative sampler, which splits it or draws from it; its other
-# uses are children folded in with these tags. JAX's ``split(key, n)[i]`` is ``fold_in(key, i)``
-# (and the i-th value drawn from ``key`` comes from the same bits), so tags at 2³¹ and above
-# are apart from whatever the sampler derives. ``_RETRY``: the parent of a step's retry keys.
-_PROBES, _TRACKER, _LOG_Z_NOISE, _FLOOR, _RETRY = (2**31 + i for i in range(5))
 
 
 class Site(NamedTuple):
@@ -244,35 +246,6 @@ def keep_if_finite(finite, proposed: TrainState, state: TrainState) -> TrainStat
     return select(finite, proposed, rejected)
 
 
-def attempt_key(key: jax.Array, step: jax.Array, num_rejected: jax.Array) -> jax.Array:
-    """The PRNG key of an attempt at training step ``step``: ``fold_in(key, step)`` for the
-    first attempt; after ``num_rejected`` consecutive rejected attempts a key of its own
-    (apart from every key the first attempt derives), so a retry draws a new batch and new
-    negatives instead of repeating the rejected step. Both numbers are in the state, so a
-    resumed run retries exactly as an uninterrupted one."""
-    step_key = jax.random.fold_in(key, step)
-    retry_key = jax.random.fold_in(jax.random.fold_in(step_key, _RETRY), num_rejected)
-    # a select, not a branch: on a GPU a branch waits for its predicate on the host every step
-    return jnp.where(num_rejected > 0, retry_key, step_key)
-
-
-def _site_keys(key: jax.Array, names) -> dict:
-    """One key per site: the key itself for a single site, else ``fold_in(key, index)``."""
-    if len(names) == 1:
-        return {names[0]: key}
-    return {name: jax.random.fold_in(key, i) for i, name in enumerate(names)}
-
-
-def _model_key(key: jax.Array) -> jax.Array:
-    return jax.random.fold_in(key, 0x6D6F64)  # the model's own stream (e.g. its subsampling)
-
-
-def objective_key(model_key: jax.Array) -> jax.Array:
-    """The objective's PRNG key (its projections or noise) from the key a problem's ``loss``
-    gets: a stream of its own, apart from the model's."""
-    return jax.random.fold_in(model_key, 0x6F626A)
-
-
 def sampler_for(site: Site, config: TrainConfig) -> NegativeSampler:
     """The negative sampler of ``site``: ``config.negatives``, or for a conditional site one
     that handles conditions (``config.conditional_negatives``, by default contrastive
@@ -324,14 +297,14 @@ def init(key: jax.Array, params, data, problem, config: TrainConfig) -> TrainSta
 
 def _init(key, params, data, problem, config: TrainConfig) -> TrainState:
     trainable, static = eqx.partition(params, eqx.is_inexact_array)
-    sites = problem.sites(params, _model_key(key), data)
-    keys = _site_keys(key, tuple(sites))
+    sites = problem.sites(params, model_key(key), data)
+    keys = site_keys(key, tuple(sites))
     negatives, bases, free, log_z, trackers = {}, {}, {}, {}, {}
     for name, site in sites.items():
         flat = _flat(site.observed)
         bases[name] = fit_base(flat)
         negatives[name] = sampler_for(site, config).init(keys[name], site.observed, bases[name])
-        probes = bases[name].sample(jax.random.fold_in(keys[name], _PROBES), NUM_PROBES)
+        probes = bases[name].sample(jax.random.fold_in(keys[name], PROBES), NUM_PROBES)
         probes = jnp.reshape(probes, (NUM_PROBES, *site.event_shape))
         free[name] = _site_free_constants(problem, trainable, static, data, key, name, probes)
         # a conditional energy has a log Z per condition: none is learned (0 stays 0)
@@ -339,7 +312,7 @@ def _init(key, params, data, problem, config: TrainConfig) -> TrainState:
         log_z[name] = jnp.asarray(start, jnp.float32)
         trackers[name] = None
         if site.conditions is None and config.track_log_z:
-            tracker_key = jax.random.fold_in(keys[name], _TRACKER)
+            tracker_key = jax.random.fold_in(keys[name], TRACKER)
             trackers[name] = _start_tracker(
                 tracker_key, bases[name], site.energy, site.event_shape, config.log_z_tracker()
             )
@@ -376,7 +349,7 @@ def _site_free_constants(problem, trainable, static, data, key, name, probes):
     at ``probes`` (paired with the site's first conditions for a conditional energy)."""
 
     def site_of(p):
-        return problem.sites(eqx.combine(p, static), _model_key(key), data)[name]
+        return problem.sites(eqx.combine(p, static), model_key(key), data)[name]
 
     conditions = site_of(trainable).conditions
     if conditions is None:
@@ -395,11 +368,11 @@ def step(key: jax.Array, state: TrainState, batch, problem, config: TrainConfig)
 
     Returns ``(new_state, StepInfo)``.
     """
-    k_model = _model_key(key)
+    k_model = model_key(key)
     if config.sharding is not None:
         batch = jax.lax.with_sharding_constraint(batch, config.sharding)
     sites = problem.sites(_frozen(state.params), k_model, batch)
-    keys = _site_keys(key, tuple(sites))
+    keys = site_keys(key, tuple(sites))
     draws, infos = {}, {}
     new_negatives = {}
     for name, site in sites.items():
@@ -573,7 +546,7 @@ def _learn_log_z(keys, state, averaged, draws, sites, config, decay):
             continue
         base = state.bases[name]
         flat_neg = _flat(draws[name] if draws[name].shape[0] else site.observed)
-        noise = base.sample(jax.random.fold_in(keys[name], _LOG_Z_NOISE), flat_neg.shape[0])
+        noise = base.sample(jax.random.fold_in(keys[name], LOG_Z_NOISE), flat_neg.shape[0])
         energy = _flat_energy(averaged[name])
         grad = jax.grad(nce_log_z_loss)(state.log_z[name], energy, flat_neg, noise, base)
         update, opt_states[name] = adam.update(grad, state.log_z_opt_state[name])
@@ -597,12 +570,12 @@ def _track_log_z(keys, state, problem, averaged, key, batch, config):
         settings = config.log_z_tracker()
         old, new = (flat_logdensity(s[name].energy, shape) for s in (previous, averaged))
         tracker, info = tracking.advance(
-            jax.random.fold_in(keys[name], _TRACKER), tracker, old, new, settings, base
+            jax.random.fold_in(keys[name], TRACKER), tracker, old, new, settings, base
         )
         # the batch's rows carry the floor's kernels: wells at the training rows
         rows = _flat(averaged[name].observed)
         trackers[name], bound, missed, fused = tracking.floor(
-            jax.random.fold_in(keys[name], _FLOOR), tracker, new, rows, base, settings
+            jax.random.fold_in(keys[name], FLOOR), tracker, new, rows, base, settings
         )
         infos[name] = (info, bound, missed.astype(bound.dtype), fused.astype(bound.dtype))
     return trackers, infos

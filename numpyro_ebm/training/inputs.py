@@ -70,11 +70,21 @@ def checked_inputs(energy, data, condition, validation_data, *counts):
         if condition is None:
             validation = validate_data(validation_data, event_shape, name="validation_data")
         else:
+            if not (isinstance(validation_data, tuple | list) and len(validation_data) == 2):
+                raise ValueError(
+                    "with a condition, validation_data is a pair (points, conditions), got "
+                    f"{type(validation_data).__name__}"
+                )
             points, conditions = validation_data
             validation = (
                 validate_data(points, event_shape, name="validation_data"),
                 validate_data(conditions, condition_shape, name="validation conditions"),
             )
+            if validation[0].shape[0] != validation[1].shape[0]:
+                raise ValueError(
+                    f"validation_data has {validation[0].shape[0]} points and "
+                    f"{validation[1].shape[0]} conditions: one condition per point"
+                )
         validation = jax.tree.map(_float32, validation)
     inputs = data if condition is None else (data, condition)
     return inputs, validation, event_shape

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from numpyro_ebm import samplers as _samplers
-from numpyro_ebm.training import core, selection
+from numpyro_ebm.training import core, keys, selection
 
 __all__ = [
     "DIVERGED_ADVICE",
@@ -62,7 +62,7 @@ def _run_steps(key, state, data, validation, problem, config, num_steps_total, l
 
     def body(carry, _):
         state = eqx.combine(carry, static)
-        step_key = core.attempt_key(key, state.step, state.consecutive_nonfinite)
+        step_key = keys.attempt_key(key, state.step, state.consecutive_nonfinite)
         k_batch, k_step = jax.random.split(step_key)
         new_state, info = core.step(k_step, state, problem.batch(k_batch, data), problem, config)
         if validation is not None:
@@ -216,7 +216,7 @@ def train(
 
     Args:
         state: the starting ``TrainState`` (its buffers are donated: do not reuse it).
-        key: the loop's PRNG key (step t's attempt key is ``core.attempt_key(key, t, ...)``).
+        key: the loop's PRNG key (step t's attempt key is ``keys.attempt_key(key, t, ...)``).
         data: what ``problem.batch`` draws batches from.
         problem: as for ``core.step``.
         config: as for ``core.step``.
