@@ -4,6 +4,7 @@ Every command on a damaged or busy run folder prints one line naming the file (o
 pid), exits with its documented code, and changes nothing in the folder.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -403,3 +404,99 @@ def test_a_resumed_run_keeps_its_widths_and_new_runs_get_their_datas(run_copy, c
     args = cli.parser.make_parser().parse_args(["train", "--data", str(wide), "--out", "unused"])
     config, _, _ = cli.parser.train_config(args)
     assert config["hidden"] == [256, 256] == list(numpyro_ebm.energies.default_hidden(40))
+
+
+# -- what the user had next to the outputs, and folders that cannot be written -----------------
+
+
+def test_a_markdown_report_keeps_a_users_files_under_its_figures_name(
+    run_copy, capsys, monkeypatch
+):
+    def no_compute(*args, **kwargs):
+        raise AssertionError("computed before checking --out")
+
+    monkeypatch.setattr(cli.commands, "_restore", no_compute)
+    (run_copy / "notes_files").mkdir()
+    (run_copy / "notes_files" / "important.txt").write_text("my notes")
+    (run_copy / "other_files").write_text("a user's file")
+    before = snapshot(run_copy)
+    for name, figures in (("notes.md", "notes_files"), ("other.md", "other_files")):
+        code, out, err = run_cli(capsys, "report", run_copy / "run", "--out", run_copy / name)
+        assert code == 2, err
+        one_line(err, "--out", run_copy / figures, "move it away")
+        assert out == ""
+    assert snapshot(run_copy) == before
+    # an earlier report's figures folder may be replaced
+    (run_copy / "old_files").mkdir()
+    (run_copy / "old_files" / "training.png").write_bytes(b"png")
+    cli.run_folder.check_report_file(str(run_copy / "old.md"))
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """``read_only(folder)``: ``folder`` refuses new files. By ``chmod 0o555``, and where that
+    does not stop this process (root) by an ``os.open``/``os.mkdir`` that refuse them there."""
+    folders = []
+    real_open, real_mkdir = os.open, os.mkdir
+
+    def inside(path):
+        return os.path.dirname(os.path.abspath(os.fsdecode(path))) in folders
+
+    def refusing_open(path, flags, *args, **kwargs):
+        if flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR) and inside(path):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def refusing_mkdir(path, *args, **kwargs):
+        if inside(path):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    def make(folder):
+        os.chmod(folder, 0o555)
+        try:
+            (folder / ".probe").touch()
+        except PermissionError:
+            return
+        os.remove(folder / ".probe")
+        folders.append(str(folder.resolve()))
+        monkeypatch.setattr(os, "open", refusing_open)
+        monkeypatch.setattr(os, "mkdir", refusing_mkdir)
+
+    yield make
+    monkeypatch.undo()
+    for folder in folders:
+        os.chmod(folder, 0o755)
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "report", "report --out"])
+def test_a_folder_that_cannot_be_written_is_a_usage_error(run_copy, capsys, read_only, command):
+    run = run_copy / "run"
+    argv = COMMANDS[command.split()[0]](run, run_copy)
+    subject, folder = run, run
+    if command == "report":
+        argv = ["report", run]
+    elif command == "report --out":
+        subject, folder = "--out", run_copy / "out"
+        folder.mkdir()
+        argv = ["report", run, "--out", folder / "r.html"]
+    before = snapshot(run_copy)
+    read_only(folder)
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2, err
+    one_line(err, f"{subject}: ", "cannot be written", "--out" if "report" in command else "copy")
+    assert out == ""
+    assert snapshot(run_copy) == before
+
+
+def test_metrics_that_cannot_be_written_are_a_usage_error(run_copy, capsys, monkeypatch):
+    def refused(path, obj):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    run = run_copy / "run"
+    before = snapshot(run)
+    monkeypatch.setattr(cli.run_folder, "write_json", refused)
+    code, _, err = run_cli(capsys, "evaluate", run)
+    assert code == 2, err
+    one_line(err, run / "metrics.json", "cannot be written", "copy the run folder")
+    assert snapshot(run) == before

@@ -30,7 +30,8 @@ standardization, settings, versions; ``diverged`` once training diverged), ``che
 (``fit``'s), ``metrics.json``, ``report.html``, for 2-D data ``density.png``, and ``.lock``
 (``train`` and ``evaluate`` hold it: one writer at a time); every file is written atomically.
 A user error (a bad file or option, a folder of another run, a damaged run file, a folder in
-use) prints one line ``numpyro-ebm: error: <file or option>: <what is wrong>; <what to do>``
+use, a folder that cannot be written) prints one line
+``numpyro-ebm: error: <file or option>: <what is wrong>; <what to do>``
 and exits with code 2 before any computation. No error path deletes anything the user had:
 only what the failing command itself created, and only while the run has no checkpoint.
 
@@ -40,7 +41,8 @@ Exit codes:
 0     done
 1     training diverged (``run.json`` records it; ``train`` refuses to rerun it, and
       ``evaluate``, ``sample`` and ``report`` refuse the run with code 2)
-2     bad input or settings, a damaged run file, a run folder in use by another process
+2     bad input or settings, a damaged run file, a run folder in use by another process,
+      a folder that cannot be written (read-only, no permission, full)
 3     internal error (a bug): one line, and the full traceback written to
       ``DIR/traceback.txt`` of the run folder, or to a temporary file when there is none
 130   interrupted (Ctrl-C); ``train`` resumes from its last checkpoint when run again

@@ -47,17 +47,21 @@ from numpyro_ebm.cli.data_files import Data, file_to_model, prepare, read_points
 from numpyro_ebm.cli.parser import check_positive, check_seed, given_settings, train_config
 from numpyro_ebm.cli.run_folder import (
     check_output_file,
+    check_report_file,
     check_settings,
+    check_writable,
     checkpoint_step,
     diverged_message,
     existing_run,
     load_run,
+    locked,
     make_folders,
     new_run,
     remove_created,
     started,
     stopped_early,
     update_metrics,
+    writing,
 )
 from numpyro_ebm.training import TrainingDivergedError
 
@@ -219,7 +223,8 @@ def train_command(args: argparse.Namespace, argv: list[str]) -> int:
     created = make_folders(args.out)
     before = set(os.listdir(args.out))
     # a FolderLockedError leaves even a folder created here: the holder writes into it now
-    with _io.folder_lock(args.out):
+    advice = "copy the run folder somewhere you can write, or train into another --out"
+    with locked(args.out, advice, created):
         return _train_locked(args, argv, config, points, path, created, before)
 
 
@@ -442,7 +447,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
             raise UsageError(
                 args.data, "has fewer than 2 rows; pass at least 2 (for a standard error)"
             )
-    with _io.folder_lock(args.dir):
+    with locked(args.dir, "copy the run folder somewhere you can write and evaluate the copy"):
         return _evaluate_locked(args, run, points, extra)
 
 
@@ -499,10 +504,14 @@ def report_command(args: argparse.Namespace) -> int:
     path = args.out or os.path.join(args.dir, REPORT_FILE)
     if os.path.splitext(path)[1].lower() not in (".html", ".md"):
         raise UsageError("--out", f"{path!r} must end in .html or .md; e.g. --out report.md")
+    advice = "pick another --out" if args.out else "pass --out to write the report elsewhere"
     if args.out is not None:
-        check_output_file(path, "report.html")
+        check_report_file(path)
+    elif os.path.isdir(args.dir):
+        check_writable(args.dir, args.dir, "the run folder ", advice)
     run, data, res = _restore(args.dir)
-    print(f"wrote {_write_report(res, data, run['config'], path)}")
+    with writing(os.path.dirname(os.path.abspath(path)), path, advice):
+        print(f"wrote {_write_report(res, data, run['config'], path)}")
     return EXIT_OK
 
 

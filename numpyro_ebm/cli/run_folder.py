@@ -12,12 +12,14 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
 import platform
 import shlex
 import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -35,6 +37,10 @@ from numpyro_ebm.cli._common import (
     write_json,
 )
 from numpyro_ebm.cli.data_files import Data, read_points, sha256
+from numpyro_ebm.diagnostics.report import figures_folder_problem
+
+# what a failed write into a folder means: no permission, a read-only or full file system
+WRITE_ERRNOS = frozenset((errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT))
 
 
 def checkpoint_step(folder: str) -> int | None:
@@ -258,7 +264,8 @@ def update_metrics(folder: str, step: int, updates: dict) -> dict:
     for data_name, entries in updates.pop("heldout", {}).items():
         metrics.setdefault("heldout", {}).setdefault(data_name, {}).update(entries)
     metrics.update(updates)
-    write_json(path, metrics)
+    with writing(folder, path, "copy the run folder somewhere you can write and use the copy"):
+        write_json(path, metrics)
     return metrics
 
 
@@ -401,3 +408,61 @@ def check_output_file(path: str, example: str) -> None:
         raise UsageError(
             "--out", f"folder {folder} is not writable (permission denied); pick another"
         )
+    check_writable(folder, "--out", f"folder {folder} ", "pick another")
+
+
+def check_writable(folder: str, subject: str, what: str, advice: str) -> None:
+    """``folder`` takes a new file (one is made and removed: ``os.access`` says yes to root
+    and knows nothing of read-only file systems); else a ``UsageError``."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".tmp-probe-")
+    except OSError as err:  # the probe's random name would only confuse
+        raise _not_writable(subject, what, OSError(err.errno, err.strerror), advice) from err
+    os.close(fd)
+    os.remove(probe)
+
+
+def check_report_file(path: str) -> None:
+    """``check_output_file`` for a report; a ``.md`` one also needs a figures folder it may
+    replace (absent, or holding only an earlier report's figures)."""
+    check_output_file(path, "report.html")
+    problem = figures_folder_problem(path) if path.lower().endswith(".md") else None
+    if problem is not None:
+        raise UsageError(
+            "--out",
+            f"{problem}; the report's figures would replace it: move it away, or pick another "
+            "--out",
+        )
+
+
+def _not_writable(subject: str, what: str, err: OSError, advice: str) -> UsageError:
+    where = f"{err.strerror}: {err.filename}" if err.filename else err.strerror or str(err)
+    return UsageError(subject, f"{what}cannot be written ({where}); {advice}")
+
+
+@contextlib.contextmanager
+def writing(folder: str, subject: str, advice: str):
+    """Turn a failed write into ``folder`` (``WRITE_ERRNOS``) into a ``UsageError``."""
+    try:
+        yield
+    except OSError as err:
+        folder = os.path.abspath(folder)
+        named = isinstance(err.filename, str | bytes | os.PathLike)
+        name = os.path.abspath(os.fsdecode(err.filename)) if named else folder
+        if err.errno not in WRITE_ERRNOS or os.path.commonpath([folder, name]) != folder:
+            raise
+        raise _not_writable(subject, "", err, advice) from err
+
+
+@contextlib.contextmanager
+def locked(folder: str, advice: str, created: list[str] | tuple = ()):
+    """``_io.folder_lock(folder)``; a folder where the lock file cannot be made (no
+    permission, a read-only file system) is a ``UsageError``, after the folders this
+    invocation ``created`` are removed again."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(_io.folder_lock(folder))
+        except OSError as err:
+            remove_created(list(created), [])
+            raise _not_writable(folder, "the run folder ", err, advice) from err
+        yield

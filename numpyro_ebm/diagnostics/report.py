@@ -20,7 +20,12 @@ from numpyro_ebm.diagnostics.arviz import to_datatree
 from numpyro_ebm.diagnostics.checks import Diagnosis, diagnose
 from numpyro_ebm.diagnostics.lag import chain_lag, has_chains
 
-__all__ = ["report"]
+__all__ = ["FIGURE_NAMES", "figures_folder", "figures_folder_problem", "report"]
+
+# every figure a report can draw: a Markdown report's figures folder holds some of these
+FIGURE_NAMES = frozenset(
+    ("training.png", "density.png", "samples.png", "trace.png", "rank.png", "energy.png")
+)
 
 
 def report(
@@ -37,8 +42,10 @@ def report(
     """Write a report of a training run: verdict, settings, curves, density, chains.
 
     ``.html``: one self-contained file (figures embedded). ``.md``: Markdown with the figures
-    as PNG files in a folder ``<name>_files`` next to it. Everything is written to temporary
-    names and renamed, so an interrupted report leaves no half-written file.
+    as PNG files in a folder ``<name>_files`` next to it; an existing such folder is replaced
+    only when it holds nothing but an earlier report's figures (``FIGURE_NAMES``). Everything
+    is written to temporary names and renamed, so an interrupted report leaves no
+    half-written file.
 
     Args:
         res: the ``FitResult``.
@@ -58,6 +65,10 @@ def report(
     Returns:
         ``path`` as a string.
 
+    Raises:
+        ValueError: ``path`` is a folder or has another suffix, or (``.md``) its ``_files``
+            folder holds something else than an earlier report's figures; nothing is written.
+
     Example:
         >>> from numpyro_ebm import diagnostics
         >>> diagnostics.report(res, "run.html", data=data)  # doctest: +SKIP
@@ -67,9 +78,14 @@ def report(
     kind = os.path.splitext(path)[1].lower()
     if kind not in (".html", ".md"):
         raise ValueError(f"report path must end in .html or .md, got {path!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"report path {path!r} is a folder; name a file")
+    problem = figures_folder_problem(path) if kind == ".md" else None
+    if problem is not None:
+        raise ValueError(f"{problem}; move it away or write the report elsewhere")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    figures_name = f"{os.path.splitext(os.path.basename(path))[0]}_files"
+    figures_name = os.path.basename(figures_folder(path))
     attrs = fit_attrs(res)
     diagnosis = diagnose(res, data_entropy=None if toy is None else toy.entropy(), verbose=False)
     if lag_key is not None and has_chains(res):
@@ -93,11 +109,10 @@ def report(
         }
         if kind == ".html":
             text = _html(sections, work)
+            _io.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
         else:
             text = _markdown(sections, figures_name)
-            names = [name for name, _ in figures]
-            _replace_folder(work, names, os.path.join(folder, figures_name))
-        _io.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+            _install_markdown(work, text, [name for name, _ in figures], path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return path
@@ -194,17 +209,60 @@ def _settings_rows(res: FitResult, attrs: dict, data, toy, key) -> list[tuple[st
     return rows
 
 
-def _replace_folder(work: str, names: list[str], final: str) -> None:
-    """Move the files ``names`` from ``work`` into a new folder renamed over ``final`` (a
-    rename cannot replace a folder that has files, so an old one is moved into ``work``
-    first, to be removed with it)."""
-    staged = os.path.join(work, os.path.basename(final))
+def figures_folder(path: str | os.PathLike) -> str:
+    """The folder of a Markdown report's figures: ``<name>_files`` next to ``path``."""
+    return f"{os.path.splitext(os.fspath(path))[0]}_files"
+
+
+def figures_folder_problem(path: str | os.PathLike) -> str | None:
+    """Why a ``.md`` report at ``path`` may not replace its figures folder (None when there is
+    none, or it holds only files named like an earlier report's figures)."""
+    final = figures_folder(path)
+    if not os.path.lexists(final):
+        return None
+    if os.path.islink(final) or not os.path.isdir(final):
+        return f"{final} exists and is not a folder of report figures"
+    others = sorted(
+        name
+        for name in os.listdir(final)
+        if name not in FIGURE_NAMES
+        or os.path.islink(os.path.join(final, name))
+        or not os.path.isfile(os.path.join(final, name))
+    )
+    if not others:
+        return None
+    listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+    return f"{final} holds files that no earlier report wrote ({listed})"
+
+
+def _install_markdown(work: str, text: str, names: list[str], path: str) -> None:
+    """Put the figures ``names`` (in ``work``) and the Markdown ``text`` in place: both are
+    written under ``work`` first, then renamed; an old figures folder is moved into ``work``
+    (a rename cannot replace a folder that has files), and put back if a rename fails."""
+    final = os.path.abspath(figures_folder(path))
+    staged, old = os.path.join(work, "figures"), os.path.join(work, "old")
     os.makedirs(staged)
     for name in names:
         os.replace(os.path.join(work, name), os.path.join(staged, name))
-    if os.path.exists(final):
-        os.replace(final, os.path.join(work, "old"))
-    os.replace(staged, final)
+    _io.fsync_folder(staged)
+    markdown = os.path.join(work, "report.md")
+    _io.write_synced(markdown, text.encode("utf-8"))
+    problem = figures_folder_problem(path)  # again: it may have changed while drawing
+    if problem is not None:
+        raise ValueError(f"{problem}; move it away or write the report elsewhere")
+    moved = os.path.lexists(final)
+    if moved:
+        os.replace(final, old)
+    try:
+        os.replace(staged, final)
+        os.replace(markdown, path)
+    except BaseException:
+        if not os.path.lexists(staged):  # the new folder is in place: take it back
+            os.replace(final, staged)
+        if moved:
+            os.replace(old, final)
+        raise
+    _io.fsync_folder(os.path.dirname(final))
 
 
 def _log_z_rows(res: FitResult, data, toy, key) -> list[tuple[str, str]]:
