@@ -41,6 +41,7 @@ import numpy as np
 
 __all__ = [
     "MAX_DECIMALS",
+    "MAX_ROUNDING",
     "TableTransform",
     "column_quanta",
     "column_statistics",
@@ -56,6 +57,9 @@ __all__ = [
 
 MAX_DECIMALS = 6
 """A column with more decimals than this is continuous (quantum 0)."""
+
+MAX_ROUNDING = 0.1
+"""``quantum`` refuses a grid on which its rounding tolerance reaches this fraction of a cell."""
 
 NOISE_SCALE = 0.1
 """``default_noise``'s standard deviation, in standardized coordinates."""
@@ -73,16 +77,19 @@ def quantum(column: np.ndarray, *, max_decimals: int = MAX_DECIMALS) -> float:
     every value is a whole multiple, or 0 if there is none (a continuous column).
 
     A value counts as a whole multiple when it is within a few roundings of one in the
-    column's own precision (``np.float32(17.99)`` is on the 0.01 grid; float64 and integer
-    columns are judged in float64), and only grids no coarser than the column's spread count
-    (values such as 1e-300 and 2e-300 are within rounding of 0, not on the grid of 1).
+    column's own precision (``np.float32(17.99)`` is on the 0.01 grid; float16 and float32
+    columns are judged in theirs, float64 and integer columns in float64), and only grids no
+    coarser than the column's spread count (values such as 1e-300 and 2e-300 are within
+    rounding of 0, not on the grid of 1), nor grids on which a few roundings of the column's
+    largest value reach a tenth of a cell (float32 holds 1.2e4 to about 0.001: every value
+    would be on the 0.01 grid).
 
     Example:
         >>> quantum(np.array([5.1, 3.5, 1.4])), quantum(np.array([1.0, 13.0]))
         (0.1, 1.0)
     """
     column = np.asarray(column)
-    precision = np.float32 if column.dtype == np.float32 else np.float64
+    eps = np.finfo(_precision(column)).eps
     values = column.astype(np.float64)
     with np.errstate(over="ignore"):  # a spread beyond float64 is inf: any grid fits in it
         spread = float(values.max() - values.min()) if values.size else 0.0
@@ -90,8 +97,11 @@ def quantum(column: np.ndarray, *, max_decimals: int = MAX_DECIMALS) -> float:
         q = 10.0**-decimals
         if 0 < spread < q:
             continue  # values closer than the grid (1e-300 and 2e-300 are not whole numbers)
-        scaled = values * 10.0**decimals
-        rounding = 4 * np.finfo(precision).eps * np.maximum(np.abs(scaled), 1.0)
+        with np.errstate(over="ignore"):
+            scaled = values * 10.0**decimals
+        rounding = 4 * eps * np.maximum(np.abs(scaled), 1.0)
+        if np.max(rounding, initial=0.0) >= MAX_ROUNDING:
+            break  # finer grids are finer still against the values' precision
         if np.all(np.abs(scaled - np.round(scaled)) <= rounding):
             return float(q)
     return 0.0
@@ -101,6 +111,13 @@ def column_quanta(train, *, max_decimals: int = MAX_DECIMALS) -> np.ndarray:
     """``(D,)``: each column's ``quantum`` in the rows ``train`` (n, D), judged in the
     columns' own precision (0 for a continuous column)."""
     return np.array([quantum(c, max_decimals=max_decimals) for c in np.asarray(train).T])
+
+
+def _precision(array: np.ndarray) -> type:
+    """The float type ``array``'s values are judged in: float16 and float32 their own,
+    anything else float64."""
+    dtype = array.dtype
+    return dtype.type if dtype.kind == "f" and dtype.itemsize < 8 else np.float64
 
 
 def _binary_scale(values: np.ndarray) -> np.ndarray:
@@ -150,14 +167,27 @@ def dequantize(points, quanta, *, key: jax.Array) -> np.ndarray:
     return points + noise * np.asarray(quanta, np.float64)
 
 
-def snap_to_grid(points, quanta) -> np.ndarray:
+def snap_to_grid(points, quanta, *, rounding=0.0) -> np.ndarray:
     """Dequantized values back on their grid: the cell ``[v, v + q)`` a value falls in gives
-    ``v``, rounded to the grid's decimals (continuous columns, ``q = 0``, unchanged)."""
-    points = np.array(points, np.float64)
+    ``v``, rounded to the grid's decimals (continuous columns, ``q = 0``, unchanged).
+
+    A value within a few roundings of a grid point in its own precision (as ``quantum`` judges
+    recorded values), plus ``rounding`` (original units, broadcast to ``points``), up to
+    ``MAX_ROUNDING`` of a cell, is on it: ``0.3`` stays ``0.3`` although ``0.3 / 0.1 < 3``.
+    """
+    given = np.asarray(points)
+    eps = np.finfo(_precision(given)).eps
+    points = given.astype(np.float64)
+    rounding = np.broadcast_to(np.asarray(rounding, np.float64), points.shape)
     quanta = np.asarray(quanta, np.float64)
-    for j in np.flatnonzero(quanta > 0):  # round off 0.30000000000000004
+    for j in np.flatnonzero(quanta > 0):
         q = quanta[j]
-        points[:, j] = np.round(np.floor(points[:, j] / q) * q, round(-math.log10(q)))
+        cells = points[:, j] / q
+        nearest = np.round(cells)
+        within = 4 * eps * np.maximum(np.abs(cells), 1.0) + rounding[:, j] / q
+        within = np.minimum(within, MAX_ROUNDING)
+        whole = np.where(np.abs(cells - nearest) <= within, nearest, np.floor(cells))
+        points[:, j] = np.round(whole * q, round(-math.log10(q)))  # 0.30000000000000004
     return points
 
 
@@ -342,8 +372,13 @@ class TableTransform:
     def to_original(self, z, *, on_grid: bool = False) -> np.ndarray:
         """Model coordinates back to (dequantized) original values, float64; ``on_grid``:
         the quantized columns are put back on their grid (``snap_to_grid``)."""
-        points = self.mean + self.std * np.asarray(z, np.float64)
-        return snap_to_grid(points, self.quantum) if on_grid else points
+        z = np.asarray(z)
+        points = self.mean + self.std * z.astype(np.float64)
+        if not on_grid:
+            return points
+        # z is known to a few roundings in its own precision (float32 from ``standardize``)
+        rounding = 4 * np.finfo(_precision(z)).eps * self.std * np.abs(z)
+        return snap_to_grid(points, self.quantum, rounding=rounding)
 
     def redequantizer(self) -> Callable:
         """``fresh(key, z)``: model coordinates with new dequantization noise in every

@@ -321,6 +321,45 @@ def test_integer_npy_is_read_like_an_integer_csv(tmp_path, dtype):
     np.testing.assert_array_equal(from_npy, from_csv)
 
 
+def _train_config(tmp_path, path):
+    """``(config, points)`` of ``train --data path`` (the file read and its columns checked)."""
+    argv = ["train", "--data", str(path), "--out", str(tmp_path / "run")]
+    config, rows, _ = cli.parser.train_config(cli.parser.make_parser().parse_args(argv))
+    return config, rows
+
+
+@pytest.mark.parametrize(("dtype", "high"), [(np.float32, 8.0), (np.float16, 2.0)])
+def test_a_narrow_float_npy_has_the_grids_of_the_same_csv(tmp_path, dtype, high):
+    """Grids are found in the file's own precision: a float32 or float16 .npy of values
+    recorded to 0.1 and 1 is dequantized as the CSV of those values is, and (float32, whose
+    cells start within 1e-6 of a cell of the recorded values) its rows go back on the grid."""
+    rng = np.random.default_rng(8)
+    # float16 holds 2 to 1/512: 4 roundings are 0.08 of 0.1 (at 8, too many: continuous)
+    recorded = np.column_stack(
+        [np.round(rng.uniform(0, high, NUM_ROWS), 1), rng.integers(0, 9, NUM_ROWS)]
+    )
+    np.save(tmp_path / "data.npy", recorded.astype(dtype))
+    write_csv(tmp_path / "data.csv", ["a", "b"], recorded)
+    quanta = {}
+    for suffix in ("npy", "csv"):
+        config, rows = _train_config(tmp_path, tmp_path / f"data.{suffix}")
+        data = cli.data_files.prepare(config, rows, None)
+        quanta[suffix] = data.quantum.tolist()
+        if dtype == np.float32 or suffix == "csv":
+            train = recorded[cli.data_files._split(0, NUM_ROWS, FRACTION)[0]]
+            np.testing.assert_array_equal(data.to_original(data.train, on_grid=True), train)
+    assert quanta["npy"] == quanta["csv"] == [0.1, 1.0]
+
+
+def test_a_float32_npy_flag_column_on_the_grid_is_accepted(tmp_path):
+    x = points(9).astype(np.float32)
+    x[:, 0] = np.where(x[:, 0] > 0, np.float32(0.1), np.float32(0.2))
+    np.save(tmp_path / "data.npy", x)
+    config, rows = _train_config(tmp_path, tmp_path / "data.npy")
+    assert rows.dtype == np.float32
+    assert cli.data_files.prepare(config, rows, None).quantum.tolist() == [0.1, 0.0]
+
+
 def test_float128_npy_is_refused(tmp_path, capsys):
     if np.dtype(np.longdouble).itemsize <= 8:
         pytest.skip("long double is float64 on this platform")

@@ -236,3 +236,50 @@ def test_with_noise_of_zero_is_the_augment_itself():
         return points
 
     assert with_noise(augment, 0.0) is augment and with_noise(None, 0) is None
+
+
+def test_on_grid_values_snap_to_themselves_and_values_inside_a_cell_to_its_lower_end():
+    assert snap_to_grid([[0.3, 0.07], [0.6, 0.29]], [0.1, 0.01]).tolist() == [
+        [0.3, 0.07],
+        [0.6, 0.29],
+    ]
+    for q, decimals in ((0.1, 1), (0.01, 2), (1e-6, 6)):
+        recorded = np.round(np.arange(-1000, 1000) * q, decimals)
+        for given in (recorded, recorded.astype(np.float32)):
+            np.testing.assert_array_equal(snap_to_grid(given[:, None], [q])[:, 0], recorded)
+        for inside in (0.001, 0.5, 0.999):
+            snapped = snap_to_grid((recorded + inside * q)[:, None], [q])[:, 0]
+            np.testing.assert_array_equal(snapped, recorded)
+        below = snap_to_grid((recorded - 0.001 * q)[:, None], [q])[:, 0]
+        np.testing.assert_array_equal(below, np.round(recorded - q, decimals))
+    # a rounding of a cell or more counts for a tenth of a cell at most
+    assert snap_to_grid([[0.38, 0.395]], [0.1, 0.1], rounding=1.0).tolist() == [[0.3, 0.4]]
+
+
+def test_standardized_recorded_values_go_back_to_themselves_on_the_grid():
+    """A recorded value is its cell's lower edge (noise u = 0): through float32 model
+    coordinates and back it stays in its own cell."""
+    uniform = np.random.default_rng(7).uniform(-50, 50, (2000, 2))
+    recorded = np.column_stack([np.round(uniform[:, 0], 1), np.round(uniform[:, 1], 2)])
+    transform = TableTransform.fit(recorded)
+    assert transform.quantum.tolist() == [0.1, 0.01]
+    back = transform.to_original(transform.standardize(recorded), on_grid=True)
+    np.testing.assert_array_equal(back, recorded)
+
+
+@pytest.mark.parametrize(
+    ("column", "expected"),
+    [
+        (np.random.default_rng(0).uniform(1.1e4, 1.3e4, 500).astype(np.float32), 0.0),
+        (np.round(np.random.default_rng(1).uniform(1.1e4, 1.3e4, 500), 3).astype(np.float32), 0.0),
+        (np.round(np.random.default_rng(2).uniform(1.1e4, 1.3e4, 500), 1).astype(np.float32), 0.1),
+        (np.random.default_rng(3).uniform(2, 10, 50).astype(np.float32), 0.0),
+        (np.random.default_rng(4).normal(size=50) * 1e12, 0.0),
+        (np.array([1e15, 1e15 + 2]), 0.0),  # float64 holds 1e15 to 0.125: 4 roundings of 1
+        (np.float32([0.0, 1.0, 2e5]), 1.0),  # 4 float32 roundings of 2e5: 0.095 of 1
+        (np.float32([0.0, 1.0, 2.2e5]), 0.0),  # 0.105 of 1
+        (np.float16([0.5, 1.5, 0.1]), 0.1),  # float16 is judged in float16
+    ],
+)
+def test_quantum_refuses_grids_finer_than_a_few_roundings_of_the_values(column, expected):
+    assert quantum(column) == expected

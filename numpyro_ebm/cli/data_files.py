@@ -6,7 +6,7 @@ Every check raises ``UsageError`` naming the file (and line or column) before an
 ``prepare`` turns a run's settings into its data.
 
 Example:
-    >>> points, names = read_points("data.csv")            # (n, d) float64, column names
+    >>> points, names = read_points("data.csv")            # (n, d) floats, column names
     >>> check_columns(points, names, "data.csv", seed=0, fraction=0.1)
 """
 
@@ -75,8 +75,9 @@ def _open_data(path: str):
         raise UsageError(path, f"cannot be read ({err.strerror}); check the file") from err
 
 
-def _as_float64(points: np.ndarray, path: str) -> np.ndarray:
-    """Floats and integers as native float64 (as a CSV's numbers are read); others refused."""
+def _as_floats(points: np.ndarray, path: str) -> np.ndarray:
+    """Floats in their own precision (whose grid ``tables.quantum`` judges in it) and integers
+    as float64 (as a CSV's numbers are read), in native byte order; others refused."""
     kind = points.dtype.kind
     if kind == "f" and points.dtype.itemsize > 8:
         raise UsageError(
@@ -90,12 +91,12 @@ def _as_float64(points: np.ndarray, path: str) -> np.ndarray:
             f"holds {points.dtype} values, not numbers; energy-based models need continuous "
             "data: save array.astype('float64')",
         )
-    return points.astype(np.float64)  # native byte order, whatever the file's
+    return points.astype(points.dtype.newbyteorder("=") if kind == "f" else np.float64)
 
 
 def _read_npy(path: str) -> np.ndarray:
-    """A ``.npy`` file's 2-D array as float64, its header checked against the file's size
-    before any array is allocated."""
+    """A ``.npy`` file's 2-D array as floats (``_as_floats``), its header checked against the
+    file's size before any array is allocated."""
     with _open_data(path) as f:
         try:
             version = np.lib.format.read_magic(f)
@@ -135,7 +136,7 @@ def _read_npy(path: str) -> np.ndarray:
             raise UsageError(
                 path, f"cannot be read as a NumPy array ({err}); save it with numpy.save"
             ) from err
-    return _as_float64(points, path)
+    return _as_floats(points, path)
 
 
 def _read_csv(path: str, columns: list[str] | None, wanted_by: str) -> tuple[np.ndarray, list]:
@@ -252,7 +253,8 @@ def _csv_values(path: str, numbers: list[int], cells: np.ndarray, names, columns
 def read_points(
     path: str, columns: list[str] | None = None, *, wanted_by: str = "--columns"
 ) -> tuple[np.ndarray, list | None]:
-    """A user's data file as ``(points (n, d) float64, column names or None)``, checked."""
+    """A user's data file as ``(points (n, d), column names or None)``, checked: float64, or
+    a ``.npy`` file's float32 or float16 values as they are."""
     kind = os.path.splitext(path)[1].lower()
     if kind not in (".npy", ".csv"):
         _check_regular_file(path)  # a missing file or a folder: say that first
@@ -442,9 +444,11 @@ class Data:
         on their grid (the cell ``[v, v + q)`` a value falls in gives ``v``)."""
         if self.box is not None:
             return self.box.to_original(points)
+        if on_grid and self.dequantizes:  # dequantized data is standardized
+            transform = tables.TableTransform(self.quantum, self.mean, self.std)
+            return transform.to_original(points, on_grid=True)
         points = np.asarray(points, np.float64)
-        points = points if self.mean is None else self.mean + self.std * points
-        return tables.snap_to_grid(points, self.quantum) if on_grid and self.dequantizes else points
+        return points if self.mean is None else self.mean + self.std * points
 
     def redequantizer(self):
         """``fit``'s ``augment`` drawing new dequantization noise for every training batch
@@ -518,7 +522,8 @@ def prepare(config: dict, points: np.ndarray | None, standardization: dict | Non
     if not config["data"]["standardized"]:
         return Data(train.astype(np.float32), validation.astype(np.float32), toy)
     if standardization is None:
-        # in float64; columns that cannot be standardized were refused (check_columns)
+        # grids in the file's precision, moments in float64; columns that cannot be
+        # standardized were refused (check_columns)
         dequantize = config["data"].get("dequantize", False)
         quanta = tables.column_quanta(train) if dequantize else np.zeros(train.shape[1])
         mean, std = tables.dequantized_moments(train, quanta)
