@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from numpyro_ebm.gaussian import log_normalizer
-from numpyro_ebm.validation import check_positive
+from numpyro_ebm.validation import check_non_negative, check_positive
 
 __all__ = [
     "DeepEnergy",
@@ -71,13 +71,6 @@ def default_hidden(dim: int) -> tuple[int, ...]:
         return (128, 128, 128)
     width = min(1024, max(256, 2 ** math.ceil(math.log2(4 * dim))))
     return (width, width)
-
-
-def _check_confinement(value) -> float:
-    real = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
-    if not (real and 0 <= value < math.inf):
-        raise ValueError(f"confinement must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 def _flatten_event(x: jax.Array, dim: int) -> jax.Array:
@@ -150,7 +143,7 @@ class MLPEnergy(eqx.Module):
         confinement: float = 0.01,
     ):
         self.dim = _check_dim(dim)
-        self.confinement = _check_confinement(confinement)
+        self.confinement = check_non_negative("confinement", confinement)
         hidden = default_hidden(dim) if hidden is None else tuple(hidden)
         self.net = MLP((dim, *hidden, 1), activation, key=key)
 
@@ -202,7 +195,7 @@ class NoiseConditionalEnergy(eqx.Module):
     ):
         self.dim = _check_dim(dim)
         self.noise_scale = check_positive("noise_scale", noise_scale)
-        self.confinement = _check_confinement(confinement)
+        self.confinement = check_non_negative("confinement", confinement)
         hidden = default_hidden(dim) if hidden is None else tuple(hidden)
         self.net = MLP((dim + 1, *hidden, 1), activation, key=key)
 

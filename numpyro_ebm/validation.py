@@ -240,7 +240,18 @@ def check_count(name: str, value, low: int = 1) -> None:
 def check_positive(name: str, value) -> float:
     """A scale setting must be a finite real number ``> 0`` (not a bool): the value as a
     ``float``, or a ``ValueError`` naming it."""
-    real = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
-    if not (real and 0 < value < float("inf")):
+    if not (_real(value) and 0 < value < float("inf")):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
+
+
+def check_non_negative(name: str, value) -> float:
+    """A weight or gain must be a finite real number ``>= 0`` (not a bool; 0 turns it off):
+    the value as a ``float``, or a ``ValueError`` naming it."""
+    if not (_real(value) and 0 <= value < float("inf")):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _real(value) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)

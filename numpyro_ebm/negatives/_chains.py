@@ -8,11 +8,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from numpyro_ebm import samplers as _samplers
 from numpyro_ebm.negatives.base import ChainRecord, NegativeSampler, Target
-from numpyro_ebm.validation import check_count
+from numpyro_ebm.validation import check_count, check_non_negative
 
 
 class ChainState(NamedTuple):
@@ -43,14 +42,6 @@ def check_chain_counts(num_chains, num_recorded_chains) -> None:
         )
 
 
-def check_gain(name: str, value) -> None:
-    """A gain or weight must be a finite number ``>= 0`` (0 turns its update off): a
-    ``ValueError`` naming it otherwise."""
-    real = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
-    if not (real and 0 <= value < math.inf):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
 @dataclass(frozen=True)
 class ChainSettings(NegativeSampler):
     """Settings every MCMC negative sampler has.
@@ -75,7 +66,7 @@ class ChainSettings(NegativeSampler):
     def __post_init__(self):
         object.__setattr__(self, "sampler", _samplers.get_sampler(self.sampler))
         check_count("num_mcmc_steps", self.num_mcmc_steps)
-        check_gain("step_size_gain", self.step_size_gain)
+        check_non_negative("step_size_gain", self.step_size_gain)
         check_chain_counts(self.num_chains, self.num_recorded_chains)
 
     def initial_step_size(self) -> jax.Array:

@@ -21,9 +21,8 @@ import optax
 from numpyro_ebm import negatives as _negatives
 from numpyro_ebm import samplers as _samplers
 from numpyro_ebm.logz.tracking import TrackerSettings
-from numpyro_ebm.negatives._chains import check_gain
 from numpyro_ebm.training.objective import build_objective, describe_objective
-from numpyro_ebm.validation import check_count
+from numpyro_ebm.validation import check_count, check_non_negative
 
 __all__ = [
     "MATMUL_PRECISIONS",
@@ -265,8 +264,8 @@ class TrainConfig:
         for name in ("learning_rate", "log_z_learning_rate", "generator_learning_rate"):
             check_learning_rate(name, getattr(self, name))
         check_weight_decay(self.weight_decay)
-        check_gain("step_size_gain", self.step_size_gain)
-        check_gain("amortization_weight", self.amortization_weight)
+        check_non_negative("step_size_gain", self.step_size_gain)
+        check_non_negative("amortization_weight", self.amortization_weight)
         # a resolved config carries resolve's own AdamW, built with this decay, as its optimizer
         own = self.optimizer is None or _built_decay(self.optimizer) == self.weight_decay
         if self.weight_decay and not own:
