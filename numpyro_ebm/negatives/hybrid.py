@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 
 from numpyro_ebm import generator as _generator
-from numpyro_ebm.negatives._chains import ChainSettings, check_gain
+from numpyro_ebm.negatives._chains import ChainSettings
 from numpyro_ebm.negatives.base import NegativeInfo, Target
 from numpyro_ebm.negatives.generator import GeneratorNegatives, GeneratorState, generator_metrics
+from numpyro_ebm.validation import check_non_negative
 
 __all__ = ["Hybrid"]
 
@@ -45,7 +46,7 @@ class Hybrid(GeneratorNegatives, ChainSettings):
     def __post_init__(self):
         GeneratorNegatives.__post_init__(self)
         ChainSettings.__post_init__(self)
-        check_gain("amortization_weight", self.amortization_weight)
+        check_non_negative("amortization_weight", self.amortization_weight)
         if not 0.0 < self.restart_fraction <= 1.0:
             raise ValueError(f"restart_fraction must be in (0, 1], got {self.restart_fraction}")
 
