@@ -100,7 +100,7 @@ def test_same_key_same_chain_different_key_different_chain():
 def test_configuration_errors():
     with pytest.raises(ValueError, match="unknown sampler kernel"):
         samplers.Sampler(kernel="gibbs")
-    with pytest.raises(ValueError, match="step_size must be a positive"):
+    with pytest.raises(ValueError, match="step_size must be a finite number > 0"):
         samplers.mala(step_size=-1.0)
     with pytest.raises(ValueError, match="target_acceptance must be in"):
         samplers.mala(target_acceptance=1.5)
@@ -255,3 +255,13 @@ def test_chains_from_refuses_values_of_the_wrong_shape():
         sampler.chains_from(positions, jnp.zeros(5), jnp.zeros((5, 2)))
     with pytest.raises(ValueError, match=r"log-density of shape \(5,\)"):
         sampler.chains_from(positions, jnp.zeros((5, 1)), jnp.zeros((5, 3)))
+
+
+def test_infinite_step_size_and_zero_thinning_are_refused():
+    with pytest.raises(ValueError, match="step_size must be a finite number > 0"):
+        samplers.mala(step_size=float("inf"))
+    logdensity = lambda x: -0.5 * jnp.sum(x**2)
+    sampler = samplers.mala()
+    states = sampler.init_chains(jnp.zeros((2, 2)), logdensity)
+    with pytest.raises(ValueError, match="thinning must be an integer >= 1"):
+        samplers.run_chains(jax.random.key(0), sampler, logdensity, states, 0.1, 10, thinning=0)

@@ -224,6 +224,33 @@ def test_conditional_ladders_reach_the_branch_no_row_was_observed_on():
     assert abs(share - 0.5) < 4 * np.sqrt(0.25 / 800), shares
 
 
+def test_conditional_step_reports_on_the_ladders_it_ran():
+    """E(y | c) = (y − 4c)² / (2 · 0.3²): the record, the gradient norm and the round trips
+    describe this step's ladders, not the persistent placeholder the state keeps."""
+
+    def energy(y, c):
+        return 0.5 * ((y[0] - 4 * c[0]) / 0.3) ** 2
+
+    conditions = jax.random.uniform(jax.random.key(0), (32, 1), minval=1.0, maxval=2.0)
+    observed = 4 * conditions + 0.3 * jax.random.normal(jax.random.key(1), (32, 1))
+    sampler = negatives.ParallelTempering(
+        num_chains=8, num_temperatures=3, num_mcmc_steps=10, num_recorded_chains=4
+    )
+    base = fit_base(observed)
+    state = sampler.init(jax.random.key(2), observed, base)
+    target = negatives.Target(energy, observed, base, (1,), conditions)
+    new, draws, info = jax.jit(lambda k, s: sampler.sample(k, s, target))(jax.random.key(3), state)
+    np.testing.assert_array_equal(info.record.positions, draws[:4])
+    np.testing.assert_allclose(
+        info.record.info.logdensity, -jax.vmap(energy)(draws[:4], conditions[:4]), rtol=1e-4
+    )
+    grads = jax.vmap(jax.grad(energy))(draws, conditions)
+    true_norm = float(jnp.mean(jnp.abs(grads)))
+    assert float(info.langevin_grad_norm) == pytest.approx(true_norm, rel=1e-3)
+    assert float(info.metrics["round_trips"]) > 0
+    np.testing.assert_array_equal(new.replicas.position, state.replicas.position)
+
+
 def test_datatree_and_diagnose_report_the_ladders():
     energy = jax.tree_util.Partial(two_modes)
     draws = ebm.samplers.DrawSettings(num_chains=8, num_warmup=200, init_scale=6.0)
@@ -241,3 +268,13 @@ def test_datatree_and_diagnose_report_the_ladders():
     stuck = dt.copy()
     stuck["tempering"] = stuck["tempering"].to_dataset().assign(round_trips=ds["round_trips"] * 0)
     assert ebm.diagnostics.diagnose(stuck, verbose=False)["round_trips"].status == "fail"
+
+
+def test_ladder_settings_are_refused_before_compute():
+    for step_size in (float("nan"), 0.0, float("inf")):
+        with pytest.raises(ValueError, match="step_size must be a finite number > 0"):
+            tempering.initial_ladder(3, step_size)
+    ladder = tempering.initial_ladder(4, 0.1)
+    for gain in (5.0, 0.0, float("nan")):
+        with pytest.raises(ValueError, match="gain must be"):
+            tempering.adapt_ladder(ladder, jnp.array([0.2, 0.9, 0.5]), gain=gain)

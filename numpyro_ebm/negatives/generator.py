@@ -21,6 +21,7 @@ from numpyro_ebm import generator as _generator
 from numpyro_ebm import samplers as _samplers
 from numpyro_ebm.negatives._chains import check_chain_counts, flat, random_rows
 from numpyro_ebm.negatives.base import ChainRecord, NegativeInfo, NegativeSampler, Target
+from numpyro_ebm.validation import check_count
 
 __all__ = ["GeneratorNegatives", "GeneratorState", "default_generator"]
 
@@ -59,7 +60,8 @@ class GeneratorNegatives(NegativeSampler):
         optimizer: optax transformation for the generator (required).
         entropy: the entropy estimator (``"nearest_neighbour"``, ``"batch_norm"`` or an
             estimator object; ``generator.get_entropy``).
-        num_chains: generator samples per step (the negatives).
+        num_chains: generator samples per step (the negatives), at least 2 (batch statistics)
+            and more than the nearest-neighbour entropy's ``k``.
         generator: the starting network; None builds ``default_generator`` at ``init``
             (noisy when the entropy estimator needs it). Not a setting: two samplers that
             differ only in it compare equal.
@@ -78,6 +80,13 @@ class GeneratorNegatives(NegativeSampler):
             raise ValueError(f"negatives={self.name!r} needs a generator optimizer")
         object.__setattr__(self, "entropy", _generator.get_entropy(self.entropy))
         check_chain_counts(self.num_chains, self.num_recorded_chains)
+        check_count("num_chains", self.num_chains, low=2)
+        nearest = isinstance(self.entropy, _generator.NearestNeighbourEntropy)
+        if nearest and self.num_chains <= self.entropy.k:
+            raise ValueError(
+                f"num_chains ({self.num_chains}) must exceed the nearest-neighbour entropy's "
+                f"k ({self.entropy.k}): the entropy is estimated on each step's samples"
+            )
 
     @property
     def needs_noise(self) -> bool:
@@ -105,11 +114,12 @@ class GeneratorNegatives(NegativeSampler):
         return jnp.zeros((), jnp.float32)
 
     def train_generator(
-        self, state: GeneratorState, target: Target, z, eps, refined=None, weight=0.0
+        self, state: GeneratorState, target: Target, z, eps, refined=None, weight=0.0, sources=None
     ):
         """One optimizer step of the generator's loss against the target's energy (and, with
-        ``refined``, its amortization pull of weight ``weight`` towards those samples).
-        Returns the updated generator, its optimizer state and the loss terms."""
+        ``refined``, its amortization pull of weight ``weight`` towards those samples; refined
+        row ``i`` started at sample ``sources[i]``, ``−1`` at none). Returns the updated
+        generator, its optimizer state and the loss terms."""
         generator = state.generator
         params, static = eqx.partition(generator, _generator.trainable(generator))
         (_, (terms, updated, _)), grads = jax.value_and_grad(
@@ -124,6 +134,7 @@ class GeneratorNegatives(NegativeSampler):
             target=refined,
             amortization_weight=weight,
             amortization_scale=_generator.data_scale(target.base.scale_tril),
+            target_sources=sources,
         )
         updates, opt_state = self.optimizer.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)

@@ -72,6 +72,7 @@ class Hybrid(GeneratorNegatives, ChainSettings):
         means, _ = generator.generate(z, jnp.zeros_like(eps), train=True)
         samples = means + jnp.exp(generator.log_noise_scale) * eps if generator.noisy else means
         ess = jnp.full((), jnp.nan)
+        sources = jnp.arange(self.num_chains)  # the sample each chain starts from
         if self.resample and generator.noisy:
             resampled = _generator.resample_towards_model(
                 jax.random.fold_in(k_start, 3),
@@ -80,15 +81,16 @@ class Hybrid(GeneratorNegatives, ChainSettings):
                 generator.log_noise_scale,
                 samples,
             )
-            samples, ess = resampled.samples, resampled.ess
+            samples, ess, sources = resampled.samples, resampled.ess, resampled.rows
         if self.restart_fraction < 1.0:
             restart = jax.random.bernoulli(
                 jax.random.fold_in(k_start, 4), self.restart_fraction, (self.num_chains,)
             )
             samples = jnp.where(restart[:, None], samples, state.bank)
+            sources = jnp.where(restart, sources, -1)
         run = self.run(k_chains, samples, target, state.step_size)
         new_generator, opt_state, terms = self.train_generator(
-            state, target, z, eps, run.finals, self.amortization_weight
+            state, target, z, eps, run.finals, self.amortization_weight, sources
         )
         new = GeneratorState(
             run.finals,

@@ -117,11 +117,11 @@ class ParallelTempering(ChainSettings):
             conditions = target.conditions
         replicas = replicas._replace(position=target.place(replicas.position))
         many = self.negatives_per_ladder > 1 and target.conditions is None
-        new_replicas, _, info = _tempering.run_rounds(
+        run, _, info = _tempering.run_rounds(
             key, self.sampler, target.base, energy, replicas, state.ladder,
             self.num_mcmc_steps, conditions, keep_model_positions=many,
         )  # fmt: skip
-        negatives = new_replicas.position[:, 0]
+        negatives = run.position[:, 0]
         if many:
             info, history = info
             last = history[-self.negatives_per_ladder :]
@@ -134,10 +134,10 @@ class ParallelTempering(ChainSettings):
         )
         if self.adapt_temperatures:
             ladder = _tempering.adapt_ladder(ladder, swap_acceptance, self.ladder_gain)
-        if target.conditions is not None:
-            new_replicas = state.replicas  # per-batch ladders do not persist
-        new = TemperingState(new_replicas, ladder, swap_acceptance)
-        return new, negatives, self._info(state, replicas, new_replicas, info, target)
+        negative_info = self._info(state, replicas, run, info, target)
+        # per-batch ladders do not persist: the state keeps its placeholder (a fixed shape)
+        kept = run if target.conditions is None else state.replicas
+        return TemperingState(kept, ladder, swap_acceptance), negatives, negative_info
 
     def _info(self, state, start, end, info, target) -> NegativeInfo:
         # ∇ₓE at the negatives from the cached ∇ℓ = −∇E − ∇log q

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from numpyro_ebm.samplers.kernels import ChainInfo, Sampler
+from numpyro_ebm.validation import check_count
 
 __all__ = ["Draws", "flat_logdensity", "run_chains", "summarize", "vmapped_step"]
 
@@ -68,6 +69,7 @@ def run_chains(
         evaluations, log-density and Hamiltonian at the recorded position); ``positions`` has shape
         ``(num_steps // thinning, num_chains, dim)``, or is ``None`` without ``keep_positions``.
     """
+    check_count("thinning", thinning)
     if num_steps % thinning:
         raise ValueError(f"num_steps={num_steps} must be a multiple of thinning={thinning}")
     vstep = vmapped_step(sampler, logdensity_fn, states)

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from blackjax.mcmc import diffusions
 
+from numpyro_ebm.validation import check_positive
+
 __all__ = [
     "KERNELS",
     "REGISTRY",
@@ -198,8 +200,7 @@ class Sampler:
     def __post_init__(self):
         if self.kernel not in REGISTRY:
             raise ValueError(f"unknown sampler kernel {self.kernel!r}; choose one of {KERNELS}")
-        if not (isinstance(self.step_size, int | float) and self.step_size > 0):
-            raise ValueError(f"step_size must be a positive number, got {self.step_size!r}")
+        check_positive("step_size", self.step_size)
         target = self.target_acceptance
         if target is None:
             target = REGISTRY[self.kernel].target_acceptance

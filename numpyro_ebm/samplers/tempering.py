@@ -58,6 +58,7 @@ from numpyro_ebm.gaussian import GaussianBase
 from numpyro_ebm.samplers.adaptation import STEP_SIZE_BOUNDS
 from numpyro_ebm.samplers.chains import summarize
 from numpyro_ebm.samplers.kernels import ChainInfo, Sampler
+from numpyro_ebm.validation import check_positive
 
 __all__ = [
     "Ladder",
@@ -152,6 +153,7 @@ def initial_ladder(num_temperatures: int, step_size: float, dtype=jnp.float32) -
             f"num_temperatures must be an integer >= 2 (the model and the base), "
             f"got {num_temperatures!r}"
         )
+    check_positive("step_size", step_size)
     fraction = 1.0 - jnp.arange(num_temperatures, dtype=dtype) / (num_temperatures - 1)
     steps = jnp.full((num_temperatures - 1,), step_size, dtype)
     return Ladder(fraction**2, steps)
@@ -447,12 +449,15 @@ def adapt_ladder(ladder: Ladder, swap_acceptance: jax.Array, gain: float = 1.0) 
         ladder: the current ladder.
         swap_acceptance: ``(K − 1,)`` mean swap acceptance of each adjacent pair under it.
         gain: 1 replaces the temperatures by the equal-rejection schedule; ``0 < gain < 1``
-            moves them part of the way (training, where the model keeps changing).
+            moves them part of the way (training, where the model keeps changing). A number
+            in ``(0, 1]``: larger values would overshoot the schedule.
 
     Returns:
         A ``Ladder`` with ``β₀ = 1`` and ``β_{K−1} = 0`` kept and the interior temperatures
         where ``Λ(β)`` (the piecewise-linear cumulative rejection) takes equal steps.
     """
+    if check_positive("gain", gain) > 1.0:
+        raise ValueError(f"gain must be in (0, 1], got {gain!r}")
     betas = ladder.betas
     num_slots = betas.shape[0]
     # from the base (β = 0) up: Λ(β) accumulates the rejection of the pairs below β;
