@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 import equinox as eqx
 import jax
@@ -149,6 +150,19 @@ class SiluMLPEnergy(eqx.Module):
 
     def __call__(self, x):
         return self.mlp(x) + 0.01 * jnp.sum(x**2)
+
+
+def test_a_score_that_is_not_finite_is_never_selected():
+    """NaN (between evaluations), −inf (a normaliser that is not finite) and +inf are not
+    held-out scores: the best so far stays; a finite lower score replaces it."""
+    best = training.selection.start(SimpleNamespace(average_params=jnp.zeros(2), log_z={"x": 0}))
+    state = SimpleNamespace(average_params=jnp.ones(2), step=jnp.asarray(3, jnp.int32))
+    log_z = {"x": (jnp.asarray(1.0), jnp.asarray(0.1))}
+    for score in (-np.inf, np.nan, np.inf):
+        kept = training.selection.update(best, state, jnp.asarray(score, jnp.float32), log_z)
+        assert int(kept.step) == -1 and float(kept.params[0]) == 0.0, score
+    chosen = training.selection.update(best, state, jnp.asarray(5.0, jnp.float32), log_z)
+    assert int(chosen.step) == 3 and float(chosen.params[0]) == 1.0
 
 
 def test_selection_keeps_an_energy_with_function_fields():

@@ -54,11 +54,12 @@ def start(state) -> BestState:
 
 
 def update(best: BestState, state, heldout_nll: jax.Array, log_z: dict) -> BestState:
-    """``best``, or ``state``'s averaged parameters if ``heldout_nll`` is lower (a NaN score,
-    as between evaluations or with a lost ``log Z``, never is). ``log_z``: per site,
+    """``best``, or ``state``'s averaged parameters if ``heldout_nll`` is lower (a score that
+    is not finite, NaN between evaluations or with a lost ``log Z``, −inf from a normaliser
+    that is not finite, never is). ``log_z``: per site,
     ``(value, standard error)`` of ``state``; non-finite ones are stored as 0 (the state must
     stay finite) and are then never selected, their score being NaN."""
-    better = heldout_nll < best.heldout_nll
+    better = jnp.isfinite(heldout_nll) & (heldout_nll < best.heldout_nll)
     log_z = jax.tree.map(lambda v: jnp.where(jnp.isfinite(v), v, 0.0), log_z)
     candidate = BestState(state.average_params, heldout_nll, state.step, log_z)
     return core.select(better, candidate, best)  # keeps non-array leaves (activations)
