@@ -278,3 +278,7 @@ def test_ladder_settings_are_refused_before_compute():
     for gain in (5.0, 0.0, float("nan")):
         with pytest.raises(ValueError, match="gain must be"):
             tempering.adapt_ladder(ladder, jnp.array([0.2, 0.9, 0.5]), gain=gain)
+    # a NaN swap acceptance (one ladder's pair at −inf log-density) is a rejection, not NaN βs
+    moved = tempering.adapt_ladder(ladder, jnp.array([jnp.nan, 0.9, 0.5]))
+    rejected = tempering.adapt_ladder(ladder, jnp.array([0.0, 0.9, 0.5]))
+    np.testing.assert_array_equal(moved.betas, rejected.betas)

@@ -241,7 +241,8 @@ def tempering_round(
 
     betas = ladder.betas
     log_alpha = (betas[:-1] - betas[1:]) * (value[:, 1:] - value[:, :-1])
-    swap_acceptance = jnp.exp(jnp.minimum(log_alpha, 0.0))
+    # a NaN ratio (two replicas at −inf log-density) is a rejected swap, as uniform < NaN says
+    swap_acceptance = jnp.nan_to_num(jnp.exp(jnp.minimum(log_alpha, 0.0)), nan=0.0)
     pairs = jnp.arange(num_slots - 1)
     proposed = (pairs % 2) == (state.rounds % 2)
     uniform = jax.random.uniform(k_swap, (num_ladders, num_slots - 1))
@@ -447,7 +448,8 @@ def adapt_ladder(ladder: Ladder, swap_acceptance: jax.Array, gain: float = 1.0) 
 
     Args:
         ladder: the current ladder.
-        swap_acceptance: ``(K − 1,)`` mean swap acceptance of each adjacent pair under it.
+        swap_acceptance: ``(K − 1,)`` mean swap acceptance of each adjacent pair under it
+            (NaN counts as a rejection, as for the step sizes).
         gain: 1 replaces the temperatures by the equal-rejection schedule; ``0 < gain < 1``
             moves them part of the way (training, where the model keeps changing). A number
             in ``(0, 1]``: larger values would overshoot the schedule.
@@ -462,7 +464,7 @@ def adapt_ladder(ladder: Ladder, swap_acceptance: jax.Array, gain: float = 1.0) 
     num_slots = betas.shape[0]
     # from the base (β = 0) up: Λ(β) accumulates the rejection of the pairs below β;
     # a small floor keeps it strictly increasing for the interpolation
-    rejection = jnp.clip(1.0 - swap_acceptance[::-1], 1e-6, 1.0)
+    rejection = jnp.clip(1.0 - jnp.nan_to_num(swap_acceptance[::-1], nan=0.0), 1e-6, 1.0)
     cumulative = jnp.concatenate([jnp.zeros(1, betas.dtype), jnp.cumsum(rejection)])
     levels = jnp.linspace(0.0, cumulative[-1], num_slots)
     target = jnp.interp(levels, cumulative, betas[::-1])[::-1]
