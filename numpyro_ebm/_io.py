@@ -11,6 +11,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -95,14 +96,19 @@ def atomic_write(
 ) -> None:
     """Write ``path`` all or nothing: ``write(f)`` fills a temporary file (``prefix`` + random
     + ``suffix``) in the same folder, which is fsynced and renamed over ``path``; then the
-    folder is fsynced. On any error the temporary file is removed and ``path`` is untouched."""
+    folder is fsynced. On any error the temporary file is removed and ``path`` is untouched.
+    A file it replaces keeps its permissions; a new one gets the umask's."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
     umask = os.umask(0)
     os.umask(umask)
     try:
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes the file private; these are not
+        try:
+            permissions = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            permissions = 0o666 & ~umask  # mkstemp makes the file private; these are not
+        os.fchmod(fd, permissions)
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from numpyro_ebm._io import FolderLockedError, folder_lock
+from numpyro_ebm._io import FolderLockedError, atomic_write, folder_lock
 
 
 def test_second_lock_is_refused_with_the_holders_pid(tmp_path):
@@ -32,3 +32,16 @@ def test_lock_of_a_killed_process_is_not_stale(tmp_path):
     assert (tmp_path / ".lock").exists()  # the file stays, the lock does not
     with folder_lock(tmp_path):
         pass
+
+
+def test_an_atomic_write_keeps_the_permissions_of_the_file_it_replaces(tmp_path):
+    private = tmp_path / "private.json"
+    private.write_text("{}")
+    os.chmod(private, 0o600)
+    atomic_write(private, lambda f: f.write(b'{"a": 1}'))
+    assert private.read_bytes() == b'{"a": 1}' and (private.stat().st_mode & 0o777) == 0o600
+    fresh = tmp_path / "fresh.json"
+    atomic_write(fresh, lambda f: f.write(b"{}"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (fresh.stat().st_mode & 0o777) == 0o666 & ~umask
