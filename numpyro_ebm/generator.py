@@ -256,7 +256,9 @@ class NearestNeighbourEntropy:
     ``H ≈ ψ(n) − ψ(k) + log V_D + (D / n) Σᵢ log ρᵢ``, with ``ρᵢ`` the distance of sample i to
     its k-th nearest neighbour in the batch and ``V_D`` the volume of the unit ball in
     ``R^D``. Consistent as ``n → ∞``; in a few dimensions it is accurate at batch sizes of a
-    few hundred, in tens of dimensions it is biased but its gradient (which pushes samples
+    few hundred for outputs of similar spread in every direction (strongly correlated ones:
+    3.7 nats high in 8-D at condition number 3·10⁴, n = 1024), in tens of dimensions it is
+    biased but its gradient (which pushes samples
     apart where they crowd) still does the job of an entropy term. Differentiable in the
     samples. Costs ``O(n²D)``; at most ``max_samples`` samples of the batch are used.
 
