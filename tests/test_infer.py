@@ -317,6 +317,12 @@ def test_conditional_log_prob_and_sampling_per_condition():
         ebm.EnergyDistribution(scaled_energy(jnp.zeros(1), 0.0), (1,), condition=conditions)
 
 
+def test_maximum_likelihood_refuses_a_site_whose_observed_rows_are_one_point():
+    learner = ebm.MaximumLikelihood(gaussian_model, optax.adam(0.1), track_log_z=False)
+    with pytest.raises(ValueError, match=r"site 'x'.* all the same point"):
+        learner.run(jax.random.key(0), 2, jnp.ones((10, 2)), jnp.zeros(3), progress_bar=False)
+
+
 def test_maximum_likelihood_of_a_conditional_energy_recovers_least_squares():
     c = jax.random.uniform(jax.random.key(13), (1000, 1), minval=-2, maxval=2)
     y = 0.8 * c + 0.3 * jax.random.normal(jax.random.key(14), (1000, 1))

@@ -96,17 +96,19 @@ def _float32(array):
     return array.astype(jnp.float32) if jnp.finfo(array.dtype).bits < 32 else array
 
 
-def check_spread(inputs) -> None:
+def check_spread(inputs, name: str = "data") -> None:
     """``ValueError`` unless the data (``checked_inputs``' ``inputs``) has at least 2 rows, not
     all the same: the Gaussian base that starts the negatives cannot be fitted to one point.
     ``fit`` checks it after every other setting (so those are named first)."""
     data = inputs[0] if isinstance(inputs, tuple) else inputs
     if data.shape[0] < 2:
-        raise ValueError(f"data has {data.shape[0]} row; training needs at least 2 distinct points")
+        raise ValueError(
+            f"{name} has {data.shape[0]} row; training needs at least 2 distinct points"
+        )
     if bool(jnp.all(data == data[:1])):
         raise ValueError(
-            f"data's {data.shape[0]} rows are all the same point (every column is constant): "
-            "there is no density to learn; pass data with some spread"
+            f"{name}: its {data.shape[0]} rows are all the same point (every column is "
+            "constant): there is no density to learn; pass data with some spread"
         )
 
 

@@ -46,6 +46,7 @@ from numpyro_ebm import negatives as _negatives
 from numpyro_ebm.distribution import EnergyDistribution
 from numpyro_ebm.training import checkpoint, core, loop
 from numpyro_ebm.training.config import TrainConfig, default_energy_l2
+from numpyro_ebm.training.inputs import check_spread
 from numpyro_ebm.validation import check_count, validate_data
 
 __all__ = ["MLInfo", "MLState", "MaximumLikelihood", "MaximumLikelihoodResult", "ModelProblem"]
@@ -214,7 +215,8 @@ def _trace_params(model, key, args, kwargs):
             if base is not None:
                 size = math.prod(base.event_shape)
                 observed = jnp.asarray(site["value"]).reshape(-1, size)
-                validate_data(observed, name=f"the observed values of site {name!r}")
+                what = f"the observed values of site {name!r}"
+                check_spread(validate_data(observed, name=what), what)
                 sites[name] = tuple(base.event_shape)
                 if base.condition is not None:
                     conditional.add(name)
