@@ -461,6 +461,21 @@ def test_hybrid_generator_update_is_invariant_to_the_datas_units():
     np.testing.assert_allclose(info_c["amortization"], info["amortization"], rtol=1e-3)
 
 
+def hybrid_step_config(generator, step_size, num_chains, batch_size, **hybrid):
+    """One hybrid step's resolved config: one MALA step of ``step_size``, no tracker, and the
+    ``Hybrid`` settings ``hybrid``."""
+    config = ebm.TrainConfig(
+        sampler=ebm.samplers.mala(step_size=step_size),
+        negatives="hybrid",
+        num_chains=num_chains,
+        num_mcmc_steps=1,
+        batch_size=batch_size,
+        num_recorded_chains=0,
+        track_log_z=False,
+    ).resolve(schedule_steps=1, generator=generator)
+    return config.replace(negatives=config.negatives.replace(**hybrid))
+
+
 @pytest.mark.parametrize("fraction", [0.3, 1.0])
 def test_hybrid_chains_that_are_not_restarted_continue_from_their_last_negative(fraction):
     """``restart_fraction``: each chain starts from the generator with that probability and
@@ -471,16 +486,7 @@ def test_hybrid_chains_that_are_not_restarted_continue_from_their_last_negative(
     data = jax.random.normal(jax.random.key(60), (512, 2))
     g = gen.Generator(2, 4, hidden=(16,), key=jax.random.key(61), noise_scale=0.1)
     g = eqx.tree_at(lambda g: g.layers[-1].bias, g, jnp.full(2, 50.0))
-    config = ebm.TrainConfig(
-        sampler=ebm.samplers.mala(step_size=1e-6),
-        negatives="hybrid",
-        num_chains=256,
-        num_mcmc_steps=1,
-        batch_size=64,
-        num_recorded_chains=0,
-        track_log_z=False,
-    ).resolve(schedule_steps=1, generator=g)
-    config = config.replace(negatives=config.negatives.replace(restart_fraction=fraction))
+    config = hybrid_step_config(g, 1e-6, 256, 64, restart_fraction=fraction)
     energy = GaussianEnergy(jnp.zeros(2), scale_tril=30.0 * jnp.eye(2))
     state = training.energy_init(jax.random.key(62), energy, data, config)
     new, _ = training.energy_step(jax.random.key(63), state, data[:64], config)
@@ -573,16 +579,7 @@ def test_hybrid_amortization_is_zero_when_the_chains_do_not_move():
     about −0.03 here."""
     data = jax.random.normal(jax.random.key(73), (256, 2))
     g = gen.Generator(2, 4, hidden=(16,), key=jax.random.key(74), noise_scale=0.5)
-    config = ebm.TrainConfig(
-        sampler=ebm.samplers.mala(step_size=1e-8),
-        negatives="hybrid",
-        num_chains=64,
-        num_mcmc_steps=1,
-        batch_size=32,
-        num_recorded_chains=0,
-        track_log_z=False,
-    ).resolve(schedule_steps=1, generator=g)
-    config = config.replace(negatives=config.negatives.replace(resample=False))
+    config = hybrid_step_config(g, 1e-8, 64, 32, resample=False)
     energy = GaussianEnergy(jnp.zeros(2))
     state = training.energy_init(jax.random.key(75), energy, data, config)
     step = eqx.filter_jit(training.energy_step)
