@@ -48,27 +48,45 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
 
     The lock is ``fcntl.flock`` on ``folder/.lock``, which holds the owner's pid. The kernel
     releases it when the owner exits, however it exits, so a lock left by a killed process is
-    never stale: the next writer simply takes it. The file itself is left in place (removing it
-    would race with a writer that has just opened it).
+    never stale: the next writer simply takes it. The holder may remove the file (or the
+    folder) while it holds the lock: a writer that opened the file just before then, and so
+    locks a file no longer in the folder, sees that and takes the lock again on the file now
+    there.
 
     Raises:
         FolderLockedError: another process (or another ``folder_lock`` in this one) holds it.
     """
     folder = os.fspath(folder)
     path = os.path.join(folder, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
+            pid = _read_pid(fd)
+            os.close(fd)
             if err.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                 raise
-            raise FolderLockedError(folder, _read_pid(fd)) from None
+            raise FolderLockedError(folder, pid) from None
+        if _is_open_file(fd, path):
+            break
+        os.close(fd)  # locked a removed file: the lock is on the file now at ``path``
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the flock
+
+
+def _is_open_file(fd: int, path: str) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _read_pid(fd: int) -> int | None:

@@ -1,12 +1,15 @@
 """One writer per folder: a second lock is refused naming the holder; a dead holder's lock is
 free again (the kernel drops it)."""
 
+import contextlib
+import fcntl
 import os
 import subprocess
 import sys
 
 import pytest
 
+from numpyro_ebm import _io
 from numpyro_ebm._io import FolderLockedError, atomic_write, folder_lock
 
 
@@ -32,6 +35,29 @@ def test_lock_of_a_killed_process_is_not_stale(tmp_path):
     assert (tmp_path / ".lock").exists()  # the file stays, the lock does not
     with folder_lock(tmp_path):
         pass
+
+
+def test_a_lock_taken_on_a_file_its_holder_removed_is_taken_again(tmp_path, monkeypatch):
+    # B opens .lock; before B locks it, the holder A removes it and exits (as `train` does when
+    # it cleans up a run that never started). B then locks a removed file: without a check, a
+    # third writer C makes a new .lock, locks it too, and two writers share the folder.
+    holder = contextlib.ExitStack()
+    holder.enter_context(folder_lock(tmp_path))
+    flock = fcntl.flock
+
+    def holder_leaves_first(fd, operation):
+        if holder._exit_callbacks:
+            os.remove(tmp_path / ".lock")
+            holder.close()
+        return flock(fd, operation)
+
+    monkeypatch.setattr(_io.fcntl, "flock", holder_leaves_first)
+    with folder_lock(tmp_path):  # B
+        monkeypatch.setattr(_io.fcntl, "flock", flock)
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"  # B's, in the folder
+        with pytest.raises(FolderLockedError):
+            with folder_lock(tmp_path):  # C
+                pass
 
 
 def test_an_atomic_write_keeps_the_permissions_of_the_file_it_replaces(tmp_path):

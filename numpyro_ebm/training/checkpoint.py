@@ -420,7 +420,7 @@ def _checkpoint_lock(folder: str):
                 yield
             finally:
                 if created and os.listdir(folder) == [LOCK_FILE]:
-                    os.remove(os.path.join(folder, LOCK_FILE))  # still held: no writer waits
+                    os.remove(os.path.join(folder, LOCK_FILE))  # safe while held (folder_lock)
     finally:
         for path in created:  # innermost first; a folder someone else filled stays
             try:
