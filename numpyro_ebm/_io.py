@@ -115,8 +115,10 @@ def atomic_write(
     """Write ``path`` all or nothing: ``write(f)`` fills a temporary file (``prefix`` + random
     + ``suffix``) in the same folder, which is fsynced and renamed over ``path``; then the
     folder is fsynced. On any error the temporary file is removed and ``path`` is untouched.
-    A file it replaces keeps its permissions; a new one gets the umask's."""
-    path = os.fspath(path)
+    A file it replaces keeps its permissions; a new one gets the umask's. A symbolic link is
+    written through, as ``open(path, "w")`` would: the file it points to is replaced, the link
+    stays."""
+    path = os.path.realpath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
     umask = os.umask(0)

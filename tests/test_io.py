@@ -71,3 +71,15 @@ def test_an_atomic_write_keeps_the_permissions_of_the_file_it_replaces(tmp_path)
     umask = os.umask(0)
     os.umask(umask)
     assert (fresh.stat().st_mode & 0o777) == 0o666 & ~umask
+
+
+def test_an_atomic_write_writes_through_a_symbolic_link(tmp_path):
+    (tmp_path / "shared").mkdir()
+    target = tmp_path / "shared" / "report.md"
+    target.write_text("old")
+    link = tmp_path / "report.md"
+    link.symlink_to(target)
+    atomic_write(link, lambda f: f.write(b"new"))
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.read_text() == "new"
+    assert sorted(os.listdir(tmp_path / "shared")) == ["report.md"]  # no temporary file left
