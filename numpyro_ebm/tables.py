@@ -160,9 +160,11 @@ def dequantized_moments(train, quanta) -> tuple[np.ndarray, np.ndarray]:
 
 
 def dequantize(points, quanta, *, key: jax.Array) -> np.ndarray:
-    """``points + u``, ``u ~ Uniform[0, q)`` for each column's quantum ``q`` (float64; a
-    continuous column, ``q = 0``, is unchanged). ``key`` is used once."""
-    points = np.asarray(points, np.float64)
+    """``v + u``, ``u ~ Uniform[0, q)`` for each column's quantum ``q``, where ``v`` is the
+    grid value of the recorded ``points`` (``snap_to_grid`` in their own precision: float16
+    holds 8.3 as 8.296875, whose cell is 8.3's) (float64; a continuous column, ``q = 0``, is
+    unchanged). ``key`` is used once."""
+    points = snap_to_grid(points, quanta)
     noise = np.asarray(jax.random.uniform(key, points.shape, dtype=np.float32), np.float64)
     return points + noise * np.asarray(quanta, np.float64)
 
@@ -358,8 +360,10 @@ class TableTransform:
         return points
 
     def dequantize(self, points, *, key: jax.Array) -> np.ndarray:
-        """``points + u``, ``u ~ Uniform[0, quantum)`` per quantized entry (float64)."""
-        return dequantize(self.rows(points), self.quantum, key=key)
+        """``v + u``, ``u ~ Uniform[0, quantum)`` per quantized entry, ``v`` its grid value
+        (``dequantize``; float64)."""
+        self.rows(points)  # checked; dequantized in their own precision
+        return dequantize(np.asarray(points), self.quantum, key=key)
 
     def standardize(self, points) -> np.ndarray:
         """Dequantized original values to model coordinates (float32)."""

@@ -195,6 +195,20 @@ def test_fresh_dequantization_moves_each_entry_uniformly_within_its_own_cell():
     assert not np.array_equal(moved, again)  # each key its own noise
 
 
+def test_a_float16_columns_cells_are_those_of_its_recorded_values():
+    """float16 holds 1.3 as 1.2998046875 and 1.9 as 1.900390625: the dequantized entries and
+    their fresh moves stay in the cells [1.3, 1.4) and [1.9, 2.0) all the same."""
+    recorded = np.round(np.random.default_rng(6).uniform(0, 2, (2000, 1)), 1)
+    stored = recorded.astype(np.float16)
+    transform = TableTransform.fit(stored)
+    assert transform.quantum.tolist() == [0.1]
+    z = transform.to_model(stored, key=jax.random.key(0))
+    moved = np.asarray(jax.jit(transform.redequantizer())(jax.random.key(1), z))
+    for points in (transform.to_original(z), transform.to_original(moved)):
+        position = (points - recorded) / 0.1  # float32 keeps ~1e-6 of a cell here
+        assert np.all((position > -1e-4) & (position < 1 + 1e-4))
+
+
 @pytest.mark.parametrize("default", [default_noise, default_weight_decay])
 def test_noise_and_weight_decay_by_default_on_tables_of_under_100_rows_per_column(default):
     assert default(341, 30) == default(199, 2) == default(1197, 64) == 0.1

@@ -173,13 +173,14 @@ def _read_csv(path: str, columns: list[str] | None, wanted_by: str) -> tuple[np.
 
 
 def _csv_lines(path: str) -> list[tuple[int, list[str]]]:
-    """The non-empty rows of a CSV file, each with the number of the line it starts on."""
+    """The non-empty rows of a CSV file, each with the number of the line it starts on
+    (spaces after a comma are skipped, so that ``1, "2"`` holds the number 2)."""
     try:
         with (
             _open_data(path) as binary,
             io.TextIOWrapper(binary, encoding="utf-8-sig", newline="") as f,
         ):
-            reader, lines, first = csv.reader(f), [], 1
+            reader, lines, first = csv.reader(f, skipinitialspace=True), [], 1
             for row in reader:
                 if row:
                     lines.append((first, row))
@@ -430,11 +431,11 @@ class Data:
         noise ``U[0, q)`` of the gridded columns (needed when there are any)."""
         if self.box is not None:  # digits: dequantized on its box already
             return self.box.to_model(points)[0]
-        points = np.asarray(points, np.float64)
         if self.dequantizes:
             if key is None:
                 raise ValueError("dequantizing needs a key")
-            points = tables.dequantize(points, self.quantum, key=key)
+            points = tables.dequantize(points, self.quantum, key=key)  # in their precision
+        points = np.asarray(points, np.float64)
         if self.mean is not None:
             points = (points - self.mean) / self.std
         return points.astype(np.float32)
