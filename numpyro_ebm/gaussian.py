@@ -15,6 +15,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from numpyro_ebm.validation import check_spread
+
 __all__ = ["GaussianBase", "fit_base", "log_normalizer"]
 
 
@@ -56,20 +58,10 @@ def fit_base(flat_data: jax.Array, jitter: float = 1e-3) -> GaussianBase:
 
     Raises:
         ValueError: fewer than 2 rows, or (for concrete data) rows that are all identical:
-            the data has no spread to fit a Gaussian to.
+            the data has no spread to fit a Gaussian to (``validation.check_spread``).
     """
+    check_spread(flat_data)
     num_rows = flat_data.shape[0]
-    if num_rows < 2:
-        raise ValueError(
-            f"the data holds {num_rows} point(s): fitting a density needs at least 2 distinct "
-            "points; pass more data"
-        )
-    identical = jnp.all(flat_data == flat_data[0])
-    if not isinstance(identical, jax.core.Tracer) and bool(identical):
-        raise ValueError(
-            f"all {num_rows} points of the data are identical (zero variance in every "
-            "coordinate): a density cannot be fitted to them; check how the data was built"
-        )
     mean = jnp.mean(flat_data, axis=0)
     centred = flat_data - mean
     cov = centred.T @ centred / (num_rows - 1)

@@ -28,7 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["check_count", "check_positive", "validate_data", "validate_event_shape"]
+__all__ = [
+    "check_count",
+    "check_positive",
+    "check_spread",
+    "validate_data",
+    "validate_event_shape",
+]
 
 _TRACER_MSG = (
     "{name} is a JAX tracer: validate_data must be called outside jax.jit / jax.vmap / "
@@ -217,6 +223,23 @@ def _layout(event_shape: tuple[int, ...]) -> str:
     if not event_shape:
         return "(num_points,)"
     return "(" + ", ".join(["num_points", *map(str, event_shape)]) + ")"
+
+
+def check_spread(data, name: str = "the data") -> None:
+    """``ValueError`` unless ``data`` (rows along the first axis) has at least 2 rows, not all
+    the same: no density can be fitted to one point (the Gaussian fitted to the data, which
+    starts the negatives, would have no covariance). Traced data is only checked for rows."""
+    if data.shape[0] < 2:
+        raise ValueError(
+            f"{name} has {data.shape[0]} row(s); fitting a density needs at least 2 distinct "
+            "points: pass more data"
+        )
+    identical = jnp.all(data == data[:1])
+    if not isinstance(identical, jax.core.Tracer) and bool(identical):
+        raise ValueError(
+            f"{name}: its {data.shape[0]} rows are all the same point (every coordinate is "
+            "constant): there is no density to learn; pass data with some spread"
+        )
 
 
 def _is_int(x: Any) -> bool:

@@ -214,9 +214,9 @@ def test_tracer_under_jit():
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (jnp.full((10, 2), 0.1), "all 10 points of the data are identical"),
-        (jnp.array([[1.0, 2.0]]), "holds 1 point"),
-        (jnp.zeros((0, 2)), "holds 0 point"),
+        (jnp.full((10, 2), 0.1), "its 10 rows are all the same point"),
+        (jnp.array([[1.0, 2.0]]), r"has 1 row\(s\)"),
+        (jnp.zeros((0, 2)), r"has 0 row\(s\)"),
     ],
 )
 def test_fit_base_refuses_data_without_spread(data, message):

@@ -14,6 +14,7 @@ from numpyro_ebm.training import checkpoint
 from numpyro_ebm.training.config import TrainConfig
 from numpyro_ebm.training.objective import objective_from_description
 from numpyro_ebm.validation import check_count, validate_data
+from numpyro_ebm.validation import check_spread as _check_spread
 
 __all__ = [
     "chain_sharding",
@@ -40,18 +41,27 @@ def check_trainable(energy) -> None:
         )
 
 
-def checked_inputs(energy, data, condition, validation_data, *counts):
-    """Validate everything ``fit`` is given before any compute.
+def checked_inputs(
+    energy,
+    data,
+    condition,
+    validation_data,
+    num_steps,
+    steps_per_call,
+    max_nonfinite,
+    checkpoint_every=None,
+):
+    """Validate everything ``fit`` is given before any compute (``checkpoint_every``: None
+    or a count).
 
-    ``counts`` are ``num_steps, steps_per_call, max_nonfinite`` (and ``checkpoint_every``,
-    None or a count). Returns ``(inputs,
-    validation, event_shape)``: ``inputs`` is the data array, or ``(data, condition)`` for a
-    conditional energy (``validation`` likewise a pair then); float16 and bfloat16 arrays
-    become float32."""
-    names = ("num_steps", "steps_per_call", "max_nonfinite", "checkpoint_every")
-    for name, value in zip(names, counts, strict=True):
-        if value is not None or name != "checkpoint_every":
-            check_count(name, value)
+    Returns ``(inputs, validation, event_shape)``: ``inputs`` is the data array, or
+    ``(data, condition)`` for a conditional energy (``validation`` likewise a pair then);
+    float16 and bfloat16 arrays become float32."""
+    check_count("num_steps", num_steps)
+    check_count("steps_per_call", steps_per_call)
+    check_count("max_nonfinite", max_nonfinite)
+    if checkpoint_every is not None:
+        check_count("checkpoint_every", checkpoint_every)
     check_trainable(energy)
     data = _float32(validate_data(data))
     event_shape = tuple(data.shape[1:])
@@ -97,19 +107,9 @@ def _float32(array):
 
 
 def check_spread(inputs, name: str = "data") -> None:
-    """``ValueError`` unless the data (``checked_inputs``' ``inputs``) has at least 2 rows, not
-    all the same: the Gaussian base that starts the negatives cannot be fitted to one point.
-    ``fit`` checks it after every other setting (so those are named first)."""
-    data = inputs[0] if isinstance(inputs, tuple) else inputs
-    if data.shape[0] < 2:
-        raise ValueError(
-            f"{name} has {data.shape[0]} row; training needs at least 2 distinct points"
-        )
-    if bool(jnp.all(data == data[:1])):
-        raise ValueError(
-            f"{name}: its {data.shape[0]} rows are all the same point (every column is "
-            "constant): there is no density to learn; pass data with some spread"
-        )
+    """``validation.check_spread`` of the data (``checked_inputs``' ``inputs``). ``fit``
+    checks it after every other setting (so those are named first)."""
+    _check_spread(inputs[0] if isinstance(inputs, tuple) else inputs, name)
 
 
 def checked_augment(augment, inputs):
