@@ -34,12 +34,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from numpyro.distributions import transforms
 
 from numpyro_ebm import tables
-from numpyro_ebm.validation import validate_data
+from numpyro_ebm.validation import is_real, validate_data
 
 __all__ = ["DEFAULT_MARGIN", "BoxCoordinates", "logit_box", "unbounded"]
 
@@ -68,11 +69,18 @@ def logit_box(low, high, *, margin: float = DEFAULT_MARGIN) -> transforms.Transf
         ValueError: bounds not finite or not ``low < high``, or ``margin`` outside ``[0, 0.5)``.
     """
     low_np, high_np = np.asarray(low, np.float64), np.asarray(high, np.float64)
+    try:
+        np.broadcast_shapes(low_np.shape, high_np.shape)
+    except ValueError:
+        raise ValueError(
+            f"low (shape {low_np.shape}) and high (shape {high_np.shape}) must broadcast to "
+            "one shape: one bound of each kind per coordinate, or a scalar for all"
+        ) from None
     if not (np.all(np.isfinite(low_np)) and np.all(np.isfinite(high_np))):
         raise ValueError(f"the box's bounds must be finite, got low={low!r}, high={high!r}")
     if not np.all(low_np < high_np):
         raise ValueError(f"the box needs low < high everywhere, got low={low!r}, high={high!r}")
-    if not (isinstance(margin, int | float) and 0.0 <= margin < 0.5):
+    if not (is_real(margin) and 0.0 <= margin < 0.5):
         raise ValueError(f"margin must be a number in [0, 0.5), got {margin!r}")
     width = (high_np - low_np) / (1.0 - 2.0 * margin)
     loc = low_np - margin * width
@@ -93,8 +101,8 @@ def unbounded(x, box: transforms.Transform) -> tuple[jnp.ndarray, jnp.ndarray]:
 
     Raises:
         TypeError: ``box`` is not a NumPyro ``Transform``.
-        ValueError: ``x`` not ``(n, ...)`` points, not finite, or not inside the (widened)
-            box: it has no image.
+        ValueError: ``x`` not ``(n, ...)`` points (whose shape the box's bounds broadcast
+            to), not finite, or not inside the (widened) box: it has no image.
     """
     if not isinstance(box, transforms.Transform):
         raise TypeError(f"box must be a numpyro Transform (logit_box), got {type(box).__name__}")
@@ -103,6 +111,16 @@ def unbounded(x, box: transforms.Transform) -> tuple[jnp.ndarray, jnp.ndarray]:
         raise ValueError(f"x must be points of shape (n, D), got shape {x.shape}")
     if not bool(jnp.all(jnp.isfinite(x))):
         raise ValueError("x holds NaN or inf values: drop or fill those points first")
+    try:
+        shape = jax.eval_shape(box.inv, x).shape
+    except (TypeError, ValueError):  # bounds that do not broadcast against the points
+        shape = None
+    if shape != x.shape:
+        raise ValueError(
+            f"x holds points of shape {x.shape[1:]}, which the box's bounds do not fit (they "
+            "must broadcast to one point's shape, not widen it): pass points with one value "
+            "per bound"
+        )
     y = box.inv(x)
     if not bool(jnp.all(jnp.isfinite(y))):
         raise ValueError(
@@ -158,8 +176,11 @@ class BoxCoordinates:
 
     def to_model(self, x) -> tuple[np.ndarray, np.ndarray]:
         """``(z, log_jacobian)``: float32 model coordinates of ``x`` ``(n, D)`` and per point
-        ``log |dz/dx|`` (float64), so that ``log p_box(x) = log p_model(z) + log_jacobian``."""
-        y, log_jacobian = unbounded(x, self.box)
+        ``log |dz/dx|`` (float64), so that ``log p_box(x) = log p_model(z) + log_jacobian``.
+
+        Raises:
+            ValueError: ``x`` is not a finite ``(n, D)`` array inside the box."""
+        y, log_jacobian = unbounded(validate_data(x, (len(self.mean),), name="x"), self.box)
         z = np.asarray((y - self.mean) / self.std, np.float32)
         return z, np.asarray(log_jacobian, np.float64) - np.log(self.std).sum()
 

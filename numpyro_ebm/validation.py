@@ -32,6 +32,7 @@ __all__ = [
     "check_count",
     "check_positive",
     "check_spread",
+    "is_real",
     "validate_data",
     "validate_event_shape",
 ]
@@ -263,7 +264,7 @@ def check_count(name: str, value, low: int = 1) -> None:
 def check_positive(name: str, value) -> float:
     """A scale setting must be a finite real number ``> 0`` (not a bool): the value as a
     ``float``, or a ``ValueError`` naming it."""
-    if not (_real(value) and 0 < value < float("inf")):
+    if not (is_real(value) and 0 < value < float("inf")):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
@@ -271,10 +272,11 @@ def check_positive(name: str, value) -> float:
 def check_non_negative(name: str, value) -> float:
     """A weight or gain must be a finite real number ``>= 0`` (not a bool; 0 turns it off):
     the value as a ``float``, or a ``ValueError`` naming it."""
-    if not (_real(value) and 0 <= value < float("inf")):
+    if not (is_real(value) and 0 <= value < float("inf")):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
 
-def _real(value) -> bool:
+def is_real(value) -> bool:
+    """A real number setting: a Python or NumPy int or float, not a bool."""
     return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)

@@ -70,6 +70,8 @@ def test_an_energys_density_on_the_box_integrates_to_one_and_is_the_logit_normal
         (0.0, 1.0, 0.5, "margin"),
         (0.0, 1.0, -0.1, "margin"),
         (0.0, 1.0, "0.1", "margin"),
+        (0.0, 1.0, False, "margin"),
+        (np.zeros(2), np.ones(3), 0.01, "must broadcast to one shape"),
     ],
 )
 def test_a_bad_box_is_refused_by_name(low, high, margin, message):
@@ -96,6 +98,22 @@ def test_non_finite_points_are_refused_in_both_directions(bad):
             method(z)
         with pytest.raises(ValueError, match="z"):
             method(np.zeros((2, 4), np.float32))  # 4 coordinates, the box has 3
+
+
+def test_a_numpy_margin_is_a_number():
+    assert logit_box(0.0, 1.0, margin=np.float32(0.01)) is not None
+
+
+def test_points_that_do_not_fit_the_boxs_bounds_are_refused():
+    """A (4, 1) input to a 2-coordinate box broadcast to (4, 2) and its log Jacobian summed
+    one coordinate's terms; a (4, 6) input failed inside NumPyro."""
+    box = logit_box(np.zeros(2), np.ones(2))
+    for width in (1, 6):
+        with pytest.raises(ValueError, match="the box's bounds do not fit"):
+            unbounded(np.full((4, width), 0.5), box)
+    coords = ebm.bounded.BoxCoordinates.fit(_digit_like_points(3), logit_box(-1.0, 1.0))
+    with pytest.raises(ValueError, match=r"x"):
+        coords.to_model(np.zeros((4, 1), np.float32))  # the scalar box fits any width
 
 
 def test_unbounded_wants_points_and_a_transform():
