@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from numpyro_ebm.gaussian import log_normalizer
-from numpyro_ebm.validation import check_non_negative, check_positive
+from numpyro_ebm.validation import check_count, check_non_negative, check_positive, is_integer
 
 __all__ = [
     "DeepEnergy",
@@ -47,9 +47,18 @@ __all__ = [
 
 
 def _check_dim(dim) -> int:
-    if not (isinstance(dim, int) and dim >= 1):
+    if not (is_integer(dim) and dim >= 1):
         raise ValueError(f"dim must be a positive integer (the event size), got {dim!r}")
-    return dim
+    return int(dim)
+
+
+def _check_hidden(hidden, *, at_least_one: bool = False) -> tuple[int, ...]:
+    """``hidden`` as a tuple of positive integer widths (``at_least_one``: not empty)."""
+    hidden = tuple(hidden)
+    if (at_least_one and not hidden) or not all(is_integer(h) and h >= 1 for h in hidden):
+        least = "at least one " if at_least_one else ""
+        raise ValueError(f"hidden must name {least}positive integer layer widths, got {hidden!r}")
+    return tuple(int(h) for h in hidden)
 
 
 def default_hidden(dim: int) -> tuple[int, ...]:
@@ -144,7 +153,7 @@ class MLPEnergy(eqx.Module):
     ):
         self.dim = _check_dim(dim)
         self.confinement = check_non_negative("confinement", confinement)
-        hidden = default_hidden(dim) if hidden is None else tuple(hidden)
+        hidden = default_hidden(dim) if hidden is None else _check_hidden(hidden)
         self.net = MLP((dim, *hidden, 1), activation, key=key)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -196,14 +205,17 @@ class NoiseConditionalEnergy(eqx.Module):
         self.dim = _check_dim(dim)
         self.noise_scale = check_positive("noise_scale", noise_scale)
         self.confinement = check_non_negative("confinement", confinement)
-        hidden = default_hidden(dim) if hidden is None else tuple(hidden)
+        hidden = default_hidden(dim) if hidden is None else _check_hidden(hidden)
         self.net = MLP((dim + 1, *hidden, 1), activation, key=key)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.at_noise(x, self.noise_scale)
 
     def at_noise(self, x: jax.Array, sigma) -> jax.Array:
-        """``E(x, σ)`` for one event ``x`` and a scalar ``σ > 0``."""
+        """``E(x, σ)`` for one event ``x`` and a scalar ``σ > 0`` (a concrete ``σ`` is
+        checked: ``log σ`` is a feature)."""
+        if not isinstance(sigma, jax.core.Tracer):
+            check_positive("sigma", float(np.asarray(sigma)))
         x = _flatten_event(x, self.dim)
         sigma = jnp.asarray(sigma, x.dtype)
         features = jnp.concatenate([x, jnp.log(sigma)[None]])
@@ -265,8 +277,8 @@ class DeepEnergy(eqx.Module):
         activation: Callable = jnp.tanh,
     ):
         self.dim = _check_dim(dim)
-        if not hidden:
-            raise ValueError("hidden must name at least one layer width")
+        hidden = _check_hidden(hidden, at_least_one=True)
+        check_count("num_experts", num_experts)
         sigma = check_positive("sigma", sigma)  # an infinite σ leaves −bᵀx unbounded below
         k_features, k_experts = jax.random.split(key)
         self.features = MLP((dim, *hidden), activation, key=k_features, activate_last=True)
@@ -508,14 +520,8 @@ class SeparableEnergy(eqx.Module):
         quadrature_points: int = 4097,
     ):
         self.dim = _check_dim(dim)
-        hidden = tuple(hidden)
-        if not hidden or not all(isinstance(h, int) and h >= 1 for h in hidden):
-            raise ValueError(
-                f"hidden must name at least one positive layer width (tanh keeps f_d bounded), "
-                f"got {hidden!r}"
-            )
-        if not 0 < float(sigma) < math.inf:
-            raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
+        hidden = _check_hidden(hidden, at_least_one=True)
+        sigma = check_positive("sigma", sigma)
         n = quadrature_points
         if not (isinstance(n, int) and n >= 3 and n % 2 == 1):
             raise ValueError(

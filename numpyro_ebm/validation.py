@@ -32,6 +32,7 @@ __all__ = [
     "check_count",
     "check_positive",
     "check_spread",
+    "is_integer",
     "is_real",
     "validate_data",
     "validate_event_shape",
@@ -66,7 +67,7 @@ def validate_event_shape(event_shape: int | Sequence[int]) -> tuple[int, ...]:
     """
     if isinstance(event_shape, (tuple, list)):
         dims = list(event_shape)
-    elif _is_int(event_shape):
+    elif is_integer(event_shape):
         dims = [event_shape]
     else:
         raise TypeError(
@@ -75,7 +76,7 @@ def validate_event_shape(event_shape: int | Sequence[int]) -> tuple[int, ...]:
         )
     out = []
     for d in dims:
-        if not _is_int(d):
+        if not is_integer(d):
             raise TypeError(
                 f"event_shape must contain only ints, got {event_shape!r} with element {d!r} "
                 f"(type {type(d).__name__}); e.g. event_shape=(2,) for 2-D points."
@@ -243,7 +244,7 @@ def check_spread(data, name: str = "the data") -> None:
         )
 
 
-def _is_int(x: Any) -> bool:
+def is_integer(x: Any) -> bool:
     """True for Python/NumPy integers, False for bools and everything else."""
     if isinstance(x, (bool, np.bool_)):
         return False

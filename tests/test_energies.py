@@ -216,6 +216,8 @@ def test_separable_energy_formula_and_shapes():
     assert bool(jnp.all(jnp.abs(gap) <= energy.output_bounds + 1e-4))
     for bad, match in [
         (dict(sigma=0.0), "sigma must be"),
+        (dict(sigma=True), "sigma must be"),
+        (dict(sigma="2"), "sigma must be"),
         (dict(hidden=()), "hidden must"),
         (dict(quadrature_points=4096), "odd integer"),
     ]:
@@ -399,3 +401,30 @@ def test_mlp_energies_refuse_a_confinement_that_is_not_a_finite_number_at_least_
     with pytest.raises(ValueError, match="confinement must be a finite number >= 0"):
         make(2, hidden=(4,), key=jax.random.key(0), confinement=confinement)
     assert make(2, hidden=(4,), key=jax.random.key(0), confinement=0).confinement == 0.0
+
+
+NOISE_CONDITIONAL = partial(NoiseConditionalEnergy, noise_scale=0.1)
+
+
+@pytest.mark.parametrize("hidden", [(0,), (-3,), (2.5,), (4, 0)])
+@pytest.mark.parametrize("make", [MLPEnergy, NOISE_CONDITIONAL, DeepEnergy])
+def test_energies_refuse_layer_widths_that_are_not_positive_integers(make, hidden):
+    """A width of 0 made an energy that ignores x; -3 and 2.5 failed inside XLA."""
+    with pytest.raises(ValueError, match="hidden must name"):
+        make(2, hidden=hidden, key=jax.random.key(0))
+
+
+@pytest.mark.parametrize("num_experts", [0, -1, 2.0])
+def test_deep_energy_refuses_a_number_of_experts_that_is_not_a_count(num_experts):
+    with pytest.raises(ValueError, match="num_experts must be an integer >= 1"):
+        DeepEnergy(2, num_experts=num_experts, key=jax.random.key(0))
+
+
+def test_a_numpy_integer_dim_is_a_dim_and_at_noise_refuses_a_sigma_not_above_0():
+    energy = NOISE_CONDITIONAL(np.int64(2), hidden=(4,), key=jax.random.key(0))
+    assert energy.dim == 2 and type(energy.dim) is int
+    for sigma in (0.0, -1.0):
+        with pytest.raises(ValueError, match="sigma must be a finite number > 0"):
+            energy.at_noise(jnp.ones(2), sigma)
+    traced = jax.jit(lambda s: energy.at_noise(jnp.ones(2), s))(0.1)  # traced: not checked
+    np.testing.assert_allclose(traced, energy(jnp.ones(2)), rtol=1e-6)
