@@ -36,9 +36,8 @@ memorising the training rows is easiest). ``numpyro_ebm.tables.TableTransform`` 
 into a model's coordinates.
 
 **Digits** (``digits``): the 1797 8x8 handwritten digits of the UCI optical recognition
-data set, as shipped with scikit-learn (no download). The integer pixels in ``{0..16}`` are
-uniformly dequantized and scaled to ``(-1, 1)``, so continuous densities can be compared with
-each other (and with discrete models through ``Digits.log_jacobian``).
+data set, as shipped with scikit-learn (no download); the integer pixels in ``{0..16}``
+uniformly dequantized and scaled to ``(-1, 1)`` (``Digits.log_jacobian`` links the units).
 
 Example:
     >>> import jax
@@ -90,9 +89,7 @@ _G8_CENTRES = _G8_RADIUS * np.stack([np.cos(_G8_ANGLES), np.sin(_G8_ANGLES)], ax
 _CB_HALF_WIDTH = 4.0
 _CB_SIDE = 2.0
 # Lower-left corners (in cell units) of the 8 cells (i, j), i, j in {-2..1}, i + j even.
-_CB_CELLS = np.array(
-    [(i, j) for i in range(-2, 2) for j in range(-2, 2) if (i + j) % 2 == 0], dtype=np.float64
-)  # (8, 2)
+_CB_CELLS = np.array([(i, j) for i in range(-2, 2) for j in range(-2, 2) if (i + j) % 2 == 0])
 _CB_LOG_DENSITY = -math.log(32.0)
 
 # --- rings ----------------------------------------------------------------------------------
@@ -478,9 +475,9 @@ def digits(*, test_fraction: float = 1 / 6, seed: int = 0) -> Digits:
     1. ``rng = numpy.random.default_rng(seed)``.
     2. Uniform dequantization: ``x_raw = pixel + u`` with ``u = rng.random((1797, 64))``,
        so ``x_raw`` lies in ``[0, 17)``.
-    3. Scaling: ``x = x_raw / 17 * 2 - 1``, cast to float32 (and kept strictly inside
-       ``(-1, 1)``: the float32 rounding of values within 6e-8 of the ends is pulled back by
-       one ulp).
+    3. Scaling: ``x = x_raw / 17 * 2 - 1``, cast to float32, and kept strictly inside
+       ``(-1, 1)`` and inside each pixel's own cell (a value that float32 rounds onto a
+       cell's edge is moved by an ulp: ``digits_to_images`` recovers the pixels exactly).
     4. Split: ``perm = rng.permutation(1797)``; the first ``round(1797 * test_fraction)``
        indices form the test set (300 images by default), the rest the training set (1497).
 
@@ -520,8 +517,8 @@ def digits(*, test_fraction: float = 1 / 6, seed: int = 0) -> Digits:
     pixels = np.asarray(bunch.data, dtype=np.float64)  # (1797, 64), integers 0..16
     labels = np.asarray(bunch.target, dtype=np.int64)
     n = pixels.shape[0]
-    n_test = round(n * float(test_fraction))
-    if not 0.0 < test_fraction < 1.0 or not 0 < n_test < n:
+    n_test = round(n * test_fraction) if 0.0 < test_fraction < 1.0 else 0
+    if not 0 < n_test < n:
         raise ValueError(
             f"test_fraction must leave at least one image in each split of the {n} images, "
             f"got test_fraction={test_fraction!r} ({n_test} test images)."
@@ -530,9 +527,11 @@ def digits(*, test_fraction: float = 1 / 6, seed: int = 0) -> Digits:
     rng = np.random.default_rng(seed)
     x_raw = pixels + rng.random(pixels.shape)
     x = (x_raw / _DIGITS_LEVELS * 2.0 - 1.0).astype(np.float32)
-    lo = np.nextafter(np.float32(-1.0), np.float32(0.0))
-    hi = np.nextafter(np.float32(1.0), np.float32(0.0))
+    lo, hi = np.nextafter(np.float32([-1.0, 1.0]), np.float32(0.0))
     x = np.clip(x, lo, hi)
+    for _ in range(4):  # float32 may round a value onto its cell's edge: move it an ulp in
+        cell = np.floor((x + np.float32(1.0)) * np.float32(_DIGITS_LEVELS / 2.0))
+        x = np.nextafter(x, np.select([cell < pixels, cell > pixels], [hi, lo], x))
     perm = rng.permutation(n)
     test_idx, train_idx = perm[:n_test], perm[n_test:]
     return Digits(

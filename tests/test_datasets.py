@@ -459,7 +459,16 @@ def test_digits_round_trip_to_images(digits_data, sklearn_digits):
         digits_to_images(np.zeros((2, 63)))
 
 
-@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1e-6])
+@pytest.mark.parametrize("seed", [68, 86])
+def test_digits_recovers_the_pixels_where_float32_rounds_onto_a_cells_edge(seed, sklearn_digits):
+    """Versions 68 and 86 of the data set each held a value that float32 rounded into the
+    next pixel's cell."""
+    d = digits(seed=seed)
+    for x, index in ((d.train, d.train_index), (d.test, d.test_index)):
+        np.testing.assert_array_equal(d.to_images(x, quantize=True), sklearn_digits.images[index])
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1e-6, math.nan, math.inf])
 def test_digits_rejects_bad_test_fraction(fraction):
     with pytest.raises(ValueError, match="test_fraction"):
         digits(test_fraction=fraction)
