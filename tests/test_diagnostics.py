@@ -396,6 +396,18 @@ def test_frozen_chains_on_a_fixed_target_fail_and_ula_is_not_blamed():
     assert verdict["chain_movement"].status == "ok"
 
 
+def test_chains_mixing_in_separate_modes_are_not_told_to_raise_the_step_size():
+    """Independent draws around three centres 10 apart: each chain moves (R-hat fails), but
+    no step size crosses between the modes."""
+    rng = np.random.default_rng(0)
+    positions = rng.normal(size=(3, 50, 2)) + 10.0 * np.arange(3)[:, None, None]
+    info = samplers.ChainInfo(*(np.full((3, 50), v) for v in (0.5, False, -1.0, np.nan, 0.1, 1)))
+    verdict = diagnostics.diagnose(samplers.Draws(positions, info, np.arange(50)), verbose=False)
+    movement = verdict["chain_movement"]
+    assert movement.status == "fail" and verdict["r_hat"].status == "fail"
+    assert "separate modes" in movement.message and "step size" not in movement.message
+
+
 def test_heldout_nll_below_the_data_entropy_fails(small_fit):
     res, toy, _, validation = small_fit
     entropy = toy.entropy()

@@ -165,7 +165,10 @@ def _movement_check(post, what: str, *, training: bool) -> Check:
     chains) / (2 × the total variance of all draws). Independent draws give ``2 × variance``
     per jump, so ``reach`` ≈ draws − 1; a chain diffusing at random has an expected squared
     displacement equal to the sum of its squared jumps. ``reach < 1`` means the chains did not,
-    even added up, travel the width of their own spread once.
+    even added up, travel the width of their own spread once. Chains whose consecutive draws
+    are far apart against each chain's own spread (lag-1 autocorrelation ≤ 0.75: a random
+    walk's is near 1) but that do not reach the spread of all the draws sit each in its own
+    mode, and are told so: a larger step size does not cross between modes.
     """
     num_chains, num_draws = post.sizes["chain"], post.sizes["draw"]
     if num_draws < 2:
@@ -187,6 +190,12 @@ def _movement_check(post, what: str, *, training: bool) -> Check:
     status = "ok" if reach >= threshold else "fail"  # NaN fails too
     if status == "ok":
         message = f"the {what} travel their spread (summed squared jumps / 2·variance)"
+    elif travelled >= 0.25 * (num_draws - 1) * 2.0 * float(x.var(axis=1).sum(axis=-1).mean()):
+        message = (
+            f"the {what} move within their own regions but not across the spread of all the "
+            f"draws ({reach:.2g} of it): they sit in separate modes; cross between them with "
+            "parallel tempering (negatives='parallel_tempering') or run longer"
+        )
     else:
         fix = (
             "raise the step size (Sampler(step_size=...), or adapt_step_size=True) or "

@@ -20,7 +20,8 @@ chain_movement    reach ≥ 1 ok, else fail, for every kind of chain. reach = a 
                   2 × the total variance of all draws: independent draws give draws − 1,
                   and a chain diffusing at random travels the square root of its summed
                   squared jumps, so below 1 the chains have not crossed their own spread
-                  once
+                  once (the message says when each chain does cross its own draws' spread
+                  but not all the draws': chains stuck in separate modes)
 divergences       HMC divergent transitions: none ok, ≤ 1% warn, else fail
 bfmi              HMC energy BFMI ≥ 0.3 ok in every chain, else warn (Betancourt 2016)
 acceptance        mean acceptance within 0.1 of the kernel's target ok (during training
