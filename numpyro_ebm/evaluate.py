@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from numpyro_ebm import logz as _logz
-from numpyro_ebm.validation import validate_data
+from numpyro_ebm.validation import check_count, validate_data
 
 __all__ = ["KLEstimate", "MeanEstimate", "kl_to_toy", "log_likelihood"]
 
@@ -54,6 +54,26 @@ def _mean_and_stderr(values: np.ndarray) -> MeanEstimate:
     return MeanEstimate(float(values.mean()), float(values.std(ddof=1) / np.sqrt(values.size)))
 
 
+def _check_at_least_two(name: str, count: int) -> None:
+    """A standard error needs at least 2 points (one gives ``0/0``)."""
+    if count < 2:
+        raise ValueError(f"{name} must be at least 2, got {count}: a standard error needs two")
+
+
+def _log_z_and_stderr(log_z) -> tuple[float, float]:
+    """``(value, stderr)`` of a float or a ``LogZEstimate``, refusing a non-finite value or an
+    infinite error (a NaN error, e.g. ``"nce-learned"``'s, means unknown: it is passed on)."""
+    value = float(getattr(log_z, "value", log_z))
+    stderr = float(getattr(log_z, "stderr", 0.0))
+    if not np.isfinite(value) or np.isinf(stderr):
+        raise ValueError(
+            f"log_z is {value} with standard error {stderr}: no likelihood can be computed "
+            "from it (an infinite error is grid_covering's sign that its box misses the "
+            "model's mass); estimate log Z on a box that holds the mass, or with ais"
+        )
+    return value, stderr
+
+
 def _model_log_prob(energy: Callable, x: jax.Array, log_z: float) -> np.ndarray:
     energies = np.asarray(jax.jit(jax.vmap(energy))(x), np.float64)
     return -energies - log_z
@@ -61,15 +81,22 @@ def _model_log_prob(energy: Callable, x: jax.Array, log_z: float) -> np.ndarray:
 
 def log_likelihood(energy: Callable, data, log_z, *, log_jacobian=None) -> MeanEstimate:
     """Mean held-out log-likelihood ``mean(−E(x) − log Z + log_jacobian)`` with its standard
-    error.
+    error: ``sqrt(se_points² + se_logZ²)``, the Monte Carlo error of the mean over the test
+    points and the standard error of ``log Z`` (which shifts every point alike).
 
     Args:
         energy: one event -> scalar.
-        data: ``(num_points, *event_shape)`` test data.
-        log_z: a float or ``LogZEstimate`` (its ``.value`` is used).
+        data: ``(num_points, *event_shape)`` test data, at least 2 points.
+        log_z: a float (exact: no error) or ``LogZEstimate`` (its ``.value``, and its
+            ``.stderr`` in the reported error: a NaN one, unknown, makes it NaN).
         log_jacobian: ``log |dz/dx|`` of the map from the reported units ``x`` to the model's
             coordinates ``z = data``: a number (``tables.TableTransform.log_jacobian``) or one
             per point ``(num_points,)`` (``bounded.BoxCoordinates.to_model``); None: 0.
+
+    Raises:
+        ValueError: fewer than 2 test points; non-finite data or ``log Z``, or a ``log Z``
+            with an infinite standard error (``logz.grid_covering``'s sign that its box
+            misses the model's mass).
 
     Example:
         >>> import jax.numpy as jnp, numpyro_ebm as ebm
@@ -79,18 +106,21 @@ def log_likelihood(energy: Callable, data, log_z, *, log_jacobian=None) -> MeanE
         -1.8379
     """
     data = validate_data(data)
-    value = getattr(log_z, "value", log_z)
-    log_prob = _model_log_prob(energy, data, float(value))
+    _check_at_least_two("the number of test points", data.shape[0])
+    value, log_z_stderr = _log_z_and_stderr(log_z)
     log_jacobian = np.asarray(0.0 if log_jacobian is None else log_jacobian, np.float64)
-    if log_jacobian.shape not in ((), (len(log_prob),)):
+    if log_jacobian.shape not in ((), (data.shape[0],)):
         raise ValueError(
-            f"log_jacobian must be a number or one per point ({len(log_prob)},), got "
+            f"log_jacobian must be a number or one per point ({data.shape[0]},), got "
             f"shape {log_jacobian.shape}"
         )
+    log_prob = _model_log_prob(energy, data, value)
     if log_jacobian.ndim:
-        return _mean_and_stderr(log_prob + log_jacobian)
-    estimate = _mean_and_stderr(log_prob)  # a constant moves the mean, not its error
-    return MeanEstimate(estimate.value + float(log_jacobian), estimate.stderr)
+        estimate = _mean_and_stderr(log_prob + log_jacobian)
+    else:  # a constant moves the mean, not its error
+        estimate = _mean_and_stderr(log_prob)
+        estimate = MeanEstimate(estimate.value + float(log_jacobian), estimate.stderr)
+    return MeanEstimate(estimate.value, float(np.hypot(estimate.stderr, log_z_stderr)))
 
 
 def kl_to_toy(
@@ -109,7 +139,7 @@ def kl_to_toy(
         energy: one event ``(2,)`` -> scalar.
         toy: a ``datasets.ToyDensity`` (exact ``sample``, ``log_prob``, ``entropy``).
         key: PRNG key for the test points (use one not used for training data).
-        num_samples: test points.
+        num_samples: test points (at least 2).
         num_points: grid points per dimension for ``log Z``.
         bounds: first quadrature box; default the toy's bounds widened by ``padding`` of their
             width on each side (``logz.select.box``: the model may put mass where the data has
@@ -119,8 +149,10 @@ def kl_to_toy(
         padding: see ``bounds``.
 
     Raises:
-        ValueError: the model still has mass at the edge of the grown box (``grid_covering``).
+        ValueError: ``num_samples`` < 2; the model still has mass at the edge of the grown box
+            (``grid_covering``).
     """
+    check_count("num_samples", num_samples, low=2)
     if bounds is None:
         bounds = _logz.select.box(toy_bounds=toy.bounds, padding=padding)
     log_z = _logz.grid_covering(

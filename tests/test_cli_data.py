@@ -491,3 +491,17 @@ def test_no_warning_reaches_stderr_before_the_error_line(tmp_path):
     assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr
     assert result.stderr.startswith(f"numpyro-ebm: error: {path}: column 0 ")
     assert not out_dir.exists()
+
+
+def test_a_log_z_whose_grid_misses_mass_gives_a_score_with_an_infinite_error():
+    """``grid_covering``'s infinite error: the score is shown with it and the warning row
+    (``evaluate.log_likelihood`` refuses such a log Z outright)."""
+    energy = numpyro_ebm.energies.GaussianEnergy(jax.numpy.zeros(2))
+    res = type("Run", (), {"energy": energy})()
+    data = cli.data_files.Data(points(0)[:10], points(1)[:10])
+    info = {"outer_shell_mass": 0.5}
+    missed = numpyro_ebm.logz.LogZEstimate(float(energy.log_z), math.inf, "grid", None, info)
+    entry = cli.commands._heldout(res, data, points(2)[:20], missed)
+    assert entry["stderr"] == math.inf and math.isfinite(entry["log_likelihood"])
+    rows = dict(cli.commands._heldout_rows(entry, "validation"))
+    assert "± inf" in rows["log-likelihood (data units)"] and "grid's edge" in rows["warning"]

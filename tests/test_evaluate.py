@@ -104,3 +104,32 @@ def test_kl_to_toy_integrates_a_broad_model_beyond_the_toy_box():
     assert out.log_z.value == ebm.logz.grid(fitted, padded, 128).value
     with pytest.raises(ValueError, match="still at the edge of the box"):
         ebm.evaluate.kl_to_toy(GaussianEnergy(jnp.zeros(2), 1e6 * jnp.eye(2)), toy, **cheap)
+
+
+def test_log_likelihood_carries_the_log_z_error_and_refuses_an_infinite_one():
+    """log Z shifts every point alike: its error adds in quadrature to the points' Monte Carlo
+    error. grid_covering's infinite error (its box misses the mass: here log Z is 2.3 nats
+    short) is refused, not turned into a number; an unknown (NaN) error stays unknown."""
+    energy = GaussianEnergy(jnp.zeros(2), 25.0 * jnp.eye(2))
+    x = 5.0 * jax.random.normal(jax.random.key(4), (500, 2))
+    exact = ebm.evaluate.log_likelihood(energy, x, energy.log_z)
+    est = ebm.logz.LogZEstimate(float(energy.log_z), 0.5, "ais")
+    out = ebm.evaluate.log_likelihood(energy, x, est)
+    assert out.value == pytest.approx(exact.value)
+    assert out.stderr == pytest.approx(math.hypot(exact.stderr, 0.5), rel=1e-9)
+    unknown = ebm.logz.LogZEstimate(float(energy.log_z), math.nan, "nce-learned")
+    out = ebm.evaluate.log_likelihood(energy, x, unknown)  # no error bar: none is made up
+    assert out.value == pytest.approx(exact.value) and math.isnan(out.stderr)
+    uncovered = ebm.logz.grid_covering(energy, [[-1, 1], [-1, 1]], 64, max_doublings=0)
+    assert uncovered.stderr == math.inf
+    with pytest.raises(ValueError, match="standard error inf"):
+        ebm.evaluate.log_likelihood(energy, x, uncovered)
+
+
+def test_a_standard_error_needs_at_least_two_points():
+    energy = GaussianEnergy(jnp.zeros(2))
+    with pytest.raises(ValueError, match="number of test points must be at least 2, got 1"):
+        ebm.evaluate.log_likelihood(energy, jnp.zeros((1, 2)), energy.log_z)
+    toy = ebm.datasets.toy("8gaussians")
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 2, got 1"):
+        ebm.evaluate.kl_to_toy(energy, toy, key=jax.random.key(5), num_samples=1)

@@ -144,11 +144,15 @@ def _log_z(res, data: Data, method: str, key) -> logz.LogZEstimate:
 def _heldout(res, data: Data, points_model: np.ndarray, log_z: logz.LogZEstimate) -> dict:
     """Held-out log-likelihood per point in the original units, with what it used."""
     log_jacobian = data.log_jacobian_at(points_model)
-    ll = evaluate.log_likelihood(res.energy, points_model, log_z, log_jacobian=log_jacobian)
+    # a grid whose box misses mass gives log Z an infinite error: the score is shown with it,
+    # and with the warning row (evaluate.log_likelihood itself refuses such a log Z)
+    missed = math.isinf(log_z.stderr)
+    usable = log_z.value if missed else log_z
+    ll = evaluate.log_likelihood(res.energy, points_model, usable, log_jacobian=log_jacobian)
     return {
         "num_points": len(points_model),
         "log_likelihood": ll.value,
-        "stderr": ll.stderr,
+        "stderr": math.inf if missed else ll.stderr,
         "units": data.units,
         "log_z": log_z.value,
         "log_z_stderr": log_z.stderr,

@@ -9,7 +9,8 @@
   ``key`` comes from the same bits), so tags at 2³¹ and above are apart from whatever the
   sampler derives.
 * ``model_key(step_key)``: the model's own stream (e.g. its subsampling: the same for the
-  current and the averaged parameters), and from it ``objective_key``.
+  current and the averaged parameters), and from it ``objective_key`` and (at
+  ``MaximumLikelihood.init``) ``params_key``, the params' random initialisers'.
 
 ``tests/test_keys.py`` records every key a ``fit`` splits or draws from, as it runs.
 """
@@ -27,6 +28,7 @@ __all__ = [
     "attempt_key",
     "model_key",
     "objective_key",
+    "params_key",
     "site_keys",
 ]
 
@@ -61,3 +63,9 @@ def objective_key(model_key: jax.Array) -> jax.Array:
     """The objective's PRNG key (its projections or noise) from the key a problem's ``loss``
     gets: a stream of its own, apart from the model's."""
     return jax.random.fold_in(model_key, 0x6F626A)
+
+
+def params_key(model_key: jax.Array) -> jax.Array:
+    """The key a model's ``numpyro.param`` initialisers draw from when ``MaximumLikelihood``
+    traces it at ``init``: apart from the model's stream and every site's key."""
+    return jax.random.fold_in(model_key, 0x706172)

@@ -3,9 +3,10 @@
 ``MaximumLikelihood`` mirrors ``numpyro.infer.SVI`` (``init``, ``update``, ``run``) for models
 with no latent sites: it fits every ``numpyro.param`` (and ``numpyro.contrib.module.eqx_module``)
 of the model. Ordinary sites contribute their log-density as SVI's loss would; every observed
-``EnergyDistribution`` site (also under plates, masks, ``to_event`` and subsampling) is a site
-of the training core (``training.core``): its negative sampler draws samples under its current
-energy, and its log-density term is replaced by the objective's per-event loss. For maximum
+``EnergyDistribution`` site (also under plates, subsampling, ``handlers.scale`` weights and
+``to_event``; a mask or any other wrapper is refused at ``init``) is a site of the training
+core (``training.core``): its negative sampler draws samples under its current energy, and
+its log-density term is replaced by the objective's per-event loss. For maximum
 likelihood that is ``E(x_i) − mean_j E(x̃_j)``, i.e. the unknown ``log Z_θ`` replaced by
 ``−mean_j E(x̃_j)``, whose gradient is ``∇_θ log Z_θ``: the loss's gradient is the
 maximum-likelihood gradient of the whole model (its VALUE is not the NLL). Every negative
@@ -35,6 +36,7 @@ from typing import NamedTuple
 
 import equinox as eqx
 import jax
+import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpyro.distributions as dist
 import optax
@@ -44,7 +46,7 @@ from numpyro.infer.util import log_density, transform_fn
 
 from numpyro_ebm import negatives as _negatives
 from numpyro_ebm.distribution import EnergyDistribution
-from numpyro_ebm.training import checkpoint, core, loop
+from numpyro_ebm.training import checkpoint, core, keys, loop
 from numpyro_ebm.training.config import TrainConfig, default_energy_l2
 from numpyro_ebm.training.inputs import check_spread
 from numpyro_ebm.validation import check_count, validate_data
@@ -64,6 +66,45 @@ def energy_distribution(fn) -> EnergyDistribution | None:
             fn = fn.base_dist
         else:
             return None
+
+
+def _holds_energy(fn, depth: int = 0) -> bool:
+    """Whether an ``EnergyDistribution`` sits anywhere inside ``fn`` (its ``base_dist``
+    chain, or any other distribution it holds, e.g. a mixture's components)."""
+    if isinstance(fn, EnergyDistribution):
+        return True
+    if depth > 32 or not isinstance(fn, dist.Distribution):
+        return False
+    for value in vars(fn).values():
+        inner = value if isinstance(value, list | tuple) else (value,)
+        if any(_holds_energy(v, depth + 1) for v in inner if isinstance(v, dist.Distribution)):
+            return True
+    return False
+
+
+def _site_base(name: str, fn) -> EnergyDistribution | None:
+    """The site's ``EnergyDistribution`` (None for an ordinary site), refusing the wrappers
+    whose EBM the training could not see: a mask, a transform or any other wrapper."""
+    if not _holds_energy(fn):
+        return None
+    inner = fn
+    while isinstance(inner, dist.ExpandedDistribution | dist.Independent):
+        inner = inner.base_dist
+    if isinstance(inner, EnergyDistribution):
+        return inner
+    if isinstance(inner, dist.MaskedDistribution):
+        raise ValueError(
+            f"site {name!r}: masks on an EnergyDistribution site (.mask(...) or "
+            "handlers.mask) are not supported by MaximumLikelihood: the masked rows would "
+            "still start the negatives and count as data. Select the rows instead, e.g. "
+            "obs=data[mask] (before the plate)"
+        )
+    raise ValueError(
+        f"site {name!r}: its EnergyDistribution sits inside {type(inner).__name__}, which "
+        "MaximumLikelihood cannot train (no negative phase would reach it: the energy would "
+        "run away). Transform the data instead and observe the EnergyDistribution itself "
+        "(only plates' expand and to_event may wrap it)"
+    )
 
 
 def _with_base(fn, base):
@@ -103,6 +144,17 @@ def _site_events(msg, base: EnergyDistribution):
     return value.reshape(-1, *event_shape), conditions, lead_shape
 
 
+def _count(scale, batch_shape, num_events: int):
+    """How many data points a site's ``num_events`` events stand for: each event weighted by
+    the site's scale (a subsampling plate's, ``handlers.scale``'s: a number or per-point
+    weights broadcasting against the site's batch shape), as NumPyro weights its log-density."""
+    if scale is None:
+        return float(num_events)
+    shape = jnp.broadcast_shapes(jnp.shape(scale), tuple(batch_shape))
+    per_element = num_events / max(math.prod(batch_shape), 1)  # events under one batch element
+    return jnp.sum(jnp.broadcast_to(scale, shape)) * per_element
+
+
 class _ObjectiveSites(handlers.Messenger):
     """At each EBM site: replace its log-density by the objective's per-event loss given the
     site's negatives; the terms land in ``self.terms``."""
@@ -121,8 +173,7 @@ class _ObjectiveSites(handlers.Messenger):
         events, conditions, lead_shape = _site_events(msg, base)
         key = jax.random.fold_in(self.key, self.sites.index(name))
         terms = self.objective.terms(base.energy, events, self.negatives[name], conditions, key=key)
-        scale = msg.get("scale")
-        count = terms.per_event.size * (1.0 if scale is None else scale)
+        count = _count(msg.get("scale"), msg["fn"].batch_shape, terms.per_event.size)
         self.terms[name] = core.SiteTerms(terms, count)
         surrogate = _Surrogate(-terms.per_event.reshape(lead_shape), base.event_shape)
         msg["fn"] = _with_base(msg["fn"], surrogate)
@@ -193,8 +244,10 @@ class MaximumLikelihoodResult(NamedTuple):
 
 def _trace_params(model, key, args, kwargs):
     """The model's params (unconstrained), their inverse transforms, its EBM sites' event
-    shapes and the names of the conditional ones."""
-    trace = handlers.trace(handlers.seed(model, key)).get_trace(*args, **kwargs)
+    shapes and the names of the conditional ones (the model is run once, its params'
+    random initialisers drawing from a stream of their own)."""
+    params_key = keys.params_key(keys.model_key(key))
+    trace = handlers.trace(handlers.seed(model, params_key)).get_trace(*args, **kwargs)
     params, transforms, sites, conditional = {}, {}, {}, set()
     for name, site in trace.items():
         if site["type"] == "param":
@@ -211,18 +264,72 @@ def _trace_params(model, key, args, kwargs):
                     "whose sample sites are all observed (use numpyro.infer.SVI or MCMC "
                     "for latent variables)"
                 )
-            base = energy_distribution(site["fn"])
+            base = _site_base(name, site["fn"])
             if base is not None:
-                size = math.prod(base.event_shape)
-                observed = jnp.asarray(site["value"]).reshape(-1, size)
-                what = f"the observed values of site {name!r}"
-                check_spread(validate_data(observed, name=what), what)
+                _check_event_shape(name, site["value"], tuple(base.event_shape))
                 sites[name] = tuple(base.event_shape)
                 if base.condition is not None:
                     conditional.add(name)
     if not params:
         raise ValueError("the model has no numpyro.param / eqx_module sites to fit")
     return params, transforms, sites, conditional
+
+
+def _check_event_shape(name: str, value, event_shape: tuple[int, ...]) -> None:
+    """The observed values of an EBM site end in its event shape (else a ``ValueError``)."""
+    shape = tuple(jnp.shape(value))
+    if len(shape) < len(event_shape) or shape[len(shape) - len(event_shape) :] != event_shape:
+        raise ValueError(
+            f"site {name!r}: its observed values have shape {shape}, which does not end in "
+            f"the EnergyDistribution's event_shape {event_shape}: pass obs of shape "
+            f"(..., {', '.join(map(str, event_shape))}) or fix the event_shape"
+        )
+
+
+def _check_sites(problem: ModelProblem, params, key, data) -> None:
+    """Validate the data of each EBM site exactly as ``core.init`` will see it (the same
+    trace: ``model_key(key)``), and refuse a site whose energy no trained parameter reaches."""
+    model_key = keys.model_key(key)
+    sites = problem.sites(params, model_key, data)
+    for name, site in sites.items():
+        what = f"the observed values of site {name!r}"
+        observed = site.observed.reshape(site.observed.shape[0], -1)
+        check_spread(validate_data(observed, name=what), what)
+    trainable, static = eqx.partition(params, eqx.is_inexact_array)
+    num_params = len(jax.tree.leaves(trainable))
+    for name, site in sites.items():
+        point = (site.observed[0],)
+        if site.conditions is not None:
+            point = (*point, site.conditions[0])
+
+        def energy_at(p, data, point, name=name):
+            return problem.sites(eqx.combine(p, static), model_key, data)[name].energy(*point)
+
+        # traced as core.init traces it: the params and the data's arrays are its inputs
+        closed, _, _ = eqx.filter_make_jaxpr(energy_at)(trainable, data, point)
+        if not _depends_on_inputs(closed, num_params):
+            raise ValueError(
+                f"site {name!r}: its energy depends on no numpyro.param / eqx_module site, so "
+                "MaximumLikelihood would leave it untrained. Register the energy's parameters "
+                'in the model, e.g. energy = eqx_module("energy", energy), or build it from '
+                "numpyro.param values"
+            )
+
+
+def _depends_on_inputs(closed, num_inputs: int) -> bool:
+    """Whether a jaxpr's output is computed from any of its first ``num_inputs`` inputs (a
+    structural test: forward reachability over the equations, so a dependence is never
+    missed; one that is multiplied by zero still counts)."""
+    jaxpr = closed.jaxpr
+    reached = set(jaxpr.invars[:num_inputs])
+
+    def hit(variables):
+        return any(isinstance(v, jcore.Var) and v in reached for v in variables)
+
+    for eqn in jaxpr.eqns:
+        if hit(eqn.invars):
+            reached.update(eqn.outvars)
+    return hit(jaxpr.outvars)
 
 
 class MaximumLikelihood:
@@ -295,28 +402,45 @@ class MaximumLikelihood:
     def _sites(self) -> tuple[str, ...]:
         return () if self.problem is None else self.problem.site_names
 
+    def _problem(self) -> ModelProblem:
+        if self.problem is None:
+            raise RuntimeError(
+                "this MaximumLikelihood has not traced its model yet: call init(key, *args) "
+                "first (or run(key, num_steps, *args), which calls it)"
+            )
+        return self.problem
+
     def constrain(self, params: dict) -> dict:
         """Unconstrained parameters -> the values the model sees."""
-        return self.problem.constrain(params)
+        return self._problem().constrain(params)
 
     def init(self, key: jax.Array, *args, **kwargs) -> core.TrainState:
         """Trace the model, collect its params and EBM sites, start each site's negatives.
 
         Raises:
-            ValueError: the model has latent sample sites, or no EBM site and no param.
+            ValueError: the model has latent sample sites or no param; an EBM site is masked,
+                sits inside a wrapper other than a plate's expand or ``to_event``, has
+                observed values that do not end in its event shape, non-finite or constant
+                data, or an energy that depends on no param.
         """
         return self._init(core.init, key, args, kwargs)
 
     def _init(self, start, key, args, kwargs) -> core.TrainState:
         """``init`` with ``start`` (``core.init``, or its shapes) after tracing the model."""
+        params = self._trace(key, args, kwargs)
+        return start(key, params, (args, kwargs), self.problem, self.config)
+
+    def _trace(self, key, args, kwargs) -> dict:
+        """Trace the model, set up ``self.problem`` and check its sites: the params."""
         params, transforms, sites, conditional = _trace_params(self.model, key, args, kwargs)
         if self.problem is None or self.problem.event_shapes != sites:
             self.problem = ModelProblem(self.model, transforms, sites)
         self.problem.conditional = conditional
+        _check_sites(self.problem, params, key, (args, kwargs))
         if self._energy_l2 is None and sites:  # follows the data, as in fit
             size = max(math.prod(shape) for shape in sites.values())
             self.config = self.config.replace(energy_l2=default_energy_l2(size))
-        return start(key, params, (args, kwargs), self.problem, self.config)
+        return params
 
     def get_params(self, state: core.TrainState) -> dict:
         """Constrained parameters: the average when ``ema_decay`` is set, else the iterate."""
@@ -325,7 +449,7 @@ class MaximumLikelihood:
     def update(self, key: jax.Array, state, *args, **kwargs):
         """One compiled maximum-likelihood step (``key`` drives the negatives and the model's
         randomness, e.g. its subsampling)."""
-        return self._update(key, state, (args, kwargs), self.problem, self.config)
+        return self._update(key, state, (args, kwargs), self._problem(), self.config)
 
     @checkpoint.one_writer
     def run(
@@ -353,7 +477,8 @@ class MaximumLikelihood:
             progress_bar: tqdm bar.
             steps_per_call: updates per compiled call (one host round-trip each).
             max_nonfinite: stop after this many consecutive rejected (non-finite) steps.
-            init_state: continue from this state.
+            init_state: continue from this state (a learner that has not run ``init``
+                traces the model first: its params must have the state's structure).
             checkpoint_dir: checkpoint folder (as ``fit``'s): resumes from it when it
                 holds a checkpoint of the same settings.
 
@@ -367,6 +492,8 @@ class MaximumLikelihood:
         if state is None:
             start = checkpoint.init_or_shapes(core.init, stored)
             state = self._init(start, k_init, args, kwargs)
+        elif self.problem is None:
+            _check_resumable(self._trace(k_init, args, kwargs), state)
         target = num_steps if stored is not None else int(state.step) + num_steps
         meta = {
             "config": self.config.describe(),
@@ -396,6 +523,17 @@ class MaximumLikelihood:
             if name not in self.problem.conditional
         }
         return MaximumLikelihoodResult(self.get_params(state), state, history, draws, log_z)
+
+
+def _check_resumable(params: dict, state) -> None:
+    """``state`` (an ``init_state``) holds params of the model's structure."""
+    if not hasattr(state, "params") or jax.tree.structure(state.params) != jax.tree.structure(
+        params
+    ):
+        raise ValueError(
+            "init_state does not fit this model: its params differ from the model's "
+            f"({sorted(params)}); pass a state from init or run of this model"
+        )
 
 
 def _tempering(state, name: str, model: MaximumLikelihood):
