@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -32,6 +33,19 @@ class ChainRun(NamedTuple):
     record: ChainRecord | None
 
 
+# chains recorded by default: this many, or all of them when there are fewer
+DEFAULT_RECORDED_CHAINS = 8
+
+
+def recorded_chains(num_chains, num_recorded_chains) -> int:
+    """``num_recorded_chains``, or for None its default ``min(DEFAULT_RECORDED_CHAINS,
+    num_chains)`` (``num_chains`` checked first)."""
+    if num_recorded_chains is not None:
+        return num_recorded_chains
+    check_count("num_chains", num_chains)
+    return min(DEFAULT_RECORDED_CHAINS, int(num_chains))
+
+
 def check_chain_counts(num_chains, num_recorded_chains) -> None:
     """``num_chains >= 1`` and ``0 <= num_recorded_chains <= num_chains`` (integers)."""
     check_count("num_chains", num_chains)
@@ -54,20 +68,36 @@ class ChainSettings(NegativeSampler):
             ``log h ← log h + gain · (acceptance − target)``, finite, ``>= 0`` (0: the step
             size stays fixed).
         num_recorded_chains: chains whose positions and statistics each step reports
-            (``NegativeInfo.record``) for diagnostics.
+            (``NegativeInfo.record``) for diagnostics, at most ``num_chains``; None
+            (default): ``min(8, num_chains)``, again after a ``replace`` that does not set it.
     """
 
     num_chains: int = 1024
     num_mcmc_steps: int = 20
     sampler: _samplers.Sampler = field(default_factory=_samplers.mala)
     step_size_gain: float = 0.2
-    num_recorded_chains: int = 8
+    num_recorded_chains: int | None = None
+    _recorded_by_default: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "sampler", _samplers.get_sampler(self.sampler))
         check_count("num_mcmc_steps", self.num_mcmc_steps)
         check_non_negative("step_size_gain", self.step_size_gain)
+        object.__setattr__(self, "_recorded_by_default", self.num_recorded_chains is None)
+        recorded = recorded_chains(self.num_chains, self.num_recorded_chains)
+        object.__setattr__(self, "num_recorded_chains", recorded)
+        self.check_counts()
+
+    def check_counts(self) -> None:
+        """``ValueError`` for bad chain counts (``check_chain_counts``)."""
         check_chain_counts(self.num_chains, self.num_recorded_chains)
+
+    def replace(self, **changes):
+        """A copy with some settings changed; a default ``num_recorded_chains`` follows a
+        new ``num_chains``."""
+        if getattr(self, "_recorded_by_default", False):
+            changes.setdefault("num_recorded_chains", None)
+        return dataclasses.replace(self, **changes)
 
     def initial_step_size(self) -> jax.Array:
         return jnp.asarray(self.sampler.step_size, jnp.float32)
@@ -107,7 +137,8 @@ def reinitialised(
 ):
     """``bank_rows`` ``(n, D)`` with each row replaced, with probability ``fraction``, by a
     random row of ``batch``; rows ``0 .. num_kept − 1`` are never replaced (recorded chains
-    that jumped back to the data now and then would hide whether the sampler mixes)."""
+    that jumped back to the data now and then would hide whether the sampler mixes), so the
+    expected share of rows replaced is ``fraction · (n − num_kept) / n``."""
     n = bank_rows.shape[0]
     fresh = batch[jax.random.randint(k_fresh, (n,), 0, batch.shape[0])]
     reinit = jax.random.uniform(k_mask, (n, 1)) < fraction

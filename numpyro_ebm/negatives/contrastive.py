@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from numpyro_ebm import samplers as _samplers
 from numpyro_ebm.negatives._chains import ChainSettings
 from numpyro_ebm.negatives.base import NegativeInfo, Target
+from numpyro_ebm.validation import check_count
 
 __all__ = ["ContrastiveDivergence"]
 
@@ -25,13 +26,17 @@ __all__ = ["ContrastiveDivergence"]
 class ContrastiveDivergence(ChainSettings):
     """One chain per batch row, started there (under its condition for a conditional energy).
 
-    ``num_chains`` is unused (the batch size sets the number of negatives) and no chains are
-    recorded; the state is the step size alone.
+    ``num_chains`` is unused (the batch size sets the number of negatives; it is not checked
+    against ``num_recorded_chains``) and no chains are recorded; the state is the step size
+    alone.
     """
 
     name = "contrastive_divergence"
     supports_conditions = True
-    num_recorded_chains: int = 0
+    num_recorded_chains: int | None = 0
+
+    def check_counts(self) -> None:
+        check_count("num_recorded_chains", self.num_recorded_chains, low=0)
 
     def init(self, key, data, base) -> jax.Array:
         return self.initial_step_size()

@@ -1,12 +1,13 @@
 """Persistent chains (PCD, Tieleman 2008): the negatives' chains carry over between steps.
 
-``num_chains`` chains are carried across parameter updates; each step a ``reinit_fraction`` of
-them restarts at data points of the batch. With temperature-1 MALA this is stochastic maximum
-likelihood and gives a convergent density (Nijkamp et al. 2020). The chains START at training
-points and restart at training points: where the model has modes that chains cannot cross in
-a few steps (the checkerboard's squares touch only at corners), the share of chains in each
-mode is fixed by where they started, and starting from the data gives every mode its data
-share from the first step (``benchmarks/toy_quality.py`` measures how much this matters).
+``num_chains`` chains are carried across parameter updates; each step every chain but the
+recorded ones restarts, with probability ``reinit_fraction``, at a data point of the batch.
+With temperature-1 MALA this is stochastic maximum likelihood and gives a convergent density
+(Nijkamp et al. 2020). The chains START at training points and restart at training points:
+where the model has modes that chains cannot cross in a few steps (the checkerboard's squares
+touch only at corners), the share of chains in each mode is fixed by where they started, and
+starting from the data gives every mode its data share from the first step
+(``benchmarks/toy_quality.py`` measures how much this matters).
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ __all__ = ["Persistent"]
 
 @dataclass(frozen=True)
 class Persistent(ChainSettings):
-    """Persistent chains, ``reinit_fraction`` of them restarted at the batch each step.
+    """Persistent chains, a ``reinit_fraction`` of the unrecorded ones restarted at the batch
+    each step.
 
     Attributes (besides ``ChainSettings``'):
-        reinit_fraction: share of chains restarted at data points of the batch each step.
-            The recorded chains (``num_recorded_chains``) are never restarted.
+        reinit_fraction: share of the chains that are NOT recorded restarted at data points
+            of the batch each step (each with this probability). The recorded chains (the
+            first ``num_recorded_chains``) are never restarted, so the share of all chains
+            restarted is ``reinit_fraction · (num_chains − num_recorded_chains) / num_chains``.
 
     Example:
         >>> import numpyro_ebm as ebm

@@ -30,7 +30,9 @@ class Replay(ChainSettings):
 
     Attributes (besides ``ChainSettings``'):
         buffer_size: rows of the bank.
-        reinit_fraction: share of chains started at data points of the batch instead.
+        reinit_fraction: share of chains started at data points of the batch instead (each
+            chain with this probability, the recorded ones too: they are the first chains of
+            the step, drawn from the bank afresh each step).
     """
 
     name = "replay"

@@ -33,8 +33,9 @@ import blackjax
 import jax
 import jax.numpy as jnp
 
-from numpyro_ebm.samplers.chains import run_chains, vmapped_step
+from numpyro_ebm.samplers.chains import check_step_size, run_chains, vmapped_step
 from numpyro_ebm.samplers.kernels import Sampler
+from numpyro_ebm.validation import check_count
 
 __all__ = [
     "STEP_SIZE_BOUNDS",
@@ -128,14 +129,20 @@ def warmup(
         sampler: the kernel configuration.
         logdensity_fn: log-density of one flat position.
         states: vmapped BlackJAX states, leading axis chains.
-        num_steps: warm-up steps (static), tuning and fixed together.
-        step_size: initial step size (default ``sampler.step_size``).
+        num_steps: warm-up steps (static), tuning and fixed together, an integer >= 0.
+        step_size: initial step size, a finite number > 0 (default ``sampler.step_size``).
 
     Returns:
         ``(states, step_size, WarmupInfo)``: the chains after all ``num_steps`` steps, the
         step size they ended with (the one to sample with), and per-step records of shape
         ``(num_steps,)``.
+
+    Raises:
+        ValueError: a bad ``num_steps`` or (concrete) ``step_size``, before any compute.
     """
+    check_count("num_steps", num_steps, low=0)
+    if step_size is not None:
+        check_step_size(step_size)
     dtype = jnp.result_type(*jax.tree.leaves(states.position))
     step_size = jnp.asarray(sampler.step_size if step_size is None else step_size, dtype)
     empty = jnp.zeros((0,), dtype)

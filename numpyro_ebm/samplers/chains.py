@@ -22,11 +22,30 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from numpyro_ebm.samplers.kernels import ChainInfo, Sampler
-from numpyro_ebm.validation import check_count
+from numpyro_ebm.validation import check_count, check_positive
 
-__all__ = ["Draws", "flat_logdensity", "run_chains", "summarize", "vmapped_step"]
+__all__ = [
+    "Draws",
+    "check_step_size",
+    "flat_logdensity",
+    "run_chains",
+    "summarize",
+    "vmapped_step",
+]
+
+
+def check_step_size(step_size) -> None:
+    """A concrete step size must be a finite number > 0 (a ``ValueError`` naming it
+    otherwise: a negative one turns the chains into NaN); a traced one is not checked."""
+    if isinstance(step_size, jax.core.Tracer):
+        return
+    value = step_size
+    if isinstance(value, jax.Array | np.ndarray | np.generic) and jnp.ndim(value) == 0:
+        value = value.item()  # a 0-d array's Python number (a bool stays a bool: refused)
+    check_positive("step_size", value)
 
 
 def flat_logdensity(energy: Callable, event_shape: tuple[int, ...]) -> Callable:
@@ -57,10 +76,14 @@ def run_chains(
         logdensity_fn: log-density of ONE chain's flat position.
         states: vmapped BlackJAX states (leading axis: chains), e.g. from
             ``Sampler.init_chains``.
-        step_size: scalar step size shared by all chains.
-        num_steps: number of transitions (static).
+        step_size: scalar step size shared by all chains, a finite number > 0.
+        num_steps: number of transitions (static), an integer >= 0.
         thinning: record every ``thinning``-th step (static); ``num_steps`` must be a multiple.
         keep_positions: also return the recorded positions.
+
+    Raises:
+        ValueError: a bad ``num_steps``, ``thinning`` or (concrete) ``step_size``, before any
+            compute.
 
     Returns:
         ``(final_states, trace, positions)``: ``trace`` is a ``ChainInfo`` of arrays of
@@ -69,7 +92,9 @@ def run_chains(
         evaluations, log-density and Hamiltonian at the recorded position); ``positions`` has shape
         ``(num_steps // thinning, num_chains, dim)``, or is ``None`` without ``keep_positions``.
     """
+    check_count("num_steps", num_steps, low=0)
     check_count("thinning", thinning)
+    check_step_size(step_size)
     if num_steps % thinning:
         raise ValueError(f"num_steps={num_steps} must be a multiple of thinning={thinning}")
     vstep = vmapped_step(sampler, logdensity_fn, states)

@@ -17,17 +17,25 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from numpyro_ebm.samplers.adaptation import warmup
 from numpyro_ebm.samplers.chains import Draws, run_chains
-from numpyro_ebm.samplers.kernels import Sampler
+from numpyro_ebm.samplers.kernels import Sampler, chain_dtype
 from numpyro_ebm.samplers.tempering import isotropic_base, sample_tempered
-from numpyro_ebm.validation import check_count, check_positive
+from numpyro_ebm.validation import (
+    check_count,
+    check_positive,
+    is_integer,
+    validate_data,
+    validate_event_shape,
+)
 
 __all__ = ["DrawSettings", "sample_chains"]
 
@@ -68,11 +76,14 @@ class DrawSettings:
         check_count("thinning", self.thinning)
         check_count("num_warmup", self.num_warmup, low=0)
         if self.num_chains is not None and not (
-            isinstance(self.num_chains, int) and self.num_chains >= 1
+            is_integer(self.num_chains) and self.num_chains >= 1
         ):
-            raise ValueError(f"num_chains must be None or an integer >= 1, got {self.num_chains}")
+            raise ValueError(f"num_chains must be None or an integer >= 1, got {self.num_chains!r}")
         check_positive("init_scale", self.init_scale)
         check_count("num_temperatures", self.num_temperatures)
+        for name in ("num_warmup", "thinning", "num_chains", "num_temperatures"):
+            if getattr(self, name) is not None:  # NumPy integers as Python ints
+                object.__setattr__(self, name, int(getattr(self, name)))
 
     def replace(self, **changes) -> DrawSettings:
         """A copy with some fields changed, e.g. ``draws.replace(num_warmup=200)``."""
@@ -99,27 +110,37 @@ def sample_chains(
         key: PRNG key, used once (split into warm-up and sampling keys).
         sampler: the kernel and its settings.
         logdensity_fn: log-density of one flat position.
-        positions: ``(num_chains, dim)`` flat starting points.
-        num_draws: draws per chain, one every ``draws.thinning`` steps (static).
+        positions: ``(num_chains, dim)`` flat starting points, finite floats. The chains
+            run in ``kernels.chain_dtype`` of their dtype: at least JAX's default float
+            dtype (float16 and bfloat16 points run, and are drawn, in float32; float32 ones
+            in float64 under ``jax_enable_x64``).
+        num_draws: draws per chain, one every ``draws.thinning`` steps (static), >= 1.
         draws: ``num_warmup`` and ``thinning`` (default ``DrawSettings()``); its
             ``num_chains`` and ``init_scale`` are the caller's (they choose ``positions``).
-        event_shape: shape to give each draw (default: flat).
+        event_shape: shape to give each draw, of ``dim`` numbers (default: flat).
 
     Returns:
         ``(Draws, step_size)``: the draws (chain-major) and the tuned step size.
+
+    Raises:
+        ValueError: positions that are not ``(num_chains, dim)`` finite floats (NaN and inf
+            are found only in concrete positions, not under ``jit``), a bad ``num_draws``,
+            or an ``event_shape`` of other than ``dim`` numbers, before any compute.
     """
     settings = DrawSettings() if draws is None else draws
     if not isinstance(settings, DrawSettings):
         raise TypeError(f"draws must be a numpyro_ebm.samplers.DrawSettings, got {draws!r}")
-    positions = jnp.asarray(positions)
-    if positions.ndim != 2:
-        raise ValueError(
-            f"positions must be flat starting points (num_chains, dim), got {positions.shape}"
-        )
-    if not (isinstance(num_draws, int) and num_draws >= 1):
-        raise ValueError(f"num_draws must be an integer >= 1, got {num_draws!r}")
+    positions = _checked_positions(positions)
+    check_count("num_draws", num_draws)
+    num_draws = int(num_draws)
     num_chains, dim = positions.shape
-    event_shape = (dim,) if event_shape is None else tuple(event_shape)
+    event_shape = (dim,) if event_shape is None else _checked_event_shape(event_shape)
+    if math.prod(event_shape) != dim:
+        raise ValueError(
+            f"event_shape {event_shape} holds {math.prod(event_shape)} numbers, but the "
+            f"positions {positions.shape} have dim {dim} per chain: pass an event_shape of "
+            f"{dim} numbers (or none for flat draws)"
+        )
     if settings.num_temperatures > 1:
         return _sample_tempered(
             key, sampler, logdensity_fn, positions, num_draws, settings, event_shape
@@ -141,6 +162,32 @@ def sample_chains(
     recorded = jnp.swapaxes(recorded, 0, 1).reshape(num_chains, num_draws, *event_shape)
     step = settings.thinning * (1 + jnp.arange(num_draws))
     return Draws(recorded, chain_major, step), step_size
+
+
+def _checked_positions(positions) -> jax.Array:
+    """``positions`` as ``(num_chains, dim)`` floats in their chain dtype (``ValueError``
+    otherwise; concrete ones are checked for NaN and inf too, by ``validate_data``)."""
+    if len(jnp.shape(positions)) != 2:
+        raise ValueError(
+            f"positions must be flat starting points (num_chains, dim), got shape "
+            f"{jnp.shape(positions)}"
+        )
+    if not isinstance(positions, jax.core.Tracer):
+        positions = validate_data(positions, name="positions")
+    positions = jnp.asarray(positions)
+    if not jnp.issubdtype(positions.dtype, jnp.floating):
+        raise ValueError(f"positions must be floating-point, got dtype {positions.dtype}")
+    return positions.astype(chain_dtype(positions.dtype))
+
+
+def _checked_event_shape(event_shape) -> tuple[int, ...]:
+    """``validate_event_shape`` of an int or any sequence of ints (a NumPy array too)."""
+    if not is_integer(event_shape) and not isinstance(event_shape, tuple | list):
+        try:
+            event_shape = tuple(np.asarray(event_shape).tolist())
+        except TypeError:
+            pass  # validate_event_shape names it
+    return validate_event_shape(event_shape)
 
 
 def _sample_tempered(key, sampler, logdensity_fn, positions, num_draws, settings, event_shape):

@@ -9,6 +9,11 @@ hashable configuration that knows how to
   ``logdensity_fn`` is a call-time argument, so energies with traced parameters compile once,
 * say which acceptance rate its step size should be tuned to (``sampler.target``).
 
+Chains run in at least JAX's default float dtype (float32; float64 under ``jax_enable_x64``):
+``init`` promotes a narrower position (float16, bfloat16; float32 under x64) to it, because
+BlackJAX's Gaussian noise comes out in that dtype and a narrower chain would not keep its own.
+``chain_dtype`` says which dtype a position's chain runs in.
+
 Adding a kernel is one entry of ``REGISTRY`` (its init, its step, its default target
 acceptance, whether it adapts, its default step size) and, optionally, a factory.
 
@@ -45,6 +50,7 @@ __all__ = [
     "Kernel",
     "Sampler",
     "barker",
+    "chain_dtype",
     "get_sampler",
     "hmc",
     "mala",
@@ -92,6 +98,19 @@ class Kernel(NamedTuple):
     target_acceptance: float | None
     adapts: bool
     step_size: float
+
+
+def chain_dtype(dtype) -> jnp.dtype:
+    """The dtype a chain started at a position of floating ``dtype`` runs in: ``dtype``, or
+    JAX's default float dtype (float32; float64 under ``jax_enable_x64``) if that is wider.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from numpyro_ebm import samplers
+        >>> samplers.kernels.chain_dtype(jnp.float16)  # float64 under jax_enable_x64
+        dtype('float32')
+    """
+    return jnp.promote_types(dtype, jax.dtypes.canonicalize_dtype(jnp.float64))
 
 
 def _no_hamiltonian(state, step_size):
@@ -232,16 +251,29 @@ class Sampler:
         return replace(self, **changes)
 
     def init(self, position: jax.Array, logdensity_fn: Callable) -> Any:
-        """BlackJAX state of one chain at ``position`` (flat vector) under ``logdensity_fn``.
+        """BlackJAX state of one chain at ``position`` (flat vector) under ``logdensity_fn``,
+        in ``chain_dtype(position.dtype)`` (a narrower position is promoted to JAX's default
+        float dtype).
 
         Always call this again after the energy's parameters change: MALA/HMC/Barker states
         cache the log-density and its gradient, and a stale cache biases the Metropolis ratio.
         """
+        position = jnp.asarray(position)
+        position = position.astype(chain_dtype(position.dtype))
         return REGISTRY[self.kernel].init(position, logdensity_fn)
 
     def step(self, key: jax.Array, state: Any, logdensity_fn: Callable, step_size) -> tuple:
-        """One transition of one chain: ``(new_state, ChainInfo)``."""
-        step_size = jnp.asarray(step_size, state.position.dtype)
+        """One transition of one chain: ``(new_state, ChainInfo)``. The state must be in
+        its ``chain_dtype`` (``init`` builds it so): MALA, ULA and Barker refuse a narrower
+        one with a ``TypeError``."""
+        dtype = state.position.dtype
+        if self.kernel != "hmc" and chain_dtype(dtype) != dtype:
+            raise TypeError(
+                f"{self.kernel.upper()} chains must run in at least JAX's default float dtype "
+                f"({chain_dtype(dtype)}), got a {dtype} state: build the states with "
+                "Sampler.init / init_chains, which promote the positions"
+            )
+        step_size = jnp.asarray(step_size, dtype)
         return REGISTRY[self.kernel].step(key, state, logdensity_fn, step_size, self)
 
     def init_chains(self, positions: jax.Array, logdensity_fn: Callable) -> Any:
@@ -252,7 +284,8 @@ class Sampler:
         """The states ``init_chains`` builds, from the log-density ``(num_chains,)`` and its
         gradient ``(num_chains, dim)`` at ``positions`` already evaluated by the caller: one
         gradient evaluation per chain fewer. They must be those of the log-density the chains
-        then move under (a stale cache biases the Metropolis ratio)."""
+        then move under (a stale cache biases the Metropolis ratio). All three are cast to
+        ``chain_dtype(positions.dtype)``, as ``init`` casts the positions."""
         if jnp.shape(logdensity) != positions.shape[:1] or jnp.shape(grad) != positions.shape:
             raise ValueError(
                 f"chains_from needs a log-density of shape {positions.shape[:1]} and a gradient "
@@ -261,7 +294,8 @@ class Sampler:
         state = jax.eval_shape(lambda x: self.init(x, jnp.sum), positions[0])  # its type
         if state._fields != ("position", "logdensity", "logdensity_grad"):
             raise NotImplementedError(f"{self.kernel} states are not built from cached values")
-        return type(state)(positions, logdensity, grad)
+        dtype = chain_dtype(positions.dtype)
+        return type(state)(*(jnp.asarray(a).astype(dtype) for a in (positions, logdensity, grad)))
 
 
 def _factory(kernel: str, kwargs: dict) -> Sampler:

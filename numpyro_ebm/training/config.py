@@ -146,7 +146,11 @@ class TrainConfig:
             (``None``: the last iterate); the decay at step t is
             ``min(ema_decay, (1 + t) / (10 + t))``.
         buffer_size: replay bank size.
-        reinit_fraction: share of persistent/replay chains restarted at the batch each step.
+        reinit_fraction: replay: share of chains started at the batch each step instead of
+            the bank; persistent: share of the chains that are not recorded restarted at the
+            batch each step (the ``num_recorded_chains`` recorded ones never restart, so the
+            share of all chains is ``reinit_fraction · (num_chains − num_recorded_chains) /
+            num_chains``).
         step_size_gain: Robbins-Monro gain of the per-step step-size update (0: fixed).
         log_z_learning_rate: Adam learning rate of the noise-contrastive ``log Z`` (kept
             beside the tracked one, history column ``log_z_nce``).
@@ -186,7 +190,8 @@ class TrainConfig:
             ``negatives.ParallelTempering``).
         negatives_per_ladder: ``"parallel_tempering"``: negatives per ladder and step, the
             model slot after each of the last rounds.
-        num_recorded_chains: negative-phase chains recorded for diagnostics each step.
+        num_recorded_chains: negative-phase chains recorded for diagnostics each step, at
+            most ``num_chains``; None (default): ``min(8, num_chains)``.
         record_every: keep every ``record_every``-th record and compute the held-out NLL then.
         matmul_precision: precision of float32 matrix products in the compiled step, one of
             ``MATMUL_PRECISIONS`` (``jax.default_matmul_precision``). ``"float32"`` (default)
@@ -195,7 +200,10 @@ class TrainConfig:
         sharding: sharding of the chains' and the batch's leading axis across devices
             (``fit`` builds it from ``devices``); None: leave placement to JAX.
         conditional_negatives: the sampler of conditional sites when ``negatives`` cannot
-            handle conditions; None: contrastive divergence with the same kernel.
+            handle conditions: a configured ``NegativeSampler`` that handles them
+            (``supports_conditions``, e.g. ``negatives.ContrastiveDivergence(...)``); None:
+            contrastive divergence with the kernel, ``num_mcmc_steps`` and
+            ``step_size_gain`` of ``negatives`` (for negatives without chains, this config's).
         schedule_steps: the length ``T`` of the run's schedules (set by ``resolve``).
     """
 
@@ -233,7 +241,7 @@ class TrainConfig:
     adapt_temperatures: bool = True
     ladder_gain: float = 0.1
     negatives_per_ladder: int = 1
-    num_recorded_chains: int = 8
+    num_recorded_chains: int | None = None
     record_every: int = 10
     matmul_precision: str = "float32"
     sharding: Any = None
@@ -246,6 +254,9 @@ class TrainConfig:
         for name in (*counts, "log_z_particles", "log_z_groups", "log_z_bridge_steps"):
             check_count(name, getattr(self, name))
         check_count("log_z_first_anchor", self.log_z_first_anchor, low=0)
+        if self.num_recorded_chains is not None:
+            check_count("num_recorded_chains", self.num_recorded_chains, low=0)
+        _check_conditional_negatives(self.conditional_negatives)
         check_count("log_z_floor_samples", self.log_z_floor_samples, low=0)
         check_count("log_z_floor_every", self.log_z_floor_every)
         check_count("log_z_floor_half_life", self.log_z_floor_half_life, low=0)
@@ -353,6 +364,8 @@ class TrainConfig:
         settings = {
             f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip
         }
+        if self.num_recorded_chains is None:  # as the chain samplers' own default
+            settings["num_recorded_chains"] = min(8, self.num_chains)
         negatives = self.negatives
         negatives = _negatives.build(
             self.negatives_name if negatives == "auto" else negatives,
@@ -383,6 +396,8 @@ class TrainConfig:
             for f in dataclasses.fields(self.negatives):
                 if f.init and f.compare:
                     negatives[f.name] = _negatives.describe_value(_field_default(f))
+            if negatives.get("num_recorded_chains", 0) is None:  # min(8, 1024 chains)
+                negatives["num_recorded_chains"] = 8
         keep = (
             "batch_size",
             "energy_l2",
@@ -429,6 +444,21 @@ class TrainConfig:
             "matmul_precision": self.matmul_precision,
             "optimizer": "custom",
         }
+
+
+def _check_conditional_negatives(sampler) -> None:
+    """``conditional_negatives`` must be None or a ``NegativeSampler`` that handles
+    conditions (a ``ValueError`` naming the ones that do otherwise)."""
+    if sampler is None or (
+        isinstance(sampler, _negatives.NegativeSampler) and sampler.supports_conditions
+    ):
+        return
+    kinds = [cls.__name__ for cls in _negatives.REGISTRY.values() if cls.supports_conditions]
+    raise ValueError(
+        "conditional_negatives must be None or a configured negative sampler that handles "
+        f"conditions (one of {kinds}, e.g. ebm.negatives.ContrastiveDivergence("
+        f"num_mcmc_steps=20)), got {sampler!r}"
+    )
 
 
 def _field_default(f: dataclasses.Field):

@@ -249,17 +249,15 @@ def keep_if_finite(finite, proposed: TrainState, state: TrainState) -> TrainStat
 def sampler_for(site: Site, config: TrainConfig) -> NegativeSampler:
     """The negative sampler of ``site``: ``config.negatives``, or for a conditional site one
     that handles conditions (``config.conditional_negatives``, by default contrastive
-    divergence with the same kernel)."""
+    divergence with the kernel, steps and gain of ``config.negatives``, or of ``config``
+    for negatives without chains)."""
     negatives = config.negatives
     if site.conditions is None or negatives.supports_conditions:
         return negatives
     if config.conditional_negatives is not None:
         return config.conditional_negatives
-    return ContrastiveDivergence(
-        num_mcmc_steps=getattr(negatives, "num_mcmc_steps", 20),
-        sampler=getattr(negatives, "sampler", None),
-        step_size_gain=getattr(negatives, "step_size_gain", 0.2),
-    )
+    names = ("sampler", "num_mcmc_steps", "step_size_gain")
+    return ContrastiveDivergence(**{n: getattr(negatives, n, getattr(config, n)) for n in names})
 
 
 def _flat_energy(site: Site) -> Callable:

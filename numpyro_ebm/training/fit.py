@@ -218,7 +218,8 @@ def fit(
         energy: callable pytree, one event -> scalar (``E(x, c)`` with ``condition``): an
             ``eqx.Module`` or ``jax.tree_util.Partial(fn, params)``. Its floating-point array
             leaves are trained; every other leaf is static.
-        data: ``(num_points, *event_shape)`` finite floats, 2+ distinct rows (float16: as float32).
+        data: ``(num_points, *event_shape)`` finite floats, 2+ distinct rows, trained in at
+            least JAX's default float dtype (float16 as float32; float32 as float64 under x64).
         key: PRNG key (the init, loop and AIS keys are split from it; step t folds in t).
         config: a ``TrainConfig`` (default: ``TrainConfig()``); ``**settings`` override its
             fields by name, e.g. ``negatives="hybrid"``, ``num_chains=256``,
@@ -256,8 +257,7 @@ def fit(
         >>> import jax, numpyro_ebm as ebm
         >>> data = ebm.datasets.toy("8gaussians").sample(jax.random.key(0), 5000)
         >>> energy = ebm.energies.MLPEnergy(2, key=jax.random.key(1))
-        >>> res = ebm.fit(energy, data, key=jax.random.key(2), num_steps=200,
-        ...               progress_bar=False)  # doctest: +SKIP
+        >>> res = ebm.fit(energy, data, key=jax.random.key(2), num_steps=200)  # doctest: +SKIP
     """
     _checked_calibration(calibrate_log_z, condition)
     config = (config or TrainConfig()).replace(**settings)
@@ -331,13 +331,18 @@ def _checked_calibration(calibrate_log_z, condition=None) -> None:
 
 def _resolved(config: TrainConfig, num_steps: int, checkpoint_dir, devices, generator, size):
     """``(given, resolved, stored meta, schedule length, sharding)`` of a run on data of
-    ``size`` dimensions."""
+    ``size`` dimensions. The devices must divide the chains of the negative sampler that
+    runs (a configured one's own ``num_chains``; contrastive divergence's are the batch's)."""
     stored = None if checkpoint_dir is None else checkpoint.stored_meta(checkpoint_dir)
     schedule = schedule_steps(stored, num_steps, checkpoint_dir)
-    sharding = chain_sharding(devices, config.num_chains, config.batch_size)
+    resolved = config.resolve(schedule, generator, event_size=size)
+    negatives = resolved.negatives
+    num_chains = getattr(negatives, "num_chains", config.batch_size)
+    if isinstance(negatives, _negatives.ContrastiveDivergence):
+        num_chains = config.batch_size
+    sharding = chain_sharding(devices, num_chains, config.batch_size)
     given = config.replace(sharding=sharding)
-    resolved = given.resolve(schedule, generator, event_size=size)
-    return given, resolved, stored, schedule, sharding
+    return given, resolved.replace(sharding=sharding), stored, schedule, sharding
 
 
 def _checked_selection(select_best: bool, patience, validation, config, stored) -> bool:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from numpyro_ebm import generator as _generator
 from numpyro_ebm import samplers as _samplers
 from numpyro_ebm.distribution import check_energy
+from numpyro_ebm.samplers.kernels import chain_dtype
 from numpyro_ebm.training import checkpoint
 from numpyro_ebm.training.config import TrainConfig
 from numpyro_ebm.training.objective import objective_from_description
@@ -55,19 +55,19 @@ def checked_inputs(
     or a count).
 
     Returns ``(inputs, validation, event_shape)``: ``inputs`` is the data array, or
-    ``(data, condition)`` for a conditional energy (``validation`` likewise a pair then);
-    float16 and bfloat16 arrays become float32."""
+    ``(data, condition)`` for a conditional energy (``validation`` likewise a pair then),
+    each in at least JAX's default float dtype (``_chain_float``)."""
     check_count("num_steps", num_steps)
     check_count("steps_per_call", steps_per_call)
     check_count("max_nonfinite", max_nonfinite)
     if checkpoint_every is not None:
         check_count("checkpoint_every", checkpoint_every)
     check_trainable(energy)
-    data = _float32(validate_data(data))
+    data = _chain_float(validate_data(data))
     event_shape = tuple(data.shape[1:])
     condition_shape = None
     if condition is not None:
-        condition = _float32(validate_data(condition, name="condition"))
+        condition = _chain_float(validate_data(condition, name="condition"))
         if condition.shape[0] != data.shape[0]:
             raise ValueError(
                 f"condition has {condition.shape[0]} rows, data has {data.shape[0]}: one "
@@ -95,15 +95,17 @@ def checked_inputs(
                     f"validation_data has {validation[0].shape[0]} points and "
                     f"{validation[1].shape[0]} conditions: one condition per point"
                 )
-        validation = jax.tree.map(_float32, validation)
+        validation = jax.tree.map(_chain_float, validation)
     inputs = data if condition is None else (data, condition)
     return inputs, validation, event_shape
 
 
-def _float32(array):
-    """Floating data narrower than float32 (float16, bfloat16) as float32: the samplers' step
-    sizes are float32 and would promote the chains' positions mid-run."""
-    return array.astype(jnp.float32) if jnp.finfo(array.dtype).bits < 32 else array
+def _chain_float(array):
+    """Floating data narrower than JAX's default float dtype as that dtype (float16 and
+    bfloat16 as float32; float32 as float64 under ``jax_enable_x64``): the chains run in it
+    (``samplers.kernels.chain_dtype``), and a bank of another dtype than its chains' would
+    change dtype mid-run."""
+    return array.astype(chain_dtype(array.dtype))
 
 
 def check_spread(inputs, name: str = "data") -> None:
