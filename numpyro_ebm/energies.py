@@ -151,7 +151,7 @@ class MLPEnergy(eqx.Module):
         activation: Callable = jax.nn.silu,
         confinement: float = 0.01,
     ):
-        self.dim = _check_dim(dim)
+        self.dim = dim = _check_dim(dim)
         self.confinement = check_non_negative("confinement", confinement)
         hidden = default_hidden(dim) if hidden is None else _check_hidden(hidden)
         self.net = MLP((dim, *hidden, 1), activation, key=key)
@@ -202,7 +202,7 @@ class NoiseConditionalEnergy(eqx.Module):
         activation: Callable = jax.nn.silu,
         confinement: float = 0.01,
     ):
-        self.dim = _check_dim(dim)
+        self.dim = dim = _check_dim(dim)
         self.noise_scale = check_positive("noise_scale", noise_scale)
         self.confinement = check_non_negative("confinement", confinement)
         hidden = default_hidden(dim) if hidden is None else _check_hidden(hidden)
@@ -276,7 +276,7 @@ class DeepEnergy(eqx.Module):
         sigma: float = 1.0,
         activation: Callable = jnp.tanh,
     ):
-        self.dim = _check_dim(dim)
+        self.dim = dim = _check_dim(dim)
         hidden = _check_hidden(hidden, at_least_one=True)
         check_count("num_experts", num_experts)
         sigma = check_positive("sigma", sigma)  # an infinite σ leaves −bᵀx unbounded below
@@ -519,7 +519,7 @@ class SeparableEnergy(eqx.Module):
         sigma: float = 2.0,
         quadrature_points: int = 4097,
     ):
-        self.dim = _check_dim(dim)
+        self.dim = dim = _check_dim(dim)
         hidden = _check_hidden(hidden, at_least_one=True)
         sigma = check_positive("sigma", sigma)
         n = quadrature_points

@@ -1,6 +1,7 @@
 """Energies: closed forms against their exact normalisers, neural energies are proper."""
 
 import math
+import warnings
 from functools import partial
 
 import equinox as eqx
@@ -421,7 +422,9 @@ def test_deep_energy_refuses_a_number_of_experts_that_is_not_a_count(num_experts
 
 
 def test_a_numpy_integer_dim_is_a_dim_and_at_noise_refuses_a_sigma_not_above_0():
-    energy = NOISE_CONDITIONAL(np.int64(2), hidden=(4,), key=jax.random.key(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no static-array warning from equinox either
+        energy = NOISE_CONDITIONAL(np.int64(2), hidden=(4,), key=jax.random.key(0))
     assert energy.dim == 2 and type(energy.dim) is int
     for sigma in (0.0, -1.0):
         with pytest.raises(ValueError, match="sigma must be a finite number > 0"):

@@ -12,6 +12,7 @@ import blackjax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import numpyro_ebm as ebm
@@ -213,6 +214,14 @@ def test_a_few_chains_record_all_of_them_by_default(resolved_config_of):
         ebm.negatives.Persistent(num_chains=4, num_recorded_chains=8)  # a value given: checked
     with pytest.raises(ValueError, match=r"num_recorded_chains \(8\) cannot exceed num_chains"):
         resolved_config_of(num_chains=4, num_recorded_chains=8)
+
+
+def test_generator_negatives_built_with_a_few_chains_record_them_all_by_default():
+    for kind in (ebm.negatives.GeneratorNegatives, ebm.negatives.Hybrid):
+        negatives = kind(optimizer=optax.adam(1e-3), entropy="batch_norm", num_chains=4)
+        assert negatives._num_recorded == 4
+        with pytest.raises(ValueError, match=r"num_recorded_chains \(8\) cannot exceed"):
+            kind(optimizer=optax.adam(1e-3), num_chains=4, num_recorded_chains=8)
 
 
 def test_contrastive_divergence_does_not_check_its_unused_num_chains(resolved_config_of):

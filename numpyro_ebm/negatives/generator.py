@@ -19,7 +19,7 @@ import optax
 
 from numpyro_ebm import generator as _generator
 from numpyro_ebm import samplers as _samplers
-from numpyro_ebm.negatives._chains import check_chain_counts, flat, random_rows
+from numpyro_ebm.negatives._chains import check_chain_counts, flat, random_rows, recorded_chains
 from numpyro_ebm.negatives.base import ChainRecord, NegativeInfo, NegativeSampler, Target
 from numpyro_ebm.validation import check_count
 
@@ -65,7 +65,8 @@ class GeneratorNegatives(NegativeSampler):
         generator: the starting network; None builds ``default_generator`` at ``init``
             (noisy when the entropy estimator needs it). Not a setting: two samplers that
             differ only in it compare equal.
-        num_recorded_chains: samples per step reported for diagnostics (acceptance NaN).
+        num_recorded_chains: samples per step reported for diagnostics (acceptance NaN), at
+            most ``num_chains``; None (default): ``min(8, num_chains)``.
     """
 
     name = "generator"
@@ -73,13 +74,13 @@ class GeneratorNegatives(NegativeSampler):
     entropy: Any = "nearest_neighbour"
     num_chains: int = 1024
     generator: Any = field(default=None, compare=False, hash=False, repr=False)
-    num_recorded_chains: int = 8
+    num_recorded_chains: int | None = None
 
     def __post_init__(self):
         if self.optimizer is None:
             raise ValueError(f"negatives={self.name!r} needs a generator optimizer")
         object.__setattr__(self, "entropy", _generator.get_entropy(self.entropy))
-        check_chain_counts(self.num_chains, self.num_recorded_chains)
+        check_chain_counts(self.num_chains, self._num_recorded)
         check_count("num_chains", self.num_chains, low=2)
         nearest = isinstance(self.entropy, _generator.NearestNeighbourEntropy)
         if nearest and self.num_chains <= self.entropy.k:
@@ -158,8 +159,12 @@ class GeneratorNegatives(NegativeSampler):
         )
         return new, finals, info
 
+    @property
+    def _num_recorded(self) -> int:
+        return recorded_chains(self.num_chains, self.num_recorded_chains)
+
     def _record(self, finals, logdensities) -> ChainRecord | None:
-        n = self.num_recorded_chains
+        n = self._num_recorded
         if not n:
             return None
         ones = jnp.ones((n,), finals.dtype)
