@@ -12,6 +12,7 @@ import blackjax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
 import optax
 import pytest
 
@@ -118,6 +119,25 @@ def test_fit_under_x64_trains_float32_data_in_float64(negatives):
         res = ebm.fit(energy, toy_data(), key=jax.random.key(2), negatives=negatives, **TINY)
         assert res.chains.dtype == jnp.float64
         assert np.isfinite(res.history["loss"]).all()
+
+
+@pytest.mark.parametrize("negatives", ["persistent", "hybrid"])
+def test_maximum_likelihood_under_x64_trains_float32_observations(negatives):
+    """The site's bank started in float32 and its chains ran in float64: the scan refused."""
+    from numpyro.contrib.module import eqx_module
+
+    with jax.enable_x64():
+        data = toy_data()
+
+        def model(x):
+            energy = ebm.energies.MLPEnergy(2, hidden=(4,), key=jax.random.key(1))
+            energy = eqx_module("energy", energy)
+            with numpyro.plate("rows", x.shape[0]):
+                numpyro.sample("x", ebm.EnergyDistribution(energy, event_shape=(2,)), obs=x)
+
+        learner = ebm.MaximumLikelihood(model, optax.adam(1e-3), num_chains=16, negatives=negatives)
+        result = learner.run(jax.random.key(2), 3, data)
+        assert np.isfinite(result.history["loss"]).all()
 
 
 # -- sample_chains, warmup and run_chains: inputs refused before any compute -----------------

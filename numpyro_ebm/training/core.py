@@ -34,6 +34,7 @@ from numpyro_ebm.gaussian import fit_base
 from numpyro_ebm.logz import LogZEstimate, nce_log_z_loss, tracking
 from numpyro_ebm.negatives import ContrastiveDivergence, NegativeInfo, NegativeSampler, Target
 from numpyro_ebm.samplers import flat_logdensity
+from numpyro_ebm.samplers.kernels import chain_dtype
 from numpyro_ebm.training.config import TrainConfig
 from numpyro_ebm.training.keys import (
     FLOOR,
@@ -299,9 +300,10 @@ def _init(key, params, data, problem, config: TrainConfig) -> TrainState:
     keys = site_keys(key, tuple(sites))
     negatives, bases, free, log_z, trackers = {}, {}, {}, {}, {}
     for name, site in sites.items():
-        flat = _flat(site.observed)
+        observed = site.observed.astype(chain_dtype(site.observed.dtype))  # as fit's data
+        flat = _flat(observed)
         bases[name] = fit_base(flat)
-        negatives[name] = sampler_for(site, config).init(keys[name], site.observed, bases[name])
+        negatives[name] = sampler_for(site, config).init(keys[name], observed, bases[name])
         probes = bases[name].sample(jax.random.fold_in(keys[name], PROBES), NUM_PROBES)
         probes = jnp.reshape(probes, (NUM_PROBES, *site.event_shape))
         free[name] = _site_free_constants(problem, trainable, static, data, key, name, probes)
