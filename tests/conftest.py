@@ -58,3 +58,29 @@ def _free_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture
+def resolved_config_of(monkeypatch):
+    """``resolved(**settings)``: the ``TrainConfig`` that ``fit`` resolves for a
+    ``GaussianEnergy`` on 512 rows of 2-D data with those settings, without any compute (a
+    stand-in for ``core.init`` raises with it)."""
+    import numpyro_ebm as ebm
+    from numpyro_ebm.training import core
+
+    class Reached(Exception):
+        pass
+
+    def reached(key, params, data, problem, config):
+        raise Reached(config)
+
+    monkeypatch.setattr(core, "init", reached)
+    data = jax.random.normal(jax.random.key(0), (512, 2)) * jax.numpy.array([1.0, 2.0]) + 1.0
+
+    def resolved(**settings):
+        energy = ebm.energies.GaussianEnergy(jax.numpy.zeros(2))
+        with pytest.raises(Reached) as info:
+            ebm.fit(energy, data, key=jax.random.key(1), **settings)
+        return info.value.args[0]
+
+    return resolved

@@ -41,32 +41,6 @@ def toy_data(n=256, dtype=jnp.float32):
     return x.astype(dtype)
 
 
-class Reached(Exception):
-    """Raised by a stand-in for ``core.init``: ``fit`` got past every check."""
-
-    def __init__(self, config):
-        super().__init__("reached core.init")
-        self.config = config
-
-
-@pytest.fixture
-def resolved_config_of(monkeypatch):
-    """``fit``'s resolved ``TrainConfig`` for the given settings, without any compute."""
-
-    def reached(key, params, data, problem, config):
-        raise Reached(config)
-
-    monkeypatch.setattr(core, "init", reached)
-
-    def resolved(**settings):
-        energy = ebm.energies.GaussianEnergy(jnp.zeros(2))
-        with pytest.raises(Reached) as info:
-            ebm.fit(energy, toy_data(), key=jax.random.key(1), **settings)
-        return info.value.config
-
-    return resolved
-
-
 # -- the chains' dtype ------------------------------------------------------------------------
 
 

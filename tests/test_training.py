@@ -59,32 +59,7 @@ def assert_trees_equal(a, b, **tolerance):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tolerance)
 
 
-# -- fit: a config plus keyword overrides ---------------------------------------------------------
-
-
-class Captured(Exception):
-    """Raised by a stand-in for ``core.init`` with the resolved config ``fit`` built."""
-
-    def __init__(self, config):
-        super().__init__("captured")
-        self.config = config
-
-
-@pytest.fixture
-def resolved_config_of(monkeypatch):
-    """``fit``'s resolved ``TrainConfig`` for the given settings, without any compute."""
-
-    def capture(key, params, data, problem, config):
-        raise Captured(config)
-
-    monkeypatch.setattr(core, "init", capture)
-
-    def resolved(**settings):
-        with pytest.raises(Captured) as info:
-            ebm.fit(gaussian_energy(), toy_data(), key=jax.random.key(1), **settings)
-        return info.value.config
-
-    return resolved
+# -- fit: a config plus keyword overrides (the fixture resolved_config_of: conftest.py) -------
 
 
 SGD = optax.sgd(1e-3)
