@@ -47,7 +47,7 @@ LONG_TESTS := tests/test_train.py tests/test_log_z_tracking.py tests/test_traini
 	notebooks/diagnostics.ipynb tests/test_logz.py tests/test_public_api.py \
 	tests/test_data_bound.py tests/test_diagnostics.py tests/test_cli_digits.py \
 	tests/test_objectives.py notebooks/generator.ipynb tests/test_samplers.py \
-	tests/test_tempering.py notebooks/conditional.ipynb notebooks/ebm_prior.ipynb \
+	tests/test_sampler_inputs.py tests/test_tempering.py notebooks/conditional.ipynb notebooks/ebm_prior.ipynb \
 	tests/test_cli_runs.py tests/test_energies.py tests/test_cli_data.py \
 	notebooks/quickstart.ipynb tests/test_selection.py
 # every file by name: given a folder too, pytest collects the files under it in its own
