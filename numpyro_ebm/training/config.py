@@ -21,6 +21,7 @@ import optax
 from numpyro_ebm import negatives as _negatives
 from numpyro_ebm import samplers as _samplers
 from numpyro_ebm.logz.tracking import TrackerSettings
+from numpyro_ebm.negatives._chains import DEFAULT_RECORDED_CHAINS, recorded_chains
 from numpyro_ebm.training.objective import build_objective, describe_objective
 from numpyro_ebm.validation import check_count, check_non_negative
 
@@ -364,8 +365,7 @@ class TrainConfig:
         settings = {
             f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip
         }
-        if self.num_recorded_chains is None:  # as the chain samplers' own default
-            settings["num_recorded_chains"] = min(8, self.num_chains)
+        settings["num_recorded_chains"] = recorded_chains(self.num_chains, self.num_recorded_chains)
         negatives = self.negatives
         negatives = _negatives.build(
             self.negatives_name if negatives == "auto" else negatives,
@@ -396,8 +396,8 @@ class TrainConfig:
             for f in dataclasses.fields(self.negatives):
                 if f.init and f.compare:
                     negatives[f.name] = _negatives.describe_value(_field_default(f))
-            if negatives.get("num_recorded_chains", 0) is None:  # min(8, 1024 chains)
-                negatives["num_recorded_chains"] = 8
+            if negatives.get("num_recorded_chains", 0) is None:  # as stored before the default
+                negatives["num_recorded_chains"] = DEFAULT_RECORDED_CHAINS  # followed num_chains
         keep = (
             "batch_size",
             "energy_l2",
