@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from numpyro_ebm.gaussian import fit_base
-from numpyro_ebm.validation import validate_data, validate_event_shape
+from numpyro_ebm.validation import (
+    UNIT_SCALE_LIMIT,
+    DataScaleWarning,
+    validate_data,
+    validate_event_shape,
+    warn_if_not_unit_scale,
+)
 
 FAST = settings(max_examples=40, deadline=None)
 
@@ -232,3 +240,72 @@ def test_fit_base_still_fits_traced_data_and_data_with_one_constant_column():
     np.testing.assert_allclose(eager.mean, [1.5, 3.0])
     traced = jax.jit(fit_base)(data)
     np.testing.assert_allclose(traced.scale_tril, eager.scale_tril, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# warn_if_not_unit_scale: data far from the scale the defaults are tuned for
+# --------------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """Raised in place of the training's first compute (core.init)."""
+
+
+def _stop(*args, **kwargs):
+    raise _Stop
+
+
+def test_data_far_from_unit_scale_warn_naming_the_coordinate():
+    data = np.zeros((4, 3))
+    data[:, 2] = [0.0, 0.0, 30.0, -30.0]  # root-mean-square 21.2 about the origin
+    with pytest.warns(DataScaleWarning, match=r"coordinate 2 has a root-mean-square of 21.2"):
+        warn_if_not_unit_scale(data)
+
+
+@pytest.mark.parametrize("scale", [1.0, UNIT_SCALE_LIMIT])
+def test_data_within_the_limit_and_traced_data_do_not_warn(scale, recwarn):
+    data = np.zeros((4, 2))
+    data[:, 0] = [scale, -scale, scale, -scale]  # root-mean-square exactly `scale`
+    warn_if_not_unit_scale(data)
+    jax.jit(lambda x: warn_if_not_unit_scale(100.0 * x) or x)(data)
+    assert not [w for w in recwarn if w.category is DataScaleWarning]
+
+
+def test_fit_warns_before_any_compute_at_the_callers_line(monkeypatch):
+    """The rings toy scaled by 100 trains to an energy gap of +194 nats in 400 steps without an
+    error (the step size stuck at its bound of 10, the confinement 0.01‖x‖² ~ 760 nats): fit
+    says so before training, at the user's line, not inside the library."""
+    import numpyro_ebm as ebm
+    from numpyro_ebm.training import core
+
+    monkeypatch.setattr(core, "init", _stop)
+    data = 100.0 * ebm.datasets.toy("rings").sample(jax.random.key(0), 500)
+    energy = ebm.energies.MLPEnergy(2, hidden=(8,), key=jax.random.key(1))
+    with pytest.warns(DataScaleWarning, match="Standardize first") as caught, pytest.raises(_Stop):
+        ebm.fit(energy, data, key=jax.random.key(2), num_steps=10)
+    assert caught[0].filename == __file__
+    with pytest.raises(_Stop):  # standardized, the same data go through silently
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DataScaleWarning)
+            ebm.fit(energy, data / data.std(0), key=jax.random.key(2), num_steps=10)
+
+
+def test_maximum_likelihood_warns_for_an_ebm_site_far_from_unit_scale(monkeypatch):
+    import numpyro
+    import optax
+
+    import numpyro_ebm as ebm
+    from numpyro_ebm.training import core
+
+    def model(data):
+        mu = numpyro.param("mu", jnp.zeros(2))
+        energy = jax.tree_util.Partial(lambda m, x: 0.5 * jnp.sum((x - m) ** 2), mu)
+        with numpyro.plate("data", data.shape[0]):
+            numpyro.sample("x", ebm.EnergyDistribution(energy, (2,)), obs=data)
+
+    monkeypatch.setattr(core, "init", _stop)
+    data = 50.0 + jax.random.normal(jax.random.key(0), (100, 2))
+    learner = ebm.MaximumLikelihood(model, optax.adam(1e-2), num_chains=8, track_log_z=False)
+    with pytest.warns(DataScaleWarning, match="site 'x'") as caught, pytest.raises(_Stop):
+        learner.init(jax.random.key(1), data)
+    assert caught[0].filename == __file__

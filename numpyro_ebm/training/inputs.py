@@ -13,7 +13,7 @@ from numpyro_ebm.samplers.kernels import chain_dtype
 from numpyro_ebm.training import checkpoint
 from numpyro_ebm.training.config import TrainConfig
 from numpyro_ebm.training.objective import objective_from_description
-from numpyro_ebm.validation import check_count, validate_data
+from numpyro_ebm.validation import check_count, validate_data, warn_if_not_unit_scale
 from numpyro_ebm.validation import check_spread as _check_spread
 
 __all__ = [
@@ -109,9 +109,12 @@ def _chain_float(array):
 
 
 def check_spread(inputs, name: str = "data") -> None:
-    """``validation.check_spread`` of the data (``checked_inputs``' ``inputs``). ``fit``
-    checks it after every other setting (so those are named first)."""
-    _check_spread(inputs[0] if isinstance(inputs, tuple) else inputs, name)
+    """``validation.check_spread`` of the data (``checked_inputs``' ``inputs``), then
+    ``validation.warn_if_not_unit_scale``. ``fit`` checks it after every other setting (so
+    those are named first)."""
+    data = inputs[0] if isinstance(inputs, tuple) else inputs
+    _check_spread(data, name)
+    warn_if_not_unit_scale(data, name)
 
 
 def checked_augment(augment, inputs):
