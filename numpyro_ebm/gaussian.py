@@ -52,6 +52,11 @@ class GaussianBase(NamedTuple):
         """``log Z`` of ``E(x) = ½‖L⁻¹(x − μ)‖²`` (the starting value of the learned log Z)."""
         return log_normalizer(self.scale_tril)
 
+    @property
+    def variance(self) -> jax.Array:
+        """``(D,)`` the variance of each coordinate (the diagonal of ``L Lᵀ``)."""
+        return jnp.sum(self.scale_tril**2, axis=-1)
+
 
 def fit_base(flat_data: jax.Array, jitter: float = 1e-3) -> GaussianBase:
     """Gaussian with the data's mean and covariance (plus ``jitter``·I for a valid Cholesky).

@@ -264,13 +264,13 @@ def warn_if_not_unit_scale(data, name: str = "the data") -> None:
     line outside this package, e.g. the user's call of ``fit``); nothing for traced data.
 
     The training defaults are tuned for data of unit scale: ``MLPEnergy``'s confinement
-    ``0.01 ‖x‖²`` and its initial weights, and the chains' step size, which the per-step
-    update keeps inside ``samplers.STEP_SIZE_BOUNDS`` (at most 10, a MALA step for a
-    local scale of about 3). On the rings toy scaled by 5 the step size sticks at 10; scaled
-    by 10 and shifted by 100 the energy gap is +4.2 nats after 400 steps, by 100 it is +194:
-    the run goes on and returns a poor model that only ``diagnose`` flags. Hence a warning
-    before any compute, saying what to do (standardize), rather than an error: the data are
-    valid, and an energy of the user's own may be built for their units.
+    ``0.01 ‖x‖²`` (760 nats at the rings toy scaled by 100) and its initial weights, the
+    learning rate and ``energy_l2``. (The chains' step size follows the data's scale:
+    ``samplers.step_size_bounds``.) On the rings toy scaled by 10 and shifted by 100 the energy
+    gap is +4.5 nats after 400 steps, scaled by 100 +199: the run goes on and returns a poor
+    model that only ``diagnose`` flags. Hence a warning before any compute, saying what to do
+    (standardize), rather than an error: the data are valid, and an energy of the user's own
+    may be built for their units.
 
     Example:
         >>> import warnings, numpy as np
@@ -290,7 +290,7 @@ def warn_if_not_unit_scale(data, name: str = "the data") -> None:
     warnings.warn(
         f"{name}: coordinate {worst} has a root-mean-square of {rms[worst]:.3g} about the "
         f"origin (above {UNIT_SCALE_LIMIT:g}). The training defaults (MLPEnergy's confinement "
-        "and initial weights, the chains' step size, at most 10) are tuned for data of unit "
+        "and initial weights, the learning rate, energy_l2) are tuned for data of unit "
         "scale, and on data this large training can return a poor model without an error "
         "(diagnostics.diagnose flags it). Standardize first, z = (x - mean) / std per "
         "coordinate, and add -sum(log std) to log-densities (the getting-started guide, "

@@ -226,13 +226,14 @@ def test_an_update_one_reweighting_follows_takes_the_bridges_one_sub_step_exactl
 
     def bridge_then_move(s):  # the general path: the bridge, then the last num_moves moves
         k_loop, k_final = jax.random.split(jax.random.split(key)[1])
+        bounds = ebm.samplers.step_size_bounds(base.variance)
         bridged, _ = tracking._bridge(
             (k_loop, None), s, old, new, settings, settings.max_bridge_steps,
-            settings.bridge_moves, settings.target_ess, moves_last=False,
+            settings.bridge_moves, settings.target_ess, moves_last=False, bounds=bounds,
         )  # fmt: skip
         position, logdensity, step, acceptance = tracking._moves(
             k_final, bridged.position, new, bridged.step_size, settings.sampler,
-            settings.num_moves,
+            settings.num_moves, bounds,
         )  # fmt: skip
         moved = bridged._replace(position=position, logdensity=logdensity, step_size=step)
         return moved, acceptance

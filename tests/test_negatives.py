@@ -142,3 +142,27 @@ def test_a_bad_step_size_gain_or_amortization_weight_is_refused_by_name(value):
             make(amortization_weight=value)
     assert negatives.Persistent(step_size_gain=0).step_size_gain == 0  # a fixed step size
     assert negatives.Hybrid(optimizer=adam, amortization_weight=0.0).amortization_weight == 0
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [negatives.Persistent(num_chains=64, num_mcmc_steps=1), negatives.Replay(num_chains=64)],
+    ids=["persistent", "replay"],
+)
+def test_chains_on_data_of_scale_20_tune_their_step_size_past_the_unit_scale_bound(sampler):
+    """On N(0, 20²) data with the model at the data, MALA's best step is about 1.2 · 400 = 480.
+    The step size used to stop at 10 (``STEP_SIZE_BOUNDS``, made for unit scale: chains at a
+    fiftieth of their best step, acceptance near 1); the bounds now widen with the data's
+    variances, and the step size gets to the target acceptance."""
+    data = 20.0 * jax.random.normal(jax.random.key(0), (2000, 2))
+    base = negatives.fit_base(data)
+    target = negatives.Target(lambda z: 0.5 * jnp.sum(z**2) / 400.0, data[:256], base, (2,))
+    state = sampler.init(jax.random.key(1), data, base)
+
+    def one(state, key):
+        state, _, info = sampler.sample(key, state, target)
+        return state, info.acceptance_rate
+
+    state, acceptance = jax.lax.scan(one, state, jax.random.split(jax.random.key(2), 300))
+    assert 100.0 < float(state.step_size) < 2000.0
+    assert abs(float(jnp.mean(acceptance[-50:])) - sampler.sampler.target) < 0.1

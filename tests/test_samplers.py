@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import numpyro_ebm as ebm
 from numpyro_ebm import samplers
+from numpyro_ebm.energies import GaussianEnergy
 
 
 def standard_normal(x):
@@ -265,3 +267,32 @@ def test_infinite_step_size_and_zero_thinning_are_refused():
     states = sampler.init_chains(jnp.zeros((2, 2)), logdensity)
     with pytest.raises(ValueError, match="thinning must be an integer >= 1"):
         samplers.run_chains(jax.random.key(0), sampler, logdensity, states, 0.1, 10, thinning=0)
+
+
+def test_step_size_bounds_widen_with_the_targets_variances_and_never_narrow():
+    assert samplers.step_size_bounds() == samplers.STEP_SIZE_BOUNDS
+    low, high = samplers.step_size_bounds(jnp.array([0.25, 400.0]))
+    assert float(low) == pytest.approx(2.5e-7) and float(high) == pytest.approx(4000.0)
+    low, high = samplers.step_size_bounds(jnp.array([2.0, 3.0]))  # wider: the low end stays
+    assert float(low) == pytest.approx(1e-6) and float(high) == pytest.approx(30.0)
+    low, high = samplers.step_size_bounds(jnp.array([0.01]))  # narrower: the high end stays
+    assert float(low) == pytest.approx(1e-8) and float(high) == pytest.approx(10.0)
+    h = jnp.float32(1.0)
+    bounds = samplers.step_size_bounds(jnp.array([400.0]))
+    mala = samplers.mala()
+    assert float(samplers.adapt_step_size(h, 1.0, mala, 1e3, bounds)) == pytest.approx(4000.0)
+    assert float(samplers.adapt_step_size_multiplicative(h, 1.0, 0.65, 1e3, bounds)) == (
+        pytest.approx(4000.0)
+    )
+
+
+def test_ais_tunes_its_step_size_to_a_wide_target():
+    """AIS on N(0, 30²): the step size between temperatures goes past the unit-scale bound of
+    10 (MALA's best step near β = 1 is about 1000), and log Z is right."""
+    energy = GaussianEnergy(jnp.zeros(2), 900.0 * jnp.eye(2))
+    data = 30.0 * jax.random.normal(jax.random.key(0), (1000, 2))
+    est = ebm.logz.ais(
+        energy, (2,), key=jax.random.key(1), data=data, num_temperatures=50, num_particles=200
+    )
+    assert abs(est.value - float(energy.log_z)) < 4 * est.stderr + 0.01
+    assert float(np.mean(est.info["acceptance"][-10:])) < 0.9  # a tuned step, not a tiny one

@@ -272,9 +272,9 @@ def test_data_within_the_limit_and_traced_data_do_not_warn(scale, recwarn):
 
 
 def test_fit_warns_before_any_compute_at_the_callers_line(monkeypatch):
-    """The rings toy scaled by 100 trains to an energy gap of +194 nats in 400 steps without an
-    error (the step size stuck at its bound of 10, the confinement 0.01‖x‖² ~ 760 nats): fit
-    says so before training, at the user's line, not inside the library."""
+    """The rings toy scaled by 100 trains to an energy gap of +199 nats in 400 steps without an
+    error (MLPEnergy's confinement 0.01‖x‖² is about 760 nats there): fit says so before
+    training, at the user's line, not inside the library."""
     import numpyro_ebm as ebm
     from numpyro_ebm.training import core
 

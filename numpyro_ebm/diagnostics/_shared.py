@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from numpyro_ebm.samplers import step_size_bounds
 from numpyro_ebm.training.fit import FitResult  # the one place diagnostics/ imports it from
 from numpyro_ebm.training.loop import step_row
 
@@ -90,6 +91,10 @@ def fit_attrs(res: FitResult) -> dict:
     }
     if sampler is not None:
         attrs["adapt_step_size"] = int(sampler.adapts)  # an int: netCDF has no bool
+        bases = getattr(res.state, "bases", None)
+        if bases:  # where training kept the step size: the bounds of the data's scale
+            low, high = step_size_bounds(next(iter(bases.values())).variance)
+            attrs["step_size_low"], attrs["step_size_high"] = float(low), float(high)
         if sampler.target is not None:
             attrs["target_acceptance"] = sampler.target
     if getattr(res, "best_step", None) is not None:

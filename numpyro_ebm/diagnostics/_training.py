@@ -58,7 +58,8 @@ def _step_size_check(history: dict, attrs: dict) -> Check | None:
     if attrs.get("kernel") in (None, "generator") or not step_size.size:
         return None
     final = float(step_size[-1])
-    lo, hi = samplers.STEP_SIZE_BOUNDS
+    lo, hi = samplers.STEP_SIZE_BOUNDS  # the run's, widened by its data's scale, if known
+    lo, hi = attrs.get("step_size_low", lo), attrs.get("step_size_high", hi)
     at_bound = final <= lo * 1.01 or final >= hi * 0.99
     return Check(
         "step_size",

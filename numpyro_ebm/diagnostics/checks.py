@@ -28,7 +28,8 @@ acceptance        mean acceptance within 0.1 of the kernel's target ok (during t
                   the step size is tuned to it), else warn; below 0.05 fail; ≥ 0.99 fail
                   (a Metropolis kernel whose steps are too small to explore; an acceptance
                   of exactly 1 without a known kernel is read as ULA's: info)
-step_size         training step size inside its clip range (1e-6, 10), else fail
+step_size         training step size inside its clip range, else fail: (1e-6, 10) widened by
+                  the data's variances (samplers.step_size_bounds)
 nonfinite_steps   no rejected (non-finite) training steps ok, else warn
 energy_gap        |mean E(data) − mean E(negatives)| over the last 10% of steps ≤ 0.25
                   nats ok, ≤ 1 warn, else fail (a model still moving and chains that lag

@@ -23,6 +23,7 @@ import numpyro.distributions as dist
 from numpyro_ebm.gaussian import fit_base
 from numpyro_ebm.logz.estimate import LogZEstimate, log_mean_exp
 from numpyro_ebm.samplers import Sampler, adapt_step_size_multiplicative, get_sampler
+from numpyro_ebm.samplers.adaptation import STEP_SIZE_BOUNDS, step_size_bounds
 from numpyro_ebm.validation import validate_data
 
 __all__ = [
@@ -69,11 +70,10 @@ def ais(
 
     Anneals from a normalised base ``p₀`` to ``exp(−E)`` along ``p₀^{1−β} exp(−βE)`` (BlackJAX
     ``tempered_smc`` with ``logprior = log p₀`` and ``loglikelihood = −E − log p₀``), moving the
-    particles with ``sampler.step``; the step size is re-tuned at every temperature from the
-    acceptance of the previous one, toward ``sampler.target``. ``Σ log_likelihood_increment``
-    of one run estimates ``log Z``. ``num_runs`` independent runs give the standard error: the
-    returned value is the log of the mean of their (unbiased) ``Ẑ``, with a delta-method error
-    bar.
+    particles with ``sampler.step``; the step size is re-tuned at every temperature toward
+    ``sampler.target`` (inside ``samplers.step_size_bounds`` of the base's variances). One
+    run's ``Σ log_likelihood_increment`` estimates ``log Z``; the value is the log of the mean
+    of ``num_runs`` independent ``Ẑ`` (unbiased), with a delta-method error bar.
 
     Args:
         energy: one event -> scalar.
@@ -100,8 +100,7 @@ def ais(
         adaptive: choose temperatures adaptively (BlackJAX ``adaptive_tempered_smc``, each
             step keeping the ESS at ``target_ess``) instead of the fixed schedule.
         target_ess: see ``adaptive``.
-        initial_step_size: step size at ``β = 0``, then tuned at every temperature (it is not
-            taken from ``sampler.step_size``).
+        initial_step_size: step size at ``β = 0``, then tuned (not ``sampler.step_size``).
 
     Returns:
         ``LogZEstimate`` with ``info`` holding per-run estimates and, for the fixed schedule,
@@ -212,11 +211,9 @@ def ais_convergence(
     """``ais`` with ``num_temperatures`` and with ``factor`` times as many, on independent keys:
     the longer path's estimate, and whether the shorter one had already reached it.
 
-    AIS's ``log Ẑ`` is low on average (Jensen's inequality), the more so the shorter the path
-    and the more of the mass its particles do not reach. Without exact samples for
-    ``reverse_ais`` there is no upper side, but a value that still rises when the path gets
-    ``factor`` times longer shows that the shorter path had not converged, and the longer one
-    has no more reason to have. The two agree when they differ by at most
+    AIS's ``log Ẑ`` is low on average (Jensen), the more so the shorter the path. Without
+    exact samples for ``reverse_ais`` there is no upper side, but a value that still rises on
+    a path ``factor`` times longer shows that neither had converged. They agree when within
     ``CONVERGENCE_AGREEMENT`` combined standard errors (at least ``CONVERGENCE_FLOOR``), and
     the longer path's runs agree with each other (their ``log Ẑ`` spread at most
     ``CONVERGENCE_MAX_SPREAD``: wider, its error bar is not reliable). Agreement is necessary,
@@ -262,9 +259,8 @@ def ais_convergence(
     )
     rise = long.value - short.value
     bound = max(CONVERGENCE_AGREEMENT * math.hypot(short.stderr, long.stderr), CONVERGENCE_FLOOR)
-    spread = (
-        float(np.std(long.info["log_z_runs"], ddof=1)) if len(long.info["log_z_runs"]) > 1 else 0.0
-    )
+    runs = long.info["log_z_runs"]
+    spread = float(np.std(runs, ddof=1)) if len(runs) > 1 else 0.0
     convergence = {
         "shorter": short.value,
         "shorter_stderr": short.stderr,
@@ -453,12 +449,11 @@ def _ais_config(
     )
 
 
-def retuned_step_size(step_size, acceptance_rate, target: float):
-    """AIS's step-size rule between two temperatures: ``h · exp(2 (acc − target))`` clipped to
-    ``samplers.STEP_SIZE_BOUNDS``, with ``acc`` the particles' mean acceptance (a NaN counts as
-    a rejection). Returns ``(new step size, acc)``."""
+def retuned_step_size(step_size, acceptance_rate, target: float, bounds=STEP_SIZE_BOUNDS):
+    """AIS's rule between two temperatures: ``(h · exp(2 (acc − target))`` clipped to
+    ``bounds``, ``acc``)``, ``acc`` the particles' mean acceptance (a NaN counts as 0)."""
     acc = jnp.mean(jnp.nan_to_num(acceptance_rate, nan=0.0))
-    return adapt_step_size_multiplicative(step_size, acc, target), acc
+    return adapt_step_size_multiplicative(step_size, acc, target, 2.0, bounds), acc
 
 
 class _Path(NamedTuple):
@@ -468,6 +463,7 @@ class _Path(NamedTuple):
     loglikelihood: Callable
     neg_energy: Callable
     sampler: Sampler
+    bounds: tuple  # the step size's, ``samplers.step_size_bounds`` of the base's variances
 
     def params(self, step_size) -> dict:
         """MCMC parameters shared by all particles (BlackJAX: a leading axis of length 1)."""
@@ -484,7 +480,11 @@ def _path(energy, base, cfg: _AISConfig) -> _Path:
     def loglikelihood(z):
         return neg_energy(z) - base.log_prob(z)
 
-    return _Path(base.log_prob, loglikelihood, neg_energy, cfg.sampler)
+    try:
+        bounds = step_size_bounds(base.variance)
+    except NotImplementedError:  # a base of the user's without a variance: unit scale
+        bounds = step_size_bounds()
+    return _Path(base.log_prob, loglikelihood, neg_energy, cfg.sampler, bounds)
 
 
 @eqx.filter_jit
@@ -540,7 +540,7 @@ def _fixed_schedule_run(path: _Path, cfg: _AISConfig, particles, key) -> tuple[A
         state, h = carry
         beta, k = xs
         state, info = kernel_fn(k, state, cfg.num_mcmc_steps, beta, path.params(h))
-        h, acc = retuned_step_size(h, info.update_info.acceptance_rate, sampler.target)
+        h, acc = retuned_step_size(h, info.update_info.acceptance_rate, sampler.target, path.bounds)
         ess = 1.0 / jnp.sum(state.weights**2) / cfg.num_particles
         bad = path.num_nonfinite(state.particles)
         return (state, h), (info.log_likelihood_increment, ess, acc, bad)
@@ -588,7 +588,7 @@ def _adaptive_run(path: _Path, cfg: _AISConfig, particles, key) -> tuple[Any, di
         state, log_z, k, count, h = carry
         k, sub = jax.random.split(k)
         state, info = smc(h).step(sub, state)
-        h, _ = retuned_step_size(h, info.update_info.acceptance_rate, sampler.target)
+        h, _ = retuned_step_size(h, info.update_info.acceptance_rate, sampler.target, path.bounds)
         bad = path.num_nonfinite(state.particles)
         log_z = log_z + jnp.where(bad > 0, jnp.nan, info.log_likelihood_increment)
         return state, log_z, k, count + 1, h

@@ -41,9 +41,9 @@ later bound raises it again. Where the same importance estimate is good (its run
 least ``fuse_ess`` of the draws: low dimension), ``floor`` also fuses it with the tracked value
 by a Kalman update on ``Z`` (2-D toys: the error bar from about 0.03 nats to 0.003).
 
-**Why its own particles.** The negative phase's chains are not a valid SMC system for this: they
-follow the current parameters while the model returned is their moving average, their positions
-shape the update they would weight, and most negative samplers restart them every step.
+**Why its own particles.** The negative phase's chains are not a valid SMC system for this:
+they follow the iterate (the model returned is the average), shape the update they would
+weight, and most negative samplers restart them every step.
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -82,6 +82,7 @@ from numpyro_ebm.logz.particles import (
     systematic,
 )
 from numpyro_ebm.samplers import Sampler, adapt_step_size_multiplicative, get_sampler, run_chains
+from numpyro_ebm.samplers.adaptation import step_size_bounds
 
 __all__ = ["TrackInfo", "TrackerSettings", "TrackerState", "advance", "estimate", "floor", "start"]
 
@@ -94,10 +95,8 @@ class TrackerSettings(NamedTuple):
         num_groups: independent SMC runs; their spread gives the standard error (≥ 2).
         max_bridge_steps: most sub-steps per training update (1: never bridge).
         target_ess: conditional ESS (a fraction) each bridging sub-step keeps; an update
-            whose one reweighting keeps it is not bridged. On digits (64-D), after step 300,
-            0.9 takes 1.03 to 1.08 sub-steps per update on average (re-anchors included);
-            0.99 took about 3 around step 300, each with ``bridge_moves`` moves, for the
-            same accuracy (docs/benchmarks.md).
+            whose one reweighting keeps it is not bridged (digits after step 300: 1.03 to
+            1.08 sub-steps per update at 0.9, about 3 at 0.99; docs/benchmarks.md).
         resample_ess: a group is resampled (systematic) when its ESS fraction falls below this.
         num_moves: kernel moves per training update.
         bridge_moves: kernel moves at each intermediate sub-step of a bridged update (the
@@ -119,15 +118,12 @@ class TrackerSettings(NamedTuple):
             than any bridge follows, and this bounds the cost of waiting it out.
         first_anchor: the update at which the tracker first re-anchors: restarts from the
             base at the energy of that moment, as after a loss; then at twice as many updates
-            since the start, and so on (100, 200, 400, ...; 0: never). Particles carried from
-            a broad initial energy through the collapse of early training miss mass the
-            model builds where they never were, which no error bar shows (on digits 15 nats
-            by update 100); a start from the Gaussian fitted to the data covers it. When
-            the carried estimate agrees with the fresh one, the two are fused; else the
-            larger one is kept (late in training a re-anchor's short AIS misses mass: on
-            digits 1.3 nats at update 1600).
-        floor_samples: importance draws around the training rows for ``floor`` (0: no
-            floor).
+            since the start, and so on (100, 200, 400, ...; 0: never). Particles carried
+            through the collapse of early training miss mass the model builds where they
+            never were (digits: 15 nats by update 100), which a fresh start covers. Agreeing
+            estimates are fused, else the larger is kept (late re-anchors' short AIS misses
+            mass: digits 1.3 nats at update 1600).
+        floor_samples: importance draws around the training rows for ``floor`` (0: none).
         floor_every: ``floor`` runs at every ``floor_every``-th update only: cheaper on a CPU,
             with fewer catches and fused estimates (8gaussians: error bar 0.0037 → 0.0066 at
             4; docs/benchmarks.md).
@@ -143,7 +139,8 @@ class TrackerSettings(NamedTuple):
             the importance estimates correct it. In more dimensions the ESS is a few draws
             and nothing is fused.
         sampler: the kernel (with a Metropolis step); its ``step_size`` is the first one, then
-            tuned toward its target acceptance after every move.
+            tuned toward its target acceptance after every move (inside
+            ``samplers.step_size_bounds`` of the base).
     """
 
     num_particles: int = 512
@@ -350,6 +347,7 @@ def start(
         settings.start_moves,
         settings.start_ess,
         moves_last=True,
+        bounds=step_size_bounds(base.variance),
     )
     # each group resampled down to its size: still an unbiased SMC step
     keys = jax.random.split(k_thin, settings.num_groups)
@@ -435,8 +433,9 @@ def advance(
         branch, (single, follow, wait), None
     )
     position, logdensity, step, acceptance = _moves(
-        k_final, position, new_logdensity, step, settings.sampler, settings.num_moves, cached
-    )
+        k_final, position, new_logdensity, step, settings.sampler, settings.num_moves,
+        step_size_bounds(base.variance), cached,
+    )  # fmt: skip
     moved = state._replace(
         position=position,
         logdensity=logdensity.astype(state.logdensity.dtype),
@@ -488,6 +487,7 @@ def _bridge_or_restart(k_draw, k_loop, state, restart, old_logdensity, new_logde
         settings.bridge_moves,
         jnp.where(restart, settings.start_ess, settings.target_ess),
         moves_last=False,
+        bounds=step_size_bounds(base.variance),
     )
     return (
         bridged.position, bridged.log_weight, bridged.group_log_z, bridged.step_size,
@@ -495,22 +495,22 @@ def _bridge_or_restart(k_draw, k_loop, state, restart, old_logdensity, new_logde
     )  # fmt: skip
 
 
-def _moves(key, position, logdensity, step_size, sampler, num_moves, cached=None):
+def _moves(key, position, logdensity, step_size, sampler, num_moves, bounds, cached=None):
     """``num_moves`` kernel moves of every particle under ``logdensity``: new positions, the
-    log-density there, the tuned step size and the mean acceptance. ``cached``: the
-    log-density and its gradient at ``position``, when the caller has them."""
+    log-density there, the step size tuned within ``bounds`` and the mean acceptance.
+    ``cached``: the log-density and its gradient at ``position``, when the caller has them."""
     if cached is None:
         states = sampler.init_chains(position, logdensity)
     else:
         states = sampler.chains_from(position, *cached)
     states, trace, _ = run_chains(key, sampler, logdensity, states, step_size, num_moves)
     acceptance = jnp.mean(jnp.nan_to_num(trace.acceptance_rate, nan=0.0))
-    new_step = adapt_step_size_multiplicative(step_size, acceptance, sampler.target)
+    new_step = adapt_step_size_multiplicative(step_size, acceptance, sampler.target, 2.0, bounds)
     return states.position, states.logdensity, new_step.astype(step_size.dtype), acceptance
 
 
 def _bridge(keys, state, old_logdensity, new_logdensity, settings, max_steps, moves, target_ess,
-            *, moves_last: bool):  # fmt: skip
+            *, moves_last: bool, bounds):  # fmt: skip
     """Reweight/resample/move from ``old_logdensity`` (cached in ``state.logdensity``) to
     ``new_logdensity`` in at most ``max_steps`` sub-steps keeping the conditional ESS at
     ``target_ess``, with ``moves`` kernel moves after each sub-step but the last. After the
@@ -545,7 +545,7 @@ def _bridge(keys, state, old_logdensity, new_logdensity, settings, max_steps, mo
 
         def bridge_move(args):
             position, _, _, step, acc = args
-            position, _, step, acc = _moves(k_move, position, between, step, sampler, moves)
+            position, _, step, acc = _moves(k_move, position, between, step, sampler, moves, bounds)
             return position, old_all(position), new_all(position), step, acc
 
         def target(x):  # the last sub-step's moves: under new_logdensity alone
@@ -555,7 +555,9 @@ def _bridge(keys, state, old_logdensity, new_logdensity, settings, max_steps, mo
 
         if moves_last:  # the last sub-step's moves are the loop's: one compiled kernel
             key_moves = jnp.where(final, k_final, k_move)
-            position, moved, step, acc = _moves(key_moves, position, target, step, sampler, moves)
+            position, moved, step, acc = _moves(
+                key_moves, position, target, step, sampler, moves, bounds
+            )
             old, new = jax.lax.cond(
                 final,
                 lambda p: (old, moved.astype(new.dtype)),

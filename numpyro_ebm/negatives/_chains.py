@@ -111,8 +111,13 @@ class ChainSettings(NegativeSampler):
             self.num_recorded_chains,
         )  # fmt: skip
 
-    def adapted(self, step_size, acceptance) -> jax.Array:
-        return _samplers.adapt_step_size(step_size, acceptance, self.sampler, self.step_size_gain)
+    def adapted(self, step_size, acceptance, target: Target) -> jax.Array:
+        """The step size after one training step, kept inside the bounds of the training
+        data's scale (``samplers.step_size_bounds`` of ``target.base``)."""
+        bounds = _samplers.step_size_bounds(target.base.variance)
+        return _samplers.adapt_step_size(
+            step_size, acceptance, self.sampler, self.step_size_gain, bounds
+        )
 
 
 def run_chains_from(key, starts, target: Target, sampler, step_size, num_steps, num_recorded):

@@ -49,7 +49,7 @@ class ContrastiveDivergence(ChainSettings):
             finals, acceptance, norm = run.finals, run.acceptance_rate, run.langevin_grad_norm
         else:
             finals, acceptance, norm = self._conditional(k_chains, starts, target, step_size)
-        new_step_size = self.adapted(step_size, acceptance)
+        new_step_size = self.adapted(step_size, acceptance, target)
         return new_step_size, finals, NegativeInfo(acceptance, step_size, norm, {})
 
     def _conditional(self, key, starts, target: Target, step_size):

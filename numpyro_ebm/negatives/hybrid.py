@@ -94,7 +94,7 @@ class Hybrid(GeneratorNegatives, ChainSettings):
         )
         new = GeneratorState(
             run.finals,
-            self.adapted(state.step_size, run.acceptance_rate),
+            self.adapted(state.step_size, run.acceptance_rate, target),
             new_generator,
             opt_state,
         )

@@ -64,7 +64,7 @@ class Persistent(ChainSettings):
             self.num_recorded_chains,
         )  # fmt: skip
         run = self.run(k_chains, starts, target, state.step_size)
-        new = ChainState(run.finals, self.adapted(state.step_size, run.acceptance_rate))
+        new = ChainState(run.finals, self.adapted(state.step_size, run.acceptance_rate, target))
         info = NegativeInfo(
             run.acceptance_rate, state.step_size, run.langevin_grad_norm, {}, run.record
         )

@@ -57,7 +57,7 @@ class Replay(ChainSettings):
         )
         run = self.run(k_chains, starts, target, state.step_size)
         bank = state.bank.at[rows].set(run.finals)
-        new = ChainState(bank, self.adapted(state.step_size, run.acceptance_rate))
+        new = ChainState(bank, self.adapted(state.step_size, run.acceptance_rate, target))
         info = NegativeInfo(
             run.acceptance_rate, state.step_size, run.langevin_grad_norm, {}, run.record
         )

@@ -32,7 +32,7 @@ class ShortRun(ChainSettings):
         k_fresh = jax.random.split(k_start, 3)[0]
         starts = target.base.sample(k_fresh, self.num_chains)
         run = self.run(k_chains, starts, target, state.step_size)
-        new = ChainState(run.finals, self.adapted(state.step_size, run.acceptance_rate))
+        new = ChainState(run.finals, self.adapted(state.step_size, run.acceptance_rate, target))
         info = NegativeInfo(
             run.acceptance_rate, state.step_size, run.langevin_grad_norm, {}, run.record
         )

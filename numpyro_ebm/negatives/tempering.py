@@ -129,8 +129,9 @@ class ParallelTempering(ChainSettings):
         negatives = jax.lax.stop_gradient(negatives)
         acceptance = jnp.mean(jnp.nan_to_num(info.acceptance_rate), axis=(0, 1))
         swap_acceptance = jnp.mean(info.swap_acceptance, axis=(0, 1))
+        bounds = _samplers.step_size_bounds(target.base.variance)
         ladder = _tempering.adapt_step_sizes(
-            state.ladder, acceptance, self.sampler, self.step_size_gain
+            state.ladder, acceptance, self.sampler, self.step_size_gain, bounds
         )
         if self.adapt_temperatures:
             ladder = _tempering.adapt_ladder(ladder, swap_acceptance, self.ladder_gain)

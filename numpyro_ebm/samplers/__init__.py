@@ -12,9 +12,9 @@ The package has four modules, each one concept:
 * ``chains``: ``run_chains`` (``vmap`` over chains, ``lax.scan`` over steps, fixed step size),
   ``summarize``, ``flat_logdensity`` and the ``Draws`` record (ArviZ's chain-major order, read
   by ``numpyro_ebm.diagnostics``).
-* ``adaptation``: the step-size rules: ``STEP_SIZE_BOUNDS``, the dual-averaging ``warmup``, and
-  the per-step updates ``adapt_step_size`` (training) and ``adapt_step_size_multiplicative``
-  (AIS).
+* ``adaptation``: the step-size rules: ``STEP_SIZE_BOUNDS`` (``step_size_bounds`` widens them
+  by the target's variances), the dual-averaging ``warmup``, and the per-step updates
+  ``adapt_step_size`` (training) and ``adapt_step_size_multiplicative`` (AIS, the tracker).
 * ``draws``: ``DrawSettings`` (warm-up, thinning, chains, initial scale) and ``sample_chains``,
   what ``EnergyDistribution.sample`` runs.
 
@@ -40,6 +40,7 @@ from numpyro_ebm.samplers.adaptation import (
     WarmupInfo,
     adapt_step_size,
     adapt_step_size_multiplicative,
+    step_size_bounds,
     warmup,
 )
 from numpyro_ebm.samplers.chains import Draws, flat_logdensity, run_chains, summarize
@@ -100,6 +101,7 @@ __all__ = [
     "run_chains",
     "run_rounds",
     "sample_chains",
+    "step_size_bounds",
     "suggested_replicas",
     "summarize",
     "tempering",

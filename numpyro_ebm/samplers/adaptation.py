@@ -1,7 +1,9 @@
 """Step-size rules, all in one place: the bounds, the warm-up and the per-step updates.
 
 * ``STEP_SIZE_BOUNDS``: where the per-step updates keep the step size (training, tempering
-  ladders, AIS). ``warmup``'s dual averaging is not clipped: it follows the target's scale.
+  ladders, AIS, the log Z tracker) for a target of unit scale; ``step_size_bounds`` widens
+  them for a wider or narrower one. ``warmup``'s dual averaging is not clipped: it follows
+  the target's scale.
 * ``warmup``: burn-in for drawing samples: dual averaging (Hoffman & Gelman 2014) on the mean
   acceptance across chains for the first half, then the tuned step size held fixed.
 * ``adapt_step_size``: the Robbins-Monro update training applies once per step
@@ -42,19 +44,44 @@ __all__ = [
     "WarmupInfo",
     "adapt_step_size",
     "adapt_step_size_multiplicative",
+    "step_size_bounds",
     "warmup",
 ]
 
 # Where the per-step updates (adapt_step_size, adapt_step_size_multiplicative: training,
-# tempering ladders, AIS) keep the step size: a chain that wanders into a flat or exploding region
-# must not drive it to 0 or infinity. warmup's dual averaging is not clipped: it tunes to the
-# target's scale, which may lie outside these bounds.
+# tempering ladders, AIS, the tracker) keep the step size of a target of unit scale: a chain
+# that wanders into a flat or exploding region must not drive it to 0 or infinity.
+# step_size_bounds widens them by the target's variances. warmup's dual averaging is not
+# clipped: it tunes to the target's scale, which may lie outside these bounds.
 STEP_SIZE_BOUNDS = (1e-6, 10.0)
 
 
-def adapt_step_size(step_size, acceptance, sampler: Sampler, gain: float):
-    """Robbins-Monro ``log h ← log h + gain · (acceptance − target)``, clipped to
-    ``STEP_SIZE_BOUNDS`` (unchanged, but still clipped, for kernels that do not adapt).
+def step_size_bounds(variance=None) -> tuple:
+    """``STEP_SIZE_BOUNDS`` for a target whose coordinates have variances ``variance``
+    (``(D,)``, e.g. ``GaussianBase.variance`` of the training data; None: unit scale):
+    ``(1e-6 · min(1, min variance), 10 · max(1, max variance))``.
+
+    A MALA step ``h`` moves a chain by about ``√(2h)``, so its best value grows with the
+    target's variance (``1.2 σ²`` for ``N(0, σ²)``): with the unit-scale bounds, chains on data
+    of scale 100 would be held at a tenth of a percent of it. The bounds only ever widen, so a
+    target of unit scale or narrower in one direction and wider in another keeps both ends.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from numpyro_ebm.samplers import step_size_bounds
+        >>> [float(b) for b in step_size_bounds(jnp.array([0.25, 400.0]))]
+        [2.5e-07, 4000.0]
+    """
+    low, high = STEP_SIZE_BOUNDS
+    if variance is None:
+        return low, high
+    variance = jnp.asarray(variance)
+    return low * jnp.minimum(1.0, jnp.min(variance)), high * jnp.maximum(1.0, jnp.max(variance))
+
+
+def adapt_step_size(step_size, acceptance, sampler: Sampler, gain: float, bounds=STEP_SIZE_BOUNDS):
+    """Robbins-Monro ``log h ← log h + gain · (acceptance − target)``, clipped to ``bounds``
+    (unchanged, but still clipped, for kernels that do not adapt).
 
     Args:
         step_size: current step size, a scalar array (its dtype is kept).
@@ -62,6 +89,7 @@ def adapt_step_size(step_size, acceptance, sampler: Sampler, gain: float):
         sampler: the kernel; ``sampler.target`` is the target, ``sampler.adapts`` whether to
             adapt at all.
         gain: the update's gain (step size of the stochastic approximation in log space).
+        bounds: ``(low, high)``, ``step_size_bounds`` of the target (default: unit scale).
 
     Returns:
         The new step size, same shape and dtype as ``step_size``.
@@ -69,12 +97,15 @@ def adapt_step_size(step_size, acceptance, sampler: Sampler, gain: float):
     log_h = jnp.log(step_size)
     if sampler.adapts:
         log_h = log_h + gain * (acceptance - sampler.target)
-    low, high = STEP_SIZE_BOUNDS
+    low, high = bounds
     return jnp.clip(jnp.exp(log_h), low, high).astype(step_size.dtype)
 
 
-def adapt_step_size_multiplicative(step_size, acceptance, target: float, gain: float = 2.0):
-    """``h · exp(gain · (acceptance − target))``, clipped to ``STEP_SIZE_BOUNDS``.
+def adapt_step_size_multiplicative(
+    step_size, acceptance, target: float, gain: float = 2.0, bounds=STEP_SIZE_BOUNDS
+):
+    """``h · exp(gain · (acceptance − target))``, clipped to ``bounds`` (``step_size_bounds``
+    of the target; default: unit scale).
 
     The rule of ``adapt_step_size`` for a target given as a number (no ``Sampler``),
     computed multiplicatively: AIS retunes its kernel's step size so after each temperature
@@ -94,7 +125,7 @@ def adapt_step_size_multiplicative(step_size, acceptance, target: float, gain: f
         >>> round(float(samplers.adapt_step_size_multiplicative(0.1, 0.8, target=0.65)), 4)
         0.135
     """
-    return jnp.clip(step_size * jnp.exp(gain * (acceptance - target)), *STEP_SIZE_BOUNDS)
+    return jnp.clip(step_size * jnp.exp(gain * (acceptance - target)), *bounds)
 
 
 class WarmupInfo(NamedTuple):

@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 
 from numpyro_ebm.gaussian import GaussianBase
-from numpyro_ebm.samplers.adaptation import STEP_SIZE_BOUNDS
+from numpyro_ebm.samplers.adaptation import STEP_SIZE_BOUNDS, step_size_bounds
 from numpyro_ebm.samplers.chains import summarize
 from numpyro_ebm.samplers.kernels import ChainInfo, Sampler
 from numpyro_ebm.validation import check_positive
@@ -358,7 +358,8 @@ def run_rounds(
         new, info = tempering_round(k, sampler, base, energy, replicas, current, conditions)
         if step_size_gain:
             acceptance = jnp.mean(jnp.nan_to_num(info.acceptance_rate), axis=0)
-            current = adapt_step_sizes(current, acceptance, sampler, step_size_gain)
+            bounds = step_size_bounds(base.variance)
+            current = adapt_step_sizes(current, acceptance, sampler, step_size_gain, bounds)
         return (new, current), (info, new.position[:, 0] if keep_model_positions else None)
 
     keys = jax.random.split(key, num_rounds)
@@ -428,7 +429,9 @@ def _tune(key, sampler, base, energy, state, ladder, num_rounds, conditions, ada
         k, block_end = inputs
         replicas, info = tempering_round(k, sampler, base, energy, replicas, current, conditions)
         acceptance = jnp.mean(jnp.nan_to_num(info.acceptance_rate), axis=0)
-        current = adapt_step_sizes(current, acceptance, sampler, 0.2)
+        current = adapt_step_sizes(
+            current, acceptance, sampler, 0.2, step_size_bounds(base.variance)
+        )
         total, count = total + jnp.mean(info.swap_acceptance, axis=0), count + 1
         if adapt_temperatures:
             retuned = adapt_ladder(current, total / count)
@@ -473,13 +476,16 @@ def adapt_ladder(ladder: Ladder, swap_acceptance: jax.Array, gain: float = 1.0) 
     return ladder._replace(betas=jnp.concatenate([betas[:1], interior, betas[-1:]]))
 
 
-def adapt_step_sizes(ladder: Ladder, acceptance: jax.Array, sampler: Sampler, gain: float):
+def adapt_step_sizes(
+    ladder: Ladder, acceptance: jax.Array, sampler: Sampler, gain: float, bounds=STEP_SIZE_BOUNDS
+):
     """Each slot's step size moved by Robbins-Monro towards ``sampler.target`` from its mean
-    acceptance ``(K − 1,)`` (``samplers.adapt_step_size`` per slot)."""
+    acceptance ``(K − 1,)`` (``samplers.adapt_step_size`` per slot), clipped to ``bounds``
+    (``samplers.step_size_bounds`` of the base; default: unit scale)."""
     if not sampler.adapts:
         return ladder
     log_h = jnp.log(ladder.step_sizes) + gain * (acceptance - sampler.target)
-    steps = jnp.clip(jnp.exp(log_h), *STEP_SIZE_BOUNDS).astype(ladder.step_sizes.dtype)
+    steps = jnp.clip(jnp.exp(log_h), *bounds).astype(ladder.step_sizes.dtype)
     return ladder._replace(step_sizes=steps)
 
 
