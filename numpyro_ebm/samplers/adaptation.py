@@ -69,8 +69,8 @@ def step_size_bounds(variance=None) -> tuple:
     Example:
         >>> import jax.numpy as jnp
         >>> from numpyro_ebm.samplers import step_size_bounds
-        >>> [float(b) for b in step_size_bounds(jnp.array([0.25, 400.0]))]
-        [2.5e-07, 4000.0]
+        >>> tuple(f"{float(b):.3g}" for b in step_size_bounds(jnp.array([0.25, 400.0])))
+        ('2.5e-07', '4e+03')
     """
     low, high = STEP_SIZE_BOUNDS
     if variance is None:

@@ -211,15 +211,15 @@ def fit(
     augment: Callable | None = None,
     **settings,
 ) -> FitResult:
-    """Train ``energy`` on ``data`` by maximum likelihood: a ``FitResult`` (see
-    docs/guides/training.md).
+    """Train ``energy`` on ``data`` by maximum likelihood: a ``FitResult`` (training guide).
 
     Args:
         energy: callable pytree, one event -> scalar (``E(x, c)`` with ``condition``): an
             ``eqx.Module`` or ``jax.tree_util.Partial(fn, params)``. Its floating-point array
             leaves are trained; every other leaf is static.
         data: ``(num_points, *event_shape)`` finite floats, 2+ distinct rows, trained in at
-            least JAX's default float dtype (float16 as float32; float32 as float64 under x64).
+            least JAX's default float dtype (float16 as float32; float32 as float64 under x64);
+            of unit scale (else a ``validation.DataScaleWarning``: standardize first).
         key: PRNG key (the init, loop and AIS keys are split from it; step t folds in t).
         config: a ``TrainConfig`` (default: ``TrainConfig()``); ``**settings`` override its
             fields by name, e.g. ``negatives="hybrid"``, ``num_chains=256``,

@@ -422,6 +422,10 @@ class MaximumLikelihood:
                 sits inside a wrapper other than a plate's expand or ``to_event``, has
                 observed values that do not end in its event shape, non-finite or constant
                 data, or an energy that depends on no param.
+
+        Warns:
+            DataScaleWarning: an EBM site's observed values far from unit scale
+                (``validation.warn_if_not_unit_scale``).
         """
         return self._init(core.init, key, args, kwargs)
 
