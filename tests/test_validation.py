@@ -290,6 +290,17 @@ def test_fit_warns_before_any_compute_at_the_callers_line(monkeypatch):
             ebm.fit(energy, data / data.std(0), key=jax.random.key(2), num_steps=10)
 
 
+def test_a_condition_far_from_unit_scale_warns_too(monkeypatch):
+    import numpyro_ebm as ebm
+    from numpyro_ebm.training import core
+
+    monkeypatch.setattr(core, "init", _stop)
+    c = jnp.linspace(0.0, 1000.0, 64)[:, None]
+    energy = jax.tree_util.Partial(lambda m, x, c: 0.5 * jnp.sum((x - m * c) ** 2), jnp.zeros(()))
+    with pytest.warns(DataScaleWarning, match="the condition: coordinate 0"), pytest.raises(_Stop):
+        ebm.fit(energy, c / 1000.0, condition=c, key=jax.random.key(3), num_steps=10)
+
+
 def test_maximum_likelihood_warns_for_an_ebm_site_far_from_unit_scale(monkeypatch):
     import numpyro
     import optax
