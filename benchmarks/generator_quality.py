@@ -115,7 +115,7 @@ class GridNegatives(ebm.negatives.ShortRun):
         starts = centres[drawn] + width * jitter
         run = self.run(k_chains, starts, target, state.step_size)
         new = state._replace(
-            bank=run.finals, step_size=self.adapted(state.step_size, run.acceptance_rate)
+            bank=run.finals, step_size=self.adapted(state.step_size, run.acceptance_rate, target)
         )
         info = ebm.negatives.NegativeInfo(
             run.acceptance_rate, state.step_size, run.langevin_grad_norm, {}, run.record

@@ -111,10 +111,12 @@ class ChainSettings(NegativeSampler):
             self.num_recorded_chains,
         )  # fmt: skip
 
-    def adapted(self, step_size, acceptance, target: Target) -> jax.Array:
+    def adapted(self, step_size, acceptance, target: Target | None = None) -> jax.Array:
         """The step size after one training step, kept inside the bounds of the training
-        data's scale (``samplers.step_size_bounds`` of ``target.base``)."""
-        bounds = _samplers.step_size_bounds(target.base.variance)
+        data's scale (``samplers.step_size_bounds`` of ``target.base``; without a target,
+        those of unit scale)."""
+        variance = None if target is None else target.base.variance
+        bounds = _samplers.step_size_bounds(variance)
         return _samplers.adapt_step_size(
             step_size, acceptance, self.sampler, self.step_size_gain, bounds
         )
