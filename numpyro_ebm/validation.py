@@ -249,7 +249,7 @@ def check_spread(data, name: str = "the data") -> None:
         )
 
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # not numpyro_ebm_demo.py
 UNIT_SCALE_LIMIT = 10.0
 """``warn_if_not_unit_scale``'s limit on a coordinate's root-mean-square about the origin."""
 
@@ -280,9 +280,12 @@ def warn_if_not_unit_scale(data, name: str = "the data") -> None:
         >>> caught[0].category.__name__
         'DataScaleWarning'
     """
-    if isinstance(data, jax.core.Tracer) or data.shape[0] == 0:
+    if isinstance(data, jax.core.Tracer):
         return
-    flat = np.asarray(data, np.float64).reshape(data.shape[0], -1)
+    data = np.asarray(data, np.float64)
+    if data.ndim == 0 or data.shape[0] == 0:
+        return
+    flat = data.reshape(data.shape[0], -1)
     rms = np.sqrt(np.mean(flat**2, axis=0))
     worst = int(np.argmax(rms))
     if not rms[worst] > UNIT_SCALE_LIMIT:

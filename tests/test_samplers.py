@@ -271,19 +271,39 @@ def test_infinite_step_size_and_zero_thinning_are_refused():
 
 def test_step_size_bounds_widen_with_the_targets_variances_and_never_narrow():
     assert samplers.step_size_bounds() == samplers.STEP_SIZE_BOUNDS
-    low, high = samplers.step_size_bounds(jnp.array([0.25, 400.0]))
-    assert float(low) == pytest.approx(2.5e-7) and float(high) == pytest.approx(4000.0)
-    low, high = samplers.step_size_bounds(jnp.array([2.0, 3.0]))  # wider: the low end stays
-    assert float(low) == pytest.approx(1e-6) and float(high) == pytest.approx(30.0)
-    low, high = samplers.step_size_bounds(jnp.array([0.01]))  # narrower: the high end stays
-    assert float(low) == pytest.approx(1e-8) and float(high) == pytest.approx(10.0)
+
+    def bounds(*variances):
+        return tuple(float(b) for b in samplers.step_size_bounds(jnp.array(variances)))
+
+    # by powers of two: at or below the largest variance, at or above the smallest
+    assert bounds(0.25, 400.0) == pytest.approx((2.5e-7, 2560.0))
+    assert bounds(2.0, 3.0) == pytest.approx((1e-6, 20.0))  # wider: the low end stays
+    assert bounds(0.01) == pytest.approx((1e-6 / 64, 10.0))  # narrower: the high end stays
+    # about unit scale (standardized data, the fitted variances' jitter): exactly as before
+    unit = pytest.approx(samplers.STEP_SIZE_BOUNDS, rel=1e-7)  # float32's 1e-6
+    assert bounds(0.6, 1.0015, 1.9) == unit
+    assert bounds(float("nan"), float("inf"), 0.0, 1.0) == unit
     h = jnp.float32(1.0)
-    bounds = samplers.step_size_bounds(jnp.array([400.0]))
+    wide = samplers.step_size_bounds(jnp.array([400.0]))
     mala = samplers.mala()
-    assert float(samplers.adapt_step_size(h, 1.0, mala, 1e3, bounds)) == pytest.approx(4000.0)
-    assert float(samplers.adapt_step_size_multiplicative(h, 1.0, 0.65, 1e3, bounds)) == (
-        pytest.approx(4000.0)
+    assert float(samplers.adapt_step_size(h, 1.0, mala, 1e3, wide)) == pytest.approx(2560.0)
+    assert float(samplers.adapt_step_size_multiplicative(h, 1.0, 0.65, 1e3, wide)) == (
+        pytest.approx(2560.0)
     )
+
+
+def test_ais_with_a_base_whose_variance_is_not_finite():
+    """A Cauchy base has no variance (NumPyro: NaN): AIS keeps the bounds of unit scale and
+    gets log Z, instead of a NaN step size that freezes the particles."""
+    import numpyro.distributions as dist
+
+    base = dist.Cauchy(jnp.zeros(2), 3.0).to_event(1)
+    energy = GaussianEnergy(jnp.zeros(2))
+    est = ebm.logz.ais(
+        energy, (2,), key=jax.random.key(0), base=base, num_temperatures=50, num_particles=200
+    )
+    assert abs(est.value - float(energy.log_z)) < 4 * est.stderr + 0.01
+    assert float(np.min(est.info["acceptance"][1:])) > 0.1
 
 
 def test_ais_tunes_its_step_size_to_a_wide_target():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import jax
@@ -290,15 +291,34 @@ def test_fit_warns_before_any_compute_at_the_callers_line(monkeypatch):
             ebm.fit(energy, data / data.std(0), key=jax.random.key(2), num_steps=10)
 
 
-def test_a_condition_far_from_unit_scale_warns_too(monkeypatch):
+def test_conditions_are_not_judged_only_the_data(monkeypatch):
+    """Conditions may be class labels (0 … 19 has a root-mean-square of 11) or noise levels
+    that the energy is built for: no warning for them; the data still get one."""
     import numpyro_ebm as ebm
     from numpyro_ebm.training import core
 
     monkeypatch.setattr(core, "init", _stop)
-    c = jnp.linspace(0.0, 1000.0, 64)[:, None]
+    labels = (jnp.arange(200) % 20).astype(jnp.float32)[:, None]
     energy = jax.tree_util.Partial(lambda m, x, c: 0.5 * jnp.sum((x - m * c) ** 2), jnp.zeros(()))
-    with pytest.warns(DataScaleWarning, match="the condition: coordinate 0"), pytest.raises(_Stop):
-        ebm.fit(energy, c / 1000.0, condition=c, key=jax.random.key(3), num_steps=10)
+    x = jax.random.normal(jax.random.key(4), (200, 1))
+    with warnings.catch_warnings(), pytest.raises(_Stop):
+        warnings.simplefilter("error", DataScaleWarning)
+        ebm.fit(energy, x, condition=labels, key=jax.random.key(3), num_steps=10)
+    with pytest.warns(DataScaleWarning, match="data: coordinate 0"), pytest.raises(_Stop):
+        ebm.fit(energy, 50.0 + x, condition=labels, key=jax.random.key(3), num_steps=10)
+
+
+def test_nested_lists_warn_and_a_users_file_named_like_the_package_is_not_skipped():
+    with pytest.warns(DataScaleWarning, match="root-mean-square of 177"):
+        warn_if_not_unit_scale([[0.0, 1.0], [250.0, -1.0]])
+    import numpyro_ebm
+
+    # a script beside the package whose name starts like its folder (numpyro_ebm_demo.py)
+    beside = os.path.dirname(numpyro_ebm.__file__) + "_demo.py"
+    code = compile("warn_if_not_unit_scale([[0.0], [250.0]])", beside, "exec")
+    with pytest.warns(DataScaleWarning) as caught:
+        exec(code, {"warn_if_not_unit_scale": warn_if_not_unit_scale})
+    assert caught[0].filename == beside
 
 
 def test_maximum_likelihood_warns_for_an_ebm_site_far_from_unit_scale(monkeypatch):

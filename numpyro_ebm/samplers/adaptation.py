@@ -58,25 +58,31 @@ STEP_SIZE_BOUNDS = (1e-6, 10.0)
 
 def step_size_bounds(variance=None) -> tuple:
     """``STEP_SIZE_BOUNDS`` for a target whose coordinates have variances ``variance``
-    (``(D,)``, e.g. ``GaussianBase.variance`` of the training data; None: unit scale):
-    ``(1e-6 · min(1, min variance), 10 · max(1, max variance))``.
+    (``(D,)``, e.g. ``GaussianBase.variance`` of the training data; None: unit scale): the
+    upper bound times the power of two at or below the largest variance when that is 2 or
+    more, the lower bound times the power of two at or above the smallest when that is 1/2 or
+    less. Non-finite variances (a Cauchy base's) count as 1.
 
     A MALA step ``h`` moves a chain by about ``√(2h)``, so its best value grows with the
     target's variance (``1.2 σ²`` for ``N(0, σ²)``): with the unit-scale bounds, chains on data
-    of scale 100 would be held at a tenth of a percent of it. The bounds only ever widen, so a
-    target of unit scale or narrower in one direction and wider in another keeps both ends.
+    of scale 100 would be held at a tenth of a percent of it. The bounds only ever widen, and
+    by powers of two, so data of about unit scale (variances between 1/2 and 2: standardized
+    data, whose fitted variances carry a small jitter) keep exactly the unit-scale bounds.
 
     Example:
         >>> import jax.numpy as jnp
         >>> from numpyro_ebm.samplers import step_size_bounds
         >>> tuple(f"{float(b):.3g}" for b in step_size_bounds(jnp.array([0.25, 400.0])))
-        ('2.5e-07', '4e+03')
+        ('2.5e-07', '2.56e+03')
     """
     low, high = STEP_SIZE_BOUNDS
     if variance is None:
         return low, high
     variance = jnp.asarray(variance)
-    return low * jnp.minimum(1.0, jnp.min(variance)), high * jnp.maximum(1.0, jnp.max(variance))
+    log2 = jnp.log2(jnp.where(jnp.isfinite(variance) & (variance > 0), variance, 1.0))
+    widest = jnp.exp2(jnp.maximum(0.0, jnp.floor(jnp.max(log2))))
+    narrowest = jnp.exp2(jnp.minimum(0.0, jnp.ceil(jnp.min(log2))))
+    return low * narrowest, high * widest
 
 
 def adapt_step_size(step_size, acceptance, sampler: Sampler, gain: float, bounds=STEP_SIZE_BOUNDS):

@@ -110,14 +110,12 @@ def _chain_float(array):
 
 def check_spread(inputs, name: str = "data") -> None:
     """``validation.check_spread`` of the data (``checked_inputs``' ``inputs``), then
-    ``validation.warn_if_not_unit_scale`` of the data and of the conditions (the energy's
-    network sees them too). ``fit`` checks it after every other setting (so those are named
-    first)."""
+    ``validation.warn_if_not_unit_scale`` (not of the conditions: labels or noise levels may
+    be what the energy is built for). ``fit`` checks it after every other setting (so those
+    are named first)."""
     data = inputs[0] if isinstance(inputs, tuple) else inputs
     _check_spread(data, name)
     warn_if_not_unit_scale(data, name)
-    if isinstance(inputs, tuple):
-        warn_if_not_unit_scale(inputs[1], "the condition")
 
 
 def checked_augment(augment, inputs):
