@@ -23,7 +23,7 @@ import numpyro.distributions as dist
 from numpyro_ebm.gaussian import fit_base
 from numpyro_ebm.logz.estimate import LogZEstimate, log_mean_exp
 from numpyro_ebm.samplers import Sampler, adapt_step_size_multiplicative, get_sampler
-from numpyro_ebm.samplers.adaptation import STEP_SIZE_BOUNDS, step_size_bounds
+from numpyro_ebm.samplers.adaptation import step_size_bounds
 from numpyro_ebm.validation import validate_data
 
 __all__ = [
@@ -449,7 +449,7 @@ def _ais_config(
     )
 
 
-def retuned_step_size(step_size, acceptance_rate, target: float, bounds=STEP_SIZE_BOUNDS):
+def retuned_step_size(step_size, acceptance_rate, target: float, bounds):
     """AIS's rule between two temperatures: ``(h · exp(2 (acc − target))`` clipped to
     ``bounds``, ``acc``)``, ``acc`` the particles' mean acceptance (a NaN counts as 0)."""
     acc = jnp.mean(jnp.nan_to_num(acceptance_rate, nan=0.0))

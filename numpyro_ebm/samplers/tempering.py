@@ -353,12 +353,13 @@ def run_rounds(
         axis, or ``(info, positions)`` with ``keep_model_positions`` (``(num_rounds, L, D)``).
     """
 
+    bounds = step_size_bounds(base.variance)  # once, not in every round
+
     def one(carry, k):
         replicas, current = carry
         new, info = tempering_round(k, sampler, base, energy, replicas, current, conditions)
         if step_size_gain:
             acceptance = jnp.mean(jnp.nan_to_num(info.acceptance_rate), axis=0)
-            bounds = step_size_bounds(base.variance)
             current = adapt_step_sizes(current, acceptance, sampler, step_size_gain, bounds)
         return (new, current), (info, new.position[:, 0] if keep_model_positions else None)
 
@@ -424,14 +425,14 @@ def _tune(key, sampler, base, energy, state, ladder, num_rounds, conditions, ada
     """The tuning rounds of ``warmup_ladder``, one ``lax.scan`` (the blocks end where
     ``_block_ends`` says, so each block size does not compile a scan of its own)."""
 
+    bounds = step_size_bounds(base.variance)
+
     def one(carry, inputs):
         replicas, current, total, count = carry
         k, block_end = inputs
         replicas, info = tempering_round(k, sampler, base, energy, replicas, current, conditions)
         acceptance = jnp.mean(jnp.nan_to_num(info.acceptance_rate), axis=0)
-        current = adapt_step_sizes(
-            current, acceptance, sampler, 0.2, step_size_bounds(base.variance)
-        )
+        current = adapt_step_sizes(current, acceptance, sampler, 0.2, bounds)
         total, count = total + jnp.mean(info.swap_acceptance, axis=0), count + 1
         if adapt_temperatures:
             retuned = adapt_ladder(current, total / count)
